@@ -1,0 +1,174 @@
+"""Likelihoods p(y | f) whose model outputs ``f`` are natural parameters.
+
+For an exponential-family likelihood with natural parameter ``f`` the Fisher of ``f`` is
+``∇²A(f)``, so the Fisher of a model with outputs ``f(x; θ)`` is ``mean_n J_nᵀ ∇²A(f_n) J_n``.
+Every likelihood here exposes, per data point:
+
+- ``nll(outputs, targets)``: negative log-likelihood, shape ``(N,)`` (constants included);
+- ``sample(outputs, generator)``: targets drawn from p(y | f);
+- ``natural_hessian(outputs)``: ``∇²A(f_n)``, shape ``(N, C, C)``;
+- ``natural_hessian_sqrt(outputs)``: ``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``, shape ``(N, C, C)``.
+
+Outputs have shape ``(N, C)``; ``(N,)`` is read as ``(N, 1)`` for the scalar likelihoods.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+import torch.nn.functional as functional
+from torch import Tensor
+
+
+def as_matrix(outputs: Tensor) -> Tensor:
+    """View model outputs as ``(N, C)``; a 1-d ``(N,)`` tensor becomes ``(N, 1)``."""
+    if outputs.ndim == 1:
+        return outputs.unsqueeze(-1)
+    if outputs.ndim != 2:
+        raise ValueError(
+            f"model outputs must have shape (N, C) or (N,), got {tuple(outputs.shape)}"
+        )
+    return outputs
+
+
+class Likelihood(abc.ABC):
+    """A likelihood whose outputs are the natural parameters of p(y | f)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per-sample negative log-likelihood, shape ``(N,)``."""
+
+    @abc.abstractmethod
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Targets ``y_n ~ p(y | f_n)``, in the form :meth:`nll` accepts."""
+
+    @abc.abstractmethod
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        """``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``, shape ``(N, C, C)``."""
+
+    def natural_hessian(self, outputs: Tensor) -> Tensor:
+        """``∇²A(f_n)`` (the Fisher of the outputs), shape ``(N, C, C)``."""
+        root = self.natural_hessian_sqrt(outputs)
+        return root @ root.transpose(-1, -2)
+
+    def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Targets reshaped like ``as_matrix(outputs)``; raises on a shape mismatch."""
+        matrix = as_matrix(outputs)
+        if targets.numel() != matrix.numel():
+            raise ValueError(
+                f"{self.name} likelihood: targets of shape {tuple(targets.shape)} do not match "
+                f"outputs of shape {tuple(outputs.shape)}"
+            )
+        return targets.reshape(matrix.shape).to(matrix.dtype)
+
+
+class CategoricalLikelihood(Likelihood):
+    """Softmax over logits ``f`` of shape ``(N, C)``; targets are class indices ``(N,)``."""
+
+    name = "categorical"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = as_matrix(outputs)
+        if targets.shape != logits.shape[:1]:
+            raise ValueError(
+                f"categorical likelihood: targets must have shape ({logits.shape[0]},), "
+                f"got {tuple(targets.shape)}"
+            )
+        return functional.cross_entropy(logits, targets.long(), reduction="none")
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        probs = torch.softmax(as_matrix(outputs).detach(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        probs = torch.softmax(as_matrix(outputs), dim=-1)
+        root_probs = probs.sqrt()
+        return torch.diag_embed(root_probs) - probs.unsqueeze(-1) * root_probs.unsqueeze(-2)
+
+    def natural_hessian(self, outputs: Tensor) -> Tensor:
+        probs = torch.softmax(as_matrix(outputs), dim=-1)
+        return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+
+
+class GaussianLikelihood(Likelihood):
+    """Unit-variance Gaussian regression: ``y ~ N(f, I)``; ``∇²A = I``."""
+
+    name = "gaussian"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        mean = as_matrix(outputs)
+        residual = self.check_targets(outputs, targets) - mean
+        return 0.5 * residual.pow(2).sum(-1) + 0.5 * mean.shape[-1] * math.log(2 * math.pi)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        mean = outputs.detach()
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        return mean + noise
+
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        mean = as_matrix(outputs)
+        eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
+        return eye.expand(mean.shape[0], -1, -1)
+
+
+class BernoulliLikelihood(Likelihood):
+    """Independent Bernoulli outputs with logits ``f``; targets in {0, 1}, same shape."""
+
+    name = "bernoulli"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = as_matrix(outputs)
+        labels = self.check_targets(outputs, targets)
+        loss = functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        return loss.sum(-1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.bernoulli(torch.sigmoid(outputs.detach()), generator=generator)
+
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        probs = torch.sigmoid(as_matrix(outputs))
+        return torch.diag_embed((probs * (1 - probs)).sqrt())
+
+
+class PoissonLikelihood(Likelihood):
+    """Poisson counts with log-rate ``f``: ``y ~ Poisson(exp f)``; ``∇²A = diag(exp f)``."""
+
+    name = "poisson"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        log_rate = as_matrix(outputs)
+        counts = self.check_targets(outputs, targets)
+        return (log_rate.exp() - counts * log_rate + torch.lgamma(counts + 1)).sum(-1)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.poisson(outputs.detach().exp(), generator=generator)
+
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        return torch.diag_embed((0.5 * as_matrix(outputs)).exp())
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    cls.name: cls
+    for cls in (CategoricalLikelihood, GaussianLikelihood, BernoulliLikelihood, PoissonLikelihood)
+}
+
+
+def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
+    """Return the :class:`Likelihood` named ``likelihood`` (or ``likelihood`` itself).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name; the message lists the known ones.
+    """
+    if isinstance(likelihood, Likelihood):
+        return likelihood
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(
+            f"unknown likelihood {likelihood!r}; expected one of {sorted(LIKELIHOODS)}"
+        )
+    return LIKELIHOODS[likelihood]()

@@ -1,0 +1,1 @@
+"""natgrad.expfam."""
