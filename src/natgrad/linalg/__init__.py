@@ -1,1 +1,14 @@
-"""natgrad.linalg."""
+"""natgrad.linalg: damped solves with PSD matrices, conjugate gradients, Kronecker helpers."""
+
+from natgrad.linalg.cg import CGInfo, cg
+from natgrad.linalg.solve import EIGEN_FLOOR, add_damping, damped_inverse, damped_solve, psd_eigh
+
+__all__ = [
+    "EIGEN_FLOOR",
+    "CGInfo",
+    "add_damping",
+    "cg",
+    "damped_inverse",
+    "damped_solve",
+    "psd_eigh",
+]
