@@ -12,3 +12,4 @@ __all__ = [
     "damped_solve",
     "psd_eigh",
 ]
+from natgrad.linalg.kron import *  # noqa: F403  (Kronecker helpers, see kron.__all__)

@@ -1,0 +1,340 @@
+"""Per-layer statistics for Kronecker-factored curvature (K-FAC, EKFAC).
+
+Which layers carry Kronecker factors, how their inputs and output gradients become feature
+matrices, and the factors built from them. Shared by the curvature operators
+(:mod:`natgrad.curvature.kfac`, :mod:`natgrad.curvature.ekfac`) and the preconditioners in
+:mod:`natgrad.optim`.
+
+Conventions
+-----------
+A layer's weight is viewed as a matrix ``W`` of shape ``(d_out, d_in)``: ``nn.Linear`` as is,
+``nn.Conv2d`` as ``weight.reshape(d_out, C_in · k_h · k_w)``. A trainable bias is folded in as an
+extra input column (input feature constant 1), giving ``d_in + 1`` columns; in flat parameter
+vectors the weight still comes first and the bias after it, as in ``model.parameters()``.
+
+Features carry a "location" axis ``T``: the spatial positions of a convolution (unfolded
+patches, Grosse & Martens 2016) or the extra dimensions of a ``Linear`` input of shape
+``(N, ..., d_in)``; ``T = 1`` for an ordinary ``(N, d_in)`` input. The per-sample weight gradient
+is ``Σ_t g_t a_tᵀ``. The factors are
+
+    A = 1/(N T) Σ_n Σ_t a_nt a_ntᵀ        (mean over samples and locations)
+    G = 1/N     Σ_n Σ_t g_nt g_ntᵀ        (mean over samples, sum over locations)
+
+so that ``G ⊗ A`` is the KFC approximation ``E[Σ_t g gᵀ] ⊗ E[Σ_t a aᵀ] / T`` and is exact for a
+single sample with ``T = 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as functional
+from torch import Tensor, nn
+
+from natgrad.curvature.likelihoods import Likelihood, as_matrix
+
+__all__ = [
+    "KRONECKER_LAYER_TYPES",
+    "ForwardCapture",
+    "KroneckerLayer",
+    "backward_vectors",
+    "check_fisher_kind",
+    "input_factor",
+    "input_features",
+    "kronecker_layers",
+    "output_factor",
+    "output_features",
+    "per_sample_gradients",
+    "trainable_parameters",
+]
+
+KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+FISHER_KINDS = ("exact", "mc", "empirical")
+
+
+@dataclass(frozen=True, eq=False)
+class KroneckerLayer:
+    """A layer with a Kronecker-factored block and where its parameters sit.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name in the model.
+    module : nn.Linear or nn.Conv2d
+    weight_index : int
+        Index of the weight among the trainable parameters (``model.parameters()`` order).
+    bias_index : int or None
+        Index of the bias, or ``None`` if the layer has no trainable bias.
+    """
+
+    name: str
+    module: nn.Module
+    weight_index: int
+    bias_index: int | None
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether a bias column is folded into the input factor."""
+        return self.bias_index is not None
+
+    @property
+    def output_dim(self) -> int:
+        """``d_out``: rows of the weight matrix."""
+        return self.module.weight.shape[0]
+
+    @property
+    def input_dim(self) -> int:
+        """Columns of the weight matrix, plus one with a bias."""
+        return self.module.weight[0].numel() + int(self.has_bias)
+
+    def to_matrix(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Gather this layer's weight (and bias) from per-parameter ``tensors`` as a
+        ``(d_out, d_in [+ 1])`` matrix."""
+        weight = tensors[self.weight_index].reshape(self.output_dim, -1)
+        if self.bias_index is None:
+            return weight
+        return torch.cat([weight, tensors[self.bias_index].reshape(-1, 1)], dim=1)
+
+    def from_matrix(self, matrix: Tensor) -> dict[int, Tensor]:
+        """Split a ``(d_out, d_in [+ 1])`` matrix into ``{parameter index: tensor}``."""
+        weight_shape = self.module.weight.shape
+        if self.bias_index is None:
+            return {self.weight_index: matrix.reshape(weight_shape)}
+        return {
+            self.weight_index: matrix[:, :-1].reshape(weight_shape),
+            self.bias_index: matrix[:, -1].reshape(-1),
+        }
+
+    def flat_indices(self, offsets: Sequence[int]) -> Tensor:
+        """Positions of the row-major matrix entries in the flat parameter vector.
+
+        ``offsets[i]`` is where trainable parameter ``i`` starts in the flat vector.
+        """
+        rows = torch.arange(self.output_dim).unsqueeze(1)
+        weight_columns = self.module.weight[0].numel()
+        weight_positions = offsets[self.weight_index] + rows * weight_columns
+        positions = weight_positions + torch.arange(weight_columns)
+        if self.bias_index is not None:
+            positions = torch.cat([positions, offsets[self.bias_index] + rows], dim=1)
+        return positions.reshape(-1)
+
+
+def trainable_parameters(model: nn.Module) -> list[Tensor]:
+    """Parameters with ``requires_grad``, in ``model.parameters()`` order."""
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def _check_conv(name: str, module: nn.Conv2d) -> None:
+    if module.groups != 1:
+        raise ValueError(
+            f"layer {name!r}: Kronecker factors need groups=1 convolutions, "
+            f"got groups={module.groups}"
+        )
+
+
+def kronecker_layers(
+    model: nn.Module,
+    layer_types: tuple[type[nn.Module], ...] = KRONECKER_LAYER_TYPES,
+    *,
+    strict: bool = True,
+) -> list[KroneckerLayer]:
+    """The layers of ``model`` that get Kronecker factors, in module order.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer_types : tuple of module types, default ``(nn.Linear, nn.Conv2d)``
+    strict : bool, default True
+        Require every trainable parameter to belong to such a layer.
+
+    Raises
+    ------
+    ValueError
+        With ``strict``, naming a trainable parameter outside the supported layers; for a layer
+        whose bias is trainable but weight frozen; for a grouped convolution.
+    """
+    params = trainable_parameters(model)
+    position = {id(param): index for index, param in enumerate(params)}
+    layers: list[KroneckerLayer] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, layer_types):
+            continue
+        weight = module.weight
+        bias = getattr(module, "bias", None)
+        bias_trainable = bias is not None and bias.requires_grad
+        if not weight.requires_grad:
+            if bias_trainable:
+                raise ValueError(f"layer {name!r}: trainable bias with a frozen weight")
+            continue
+        if isinstance(module, nn.Conv2d):
+            _check_conv(name, module)
+        bias_index = position[id(bias)] if bias_trainable else None
+        layers.append(KroneckerLayer(name, module, position[id(weight)], bias_index))
+    if strict:
+        covered = {layer.weight_index for layer in layers}
+        covered |= {layer.bias_index for layer in layers if layer.bias_index is not None}
+        names = [name for name, param in model.named_parameters() if param.requires_grad]
+        missing = [names[index] for index in range(len(params)) if index not in covered]
+        if missing:
+            supported = ", ".join(cls.__name__ for cls in layer_types)
+            raise ValueError(
+                f"Kronecker-factored curvature covers only {supported} layers; trainable "
+                f"parameter(s) {missing} belong to other modules (freeze them or use another "
+                "structure)"
+            )
+    return layers
+
+
+def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
+    """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (a trailing 1 for a bias).
+
+    ``nn.Conv2d`` inputs ``(N, C, H, W)`` are padded as the layer pads them and unfolded into
+    ``T = H_out · W_out`` patches of ``C · k_h · k_w`` features (channel-major, matching
+    ``weight.reshape(d_out, -1)``).
+    """
+    module = layer.module
+    if isinstance(module, nn.Conv2d):
+        if layer_input.ndim != 4:
+            raise ValueError(
+                f"layer {layer.name!r}: expected a batched (N, C, H, W) input, "
+                f"got shape {tuple(layer_input.shape)}"
+            )
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        padded = functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+        patches = functional.unfold(
+            padded, module.kernel_size, dilation=module.dilation, stride=module.stride
+        )
+        features = patches.transpose(1, 2)
+    else:
+        features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
+    if layer.has_bias:
+        features = torch.cat([features, features.new_ones(*features.shape[:2], 1)], dim=2)
+    return features
+
+
+def output_features(layer: KroneckerLayer, output_grad: Tensor) -> Tensor:
+    """Gradients w.r.t. the layer output (pre-activation), shape ``(N, T, d_out)``."""
+    if isinstance(layer.module, nn.Conv2d):
+        return output_grad.flatten(2).transpose(1, 2)
+    return output_grad.reshape(output_grad.shape[0], -1, output_grad.shape[-1])
+
+
+def input_factor(features: Tensor) -> Tensor:
+    """``A = 1/(N T) Σ_n Σ_t a aᵀ`` from features of shape ``(N, T, d)``; shape ``(d, d)``."""
+    flat = features.reshape(-1, features.shape[-1])
+    return flat.mT @ flat / flat.shape[0]
+
+
+def output_factor(features: Tensor) -> Tensor:
+    """``G = 1/N Σ_n Σ_t g gᵀ`` from features of shape ``(N, T, d)``; shape ``(d, d)``."""
+    flat = features.reshape(-1, features.shape[-1])
+    return flat.mT @ flat / features.shape[0]
+
+
+def per_sample_gradients(inputs: Tensor, output_grads: Tensor) -> Tensor:
+    """Per-sample weight-matrix gradients ``Σ_t g_t a_tᵀ``, shape ``(N, d_out, d_in)``."""
+    return torch.einsum("nto,nti->noi", output_grads, inputs)
+
+
+def backward_vectors(
+    outputs: Tensor,
+    likelihood: Likelihood,
+    kind: str,
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Vectors ``v_kn`` to back-propagate from the outputs, shape ``(K, N, C)``.
+
+    The Fisher is ``1/N Σ_n Σ_k J_nᵀ v_kn v_knᵀ J_n`` with ``J_n`` the Jacobian of output ``n``:
+
+    - ``"exact"``: ``K = C`` columns of ``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``;
+    - ``"mc"``: ``K = mc_samples`` gradients ``∇_f nll(f_n, y)`` at ``y ~ p(y | f_n)``, scaled by
+      ``1/√K``;
+    - ``"empirical"``: ``K = 1`` gradient ``∇_f nll(f_n, y_n)`` at the observed ``targets``.
+    """
+    matrix = as_matrix(outputs).detach()
+    if kind == "exact":
+        return likelihood.natural_hessian_sqrt(matrix).permute(2, 0, 1)
+    if kind == "empirical":
+        return _nll_gradient(likelihood, matrix, targets).unsqueeze(0)
+    scale = mc_samples**-0.5
+    samples = [
+        _nll_gradient(likelihood, matrix, likelihood.sample(matrix, generator)) * scale
+        for _ in range(mc_samples)
+    ]
+    return torch.stack(samples)
+
+
+def _nll_gradient(likelihood: Likelihood, outputs: Tensor, targets: Tensor) -> Tensor:
+    with torch.enable_grad():
+        leaf = outputs.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(likelihood.nll(leaf, targets).sum(), leaf)
+    return gradient
+
+
+def check_fisher_kind(
+    kind: str, targets: Tensor | None, mc_samples: int, allowed: Sequence[str] = FISHER_KINDS
+) -> None:
+    """Validate ``kind``, ``targets`` and ``mc_samples`` at a public boundary."""
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {list(allowed)}, got {kind!r}")
+    if kind == "empirical" and targets is None:
+        raise ValueError("kind='empirical' needs the observed targets (targets=...)")
+    if kind == "mc" and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int)):
+        raise TypeError(f"mc_samples must be an int, got {type(mc_samples).__name__}")
+    if kind == "mc" and mc_samples < 1:
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+
+
+class ForwardCapture:
+    """Context manager recording each layer's input and output during one forward pass.
+
+    Attributes
+    ----------
+    inputs : dict[str, Tensor]
+        Layer name → input (detached).
+    outputs : dict[str, Tensor]
+        Layer name → output (attached to the graph, for back-propagating vectors).
+
+    Raises
+    ------
+    ValueError
+        If a layer is called more than once (weight sharing has no Kronecker block here).
+    """
+
+    def __init__(self, layers: Sequence[KroneckerLayer]) -> None:
+        self.layers = list(layers)
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if name in self.inputs:
+                raise ValueError(
+                    f"layer {name!r} was called more than once in the forward pass; shared "
+                    "layers are not supported by Kronecker-factored curvature"
+                )
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = output
+
+        return record
+
+    def __enter__(self) -> ForwardCapture:
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer.name)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def check_all_called(self) -> None:
+        """Raise ``ValueError`` naming any layer that the forward pass did not call."""
+        missing = [layer.name for layer in self.layers if layer.name not in self.inputs]
+        if missing:
+            raise ValueError(f"layer(s) {missing} were not called in the forward pass")

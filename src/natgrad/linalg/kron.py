@@ -1,0 +1,221 @@
+"""Kronecker-product helpers for K-FAC style curvature blocks.
+
+A layer with weight matrix ``W`` of shape ``(d_out, d_in)`` (a bias folded in as one extra input
+column) has a curvature block ``G ⊗ A`` over ``W`` flattened **row-major** (the order of
+``W.reshape(-1)``), with ``G`` of shape ``(d_out, d_out)`` (output-gradient factor) and ``A`` of
+shape ``(d_in, d_in)`` (input factor). In the column-major notation of Martens & Grosse (2015)
+the same block is written ``A ⊗ G``. Because both factors are symmetric,
+
+    (G ⊗ A) vec(V) = vec(G V A)        (vec = row-major flattening, V of shape (d_out, d_in)).
+
+With eigendecompositions ``G = Q_G diag(g) Q_Gᵀ`` and ``A = Q_A diag(a) Q_Aᵀ`` the block is
+diagonal in the Kronecker eigenbasis, with eigenvalue matrix ``outer(g, a)`` of shape
+``(d_out, d_in)``. EKFAC (George et al., 2018) replaces that matrix by a re-estimated one; all
+eigenbasis products and damped solves here take an arbitrary eigenvalue matrix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SymmetricEigen",
+    "eigenbasis_mv",
+    "eigenbasis_project",
+    "eigenbasis_solve",
+    "factored_damping",
+    "factored_solve",
+    "kron_mv",
+    "symmetric_eigh",
+]
+
+
+class SymmetricEigen:
+    """Eigendecomposition ``M = vectors diag(values) vectorsᵀ`` of a symmetric PSD factor.
+
+    Attributes
+    ----------
+    values : Tensor of shape (d,)
+        Eigenvalues, ascending, clamped at zero.
+    vectors : Tensor of shape (d, d)
+        Orthonormal eigenvectors as columns.
+    """
+
+    def __init__(self, values: Tensor, vectors: Tensor) -> None:
+        self.values = values
+        self.vectors = vectors
+
+    def __repr__(self) -> str:
+        return f"SymmetricEigen(dim={self.values.shape[0]}, dtype={self.values.dtype})"
+
+
+def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+    except RuntimeError:
+        return None
+    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+        return None
+    return values, vectors
+
+
+def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
+    """Eigendecomposition of a symmetric PSD matrix, retried in float64 on failure.
+
+    The matrix is symmetrised (``(M + Mᵀ) / 2``) first; low-precision inputs (float16/bfloat16)
+    are decomposed in float32. Negative eigenvalues (round-off of a PSD matrix) are clamped to
+    zero. Results are returned in the working dtype (float32 for low-precision inputs).
+
+    Parameters
+    ----------
+    matrix : Tensor of shape (d, d)
+
+    Returns
+    -------
+    SymmetricEigen
+
+    Raises
+    ------
+    ValueError
+        If ``matrix`` is not square or contains non-finite entries.
+    torch.linalg.LinAlgError
+        If the decomposition fails even in float64.
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError("cannot eigendecompose a matrix with non-finite entries")
+    working_dtype = (
+        matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+    )
+    symmetric = 0.5 * (matrix + matrix.mT).to(working_dtype)
+    result = _eigh_or_none(symmetric)
+    if result is None and working_dtype != torch.float64:
+        result = _eigh_or_none(symmetric.double())
+    if result is None:
+        raise torch.linalg.LinAlgError("eigendecomposition failed even in float64")
+    values, vectors = result
+    return SymmetricEigen(values.clamp_min(0).to(working_dtype), vectors.to(working_dtype))
+
+
+def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tensor:
+    """``(G ⊗ A) vec(V)`` as the matrix ``G V A``.
+
+    Parameters
+    ----------
+    output_factor : Tensor of shape (d_out, d_out)
+        Symmetric factor ``G``.
+    input_factor : Tensor of shape (d_in, d_in)
+        Symmetric factor ``A``.
+    matrix : Tensor of shape (d_out, d_in)
+        ``V``, the row-major reshaping of the vector.
+
+    Returns
+    -------
+    Tensor of shape (d_out, d_in)
+    """
+    return output_factor @ matrix @ input_factor
+
+
+def eigenbasis_project(
+    output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, matrix: Tensor
+) -> Tensor:
+    """Coordinates of ``vec(V)`` in the Kronecker eigenbasis: ``Q_Gᵀ V Q_A``, shape (d_out, d_in).
+
+    ``matrix`` may carry leading batch dimensions, ``(..., d_out, d_in)``.
+    """
+    return output_eigen.vectors.mT @ matrix @ input_eigen.vectors
+
+
+def _eigenbasis_unproject(
+    output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, coordinates: Tensor
+) -> Tensor:
+    return output_eigen.vectors @ coordinates @ input_eigen.vectors.mT
+
+
+def eigenbasis_mv(
+    output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, eigenvalues: Tensor, matrix: Tensor
+) -> Tensor:
+    """``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ vec(V)`` as a ``(d_out, d_in)`` matrix.
+
+    Parameters
+    ----------
+    output_eigen, input_eigen : SymmetricEigen
+        Eigenbases of ``G`` (``d_out``) and ``A`` (``d_in``).
+    eigenvalues : Tensor of shape (d_out, d_in)
+        ``S``; ``outer(g, a)`` gives K-FAC, a re-estimated matrix gives EKFAC.
+    matrix : Tensor of shape (d_out, d_in)
+    """
+    coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
+    return _eigenbasis_unproject(output_eigen, input_eigen, coordinates * eigenvalues)
+
+
+def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
+    """``1 / (S + λ)``; at ``λ = 0`` eigenvalues at round-off level are treated as zero (pinv)."""
+    shifted = eigenvalues + damping
+    if damping > 0:
+        return shifted.reciprocal()
+    largest = eigenvalues.abs().max() if eigenvalues.numel() else eigenvalues.new_tensor(0.0)
+    tolerance = max(eigenvalues.shape) * torch.finfo(eigenvalues.dtype).eps * largest
+    keep = shifted > tolerance
+    return torch.where(keep, shifted, torch.ones_like(shifted)).reciprocal() * keep
+
+
+def eigenbasis_solve(
+    output_eigen: SymmetricEigen,
+    input_eigen: SymmetricEigen,
+    eigenvalues: Tensor,
+    matrix: Tensor,
+    damping: float,
+) -> Tensor:
+    """Exact eigenbasis damping: ``(C + λI)⁻¹ vec(V)`` with ``C`` as in :func:`eigenbasis_mv`.
+
+    With ``damping == 0`` the Moore–Penrose pseudo-inverse is applied: eigenvalues below
+    ``max(d_out, d_in) · eps · max(S)`` are treated as zero instead of dividing by them.
+
+    Returns
+    -------
+    Tensor of shape (d_out, d_in)
+    """
+    coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
+    scaled = coordinates * _damped_reciprocal(eigenvalues, damping)
+    return _eigenbasis_unproject(output_eigen, input_eigen, scaled)
+
+
+def factored_damping(
+    output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, damping: float
+) -> tuple[float, float]:
+    """Factored Tikhonov damping with Martens & Grosse's π: ``(λ_G, λ_A) = (√λ / π, π √λ)``.
+
+    ``π = sqrt((tr A / d_in) / (tr G / d_out))``; ``π = 1`` if either trace vanishes.
+    ``(G + λ_G I) ⊗ (A + λ_A I)`` then approximates ``G ⊗ A + λ I``.
+    """
+    mean_input = float(input_eigen.values.mean())
+    mean_output = float(output_eigen.values.mean())
+    pi = math.sqrt(mean_input / mean_output) if mean_input > 0 and mean_output > 0 else 1.0
+    root = math.sqrt(damping)
+    return root / pi, root * pi
+
+
+def factored_solve(
+    output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, matrix: Tensor, damping: float
+) -> Tensor:
+    """Factored π-damping: ``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹`` with ``λ_G, λ_A`` from
+    :func:`factored_damping`.
+
+    Raises
+    ------
+    ValueError
+        If ``damping`` is not positive (the factored form needs it to be invertible).
+    """
+    if not damping > 0:
+        raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
+    output_damping, input_damping = factored_damping(output_eigen, input_eigen, damping)
+    eigenvalues = torch.outer(
+        output_eigen.values + output_damping, input_eigen.values + input_damping
+    )
+    coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
+    return _eigenbasis_unproject(output_eigen, input_eigen, coordinates / eigenvalues)
