@@ -1,0 +1,177 @@
+"""Shared machinery of the GLM estimators: hyper-parameters, fitting, standard errors.
+
+Subclasses (:class:`~natgrad.models.LogisticRegression`,
+:class:`~natgrad.models.PoissonRegression`) choose the likelihood, encode the targets and shape
+the fitted weights; this base validates the hyper-parameters, builds the
+:class:`~natgrad.models.glm_objective.PenalisedGLMObjective`, runs the solver and turns the
+inverse Fisher into standard errors.
+
+Fitted weights are held as ``weights`` of shape ``(C, D)``: row ``c`` holds the coefficients of
+output ``c`` followed, when an intercept is fitted, by its intercept. ``covariance_`` is the
+covariance of ``weights.ravel()`` (row-major), the inverse of the **summed** penalised Fisher
+``N · F(Θ̂)`` at the fitted parameters (``F`` is the mean over data points), mapped from the
+free parameters ``Θ`` to the weights. For an unpenalised fit this is the usual asymptotic
+covariance of the maximum-likelihood estimate; with an l2 penalty it is the inverse of the
+penalised Fisher (the Laplace-approximation posterior covariance under the Gaussian prior that
+the penalty is).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
+from torch import Tensor
+
+from natgrad.curvature.likelihoods import Likelihood
+from natgrad.linalg import damped_solve
+from natgrad.models.glm_objective import PenalisedGLMObjective
+from natgrad.models.glm_solvers import SOLVERS, SolverResult, minimise
+
+PENALTIES = (None, "l2")
+DEFAULT_LEARNING_RATES = {"fisher": 1.0, "ngd": 0.5, "gd": 1.0}
+DTYPE = torch.float64
+
+
+class GLMEstimator(BaseEstimator):
+    """Base class of the GLM estimators; see the subclasses for the parameters."""
+
+    def __init__(
+        self,
+        *,
+        penalty: str | None = "l2",
+        C: float = 1.0,
+        fit_intercept: bool = True,
+        solver: str = "fisher",
+        learning_rate: float | None = None,
+        tol: float = 1e-8,
+        max_iter: int = 100,
+    ) -> None:
+        self.penalty = penalty
+        self.C = C
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.learning_rate = learning_rate
+        self.tol = tol
+        self.max_iter = max_iter
+
+    def _check_hyperparameters(self) -> tuple[float, float]:
+        """Validate the hyper-parameters; return ``(1 / C or 0, first trial step)``."""
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be None or 'l2', got {self.penalty!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if not _is_real(self.C) or not self.C > 0:
+            raise ValueError(f"C must be a positive number (np.inf for no penalty), got {self.C!r}")
+        if not _is_real(self.tol) or not 0 <= self.tol < math.inf:
+            raise ValueError(f"tol must be a finite non-negative number, got {self.tol!r}")
+        is_int = isinstance(self.max_iter, numbers.Integral) and not isinstance(self.max_iter, bool)
+        if not is_int or self.max_iter < 1:
+            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        if not isinstance(self.fit_intercept, bool | np.bool_):
+            raise TypeError(f"fit_intercept must be a bool, got {self.fit_intercept!r}")
+        inverse_C = 0.0 if self.penalty is None else 1.0 / float(self.C)
+        return inverse_C, self._first_step()
+
+    def _first_step(self) -> float:
+        if self.learning_rate is None:
+            return DEFAULT_LEARNING_RATES[self.solver]
+        rate = self.learning_rate
+        if not _is_real(rate) or not 0 < rate < math.inf:
+            raise ValueError(f"learning_rate must be a positive number, got {rate!r}")
+        if self.solver == "fisher" and rate != 1.0:
+            raise ValueError(
+                f"solver='fisher' takes the natural-gradient step of size 1, got learning_rate="
+                f"{rate!r}; use solver='ngd' for another step size"
+            )
+        if self.solver == "ngd" and rate > 1.0:
+            raise ValueError(f"solver='ngd' needs learning_rate in (0, 1], got {rate!r}")
+        return float(rate)
+
+    def _design(self, X: np.ndarray) -> Tensor:
+        """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed."""
+        design = torch.as_tensor(X, dtype=DTYPE)
+        if self.fit_intercept:
+            design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=DTYPE)], dim=1)
+        return design
+
+    def _fit_glm(
+        self,
+        X: np.ndarray,
+        targets: Tensor,
+        likelihood: Likelihood,
+        output_basis: Tensor,
+        initial_params: Tensor | None = None,
+        stop_early: Callable[[PenalisedGLMObjective, Tensor], bool] | None = None,
+    ) -> np.ndarray:
+        """Fit and set ``n_iter_``, ``loss_``, ``gradient_norm_``, ``covariance_``.
+
+        Returns
+        -------
+        weights : ndarray of shape (C, D)
+            Coefficients of each output, followed by its intercept when one is fitted.
+        """
+        inverse_C, first_step = self._check_hyperparameters()
+        objective = PenalisedGLMObjective(
+            self._design(X), targets, likelihood, output_basis, inverse_C, self.fit_intercept
+        )
+        if initial_params is None:
+            initial_params = torch.zeros(objective.n_params, dtype=DTYPE)
+        early = None if stop_early is None else (lambda params: stop_early(objective, params))
+        result = minimise(
+            objective, initial_params, self.solver, first_step, self.tol, self.max_iter, early
+        )
+        self._warn_on(result)
+        self.n_iter_ = result.n_iter
+        self.loss_ = result.loss
+        self.gradient_norm_ = result.gradient_norm
+        self.covariance_ = weight_covariance(objective, result.params)
+        weights = objective.output_weights(result.params).detach()
+        return weights.T.numpy()
+
+    def _warn_on(self, result: SolverResult) -> None:
+        summary = (
+            f"{type(self).__name__}(solver={self.solver!r}): gradient norm "
+            f"{result.gradient_norm:.3g} > tol={self.tol:g} after {result.n_iter} iterations"
+        )
+        if result.status == "max_iter":
+            warnings.warn(f"{summary}; increase max_iter", ConvergenceWarning, stacklevel=3)
+        elif result.status == "line_search_failed":
+            warnings.warn(
+                f"{summary}: step halving found no decrease of the penalised loss; stopping",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+
+def weight_covariance(objective: PenalisedGLMObjective, params: Tensor) -> np.ndarray:
+    """Covariance of the weights, ``(N · F(Θ̂))⁻¹`` mapped to ``(C, D)`` row-major order.
+
+    Returns
+    -------
+    ndarray of shape (C·D, C·D)
+    """
+    summed_fisher = objective.n_samples * objective.fisher(params)
+    eye = torch.eye(objective.n_params, dtype=summed_fisher.dtype)
+    param_covariance = damped_solve(summed_fisher, eye, damping=0.0)
+    param_covariance = 0.5 * (param_covariance + param_covariance.T)
+    to_weights = torch.kron(torch.eye(objective.n_rows, dtype=DTYPE), objective.output_basis)
+    covariance = to_weights @ param_covariance @ to_weights.T
+    n_rows, n_outputs = objective.n_rows, objective.output_basis.shape[0]
+    by_output = covariance.reshape(n_rows, n_outputs, n_rows, n_outputs).permute(1, 0, 3, 2)
+    return by_output.reshape(n_rows * n_outputs, n_rows * n_outputs).numpy()
+
+
+def standard_errors(covariance: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Square roots of the diagonal of ``covariance``, reshaped to ``shape`` ``(C, D)``."""
+    return np.sqrt(np.clip(np.diag(covariance), 0.0, None)).reshape(shape)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value

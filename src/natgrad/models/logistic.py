@@ -1,0 +1,178 @@
+"""Logistic regression (binary and multinomial) fitted by Fisher scoring."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from scipy.special import expit, softmax
+from sklearn.base import ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor
+
+from natgrad.curvature.likelihoods import get_likelihood
+from natgrad.models.glm_base import DTYPE, GLMEstimator, standard_errors
+from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
+
+
+class LogisticRegression(ClassifierMixin, GLMEstimator):
+    """Logistic regression fitted by Fisher scoring (IRLS), natural-gradient or gradient descent.
+
+    Minimises scikit-learn's objective ``Σₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (the intercept is not
+    penalised), internally divided by ``N``: the solvers see the mean penalised loss and the
+    mean Fisher ``F = X̃ᵀ blockdiag(∇²A(fₙ)) X̃ / N`` (plus the penalty's ``I / (C N)``), where
+    ``∇²A`` is the Bernoulli (two classes) or softmax (more classes) Fisher of the logits from
+    :mod:`natgrad.curvature.likelihoods`. Fisher scoring is the natural-gradient step of size
+    one, ``Θ ← Θ − F⁻¹∇L``; for the canonical logit link it is Newton's method.
+
+    **Identifiability of the multinomial model.** The softmax is unchanged when the same vector
+    is added to every class's weights, so with ``K`` classes the weights are restricted to the
+    sum-to-zero subspace: ``W = Θ Bᵀ`` with ``Θ`` of shape ``(D, K − 1)`` and ``B`` an
+    orthonormal basis of ``{v ∈ R^K : Σ v = 0}``. The Fisher is taken over these ``(K − 1) · D``
+    free parameters, where it is positive definite. Because ``B`` is orthonormal the l2 penalty
+    is unchanged, and the l2-penalised optimum of the ``K · D`` over-parameterised problem lies
+    in this subspace anyway, so ``coef_`` and ``intercept_`` equal scikit-learn's multinomial
+    fit (which also yields weights summing to zero over classes). Without penalty they are the
+    centred version of statsmodels' ``MNLogit`` reference-class parameters:
+    ``coef_[k] − coef_[0]`` is statsmodels' column ``k − 1``.
+
+    Parameters
+    ----------
+    penalty : {"l2", None}, default="l2"
+        ``None`` fits the maximum-likelihood estimate.
+    C : float, default=1.0
+        Inverse penalty strength (scikit-learn's convention); ``np.inf`` means no penalty.
+    fit_intercept : bool, default=True
+        Fit an unpenalised intercept per class.
+    solver : {"fisher", "ngd", "gd"}, default="fisher"
+        ``"fisher"``: natural-gradient step of size one (Fisher scoring); ``"ngd"``: natural
+        gradient with step ``learning_rate``; ``"gd"``: gradient descent with step
+        ``learning_rate`` on the mean loss. Every step is safeguarded by step halving.
+    learning_rate : float, optional
+        First trial step size; default 1 for ``"fisher"`` (the only value it accepts), 0.5 for
+        ``"ngd"`` (which needs ``(0, 1]``) and 1 for ``"gd"``.
+    tol : float, default=1e-8
+        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``.
+    max_iter : int, default=100
+        Maximum number of steps.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (K,)
+    coef_ : ndarray of shape (1, n_features) for two classes, (K, n_features) otherwise
+    intercept_ : ndarray of shape (1,) or (K,)
+        Zeros when ``fit_intercept=False``.
+    coef_bse_, intercept_bse_ : ndarrays shaped like ``coef_`` and ``intercept_``
+        Standard errors: square roots of the diagonal of ``covariance_``. Unpenalised binary
+        fits match statsmodels' ``Logit(...).fit().bse``. Zero for an intercept not fitted.
+    covariance_ : ndarray of shape (R·D, R·D)
+        Covariance of the stacked rows ``[coef_[r], intercept_[r]]`` (intercept only when
+        fitted; ``R`` rows of ``coef_``): the inverse of the summed penalised Fisher.
+    n_iter_ : int
+        Number of steps taken.
+    loss_ : float
+        Final mean penalised loss.
+    gradient_norm_ : float
+        Euclidean norm of the gradient of the mean penalised loss at the solution.
+    n_features_in_ : int
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` is reached, when step halving finds no decrease, or when the classes
+        are perfectly separated without a penalty (the maximum-likelihood estimate does not
+        exist; the fit stops at the first separating weights).
+    """
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
+        """Fit to features ``X`` of shape ``(N, n_features)`` and labels ``y`` of shape ``(N,)``."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, labels = np.unique(y, return_inverse=True)
+        n_classes = len(self.classes_)
+        if n_classes < 2:
+            raise ValueError(
+                f"LogisticRegression needs samples of at least 2 classes, got only {self.classes_}"
+            )
+        if n_classes == 2:
+            likelihood = get_likelihood("bernoulli")
+            targets = torch.as_tensor(labels, dtype=DTYPE)
+            basis = torch.ones(1, 1, dtype=DTYPE)
+        else:
+            likelihood = get_likelihood("categorical")
+            targets = torch.as_tensor(labels, dtype=torch.long)
+            basis = sum_to_zero_basis(n_classes, DTYPE)
+        weights = self._fit_glm(
+            X, targets, likelihood, basis, stop_early=self._stop_if_separated(labels)
+        )
+        standard_error = standard_errors(self.covariance_, weights.shape)
+        n_features = X.shape[1]
+        self.coef_ = weights[:, :n_features]
+        self.coef_bse_ = standard_error[:, :n_features]
+        if self.fit_intercept:
+            self.intercept_ = weights[:, n_features]
+            self.intercept_bse_ = standard_error[:, n_features]
+        else:
+            self.intercept_ = np.zeros(weights.shape[0])
+            self.intercept_bse_ = np.zeros(weights.shape[0])
+        return self
+
+    def _stop_if_separated(self, labels: np.ndarray):
+        """Early stop for an unpenalised fit once every training point is strictly separated."""
+        if self.penalty is not None and np.isfinite(self.C):
+            return None
+        label_tensor = torch.as_tensor(labels, dtype=torch.long)
+
+        def separated(objective: PenalisedGLMObjective, params: Tensor) -> bool:
+            with torch.no_grad():
+                logits = objective.outputs(params)
+            if logits.shape[1] == 1:
+                margins = (2.0 * label_tensor - 1.0) * logits[:, 0]
+            else:
+                observed = logits.gather(1, label_tensor.unsqueeze(1))
+                others = logits.scatter(1, label_tensor.unsqueeze(1), -torch.inf)
+                margins = observed[:, 0] - others.max(dim=1).values
+            if not bool((margins > 0).all()):
+                return False
+            warnings.warn(
+                "LogisticRegression(penalty=None): the classes are perfectly separated, so the "
+                "maximum-likelihood estimate does not exist; stopping at separating weights. "
+                "Use penalty='l2' for a finite optimum.",
+                ConvergenceWarning,
+                stacklevel=6,
+            )
+            return True
+
+        return separated
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits: shape ``(N,)`` (log-odds of ``classes_[1]``) for two classes, else ``(N, K)``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores[:, 0] if scores.shape[1] == 1 else scores
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape ``(N, K)``, columns in the order of ``classes_``."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            positive = expit(scores)
+            return np.column_stack([1.0 - positive, positive])
+        return softmax(scores, axis=1)
+
+    def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
+        """Logarithm of :meth:`predict_proba`, shape ``(N, K)``."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            scores = np.column_stack([np.zeros_like(scores), scores])
+        return scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Most probable class of each row, shape ``(N,)``."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            return self.classes_[(scores > 0).astype(int)]
+        return self.classes_[np.argmax(scores, axis=1)]

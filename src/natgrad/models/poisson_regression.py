@@ -1,0 +1,114 @@
+"""Poisson regression (log link) fitted by Fisher scoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.base import RegressorMixin
+from sklearn.metrics import d2_tweedie_score
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from natgrad.curvature.likelihoods import get_likelihood
+from natgrad.models.glm_base import DTYPE, GLMEstimator, standard_errors
+
+
+class PoissonRegression(RegressorMixin, GLMEstimator):
+    """Poisson regression with log link, fitted by Fisher scoring, natural-gradient or GD.
+
+    Model ``y ~ Poisson(exp(x·w + b))``. Minimises ``Σₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (intercept not
+    penalised), internally divided by ``N``: the solvers see the mean penalised loss and the
+    mean Fisher ``F = X̃ᵀ diag(exp fₙ) X̃ / N`` (plus ``I / (C N)``), ``∇²A`` taken from the
+    Poisson likelihood of :mod:`natgrad.curvature.likelihoods`. Fisher scoring is the
+    natural-gradient step of size one; for the canonical log link it is Newton's method.
+
+    **Relation to scikit-learn.** ``sklearn.linear_model.PoissonRegressor(alpha=α)`` minimises
+    ``(1/N) Σ ½ deviance + ½ α ‖w‖²``, and half the Poisson deviance differs from the negative
+    log-likelihood by a constant, so it is this model with ``C = 1 / (α N)`` (``α = 1 / (C N)``).
+    ``penalty=None`` matches ``statsmodels.GLM(y, X, family=Poisson())``.
+
+    Parameters
+    ----------
+    penalty : {"l2", None}, default="l2"
+    C : float, default=1.0
+        Inverse penalty strength on the summed loss; ``np.inf`` means no penalty.
+    fit_intercept : bool, default=True
+    solver : {"fisher", "ngd", "gd"}, default="fisher"
+    learning_rate : float, optional
+        As in :class:`~natgrad.models.LogisticRegression`.
+    tol : float, default=1e-8
+        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``.
+    max_iter : int, default=100
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features,)
+    intercept_ : float
+        ``0.0`` when ``fit_intercept=False``.
+    coef_bse_ : ndarray of shape (n_features,)
+    intercept_bse_ : float
+        Standard errors from the inverse summed penalised Fisher (statsmodels' ``bse`` for an
+        unpenalised fit); ``0.0`` for an intercept not fitted.
+    covariance_ : ndarray of shape (D, D)
+        Covariance of ``[coef_, intercept_]`` (intercept only when fitted).
+    n_iter_ : int
+    loss_ : float
+        Final mean penalised loss (negative log-likelihood including ``log y!``).
+    gradient_norm_ : float
+    n_features_in_ : int
+
+    Warns
+    -----
+    ConvergenceWarning
+        When ``max_iter`` is reached or step halving finds no decrease.
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.positive_only = True
+        return tags
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> PoissonRegression:
+        """Fit to features ``X`` ``(N, n_features)`` and counts ``y >= 0`` ``(N,)``.
+
+        ``y`` need not be integer (the Poisson quasi-likelihood is used as is).
+        """
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        if np.any(y < 0):
+            raise ValueError(
+                f"PoissonRegression needs non-negative targets y, got minimum {y.min()!r}"
+            )
+        targets = torch.as_tensor(y, dtype=DTYPE)
+        weights = self._fit_glm(
+            X,
+            targets,
+            get_likelihood("poisson"),
+            torch.ones(1, 1, dtype=DTYPE),
+            initial_params=self._initial_params(X.shape[1], y),
+        )[0]
+        standard_error = standard_errors(self.covariance_, (1, weights.shape[0]))[0]
+        n_features = X.shape[1]
+        self.coef_ = weights[:n_features]
+        self.coef_bse_ = standard_error[:n_features]
+        self.intercept_ = float(weights[n_features]) if self.fit_intercept else 0.0
+        self.intercept_bse_ = float(standard_error[n_features]) if self.fit_intercept else 0.0
+        return self
+
+    def _initial_params(self, n_features: int, y: np.ndarray) -> torch.Tensor:
+        """Zero coefficients; the intercept at ``log(mean y)`` when it is fitted and finite."""
+        params = torch.zeros(n_features + int(self.fit_intercept), dtype=DTYPE)
+        mean_count = float(np.mean(y))
+        if self.fit_intercept and mean_count > 0:
+            params[-1] = math.log(mean_count)
+        return params
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Expected counts ``exp(X w + b)``, shape ``(N,)``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return np.exp(X @ self.coef_ + self.intercept_)
+
+    def score(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """Fraction of Poisson deviance explained, D² (as ``PoissonRegressor.score``)."""
+        return float(d2_tweedie_score(y, self.predict(X), sample_weight=sample_weight, power=1))
