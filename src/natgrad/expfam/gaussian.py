@@ -1,0 +1,117 @@
+"""Diagonal Gaussian: a batch of independent univariate normals ``N(μ, σ²)``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
+
+_HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class Gaussian(ExponentialFamily):
+    """Independent univariate normals ``N(loc, scale²)``, one per batch entry.
+
+    Each batch entry is its own scalar event (there is no event dimension), so a
+    ``Gaussian`` of batch shape ``(n, k)`` is ``n·k`` independent normals and ``fisher()`` has
+    shape ``(n, k, 2, 2)``.
+
+    Parameters
+    ----------
+    loc : Tensor
+        Means ``μ``, any shape.
+    scale : Tensor
+        Standard deviations ``σ > 0``, broadcastable with ``loc``.
+    validate : bool
+        Check that the parameters are finite and ``σ > 0``.
+
+    Notes
+    -----
+    - Sufficient statistics ``T(x) = (x, x²)``.
+    - Natural parameters ``θ = (θ₁, θ₂) = (μ/σ², −1/(2σ²))``, with ``θ₂ < 0``.
+    - Mean parameters ``η = (η₁, η₂) = (μ, μ² + σ²)``, with ``η₂ > η₁²``.
+    - ``A(θ) = −θ₁²/(4θ₂) − ½ log(−2θ₂) + ½ log 2π`` (base measure ``h = 1``).
+    - ``F(θ) = Cov[(x, x²)] = [[σ², 2μσ²], [2μσ², 4μ²σ² + 2σ⁴]]``.
+    """
+
+    natural_event_ndims = (0, 0)
+    natural_names = ("theta1", "theta2")
+    mean_names = ("eta1", "eta2")
+    natural_domain = "theta2 < 0"
+    mean_domain = "eta2 > eta1**2"
+
+    def __init__(self, loc: Tensor | float, scale: Tensor | float, *, validate: bool = True):
+        loc, scale = self._prepare((loc, scale), ("loc", "scale"))
+        if validate:
+            require_finite("Gaussian", {"loc": loc, "scale": scale})
+            require(scale.detach() > 0, "Gaussian: scale must be positive", {"scale": scale})
+        variance = scale.square()
+        self._init_natural((loc / variance, -0.5 / variance))
+
+    @classmethod
+    def log_partition_fn(cls, *theta: Tensor) -> Tensor:
+        theta1, theta2 = theta
+        return -theta1.square() / (4.0 * theta2) - 0.5 * torch.log(-2.0 * theta2) + _HALF_LOG_TWO_PI
+
+    @classmethod
+    def _mean_from_natural(cls, *theta: Tensor) -> Params:
+        theta1, theta2 = theta
+        variance = -0.5 / theta2
+        loc = theta1 * variance
+        return loc, loc.square() + variance
+
+    @classmethod
+    def _natural_from_mean(cls, *eta: Tensor) -> Params:
+        eta1, eta2 = eta
+        variance = eta2 - eta1.square()
+        return eta1 / variance, -0.5 / variance
+
+    @classmethod
+    def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
+        theta1, theta2 = theta
+        variance = -0.5 / theta2
+        loc = theta1 * variance
+        off_diagonal = 2.0 * loc * variance
+        corner = 4.0 * loc.square() * variance + 2.0 * variance.square()
+        rows = (torch.stack((variance, off_diagonal), -1), torch.stack((off_diagonal, corner), -1))
+        return torch.stack(rows, -2)
+
+    @classmethod
+    def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
+        return theta[1] < 0
+
+    @classmethod
+    def _mean_in_domain(cls, *eta: Tensor) -> Tensor:
+        eta1, eta2 = eta
+        return eta2 - eta1.square() > 0
+
+    @property
+    def loc(self) -> Tensor:
+        """Means ``μ = −θ₁/(2θ₂)``, shape ``batch_shape``."""
+        return self._natural[0] * self.variance
+
+    @property
+    def variance(self) -> Tensor:
+        """Variances ``σ² = −1/(2θ₂)``, shape ``batch_shape``."""
+        return -0.5 / self._natural[1]
+
+    @property
+    def scale(self) -> Tensor:
+        """Standard deviations ``σ``, shape ``batch_shape``."""
+        return self.variance.sqrt()
+
+    @property
+    def precision(self) -> Tensor:
+        """Precisions ``1/σ² = −2θ₂``, shape ``batch_shape``."""
+        return -2.0 * self._natural[1]
+
+    def sufficient_statistics(self, x: Tensor) -> Params:
+        """``T(x) = (x, x²)``, each of ``x``'s shape."""
+        return x, x.square()
+
+    def to_torch(self) -> torch.distributions.Normal:
+        """``torch.distributions.Normal(loc, scale)``."""
+        return torch.distributions.Normal(self.loc, self.scale, validate_args=False)
