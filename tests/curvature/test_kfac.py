@@ -1,0 +1,330 @@
+"""K-FAC operator against brute-force float64 Fisher matrices from per-sample Jacobians.
+
+K-FAC is exact for a layer's diagonal block (i) at batch size 1 for any network, likelihood
+and Fisher kind, and (ii) for deep linear networks with the Gaussian likelihood and the exact
+Fisher at any batch size (output gradients do not depend on the input). Elsewhere the factors
+are checked against brute-force expectations.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from natgrad.curvature.kfac import KFAC, build_kfac
+from natgrad.curvature.likelihoods import get_likelihood
+
+DTYPE = torch.float64
+
+
+def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def per_sample_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Brute-force ``J_n = ∂f(x_n)/∂θ``, shape ``(N, C, P)``."""
+    params = trainable(model)
+
+    def output(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, p, (x.unsqueeze(0),)).reshape(-1)
+
+    jacobians = vmap(jacrev(output), in_dims=(None, 0))(params, inputs)
+    return torch.cat([jacobians[name].flatten(2) for name in params], dim=2)
+
+
+def per_sample_nll_gradients(model, inputs, likelihood, targets) -> torch.Tensor:
+    """Brute-force ``∇_θ nll(f(x_n), y_n)``, shape ``(N, P)``."""
+    params = trainable(model)
+
+    def nll(p, x, y):
+        out = functional_call(model, p, (x.unsqueeze(0),))
+        return likelihood.nll(out, y.unsqueeze(0)).sum()
+
+    grads = vmap(torch.func.grad(nll), in_dims=(None, 0, 0))(params, inputs, targets)
+    return torch.cat([grads[name].flatten(1) for name in params], dim=1)
+
+
+def exact_fisher(model, inputs, likelihood) -> torch.Tensor:
+    jacobians = per_sample_jacobians(model, inputs)
+    hessians = likelihood.natural_hessian(model(inputs).detach().reshape(len(inputs), -1))
+    return torch.einsum("nci,ncd,ndj->ij", jacobians, hessians, jacobians) / len(inputs)
+
+
+def gradient_fisher(gradients: torch.Tensor) -> torch.Tensor:
+    return gradients.T @ gradients / len(gradients)
+
+
+def block_mask(model: nn.Module, layer_param_names: list[list[str]]) -> torch.Tensor:
+    """Boolean ``(P, P)`` mask of the per-layer diagonal blocks."""
+    names = list(trainable(model))
+    sizes = [p.numel() for p in trainable(model).values()]
+    offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    total = offsets[-1]
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    for group in layer_param_names:
+        positions = torch.cat(
+            [torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in group]
+        )
+        mask[positions.unsqueeze(1), positions.unsqueeze(0)] = True
+    return mask
+
+
+def linear_groups(model: nn.Module) -> list[list[str]]:
+    return [
+        [f"{name}.{p}" for p, _ in module.named_parameters()]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    ]
+
+
+def assert_blocks_equal(model, kfac: KFAC, reference: torch.Tensor) -> None:
+    mask = block_mask(model, linear_groups(model))
+    dense = kfac.to_dense()
+    torch.testing.assert_close(dense[mask], reference[mask])
+    assert (dense[~mask] == 0).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    d_in=st.integers(1, 4),
+    d_out=st.integers(1, 4),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_one_linear_layer_gaussian_exact_any_batch(batch, d_in, d_out, bias, seed) -> None:
+    torch.manual_seed(seed)
+    model = nn.Linear(d_in, d_out, bias=bias).to(DTYPE)
+    inputs = torch.randn(batch, d_in, dtype=DTYPE)
+    likelihood = get_likelihood("gaussian")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+    torch.testing.assert_close(kfac.to_dense(), exact_fisher(model, inputs, likelihood))
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_deep_linear_network_gaussian_exact_blocks(batch: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Linear(4, 2, bias=False), nn.Flatten(), nn.Linear(2, 3)
+    ).to(DTYPE)
+    inputs = torch.randn(batch, 3, dtype=DTYPE)
+    likelihood = get_likelihood("gaussian")
+    kfac = build_kfac(model, inputs, likelihood="gaussian")
+    assert_blocks_equal(model, kfac, exact_fisher(model, inputs, likelihood))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("name", ["categorical", "gaussian", "bernoulli", "poisson"])
+def test_batch_one_exact_kind_equals_fisher_blocks(name: str) -> None:
+    torch.manual_seed(1)
+    model = mlp().to(DTYPE)
+    inputs = torch.randn(1, 3, dtype=DTYPE)
+    likelihood = get_likelihood(name)
+    kfac = build_kfac(model, inputs, likelihood=name)
+    assert_blocks_equal(model, kfac, exact_fisher(model, inputs, likelihood))
+
+
+@pytest.mark.parametrize("depth_linear", [False, True])
+def test_batch_one_empirical_kind_equals_empirical_fisher_blocks(depth_linear: bool) -> None:
+    torch.manual_seed(2)
+    model = (nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)) if depth_linear else mlp()).to(DTYPE)
+    inputs = torch.randn(1, 3, dtype=DTYPE)
+    targets = torch.tensor([2])
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(model, inputs, likelihood=likelihood, kind="empirical", targets=targets)
+    gradients = per_sample_nll_gradients(model, inputs, likelihood, targets)
+    assert_blocks_equal(model, kfac, gradient_fisher(gradients))
+
+
+def test_batch_one_mc_kind_equals_mc_fisher_blocks_with_same_samples() -> None:
+    torch.manual_seed(3)
+    model = mlp().to(DTYPE)
+    inputs = torch.randn(1, 3, dtype=DTYPE)
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(
+        model,
+        inputs,
+        likelihood=likelihood,
+        kind="mc",
+        mc_samples=4,
+        generator=torch.Generator().manual_seed(9),
+    )
+    generator = torch.Generator().manual_seed(9)
+    outputs = model(inputs).detach()
+    samples = [likelihood.sample(outputs, generator) for _ in range(4)]
+    gradients = torch.cat([per_sample_nll_gradients(model, inputs, likelihood, y) for y in samples])
+    assert_blocks_equal(model, kfac, gradient_fisher(gradients))
+
+
+def test_mc_kind_is_reproducible_with_a_seeded_generator() -> None:
+    torch.manual_seed(4)
+    model = mlp().to(DTYPE)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+
+    def build(seed):
+        return build_kfac(
+            model,
+            inputs,
+            likelihood="categorical",
+            kind="mc",
+            mc_samples=2,
+            generator=torch.Generator().manual_seed(seed),
+        ).to_dense()
+
+    torch.testing.assert_close(build(5), build(5), rtol=0, atol=0)
+    assert not torch.equal(build(5), build(6))
+
+
+def test_factors_equal_brute_force_expectations() -> None:
+    """``A = mean a aᵀ`` from explicit activations; ``G = mean Jₛᵀ ∇²A Jₛ`` via torch.func."""
+    torch.manual_seed(5)
+    first, second = nn.Linear(3, 4).to(DTYPE), nn.Linear(4, 2).to(DTYPE)
+    model = nn.Sequential(first, nn.Tanh(), second)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+
+    ones = torch.ones(6, 1, dtype=DTYPE)
+    pre_activation = first(inputs).detach()
+    hidden = torch.tanh(pre_activation)
+    first_inputs = torch.cat([inputs, ones], 1)
+    second_inputs = torch.cat([hidden, ones], 1)
+    logits = second(hidden).detach()
+    hessians = likelihood.natural_hessian(logits)
+
+    def logits_of_pre_activation(s):
+        return second(torch.tanh(s))
+
+    jac_s = vmap(jacrev(logits_of_pre_activation))(pre_activation)
+    expected_g1 = torch.einsum("nci,ncd,ndj->ij", jac_s, hessians, jac_s) / 6
+    torch.testing.assert_close(kfac.input_factors[0], first_inputs.T @ first_inputs / 6)
+    torch.testing.assert_close(kfac.input_factors[1], second_inputs.T @ second_inputs / 6)
+    torch.testing.assert_close(kfac.output_factors[0], expected_g1)
+    torch.testing.assert_close(kfac.output_factors[1], hessians.mean(0))
+
+
+def test_mv_diag_trace_solve_agree_with_dense() -> None:
+    torch.manual_seed(6)
+    model = mlp().to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    kfac = build_kfac(model, inputs, likelihood="categorical")
+    dense = kfac.to_dense()
+    vector = torch.randn(dense.shape[0], dtype=DTYPE)
+    torch.testing.assert_close(kfac.mv(vector), dense @ vector)
+    torch.testing.assert_close(kfac.diag(), dense.diagonal())
+    torch.testing.assert_close(kfac.trace(), dense.trace())
+    damping = 0.1
+    solution = kfac.solve(vector, damping)
+    torch.testing.assert_close(kfac.mv(solution) + damping * solution, vector)
+    as_list = kfac.solve(kfac.unflatten(vector), damping)
+    torch.testing.assert_close(torch.cat([part.reshape(-1) for part in as_list]), solution)
+
+
+def test_solve_factored_matches_dense_factored_damping() -> None:
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    kfac = build_kfac(model, inputs, likelihood="categorical")
+    damping = 0.05
+    vector = torch.randn(kfac.shape[0], dtype=DTYPE)
+    solution = kfac.unflatten(kfac.solve_factored(vector, damping))
+    for index, layer in enumerate(kfac.layers):
+        output_factor, input_factor = kfac.output_factors[index], kfac.input_factors[index]
+        pi = (
+            (input_factor.trace() / len(input_factor))
+            / (output_factor.trace() / len(output_factor))
+        ).sqrt()
+        damped = torch.kron(
+            output_factor + damping**0.5 / pi * torch.eye(len(output_factor), dtype=DTYPE),
+            input_factor + damping**0.5 * pi * torch.eye(len(input_factor), dtype=DTYPE),
+        )
+        rhs = layer.to_matrix(kfac.unflatten(vector)).reshape(-1)
+        expected = torch.linalg.solve(damped, rhs).reshape(layer.output_dim, layer.input_dim)
+        torch.testing.assert_close(layer.to_matrix(solution), expected)
+    with pytest.raises(ValueError, match="positive"):
+        kfac.solve_factored(vector, 0.0)
+
+
+def explicit_patches(inputs: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Patches by explicit slicing (no unfold): shape ``(N, T, C·kh·kw)``."""
+    padding = conv.padding
+    padded = nn.functional.pad(inputs, (padding[1], padding[1], padding[0], padding[0]))
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    rows = (padded.shape[2] - kh) // sh + 1
+    cols = (padded.shape[3] - kw) // sw + 1
+    patches = [
+        padded[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw].reshape(len(inputs), -1)
+        for i in range(rows)
+        for j in range(cols)
+    ]
+    return torch.stack(patches, dim=1)
+
+
+def test_conv2d_factors_match_brute_force_unfold() -> None:
+    torch.manual_seed(8)
+    conv = nn.Conv2d(2, 3, kernel_size=(2, 3), stride=(1, 2), padding=1).to(DTYPE)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(4)).to(DTYPE)
+    inputs = torch.randn(3, 2, 4, 5, dtype=DTYPE)
+    model(inputs)
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+
+    patches = explicit_patches(inputs, conv)
+    patches = torch.cat([patches, torch.ones(*patches.shape[:2], 1, dtype=DTYPE)], dim=2)
+    locations = patches.shape[1]
+    expected_a = torch.einsum("nti,ntj->ij", patches, patches) / (3 * locations)
+    torch.testing.assert_close(kfac.input_factors[0], expected_a)
+
+    conv_out = conv(inputs).detach()
+    head = nn.Sequential(*list(model)[1:])
+    jac = vmap(jacrev(lambda s: head(s.unsqueeze(0)).squeeze(0)))(conv_out)
+    hessians = likelihood.natural_hessian(model(inputs).detach())
+    jac = jac.reshape(3, 4, 3, locations)  # (N, C, d_out, T)
+    expected_g = torch.einsum("ncot,ncd,ndpt->op", jac, hessians, jac) / 3
+    torch.testing.assert_close(kfac.output_factors[0], expected_g)
+
+
+def test_conv2d_covering_whole_input_is_exact_at_batch_one() -> None:
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3), nn.Flatten(), nn.Tanh(), nn.Linear(3, 2))
+    model = model.to(DTYPE)
+    inputs = torch.randn(1, 2, 3, 3, dtype=DTYPE)
+    likelihood = get_likelihood("bernoulli")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+    assert_blocks_equal(model, kfac, exact_fisher(model, inputs, likelihood))
+
+
+def test_model_with_other_trainable_parameters_raises_naming_them() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"1\.weight"):
+        build_kfac(model, torch.randn(2, 3, dtype=DTYPE), likelihood="categorical")
+    model[1].requires_grad_(False)
+    kfac = build_kfac(model, torch.randn(2, 3, dtype=DTYPE), likelihood="categorical")
+    assert kfac.shape == (4 * 4 + 2 * 5, 4 * 4 + 2 * 5)
+
+
+def test_invalid_models_and_arguments_raise() -> None:
+    shared = nn.Linear(3, 3).to(DTYPE)
+    inputs = torch.randn(2, 3, dtype=DTYPE)
+    with pytest.raises(ValueError, match="more than once"):
+        build_kfac(nn.Sequential(shared, shared), inputs, likelihood="gaussian")
+    grouped = nn.Conv2d(2, 2, 1, groups=2).to(DTYPE)
+    with pytest.raises(ValueError, match="groups"):
+        build_kfac(grouped, torch.randn(1, 2, 2, 2, dtype=DTYPE), likelihood="gaussian")
+    model = nn.Linear(3, 2).to(DTYPE)
+    with pytest.raises(ValueError, match="kind"):
+        build_kfac(model, inputs, likelihood="gaussian", kind="fisher")
+    with pytest.raises(ValueError, match="targets"):
+        build_kfac(model, inputs, likelihood="gaussian", kind="empirical")
+    with pytest.raises(ValueError, match="mc_samples"):
+        build_kfac(model, inputs, likelihood="gaussian", kind="mc", mc_samples=0)
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        build_kfac(model, inputs, likelihood="cauchy")
+    with pytest.raises(ValueError, match="damping"):
+        build_kfac(model, inputs, likelihood="gaussian").solve(torch.zeros(8, dtype=DTYPE), -1.0)

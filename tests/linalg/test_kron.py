@@ -1,0 +1,118 @@
+"""Kronecker helpers against dense float64 Kronecker products (row-major vectorisation)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natgrad.linalg.kron import (
+    eigenbasis_mv,
+    eigenbasis_solve,
+    factored_damping,
+    factored_solve,
+    kron_mv,
+    symmetric_eigh,
+)
+
+DIMS = st.integers(min_value=1, max_value=5)
+
+
+def random_psd(dim: int, generator: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    root = torch.randn(dim, rank or dim + 1, generator=generator, dtype=torch.float64)
+    return root @ root.T
+
+
+@settings(max_examples=15, deadline=None)
+@given(d_out=DIMS, d_in=DIMS, seed=st.integers(0, 2**16))
+def test_kron_mv_matches_dense_row_major_kron(d_out: int, d_in: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    output_factor, input_factor = random_psd(d_out, generator), random_psd(d_in, generator)
+    matrix = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    dense = torch.kron(output_factor, input_factor)
+    expected = (dense @ matrix.reshape(-1)).reshape(d_out, d_in)
+    torch.testing.assert_close(kron_mv(output_factor, input_factor, matrix), expected)
+
+
+@settings(max_examples=15, deadline=None)
+@given(d_out=DIMS, d_in=DIMS, seed=st.integers(0, 2**16), damping=st.floats(1e-3, 10.0))
+def test_eigenbasis_solve_with_kfac_eigenvalues_is_damped_kron_inverse(
+    d_out: int, d_in: int, seed: int, damping: float
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    output_factor, input_factor = random_psd(d_out, generator), random_psd(d_in, generator)
+    matrix = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    output_eigen, input_eigen = symmetric_eigh(output_factor), symmetric_eigh(input_factor)
+    eigenvalues = torch.outer(output_eigen.values, input_eigen.values)
+    solution = eigenbasis_solve(output_eigen, input_eigen, eigenvalues, matrix, damping)
+    dense = torch.kron(output_factor, input_factor) + damping * torch.eye(d_out * d_in)
+    expected = torch.linalg.solve(dense, matrix.reshape(-1)).reshape(d_out, d_in)
+    torch.testing.assert_close(solution, expected)
+
+
+def test_eigenbasis_mv_with_arbitrary_eigenvalues_matches_dense() -> None:
+    generator = torch.Generator().manual_seed(0)
+    output_eigen = symmetric_eigh(random_psd(3, generator))
+    input_eigen = symmetric_eigh(random_psd(4, generator))
+    eigenvalues = torch.rand(3, 4, generator=generator, dtype=torch.float64)
+    matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    basis = torch.kron(output_eigen.vectors, input_eigen.vectors)
+    dense = basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.T
+    expected = (dense @ matrix.reshape(-1)).reshape(3, 4)
+    torch.testing.assert_close(
+        eigenbasis_mv(output_eigen, input_eigen, eigenvalues, matrix), expected
+    )
+    solved = eigenbasis_solve(output_eigen, input_eigen, eigenvalues, expected, 0.0)
+    torch.testing.assert_close(solved, matrix)
+
+
+def test_undamped_solve_of_singular_block_is_pseudo_inverse() -> None:
+    generator = torch.Generator().manual_seed(1)
+    output_factor = random_psd(3, generator, rank=1)
+    input_factor = random_psd(4, generator, rank=2)
+    matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    output_eigen, input_eigen = symmetric_eigh(output_factor), symmetric_eigh(input_factor)
+    eigenvalues = torch.outer(output_eigen.values, input_eigen.values)
+    solution = eigenbasis_solve(output_eigen, input_eigen, eigenvalues, matrix, 0.0)
+    pinv = torch.linalg.pinv(torch.kron(output_factor, input_factor), hermitian=True)
+    expected = (pinv @ matrix.reshape(-1)).reshape(3, 4)
+    assert torch.isfinite(solution).all()
+    torch.testing.assert_close(solution, expected)
+
+
+def test_factored_solve_matches_dense_factored_damping() -> None:
+    generator = torch.Generator().manual_seed(2)
+    output_factor, input_factor = random_psd(3, generator), random_psd(5, generator)
+    matrix = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    damping = 0.3
+    output_eigen, input_eigen = symmetric_eigh(output_factor), symmetric_eigh(input_factor)
+    output_damping, input_damping = factored_damping(output_eigen, input_eigen, damping)
+    pi = math.sqrt((input_factor.trace() / 5) / (output_factor.trace() / 3))
+    assert output_damping == pytest.approx(math.sqrt(damping) / pi)
+    assert input_damping == pytest.approx(math.sqrt(damping) * pi)
+    dense = torch.kron(
+        output_factor + output_damping * torch.eye(3), input_factor + input_damping * torch.eye(5)
+    )
+    expected = torch.linalg.solve(dense, matrix.reshape(-1)).reshape(3, 5)
+    torch.testing.assert_close(factored_solve(output_eigen, input_eigen, matrix, damping), expected)
+    with pytest.raises(ValueError, match="damping > 0"):
+        factored_solve(output_eigen, input_eigen, matrix, 0.0)
+
+
+def test_symmetric_eigh_reconstructs_and_clamps() -> None:
+    generator = torch.Generator().manual_seed(3)
+    matrix = random_psd(4, generator, rank=2)
+    eigen = symmetric_eigh(matrix)
+    assert (eigen.values >= 0).all()
+    reconstructed = eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T
+    torch.testing.assert_close(reconstructed, matrix)
+    half = symmetric_eigh(matrix.to(torch.float16))
+    assert half.values.dtype == torch.float32
+
+
+def test_symmetric_eigh_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="square"):
+        symmetric_eigh(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        symmetric_eigh(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
