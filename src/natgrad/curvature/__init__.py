@@ -1,1 +1,43 @@
-"""natgrad.curvature."""
+"""natgrad.curvature: curvature operators over a model's parameters and their builders.
+
+Every operator is a :class:`CurvatureOperator` (``mv``, ``solve``, ``diag``, ``to_dense``,
+``trace``) over the flat vector of the model's trainable parameters. The Fisher is always the
+MEAN over data points. ``KFAC`` and ``EKFAC`` are imported on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.block import BlockDiagonal
+from natgrad.curvature.builders import fisher, ggn, hessian, output_factors
+from natgrad.curvature.dense import Dense
+from natgrad.curvature.diagonal import Diagonal
+from natgrad.curvature.implicit import Implicit
+from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+
+_LAZY = {"KFAC": "natgrad.curvature.kfac", "EKFAC": "natgrad.curvature.ekfac"}
+
+__all__ = [
+    "EKFAC",
+    "KFAC",
+    "BlockDiagonal",
+    "CurvatureOperator",
+    "Dense",
+    "Diagonal",
+    "Implicit",
+    "Likelihood",
+    "fisher",
+    "get_likelihood",
+    "ggn",
+    "hessian",
+    "output_factors",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'natgrad.curvature' has no attribute {name!r}")

@@ -1,0 +1,433 @@
+"""Top-level curvature builders: :func:`fisher`, :func:`ggn` and :func:`hessian`.
+
+Every builder returns a :class:`~natgrad.curvature.base.CurvatureOperator` over the flat vector of
+the model's *trainable* parameters (those with ``requires_grad=True``, in ``model.parameters()``
+order; frozen parameters are left out). Computations run in the dtype of the model's parameters.
+
+The Fisher is the MEAN over the ``N`` inputs, ``F = 1/N Σₙ Jₙᵀ Bₙ Jₙ``, never the sum. The
+dense, diagonal and block structures are assembled from per-sample rows ``Wₙ = Rₙᵀ Jₙ`` (``Jₙ``
+the per-sample output Jacobian from ``torch.func.vmap(jacrev(...))`` and ``Rₙ Rₙᵀ = Bₙ``), so no
+per-sample ``P × P`` matrix is formed, and ``"diag"``/``"block"`` never form the ``P × P`` one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp
+from torch.func import hessian as func_hessian
+
+from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.block import BlockDiagonal
+from natgrad.curvature.dense import Dense
+from natgrad.curvature.diagonal import Diagonal
+from natgrad.curvature.implicit import Implicit
+from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
+from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+FISHER_KINDS = ("exact", "mc", "empirical")
+FISHER_STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
+LOSS_STRUCTURES = ("dense", "diag", "block", "implicit")
+SAMPLE_CHUNK = 32
+"""Inputs per vmapped per-sample-Jacobian pass when the Fisher is assembled."""
+
+
+# -- validation --------------------------------------------------------------------------------
+def _check_choice(argument: str, value: object, known: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in known:
+        raise ValueError(f"unknown {argument} {value!r}; expected one of {list(known)}")
+
+
+def _check_targets(targets: Tensor, num_samples: int) -> None:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.ndim == 0 or targets.shape[0] != num_samples:
+        raise ValueError(
+            f"targets must have {num_samples} entries along dim 0 (one per input), "
+            f"got shape {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        raise ValueError("targets must not contain infs or NaNs")
+
+
+def _check_mc_samples(mc_samples: int) -> None:
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int):
+        raise TypeError(f"mc_samples must be an int, got {type(mc_samples).__name__}")
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+
+
+def _num_samples(inputs: Tensor) -> int:
+    check_finite_inputs(inputs)
+    return inputs.shape[0]
+
+
+# -- assembly from per-sample rows --------------------------------------------------------------
+class _SandwichSum:
+    """Accumulates ``Σ leftᵀ right`` over row chunks in one structure, then scales it."""
+
+    def __init__(self, structure: str, function: ModelFunction) -> None:
+        self.structure = structure
+        self.function = function
+        size = sum(function.param_numels)
+        options = {"dtype": function.dtype, "device": function.device}
+        if structure == "dense":
+            self.total: Tensor | list[Tensor] = torch.zeros(size, size, **options)
+        elif structure == "diag":
+            self.total = torch.zeros(size, **options)
+        else:
+            self.total = [torch.zeros(n, n, **options) for n in function.param_numels]
+
+    def add(self, left: Tensor, right: Tensor) -> None:
+        """Add ``leftᵀ right`` for row blocks ``left``, ``right`` of shape ``(m, P)``."""
+        if self.structure == "dense":
+            self.total += left.T @ right
+        elif self.structure == "diag":
+            self.total += (left * right).sum(0)
+        else:
+            numels = self.function.param_numels
+            pieces = zip(left.split(numels, dim=1), right.split(numels, dim=1), strict=True)
+            for block, (left_part, right_part) in zip(self.total, pieces, strict=True):
+                block += left_part.T @ right_part
+
+    def operator(self, scale: float) -> CurvatureOperator:
+        """The accumulated sum times ``scale``, symmetrised, as an operator."""
+        shapes = self.function.param_shapes
+        if self.structure == "dense":
+            return Dense(_symmetrised(self.total) * scale, shapes)
+        if self.structure == "diag":
+            return Diagonal(self.total * scale, shapes)
+        return BlockDiagonal([_symmetrised(block) * scale for block in self.total], shapes)
+
+
+def _symmetrised(matrix: Tensor) -> Tensor:
+    return 0.5 * (matrix + matrix.T)
+
+
+# -- Fisher ---------------------------------------------------------------------------------------
+def _nll_output_gradient(likelihood: Likelihood, outputs: Tensor, targets: Tensor) -> Tensor:
+    """``∇_f nll(f_n, y_n)`` for every sample, shape ``(N, C)``."""
+    with torch.enable_grad():
+        leaf = outputs.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(likelihood.nll(leaf, targets).sum(), leaf)
+    return gradient
+
+
+def output_factors(
+    likelihood: Likelihood,
+    outputs: Tensor,
+    kind: str,
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-sample output-space factors ``Rₙ`` with ``Fisher = 1/N Σₙ Jₙᵀ Rₙ Rₙᵀ Jₙ``.
+
+    Parameters
+    ----------
+    likelihood : Likelihood
+    outputs : Tensor of shape (N, C)
+        Model outputs (natural parameters of p(y | f)).
+    kind : {"exact", "mc", "empirical"}
+        ``"exact"``: ``Rₙ = ∇²A(fₙ)^{1/2}`` (``C`` columns). ``"mc"``: column ``m`` is
+        ``∇_f nll(fₙ, y_nm) / √M`` with ``y_·m = likelihood.sample(outputs, generator)`` drawn
+        for ``m = 0, …, M − 1`` in turn (``M = mc_samples``). ``"empirical"``: the single column
+        ``∇_f nll(fₙ, yₙ)`` at the observed ``targets``.
+
+    Returns
+    -------
+    Tensor of shape (N, C, K)
+    """
+    if kind == "exact":
+        return likelihood.natural_hessian_sqrt(outputs)
+    if kind == "empirical":
+        return _nll_output_gradient(likelihood, outputs, targets).unsqueeze(-1)
+    draws = [
+        _nll_output_gradient(likelihood, outputs, likelihood.sample(outputs, generator))
+        for _ in range(mc_samples)
+    ]
+    return torch.stack(draws, dim=-1) / math.sqrt(mc_samples)
+
+
+def _assembled_fisher(
+    function: ModelFunction, factors: Tensor, structure: str
+) -> CurvatureOperator:
+    total = _SandwichSum(structure, function)
+    for start in range(0, function.num_samples, SAMPLE_CHUNK):
+        chunk = slice(start, start + SAMPLE_CHUNK)
+        jacobians = function.per_sample_jacobians(function.inputs[chunk])
+        rows = torch.einsum("nck,ncp->nkp", factors[chunk], jacobians).flatten(0, 1)
+        total.add(rows, rows)
+    return total.operator(1.0 / function.num_samples)
+
+
+def _implicit_fisher(function: ModelFunction, factors: Tensor) -> Implicit:
+    outputs, transpose_product = function.vjp_function()
+    scale = 1.0 / function.num_samples
+
+    def fisher_vector_product(vector: Tensor) -> Tensor:
+        tangent = as_matrix(function.jvp(vector))
+        projected = torch.einsum("nck,nc->nk", factors, tangent)
+        weighted = torch.einsum("nck,nk->nc", factors, projected) * scale
+        return transpose_product(weighted.reshape(outputs.shape))
+
+    return Implicit(fisher_vector_product, function.param_shapes, function.dtype, function.device)
+
+
+def _kronecker_fisher(
+    structure: str,
+    model: nn.Module,
+    inputs: Tensor,
+    likelihood: str | Likelihood,
+    kind: str,
+    targets: Tensor | None,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> CurvatureOperator:
+    if structure == "kfac":
+        from natgrad.curvature.kfac import build_kfac as build
+    else:
+        from natgrad.curvature.ekfac import build_ekfac as build
+    return build(
+        model,
+        inputs,
+        likelihood=likelihood,
+        kind=kind,
+        targets=targets,
+        mc_samples=mc_samples,
+        generator=generator,
+    )
+
+
+def fisher(
+    model: nn.Module,
+    inputs: Tensor,
+    likelihood: str | Likelihood = "categorical",
+    kind: str = "exact",
+    structure: str = "dense",
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> CurvatureOperator:
+    """Fisher information of ``model`` on ``inputs``: the MEAN over the ``N`` inputs.
+
+    ``F = 1/N Σₙ Jₙᵀ Bₙ Jₙ`` with ``Jₙ = ∂f(xₙ)/∂θ`` over the trainable parameters and ``Bₙ``
+    given by ``kind``:
+
+    - ``"exact"``: ``Bₙ = ∇²A(fₙ)``, the expectation over ``y ~ p(y | fₙ)`` in closed form;
+    - ``"mc"``: ``Bₙ = 1/M Σₘ gₙₘ gₙₘᵀ``, ``gₙₘ = ∇_f nll(fₙ, yₙₘ)`` at ``M = mc_samples``
+      sampled targets (drawn with ``generator``; see :func:`output_factors` for the order);
+    - ``"empirical"``: ``Bₙ = gₙ gₙᵀ`` at the observed ``targets`` (the "empirical Fisher").
+
+    Parameters
+    ----------
+    model : nn.Module
+        Outputs of shape ``(N, C)`` (or ``(N,)``) are the natural parameters of the likelihood.
+        Parameters with ``requires_grad=False`` are excluded from the operator.
+    inputs : Tensor of shape (N, ...)
+    likelihood : {"categorical", "gaussian", "bernoulli", "poisson"} or Likelihood
+        Logits, unit-variance mean, logits, log-rate respectively.
+    kind : {"exact", "mc", "empirical"}, default "exact"
+    structure : {"dense", "diag", "block", "kfac", "ekfac", "implicit"}, default "dense"
+        ``"block"``: one dense block per parameter tensor. ``"kfac"``/``"ekfac"``: built by
+        :mod:`natgrad.curvature.kfac` / :mod:`natgrad.curvature.ekfac`. ``"implicit"``:
+        matrix-free products (one jvp and one vjp each) and conjugate-gradient solves.
+    targets : Tensor, optional
+        Observed targets with ``N`` entries along dim 0; required for ``kind="empirical"``.
+    mc_samples : int, default 1
+        Number of sampled targets per input for ``kind="mc"``.
+    generator : torch.Generator, optional
+        Source of randomness for ``kind="mc"``; the same seed gives the same Fisher.
+
+    Returns
+    -------
+    CurvatureOperator
+        Of shape ``(P, P)``, ``P`` the number of trainable parameters, in the model's dtype.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``likelihood``, ``kind`` or ``structure``; ``kind="empirical"`` without
+        ``targets``; targets not one per input; ``mc_samples < 1``; non-finite inputs or
+        targets; a model with no trainable parameters.
+    """
+    _check_choice("kind", kind, FISHER_KINDS)
+    _check_choice("structure", structure, FISHER_STRUCTURES)
+    resolved = get_likelihood(likelihood)
+    check_finite_inputs(inputs)
+    _check_mc_samples(mc_samples)
+    if kind == "empirical" and targets is None:
+        raise ValueError('kind="empirical" needs the observed targets: pass targets=...')
+    if targets is not None:
+        _check_targets(targets, _num_samples(inputs))
+    if structure in ("kfac", "ekfac"):
+        return _kronecker_fisher(
+            structure, model, inputs, likelihood, kind, targets, mc_samples, generator
+        )
+    function = ModelFunction(model, inputs)
+    outputs = as_matrix(function.outputs())
+    factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
+    if structure == "implicit":
+        return _implicit_fisher(function, factors)
+    return _assembled_fisher(function, factors, structure)
+
+
+# -- GGN and Hessian ------------------------------------------------------------------------------
+def _loss_setup(
+    model: nn.Module, inputs: Tensor, loss_fn: LossFn, targets: Tensor, structure: str
+) -> ModelFunction:
+    _check_choice("structure", structure, LOSS_STRUCTURES)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_targets(targets, _num_samples(inputs))
+    function = ModelFunction(model, inputs)
+    with torch.no_grad():
+        loss = loss_fn(function.outputs(), targets)
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise ValueError("loss_fn(outputs, targets) must return a scalar (0-d) tensor")
+    if not bool(torch.isfinite(loss)):
+        raise ValueError(f"loss_fn(outputs, targets) is not finite: {float(loss)}")
+    return function
+
+
+def ggn(
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: LossFn,
+    targets: Tensor,
+    structure: str = "dense",
+) -> CurvatureOperator:
+    """Generalised Gauss-Newton ``G = Jᵀ (∇²_f L) J`` of ``L = loss_fn(model(inputs), targets)``.
+
+    ``J`` is the Jacobian of all outputs ``f = model(inputs)`` (flattened) with respect to the
+    trainable parameters and ``∇²_f L`` the Hessian of the loss in the outputs. The loss's own
+    reduction sets the normalisation: a ``"mean"`` reduction gives the MEAN over data points
+    (``nn.CrossEntropyLoss()`` gives exactly the categorical Fisher), a ``"sum"`` the sum.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Parameters with ``requires_grad=False`` are excluded.
+    inputs : Tensor of shape (N, ...)
+    loss_fn : callable
+        ``loss_fn(outputs, targets)`` returning a scalar tensor, twice differentiable in
+        ``outputs`` (e.g. ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``).
+    targets : Tensor with N entries along dim 0
+    structure : {"dense", "diag", "block", "implicit"}, default "dense"
+        ``"dense"``/``"diag"``/``"block"`` form the output Hessian (``N·C × N·C``) and all
+        per-sample Jacobians; ``"implicit"`` uses one jvp, one output-space Hessian-vector
+        product and one vjp per product.
+
+    Returns
+    -------
+    CurvatureOperator of shape (P, P), symmetric; PSD when the loss is convex in the outputs.
+
+    Raises
+    ------
+    ValueError
+        Unknown structure, targets not one per input, a non-scalar or non-finite loss,
+        non-finite inputs, a model with no trainable parameters.
+    """
+    function = _loss_setup(model, inputs, loss_fn, targets, structure)
+    outputs = function.outputs()
+
+    def loss_of_outputs(values: Tensor) -> Tensor:
+        return loss_fn(values, targets)
+
+    if structure == "implicit":
+        return _implicit_ggn(function, loss_of_outputs)
+    jacobian = function.per_sample_jacobians(function.inputs).flatten(0, 1)
+    output_hessian = func_hessian(loss_of_outputs)(outputs).reshape(jacobian.shape[0], -1)
+    total = _SandwichSum(structure, function)
+    total.add(jacobian, output_hessian @ jacobian)
+    return total.operator(1.0)
+
+
+def _implicit_ggn(function: ModelFunction, loss_of_outputs: Callable[[Tensor], Tensor]) -> Implicit:
+    outputs, transpose_product = function.vjp_function()
+    output_gradient = grad(loss_of_outputs)
+
+    def ggn_vector_product(vector: Tensor) -> Tensor:
+        tangent = function.jvp(vector)
+        _, curved = jvp(output_gradient, (outputs,), (tangent,))
+        return transpose_product(curved)
+
+    return Implicit(ggn_vector_product, function.param_shapes, function.dtype, function.device)
+
+
+def hessian(
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: LossFn,
+    targets: Tensor,
+    structure: str = "dense",
+) -> CurvatureOperator:
+    """Hessian ``∇²_θ loss_fn(model(inputs; θ), targets)`` over the trainable parameters.
+
+    The loss's own reduction sets the normalisation (``"mean"`` gives the MEAN over data points).
+    The Hessian may be indefinite: solves of the dense and block structures then clamp negative
+    eigenvalues (see :func:`natgrad.linalg.damped_solve`), and conjugate gradients (implicit)
+    stop at a direction of negative curvature; damp accordingly.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Parameters with ``requires_grad=False`` are excluded.
+    inputs : Tensor of shape (N, ...)
+    loss_fn : callable
+        ``loss_fn(outputs, targets)`` returning a scalar tensor.
+    targets : Tensor with N entries along dim 0
+    structure : {"dense", "diag", "block", "implicit"}, default "dense"
+        ``"dense"``: ``torch.func.hessian`` over the flat parameters. ``"block"``: one
+        ``torch.func.hessian`` per parameter tensor, cross-parameter terms dropped.
+        ``"diag"``: the diagonals of those blocks (each block is formed, one at a time).
+        ``"implicit"``: Hessian-vector products by forward-over-reverse differentiation.
+
+    Returns
+    -------
+    CurvatureOperator of shape (P, P), symmetric.
+
+    Raises
+    ------
+    ValueError
+        As :func:`ggn`.
+    """
+    function = _loss_setup(model, inputs, loss_fn, targets, structure)
+    loss_of_flat = function.loss_function(loss_fn, targets)
+    flat = function.flat_params()
+    shapes = function.param_shapes
+    if structure == "implicit":
+        gradient = grad(loss_of_flat)
+
+        def hessian_vector_product(vector: Tensor) -> Tensor:
+            return jvp(gradient, (flat,), (vector,))[1]
+
+        return Implicit(hessian_vector_product, shapes, function.dtype, function.device)
+    if structure == "dense":
+        return Dense(_symmetrised(func_hessian(loss_of_flat)(flat)), shapes)
+    blocks = _hessian_blocks(loss_of_flat, flat, function.param_numels)
+    if structure == "diag":
+        return Diagonal(torch.cat([block.diagonal() for block in blocks]), shapes)
+    return BlockDiagonal(blocks, shapes)
+
+
+def _hessian_blocks(
+    loss_of_flat: Callable[[Tensor], Tensor], flat: Tensor, numels: list[int]
+) -> list[Tensor]:
+    """The diagonal ``(p_i, p_i)`` blocks of the Hessian, one parameter tensor at a time."""
+    blocks = []
+    start = 0
+    for size in numels:
+        before, after = flat[:start], flat[start + size :]
+
+        def loss_of_piece(piece: Tensor, before: Tensor = before, after: Tensor = after) -> Tensor:
+            return loss_of_flat(torch.cat([before, piece, after]))
+
+        blocks.append(_symmetrised(func_hessian(loss_of_piece)(flat[start : start + size])))
+        start += size
+    return blocks

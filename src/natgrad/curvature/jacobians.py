@@ -1,0 +1,142 @@
+"""A model as a pure function of its trainable parameters, with its Jacobian products.
+
+:class:`ModelFunction` wraps ``torch.func.functional_call`` so that the curvature builders can
+ask for per-sample Jacobians (``torch.func.vmap`` over ``torch.func.jacrev``), Jacobian-vector
+products (``torch.func.jvp``) and vector-Jacobian products (``torch.func.vjp``) with respect to
+the flat vector of trainable parameters. Parameters with ``requires_grad=False`` are held fixed
+and left out of that vector; buffers are used as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+ParamDict = dict[str, Tensor]
+
+
+def check_finite_inputs(inputs: Tensor) -> None:
+    """Raise unless ``inputs`` is a tensor ``(N, ...)`` of finite values."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must have shape (N, ...) with N >= 1, got {tuple(inputs.shape)}")
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        raise ValueError("inputs must not contain infs or NaNs")
+
+
+class ModelFunction:
+    """``θ ↦ model(inputs; θ)`` over the flat vector ``θ`` of a model's trainable parameters.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Must have at least one parameter with ``requires_grad=True``. Its forward pass must treat
+        the samples of a batch independently (no BatchNorm in training mode) for the per-sample
+        Jacobians to be those of the batched model.
+    inputs : Tensor of shape (N, ...)
+        Floating-point inputs are cast to the dtype of the model's parameters.
+
+    Attributes
+    ----------
+    names : list of str
+        Names of the trainable parameters, in ``model.parameters()`` order.
+    params : dict of str to Tensor
+        Their current values (detached).
+    param_shapes : list of torch.Size
+    dtype, device
+        Of the first trainable parameter.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_finite_inputs(inputs)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        self.model = model
+        self.names = [name for name, _ in named]
+        self.params: ParamDict = {name: p.detach() for name, p in named}
+        self.param_shapes = [p.shape for _, p in named]
+        self.param_numels = [math.prod(shape) for shape in self.param_shapes]
+        self.dtype = named[0][1].dtype
+        self.device = named[0][1].device
+        self.inputs = inputs.to(self.dtype) if inputs.is_floating_point() else inputs
+        self.num_samples = inputs.shape[0]
+
+    # -- conversions -------------------------------------------------------------------------
+    def unflatten(self, flat: Tensor) -> ParamDict:
+        """Split a flat ``(P,)`` vector into a parameter dict."""
+        chunks = torch.split(flat, self.param_numels)
+        return {
+            name: chunk.reshape(shape)
+            for name, chunk, shape in zip(self.names, chunks, self.param_shapes, strict=True)
+        }
+
+    def flatten(self, tensors: ParamDict, batch_dims: int = 0) -> Tensor:
+        """Concatenate a parameter dict into ``(*batch, P)``, keeping ``batch_dims`` dims."""
+        parts = []
+        for name in self.names:
+            tensor = tensors[name]
+            parts.append(tensor.reshape(*tensor.shape[:batch_dims], -1))
+        return torch.cat(parts, dim=-1)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def forward(self, params: ParamDict, inputs: Tensor | None = None) -> Tensor:
+        """Model outputs at ``params`` on ``inputs`` (the stored inputs by default)."""
+        batch = self.inputs if inputs is None else inputs
+        return functional_call(self.model, params, (batch,))
+
+    def outputs(self) -> Tensor:
+        """Model outputs at the current parameters, detached, shape ``(N, ...)``."""
+        with torch.no_grad():
+            outputs = self.forward(self.params)
+        if outputs.ndim == 0 or outputs.shape[0] != self.num_samples:
+            raise ValueError(
+                f"model outputs must have shape (N, ...) with N = {self.num_samples}, "
+                f"got {tuple(outputs.shape)}"
+            )
+        return outputs
+
+    def per_sample_jacobians(self, inputs: Tensor) -> Tensor:
+        """Jacobians of the flattened per-sample outputs, shape ``(n, D, P)`` for ``n`` inputs."""
+
+        def single(params: ParamDict, sample: Tensor) -> Tensor:
+            return self.forward(params, sample.unsqueeze(0)).reshape(-1)
+
+        jacobians = vmap(jacrev(single), in_dims=(None, 0))(self.params, inputs)
+        return self.flatten(jacobians, batch_dims=2)
+
+    def jvp(self, vector: Tensor) -> Tensor:
+        """``J v`` for a flat ``(P,)`` vector; shape of the model outputs ``(N, ...)``."""
+        _, tangent = jvp(self.forward, (self.params,), (self.unflatten(vector),))
+        return tangent
+
+    def vjp_function(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Outputs and ``u ↦ Jᵀ u`` (flat ``(P,)``), reusing one forward pass."""
+        outputs, pullback = vjp(self.forward, self.params)
+
+        def transpose_product(cotangent: Tensor) -> Tensor:
+            (grads,) = pullback(cotangent)
+            return self.flatten(grads)
+
+        return outputs.detach(), transpose_product
+
+    def loss_function(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], targets: Tensor
+    ) -> Callable[[Tensor], Tensor]:
+        """``θ ↦ loss_fn(model(inputs; θ), targets)`` over the flat parameter vector."""
+
+        def loss_of_flat(flat: Tensor) -> Tensor:
+            return loss_fn(self.forward(self.unflatten(flat)), targets)
+
+        return loss_of_flat
+
+    def flat_params(self) -> Tensor:
+        """The current trainable parameters as one flat ``(P,)`` vector."""
+        return self.flatten(self.params)
