@@ -96,7 +96,7 @@ class GLMEstimator(BaseEstimator):
 
     def _design(self, X: np.ndarray) -> Tensor:
         """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed."""
-        design = torch.as_tensor(X, dtype=DTYPE)
+        design = torch.tensor(X, dtype=DTYPE)
         if self.fit_intercept:
             design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=DTYPE)], dim=1)
         return design

@@ -95,7 +95,8 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         n_classes = len(self.classes_)
         if n_classes < 2:
             raise ValueError(
-                f"LogisticRegression needs samples of at least 2 classes, got only {self.classes_}"
+                "LogisticRegression needs samples of at least 2 classes, "
+                f"got 1 class: {self.classes_}"
             )
         if n_classes == 2:
             likelihood = get_likelihood("bernoulli")

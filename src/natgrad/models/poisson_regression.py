@@ -79,7 +79,7 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
             raise ValueError(
                 f"PoissonRegression needs non-negative targets y, got minimum {y.min()!r}"
             )
-        targets = torch.as_tensor(y, dtype=DTYPE)
+        targets = torch.tensor(y, dtype=DTYPE)
         weights = self._fit_glm(
             X,
             targets,

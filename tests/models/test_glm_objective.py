@@ -1,0 +1,107 @@
+"""The GLM objective's gradient and Fisher against brute-force torch.func oracles in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import hessian, jacrev
+
+from natgrad.curvature.likelihoods import get_likelihood
+from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
+
+N_SAMPLES, N_FEATURES = 13, 3
+
+
+def make_objective(kind: str, inverse_C: float, fit_intercept: bool) -> PenalisedGLMObjective:
+    generator = torch.Generator().manual_seed(0)
+    design = torch.randn(N_SAMPLES, N_FEATURES, generator=generator, dtype=torch.float64)
+    if fit_intercept:
+        design = torch.cat([design, torch.ones(N_SAMPLES, 1, dtype=torch.float64)], dim=1)
+    if kind == "bernoulli":
+        targets = torch.randint(0, 2, (N_SAMPLES,), generator=generator).double()
+        basis = torch.ones(1, 1, dtype=torch.float64)
+    elif kind == "categorical":
+        targets = torch.randint(0, 4, (N_SAMPLES,), generator=generator)
+        basis = sum_to_zero_basis(4)
+    else:
+        targets = torch.randint(0, 6, (N_SAMPLES,), generator=generator).double()
+        basis = torch.ones(1, 1, dtype=torch.float64)
+    likelihood = get_likelihood(kind)
+    return PenalisedGLMObjective(design, targets, likelihood, basis, inverse_C, fit_intercept)
+
+
+def random_params(objective: PenalisedGLMObjective) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return 0.5 * torch.randn(objective.n_params, generator=generator, dtype=torch.float64)
+
+
+CASES = [
+    (kind, inverse_C, fit_intercept)
+    for kind in ("bernoulli", "categorical", "poisson")
+    for inverse_C in (0.0, 2.0)
+    for fit_intercept in (True, False)
+]
+
+
+def test_sum_to_zero_basis_is_orthonormal_and_centred():
+    basis = sum_to_zero_basis(5)
+    assert basis.shape == (5, 4)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(basis.sum(0), torch.zeros(4, dtype=torch.float64))
+
+
+def test_sum_to_zero_basis_rejects_one_class():
+    with pytest.raises(ValueError, match="n_classes"):
+        sum_to_zero_basis(1)
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_fisher_equals_mean_jacobian_sandwich_plus_penalty(kind, inverse_C, fit_intercept):
+    objective = make_objective(kind, inverse_C, fit_intercept)
+    params = random_params(objective)
+    outputs = objective.outputs(params)
+    jacobian = jacrev(objective.outputs)(params)  # (N, C, D·P)
+    output_fisher = objective.likelihood.natural_hessian(outputs)
+    data_fisher = torch.einsum("nca,ncd,ndb->ab", jacobian, output_fisher, jacobian) / N_SAMPLES
+    penalty_hessian = hessian(objective.penalty)(params)
+    torch.testing.assert_close(objective.fisher(params), data_fisher + penalty_hessian)
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_fisher_equals_hessian_for_canonical_link(kind, inverse_C, fit_intercept):
+    objective = make_objective(kind, inverse_C, fit_intercept)
+    params = random_params(objective)
+
+    def mean_loss(point):
+        return objective.per_sample_nll(point).mean() + objective.penalty(point)
+
+    torch.testing.assert_close(objective.fisher(params), hessian(mean_loss)(params))
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_gradient_matches_closed_form(kind, inverse_C, fit_intercept):
+    objective = make_objective(kind, inverse_C, fit_intercept)
+    params = random_params(objective)
+    outputs = objective.outputs(params)
+    if kind == "categorical":
+        residual = torch.softmax(outputs, 1) - torch.nn.functional.one_hot(objective.targets, 4)
+    elif kind == "bernoulli":
+        residual = torch.sigmoid(outputs) - objective.targets[:, None]
+    else:
+        residual = outputs.exp() - objective.targets[:, None]
+    weight_gradient = objective.design.T @ residual / N_SAMPLES  # (D, C)
+    expected = (weight_gradient @ objective.output_basis).reshape(-1)
+    penalised_rows = torch.ones(objective.n_rows, dtype=torch.float64)
+    if fit_intercept:
+        penalised_rows[-1] = 0.0
+    mask = penalised_rows.repeat_interleave(objective.n_columns)
+    expected = expected + inverse_C / N_SAMPLES * mask * params
+    loss, gradient = objective.loss_and_gradient(params)
+    torch.testing.assert_close(gradient, expected)
+    assert loss == pytest.approx(objective.loss(params), rel=1e-14)
+
+
+def test_loss_is_inf_not_nan_on_overflow():
+    objective = make_objective("poisson", 0.0, True)
+    params = torch.full((objective.n_params,), 1e3, dtype=torch.float64)
+    assert objective.loss(params) == float("inf")
