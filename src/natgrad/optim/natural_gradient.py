@@ -1,0 +1,244 @@
+"""Natural gradient descent as a ``torch.optim.Optimizer``.
+
+One step is ``g = ∇L(θ)``, ``d = (F(θ) + λI)⁻¹ g``, ``θ ← θ − α d`` with ``F`` built by
+:func:`natgrad.fisher` on the inputs of the model's latest forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.curvature import fisher
+from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
+
+_KINDS = ("exact", "mc", "empirical")
+_STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """Natural gradient descent ``θ ← θ − lr (F + λI)⁻¹ ∇L`` over a model's parameters.
+
+    The Fisher ``F`` is the **mean** over the data points of the latest forward pass of
+    ``model`` (captured by a forward pre-hook), so ``lr=1`` is a Fisher-scoring (Gauss-Newton)
+    step when the loss is the **mean** negative log-likelihood.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose trainable parameters are optimized. Its first positional forward
+        argument is taken as the inputs ``(N, ...)`` of the Fisher.
+    likelihood : str or Likelihood
+        ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or ``"poisson"``: the model outputs are
+        the natural parameters of ``p(y | f)``.
+    lr : float, default 1.0
+        Step size ``α``.
+    kind : {"exact", "mc", "empirical"}, default "exact"
+        Fisher estimator; ``"empirical"`` needs ``targets`` in :meth:`step`.
+    structure : {"dense", "diag", "block", "kfac", "ekfac", "implicit"}, default "dense"
+        Structure of the Fisher approximation.
+    damping : float, default 1e-3
+        Tikhonov damping ``λ`` added to ``F``.
+    adaptive_damping : bool, default False
+        Adapt ``λ`` by the Levenberg–Marquardt rule from the ratio of actual to predicted loss
+        reduction (re-evaluates the closure once per step).
+    max_kl : float, optional
+        If given, shrink the step so that ``½ lr² dᵀ F d ≤ max_kl`` (KL clipping).
+    mc_samples : int, default 1
+        Sampled targets per input for ``kind="mc"``.
+    generator : torch.Generator, optional
+        Random source for ``kind="mc"``.
+
+    Notes
+    -----
+    A step whose loss, gradient or direction is non-finite is refused: the parameters are left
+    unchanged, a ``RuntimeWarning`` says why and ``refused_steps`` counts it. With
+    ``adaptive_damping`` a step that increases the loss to a non-finite value is undone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        lr: float = 1.0,
+        *,
+        kind: str = "exact",
+        structure: str = "dense",
+        damping: float = 1e-3,
+        adaptive_damping: bool = False,
+        max_kl: float | None = None,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        _check_options(lr, kind, structure, damping, max_kl, mc_samples)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        defaults = {"lr": lr, "damping": damping, "max_kl": max_kl}
+        super().__init__(params, defaults)
+        self.model = model
+        self.likelihood = get_likelihood(likelihood)
+        self.kind = kind
+        self.structure = structure
+        self.adaptive_damping = adaptive_damping
+        self.mc_samples = mc_samples
+        self.generator = generator
+        self.counters = {"steps": 0, "refused_steps": 0}
+        self._inputs: Tensor | None = None
+        self._hook = model.register_forward_pre_hook(self._capture_inputs)
+
+    def _capture_inputs(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            self._inputs = args[0].detach()
+
+    @torch.no_grad()
+    def step(
+        self, closure: Callable[[], Tensor] | None = None, *, targets: Tensor | None = None
+    ) -> Tensor | None:
+        """Take one natural-gradient step.
+
+        Parameters
+        ----------
+        closure : callable
+            Zeroes the gradients, runs the model forward on a batch, computes the loss, calls
+            ``backward()`` and returns the loss. Required.
+        targets : Tensor, optional
+            Observed targets of that batch, needed by ``kind="empirical"``.
+
+        Returns
+        -------
+        Tensor
+            The loss returned by the closure before the step.
+        """
+        if closure is None:
+            raise ValueError("NaturalGradient.step needs a closure that returns the loss")
+        if self.kind == "empirical" and targets is None:
+            raise ValueError(
+                "kind='empirical' needs the observed targets: step(closure, targets=...)"
+            )
+        with torch.enable_grad():
+            loss = closure()
+        if self._inputs is None:
+            raise RuntimeError(
+                "the closure did not run the model forward: no inputs for the Fisher"
+            )
+        params = self._params()
+        gradient = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
+        if not (torch.isfinite(loss).all() and torch.isfinite(gradient).all()):
+            return self._refuse(loss, "the loss or its gradient is not finite")
+        curvature = self._curvature(targets)
+        group_damping = self.param_groups[0]["damping"]
+        direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
+        if not torch.isfinite(direction).all():
+            return self._refuse(loss, "the natural-gradient direction is not finite")
+        update = self._scaled_update(curvature, direction)
+        self._apply(params, update, sign=-1.0)
+        if self.adaptive_damping:
+            self._adapt_damping(closure, loss, gradient, curvature, update, params)
+        self.counters["steps"] += 1
+        return loss
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _curvature(self, targets: Tensor | None) -> CurvatureOperator:
+        with torch.enable_grad():
+            return fisher(
+                self.model,
+                self._inputs,
+                likelihood=self.likelihood,
+                kind=self.kind,
+                structure=self.structure,
+                targets=targets,
+                mc_samples=self.mc_samples,
+                generator=self.generator,
+            )
+
+    def _scaled_update(self, curvature: CurvatureOperator, direction: Tensor) -> Tensor:
+        """Per-group ``lr · d``, shrunk as a whole by KL clipping where ``max_kl`` is set."""
+        lrs = torch.cat(
+            [
+                direction.new_full((p.numel(),), group["lr"])
+                for group in self.param_groups
+                for p in group["params"]
+            ]
+        )
+        update = lrs * direction
+        max_kl = self.param_groups[0]["max_kl"]
+        if max_kl is not None:
+            update = update * kl_clip_scale(update, curvature.mv(update), max_kl)
+        return update
+
+    @staticmethod
+    def _apply(params: list[Tensor], update: Tensor, sign: float) -> None:
+        offset = 0
+        for p in params:
+            count = p.numel()
+            p.add_(update[offset : offset + count].view_as(p).to(p.dtype), alpha=sign)
+            offset += count
+
+    def _adapt_damping(
+        self,
+        closure: Callable[[], Tensor],
+        loss: Tensor,
+        gradient: Tensor,
+        curvature: CurvatureOperator,
+        update: Tensor,
+        params: list[Tensor],
+    ) -> None:
+        """Levenberg–Marquardt: compare the actual loss change with the quadratic model's."""
+        with torch.enable_grad():
+            new_loss = closure()
+        damping = self.param_groups[0]["damping"]
+        quadratic = update @ curvature.mv(update) + damping * update @ update
+        predicted = float(-(gradient.to(update.dtype) @ update) + 0.5 * quadratic)
+        actual = float(new_loss - loss)
+        if not math.isfinite(actual):
+            self._apply(params, update, sign=1.0)
+            self._refuse(loss, "the loss after the step is not finite; step undone")
+        new_damping = levenberg_marquardt_damping(damping, actual, predicted)
+        for group in self.param_groups:
+            group["damping"] = new_damping
+
+    def _refuse(self, loss: Tensor, why: str) -> Tensor:
+        self.counters["refused_steps"] += 1
+        warnings.warn(f"NaturalGradient refused a step: {why}", RuntimeWarning, stacklevel=3)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, with the step counters."""
+        state = super().state_dict()
+        state["counters"] = dict(self.counters)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        state = dict(state_dict)
+        self.counters = dict(state.pop("counters", {"steps": 0, "refused_steps": 0}))
+        super().load_state_dict(state)
+
+
+def _check_options(
+    lr: float, kind: str, structure: str, damping: float, max_kl: float | None, mc_samples: int
+) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"unknown Fisher kind {kind!r}; expected one of {list(_KINDS)}")
+    if structure not in _STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; expected one of {list(_STRUCTURES)}")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be a non-negative finite number, got {damping!r}")
+    if max_kl is not None and not (math.isfinite(max_kl) and max_kl > 0):
+        raise ValueError(f"max_kl must be a positive finite number or None, got {max_kl!r}")
+    if mc_samples < 1:
+        raise ValueError(f"mc_samples must be at least 1, got {mc_samples!r}")
