@@ -96,10 +96,12 @@ class GLMEstimator(BaseEstimator):
 
     def _design(self, X: np.ndarray) -> Tensor:
         """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed."""
-        design = torch.tensor(X, dtype=DTYPE)
+        n_samples, n_features = X.shape
+        design = np.empty((n_samples, n_features + int(self.fit_intercept)), dtype=np.float64)
+        design[:, :n_features] = X
         if self.fit_intercept:
-            design = torch.cat([design, torch.ones(design.shape[0], 1, dtype=DTYPE)], dim=1)
-        return design
+            design[:, n_features] = 1.0
+        return torch.from_numpy(design)
 
     def _fit_glm(
         self,

@@ -76,6 +76,7 @@ class PenalisedGLMObjective:
         fit_intercept: bool,
     ) -> None:
         self.design = design
+        self.design_t = design.T.contiguous()
         self.targets = targets
         self.likelihood = likelihood
         self.output_basis = output_basis.contiguous()
@@ -132,12 +133,16 @@ class PenalisedGLMObjective:
         return fisher + torch.diag(self.penalty_diagonal)
 
     def _data_fisher(self, column_fisher: Tensor) -> Tensor:
-        """``(1/N) Σₙ (x̃ₙ x̃ₙᵀ) ⊗ Gₙ`` for per-sample ``Gₙ`` of shape ``(N, P, P)``."""
-        design, size = self.design, self.n_columns
-        if size == 1:
-            weighted = design * column_fisher.reshape(-1, 1)
-            return weighted.T @ design / self.n_samples
-        weighted = design.unsqueeze(-1).unsqueeze(-1) * column_fisher.unsqueeze(1)
-        summed = weighted.reshape(self.n_samples, -1).T @ design
-        blocks = summed.reshape(self.n_rows, size, size, self.n_rows).permute(0, 1, 3, 2)
-        return blocks.reshape(self.n_params, self.n_params) / self.n_samples
+        """``(1/N) Σₙ (x̃ₙ x̃ₙᵀ) ⊗ Gₙ`` for symmetric per-sample ``Gₙ`` of shape ``(N, P, P)``.
+
+        Block ``(p, q)`` is ``X̃ᵀ diag(G[:, p, q] / N) X̃``; by symmetry only ``p <= q`` is formed.
+        """
+        size, rows = self.n_columns, self.n_rows
+        weights = column_fisher / self.n_samples
+        fisher = torch.empty(rows, size, rows, size, dtype=self.design.dtype)
+        for p in range(size):
+            for q in range(p, size):
+                block = (self.design_t * weights[:, p, q]) @ self.design
+                fisher[:, p, :, q] = block
+                fisher[:, q, :, p] = block
+        return fisher.reshape(self.n_params, self.n_params)
