@@ -39,12 +39,13 @@ class SymmetricEigen:
     Attributes
     ----------
     values : Tensor of shape (d,)
-        Eigenvalues, ascending, clamped at zero.
-    vectors : Tensor of shape (d, d)
-        Orthonormal eigenvectors as columns.
+        Eigenvalues, clamped at zero.
+    vectors : Tensor of shape (d, d) or None
+        Orthonormal eigenvectors as columns; ``None`` for a diagonal factor ``diag(values)``
+        (the identity basis, never formed), as for the token factor of an embedding.
     """
 
-    def __init__(self, values: Tensor, vectors: Tensor) -> None:
+    def __init__(self, values: Tensor, vectors: Tensor | None) -> None:
         self.values = values
         self.vectors = vectors
 
@@ -127,13 +128,21 @@ def eigenbasis_project(
 
     ``matrix`` may carry leading batch dimensions, ``(..., d_out, d_in)``.
     """
-    return output_eigen.vectors.mT @ matrix @ input_eigen.vectors
+    if output_eigen.vectors is not None:
+        matrix = output_eigen.vectors.mT @ matrix
+    if input_eigen.vectors is not None:
+        matrix = matrix @ input_eigen.vectors
+    return matrix
 
 
 def _eigenbasis_unproject(
     output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, coordinates: Tensor
 ) -> Tensor:
-    return output_eigen.vectors @ coordinates @ input_eigen.vectors.mT
+    if output_eigen.vectors is not None:
+        coordinates = output_eigen.vectors @ coordinates
+    if input_eigen.vectors is not None:
+        coordinates = coordinates @ input_eigen.vectors.mT
+    return coordinates
 
 
 def eigenbasis_mv(

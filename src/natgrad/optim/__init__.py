@@ -1,5 +1,7 @@
 """natgrad.optim: torch.optim optimizers and gradient preconditioners."""
 
+from natgrad.optim.ekfac import EKFAC
+from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
 
-__all__ = ["NaturalGradient"]
+__all__ = ["EKFAC", "KFAC", "NaturalGradient"]

@@ -1,0 +1,94 @@
+"""torch.distributed reductions of curvature statistics and placement of inverse work.
+
+All functions are no-ops in a single process (``torch.distributed`` not initialised or a world
+of size 1), so optimizers call them unconditionally.
+
+Sums, not means, are all-reduced: each process contributes the sum of its per-sample statistics
+and its sample count, and the global mean is ``Σ sums / Σ counts``. The result therefore equals
+one process on the global batch even when the local batches differ in size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "all_reduce_sum_",
+    "assign_owners",
+    "broadcast_from_",
+    "is_distributed",
+    "rank",
+    "world_size",
+]
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one process in ``group``."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of processes in ``group`` (1 without torch.distributed)."""
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (0 without torch.distributed)."""
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Sum ``tensors`` over all processes, in place, with one coalesced all-reduce.
+
+    Parameters
+    ----------
+    tensors : sequence of Tensor
+        Same shapes and order on every process; all of one dtype and device.
+    group : ProcessGroup, optional
+    """
+    if not tensors or not is_distributed(group):
+        return
+    buffer = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    for tensor, chunk in zip(tensors, buffer.split([t.numel() for t in tensors]), strict=True):
+        tensor.copy_(chunk.view_as(tensor))
+
+
+def assign_owners(costs: Sequence[float], size: int) -> list[int]:
+    """Greedy placement of work items on ``size`` processes, most expensive first.
+
+    Each item goes to the currently least loaded process (ties to the lowest rank), which
+    balances e.g. eigendecompositions costing ``d³`` per factor.
+
+    Returns
+    -------
+    list of int
+        Owner rank of each item, in the order of ``costs``.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    loads = [0.0] * size
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owner = min(range(size), key=lambda r: (loads[r], r))
+        owners[index] = owner
+        loads[owner] += costs[index]
+    return owners
+
+
+def broadcast_from_(
+    tensors: Sequence[Tensor], owner: int, group: dist.ProcessGroup | None = None
+) -> None:
+    """Overwrite ``tensors`` on every process with the owner's values (``owner`` is a rank
+    within ``group``), in place, coalesced into one broadcast."""
+    if not tensors or not is_distributed(group):
+        return
+    source = owner if group is None else dist.get_global_rank(group, owner)
+    buffer = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.broadcast(buffer, src=source, group=group)
+    for tensor, chunk in zip(tensors, buffer.split([t.numel() for t in tensors]), strict=True):
+        tensor.copy_(chunk.view_as(tensor))
