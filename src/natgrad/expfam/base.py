@@ -114,6 +114,43 @@ def broadcast_batch(
     )
 
 
+def flatten_event(params: Sequence[Tensor], event_ndims: Sequence[int]) -> Tensor:
+    """Concatenate parameters, each with its event dimensions flattened row-major.
+
+    Parameters
+    ----------
+    params : sequence of Tensor
+        Shapes ``leading_shape + event_shape_i`` (leading shapes broadcast).
+    event_ndims : sequence of int
+        Number of event dimensions of each parameter.
+
+    Returns
+    -------
+    Tensor
+        Shape ``leading_shape + (d,)`` with ``d = Σ_i prod(event_shape_i)``.
+    """
+    leading = torch.broadcast_shapes(
+        *(p.shape[: p.ndim - n] for p, n in zip(params, event_ndims, strict=True))
+    )
+    return torch.cat(
+        [
+            p.expand((*leading, *p.shape[p.ndim - n :])).reshape(*leading, -1)
+            for p, n in zip(params, event_ndims, strict=True)
+        ],
+        dim=-1,
+    )
+
+
+def unflatten_event(flat: Tensor, like: Sequence[Tensor], event_ndims: Sequence[int]) -> Params:
+    """Split ``leading_shape + (d,)`` into tensors with the event shapes of ``like``."""
+    event_shapes = [p.shape[p.ndim - n :] for p, n in zip(like, event_ndims, strict=True)]
+    chunks = torch.split(flat, [math.prod(shape) for shape in event_shapes], dim=-1)
+    return tuple(
+        chunk.reshape(*flat.shape[:-1], *shape)
+        for chunk, shape in zip(chunks, event_shapes, strict=True)
+    )
+
+
 class ExponentialFamily(abc.ABC):
     """A batch of distributions from one exponential family, stored by natural parameters.
 
@@ -322,20 +359,7 @@ class ExponentialFamily(abc.ABC):
 
     def flatten_params(self, params: Sequence[Tensor]) -> Tensor:
         """Flatten a tuple shaped like ``natural_params`` to ``leading_shape + (d,)``."""
-        leading = None
-        parts = []
-        for tensor, ndims in zip(params, self.natural_event_ndims, strict=True):
-            lead = tensor.shape[: tensor.ndim - ndims]
-            leading = lead if leading is None else torch.broadcast_shapes(leading, lead)
-            parts.append(tensor)
-        assert leading is not None
-        return torch.cat(
-            [
-                part.expand((*leading, *part.shape[part.ndim - ndims :])).reshape(*leading, -1)
-                for part, ndims in zip(parts, self.natural_event_ndims, strict=True)
-            ],
-            dim=-1,
-        )
+        return flatten_event(params, self.natural_event_ndims)
 
     def unflatten_params(self, flat: Tensor) -> Params:
         """Inverse of :meth:`flatten_params`: split ``leading_shape + (d,)`` into a tuple."""
@@ -343,11 +367,7 @@ class ExponentialFamily(abc.ABC):
             raise ValueError(
                 f"expected a last dimension of {self.natural_dim}, got {tuple(flat.shape)}"
             )
-        chunks = torch.split(flat, self._event_numels(), dim=-1)
-        return tuple(
-            chunk.reshape(*flat.shape[:-1], *p.shape[p.ndim - n :])
-            for chunk, p, n in zip(chunks, self._natural, self.natural_event_ndims, strict=True)
-        )
+        return unflatten_event(flat, self._natural, self.natural_event_ndims)
 
     def inner(self, first: Sequence[Tensor], second: Sequence[Tensor]) -> Tensor:
         """``⟨first, second⟩`` summed over each parameter's event dimensions."""

@@ -1,0 +1,121 @@
+"""Poisson distribution ``p(x) = λˣ e⁻λ / x!`` on ``x ∈ {0, 1, 2, ...}``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
+
+#: Rates above this use the asymptotic series of the entropy (error below 1e-13 there).
+ENTROPY_ASYMPTOTIC_RATE = 1000.0
+#: The exact entropy sums ``p(k) log k!`` over ``λ ± (12√λ + 30)`` (tail mass < 1e-30).
+_ENTROPY_WINDOW_SDS = 12.0
+_ENTROPY_WINDOW_PAD = 30.0
+
+
+class Poisson(ExponentialFamily):
+    """A batch of Poisson distributions with rates ``λ > 0``.
+
+    Parameters
+    ----------
+    rate : Tensor
+        Rates ``λ > 0``, any shape.
+    validate : bool
+        Check that the rates are finite and positive.
+
+    Notes
+    -----
+    Scalar events. ``T(x) = x``, natural parameter ``θ = log λ``, mean parameter ``η = λ``,
+    ``A(θ) = eᶿ``, base measure ``h(x) = 1/x!``, ``F(θ) = λ`` (shape ``batch_shape + (1, 1)``).
+    ``torch.distributions.Poisson`` has no entropy; :meth:`entropy` sums the series exactly for
+    ``λ ≤ ENTROPY_ASYMPTOTIC_RATE`` and uses ``½ log(2πeλ) − 1/(12λ) − 1/(24λ²) − 19/(360λ³)``
+    above it.
+    """
+
+    natural_event_ndims = (0,)
+    natural_names = ("theta",)
+    mean_names = ("eta",)
+    natural_domain = "a finite theta"
+    mean_domain = "eta > 0"
+
+    def __init__(self, rate: Tensor | float, *, validate: bool = True) -> None:
+        (rate,) = self._prepare((rate,), ("rate",))
+        if validate:
+            require_finite("Poisson", {"rate": rate})
+            require(rate.detach() > 0, "Poisson: rate must be positive", {"rate": rate})
+        self._init_natural((torch.log(rate),))
+
+    @classmethod
+    def log_partition_fn(cls, *theta: Tensor) -> Tensor:
+        return torch.exp(theta[0])
+
+    @classmethod
+    def _mean_from_natural(cls, *theta: Tensor) -> Params:
+        return (torch.exp(theta[0]),)
+
+    @classmethod
+    def _natural_from_mean(cls, *eta: Tensor) -> Params:
+        return (torch.log(eta[0]),)
+
+    @classmethod
+    def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
+        return torch.exp(theta[0])[..., None, None]
+
+    @classmethod
+    def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
+        return theta[0].isfinite()
+
+    @classmethod
+    def _mean_in_domain(cls, *eta: Tensor) -> Tensor:
+        return eta[0] > 0
+
+    @property
+    def rate(self) -> Tensor:
+        """Rates ``λ = eᶿ``, shape ``batch_shape``."""
+        return torch.exp(self._natural[0])
+
+    def sufficient_statistics(self, x: Tensor) -> Params:
+        """``T(x) = x`` (as floating point), ``x``'s shape."""
+        return (x.to(self.dtype),)
+
+    def log_base_measure(self, x: Tensor) -> Tensor:
+        """``log h(x) = −log x!``."""
+        return -torch.lgamma(x.to(self.dtype) + 1.0)
+
+    def _expected_log_base_measure(self) -> Tensor:
+        rate = self.rate
+        small = rate <= ENTROPY_ASYMPTOTIC_RATE
+        exact = _expected_log_factorial(torch.where(small, rate, torch.ones_like(rate)))
+        asymptotic = _expected_log_factorial_asymptotic(torch.where(small, 1e4, rate))
+        return -torch.where(small, exact, asymptotic)
+
+    def to_torch(self) -> torch.distributions.Poisson:
+        """``torch.distributions.Poisson(rate)``."""
+        return torch.distributions.Poisson(self.rate, validate_args=False)
+
+
+def _expected_log_factorial(rate: Tensor) -> Tensor:
+    """``E[log x!]`` for ``x ~ Poisson(rate)``, summed over a window holding all the mass."""
+    if rate.numel() == 0:
+        return rate.clone()
+    half_width = _ENTROPY_WINDOW_SDS * rate.detach().sqrt() + _ENTROPY_WINDOW_PAD
+    start = torch.clamp(torch.floor(rate.detach() - half_width), min=0.0)
+    width = int(torch.ceil(2.0 * half_width.max()).item()) + 1
+    counts = start[..., None] + torch.arange(width, dtype=rate.dtype, device=rate.device)
+    log_factorial = torch.lgamma(counts + 1.0)
+    log_pmf = counts * torch.log(rate)[..., None] - rate[..., None] - log_factorial
+    return (torch.exp(log_pmf) * log_factorial).sum(-1)
+
+
+def _expected_log_factorial_asymptotic(rate: Tensor) -> Tensor:
+    """``E[log x!] = H − λ + λ log λ`` with the asymptotic series of the entropy ``H``."""
+    entropy = (
+        0.5 * torch.log(2.0 * math.pi * math.e * rate)
+        - 1.0 / (12.0 * rate)
+        - 1.0 / (24.0 * rate.square())
+        - 19.0 / (360.0 * rate.pow(3))
+    )
+    return entropy - rate + rate * torch.log(rate)
