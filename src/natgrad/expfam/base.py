@@ -134,7 +134,7 @@ def flatten_event(params: Sequence[Tensor], event_ndims: Sequence[int]) -> Tenso
     )
     return torch.cat(
         [
-            p.expand((*leading, *p.shape[p.ndim - n :])).reshape(*leading, -1)
+            p.expand((*leading, *p.shape[p.ndim - n :])).reshape((*leading, -1))
             for p, n in zip(params, event_ndims, strict=True)
         ],
         dim=-1,
@@ -146,7 +146,7 @@ def unflatten_event(flat: Tensor, like: Sequence[Tensor], event_ndims: Sequence[
     event_shapes = [p.shape[p.ndim - n :] for p, n in zip(like, event_ndims, strict=True)]
     chunks = torch.split(flat, [math.prod(shape) for shape in event_shapes], dim=-1)
     return tuple(
-        chunk.reshape(*flat.shape[:-1], *shape)
+        chunk.reshape((*flat.shape[:-1], *shape))
         for chunk, shape in zip(chunks, event_shapes, strict=True)
     )
 
@@ -237,7 +237,7 @@ class ExponentialFamily(abc.ABC):
         batch_shape = cls._batch_shape_of(params)
         finite = torch.ones(batch_shape, dtype=torch.bool, device=params[0].device)
         for tensor in params:
-            flat = tensor.detach().isfinite().reshape(*batch_shape, -1)
+            flat = tensor.detach().isfinite().reshape((*batch_shape, -1))
             finite = finite & flat.all(-1)
         require(finite, f"{cls.__name__}: parameters must be finite (no NaN or inf)", values)
         detached = tuple(p.detach() for p in params)
