@@ -1,0 +1,312 @@
+"""K-FAC/EKFAC preconditioners against dense natural gradients and the curvature operators."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from natgrad.curvature.ekfac import build_ekfac
+from natgrad.curvature.kfac import build_kfac
+from natgrad.curvature.likelihoods import get_likelihood
+from natgrad.optim import EKFAC, KFAC
+
+DTYPE = torch.float64
+
+
+def flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+
+
+def backward(model, inputs, targets) -> None:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).to(DTYPE)
+
+
+def convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)
+    ).to(DTYPE)
+
+
+def per_sample_gradients(model, inputs, targets) -> dict[str, torch.Tensor]:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, x, y):
+        logits = functional_call(model, p, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, y.unsqueeze(0))
+
+    return vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, inputs, targets)
+
+
+def test_batch_one_preconditioned_grad_is_dense_block_natural_gradient() -> None:
+    """At batch size 1 each layer's empirical Fisher block is exactly ``G ⊗ A``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(5, 3), nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).to(DTYPE)
+    inputs, targets = torch.tensor([[2]]), torch.tensor([1])
+    damping = 0.05
+    precond = KFAC(model, factor_decay=0.0, inv_update_interval=1, damping=damping)
+    backward(model, inputs, targets)
+    precond.step()
+    precond.remove()
+    gradients = per_sample_gradients(model, inputs, targets)
+    groups = [["0.weight"], ["2.weight", "2.bias"], ["4.weight", "4.bias"]]
+    params = dict(model.named_parameters())
+    for group in groups:
+        sample_grad = torch.cat([gradients[name].reshape(-1) for name in group])
+        block = torch.outer(sample_grad, sample_grad)
+        expected = torch.linalg.solve(block + damping * torch.eye(len(block)), sample_grad)
+        actual = torch.cat([params[name].grad.reshape(-1) for name in group])
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("make_model", [mlp, convnet])
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_matches_kfac_operator_solve(make_model, damping_mode: str) -> None:
+    torch.manual_seed(1)
+    model = make_model()
+    inputs = torch.randn(6, 3, dtype=DTYPE) if make_model is mlp else torch.randn(6, 1, 3, 3)
+    inputs, targets = inputs.to(DTYPE), torch.randint(0, 3, (6,))
+    precond = KFAC(
+        model, factor_decay=0.0, inv_update_interval=1, damping=0.1, damping_mode=damping_mode
+    )
+    backward(model, inputs, targets)
+    gradient = flat_grads(model)
+    precond.step()
+    operator = build_kfac(
+        model, inputs, likelihood="categorical", kind="empirical", targets=targets
+    )
+    solve = operator.solve if damping_mode == "eigen" else operator.solve_factored
+    torch.testing.assert_close(flat_grads(model), solve(gradient, 0.1))
+
+
+def test_ekfac_matches_ekfac_operator_solve() -> None:
+    torch.manual_seed(2)
+    model = convnet()
+    inputs, targets = torch.randn(5, 1, 3, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    precond = EKFAC(model, factor_decay=0.0, inv_update_interval=1, damping=0.1)
+    backward(model, inputs, targets)
+    gradient = flat_grads(model)
+    precond.step()
+    operator = build_ekfac(
+        model, inputs, likelihood="categorical", kind="empirical", targets=targets
+    )
+    torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
+
+
+def test_mc_fisher_matches_mc_operator_with_same_generator_seed() -> None:
+    torch.manual_seed(3)
+    model = mlp()
+    inputs, targets = torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,))
+    precond = KFAC(
+        model,
+        fisher_type="mc",
+        likelihood="categorical",
+        factor_decay=0.0,
+        inv_update_interval=1,
+        damping=0.1,
+        generator=torch.Generator().manual_seed(7),
+    )
+    model.zero_grad()
+    outputs = model(inputs)
+    precond.sample_backward(outputs)
+    nn.functional.cross_entropy(outputs, targets).backward()
+    gradient = flat_grads(model)
+    precond.step()
+    operator = build_kfac(
+        model,
+        inputs,
+        likelihood="categorical",
+        kind="mc",
+        generator=torch.Generator().manual_seed(7),
+    )
+    torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
+
+
+def train(model, precond, optimizer, batches) -> None:
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        if precond is not None:
+            precond.step()
+        optimizer.step()
+
+
+def batches(count: int, seed: int = 0, shape: tuple[int, ...] = (3,)) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(8, *shape, generator=generator, dtype=DTYPE),
+            torch.randint(0, 3, (8,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def test_before_start_step_it_is_exactly_the_base_optimizer() -> None:
+    torch.manual_seed(4)
+    reference = mlp()
+    model = copy.deepcopy(reference)
+    train(
+        reference, None, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), batches(6)
+    )
+    precond = KFAC(model, start_step=100, inv_update_interval=2)
+    train(model, precond, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), batches(6))
+    for expected, actual in zip(reference.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    assert precond.layers[0].input_factor is not None
+
+
+def test_huge_damping_with_scaled_lr_reduces_to_the_base_optimizer() -> None:
+    torch.manual_seed(5)
+    reference = mlp()
+    model = copy.deepcopy(reference)
+    damping = 1e8
+    train(reference, None, torch.optim.SGD(reference.parameters(), lr=0.1), batches(5))
+    precond = KFAC(model, damping=damping, inv_update_interval=1)
+    train(model, precond, torch.optim.SGD(model.parameters(), lr=0.1 * damping), batches(5))
+    for expected, actual in zip(reference.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_dict_round_trip_resumes_identically(cls) -> None:
+    torch.manual_seed(6)
+    data = batches(10, seed=1, shape=(1, 3, 3) if cls is EKFAC else (3,))
+    model = convnet() if cls is EKFAC else mlp()
+    options = {"factor_decay": 0.8, "inv_update_interval": 3, "damping": 0.01}
+    precond = cls(model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, precond, optimizer, data[:5])
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    saved_precond = copy.deepcopy(precond.state_dict())
+    train(model, precond, optimizer, data[5:])
+
+    resumed = convnet() if cls is EKFAC else mlp()
+    resumed.load_state_dict(saved[0])
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(saved[1])
+    resumed_precond = cls(resumed, **options)
+    resumed_precond.load_state_dict(saved_precond)
+    assert resumed_precond.steps == 5
+    train(resumed, resumed_precond, resumed_optimizer, data[5:])
+    for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for name, state in precond.state_dict()["layers"].items():
+        for key, value in state.items():
+            other = resumed_precond.state_dict()["layers"][name][key]
+            assert (value is None and other is None) or torch.equal(value, other)
+
+
+def test_gradient_accumulation_equals_one_large_batch() -> None:
+    torch.manual_seed(7)
+    reference = mlp()
+    model = copy.deepcopy(reference)
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    precond = KFAC(reference, inv_update_interval=1, damping=0.1)
+    backward(reference, inputs, targets)
+    precond.step()
+
+    accumulating = KFAC(model, inv_update_interval=1, damping=0.1, accumulation_steps=2)
+    model.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        (nn.functional.cross_entropy(model(inputs[half]), targets[half]) / 2).backward()
+    accumulating.step()
+    torch.testing.assert_close(flat_grads(model), flat_grads(reference))
+
+
+def test_autocast_keeps_float32_factors() -> None:
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    reference = copy.deepcopy(model)
+    inputs, targets = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    precond = KFAC(model, inv_update_interval=1, damping=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    precond.step()
+    reference_precond = KFAC(reference, inv_update_interval=1, damping=0.1)
+    backward(reference, inputs, targets)
+    reference_precond.step()
+    for state, expected in zip(precond.layers, reference_precond.layers, strict=True):
+        assert state.input_factor.dtype == torch.float32
+        assert state.output_factor.dtype == torch.float32
+        torch.testing.assert_close(state.input_factor, expected.input_factor, rtol=0.05, atol=0.02)
+    for param, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.isfinite(param.grad).all()
+        torch.testing.assert_close(param.grad, expected.grad, rtol=0.1, atol=0.05)
+
+
+def test_kl_clip_scales_to_the_trust_region() -> None:
+    torch.manual_seed(9)
+    model = mlp()
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    unclipped_model = copy.deepcopy(model)
+    unclipped = KFAC(unclipped_model, inv_update_interval=1, damping=0.01)
+    backward(unclipped_model, inputs, targets)
+    gradient = flat_grads(unclipped_model)
+    unclipped.step()
+    direction = flat_grads(unclipped_model)
+    lr, kl_clip = 0.5, 1e-6
+    clipped = KFAC(model, inv_update_interval=1, damping=0.01, kl_clip=kl_clip, lr=lambda step: lr)
+    backward(model, inputs, targets)
+    clipped.step()
+    nu = math.sqrt(kl_clip / (lr**2 * float(direction @ gradient)))
+    assert nu < 1
+    torch.testing.assert_close(flat_grads(model), nu * direction)
+
+
+def test_damping_schedule_and_untouched_parameters() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DTYPE)
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    seen = []
+
+    def schedule(step: int) -> float:
+        seen.append(step)
+        return 0.1 / (step + 1)
+
+    precond = KFAC(model, layers=[model[2]], damping=schedule, inv_update_interval=1)
+    assert [state.name for state in precond.layers] == ["2"]
+    backward(model, inputs, targets)
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    precond.step()
+    assert seen == [0]
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param.grad, before[name])
+        assert changed == name.startswith("2.")
+
+
+def test_invalid_options_raise() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="fisher_type"):
+        KFAC(model, fisher_type="exact")
+    with pytest.raises(ValueError, match="likelihood"):
+        KFAC(model, fisher_type="mc")
+    with pytest.raises(ValueError, match="lr"):
+        KFAC(model, kl_clip=0.01)
+    with pytest.raises(ValueError, match="factor_decay"):
+        KFAC(model, factor_decay=1.0)
+    with pytest.raises(ValueError, match="inv_update_interval"):
+        KFAC(model, inv_update_interval=0)
+    with pytest.raises(ValueError, match="cannot be preconditioned"):
+        KFAC(model, layers=[model[1]])
+    with pytest.raises(ValueError, match="only damping_mode='eigen'"):
+        EKFAC(model, damping_mode="factored")
+    with pytest.raises(ValueError, match="sample_backward"):
+        KFAC(model).sample_backward(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="layers"):
+        KFAC(mlp()).load_state_dict(KFAC(convnet()).state_dict())
+    precond = KFAC(model, damping=lambda step: -1.0, inv_update_interval=1)
+    backward(model, torch.randn(2, 3, dtype=DTYPE), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="damping"):
+        precond.step()
+    assert get_likelihood("categorical").name == "categorical"
