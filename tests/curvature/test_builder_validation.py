@@ -1,0 +1,81 @@
+"""The curvature builders reject bad arguments with clear errors."""
+
+import pytest
+import torch
+from brute_force import tiny_data, tiny_mlp
+from torch import nn
+
+from natgrad.curvature import fisher, ggn, hessian
+
+
+@pytest.fixture
+def problem():
+    model = tiny_mlp()
+    inputs, targets = tiny_data("categorical")
+    return model, inputs, targets
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"kind": "fast"}, ValueError, r"unknown kind 'fast'.*'exact', 'mc', 'empirical'"),
+        ({"structure": "full"}, ValueError, r"unknown structure 'full'.*'kfac'"),
+        ({"likelihood": "laplace"}, ValueError, r"unknown likelihood 'laplace'.*'poisson'"),
+        ({"kind": "empirical"}, ValueError, "targets"),
+        ({"kind": "mc", "mc_samples": 0}, ValueError, "mc_samples must be at least 1"),
+        ({"kind": "mc", "mc_samples": 2.0}, TypeError, "mc_samples must be an int"),
+        ({"targets": torch.zeros(4, dtype=torch.long)}, ValueError, "5 entries"),
+    ],
+)
+def test_fisher_rejects_bad_arguments(problem, arguments, error, message) -> None:
+    model, inputs, _ = problem
+    with pytest.raises(error, match=message):
+        fisher(model, inputs, **arguments)
+
+
+def test_fisher_rejects_non_finite_inputs_and_targets(problem) -> None:
+    model, inputs, _ = problem
+    broken = inputs.clone()
+    broken[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="inputs must not contain infs or NaNs"):
+        fisher(model, broken)
+    targets = torch.full((5, 3), float("inf"), dtype=inputs.dtype)
+    with pytest.raises(ValueError, match="targets must not contain"):
+        fisher(model, inputs, likelihood="gaussian", kind="empirical", targets=targets)
+    with pytest.raises(TypeError, match=r"inputs must be a torch\.Tensor"):
+        fisher(model, inputs.tolist())
+
+
+def test_models_without_trainable_parameters_are_rejected(problem) -> None:
+    model, inputs, targets = problem
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fisher(model, inputs)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        ggn(model, inputs, nn.CrossEntropyLoss(), targets)
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        fisher(lambda x: x, inputs)
+
+
+@pytest.mark.parametrize("build", [ggn, hessian])
+def test_loss_builders_reject_bad_arguments(problem, build) -> None:
+    model, inputs, targets = problem
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"unknown structure 'kfac'.*'implicit'"):
+        build(model, inputs, loss_fn, targets, structure="kfac")
+    with pytest.raises(ValueError, match="5 entries"):
+        build(model, inputs, loss_fn, targets[:3])
+    with pytest.raises(ValueError, match="scalar"):
+        build(model, inputs, nn.CrossEntropyLoss(reduction="none"), targets)
+    with pytest.raises(TypeError, match="callable"):
+        build(model, inputs, "cross_entropy", targets)
+    broken = inputs.clone()
+    broken[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="inputs must not contain"):
+        build(model, broken, loss_fn, targets)
+
+
+def test_loss_builders_reject_a_non_finite_loss(problem) -> None:
+    model, inputs, targets = problem
+    with pytest.raises(ValueError, match="not finite"):
+        ggn(model, inputs, lambda f, y: f.sum() / 0.0, targets)

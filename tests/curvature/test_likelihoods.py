@@ -1,0 +1,81 @@
+"""Likelihoods: ∇²A, its square root, sampling and the NLL against independent oracles."""
+
+import pytest
+import torch
+from brute_force import DTYPE, LIKELIHOOD_NAMES, log_partition
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import distributions
+from torch.func import grad, hessian, vmap
+
+from natgrad.curvature import get_likelihood
+from natgrad.curvature.likelihoods import Likelihood
+
+SAMPLE_DRAWS = 20_000
+
+
+def natural_parameters(seed: int, samples: int = 4, outputs: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, outputs, generator=generator, dtype=DTYPE)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), name=st.sampled_from(LIKELIHOOD_NAMES))
+def test_natural_hessian_is_the_hessian_of_the_log_partition(seed: int, name: str) -> None:
+    outputs = natural_parameters(seed)
+    expected = vmap(hessian(lambda f: log_partition(name, f)))(outputs)
+    likelihood = get_likelihood(name)
+    torch.testing.assert_close(likelihood.natural_hessian(outputs), expected)
+    root = likelihood.natural_hessian_sqrt(outputs)
+    assert root.shape == (4, 3, 3)
+    torch.testing.assert_close(root @ root.transpose(-1, -2), expected)
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
+def test_sample_mean_is_the_gradient_of_the_log_partition(name: str) -> None:
+    outputs = natural_parameters(0, samples=2) * 0.5
+    mean = vmap(grad(lambda f: log_partition(name, f)))(outputs)
+    likelihood = get_likelihood(name)
+    generator = torch.Generator().manual_seed(0)
+    draws = likelihood.sample(outputs.repeat(SAMPLE_DRAWS, 1), generator)
+    if name == "categorical":
+        draws = torch.nn.functional.one_hot(draws, 3).to(DTYPE)
+    draws = draws.reshape(SAMPLE_DRAWS, *outputs.shape)
+    variance = torch.diagonal(likelihood.natural_hessian(outputs), dim1=-2, dim2=-1)
+    standard_error = (variance / SAMPLE_DRAWS).sqrt()
+    assert ((draws.mean(0) - mean).abs() < 5 * standard_error).all()
+
+
+def torch_distribution(name: str, outputs: torch.Tensor) -> distributions.Distribution:
+    if name == "categorical":
+        return distributions.Categorical(logits=outputs)
+    if name == "gaussian":
+        return distributions.Independent(distributions.Normal(outputs, 1.0), 1)
+    if name == "bernoulli":
+        return distributions.Independent(distributions.Bernoulli(logits=outputs), 1)
+    return distributions.Independent(distributions.Poisson(outputs.exp()), 1)
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
+def test_nll_is_minus_the_torch_log_prob(name: str) -> None:
+    outputs = natural_parameters(1)
+    likelihood = get_likelihood(name)
+    targets = likelihood.sample(outputs, torch.Generator().manual_seed(2))
+    expected = -torch_distribution(name, outputs).log_prob(targets)
+    torch.testing.assert_close(likelihood.nll(outputs, targets), expected)
+
+
+def test_get_likelihood_accepts_instances_and_rejects_unknown_names() -> None:
+    likelihood = get_likelihood("poisson")
+    assert isinstance(likelihood, Likelihood)
+    assert get_likelihood(likelihood) is likelihood
+    with pytest.raises(ValueError, match="unknown likelihood 'student'"):
+        get_likelihood("student")
+
+
+def test_scalar_outputs_are_read_as_one_column() -> None:
+    outputs = torch.tensor([0.0, 1.0], dtype=DTYPE)
+    likelihood = get_likelihood("bernoulli")
+    assert likelihood.natural_hessian(outputs).shape == (2, 1, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        likelihood.nll(outputs, torch.zeros(3, dtype=DTYPE))
