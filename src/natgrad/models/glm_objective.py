@@ -110,18 +110,16 @@ class PenalisedGLMObjective:
         """``(1 / (2 C N)) ‖Θ_coef‖²``, a scalar."""
         return 0.5 * (self.penalty_diagonal * params.square()).sum()
 
-    def loss(self, params: Tensor) -> float:
-        """The mean penalised loss ``L(Θ)``; ``inf`` where it is not finite."""
-        with torch.no_grad():
-            value = float(self.per_sample_nll(params).mean() + self.penalty(params))
-        return value if math.isfinite(value) else math.inf
-
     def loss_and_gradient(self, params: Tensor) -> tuple[float, Tensor]:
-        """``L(Θ)`` and its gradient ``∇L``, shape ``(D·P,)``, by automatic differentiation."""
+        """``L(Θ)`` and its gradient ``∇L``, shape ``(D·P,)``, by automatic differentiation.
+
+        Where the loss is not finite it is reported as ``inf`` and the gradient is not used.
+        """
         point = params.detach().requires_grad_(True)
         value = self.per_sample_nll(point).mean() + self.penalty(point)
         (gradient,) = torch.autograd.grad(value, point)
-        return float(value.detach()), gradient
+        loss = float(value.detach())
+        return (loss if math.isfinite(loss) else math.inf), gradient
 
     def fisher(self, params: Tensor) -> Tensor:
         """The mean penalised Fisher ``F(Θ)`` above, shape ``(D·P, D·P)``."""
@@ -142,7 +140,7 @@ class PenalisedGLMObjective:
         fisher = torch.empty(rows, size, rows, size, dtype=self.design.dtype)
         for p in range(size):
             for q in range(p, size):
-                block = (self.design_t * weights[:, p, q]) @ self.design
+                block = (self.design_t * weights[:, p, q]) @ self.design_t.T
                 fisher[:, p, :, q] = block
                 fisher[:, q, :, p] = block
         return fisher.reshape(self.n_params, self.n_params)

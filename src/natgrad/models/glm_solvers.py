@@ -73,12 +73,12 @@ def backtrack(
     gradient: Tensor,
     direction: Tensor,
     first_step: float,
-) -> tuple[Tensor, float] | None:
+) -> tuple[Tensor, float, Tensor] | None:
     """Step halving from ``first_step`` along ``−direction``; ``None`` if no step is accepted.
 
     A trial ``Θ − t d`` is accepted when its loss is finite and at most
     ``L(Θ) − ARMIJO_FRACTION · t · ∇Lᵀd`` (plus a floating-point slack of ``ROUNDOFF_SLACK``
-    relative to ``|L(Θ)|``).
+    relative to ``|L(Θ)|``). Returns the accepted parameters, their loss and gradient.
     """
     slope = float(gradient @ direction)
     if not math.isfinite(slope) or slope <= 0.0:
@@ -87,9 +87,9 @@ def backtrack(
     step = first_step
     for _ in range(MAX_HALVINGS):
         trial = params - step * direction
-        trial_loss = objective.loss(trial)
+        trial_loss, trial_gradient = objective.loss_and_gradient(trial)
         if trial_loss <= loss - ARMIJO_FRACTION * step * slope + slack:
-            return trial, trial_loss
+            return trial, trial_loss, trial_gradient
         step *= 0.5
     return None
 
@@ -139,9 +139,8 @@ def minimise(
         if accepted is None:
             status = "line_search_failed"
             break
-        params = accepted[0]
+        params, loss, gradient = accepted
         n_iter += 1
-        loss, gradient = objective.loss_and_gradient(params)
         if stop_early is not None and stop_early(params):
             gradient_norm = float(torch.linalg.vector_norm(gradient))
             status = "stopped_early"
