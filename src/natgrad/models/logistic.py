@@ -84,7 +84,9 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     ConvergenceWarning
         When ``max_iter`` is reached, when step halving finds no decrease, or when the classes
         are perfectly separated without a penalty (the maximum-likelihood estimate does not
-        exist; the fit stops at the first separating weights).
+        exist; the fit stops at the first separating weights). Quasi-complete separation is
+        not detected: some coefficients then grow until the gradient norm reaches ``tol``, with
+        very large standard errors.
     """
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
