@@ -4,8 +4,8 @@ For Gamma, Beta and Dirichlet the map ``η → θ`` has no closed form. It is th
 strictly concave function ``ℓ(θ) = ⟨θ, η⟩ − A(θ)`` (the maximum-likelihood problem with
 sufficient statistics ``η``), whose gradient is ``η − ∇A(θ)`` and whose Hessian is ``−F(θ)``.
 Newton's method ``θ ← θ + t F(θ)⁻¹ (η − ∇A(θ))`` is run in float64 with a backtracking line
-search on ``ℓ`` that keeps ``θ`` inside the natural parameter space, which makes it globally
-convergent; near the solution it converges quadratically.
+search that keeps ``θ`` inside the natural parameter space and accepts a step that increases
+``ℓ`` enough (Armijo) or shrinks the residual; near the solution it converges quadratically.
 
 Convergence: once every entry of the residual satisfies
 ``|η − ∇A(θ)| ≤ NEWTON_TOLERANCE · (1 + |η|)``, ``NEWTON_POLISH_STEPS`` more Newton steps are
@@ -78,9 +78,12 @@ def solve_natural_from_mean(
     def objective(flat: Tensor) -> Tensor:
         return (flat * target).sum(-1) - family.log_partition_fn(*unflat(flat))
 
+    def residual_of(flat: Tensor) -> Tensor:
+        return target - flatten_event(family._mean_from_natural(*unflat(flat)), ndims)
+
     polished = 0
     for iteration in range(NEWTON_MAX_ITER + 1):
-        residual = target - flatten_event(family._mean_from_natural(*unflat(theta)), ndims)
+        residual = residual_of(theta)
         accurate = (residual.abs() <= NEWTON_TOLERANCE * (1.0 + target.abs())).all(-1)
         polished = polished + 1 if bool(accurate.all()) else 0
         if polished > NEWTON_POLISH_STEPS:
@@ -90,7 +93,7 @@ def solve_natural_from_mean(
                 break
             _raise_not_converged(family, residual, target, batch_shape)
         step = _newton_step(family._fisher_from_natural(*unflat(theta)), residual)
-        theta = _line_search(family, theta, step, residual, objective, unflat)
+        theta = _line_search(family, theta, step, residual, objective, residual_of, unflat)
     return tuple(
         s.reshape((*batch_shape, *s.shape[1:])).to(e.dtype)
         for s, e in zip(unflat(theta), eta, strict=True)
@@ -110,20 +113,26 @@ def _newton_step(fisher: Tensor, residual: Tensor) -> Tensor:
     return torch.where(usable[:, None], newton, diagonal_step)
 
 
-def _line_search(family, theta, step, residual, objective, unflat) -> Tensor:
-    """Backtracking: accept the largest ``t = 2⁻ᵏ`` in the domain that satisfies Armijo."""
+def _line_search(family, theta, step, residual, objective, residual_of, unflat) -> Tensor:
+    """Backtracking over ``t = 2⁻ᵏ``: accept the first ``θ + tΔ`` inside the domain that
+    satisfies Armijo's condition on ``ℓ`` or shrinks the largest residual entry by ``1 − 10⁻⁴t``.
+
+    The residual test takes over near the solution, where the change in ``ℓ`` falls below the
+    rounding error of ``A(θ)`` and Armijo's test can no longer be decided.
+    """
     start = objective(theta)
     slope = (residual * step).sum(-1)
-    slack = 64.0 * torch.finfo(theta.dtype).eps * (start.abs() + 1.0)
+    size = residual.abs().amax(-1)
     fraction = torch.ones_like(start)
     accepted = torch.zeros_like(start, dtype=torch.bool)
     for _ in range(_MAX_HALVINGS):
         candidate = theta + fraction[:, None] * step
         inside = family._natural_in_domain(*unflat(candidate))
-        value = torch.where(inside, objective(candidate), torch.full_like(start, -torch.inf))
-        good = inside & (value - start >= _ARMIJO * fraction * slope - slack)
-        take = good & ~accepted
-        theta = torch.where(take[:, None], candidate, theta)
+        safe = torch.where(inside[:, None], candidate, theta)
+        armijo = objective(safe) - start >= _ARMIJO * fraction * slope
+        shrinks = residual_of(safe).abs().amax(-1) <= (1.0 - _ARMIJO * fraction) * size
+        good = inside & (armijo | shrinks)
+        theta = torch.where((good & ~accepted)[:, None], candidate, theta)
         accepted = accepted | good
         if bool(accepted.all()):
             break
