@@ -74,6 +74,20 @@ def test_fisher_scoring_reaches_1e_8_within_10_iterations():
         assert model.gradient_norm_ <= 1e-8
 
 
+def test_one_fisher_scoring_step_is_the_irls_update():
+    X, y = make_classification(200, 3, 2, seed=12)
+    C = 0.5
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        model = LogisticRegression(C=C, max_iter=1).fit(X, y)
+    design = np.column_stack([X, np.ones(len(y))])
+    working_weights = np.full(len(y), 0.25)  # p (1 - p) at the zero start, p = 1/2
+    penalty = np.diag([1 / C] * 3 + [0.0])
+    normal_matrix = design.T @ (design * working_weights[:, None]) + penalty
+    update = np.linalg.solve(normal_matrix, design.T @ (y - 0.5))
+    np.testing.assert_allclose(model.coef_[0], update[:3], rtol=1e-12)
+    np.testing.assert_allclose(model.intercept_, update[3:], rtol=1e-12)
+
+
 def test_multinomial_mle_matches_statsmodels_mnlogit():
     X, y = make_classification(600, 3, 4, seed=2)
     exog = sm.add_constant(X, prepend=False)
