@@ -1,0 +1,350 @@
+"""Probabilistic Poisson NMF with standard (Adam) or natural-gradient variational inference."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
+
+from natgrad.expfam import Gaussian
+from natgrad.models.pnmf_counts import CountMatrix, count_matrix
+from natgrad.models.pnmf_elbo import ELBO_MODES, elbo, expected_exp_factors
+from natgrad.models.pnmf_training import FitSettings, FitState, fit_natural, fit_standard
+from natgrad.models.pnmf_updates import gaussian_from_moments
+
+TRAINING_MODES = ("standard", "natural")
+DEFAULT_ADAM_LEARNING_RATE = 0.01
+DEFAULT_NATURAL_STEP = {"lower-bound": 1.0, "expanded": 0.3, "simple": 0.3}
+EVALUATION_DRAWS = 100
+INITIAL_VARIANCE = 0.1
+EVALUATION_CHUNK_ENTRIES = 2_000_000
+
+
+class PNMF(TransformerMixin, BaseEstimator):
+    """Poisson NMF with a Gaussian variational posterior over log-activations.
+
+    Model: ``y_ij ~ Poisson(Σ_l W_jl exp(F_il))``, ``W ≥ 0`` of shape
+    ``(n_features, n_components)``, ``F_il ~ N(0, 1)``, ``q(F) = Π N(μ_il, σ²_il)``. ``W`` is a
+    point estimate; ``q(F)`` is fitted by maximising the ELBO (summed over entries, ``−log y!``
+    included).
+
+    Parameters
+    ----------
+    n_components : int, default=10
+        Number of components ``L``.
+    training_mode : {"standard", "natural"}, default="standard"
+        ``"standard"``: Adam on ``(μ, softplus⁻¹ σ)`` and on ``W`` (projected onto ``W ≥ 0``).
+        ``"natural"``: natural-gradient (variational online Newton) steps on ``q(F)`` held in
+        natural parameters, and ``W`` by its closed-form multiplicative (EM) update.
+    mode : {"simple", "expanded", "lower-bound"}, default="expanded"
+        ELBO estimator: full Monte Carlo; Monte Carlo for ``y·log rate`` with the rate in
+        closed form; or the analytic Jensen lower bound (no sampling).
+    E : int, default=10
+        Monte-Carlo draws per iteration (unused by ``"lower-bound"``).
+    max_iter : int, default=1000
+        Maximum number of iterations (epochs when ``batch_size`` is set).
+    tol : float, default=1e-4
+        Relative tolerance of the windowed ELBO stopping rule: stop when the means of the
+        last two windows of 20 ELBO values differ by less than ``tol`` times their size.
+    learning_rate : float or None, default=None
+        Adam's learning rate (``"standard"``, default 0.01) or the natural step ``ρ`` on the
+        summed ELBO (``"natural"``, in ``(0, 1]``; ramped up over 3 iterations, mean steps
+        clipped to ``|Δμ| ≤ 1``). The natural default is 1.0 for ``"lower-bound"`` (exact
+        gradients) and 0.3 for the Monte-Carlo modes, where ``ρ = 1`` with ``E = 10`` draws
+        lets the gradient noise through undamped and ends at a clearly worse ELBO.
+    batch_size : int or None, default=None
+        Minibatch size over samples (stochastic VI); ``None`` uses all samples.
+    random_state : int, RandomState or None, default=None
+        Seed of the initialisation and of the Monte-Carlo draws.
+    device : str, default="auto"
+        Torch device; ``"auto"`` picks CUDA, then MPS, then CPU.
+    verbose : bool, default=False
+        Print the ELBO every 100 iterations.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        ``Wᵀ``.
+    elbo_ : float
+        ELBO (summed over entries) at the fitted parameters, evaluated with the chosen
+        ``mode`` and, in the Monte-Carlo modes, ``max(E, 100)`` draws.
+    elbo_history_ : ndarray of shape (n_iter_,)
+        The ELBO estimate of every iteration (of every epoch with minibatches).
+    n_iter_ : int
+        Iterations (epochs) run.
+    converged_ : bool
+        Whether the stopping rule held before ``max_iter``.
+    n_features_in_ : int
+    variational_mean_, variational_variance_ : ndarray of shape (n_samples, n_components)
+        ``μ`` and ``σ²`` of ``q(F)`` for the training samples.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        training_mode: str = "standard",
+        mode: str = "expanded",
+        E: int = 10,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        random_state: int | np.random.RandomState | None = None,
+        device: str = "auto",
+        verbose: bool = False,
+    ):
+        self.n_components = n_components
+        self.training_mode = training_mode
+        self.mode = mode
+        self.E = E
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        tags.non_deterministic = False
+        return tags
+
+    # -- validation ------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        if isinstance(self.n_components, bool) or not isinstance(
+            self.n_components, numbers.Integral
+        ):
+            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components!r}")
+        if self.training_mode not in TRAINING_MODES:
+            raise ValueError(
+                f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}"
+            )
+        if self.mode not in ELBO_MODES:
+            raise ValueError(f"mode must be one of {ELBO_MODES}, got {self.mode!r}")
+        for name in ("E", "max_iter"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        rate = self._learning_rate()
+        if not np.isfinite(rate) or rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.training_mode == "natural" and rate > 1:
+            raise ValueError(f"learning_rate (natural step) must be in (0, 1], got {rate!r}")
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}")
+
+    def _learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        if self.training_mode == "natural":
+            return DEFAULT_NATURAL_STEP.get(self.mode, 1.0)
+        return DEFAULT_ADAM_LEARNING_RATE
+
+    def _validate_counts(self, X, reset: bool):
+        X = validate_data(
+            self,
+            X,
+            accept_sparse=("csr", "csc", "coo"),
+            dtype=(np.float64, np.float32),
+            reset=reset,
+        )
+        check_non_negative(X, f"{type(self).__name__} (counts)")
+        stored = X.data if sp.issparse(X) else X
+        fractional = stored != np.round(stored)
+        if np.any(fractional):
+            example = stored[fractional].flat[0]
+            warnings.warn(
+                f"PNMF expects counts; X contains non-integer values (e.g. {example!r}); "
+                "the Poisson likelihood is evaluated at them as given",
+                UserWarning,
+                stacklevel=3,
+            )
+        return X
+
+    def _torch_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+
+    def _counts(self, X) -> CountMatrix:
+        dtype = torch.float32 if X.dtype == np.float32 else torch.float64
+        if self._torch_device().type == "mps":
+            dtype = torch.float32
+        return count_matrix(X, dtype, self._torch_device())
+
+    def _generator(self, rng: np.random.RandomState) -> torch.Generator:
+        device = self._torch_device()
+        generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        generator.manual_seed(int(rng.randint(0, 2**31 - 1)))
+        return generator
+
+    # -- fitting ---------------------------------------------------------------------------
+    def _initial_posterior(self, counts: CountMatrix, generator: torch.Generator) -> Gaussian:
+        shape = (counts.n_samples, self.n_components)
+        noise = torch.randn(shape, generator=generator, dtype=counts.dtype, device=generator.device)
+        mean = (0.1 * noise).to(counts.device)
+        variance = torch.full(shape, INITIAL_VARIANCE, dtype=counts.dtype, device=counts.device)
+        return gaussian_from_moments(mean, variance)
+
+    def _initial_loadings(self, counts: CountMatrix, generator: torch.Generator) -> torch.Tensor:
+        if counts.is_sparse:
+            column_sums = torch.zeros(counts.n_features, dtype=counts.dtype, device=counts.device)
+            column_sums.index_add_(0, counts.cols, counts.values)
+        else:
+            column_sums = counts.dense.sum(0)
+        column_means = column_sums / counts.n_samples + 1e-3
+        jitter = torch.rand(
+            (counts.n_features, self.n_components),
+            generator=generator,
+            dtype=counts.dtype,
+            device=generator.device,
+        )
+        scale = np.exp(-0.5 * INITIAL_VARIANCE) / self.n_components
+        return column_means[:, None] * scale * (0.5 + jitter.to(counts.device))
+
+    def _settings(self, generator: torch.Generator, update_loadings: bool) -> FitSettings:
+        def report(iteration: int, value: float) -> None:
+            if iteration % 100 == 0:
+                print(f"PNMF iteration {iteration}: ELBO = {value:.4f}")
+
+        return FitSettings(
+            mode=self.mode,
+            n_draws=self.E,
+            step_size=self._learning_rate(),
+            max_iter=self.max_iter,
+            tol=self.tol,
+            batch_size=self.batch_size,
+            update_loadings=update_loadings,
+            generator=generator,
+            callback=report if self.verbose else None,
+        )
+
+    def _run(self, counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
+        if self.training_mode == "natural":
+            return fit_natural(counts, state, settings)
+        return fit_standard(counts, state, settings)
+
+    def fit(self, X, y=None) -> PNMF:
+        """Fit ``W`` and ``q(F)`` to counts ``X`` of shape (n_samples, n_features).
+
+        ``X`` may be a dense array or a SciPy sparse matrix of non-negative counts.
+        """
+        self._check_params()
+        X = self._validate_counts(X, reset=True)
+        rng = check_random_state(self.random_state)
+        generator = self._generator(rng)
+        counts = self._counts(X)
+        state = FitState(
+            loadings=self._initial_loadings(counts, generator),
+            posterior=self._initial_posterior(counts, generator),
+        )
+        state = self._run(counts, state, self._settings(generator, update_loadings=True))
+        self._loadings = state.loadings
+        self.components_ = state.loadings.T.cpu().numpy()
+        self.variational_mean_ = state.posterior.loc.cpu().numpy()
+        self.variational_variance_ = state.posterior.variance.cpu().numpy()
+        self.elbo_history_ = np.asarray(state.history)
+        self.n_iter_ = state.n_iter
+        self.converged_ = state.converged
+        self.n_refused_steps_ = state.n_refused
+        self.elbo_ = float(self._evaluate_elbo(counts, state.posterior, generator))
+        return self
+
+    def _fit_posterior(self, X) -> tuple[CountMatrix, Gaussian, torch.Generator]:
+        check_is_fitted(self)
+        self._check_params()
+        X = self._validate_counts(X, reset=False)
+        rng = check_random_state(self.random_state)
+        generator = self._generator(rng)
+        counts = self._counts(X)
+        loadings = torch.as_tensor(self.components_.T, dtype=counts.dtype, device=counts.device)
+        state = FitState(loadings=loadings, posterior=self._initial_posterior(counts, generator))
+        state = self._run(counts, state, self._settings(generator, update_loadings=False))
+        return counts, state.posterior, generator
+
+    def _evaluate_elbo(
+        self, counts: CountMatrix, posterior: Gaussian, generator: torch.Generator
+    ) -> float:
+        loadings = torch.as_tensor(self.components_.T, dtype=counts.dtype, device=counts.device)
+        draws = max(self.E, EVALUATION_DRAWS)
+        entries_per_row = max(1, self.n_features_in_ * draws * self.n_components)
+        chunk = max(1, EVALUATION_CHUNK_ENTRIES // entries_per_row)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, counts.n_samples, chunk):
+                index = torch.arange(
+                    start, min(start + chunk, counts.n_samples), device=counts.device
+                )
+                part = counts.take_rows(index)
+                value = elbo(
+                    part,
+                    loadings,
+                    posterior.loc[index],
+                    posterior.variance[index],
+                    self.mode,
+                    draws,
+                    generator,
+                )
+                total += float(value)
+        return total
+
+    def transform(self, X) -> np.ndarray:
+        """Fit ``q(F)`` for the samples of ``X`` with ``W`` fixed; return ``E_q[exp F]``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_components)
+        """
+        _, posterior, _ = self._fit_posterior(X)
+        return expected_exp_factors(posterior.loc, posterior.variance).cpu().numpy()
+
+    def fit_transform(self, X, y=None) -> np.ndarray:
+        """Fit to ``X``; return ``E_q[exp F]`` of its samples, shape (n_samples, n_components)."""
+        self.fit(X)
+        mean = torch.as_tensor(self.variational_mean_)
+        variance = torch.as_tensor(self.variational_variance_)
+        return expected_exp_factors(mean, variance).numpy()
+
+    def inverse_transform(self, X) -> np.ndarray:
+        """Expected counts ``X @ components_`` for activations ``X = E_q[exp F]``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_components)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self)
+        activations = np.asarray(X, dtype=self.components_.dtype)
+        if activations.ndim != 2 or activations.shape[1] != self.n_components:
+            raise ValueError(
+                f"X must have shape (n_samples, {self.n_components}), got {activations.shape}"
+            )
+        return activations @ self.components_
+
+    def score(self, X, y=None) -> float:
+        """Mean ELBO per sample of ``X`` (``q(F)`` fitted with ``W`` fixed; held-out data too)."""
+        counts, posterior, generator = self._fit_posterior(X)
+        return self._evaluate_elbo(counts, posterior, generator) / counts.n_samples

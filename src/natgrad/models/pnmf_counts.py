@@ -1,0 +1,138 @@
+"""A count matrix held either dense or as its non-zeros, for the PNMF likelihood.
+
+The Poisson NMF likelihood needs the counts only in two places: the term
+``Σ_ij y_ij log rate_ij``, which vanishes wherever ``y_ij = 0``, and ``Σ_ij log y_ij!``. A
+:class:`CountMatrix` therefore stores small problems as one dense ``(n_samples, n_features)``
+tensor (fast matrix products) and large sparse problems as their non-zeros in compressed-row
+form, so that no ``(n_samples, n_features)`` tensor is ever built for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CountMatrix:
+    """Non-negative counts ``y``, shape ``(n_samples, n_features)``.
+
+    Exactly one storage is set: ``dense`` (shape ``(n_samples, n_features)``) or the
+    compressed-row triple ``row_ptr`` (``(n_samples + 1,)``), ``cols`` and ``values``
+    (``(nnz,)`` each) together with ``rows`` (``(nnz,)``, the row of every non-zero).
+    ``log_factorial`` is ``Σ_ij log y_ij!`` (computed once, a scalar tensor).
+    """
+
+    n_samples: int
+    n_features: int
+    log_factorial: Tensor
+    dense: Tensor | None = None
+    row_ptr: Tensor | None = None
+    rows: Tensor | None = None
+    cols: Tensor | None = None
+    values: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the counts are stored as their non-zeros."""
+        return self.dense is None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the stored counts."""
+        return self.values.dtype if self.is_sparse else self.dense.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the stored counts."""
+        return self.values.device if self.is_sparse else self.dense.device
+
+    def total(self) -> Tensor:
+        """``Σ_ij y_ij`` (a scalar tensor)."""
+        return (self.values if self.is_sparse else self.dense).sum()
+
+    def take_rows(self, index: Tensor) -> CountMatrix:
+        """The counts of the samples ``index`` (shape ``(B,)``), in that order."""
+        if not self.is_sparse:
+            dense = self.dense[index]
+            return CountMatrix(len(index), self.n_features, _log_factorial(dense), dense=dense)
+        starts = self.row_ptr[index]
+        lengths = self.row_ptr[index + 1] - starts
+        new_row_ptr = torch.zeros(len(index) + 1, dtype=torch.long, device=self.device)
+        new_row_ptr[1:] = torch.cumsum(lengths, 0)
+        total = int(new_row_ptr[-1])
+        offsets = torch.arange(total, device=self.device) - torch.repeat_interleave(
+            new_row_ptr[:-1], lengths, output_size=total
+        )
+        positions = torch.repeat_interleave(starts, lengths, output_size=total) + offsets
+        new_rows = torch.repeat_interleave(
+            torch.arange(len(index), device=self.device), lengths, output_size=total
+        )
+        values = self.values[positions]
+        return CountMatrix(
+            len(index),
+            self.n_features,
+            _log_factorial(values),
+            row_ptr=new_row_ptr,
+            rows=new_rows,
+            cols=self.cols[positions],
+            values=values,
+        )
+
+    def to_dense_numpy(self) -> np.ndarray:
+        """The counts as a dense NumPy array (small problems and tests only)."""
+        if not self.is_sparse:
+            return self.dense.detach().cpu().numpy()
+        matrix = sp.csr_matrix(
+            (
+                self.values.cpu().numpy(),
+                self.cols.cpu().numpy(),
+                self.row_ptr.cpu().numpy(),
+            ),
+            shape=(self.n_samples, self.n_features),
+        )
+        return matrix.toarray()
+
+
+def count_matrix(
+    counts: np.ndarray | sp.spmatrix | sp.sparray,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> CountMatrix:
+    """Wrap validated counts (dense array or SciPy sparse matrix) as a :class:`CountMatrix`.
+
+    Parameters
+    ----------
+    counts : ndarray or scipy.sparse matrix of shape (n_samples, n_features)
+        Non-negative, finite counts (validated by the caller).
+    dtype, device
+        Floating dtype and device of the stored tensors.
+    """
+    n_samples, n_features = counts.shape
+    if not sp.issparse(counts):
+        dense = torch.as_tensor(np.asarray(counts), dtype=dtype, device=device)
+        return CountMatrix(n_samples, n_features, _log_factorial(dense), dense=dense)
+    csr = sp.csr_matrix(counts)
+    csr.eliminate_zeros()
+    csr.sort_indices()
+    row_ptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
+    lengths = row_ptr[1:] - row_ptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(n_samples, device=device), lengths)
+    values = torch.as_tensor(csr.data, dtype=dtype, device=device)
+    return CountMatrix(
+        n_samples,
+        n_features,
+        _log_factorial(values),
+        row_ptr=row_ptr,
+        rows=rows,
+        cols=torch.as_tensor(csr.indices.astype(np.int64), device=device),
+        values=values,
+    )
+
+
+def _log_factorial(counts: Tensor) -> Tensor:
+    return torch.lgamma(counts + 1.0).sum()

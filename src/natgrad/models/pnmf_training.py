@@ -1,0 +1,266 @@
+"""Training loops of PNMF: natural-gradient VI (full batch or SVI) and Adam, with a stopping rule.
+
+Both loops maximise the ELBO of :mod:`natgrad.models.pnmf_elbo` for counts ``y`` of shape
+``(N, D)``, loadings ``W`` of shape ``(D, L)`` and ``q(F)`` of batch shape ``(N, L)``.
+
+Stopping rule. The Monte-Carlo ELBO is noisy, so consecutive values are not compared; the
+loop stops when the means of the last two windows of ``window`` recorded ELBO values differ
+by less than ``tol`` relative to the newer one: ``|m_new − m_old| ≤ tol · |m_new|``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+from torch import Tensor
+
+from natgrad.expfam import Gaussian
+from natgrad.models.pnmf_counts import CountMatrix
+from natgrad.models.pnmf_elbo import ElboMode
+from natgrad.models.pnmf_gradients import ElboGradients, elbo_gradients
+from natgrad.models.pnmf_updates import (
+    gaussian_from_moments,
+    mean_parameter_gradients,
+    multiplicative_loadings,
+    natural_gradient_step,
+    robbins_monro_rate,
+    robbins_monro_update,
+)
+
+WARMUP_STEPS = 3
+CONVERGENCE_WINDOW = 20
+
+
+class ConvergenceMonitor:
+    """Windowed relative-change stopping rule for a noisy ELBO (see the module docstring)."""
+
+    def __init__(self, tol: float, window: int = CONVERGENCE_WINDOW):
+        self.tol = tol
+        self.window = window
+        self.history: list[float] = []
+
+    def record(self, value: float) -> bool:
+        """Record one ELBO value; return whether the stopping rule now holds."""
+        self.history.append(value)
+        if len(self.history) < 2 * self.window:
+            return False
+        newer = float(np.mean(self.history[-self.window :]))
+        older = float(np.mean(self.history[-2 * self.window : -self.window]))
+        return abs(newer - older) <= self.tol * abs(newer)
+
+
+@dataclass
+class FitState:
+    """Parameters being fitted and the record of the fit.
+
+    Attributes
+    ----------
+    loadings : Tensor of shape (D, L)
+    posterior : Gaussian of batch shape (N, L)
+    history : list of float
+        One ELBO value per iteration (per epoch with minibatches).
+    n_iter : int
+    converged : bool
+    n_refused : int
+        Entries whose natural step was refused as non-finite, over the whole fit.
+    """
+
+    loadings: Tensor
+    posterior: Gaussian
+    history: list[float] = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    n_refused: int = 0
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Settings shared by the training loops (see :class:`natgrad.models.PNMF`)."""
+
+    mode: ElboMode
+    n_draws: int
+    step_size: float
+    max_iter: int
+    tol: float
+    batch_size: int | None
+    update_loadings: bool
+    generator: torch.Generator
+    callback: Callable[[int, float], None] | None = None
+
+
+def _batches(n_samples: int, settings: FitSettings, device: torch.device) -> list[Tensor | None]:
+    """A shuffled split of the samples into minibatches, or ``[None]`` for the full batch."""
+    if settings.batch_size is None or settings.batch_size >= n_samples:
+        return [None]
+    generator = settings.generator
+    order = torch.randperm(n_samples, generator=generator, device=generator.device).to(device)
+    return list(torch.split(order, settings.batch_size))
+
+
+def _take(posterior: Gaussian, index: Tensor | None) -> Gaussian:
+    if index is None:
+        return posterior
+    theta1, theta2 = posterior.natural_params
+    return Gaussian.from_natural(theta1[index], theta2[index], validate=False)
+
+
+def _put(posterior: Gaussian, index: Tensor | None, part: Gaussian) -> Gaussian:
+    if index is None:
+        return part
+    theta1, theta2 = (t.clone() for t in posterior.natural_params)
+    theta1[index], theta2[index] = part.natural_params
+    return Gaussian.from_natural(theta1, theta2, validate=False)
+
+
+def _ramped_step(settings: FitSettings, iteration: int) -> float:
+    """``ρ_t``, ramped up linearly over the first ``WARMUP_STEPS`` iterations."""
+    return settings.step_size * min(1.0, (iteration + 1) / WARMUP_STEPS)
+
+
+def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
+    """Natural-gradient VI: VON steps on ``q(F)``, W by its multiplicative (EM) update.
+
+    Each iteration takes one natural step on ``q(F)`` with ``W`` fixed, then sets ``W`` to
+    its multiplicative update under the new ``q`` (fresh draws). With ``batch_size`` set this
+    is stochastic VI: each minibatch's local ``q(F)`` takes one step, then W's sufficient
+    statistics ``(Σ_i y_ij E[r_ijl], Σ_i E[e^{F_il}])`` estimated from the minibatch and scaled
+    by ``N/B`` (the only quantities scaled) take a Robbins–Monro step ``ρ_t = (t + 1)^(−0.6)``;
+    one iteration is one epoch and its recorded ELBO is the sum of the minibatch ELBOs.
+    """
+    monitor = ConvergenceMonitor(settings.tol)
+    statistics: tuple[Tensor, Tensor] | None = None
+    global_step = 0
+    for iteration in range(settings.max_iter):
+        step_size = _ramped_step(settings, iteration)
+        epoch_elbo = 0.0
+        for index in _batches(counts.n_samples, settings, counts.device):
+            batch_counts = counts if index is None else counts.take_rows(index)
+            local = _take(state.posterior, index)
+            gradients = _gradients(batch_counts, state.loadings, local, settings)
+            grad_eta1, grad_eta2 = mean_parameter_gradients(
+                local.loc, -gradients.grad_mean, -gradients.grad_variance
+            )
+            step = natural_gradient_step(local, grad_eta1, grad_eta2, step_size)
+            state.n_refused += step.n_refused
+            state.posterior = _put(state.posterior, index, step.posterior)
+            epoch_elbo += float(gradients.value)
+            if not settings.update_loadings:
+                continue
+            at_new = _gradients(
+                batch_counts, state.loadings, step.posterior, settings, posterior_grads=False
+            )
+            numerator = state.loadings * at_new.log_term_loadings_grad
+            denominator = at_new.rate_term_loadings_grad
+            if index is not None:
+                scale = counts.n_samples / len(index)
+                numerator, denominator = scale * numerator, scale * denominator
+                if statistics is not None:
+                    rate = robbins_monro_rate(global_step)
+                    numerator = robbins_monro_update(statistics[0], numerator, rate)
+                    denominator = robbins_monro_update(statistics[1], denominator, rate)
+                statistics = (numerator, denominator)
+                global_step += 1
+            state.loadings = multiplicative_loadings(numerator, denominator)
+        if _record(state, monitor, settings, iteration, epoch_elbo):
+            break
+    return state
+
+
+def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
+    """Adam on ``(μ, softplus⁻¹ σ)`` and on ``W`` (projected onto ``W > 0``), as in the seed.
+
+    The gradients are those of :func:`natgrad.models.pnmf_gradients.elbo_gradients` (the same
+    estimator the natural mode uses). With ``batch_size`` set the local parameters get sparse
+    gradients (SparseAdam: rows outside the minibatch are untouched) and W's gradient is
+    scaled by ``N/B``.
+    """
+    mean = state.posterior.loc.clone()
+    raw_scale = _inverse_softplus(state.posterior.scale)
+    loadings = state.loadings.clone()
+    minibatched = settings.batch_size is not None and settings.batch_size < counts.n_samples
+    local_optimizer = (torch.optim.SparseAdam if minibatched else torch.optim.Adam)(
+        [mean, raw_scale], lr=settings.step_size
+    )
+    global_optimizer = torch.optim.Adam([loadings], lr=settings.step_size)
+    monitor = ConvergenceMonitor(settings.tol)
+    tiny = torch.finfo(loadings.dtype).tiny
+    for iteration in range(settings.max_iter):
+        epoch_elbo = 0.0
+        for index in _batches(counts.n_samples, settings, counts.device):
+            batch_counts = counts if index is None else counts.take_rows(index)
+            rows = slice(None) if index is None else index
+            scale = functional.softplus(raw_scale[rows])
+            local = gaussian_from_moments(mean[rows], scale.square())
+            gradients = _gradients(batch_counts, loadings, local, settings)
+            grad_raw_scale = gradients.grad_variance * 2.0 * scale * torch.sigmoid(raw_scale[rows])
+            _set_local_gradient(mean, index, -gradients.grad_mean, minibatched)
+            _set_local_gradient(raw_scale, index, -grad_raw_scale, minibatched)
+            local_optimizer.step()
+            if settings.update_loadings:
+                loadings_grad = gradients.log_term_loadings_grad - gradients.rate_term_loadings_grad
+                loadings.grad = -loadings_grad * (counts.n_samples / batch_counts.n_samples)
+                global_optimizer.step()
+                loadings.clamp_(min=tiny)
+            epoch_elbo += float(gradients.value)
+        if _record(state, monitor, settings, iteration, epoch_elbo):
+            break
+    state.posterior = gaussian_from_moments(mean, functional.softplus(raw_scale).square())
+    state.loadings = loadings
+    return state
+
+
+def _gradients(
+    counts: CountMatrix,
+    loadings: Tensor,
+    posterior: Gaussian,
+    settings: FitSettings,
+    posterior_grads: bool = True,
+) -> ElboGradients:
+    return elbo_gradients(
+        counts,
+        loadings,
+        posterior.loc,
+        posterior.variance,
+        settings.mode,
+        settings.n_draws,
+        settings.generator,
+        need_value=posterior_grads,
+        need_posterior_grads=posterior_grads,
+    )
+
+
+def _set_local_gradient(parameter: Tensor, index: Tensor | None, grad: Tensor, sparse: bool):
+    if not sparse:
+        parameter.grad = grad
+        return
+    parameter.grad = torch.sparse_coo_tensor(index.unsqueeze(0), grad, parameter.shape)
+
+
+def _record(
+    state: FitState,
+    monitor: ConvergenceMonitor,
+    settings: FitSettings,
+    iteration: int,
+    value: float,
+) -> bool:
+    """Record an iteration's ELBO; raise on a non-finite value; return whether to stop."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"PNMF: the ELBO estimate became {value} at iteration {iteration}; "
+            "try float64 input or a smaller learning_rate"
+        )
+    state.history.append(value)
+    state.n_iter = iteration + 1
+    if settings.callback is not None:
+        settings.callback(iteration, value)
+    state.converged = monitor.record(value)
+    return state.converged
+
+
+def _inverse_softplus(value: Tensor) -> Tensor:
+    return value + torch.log(-torch.expm1(-value))
