@@ -247,7 +247,7 @@ def test_bad_data_raises():
         model.predict(X[:, :1])
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     n_samples=st.integers(15, 60),
     n_features=st.integers(1, 3),
@@ -262,6 +262,6 @@ def test_random_datasets_converge_to_sklearns_optimum(n_samples, n_features, n_c
     model = LogisticRegression(C=C).fit(X, y)
     assert model.n_iter_ <= 15
     assert mean_gradient_norm(model, X, y) <= 1e-8
-    reference = sklearn_fit(X, y, C)
-    np.testing.assert_allclose(model.coef_, reference.coef_, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(model.intercept_, reference.intercept_, atol=1e-5, rtol=0)
+    reference = SklearnLogisticRegression(C=C, solver="newton-cholesky", tol=1e-12).fit(X, y)
+    np.testing.assert_allclose(model.coef_, reference.coef_, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(model.intercept_, reference.intercept_, atol=1e-6, rtol=0)
