@@ -33,8 +33,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 FISHER_KINDS = ("exact", "mc", "empirical")
 FISHER_STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
 LOSS_STRUCTURES = ("dense", "diag", "block", "implicit")
-SAMPLE_CHUNK = 32
-"""Inputs per vmapped per-sample-Jacobian pass when the Fisher is assembled."""
+ROW_BUDGET = 2**22
+"""Entries of per-sample rows ``Wₙ`` held at once while the Fisher is assembled (chunking)."""
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -87,6 +87,8 @@ class _SandwichSum:
         """Add ``leftᵀ right`` for row blocks ``left``, ``right`` of shape ``(m, P)``."""
         if self.structure == "dense":
             self.total += left.T @ right
+        elif self.structure == "diag" and left is right:
+            self.total += left.square().sum(0)
         elif self.structure == "diag":
             self.total += (left * right).sum(0)
         else:
@@ -154,16 +156,25 @@ def output_factors(
     return torch.stack(draws, dim=-1) / math.sqrt(mc_samples)
 
 
-def _assembled_fisher(
-    function: ModelFunction, factors: Tensor, structure: str
+def _assembled_sum(
+    function: ModelFunction,
+    factors: Tensor,
+    structure: str,
+    scale: float,
+    weights: Tensor | None = None,
 ) -> CurvatureOperator:
+    """``scale · Σₙ Jₙᵀ Rₙ diag(wₙ) Rₙᵀ Jₙ`` from per-sample rows ``Rₙᵀ Jₙ``, in chunks.
+
+    ``factors`` has shape ``(N, D, K)`` and ``weights`` (ones by default) ``(N, K)``.
+    """
     total = _SandwichSum(structure, function)
-    for start in range(0, function.num_samples, SAMPLE_CHUNK):
-        chunk = slice(start, start + SAMPLE_CHUNK)
-        jacobians = function.per_sample_jacobians(function.inputs[chunk])
-        rows = torch.einsum("nck,ncp->nkp", factors[chunk], jacobians).flatten(0, 1)
-        total.add(rows, rows)
-    return total.operator(1.0 / function.num_samples)
+    chunk_size = max(1, ROW_BUDGET // (factors.shape[-1] * sum(function.param_numels)))
+    for start in range(0, function.num_samples, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        rows = function.per_sample_rows(function.inputs[chunk], factors[chunk])
+        left = rows if weights is None else rows * weights[chunk].unsqueeze(-1)
+        total.add(left.flatten(0, 1), rows.flatten(0, 1))
+    return total.operator(scale)
 
 
 def _implicit_fisher(function: ModelFunction, factors: Tensor) -> Implicit:
@@ -274,7 +285,7 @@ def fisher(
     factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
     if structure == "implicit":
         return _implicit_fisher(function, factors)
-    return _assembled_fisher(function, factors, structure)
+    return _assembled_sum(function, factors, structure, 1.0 / function.num_samples)
 
 
 # -- GGN and Hessian ------------------------------------------------------------------------------
@@ -319,9 +330,11 @@ def ggn(
         ``outputs`` (e.g. ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``).
     targets : Tensor with N entries along dim 0
     structure : {"dense", "diag", "block", "implicit"}, default "dense"
-        ``"dense"``/``"diag"``/``"block"`` form the output Hessian (``N·C × N·C``) and all
-        per-sample Jacobians; ``"implicit"`` uses one jvp, one output-space Hessian-vector
-        product and one vjp per product.
+        ``"dense"``/``"diag"``/``"block"`` form the output Hessian (``N·C × N·C``); when it is
+        block-diagonal over samples (a loss summed or averaged over samples) the GGN is
+        assembled from per-sample rows in chunks, otherwise from the full Jacobian
+        (``N·C × P``). ``"implicit"`` uses one jvp, one output-space Hessian-vector product and
+        one vjp per product.
 
     Returns
     -------
@@ -341,11 +354,30 @@ def ggn(
 
     if structure == "implicit":
         return _implicit_ggn(function, loss_of_outputs)
+    output_hessian = func_hessian(loss_of_outputs)(outputs).reshape(outputs.numel(), -1)
+    blocks = _per_sample_blocks(output_hessian, function.num_samples)
+    if blocks is not None:
+        eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
+        return _assembled_sum(function, eigenvectors, structure, 1.0, weights=eigenvalues)
     jacobian = function.per_sample_jacobians(function.inputs).flatten(0, 1)
-    output_hessian = func_hessian(loss_of_outputs)(outputs).reshape(jacobian.shape[0], -1)
     total = _SandwichSum(structure, function)
     total.add(jacobian, output_hessian @ jacobian)
     return total.operator(1.0)
+
+
+def _per_sample_blocks(output_hessian: Tensor, num_samples: int) -> Tensor | None:
+    """The ``(N, D, D)`` per-sample blocks if the output Hessian has no cross-sample entry.
+
+    A loss that is a sum (or mean) of per-sample terms gives exact zeros off these blocks; then
+    the GGN is assembled per sample in chunks. Otherwise (``None``) the full Jacobian is used.
+    """
+    size = output_hessian.shape[0] // num_samples
+    grid = output_hessian.reshape(num_samples, size, num_samples, size)
+    index = torch.arange(num_samples, device=output_hessian.device)
+    blocks = grid[index, :, index, :]
+    if torch.count_nonzero(grid) != torch.count_nonzero(blocks):
+        return None
+    return 0.5 * (blocks + blocks.transpose(-1, -2))
 
 
 def _implicit_ggn(function: ModelFunction, loss_of_outputs: Callable[[Tensor], Tensor]) -> Implicit:

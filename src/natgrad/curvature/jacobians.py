@@ -112,6 +112,27 @@ class ModelFunction:
         jacobians = vmap(jacrev(single), in_dims=(None, 0))(self.params, inputs)
         return self.flatten(jacobians, batch_dims=2)
 
+    def per_sample_rows(self, inputs: Tensor, cotangents: Tensor) -> Tensor:
+        """Rows ``Rₙᵀ Jₙ`` for ``n`` inputs and cotangents ``Rₙ`` of shape ``(n, D, K)``.
+
+        One vector-Jacobian product per column of ``Rₙ`` (vmapped), without forming ``Jₙ``.
+
+        Returns
+        -------
+        Tensor of shape ``(n, K, P)``
+        """
+
+        def single(params: ParamDict, sample: Tensor, columns: Tensor) -> ParamDict:
+            def output(values: ParamDict) -> Tensor:
+                return self.forward(values, sample.unsqueeze(0)).reshape(-1)
+
+            _, pullback = vjp(output, params)
+            (rows,) = vmap(pullback, in_dims=1)(columns)
+            return rows
+
+        rows = vmap(single, in_dims=(None, 0, 0))(self.params, inputs, cotangents)
+        return self.flatten(rows, batch_dims=2)
+
     def jvp(self, vector: Tensor) -> Tensor:
         """``J v`` for a flat ``(P,)`` vector; shape of the model outputs ``(N, ...)``."""
         _, tangent = jvp(self.forward, (self.params,), (self.unflatten(vector),))
