@@ -179,3 +179,23 @@ def test_fisher_is_the_mean_not_the_sum() -> None:
     once = fisher(model, inputs, likelihood="gaussian").to_dense()
     twice = fisher(model, torch.cat([inputs, inputs]), likelihood="gaussian").to_dense()
     torch.testing.assert_close(once, twice)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_convolutional_model_matches_brute_force(structure: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, kernel_size=3), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)
+    ).to(DTYPE)
+    inputs = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    reference = exact_fisher(model, inputs, "categorical")
+    operator = fisher(model, inputs, structure=structure)
+    assert_structure_matches(operator, reference, structure, FlatModel(model).block_slices())
+
+
+def test_integer_inputs_reach_an_embedding() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 2), nn.Linear(2, 3)).to(DTYPE)
+    tokens = torch.tensor([0, 3, 5, 3])
+    reference = exact_fisher(model, tokens, "categorical")
+    torch.testing.assert_close(fisher(model, tokens).to_dense(), reference)
