@@ -171,9 +171,9 @@ def _assembled_sum(
     chunk_size = max(1, ROW_BUDGET // (factors.shape[-1] * sum(function.param_numels)))
     for start in range(0, function.num_samples, chunk_size):
         chunk = slice(start, start + chunk_size)
-        rows = function.per_sample_rows(function.inputs[chunk], factors[chunk])
-        left = rows if weights is None else rows * weights[chunk].unsqueeze(-1)
-        total.add(left.flatten(0, 1), rows.flatten(0, 1))
+        rows = function.per_sample_rows(function.inputs[chunk], factors[chunk]).flatten(0, 1)
+        left = rows if weights is None else rows * weights[chunk].reshape(-1, 1)
+        total.add(left, rows)
     return total.operator(scale)
 
 
