@@ -79,3 +79,12 @@ def test_loss_builders_reject_a_non_finite_loss(problem) -> None:
     model, inputs, targets = problem
     with pytest.raises(ValueError, match="not finite"):
         ggn(model, inputs, lambda f, y: f.sum() / 0.0, targets)
+
+
+def test_batch_norm_in_training_mode_is_rejected(problem) -> None:
+    _, inputs, _ = problem
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="BatchNorm layer in training mode"):
+        fisher(model, inputs)
+    model.eval()
+    assert fisher(model, inputs).shape == (39, 39)

@@ -29,6 +29,15 @@ def check_finite_inputs(inputs: Tensor) -> None:
         raise ValueError("inputs must not contain infs or NaNs")
 
 
+def _check_no_training_batch_norm(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"module {name!r} is a BatchNorm layer in training mode, which couples the samples "
+                "of a batch; call model.eval() before building the curvature"
+            )
+
+
 class ModelFunction:
     """``θ ↦ model(inputs; θ)`` over the flat vector ``θ`` of a model's trainable parameters.
 
@@ -36,8 +45,8 @@ class ModelFunction:
     ----------
     model : nn.Module
         Must have at least one parameter with ``requires_grad=True``. Its forward pass must treat
-        the samples of a batch independently (no BatchNorm in training mode) for the per-sample
-        Jacobians to be those of the batched model.
+        the samples of a batch independently for the per-sample Jacobians to be those of the
+        batched model; BatchNorm layers in training mode are rejected.
     inputs : Tensor of shape (N, ...)
         Floating-point inputs are cast to the dtype of the model's parameters.
 
@@ -56,6 +65,7 @@ class ModelFunction:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_finite_inputs(inputs)
+        _check_no_training_batch_norm(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
