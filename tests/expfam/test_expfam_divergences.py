@@ -13,7 +13,6 @@ from natgrad.expfam import Gaussian, Poisson
 from natgrad.expfam.poisson import ENTROPY_ASYMPTOTIC_RATE
 
 SETTINGS = settings(max_examples=8, deadline=None)
-TORCH_KL_MISSING = {"categorical"}
 
 
 def _support_points(distribution) -> torch.Tensor:

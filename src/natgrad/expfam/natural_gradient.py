@@ -74,5 +74,7 @@ def mean_parameter_gradient(
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a tensor with one element, got {shape}")
+    if not loss.requires_grad:
+        return tuple(torch.zeros_like(e) for e in eta)
     grads = torch.autograd.grad(loss.reshape(()), eta, allow_unused=True)
     return tuple(torch.zeros_like(e) if g is None else g for g, e in zip(grads, eta, strict=True))
