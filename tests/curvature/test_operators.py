@@ -98,7 +98,8 @@ def test_diagonal_solve_clamps_zero_entries_and_needs_a_positive_one() -> None:
     operator = Diagonal(diagonal, [torch.Size([3])])
     solution = operator.solve(torch.ones(3, dtype=DTYPE))
     assert torch.isfinite(solution).all()
-    torch.testing.assert_close(solution, torch.tensor([0.25, 1 / (4e-10), 1.0], dtype=DTYPE))
+    floor = 4.0 * torch.finfo(DTYPE).eps ** 0.5
+    torch.testing.assert_close(solution, torch.tensor([0.25, 1 / floor, 1.0], dtype=DTYPE))
     with pytest.raises(torch.linalg.LinAlgError, match="damping"):
         Diagonal(torch.zeros(3, dtype=DTYPE), [torch.Size([3])]).solve(torch.ones(3, dtype=DTYPE))
 

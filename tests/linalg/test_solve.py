@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natgrad.linalg import EIGEN_FLOOR, damped_inverse, damped_solve, psd_eigh
+from natgrad.linalg import damped_inverse, damped_solve, default_eigen_floor, psd_eigh
 
 
 def random_psd(size: int, rank: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -17,9 +17,9 @@ def random_psd(size: int, rank: int, seed: int, dtype=torch.float64) -> torch.Te
 
 
 def clamped_eigh_solve(matrix: np.ndarray, rhs: np.ndarray, damping: float) -> np.ndarray:
-    """The documented fallback, written with NumPy."""
+    """The documented fallback for float64 (floor √ε ≈ 1.5e-8), written with NumPy."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix + damping * np.eye(len(matrix)))
-    clamped = np.maximum(eigenvalues, EIGEN_FLOOR * eigenvalues[-1])
+    clamped = np.maximum(eigenvalues, np.sqrt(np.finfo(np.float64).eps) * eigenvalues[-1])
     return eigenvectors @ ((eigenvectors.T @ rhs) / clamped)
 
 
@@ -93,6 +93,11 @@ def test_singular_float32_matrix_gives_finite_results_with_and_without_damping()
     damped = damped_solve(matrix, rhs, 1e-2)
     expected = torch.linalg.solve(matrix.double() + 1e-2 * torch.eye(30), rhs.double())
     torch.testing.assert_close(damped.double(), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_default_floor_is_the_square_root_of_epsilon() -> None:
+    assert default_eigen_floor(torch.float64) == pytest.approx(1.4901161193847656e-08)
+    assert default_eigen_floor(torch.float32) == pytest.approx(3.4526698300124393e-04)
 
 
 def test_damped_inverse_inverts() -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from natgrad.curvature.base import CurvatureOperator
-from natgrad.linalg import EIGEN_FLOOR
+from natgrad.linalg import default_eigen_floor
 
 
 class Diagonal(CurvatureOperator):
@@ -23,9 +23,9 @@ class Diagonal(CurvatureOperator):
 
     Notes
     -----
-    ``solve`` divides by ``d + λ`` with entries below ``EIGEN_FLOOR × max(d + λ)`` raised to that
-    floor, the same rule as :func:`natgrad.linalg.damped_solve`'s eigenvalue clamping; it raises
-    :class:`torch.linalg.LinAlgError` if ``d + λ`` has no positive entry.
+    ``solve`` divides by ``d + λ`` with entries below ``default_eigen_floor(dtype) × max(d + λ)``
+    raised to that floor, the rule of :func:`natgrad.linalg.damped_solve`'s eigenvalue clamping;
+    it raises :class:`torch.linalg.LinAlgError` if ``d + λ`` has no positive entry.
     """
 
     def __init__(self, diagonal: Tensor, param_shapes: Sequence[torch.Size]) -> None:
@@ -49,7 +49,7 @@ class Diagonal(CurvatureOperator):
             raise torch.linalg.LinAlgError(
                 "diagonal has no positive entry; add damping > 0 to make the solve well posed"
             )
-        return vector / torch.clamp(damped, min=EIGEN_FLOOR * largest)
+        return vector / torch.clamp(damped, min=default_eigen_floor(self.dtype) * largest)
 
     def _diag_flat(self) -> Tensor:
         return self.diagonal.clone()
