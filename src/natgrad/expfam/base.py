@@ -32,15 +32,17 @@ Params = tuple[Tensor, ...]
 _Family = TypeVar("_Family", bound="ExponentialFamily")
 
 
-def as_float_tensor(value: Tensor | float, name: str) -> Tensor:
+def as_float_tensor(value: Tensor | float, name: str, device: torch.device | None = None) -> Tensor:
     """Return ``value`` as a floating-point tensor; integers become the default dtype.
+
+    A value that is not yet a tensor is created on ``device`` (default: the default device).
 
     Raises
     ------
     TypeError
         If ``value`` is complex, boolean or not convertible to a tensor.
     """
-    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, device=device)
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must be a real floating-point tensor, got dtype {tensor.dtype}")
     if not tensor.is_floating_point():
@@ -189,7 +191,8 @@ class ExponentialFamily(abc.ABC):
                 f"{cls.__name__} takes {len(cls.natural_event_ndims)} parameters "
                 f"({', '.join(names)}), got {len(values)}"
             )
-        tensors = [as_float_tensor(v, n) for v, n in zip(values, names, strict=True)]
+        device = next((v.device for v in values if isinstance(v, Tensor)), None)
+        tensors = [as_float_tensor(v, n, device) for v, n in zip(values, names, strict=True)]
         return broadcast_batch(tensors, cls.natural_event_ndims, names)
 
     @classmethod

@@ -93,11 +93,13 @@ class Categorical(ExponentialFamily):
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
-        return theta[0].isfinite().all(-1) & torch.tensor(theta[0].shape[-1] >= 1)
+        finite = theta[0].isfinite().all(-1)
+        return finite if theta[0].shape[-1] >= 1 else torch.zeros_like(finite)
 
     @classmethod
     def _mean_in_domain(cls, *eta: Tensor) -> Tensor:
-        return (eta[0] > 0).all(-1) & (eta[0].sum(-1) < 1) & torch.tensor(eta[0].shape[-1] >= 1)
+        inside = (eta[0] > 0).all(-1) & (eta[0].sum(-1) < 1)
+        return inside if eta[0].shape[-1] >= 1 else torch.zeros_like(inside)
 
     @property
     def num_categories(self) -> int:

@@ -116,11 +116,13 @@ class Dirichlet(ExponentialFamily):
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
-        return (theta[0] > -1).all(-1) & torch.tensor(theta[0].shape[-1] >= 2)
+        inside = (theta[0] > -1).all(-1)
+        return inside if theta[0].shape[-1] >= 2 else torch.zeros_like(inside)
 
     @classmethod
     def _mean_in_domain(cls, *eta: Tensor) -> Tensor:
-        return (torch.exp(eta[0]).sum(-1) < 1) & torch.tensor(eta[0].shape[-1] >= 2)
+        inside = torch.exp(eta[0]).sum(-1) < 1
+        return inside if eta[0].shape[-1] >= 2 else torch.zeros_like(inside)
 
     @property
     def concentration(self) -> Tensor:

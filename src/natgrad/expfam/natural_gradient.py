@@ -27,6 +27,8 @@ def mean_parameter_gradient(
     loss_fn: Callable[..., Tensor],
     family: type[ExponentialFamily],
     natural_params: Sequence[Tensor],
+    *,
+    validate: bool = True,
 ) -> Params:
     """Natural gradient ``F(θ)⁻¹ ∇_θ L`` of a loss of the natural parameters, as ``∇_η L``.
 
@@ -38,7 +40,9 @@ def mean_parameter_gradient(
     family : type of ExponentialFamily
         The family, e.g. :class:`natgrad.expfam.Gaussian`.
     natural_params : sequence of Tensor
-        The point ``θ`` (validated; not modified, and its graph is not used).
+        The point ``θ`` (not modified, and its graph is not used).
+    validate : bool
+        Check that ``θ`` is finite and inside the natural parameter space (one host sync).
 
     Returns
     -------
@@ -66,7 +70,7 @@ def mean_parameter_gradient(
     theta = tuple(
         as_float_tensor(t, n).detach() for t, n in zip(natural_params, names, strict=False)
     )
-    point = family.from_natural(*theta)
+    point = family.from_natural(*theta, validate=validate)
     eta = tuple(e.detach().requires_grad_(True) for e in point.mean_params)
     with torch.enable_grad():
         theta_of_eta = family._natural_from_mean_at(eta, point.natural_params)
