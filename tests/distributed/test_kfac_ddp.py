@@ -1,0 +1,116 @@
+"""K-FAC under torch.distributed: 2 gloo processes on loopback equal one process.
+
+Each process trains a DistributedDataParallel copy of the model on its half of every global
+batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
+process trained on the full global batches. The batch is larger than every factor's dimension
+so that no factor has a repeated (zero) eigenvalue: EKFAC's eigenvalue estimates depend on the
+basis chosen inside a degenerate eigenspace, which round-off decides.
+"""
+
+import importlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from natgrad.distributed import assign_owners
+from natgrad.optim import EKFAC, KFAC
+
+STEPS = 20
+GLOBAL_BATCH = 32
+CONFIGS = [(KFAC, "replicated"), (KFAC, "assigned"), (EKFAC, "assigned")]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).to(torch.float64)
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 1, 3, 3, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train(model: nn.Module, cls, placement: str, shard: slice) -> list[torch.Tensor]:
+    precond = cls(
+        model,
+        factor_decay=0.9,
+        inv_update_interval=3,
+        damping=0.01,
+        kl_clip=0.01,
+        lr=0.1,
+        inverse_placement=placement,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for inputs, targets in global_batches():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs[shard]), targets[shard]).backward()
+        precond.step()
+        optimizer.step()
+    precond.remove()
+    return [param.detach().clone() for param in model.parameters()]
+
+
+def worker(rank: int, world: int, port: int, output: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        local = GLOBAL_BATCH // world
+        shard = slice(rank * local, (rank + 1) * local)
+        results = [
+            train(DistributedDataParallel(make_model()), cls, placement, shard)
+            for cls, placement in CONFIGS
+        ]
+        if rank == 0:
+            torch.save(results, output)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path) -> None:
+    output = str(tmp_path / "params.pt")
+    # DistributedDataParallel imports torch._dynamo lazily, which takes seconds per process:
+    # import it once here and fork (where available) so the workers share it.
+    importlib.import_module("torch._dynamo")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        worker, args=(2, free_port(), output), nprocs=2, join=True, start_method=method
+    )
+    distributed = torch.load(output)
+    for (cls, placement), params in zip(CONFIGS, distributed, strict=True):
+        single = train(make_model(), cls, placement, slice(None))
+        moved = any(
+            not torch.equal(a, b) for a, b in zip(single, make_model().parameters(), strict=True)
+        )
+        assert moved, f"{cls.__name__}: training did not move the parameters"
+        for expected, actual in zip(single, params, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_assign_owners_balances_costs() -> None:
+    assert assign_owners([1.0, 8.0, 1.0, 7.0], 2) == [1, 0, 0, 1]
+    assert assign_owners([3.0, 3.0], 1) == [0, 0]
+    with pytest.raises(ValueError, match="size"):
+        assign_owners([1.0], 0)
