@@ -56,7 +56,8 @@ def solve_natural_from_mean(
     Returns
     -------
     tuple of Tensor
-        ``θ`` in the dtype of ``eta``, detached from any graph.
+        ``θ`` in the dtype and on the device of ``eta``, detached from any graph. The
+        iteration itself runs in float64 (on the CPU for devices without float64).
 
     Raises
     ------
@@ -65,12 +66,12 @@ def solve_natural_from_mean(
     """
     ndims = family.natural_event_ndims
     batch_shape = eta[0].shape[: eta[0].ndim - ndims[0]]
-    target = flatten_event([e.detach().double() for e in eta], ndims).reshape(-1, _dim(eta, ndims))
-    theta = flatten_event([t.detach().double() for t in theta_init], ndims).reshape(target.shape)
-    like = [
-        e.detach().double().reshape(-1, *e.shape[e.ndim - n :])
-        for e, n in zip(eta, ndims, strict=True)
-    ]
+    work = _float64_device(eta[0].device)
+    eta64 = [e.detach().to(work, torch.float64) for e in eta]
+    target = flatten_event(eta64, ndims).reshape(-1, _dim(eta, ndims))
+    theta = flatten_event([t.detach().to(work, torch.float64) for t in theta_init], ndims)
+    theta = theta.reshape(target.shape)
+    like = [e.reshape(-1, *e.shape[e.ndim - n :]) for e, n in zip(eta64, ndims, strict=True)]
 
     def unflat(flat: Tensor) -> Params:
         return unflatten_event(flat, like, ndims)
@@ -95,9 +96,14 @@ def solve_natural_from_mean(
         step = _newton_step(family._fisher_from_natural(*unflat(theta)), residual)
         theta = _line_search(family, theta, step, residual, objective, residual_of, unflat)
     return tuple(
-        s.reshape((*batch_shape, *s.shape[1:])).to(e.dtype)
+        s.reshape((*batch_shape, *s.shape[1:])).to(e.device, e.dtype)
         for s, e in zip(unflat(theta), eta, strict=True)
     )
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    """``device``, or the CPU where ``device`` has no float64 (Apple MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _dim(params: Params, ndims: tuple[int, ...]) -> int:
