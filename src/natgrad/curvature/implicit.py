@@ -13,6 +13,8 @@ from natgrad.curvature.base import CurvatureOperator
 from natgrad.linalg import CGInfo, cg
 
 MatVec = Callable[[Tensor], Tensor]
+MAX_CG_ITERATIONS = 1000
+"""Default cap on conjugate-gradient iterations per solve."""
 COLUMN_CHUNK = 64
 """Number of unit vectors pushed through one vmapped product by ``diag`` and ``to_dense``."""
 
@@ -34,7 +36,7 @@ class Implicit(CurvatureOperator):
         Relative residual tolerance of the conjugate-gradient solve; the square root of the
         dtype's machine epsilon by default.
     cg_max_iter : int, optional
-        Iteration cap of the solve; ``10 · P`` by default.
+        Iteration cap of the solve; ``min(10 · P, 1000)`` by default.
 
     Notes
     -----
@@ -58,7 +60,9 @@ class Implicit(CurvatureOperator):
         super().__init__(param_shapes, dtype, device)
         self.matvec = matvec
         self.cg_rtol = torch.finfo(dtype).eps ** 0.5 if cg_rtol is None else cg_rtol
-        self.cg_max_iter = cg_max_iter
+        self.cg_max_iter = (
+            min(10 * self.shape[0], MAX_CG_ITERATIONS) if cg_max_iter is None else cg_max_iter
+        )
         self.last_cg_info: CGInfo | None = None
 
     def _mv_flat(self, vector: Tensor) -> Tensor:
