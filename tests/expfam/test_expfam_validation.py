@@ -91,6 +91,7 @@ def test_error_names_the_offending_entry() -> None:
         (lambda: Gaussian(torch.tensor([1j]), 1.0), "real floating-point"),
         (lambda: Poisson(torch.tensor([True])), "real floating-point"),
         (lambda: Gaussian.from_natural(1.0), "takes 2 parameters"),
+        (lambda: Gaussian("zero", 1.0), "tensor or a number"),
         (
             lambda: Categorical(probs=t([0.5, 0.5])).sufficient_statistics(t([0.0])),
             "integer class indices",

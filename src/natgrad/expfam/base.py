@@ -42,7 +42,13 @@ def as_float_tensor(value: Tensor | float, name: str, device: torch.device | Non
     TypeError
         If ``value`` is complex, boolean or not convertible to a tensor.
     """
-    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value, device=device)
+    if isinstance(value, Tensor):
+        tensor = value
+    else:
+        try:
+            tensor = torch.as_tensor(value, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be a tensor or a number, got {value!r}") from error
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must be a real floating-point tensor, got dtype {tensor.dtype}")
     if not tensor.is_floating_point():
