@@ -19,3 +19,6 @@ __all__ = [
     "psd_eigh",
 ]
 from natgrad.linalg.kron import *  # noqa: F403  (Kronecker helpers, see kron.__all__)
+from natgrad.linalg.matrix_power import inverse_pth_root, psd_matrix_power
+
+__all__ += ["inverse_pth_root", "psd_matrix_power"]
