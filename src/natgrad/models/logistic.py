@@ -32,12 +32,14 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     is added to every class's weights, so with ``K`` classes the weights are restricted to the
     sum-to-zero subspace: ``W = Θ Bᵀ`` with ``Θ`` of shape ``(D, K − 1)`` and ``B`` an
     orthonormal basis of ``{v ∈ R^K : Σ v = 0}``. The Fisher is taken over these ``(K − 1) · D``
-    free parameters, where it is positive definite. Because ``B`` is orthonormal the l2 penalty
-    is unchanged, and the l2-penalised optimum of the ``K · D`` over-parameterised problem lies
-    in this subspace anyway, so ``coef_`` and ``intercept_`` equal scikit-learn's multinomial
-    fit (which also yields weights summing to zero over classes). Without penalty they are the
-    centred version of statsmodels' ``MNLogit`` reference-class parameters:
-    ``coef_[k] − coef_[0]`` is statsmodels' column ``k − 1``.
+    free parameters, where it is positive definite (whenever the features have full rank).
+    Because ``B`` is orthonormal the l2 penalty is unchanged. The l2-penalised optimum of the
+    ``K · D`` over-parameterised problem has coefficients summing to zero over classes anyway,
+    and of its equivalent intercept vectors we report the one summing to zero, as scikit-learn
+    does; so ``coef_``, ``intercept_`` and the predictions equal scikit-learn's multinomial
+    fit. Without penalty they are the centred version of statsmodels' ``MNLogit``
+    reference-class parameters: ``coef_[k] − coef_[0]`` is statsmodels' column ``k − 1``, and
+    its standard errors follow from ``covariance_``.
 
     Parameters
     ----------
