@@ -5,3 +5,6 @@ from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
+from natgrad.optim.shampoo import Shampoo
+
+__all__ += ["Shampoo"]

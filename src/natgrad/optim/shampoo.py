@@ -1,0 +1,364 @@
+"""Shampoo (Gupta, Koren & Singer, 2018): one Kronecker factor of preconditioning per tensor mode.
+
+For a parameter of order ``k`` with gradient ``G``, mode ``i`` keeps the statistics
+``Sᵢ = Σ_t G_(i) G_(i)ᵀ`` (``G_(i)`` the mode-``i`` unfolding, shape ``(dᵢ, Π_{j≠i} dⱼ)``) and the
+preconditioned gradient is ``G ×₁ P₁ ×₂ … ×_k P_k`` with ``Pᵢ = (Sᵢ + εI)^{-1/(2k)}``. For a
+matrix ``W`` this is ``W ← W − lr L^{-1/4} G R^{-1/4}``. A mode longer than
+``max_preconditioner_dim`` keeps only the diagonal of ``Sᵢ`` (AdaGrad along that mode).
+
+The maths lives in the small pure functions of this module (:func:`mode_statistics`,
+:func:`mode_preconditioner`, :func:`precondition`, :func:`graft`, ...); :class:`Shampoo` only
+wires them together and keeps their state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from natgrad.linalg.matrix_power import inverse_pth_root
+
+_GRAFTINGS = ("sgd", "adagrad", "adam", None)
+
+
+def mode_statistics(grad: Tensor, mode: int, diagonal: bool = False) -> Tensor:
+    """Mode-``mode`` statistics ``G_(mode) G_(mode)ᵀ`` of one gradient (or their diagonal).
+
+    Parameters
+    ----------
+    grad : Tensor of shape (d₁, ..., d_k), k >= 1
+    mode : int
+        Index of the mode in ``[0, k)``.
+    diagonal : bool, default False
+        Return only the diagonal (the sum of squares over all other modes).
+
+    Returns
+    -------
+    Tensor of shape (d_mode, d_mode), or (d_mode,) if ``diagonal``.
+    """
+    others = [dim for dim in range(grad.ndim) if dim != mode]
+    if diagonal:
+        return grad.square().sum(dim=others) if others else grad.square()
+    return torch.tensordot(grad, grad, dims=(others, others))
+
+
+def accumulate(statistics: Tensor, update: Tensor, beta2: float) -> Tensor:
+    """Sum ``S + U`` if ``beta2 == 1``, else the moving average ``β₂ S + (1 − β₂) U``."""
+    if beta2 == 1.0:
+        return statistics + update
+    return beta2 * statistics + (1.0 - beta2) * update
+
+
+def mode_preconditioner(statistics: Tensor, order: int, epsilon: float) -> Tensor:
+    """``(S + εI)^{-1/(2·order)}``; elementwise ``(s + ε)^{-1/(2·order)}`` for a diagonal ``S``.
+
+    Parameters
+    ----------
+    statistics : Tensor of shape (d, d) (full) or (d,) (diagonal)
+        Accumulated mode statistics, symmetric PSD.
+    order : int
+        Order ``k`` of the parameter tensor.
+    epsilon : float
+        Positive damping ``ε``.
+
+    Returns
+    -------
+    Tensor with the shape of ``statistics``.
+    """
+    if statistics.ndim == 1:
+        return (statistics + epsilon).pow(-1.0 / (2 * order))
+    return inverse_pth_root(statistics, 2 * order, epsilon)
+
+
+def precondition_mode(tensor: Tensor, preconditioner: Tensor, mode: int) -> Tensor:
+    """Mode product ``tensor ×_mode P`` for a symmetric ``P`` of shape (d, d) or diagonal (d,)."""
+    if preconditioner.ndim == 1:
+        shape = [1] * tensor.ndim
+        shape[mode] = -1
+        return tensor * preconditioner.view(shape)
+    product = torch.tensordot(preconditioner, tensor, dims=([1], [mode]))
+    return torch.movedim(product, 0, mode)
+
+
+def precondition(tensor: Tensor, preconditioners: Sequence[Tensor]) -> Tensor:
+    """``tensor ×₁ P₁ ×₂ … ×_k P_k``: the Shampoo direction, one preconditioner per mode."""
+    for mode, preconditioner in enumerate(preconditioners):
+        tensor = precondition_mode(tensor, preconditioner, mode)
+    return tensor
+
+
+def graft(direction: Tensor, grafting_direction: Tensor) -> Tensor:
+    """``direction`` rescaled to the Frobenius norm of ``grafting_direction`` (zero stays zero)."""
+    norm = torch.linalg.vector_norm(direction)
+    if norm == 0:
+        return torch.zeros_like(direction)
+    return direction * (torch.linalg.vector_norm(grafting_direction) / norm)
+
+
+def adagrad_direction(grad: Tensor, sum_squares: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """AdaGrad: ``s ← s + g²`` and the direction ``g / (√s + eps)`` (as ``torch.optim.Adagrad``)."""
+    sum_squares = sum_squares + grad.square()
+    return grad / (sum_squares.sqrt() + eps), sum_squares
+
+
+def adam_moments(
+    grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, betas: tuple[float, float]
+) -> tuple[Tensor, Tensor]:
+    """Adam's moving averages ``m ← β₁m + (1−β₁)g`` and ``v ← β₂v + (1−β₂)g²``."""
+    beta1, beta2 = betas
+    return beta1 * exp_avg + (1.0 - beta1) * grad, beta2 * exp_avg_sq + (
+        1.0 - beta2
+    ) * grad.square()
+
+
+def adam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, betas: tuple[float, float], step: int, eps: float
+) -> Tensor:
+    """Adam's bias-corrected direction ``m̂ / (√v̂ + eps)`` at 1-based ``step``."""
+    first = exp_avg / (1.0 - betas[0] ** step)
+    return first / (exp_avg_sq.sqrt() / math.sqrt(1.0 - betas[1] ** step) + eps)
+
+
+class Shampoo(torch.optim.Optimizer):
+    """Shampoo: Kronecker-factored full-matrix AdaGrad over each parameter's tensor modes.
+
+    One step, per parameter ``θ`` of order ``k`` (scalars are treated as vectors of length 1):
+
+    1. ``g ← ∇θ + weight_decay · θ``; mode statistics ``Sᵢ ← Sᵢ + G_(i) G_(i)ᵀ`` (or
+       ``β₂ Sᵢ + (1 − β₂) G_(i) G_(i)ᵀ`` when ``beta2 < 1``), accumulated from the first step on.
+    2. From ``start_preconditioning_step`` on, every ``update_freq`` steps, recompute
+       ``Pᵢ = (Sᵢ + εI)^{-1/(2k)}`` (eigendecomposition in float64, see
+       :func:`natgrad.linalg.inverse_pth_root`); the direction is ``d = g ×₁ P₁ … ×_k P_k``.
+       With ``grafting`` set, ``d`` is rescaled to the norm of the grafted optimizer's direction
+       (layer-wise grafting, Agarwal et al. 2020; Anil et al. 2020); with ``grafting="adam"``
+       the preconditioners act on Adam's bias-corrected first moment instead of ``g``.
+    3. Before ``start_preconditioning_step`` the direction is the grafted optimizer's own
+       direction (``g`` without grafting), so the optimizer is exactly SGD, Adagrad or Adam.
+    4. Heavy-ball momentum ``b ← μ b + d`` (``b = d`` on the first step), ``θ ← θ − lr · b``:
+       with ``grafting`` ``None``/``"sgd"`` before preconditioning this is ``torch.optim.SGD``.
+
+    Parameters
+    ----------
+    params : iterable of Tensors or dicts
+        Parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+    lr : float, default 1e-2
+        Step size.
+    momentum : float, default 0.0
+        Heavy-ball momentum ``μ`` in ``[0, 1)`` on the (grafted) direction.
+    beta2 : float, default 1.0
+        Statistics decay in ``(0, 1]``: ``1`` sums them (Gupta et al.), ``< 1`` averages them.
+    epsilon : float, default 1e-6
+        Positive ``ε`` added to every statistics matrix before its root.
+    update_freq : int, default 1
+        Steps between recomputations of the preconditioners (statistics update every step).
+    start_preconditioning_step : int, default 1
+        First step (1-based) that uses the preconditioners.
+    max_preconditioner_dim : int, default 1024
+        Modes longer than this keep a diagonal (AdaGrad) preconditioner.
+    weight_decay : float, default 0.0
+        L2 penalty coefficient added to the gradient (as in ``torch.optim.SGD``).
+    grafting : {"sgd", "adagrad", "adam", None}, default None
+        Optimizer whose step norm the Shampoo direction takes, and which is run alone before
+        ``start_preconditioning_step``.
+    grafting_betas : tuple of float, default (0.9, 0.999)
+        Adam's ``(β₁, β₂)`` for ``grafting="adam"``.
+    grafting_eps : float, default 1e-8
+        ``eps`` of the Adagrad/Adam grafting direction.
+
+    Notes
+    -----
+    Statistics and preconditioners are stored in the parameter's dtype; the roots are computed
+    in float64 with eigenvalues floored at ``√ε_dtype · λ_max`` (a cap on the condition number
+    that float32 statistics need). A step whose gradient, statistics or direction is not finite
+    is refused as a whole: parameters and state are left unchanged, a ``RuntimeWarning`` says
+    why and ``refused_steps`` counts it. Sparse gradients are not supported.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-2,
+        momentum: float = 0.0,
+        beta2: float = 1.0,
+        epsilon: float = 1e-6,
+        update_freq: int = 1,
+        start_preconditioning_step: int = 1,
+        max_preconditioner_dim: int = 1024,
+        weight_decay: float = 0.0,
+        grafting: str | None = None,
+        grafting_betas: tuple[float, float] = (0.9, 0.999),
+        grafting_eps: float = 1e-8,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "beta2": beta2,
+            "epsilon": epsilon,
+            "update_freq": update_freq,
+            "start_preconditioning_step": start_preconditioning_step,
+            "max_preconditioner_dim": max_preconditioner_dim,
+            "weight_decay": weight_decay,
+            "grafting": grafting,
+            "grafting_betas": tuple(grafting_betas),
+            "grafting_eps": grafting_eps,
+        }
+        _check_options(defaults)
+        super().__init__(params, defaults)
+        self.refused_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after checking its options (see the class parameters)."""
+        super().add_param_group(param_group)
+        _check_options(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one Shampoo step.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model, calls ``backward()`` and returns the loss.
+
+        Returns
+        -------
+        Tensor or None
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = []
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise TypeError("Shampoo does not support sparse gradients")
+                if not bool(torch.isfinite(param.grad).all()):
+                    return self._refuse(loss, "a gradient is not finite")
+                pending.append((group, param))
+        updates = []
+        for group, param in pending:
+            try:
+                new_state, direction = _parameter_update(param, self.state[param], group)
+            except (ValueError, torch.linalg.LinAlgError) as error:
+                return self._refuse(loss, f"a preconditioner could not be computed ({error})")
+            if not bool(torch.isfinite(direction).all()):
+                return self._refuse(loss, "the preconditioned direction is not finite")
+            updates.append((group, param, new_state, direction))
+        for group, param, new_state, direction in updates:
+            self.state[param].update(new_state)
+            param.add_(direction, alpha=-group["lr"])
+        return loss
+
+    def _refuse(self, loss: Tensor | None, reason: str) -> Tensor | None:
+        self.refused_steps += 1
+        warnings.warn(
+            f"Shampoo step refused, parameters unchanged: {reason}", RuntimeWarning, stacklevel=3
+        )
+        return loss
+
+
+def _parameter_update(
+    param: Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> tuple[dict[str, Any], Tensor]:
+    """New state and direction for one parameter; ``state`` is read, never modified."""
+    step = state.get("step", 0) + 1
+    grad = param.grad
+    if group["weight_decay"] != 0.0:
+        grad = grad + group["weight_decay"] * param
+    tensor_shape = grad.shape if grad.ndim > 0 else torch.Size([1])
+    shaped = grad.reshape(tensor_shape)
+    statistics = [
+        accumulate(
+            state["statistics"][mode] if "statistics" in state else 0.0,
+            mode_statistics(shaped, mode, diagonal=size > group["max_preconditioner_dim"]),
+            group["beta2"],
+        )
+        for mode, size in enumerate(tensor_shape)
+    ]
+    if not all(bool(torch.isfinite(s).all()) for s in statistics):
+        raise ValueError("the accumulated statistics overflow")
+    new_state: dict[str, Any] = {"step": step, "statistics": statistics}
+    grafted, source = _grafting_direction(grad, state, group, step, new_state)
+    start = group["start_preconditioning_step"]
+    if step >= start:
+        if (step - start) % group["update_freq"] == 0:
+            preconditioners = [
+                mode_preconditioner(s, len(tensor_shape), group["epsilon"]) for s in statistics
+            ]
+        else:
+            preconditioners = state["preconditioners"]
+        new_state["preconditioners"] = preconditioners
+        direction = precondition(source.reshape(tensor_shape), preconditioners).reshape(grad.shape)
+        if group["grafting"] is not None:
+            direction = graft(direction, grafted)
+    else:
+        direction = grafted
+    if group["momentum"] != 0.0:
+        if "momentum_buffer" in state:
+            direction = group["momentum"] * state["momentum_buffer"] + direction
+        new_state["momentum_buffer"] = direction
+    return new_state, direction
+
+
+def _grafting_direction(
+    grad: Tensor, state: dict[str, Any], group: dict[str, Any], step: int, new_state: dict
+) -> tuple[Tensor, Tensor]:
+    """Grafted direction and the tensor Shampoo preconditions; fills ``new_state``."""
+    grafting = group["grafting"]
+    if grafting == "adagrad":
+        direction, new_state["grafting_sum"] = adagrad_direction(
+            grad, state.get("grafting_sum", torch.zeros_like(grad)), group["grafting_eps"]
+        )
+        return direction, grad
+    if grafting == "adam":
+        betas = group["grafting_betas"]
+        exp_avg, exp_avg_sq = adam_moments(
+            grad,
+            state.get("exp_avg", torch.zeros_like(grad)),
+            state.get("exp_avg_sq", torch.zeros_like(grad)),
+            betas,
+        )
+        new_state["exp_avg"], new_state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        direction = adam_direction(exp_avg, exp_avg_sq, betas, step, group["grafting_eps"])
+        return direction, exp_avg / (1.0 - betas[0] ** step)
+    return grad, grad
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Raise ValueError/TypeError naming the first invalid Shampoo option."""
+    _check_number(options, "lr", lambda v: v >= 0.0, "a non-negative number")
+    _check_number(options, "momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _check_number(options, "beta2", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+    _check_number(options, "epsilon", lambda v: v > 0.0, "a positive number")
+    _check_number(options, "weight_decay", lambda v: v >= 0.0, "a non-negative number")
+    _check_number(options, "grafting_eps", lambda v: v > 0.0, "a positive number")
+    for name in ("update_freq", "start_preconditioning_step", "max_preconditioner_dim"):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if options["grafting"] not in _GRAFTINGS:
+        raise ValueError(f"grafting must be one of {_GRAFTINGS}, got {options['grafting']!r}")
+    betas = options["grafting_betas"]
+    if len(betas) != 2 or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    ):
+        raise ValueError(f"grafting_betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_number(
+    options: dict[str, Any], name: str, valid: Callable[[float], bool], description: str
+) -> None:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and valid(value)):
+        raise ValueError(f"{name} must be {description}, got {value!r}")
