@@ -185,7 +185,8 @@ class KFAC(KroneckerBlockOperator):
     """K-FAC approximation of the Fisher (mean over data points): ``diag_l(G_l ⊗ A_l)``.
 
     Build it with :func:`build_kfac`. ``solve(g, damping)`` applies exact eigenbasis damping
-    ``(G ⊗ A + λI)⁻¹`` per block; :meth:`solve_factored` applies factored π-damping instead.
+    ``(G ⊗ A + λI)⁻¹`` per block (at ``damping=0`` the pseudo-inverse, eigenvalues at round-off
+    level treated as zero); :meth:`solve_factored` applies factored π-damping instead.
 
     Attributes
     ----------

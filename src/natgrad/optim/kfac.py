@@ -239,7 +239,8 @@ class KFAC:
             features = state.record_input(args[0])
             if output.requires_grad:
                 output.register_hook(self._output_grad_hook(state, features))
-                self._layer_outputs.append(output)
+                if self.fisher_type == "mc":
+                    self._layer_outputs.append(output)
 
         return hook
 
