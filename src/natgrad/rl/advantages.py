@@ -1,0 +1,65 @@
+"""Generalised advantage estimation (Schulman et al. 2016)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_discount(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def gae_advantages(
+    rewards: Tensor,
+    values: Tensor,
+    next_values: Tensor,
+    terminated: Tensor,
+    episode_ends: Tensor,
+    gamma: float = 0.99,
+    lam: float = 0.97,
+) -> Tensor:
+    """GAE(γ, λ) advantages of one trajectory batch (possibly several episodes in a row).
+
+    ``δₜ = rₜ + γ (1 − terminatedₜ) V(sₜ₊₁) − V(sₜ)`` and
+    ``Âₜ = δₜ + γλ (1 − endₜ) Âₜ₊₁``: a terminal state bootstraps with zero, a truncated one
+    (time limit, or the batch's last step) with the value of its next observation.
+
+    Parameters
+    ----------
+    rewards, values, next_values : Tensor of shape (T,)
+        ``rₜ``, ``V(sₜ)`` and ``V(sₜ₊₁)`` (``sₜ₊₁`` the observation the step led to, also
+        when the episode ended there).
+    terminated : bool Tensor of shape (T,)
+        The step reached a terminal state.
+    episode_ends : bool Tensor of shape (T,)
+        The episode ended after the step (terminated, truncated, or the batch ended).
+    gamma, lam : float in [0, 1]
+        Discount and GAE parameter.
+
+    Returns
+    -------
+    Tensor of shape (T,)
+        The advantages ``Âₜ``; ``Âₜ + V(sₜ)`` are the λ-returns used as value targets.
+    """
+    _check_discount("gamma", gamma)
+    _check_discount("lam", lam)
+    length = rewards.shape[0]
+    for name, tensor in (
+        ("values", values),
+        ("next_values", next_values),
+        ("terminated", terminated),
+        ("episode_ends", episode_ends),
+    ):
+        if tensor.shape != (length,):
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(tensor.shape)}")
+    continuing = (~terminated.bool()).to(rewards.dtype)
+    deltas = rewards + gamma * continuing * next_values - values
+    carry = (~episode_ends.bool()).to(rewards.dtype) * (gamma * lam)
+    advantages = torch.empty_like(rewards)
+    running = torch.zeros((), dtype=rewards.dtype)
+    for step in range(length - 1, -1, -1):
+        running = deltas[step] + carry[step] * running
+        advantages[step] = running
+    return advantages

@@ -1,0 +1,129 @@
+"""Natural policy gradient (Kakade 2001) with a KL trust-region step size."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from natgrad.curvature import Implicit
+from natgrad.linalg import cg
+from natgrad.rl.policies import Policy
+from natgrad.rl.policy_fisher import (
+    flat_parameters,
+    policy_kl_fisher,
+    set_flat_parameters,
+    trainable_parameters,
+)
+from natgrad.rl.policy_gradient import PolicyGradient, check_count, check_positive, surrogate
+from natgrad.rl.value import ValueFunction
+
+
+class NPG(PolicyGradient):
+    """Natural policy gradient: ``θ ← θ + α d`` with ``d = (F + λI)⁻¹ g``.
+
+    ``g`` is the gradient of the surrogate ``1/T Σₜ π(aₜ|sₜ)/π_old(aₜ|sₜ) Âₜ`` (at ``π_old``:
+    ``1/T Σₜ ∇ log π(aₜ|sₜ) Âₜ``), ``F`` the policy Fisher, the MEAN over the batch's states
+    (:func:`~natgrad.rl.policy_kl_fisher`), ``d`` is found by ``cg_iters`` conjugate-gradient
+    iterations on ``F + λI``, and ``α = sqrt(2δ / dᵀF d)`` puts the step on the boundary of the
+    quadratic trust region ``½ (αd)ᵀ F (αd) = δ`` (for exact CG, ``dᵀFd ≈ gᵀF⁻¹g``).
+
+    Parameters
+    ----------
+    policy : Policy
+    value_function : ValueFunction
+    max_kl : float, default 0.01
+        Trust-region radius ``δ``.
+    cg_iters : int, default 10
+    cg_damping : float, default 0.01
+        ``λ`` added to the Fisher in the solve.
+    **kwargs
+        Passed to :class:`~natgrad.rl.PolicyGradient` (``gamma``, ``gae_lambda``, ...).
+
+    Notes
+    -----
+    A step is refused (parameters unchanged, ``accepted = 0``) when the gradient or the
+    curvature ``dᵀFd`` is not finite and positive.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        value_function: ValueFunction,
+        *,
+        max_kl: float = 0.01,
+        cg_iters: int = 10,
+        cg_damping: float = 0.01,
+        **kwargs,
+    ) -> None:
+        super().__init__(policy, value_function, **kwargs)
+        check_positive("max_kl", max_kl)
+        check_count("cg_iters", cg_iters)
+        if isinstance(cg_damping, bool) or not isinstance(cg_damping, (int, float)):
+            raise ValueError(f"cg_damping must be a number, got {cg_damping!r}")
+        if not (math.isfinite(cg_damping) and cg_damping >= 0):
+            raise ValueError(f"cg_damping must be finite and non-negative, got {cg_damping!r}")
+        self.max_kl = max_kl
+        self.cg_iters = cg_iters
+        self.cg_damping = cg_damping
+
+    def policy_gradient(self, observations: Tensor, actions: Tensor, advantages: Tensor) -> Tensor:
+        """``g = 1/T Σₜ ∇ log π(aₜ|sₜ) Âₜ`` as a flat vector of shape ``(P,)``."""
+        objective = (self.policy.log_prob(observations, actions) * advantages).mean()
+        gradients = torch.autograd.grad(objective, list(trainable_parameters(self.policy).values()))
+        return torch.cat([g.reshape(-1) for g in gradients])
+
+    def natural_step(
+        self, observations: Tensor, actions: Tensor, advantages: Tensor
+    ) -> tuple[Tensor, Tensor, Implicit] | None:
+        """The trust-region step ``αd``, the gradient ``g`` and the Fisher at the current policy.
+
+        Returns ``None`` when no step can be taken (non-finite or zero gradient, or
+        non-positive curvature along ``d``).
+        """
+        gradient = self.policy_gradient(observations, actions, advantages)
+        if not bool(torch.isfinite(gradient).all()) or not bool(gradient.abs().max() > 0):
+            return None
+        fisher = policy_kl_fisher(self.policy, observations)
+
+        def damped_fisher(vector: Tensor) -> Tensor:
+            return fisher.mv(vector) + self.cg_damping * vector
+
+        direction, _ = cg(damped_fisher, gradient, rtol=1e-10, max_iter=self.cg_iters)
+        curvature = float(torch.dot(direction, fisher.mv(direction)))
+        if not (math.isfinite(curvature) and curvature > 0):
+            return None
+        return math.sqrt(2.0 * self.max_kl / curvature) * direction, gradient, fisher
+
+    def policy_step(
+        self, observations: Tensor, actions: Tensor, advantages: Tensor
+    ) -> dict[str, float]:
+        with torch.no_grad():
+            old_outputs = self.policy(observations)
+            old_log_probs = self.policy.distribution_from(old_outputs).log_prob(actions)
+        proposal = self.natural_step(observations, actions, advantages)
+        if proposal is None:
+            return {"kl": 0.0, "accepted": 0.0, "step_fraction": 0.0}
+        step = proposal[0]
+        start = flat_parameters(self.policy)
+        return self.apply_step(
+            start, step, observations, actions, advantages, old_outputs, old_log_probs
+        )
+
+    def apply_step(
+        self,
+        start: Tensor,
+        step: Tensor,
+        observations: Tensor,
+        actions: Tensor,
+        advantages: Tensor,
+        old_outputs: tuple[Tensor, ...],
+        old_log_probs: Tensor,
+    ) -> dict[str, float]:
+        """Move the parameters from ``start`` to ``start + step`` and report the exact KL."""
+        set_flat_parameters(self.policy, start + step)
+        with torch.no_grad():
+            kl = self.policy.kl_divergence(old_outputs, self.policy(observations)).mean()
+            gain = surrogate(self.policy, observations, actions, advantages, old_log_probs)
+        return {"kl": float(kl), "accepted": 1.0, "step_fraction": 1.0, "surrogate": float(gain)}

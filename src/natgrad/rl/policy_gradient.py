@@ -1,0 +1,153 @@
+"""Shared actor-critic update (GAE advantages, value fit) and vanilla policy gradient."""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor
+
+from natgrad.rl.advantages import gae_advantages
+from natgrad.rl.policies import Policy
+from natgrad.rl.rollouts import RolloutBatch
+from natgrad.rl.value import ValueFunction, fit_value_function
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def check_count(name: str, value: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def normalized(advantages: Tensor) -> Tensor:
+    """Advantages shifted to mean 0 and scaled to standard deviation 1 (when ``T > 1``)."""
+    if advantages.numel() < 2:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+class PolicyGradient(abc.ABC):
+    """One on-policy update per batch: GAE advantages, a policy step, a value-function fit.
+
+    Parameters
+    ----------
+    policy : Policy
+    value_function : ValueFunction
+        Baseline ``V(s)``, fitted to the λ-returns by ``value_steps`` full-batch Adam steps.
+    gamma, gae_lambda : float, default 0.99, 0.97
+        Discount and GAE parameter.
+    value_steps : int, default 50
+    value_lr : float, default 1e-2
+
+    Notes
+    -----
+    Subclasses implement :meth:`policy_step` on the batch's states, actions and normalised
+    advantages. The policy step uses the advantages of the value function *before* the fit.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        value_function: ValueFunction,
+        *,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.97,
+        value_steps: int = 50,
+        value_lr: float = 1e-2,
+    ) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a natgrad.rl.Policy, got {type(policy).__name__}")
+        if not isinstance(value_function, ValueFunction):
+            raise TypeError(
+                f"value_function must be a ValueFunction, got {type(value_function).__name__}"
+            )
+        check_count("value_steps", value_steps)
+        check_positive("value_lr", value_lr)
+        self.policy = policy
+        self.value_function = value_function
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.value_steps = value_steps
+        self.value_optimizer = torch.optim.Adam(value_function.parameters(), lr=value_lr)
+
+    def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """GAE advantages ``Âₜ`` and λ-returns ``Âₜ + V(sₜ)``, both of shape ``(T,)``."""
+        with torch.no_grad():
+            values = self.value_function(batch.observations)
+            next_values = self.value_function(batch.next_observations)
+        advantages = gae_advantages(
+            batch.rewards,
+            values,
+            next_values,
+            batch.terminated,
+            batch.episode_ends,
+            self.gamma,
+            self.gae_lambda,
+        )
+        return advantages, advantages + values
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """Improve the policy and the baseline on one batch; returns the step's statistics."""
+        advantages, returns = self.advantages(batch)
+        stats = self.policy_step(batch.observations, batch.actions, normalized(advantages))
+        stats["value_loss"] = fit_value_function(
+            self.value_function, batch.observations, returns, self.value_optimizer, self.value_steps
+        )
+        return stats
+
+    @abc.abstractmethod
+    def policy_step(
+        self, observations: Tensor, actions: Tensor, advantages: Tensor
+    ) -> dict[str, float]:
+        """Update the policy parameters in place from ``(T, ·)`` states, actions, advantages."""
+
+
+def surrogate(
+    policy: Policy, observations: Tensor, actions: Tensor, advantages: Tensor, old_log_probs: Tensor
+) -> Tensor:
+    """Importance-weighted surrogate ``1/T Σₜ π(aₜ|sₜ)/π_old(aₜ|sₜ) Âₜ`` (scalar)."""
+    ratio = torch.exp(policy.log_prob(observations, actions) - old_log_probs)
+    return (ratio * advantages).mean()
+
+
+class VanillaPolicyGradient(PolicyGradient):
+    """REINFORCE with a baseline: one Adam step on the surrogate per batch.
+
+    Parameters
+    ----------
+    policy, value_function
+        See :class:`PolicyGradient`.
+    lr : float, default 1e-2
+        Adam learning rate of the policy.
+    **kwargs
+        Passed to :class:`PolicyGradient`.
+    """
+
+    def __init__(
+        self, policy: Policy, value_function: ValueFunction, *, lr: float = 1e-2, **kwargs
+    ) -> None:
+        super().__init__(policy, value_function, **kwargs)
+        check_positive("lr", lr)
+        self.policy_optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+
+    def policy_step(
+        self, observations: Tensor, actions: Tensor, advantages: Tensor
+    ) -> dict[str, float]:
+        with torch.no_grad():
+            old_outputs = self.policy(observations)
+        self.policy_optimizer.zero_grad()
+        loss = -(self.policy.log_prob(observations, actions) * advantages).mean()
+        loss.backward()
+        self.policy_optimizer.step()
+        with torch.no_grad():
+            kl = self.policy.kl_divergence(old_outputs, self.policy(observations)).mean()
+        return {"kl": float(kl)}

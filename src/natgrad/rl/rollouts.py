@@ -1,0 +1,146 @@
+"""Seeded on-policy rollouts in a gymnasium environment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from natgrad.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """``T`` consecutive environment steps (episodes may start and end inside the batch).
+
+    Attributes
+    ----------
+    observations, next_observations : Tensor of shape (T, obs_dim)
+        ``sₜ`` and the observation ``sₜ₊₁`` the step led to (the final one when the episode
+        ended there).
+    actions : Tensor of shape (T,) or (T, action_dim)
+        Actions as sampled (before clipping to a ``Box`` action space).
+    rewards : Tensor of shape (T,)
+    terminated : bool Tensor of shape (T,)
+        The step reached a terminal state.
+    episode_ends : bool Tensor of shape (T,)
+        The episode ended after the step: terminated, truncated, or last step of the batch.
+    episode_returns : tuple of float
+        Undiscounted returns of the episodes that finished inside the batch.
+    """
+
+    observations: Tensor
+    next_observations: Tensor
+    actions: Tensor
+    rewards: Tensor
+    terminated: Tensor
+    episode_ends: Tensor
+    episode_returns: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return self.rewards.shape[0]
+
+
+def _check_observation_space(env: gym.Env) -> int:
+    space = env.observation_space
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(f"expected a 1-d Box observation space, got {space!r}")
+    return space.shape[0]
+
+
+def make_policy(
+    env: gym.Env, hidden_sizes: Sequence[int] = (32, 32), generator: torch.Generator | None = None
+) -> Policy:
+    """A :class:`CategoricalMLPPolicy` for a ``Discrete`` action space, else a Gaussian one.
+
+    Raises
+    ------
+    ValueError
+        If the observation space is not a 1-d ``Box`` or the action space is neither
+        ``Discrete`` nor a 1-d ``Box``.
+    """
+    obs_dim = _check_observation_space(env)
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        return CategoricalMLPPolicy(obs_dim, int(space.n), hidden_sizes, generator)
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return GaussianMLPPolicy(obs_dim, space.shape[0], hidden_sizes, generator=generator)
+    raise ValueError(f"unsupported action space {space!r}")
+
+
+class RolloutCollector:
+    """Runs a policy in ``env``; episodes continue across successive batches.
+
+    Parameters
+    ----------
+    env : gymnasium.Env
+        With a 1-d ``Box`` observation space.
+    random_state : int
+        Seeds the first ``env.reset(seed=...)`` and the action-sampling generator, so two
+        collectors with the same seed, environment and policy produce the same batches.
+    """
+
+    def __init__(self, env: gym.Env, random_state: int) -> None:
+        if isinstance(random_state, bool) or not isinstance(random_state, int):
+            raise TypeError(f"random_state must be an int, got {type(random_state).__name__}")
+        _check_observation_space(env)
+        self.env = env
+        self.generator = torch.Generator().manual_seed(random_state)
+        observation, _ = env.reset(seed=random_state)
+        self._observation = observation
+        self._episode_return = 0.0
+        self.env_steps = 0
+
+    def _env_action(self, action: Tensor) -> np.ndarray | int:
+        space = self.env.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return int(action)
+        return np.clip(action.numpy().astype(space.dtype), space.low, space.high)
+
+    def collect(self, policy: Policy, num_steps: int) -> RolloutBatch:
+        """Take ``num_steps`` steps with actions sampled from ``policy``.
+
+        Raises
+        ------
+        ValueError
+            If ``num_steps`` is not a positive int.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        dtype = next(policy.parameters()).dtype
+        records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
+        finished: list[float] = []
+        for _ in range(num_steps):
+            observation = torch.as_tensor(self._observation, dtype=dtype).unsqueeze(0)
+            action = policy.sample(observation, self.generator)[0]
+            next_observation, reward, terminated, truncated, _ = self.env.step(
+                self._env_action(action)
+            )
+            self._episode_return += float(reward)
+            records["obs"].append(observation[0])
+            records["next"].append(torch.as_tensor(next_observation, dtype=dtype))
+            records["act"].append(action)
+            records["rew"].append(float(reward))
+            records["term"].append(bool(terminated))
+            records["end"].append(bool(terminated or truncated))
+            if terminated or truncated:
+                finished.append(self._episode_return)
+                self._episode_return = 0.0
+                next_observation, _ = self.env.reset()
+            self._observation = next_observation
+        self.env_steps += num_steps
+        episode_ends = torch.tensor(records["end"])
+        episode_ends[-1] = True
+        return RolloutBatch(
+            observations=torch.stack(records["obs"]),
+            next_observations=torch.stack(records["next"]),
+            actions=torch.stack(records["act"]),
+            rewards=torch.tensor(records["rew"], dtype=dtype),
+            terminated=torch.tensor(records["term"]),
+            episode_ends=episode_ends,
+            episode_returns=tuple(finished),
+        )
