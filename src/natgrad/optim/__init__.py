@@ -5,6 +5,7 @@ from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
 
 __all__ = ["EKFAC", "KFAC", "NaturalGradient"]
+from natgrad.optim.adahessian import AdaHessian
 from natgrad.optim.shampoo import Shampoo
 
-__all__ += ["Shampoo"]
+__all__ += ["AdaHessian", "Shampoo"]

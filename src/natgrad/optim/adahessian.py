@@ -1,0 +1,292 @@
+"""AdaHessian (Yao et al., 2021): Adam with the squared gradient replaced by a Hessian diagonal.
+
+The Hessian diagonal is estimated by Hutchinson's method, ``diag(H) = E[z ⊙ (H z)]`` for
+Rademacher ``z`` (entries ±1), with one Hessian-vector product per sample through the graph of
+the gradient; so the loss must be back-propagated with ``loss.backward(create_graph=True)``.
+The maths lives in the pure functions :func:`rademacher_like`, :func:`hutchinson_diagonal`,
+:func:`spatial_average` and :func:`adahessian_direction`; :class:`AdaHessian` wires them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Independent ±1 entries (probability ½ each) with the shape, dtype and device of ``tensor``.
+
+    The signs are drawn on the generator's device (CPU by default) and moved to ``tensor``'s.
+    """
+    device = generator.device if generator is not None else tensor.device
+    bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device)
+    return (2 * bits - 1).to(dtype=tensor.dtype, device=tensor.device)
+
+
+def hutchinson_diagonal(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
+    """Hutchinson estimate ``(1/S) Σ_s z_s ⊙ (H z_s)`` of the Hessian diagonal over ``params``.
+
+    Parameters
+    ----------
+    grads : sequence of Tensors
+        Gradients of the loss w.r.t. ``params`` (same shapes), computed with
+        ``create_graph=True`` so that they can be differentiated again. A gradient without a
+        graph is constant: its rows of the Hessian are zero.
+    params : sequence of Tensors
+        The parameters ``θ``; ``H = ∇²_θ L`` is their joint Hessian.
+    n_samples : int, default 1
+        Number ``S`` of Rademacher vectors; the estimate is unbiased with per-entry variance
+        ``Σ_{j≠i} H_ij² / S``, and exact for a diagonal ``H``.
+    generator : torch.Generator, optional
+        Source of the signs; the global generator if ``None``.
+
+    Returns
+    -------
+    list of Tensors, one per parameter, of its shape.
+
+    Raises
+    ------
+    RuntimeError
+        If no gradient carries a graph (``backward`` was called without ``create_graph=True``).
+    """
+    differentiable = [i for i, grad in enumerate(grads) if grad.requires_grad]
+    if not differentiable:
+        raise RuntimeError(
+            "no gradient carries a graph: call loss.backward(create_graph=True) so that "
+            "Hessian-vector products can be taken"
+        )
+    estimates = [torch.zeros_like(param) for param in params]
+    with torch.enable_grad():
+        for sample in range(n_samples):
+            signs = [rademacher_like(param, generator) for param in params]
+            products = torch.autograd.grad(
+                [grads[i] for i in differentiable],
+                list(params),
+                grad_outputs=[signs[i] for i in differentiable],
+                retain_graph=sample < n_samples - 1,
+                allow_unused=True,
+            )
+            for estimate, sign, product in zip(estimates, signs, products, strict=True):
+                if product is not None:
+                    estimate.add_(sign * product.detach())
+    return [estimate / n_samples for estimate in estimates]
+
+
+def spatial_average(hessian_diag: Tensor) -> Tensor:
+    """Conv2d-kernel smoothing: for a 4-d ``(out, in, kh, kw)`` tensor, ``|D|`` averaged over the
+    ``kh × kw`` window (and broadcast back); other tensors are returned unchanged."""
+    if hessian_diag.ndim != 4:
+        return hessian_diag
+    return hessian_diag.abs().mean(dim=(2, 3), keepdim=True).expand_as(hessian_diag).clone()
+
+
+def adahessian_direction(
+    exp_avg: Tensor,
+    exp_hessian_diag_sq: Tensor,
+    betas: tuple[float, float],
+    step: int,
+    hessian_power: float,
+    eps: float,
+) -> Tensor:
+    """``m̂ / (v̂^{k/2} + eps)`` with bias-corrected moments at 1-based ``step``, ``k`` the power.
+
+    ``m`` averages gradients and ``v`` squared Hessian diagonals (Yao et al., 2021, eq. 8).
+    """
+    first = exp_avg / (1.0 - betas[0] ** step)
+    second = exp_hessian_diag_sq / (1.0 - betas[1] ** step)
+    return first / (second.pow(hessian_power / 2.0) + eps)
+
+
+class AdaHessian(torch.optim.Optimizer):
+    """AdaHessian: ``θ ← θ − lr · m̂ / (v̂^{k/2} + eps)`` with ``v`` the EMA of ``D²``.
+
+    Per parameter, with ``D`` the Hutchinson estimate of the Hessian diagonal (spatially
+    averaged for 4-d conv kernels):
+
+    ``m ← β₁ m + (1 − β₁) g``, ``v ← β₂ v + (1 − β₂) D ⊙ D``, and decoupled weight decay
+    ``θ ← θ (1 − lr · weight_decay)`` (as in AdamW and the authors' code).
+
+    **The gradient must carry its graph**: call ``loss.backward(create_graph=True)`` (in the
+    closure, or before :meth:`step`), then ``zero_grad()`` (``set_to_none=True``, the default)
+    after the step to release the graph.
+
+    Parameters
+    ----------
+    params : iterable of Tensors or dicts
+        Parameters or parameter groups.
+    lr : float, default 0.1
+        Step size.
+    betas : tuple of float, default (0.9, 0.999)
+        Decay rates of the gradient and Hessian-diagonal moments, each in ``[0, 1)``.
+    eps : float, default 1e-4
+        Positive term added to the denominator.
+    weight_decay : float, default 0.0
+        Decoupled weight decay.
+    hessian_power : float, default 1.0
+        Power ``k`` in ``[0, 1]`` of the Hessian diagonal (1: Newton-like, 0.5: Adam-like).
+    n_samples : int, default 1
+        Rademacher vectors per Hessian estimate.
+    update_each : int, default 1
+        Steps between Hessian estimates; in between, the latest estimate is reused.
+    generator : torch.Generator, optional
+        Source of the Rademacher signs; its state is saved in :meth:`state_dict`.
+
+    Notes
+    -----
+    The Hessian diagonal is estimated for all parameters (of all groups) jointly. A step whose
+    gradient or Hessian estimate is not finite is refused: parameters and state are left
+    unchanged, a ``RuntimeWarning`` says why and ``refused_steps`` counts it.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        n_samples: int = 1,
+        update_each: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        for name, value in (("n_samples", n_samples), ("update_each", update_each)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "hessian_power": hessian_power,
+        }
+        _check_options(defaults)
+        super().__init__(params, defaults)
+        self.n_samples = n_samples
+        self.update_each = update_each
+        self.generator = generator
+        self.refused_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group after checking its options (see the class parameters)."""
+        super().add_param_group(param_group)
+        _check_options(self.param_groups[-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, plus the generator's state under ``"generator_state"``."""
+        state = super().state_dict()
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, restoring the generator's state when both have one."""
+        state_dict = dict(state_dict)
+        generator_state = state_dict.pop("generator_state", None)
+        super().load_state_dict(state_dict)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Take one AdaHessian step.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model, calls ``loss.backward(create_graph=True)`` and returns the
+            loss.
+
+        Returns
+        -------
+        Tensor or None
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not all(bool(torch.isfinite(p.grad).all()) for _, p in pending):
+            return self._refuse(loss, "a gradient is not finite")
+        estimates = self._hessian_estimates([p for _, p in pending])
+        if not all(bool(torch.isfinite(d).all()) for d in estimates.values()):
+            return self._refuse(loss, "a Hessian-diagonal estimate is not finite")
+        for group, param in pending:
+            state = self.state[param]
+            if param in estimates:
+                state["hessian_diag"] = estimates[param]
+            _apply_update(param, state, group)
+        return loss
+
+    def _hessian_estimates(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
+        """Fresh (spatially averaged) estimates for the parameters due for one."""
+        due = [p for p in params if self.state[p].get("step", 0) % self.update_each == 0]
+        if not due:
+            return {}
+        diagonals = hutchinson_diagonal([p.grad for p in due], due, self.n_samples, self.generator)
+        return {p: spatial_average(d) for p, d in zip(due, diagonals, strict=True)}
+
+    def _refuse(self, loss: Tensor | None, reason: str) -> Tensor | None:
+        self.refused_steps += 1
+        warnings.warn(
+            f"AdaHessian step refused, parameters unchanged: {reason}", RuntimeWarning, stacklevel=3
+        )
+        return loss
+
+
+def _apply_update(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Moments, decoupled weight decay and the step for one parameter, in place."""
+    beta1, beta2 = group["betas"]
+    grad = param.grad.detach()
+    hessian_diag = state["hessian_diag"]
+    state["step"] = state.get("step", 0) + 1
+    state["exp_avg"] = beta1 * state.get("exp_avg", torch.zeros_like(grad)) + (1 - beta1) * grad
+    state["exp_hessian_diag_sq"] = (
+        beta2 * state.get("exp_hessian_diag_sq", torch.zeros_like(grad))
+        + (1 - beta2) * hessian_diag.square()
+    )
+    direction = adahessian_direction(
+        state["exp_avg"],
+        state["exp_hessian_diag_sq"],
+        group["betas"],
+        state["step"],
+        group["hessian_power"],
+        group["eps"],
+    )
+    if group["weight_decay"] != 0.0:
+        param.mul_(1.0 - group["lr"] * group["weight_decay"])
+    param.add_(direction, alpha=-group["lr"])
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Raise ValueError/TypeError naming the first invalid AdaHessian group option."""
+    checks = (
+        ("lr", lambda v: v >= 0.0, "a non-negative number"),
+        ("eps", lambda v: v > 0.0, "a positive number"),
+        ("weight_decay", lambda v: v >= 0.0, "a non-negative number"),
+        ("hessian_power", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    )
+    for name, valid, description in checks:
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not (math.isfinite(value) and valid(value)):
+            raise ValueError(f"{name} must be {description}, got {value!r}")
+    betas = options["betas"]
+    if len(betas) != 2 or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    ):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
