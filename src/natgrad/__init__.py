@@ -1,7 +1,8 @@
 """natgrad: natural-gradient methods for PyTorch.
 
 The top-level namespace re-exports the curvature builders (:func:`fisher`, :func:`ggn`,
-:func:`hessian`) and the flagship estimator :class:`PNMF`. Sub-packages are imported lazily so
+:func:`hessian`), the :class:`NaturalGradient` optimizer and the estimators :class:`PNMF`,
+:class:`LogisticRegression` and :class:`PoissonRegression`. Sub-packages are imported lazily so
 that ``import natgrad`` stays cheap.
 """
 
@@ -17,6 +18,9 @@ _LAZY = {
     "ggn": "natgrad.curvature",
     "hessian": "natgrad.curvature",
     "PNMF": "natgrad.models",
+    "LogisticRegression": "natgrad.models",
+    "PoissonRegression": "natgrad.models",
+    "NaturalGradient": "natgrad.optim",
 }
 _SUBPACKAGES = (
     "curvature",
@@ -29,7 +33,17 @@ _SUBPACKAGES = (
     "rl",
 )
 
-__all__ = ["PNMF", "__version__", "fisher", "ggn", "hessian", *_SUBPACKAGES]
+__all__ = [
+    "PNMF",
+    "LogisticRegression",
+    "NaturalGradient",
+    "PoissonRegression",
+    "__version__",
+    "fisher",
+    "ggn",
+    "hessian",
+    *_SUBPACKAGES,
+]
 
 
 def __getattr__(name: str) -> Any:
