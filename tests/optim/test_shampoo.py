@@ -140,6 +140,26 @@ def test_grafting_takes_the_grafted_step_norm(grafting: str) -> None:
     np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
 
 
+def test_adam_grafting_preconditions_the_first_moment() -> None:
+    """d = P(m̂) rescaled to ‖m̂ / (√v̂ + eps)‖, written out with NumPy/SciPy."""
+    shape, betas, eps = (3, 2), (0.8, 0.9), 1e-8
+    theta = np.random.default_rng(6).standard_normal(shape)
+    grads = _gradients(shape, steps=3, seed=9)
+    param = nn.Parameter(torch.from_numpy(theta.copy()))
+    optimizer = Shampoo([param], lr=0.1, epsilon=1e-3, grafting="adam", grafting_betas=betas)
+    result = _run_on_gradients(param, optimizer, grads)
+    expected, exp_avg, exp_avg_sq = theta.copy(), np.zeros(shape), np.zeros(shape)
+    for step, grad in enumerate(grads, start=1):
+        exp_avg = betas[0] * exp_avg + (1 - betas[0]) * grad
+        exp_avg_sq = betas[1] * exp_avg_sq + (1 - betas[1]) * grad**2
+        first = exp_avg / (1 - betas[0] ** step)
+        adam = first / (np.sqrt(exp_avg_sq / (1 - betas[1] ** step)) + eps)
+        statistics = [sum(_unfold(g, m) @ _unfold(g, m).T for g in grads[:step]) for m in (0, 1)]
+        direction = _oracle_direction(first, _oracle_preconditioners(statistics, 1e-3))
+        expected = expected - 0.1 * direction * np.linalg.norm(adam) / np.linalg.norm(direction)
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+
+
 def _mlp_problem(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(16, 3, generator=generator)
