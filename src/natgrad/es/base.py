@@ -1,0 +1,184 @@
+"""The ask/tell loop shared by the natural evolution strategies, and its input checks."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from natgrad.es.utilities import default_population_size, shaped_fitness
+
+
+def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
+    """A ``torch.Generator`` from a seed, an existing generator (used as is) or ``None``."""
+    if isinstance(random_state, torch.Generator):
+        return random_state
+    if random_state is None:
+        return torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+    if isinstance(random_state, bool) or not isinstance(random_state, int):
+        raise TypeError(
+            f"random_state must be an int, a torch.Generator or None, got {random_state!r}"
+        )
+    return torch.Generator().manual_seed(random_state)
+
+
+def check_rate(name: str, value: float) -> float:
+    """A finite positive learning rate, as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and positive, got {value!r}")
+    return float(value)
+
+
+def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
+    """``x0`` as a finite 1-d tensor of ``dtype``."""
+    point = torch.as_tensor(x0, dtype=dtype).clone()
+    if point.ndim != 1 or point.numel() < 1:
+        raise ValueError(f"x0 must be a non-empty 1-d vector, got shape {tuple(point.shape)}")
+    if not bool(torch.isfinite(point).all()):
+        raise ValueError(f"x0 must be finite, got {x0!r}")
+    return point
+
+
+@dataclass(frozen=True)
+class ESResult:
+    """Outcome of :func:`natgrad.es.minimize`.
+
+    Attributes
+    ----------
+    x : Tensor of shape (d,)
+        Best sample seen.
+    fun : float
+        Its objective value.
+    evaluations, iterations : int
+        Objective evaluations and generations used.
+    success : bool
+        Whether ``fun <= target`` was reached (``False`` when no target was given).
+    mean : Tensor of shape (d,)
+        Final mean of the search distribution.
+    history : list of float
+        Best objective value seen after each generation.
+    """
+
+    x: Tensor
+    fun: float
+    evaluations: int
+    iterations: int
+    success: bool
+    mean: Tensor
+    history: list[float]
+
+
+class NaturalEvolutionStrategy(abc.ABC):
+    """Gaussian search distribution updated by natural-gradient ascent on shaped fitness.
+
+    Parameters
+    ----------
+    x0 : Tensor or sequence of float, shape (d,)
+        Initial mean.
+    sigma0 : float, default 1.0
+        Initial step size (standard deviation of every coordinate).
+    population_size : int, optional
+        ``λ``; ``4 + ⌊3 ln d⌋`` by default.
+    random_state : int, torch.Generator or None
+        Source of the samples (a generator is used, and advanced, as is).
+    dtype : torch.dtype, default torch.float64
+
+    Notes
+    -----
+    Minimisation: :meth:`ask` returns ``λ`` samples, :meth:`tell` takes them with their
+    objective values, ranks them (lowest value best), and moves the distribution.
+    """
+
+    def __init__(
+        self,
+        x0: Tensor | list[float],
+        sigma0: float = 1.0,
+        *,
+        population_size: int | None = None,
+        random_state: int | torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        self.mean = as_start_point(x0, dtype)
+        self.dim = self.mean.numel()
+        check_rate("sigma0", sigma0)
+        if population_size is None:
+            population_size = max(default_population_size(self.dim), 2)
+        if isinstance(population_size, bool) or not isinstance(population_size, int):
+            raise TypeError(f"population_size must be an int, got {population_size!r}")
+        if population_size < 2:
+            raise ValueError(f"population_size must be at least 2, got {population_size}")
+        self.population_size = population_size
+        self.generator = as_generator(random_state)
+        self.dtype = dtype
+        self._asked: tuple[Tensor, Tensor] | None = None
+
+    def ask(self) -> Tensor:
+        """``λ`` samples of shape ``(λ, d)`` from the current search distribution."""
+        noise = torch.randn(
+            self.population_size, self.dim, generator=self.generator, dtype=self.dtype
+        )
+        samples = self._from_noise(noise)
+        self._asked = (samples.clone(), noise)
+        return samples
+
+    def tell(self, samples: Tensor, fitness: Tensor) -> None:
+        """Update the distribution from ``samples`` (``(λ, d)``) and their values (``(λ,)``).
+
+        Samples not drawn by the last :meth:`ask` are allowed (their noise is recomputed).
+
+        Raises
+        ------
+        ValueError
+            If the shapes do not match ``(λ, d)`` and ``(λ,)``, a sample is not finite, or a
+            fitness value is NaN (``+inf`` is allowed and ranks last).
+        """
+        samples = torch.as_tensor(samples, dtype=self.dtype)
+        fitness = torch.as_tensor(fitness, dtype=self.dtype)
+        expected = (self.population_size, self.dim)
+        if samples.shape != expected:
+            raise ValueError(f"samples must have shape {expected}, got {tuple(samples.shape)}")
+        if fitness.shape != (self.population_size,):
+            raise ValueError(
+                f"fitness must have shape ({self.population_size},), got {tuple(fitness.shape)}"
+            )
+        if not bool(torch.isfinite(samples).all()):
+            raise ValueError("samples must be finite")
+        if bool(torch.isnan(fitness).any()):
+            raise ValueError(f"fitness must not contain NaN, got {fitness.tolist()}")
+        self._update(self._noise_of(samples), shaped_fitness(fitness))
+
+    def _noise_of(self, samples: Tensor) -> Tensor:
+        """The stored noise if ``samples`` are the last ones asked, else recomputed from them.
+
+        Recomputing ``z = A⁻¹(x − μ)`` loses precision once ``σ ≪ |μ|``, so the exact noise of
+        :meth:`ask` is reused whenever possible.
+        """
+        if self._asked is not None and torch.equal(samples, self._asked[0]):
+            return self._asked[1]
+        return self._to_noise(samples)
+
+    @abc.abstractmethod
+    def _from_noise(self, noise: Tensor) -> Tensor:
+        """Samples ``x = μ + A z`` from standard-normal ``z`` of shape ``(λ, d)``."""
+
+    @abc.abstractmethod
+    def _to_noise(self, samples: Tensor) -> Tensor:
+        """The ``z`` with ``x = μ + A z``, shape ``(λ, d)``."""
+
+    @abc.abstractmethod
+    def _update(self, noise: Tensor, utilities: Tensor) -> None:
+        """Natural-gradient step from the samples' noise ``(λ, d)`` and utilities ``(λ,)``."""
+
+    @property
+    @abc.abstractmethod
+    def covariance(self) -> Tensor:
+        """Covariance of the search distribution, shape ``(d, d)``."""
+
+
+Objective = Callable[[Tensor], float | Tensor]

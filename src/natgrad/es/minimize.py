@@ -1,0 +1,96 @@
+"""``minimize(f, x0, ...)``: run xNES or SNES until a target, budget or step-size floor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from natgrad.es.base import ESResult, NaturalEvolutionStrategy
+from natgrad.es.snes import SNES
+from natgrad.es.xnes import XNES
+
+METHODS: dict[str, type[NaturalEvolutionStrategy]] = {"xnes": XNES, "snes": SNES}
+
+
+def _evaluate(f: Callable, samples: Tensor, vectorized: bool) -> Tensor:
+    if vectorized:
+        values = torch.as_tensor(f(samples), dtype=samples.dtype)
+    else:
+        values = torch.tensor([float(f(sample)) for sample in samples], dtype=samples.dtype)
+    if values.shape != (samples.shape[0],):
+        raise ValueError(
+            f"f must return one value per sample ({samples.shape[0]}), got {tuple(values.shape)}"
+        )
+    return values
+
+
+def minimize(
+    f: Callable[[Tensor], float | Tensor],
+    x0: Tensor | list[float],
+    *,
+    method: str = "xnes",
+    sigma0: float = 1.0,
+    max_evaluations: int = 100_000,
+    target: float | None = None,
+    min_sigma: float = 1e-12,
+    vectorized: bool = False,
+    random_state: int | torch.Generator | None = None,
+    **options,
+) -> ESResult:
+    """Minimise ``f`` with a natural evolution strategy.
+
+    Parameters
+    ----------
+    f : callable
+        ``x`` of shape ``(d,)`` to a float, or with ``vectorized=True`` ``(λ, d)`` to ``(λ,)``.
+    x0 : Tensor or sequence of float, shape (d,)
+        Initial mean.
+    method : {"xnes", "snes"}
+    sigma0 : float
+        Initial step size.
+    max_evaluations : int
+        Budget of objective evaluations (whole generations; the last may overshoot by < λ).
+    target : float, optional
+        Stop once the best value is ``<= target``.
+    min_sigma : float
+        Stop once every standard deviation of the search distribution is below this.
+    vectorized : bool
+    random_state : int, torch.Generator or None
+    **options
+        Passed to the strategy (``population_size``, learning rates, ``dtype``).
+
+    Returns
+    -------
+    ESResult
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int):
+        raise TypeError(f"max_evaluations must be an int, got {max_evaluations!r}")
+    if max_evaluations < 1:
+        raise ValueError(f"max_evaluations must be positive, got {max_evaluations}")
+    if target is not None and math.isnan(target):
+        raise ValueError("target must not be NaN")
+    strategy = METHODS[method](x0, sigma0, random_state=random_state, **options)
+    best_x, best_value = strategy.mean.clone(), math.inf
+    evaluations, history = 0, []
+    while evaluations < max_evaluations:
+        samples = strategy.ask()
+        values = _evaluate(f, samples, vectorized)
+        evaluations += samples.shape[0]
+        strategy.tell(samples, values)
+        index = int(torch.argmin(values))
+        if float(values[index]) < best_value:
+            best_x, best_value = samples[index].clone(), float(values[index])
+        history.append(best_value)
+        if target is not None and best_value <= target:
+            break
+        if float(strategy.covariance.diagonal().max()) < min_sigma**2:
+            break
+    success = target is not None and best_value <= target
+    return ESResult(
+        best_x, best_value, evaluations, len(history), success, strategy.mean.clone(), history
+    )

@@ -1,0 +1,56 @@
+"""Rank-based fitness shaping and default NES hyper-parameters (Wierstra et al. 2014)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def default_population_size(dim: int) -> int:
+    """``λ = 4 + ⌊3 ln d⌋`` (Glasmachers et al. 2010; Schaul et al. 2011)."""
+    return 4 + math.floor(3.0 * math.log(dim))
+
+
+def rank_utilities(population_size: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Utilities ``u₁ ≥ … ≥ u_λ`` assigned to the samples ranked best to worst.
+
+    ``uₖ = max(0, ln(λ/2 + 1) − ln k) / Σⱼ max(0, ln(λ/2 + 1) − ln j) − 1/λ``: they sum to zero,
+    so the estimated gradient is invariant to monotone transformations of the fitness.
+
+    Parameters
+    ----------
+    population_size : int
+        ``λ ≥ 2``.
+
+    Returns
+    -------
+    Tensor of shape (λ,)
+    """
+    if isinstance(population_size, bool) or not isinstance(population_size, int):
+        raise TypeError(f"population_size must be an int, got {type(population_size).__name__}")
+    if population_size < 2:
+        raise ValueError(f"population_size must be at least 2, got {population_size}")
+    ranks = torch.arange(1, population_size + 1, dtype=dtype)
+    raw = (math.log(population_size / 2 + 1) - torch.log(ranks)).clamp(min=0)
+    return raw / raw.sum() - 1.0 / population_size
+
+
+def shaped_fitness(fitness: Tensor) -> Tensor:
+    """Utilities of the samples for MINIMISATION: the lowest fitness gets ``u₁``.
+
+    Parameters
+    ----------
+    fitness : Tensor of shape (λ,)
+        Objective values (``+inf`` allowed; ties are broken by sample order).
+
+    Returns
+    -------
+    Tensor of shape (λ,)
+        The utility of each sample, in the samples' order.
+    """
+    order = torch.argsort(fitness, stable=True)
+    utilities = torch.empty_like(fitness)
+    utilities[order] = rank_utilities(fitness.shape[0], fitness.dtype)
+    return utilities
