@@ -143,7 +143,9 @@ class AdaHessian(torch.optim.Optimizer):
 
     Notes
     -----
-    The Hessian diagonal is estimated for all parameters (of all groups) jointly. A step whose
+    The Hessian diagonal is estimated for all parameters (of all groups) jointly. PyTorch warns
+    that ``backward(create_graph=True)`` makes a reference cycle between a parameter and its
+    gradient; ``zero_grad()`` after each step breaks it. A step whose
     gradient or Hessian estimate is not finite is refused: parameters and state are left
     unchanged, a ``RuntimeWarning`` says why and ``refused_steps`` counts it.
     """
