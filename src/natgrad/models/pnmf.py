@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -222,10 +223,17 @@ class PNMF(TransformerMixin, BaseEstimator):
         scale = np.exp(-0.5 * INITIAL_VARIANCE) / self.n_components
         return column_means[:, None] * scale * (0.5 + jitter.to(counts.device))
 
-    def _settings(self, generator: torch.Generator, update_loadings: bool) -> FitSettings:
-        def report(iteration: int, value: float) -> None:
-            if iteration % 100 == 0:
+    def _settings(
+        self,
+        generator: torch.Generator,
+        update_loadings: bool,
+        callback: Callable[[int, float, FitState], None] | None = None,
+    ) -> FitSettings:
+        def report(iteration: int, value: float, state: FitState) -> None:
+            if self.verbose and iteration % 100 == 0:
                 print(f"PNMF iteration {iteration}: ELBO = {value:.4f}")
+            if callback is not None:
+                callback(iteration, value, state)
 
         return FitSettings(
             mode=self.mode,
@@ -236,7 +244,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             batch_size=self.batch_size,
             update_loadings=update_loadings,
             generator=generator,
-            callback=report if self.verbose else None,
+            callback=report if self.verbose or callback is not None else None,
         )
 
     def _run(self, counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
@@ -244,10 +252,21 @@ class PNMF(TransformerMixin, BaseEstimator):
             return fit_natural(counts, state, settings)
         return fit_standard(counts, state, settings)
 
-    def fit(self, X, y=None) -> PNMF:
+    def fit(
+        self, X, y=None, *, callback: Callable[[int, float, FitState], None] | None = None
+    ) -> PNMF:
         """Fit ``W`` and ``q(F)`` to counts ``X`` of shape (n_samples, n_features).
 
-        ``X`` may be a dense array or a SciPy sparse matrix of non-negative counts.
+        Parameters
+        ----------
+        X : array-like or scipy.sparse matrix of shape (n_samples, n_features)
+            Non-negative counts.
+        y : ignored
+        callback : callable, optional
+            Called after every iteration as ``callback(iteration, elbo, state)`` with the
+            current :class:`~natgrad.models.pnmf_training.FitState` (``state.loadings`` of shape
+            ``(n_features, n_components)``, ``state.posterior`` the Gaussian ``q(F)``); for
+            monitoring, e.g. by the benchmark. It must not modify the state.
         """
         self._check_params()
         X = self._validate_counts(X, reset=True)
@@ -258,7 +277,8 @@ class PNMF(TransformerMixin, BaseEstimator):
             loadings=self._initial_loadings(counts, generator),
             posterior=self._initial_posterior(counts, generator),
         )
-        state = self._run(counts, state, self._settings(generator, update_loadings=True))
+        settings = self._settings(generator, update_loadings=True, callback=callback)
+        state = self._run(counts, state, settings)
         self._loadings = state.loadings
         self.components_ = state.loadings.T.cpu().numpy()
         self.variational_mean_ = state.posterior.loc.cpu().numpy()

@@ -42,6 +42,14 @@ class CountMatrix:
         return self.dense is None
 
     @property
+    def row_totals(self) -> Tensor:
+        """``Σ_j y_ij``, shape ``(n_samples,)``."""
+        if not self.is_sparse:
+            return self.dense.sum(1)
+        totals = torch.zeros(self.n_samples, dtype=self.values.dtype, device=self.device)
+        return totals.index_add_(0, self.rows, self.values)
+
+    @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the stored counts."""
         return self.values.dtype if self.is_sparse else self.dense.dtype

@@ -16,8 +16,9 @@ For counts ``y`` (``(N, D)``), loadings ``W`` (``(D, L)``) and ``q(F) = Π N(μ_
   non-negative parts (shapes ``(D, L)`` and ``(L,)``, the second constant over ``j``):
   ``W ⊙ log_term_loadings_grad / rate_term_loadings_grad`` is the multiplicative (EM) update.
 
-All matrix work is ``(S, N, D)`` products for dense counts and ``(S, nnz, L)`` gathers for
-sparse counts; no ``(S, N, D, L)`` tensor is formed.
+Rates are not clamped: a sample with ``y_ij > 0`` and ``W_j· = 0`` has ELBO ``−∞`` (the
+estimator keeps ``W ≥ 1e-10``). All matrix work is ``(S, N, D)`` products for dense counts
+and ``(S, nnz, L)`` gathers for sparse counts; no ``(S, N, D, L)`` tensor is formed.
 """
 
 from __future__ import annotations
@@ -67,16 +68,16 @@ def _log_term_derivatives(
     n_draws = factors.shape[0]
     shift = factors.amax(dim=-1, keepdim=True)
     shifted_exp = torch.exp(factors - shift)
-    tiny = torch.finfo(factors.dtype).tiny
     value = torch.full((), float("nan"), dtype=factors.dtype, device=factors.device)
     curvature = None
     if counts.is_sparse:
         gathered_exp = shifted_exp[:, counts.rows, :]
         gathered_loadings = loadings[counts.cols]
-        scaled = (gathered_exp * gathered_loadings).sum(-1).clamp_min(tiny)
+        scaled = (gathered_exp * gathered_loadings).sum(-1)
         ratio = counts.values / scaled
         if need_value:
-            value = (counts.values * (scaled.log() + shift[:, counts.rows, 0])).sum() / n_draws
+            value = (counts.values * scaled.log()).sum() + (counts.row_totals * shift[..., 0]).sum()
+            value = value / n_draws
         per_row = torch.zeros_like(shifted_exp).index_add_(
             1, counts.rows, ratio.unsqueeze(-1) * gathered_loadings
         )
@@ -89,14 +90,16 @@ def _log_term_derivatives(
         weighted = (ratio.unsqueeze(-1) * gathered_exp).sum(0)
         loadings_grad = torch.zeros_like(loadings).index_add_(0, counts.cols, weighted)
     else:
-        scaled = (shifted_exp @ loadings.T).clamp_min(tiny)
+        scaled = shifted_exp @ loadings.T
         ratio = counts.dense / scaled
         if need_value:
-            value = (counts.dense * (scaled.log() + shift)).sum() / n_draws
+            value = (counts.dense * scaled.log()).sum() + (counts.row_totals * shift[..., 0]).sum()
+            value = value / n_draws
         grad = shifted_exp * (ratio @ loadings)
         if need_curvature:
             curvature = grad - shifted_exp.square() * ((ratio / scaled) @ loadings.square())
-        loadings_grad = (ratio.transpose(-1, -2) @ shifted_exp).sum(0)
+        n_features, n_components = loadings.shape
+        loadings_grad = ratio.reshape(-1, n_features).T @ shifted_exp.reshape(-1, n_components)
     return value, grad, curvature, loadings_grad / n_draws
 
 

@@ -24,6 +24,7 @@ from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_elbo import ElboMode
 from natgrad.models.pnmf_gradients import ElboGradients, elbo_gradients
 from natgrad.models.pnmf_updates import (
+    LOADINGS_FLOOR,
     gaussian_from_moments,
     mean_parameter_gradients,
     multiplicative_loadings,
@@ -90,7 +91,7 @@ class FitSettings:
     batch_size: int | None
     update_loadings: bool
     generator: torch.Generator
-    callback: Callable[[int, float], None] | None = None
+    callback: Callable[[int, float, FitState], None] | None = None
 
 
 def _batches(n_samples: int, settings: FitSettings, device: torch.device) -> list[Tensor | None]:
@@ -172,7 +173,7 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
 
 
 def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
-    """Adam on ``(μ, softplus⁻¹ σ)`` and on ``W`` (projected onto ``W > 0``), as in the seed.
+    """Adam on ``(μ, softplus⁻¹ σ)`` and on ``W`` (projected onto ``W ≥ 1e-10``), as in the seed.
 
     The gradients are those of :func:`natgrad.models.pnmf_gradients.elbo_gradients` (the same
     estimator the natural mode uses). With ``batch_size`` set the local parameters get sparse
@@ -188,7 +189,6 @@ def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) ->
     )
     global_optimizer = torch.optim.Adam([loadings], lr=settings.step_size)
     monitor = ConvergenceMonitor(settings.tol)
-    tiny = torch.finfo(loadings.dtype).tiny
     for iteration in range(settings.max_iter):
         epoch_elbo = 0.0
         for index in _batches(counts.n_samples, settings, counts.device):
@@ -205,8 +205,11 @@ def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) ->
                 loadings_grad = gradients.log_term_loadings_grad - gradients.rate_term_loadings_grad
                 loadings.grad = -loadings_grad * (counts.n_samples / batch_counts.n_samples)
                 global_optimizer.step()
-                loadings.clamp_(min=tiny)
+                loadings.clamp_(min=LOADINGS_FLOOR)
             epoch_elbo += float(gradients.value)
+        state.loadings = loadings
+        if settings.callback is not None:
+            state.posterior = gaussian_from_moments(mean, functional.softplus(raw_scale).square())
         if _record(state, monitor, settings, iteration, epoch_elbo):
             break
     state.posterior = gaussian_from_moments(mean, functional.softplus(raw_scale).square())
@@ -257,7 +260,7 @@ def _record(
     state.history.append(value)
     state.n_iter = iteration + 1
     if settings.callback is not None:
-        settings.callback(iteration, value)
+        settings.callback(iteration, value, state)
     state.converged = monitor.record(value)
     return state.converged
 

@@ -104,8 +104,15 @@ def natural_gradient_step(
     return NaturalStep(updated, int((~accepted).sum()))
 
 
+LOADINGS_FLOOR = 1e-10
+"""Lower bound on every ``W_jl``: keeps ``rate_ij ≥ 1e-10 e^{max_l F_il}`` so that the
+curvature term ``y / rate²`` stays finite in float32; rates below it are immaterial for counts."""
+
+
 def multiplicative_loadings(numerator: Tensor, denominator: Tensor) -> Tensor:
     """The loadings maximising the ELBO's minorizer: ``W_jl = numerator_jl / denominator_l``.
+
+    The result is floored at :data:`LOADINGS_FLOOR`.
 
     Parameters
     ----------
@@ -115,7 +122,7 @@ def multiplicative_loadings(numerator: Tensor, denominator: Tensor) -> Tensor:
         ``Σ_i E_q[e^{F_il}]``.
     """
     tiny = torch.finfo(numerator.dtype).tiny
-    return numerator / denominator.clamp_min(tiny) + tiny
+    return (numerator / denominator.clamp_min(tiny)).clamp_min(LOADINGS_FLOOR)
 
 
 def robbins_monro_rate(step: int, delay: float = 1.0, forgetting: float = 0.6) -> float:

@@ -1,0 +1,471 @@
+"""``natgrad bench pnmf``: standard (Adam) vs natural-gradient PNMF, and two peers.
+
+The seed's grid (3 ELBO modes × 2 training modes; 200 × 100 Poisson counts from 5 true
+components, E = 10, seed 42, at most 8000 iterations, tol 1e-4) and the same grid on the
+``sklearn.datasets.load_digits`` counts (1797 × 64, 10 components). For every run it reports
+iterations, the final ELBO (``elbo_``: the mode's estimator with 100 draws at the fitted
+parameters), the relative Frobenius reconstruction error ``‖Y − E_q[e^F] Wᵀ‖_F / ‖Y‖_F``, wall
+time, and the iterations and seconds to come within 0.1 % of the final ELBO (first iteration
+whose trailing 20-iteration mean ELBO is ≥ final − 0.001 |final|). In the same run, pnmf 0.1.0
+(the seed's package) and scikit-learn ``NMF(beta_loss="kullback-leibler", solver="mu")`` fit
+the same counts; their wall time and the Poisson deviance of their reconstruction are compared
+with the time natural-gradient PNMF (lower-bound mode) needs to reach the same deviance.
+
+Writes ``pnmf_benchmark.json`` and the seed's two plots (``natural_gradient_comparison.png``,
+``natural_gradient_elbo_comparison.png``; ``*_digits.png`` for the digits grid) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from natgrad.models.pnmf import PNMF
+from natgrad.models.pnmf_elbo import ELBO_MODES, expected_exp_factors
+from natgrad.models.pnmf_training import CONVERGENCE_WINDOW, FitState
+
+TRAINING_MODES = ("standard", "natural")
+SKLEARN_ITERATION_LADDER = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+def synthetic_counts(seed: int, n_samples=200, n_features=100, n_components=5) -> np.ndarray:
+    """Poisson counts ``y ~ Poisson(exp(F) Wᵀ)``, ``F ~ N(0, 1)``, ``W ~ Gamma(1, 1)``."""
+    rng = np.random.default_rng(seed)
+    loadings = rng.gamma(1.0, 1.0, (n_features, n_components))
+    factors = rng.normal(0.0, 1.0, (n_samples, n_components))
+    return rng.poisson(np.exp(factors) @ loadings.T).astype(np.float64)
+
+
+def digits_counts() -> np.ndarray:
+    """``load_digits`` pixel intensities (integers 0–16), 1797 × 64."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().data.astype(np.float64)
+
+
+def poisson_deviance(counts: np.ndarray, rate: np.ndarray) -> float:
+    """``2 Σ [y log(y / rate) − y + rate]`` (``0 log 0 = 0``)."""
+    rate = np.maximum(rate, 1e-300)
+    positive = counts > 0
+    log_ratio = np.zeros_like(counts)
+    log_ratio[positive] = np.log(counts[positive] / rate[positive])
+    return float(2.0 * (counts * log_ratio - counts + rate).sum())
+
+
+def relative_error(counts: np.ndarray, rate: np.ndarray) -> float:
+    """``‖Y − rate‖_F / ‖Y‖_F``."""
+    return float(np.linalg.norm(counts - rate) / np.linalg.norm(counts))
+
+
+def trailing_mean(values: np.ndarray, window: int = CONVERGENCE_WINDOW) -> np.ndarray:
+    """Mean of the last ``window`` values at every position (fewer at the start)."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def first_reaching(smoothed: np.ndarray, target: float) -> int | None:
+    """Index of the first value ``≥ target`` (``None`` if none)."""
+    hits = np.flatnonzero(smoothed >= target)
+    return int(hits[0]) if len(hits) else None
+
+
+class _Recorder:
+    """Fit callback: per-iteration wall time (its own cost excluded) and, optionally, deviance."""
+
+    def __init__(self, counts: np.ndarray | None):
+        self.counts = counts
+        self.start = time.perf_counter()
+        self.overhead = 0.0
+        self.seconds: list[float] = []
+        self.deviances: list[float] = []
+
+    def __call__(self, iteration: int, value: float, state: FitState) -> None:
+        entered = time.perf_counter()
+        self.seconds.append(entered - self.start - self.overhead)
+        if self.counts is not None:
+            posterior = state.posterior
+            activations = expected_exp_factors(posterior.loc, posterior.variance)
+            rate = (activations @ state.loadings.T).cpu().numpy()
+            self.deviances.append(poisson_deviance(self.counts, rate))
+        self.overhead += time.perf_counter() - entered
+
+
+def run_pnmf(
+    counts, n_components, training_mode, mode, max_iter, args, trace_deviance=False
+) -> dict:
+    """Fit natgrad's PNMF once (float32 unless ``--float64``) and summarise it."""
+    model = PNMF(
+        n_components=n_components,
+        training_mode=training_mode,
+        mode=mode,
+        E=args.E,
+        max_iter=max_iter,
+        tol=args.tol,
+        learning_rate=args.standard_lr if training_mode == "standard" else None,
+        random_state=args.seed,
+        device="cpu",
+    )
+    recorder = _Recorder(counts if trace_deviance else None)
+    started = time.perf_counter()
+    model.fit(counts if args.float64 else counts.astype(np.float32), callback=recorder)
+    seconds = time.perf_counter() - started
+    activations = np.exp(model.variational_mean_ + 0.5 * model.variational_variance_)
+    rate = model.inverse_transform(activations)
+    history = model.elbo_history_
+    smoothed = trailing_mean(history)
+    target = model.elbo_ - 1e-3 * abs(model.elbo_)
+    reached = first_reaching(smoothed, target)
+    return {
+        "training_mode": training_mode,
+        "mode": mode,
+        "learning_rate": model._learning_rate(),
+        "iterations": model.n_iter_,
+        "converged": model.converged_,
+        "final_elbo": model.elbo_,
+        "reconstruction_error": relative_error(counts, rate),
+        "deviance": poisson_deviance(counts, rate),
+        "seconds": seconds,
+        "iterations_to_0.1%": None if reached is None else reached + 1,
+        "seconds_to_0.1%": None if reached is None else recorder.seconds[reached],
+        "elbo_history": history.tolist(),
+        "smoothed_history": smoothed.tolist(),
+        "iteration_seconds": recorder.seconds,
+        "deviance_trace": recorder.deviances,
+    }
+
+
+def compare_pair(standard: dict, natural: dict) -> dict:
+    """ELBO improvement and speedups of the natural run over the standard run."""
+    improvement = natural["final_elbo"] - standard["final_elbo"]
+    best = max(natural["final_elbo"], standard["final_elbo"])
+    target = best - 1e-3 * abs(best)
+    to_best = {}
+    for run in (standard, natural):
+        index = first_reaching(np.asarray(run["smoothed_history"]), target)
+        to_best[run["training_mode"]] = None if index is None else index + 1
+    ratio = None
+    if natural["iterations_to_0.1%"] and standard["iterations_to_0.1%"]:
+        ratio = standard["iterations_to_0.1%"] / natural["iterations_to_0.1%"]
+    time_ratio = None
+    if natural["seconds_to_0.1%"] and standard["seconds_to_0.1%"]:
+        time_ratio = standard["seconds_to_0.1%"] / natural["seconds_to_0.1%"]
+    return {
+        "elbo_improvement": improvement,
+        "elbo_improvement_percent": 100.0 * improvement / abs(standard["final_elbo"]),
+        "speedup_iterations": ratio,
+        "speedup_seconds": time_ratio,
+        "iterations_to_0.1%_of_best_final": to_best,
+    }
+
+
+def run_seed_peer(counts: np.ndarray, n_components: int, args) -> dict:
+    """pnmf 0.1.0 (the seed's package) with E draws for ``--pnmf-iter`` iterations."""
+    from PNMF import PNMF as SeedPNMF
+
+    torch.manual_seed(args.seed)
+    model = SeedPNMF(
+        n_components=n_components, E=args.E, max_iter=args.pnmf_iter, random_state=args.seed
+    )
+    started = time.perf_counter()
+    model.fit(counts)
+    seconds = time.perf_counter() - started
+    prior = model._prior
+    activations = torch.exp(prior.mean + 0.5 * prior.scale.data**2).detach().cpu().numpy().T
+    rate = activations @ model.components_
+    return {
+        "name": f"pnmf 0.1.0 (Adam, lr 0.01, {model.n_iter_} iterations)",
+        "seconds": seconds,
+        "deviance": poisson_deviance(counts, rate),
+        "reconstruction_error": relative_error(counts, rate),
+    }
+
+
+def _sklearn_fit(counts: np.ndarray, n_components: int, max_iter: int, seed: int):
+    from sklearn.decomposition import NMF
+
+    model = NMF(
+        n_components=n_components,
+        beta_loss="kullback-leibler",
+        solver="mu",
+        init="nndsvda",
+        max_iter=max_iter,
+        random_state=seed,
+    )
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        activations = model.fit_transform(counts)
+    seconds = time.perf_counter() - started
+    rate = activations @ model.components_
+    return seconds, poisson_deviance(counts, rate), relative_error(counts, rate), model.n_iter_
+
+
+def run_sklearn_peer(counts: np.ndarray, n_components: int, args) -> dict:
+    """scikit-learn KL-NMF (multiplicative updates) at its defaults (tol 1e-4), plus a ladder
+    of ``max_iter`` fits giving its wall time to reach any deviance."""
+    seconds, deviance, error, n_iter = _sklearn_fit(counts, n_components, 1000, args.seed)
+    ladder = []
+    for max_iter in SKLEARN_ITERATION_LADDER:
+        step_seconds, step_deviance, _, _ = _sklearn_fit(counts, n_components, max_iter, args.seed)
+        ladder.append({"max_iter": max_iter, "seconds": step_seconds, "deviance": step_deviance})
+        if max_iter >= n_iter:
+            break
+    return {
+        "name": f"scikit-learn NMF (KL, mu, {n_iter} iterations)",
+        "seconds": seconds,
+        "deviance": deviance,
+        "reconstruction_error": error,
+        "ladder": ladder,
+    }
+
+
+def time_to_deviance(run: dict, target: float) -> float | None:
+    """Seconds for a traced natgrad run to first reach a deviance ``≤ target``."""
+    hits = np.flatnonzero(np.asarray(run["deviance_trace"]) <= target)
+    return None if len(hits) == 0 else run["iteration_seconds"][int(hits[0])]
+
+
+def compare_with_peer(natgrad_run: dict, peer: dict) -> dict:
+    """Times of natgrad and the peer to the deviance both reach (the larger final one)."""
+    target = max(peer["deviance"], natgrad_run["deviance"]) * (1.0 + 1e-9)
+    natgrad_seconds = time_to_deviance(natgrad_run, target)
+    if "ladder" in peer:
+        reached = [step for step in peer["ladder"] if step["deviance"] <= target]
+        peer_seconds = reached[0]["seconds"] if reached else peer["seconds"]
+    else:
+        peer_seconds = peer["seconds"]
+    speedup = None if not natgrad_seconds else peer_seconds / natgrad_seconds
+    return {
+        "target_deviance": target,
+        "natgrad_seconds": natgrad_seconds,
+        "peer_seconds": peer_seconds,
+        "speedup": speedup,
+    }
+
+
+def _fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None:
+        return "not reached"
+    if isinstance(value, bool):
+        return str(value)
+    return format(value, spec)
+
+
+def format_grid_table(runs: dict, comparisons: dict) -> str:
+    """The seed's results table with every cell filled."""
+    header = f"{'Metric':<34}" + "".join(f"{m:>18}" for m in ELBO_MODES)
+    lines = [header, "-" * len(header)]
+
+    def row(label: str, values: Sequence[str]) -> None:
+        lines.append(f"{label:<34}" + "".join(f"{v:>18}" for v in values))
+
+    for training_mode, title in (("standard", "Standard (Adam)"), ("natural", "Natural gradient")):
+        picked = [runs[(training_mode, mode)] for mode in ELBO_MODES]
+        lines.append(f"{title}")
+        row("  step size", [_fmt(r["learning_rate"], "g") for r in picked])
+        row("  iterations", [str(r["iterations"]) for r in picked])
+        row("  final ELBO", [_fmt(r["final_elbo"]) for r in picked])
+        row("  reconstruction error", [_fmt(r["reconstruction_error"], ".6f") for r in picked])
+        row("  wall time (s)", [_fmt(r["seconds"]) for r in picked])
+        row("  iterations to 0.1% of final", [_fmt(r["iterations_to_0.1%"], "d") for r in picked])
+        row("  seconds to 0.1% of final", [_fmt(r["seconds_to_0.1%"], ".3f") for r in picked])
+    lines.append("Improvement (natural vs standard)")
+    picked = [comparisons[mode] for mode in ELBO_MODES]
+    row("  ELBO improvement", [_fmt(c["elbo_improvement"], "+.2f") for c in picked])
+    row("  ELBO improvement (%)", [_fmt(c["elbo_improvement_percent"], "+.3f") for c in picked])
+    row("  speedup (iterations to 0.1%)", [_fmt(c["speedup_iterations"], ".1f") for c in picked])
+    row("  speedup (seconds to 0.1%)", [_fmt(c["speedup_seconds"], ".1f") for c in picked])
+    row(
+        "  iters to 0.1% of best, std",
+        [_fmt(c["iterations_to_0.1%_of_best_final"]["standard"], "d") for c in picked],
+    )
+    row(
+        "  iters to 0.1% of best, natural",
+        [_fmt(c["iterations_to_0.1%_of_best_final"]["natural"], "d") for c in picked],
+    )
+    return "\n".join(lines)
+
+
+def format_peer_table(natgrad_run: dict, peers: dict, comparisons: dict) -> str:
+    """Wall time and deviance of natgrad (natural, lower-bound) and the peers."""
+    lines = [
+        f"{'method':<46}{'seconds':>10}{'deviance':>14}{'rel. error':>12}",
+        f"{'natgrad PNMF natural, lower-bound':<46}{natgrad_run['seconds']:>10.2f}"
+        f"{natgrad_run['deviance']:>14.1f}{natgrad_run['reconstruction_error']:>12.4f}",
+    ]
+    for key, peer in peers.items():
+        lines.append(
+            f"{peer['name']:<46}{peer['seconds']:>10.2f}{peer['deviance']:>14.1f}"
+            f"{peer['reconstruction_error']:>12.4f}"
+        )
+        comparison = comparisons[key]
+        lines.append(
+            f"  to deviance {comparison['target_deviance']:.1f}: natgrad "
+            f"{_fmt(comparison['natgrad_seconds'], '.3f')} s, {key} "
+            f"{_fmt(comparison['peer_seconds'], '.3f')} s, speedup "
+            f"{_fmt(comparison['speedup'], '.1f')}x"
+        )
+    return "\n".join(lines)
+
+
+def plot_grid(runs: dict, out: Path, suffix: str) -> list[Path]:
+    """The seed's two figures: per-mode comparison and cross-mode ELBO comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"standard": "tab:blue", "natural": "tab:red"}
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for column, mode in enumerate(ELBO_MODES):
+        for training_mode in TRAINING_MODES:
+            run = runs[(training_mode, mode)]
+            history = -np.asarray(run["elbo_history"])
+            iterations = np.arange(1, len(history) + 1)
+            label = f"{training_mode} ({run['iterations']} it)"
+            axes[0, column].loglog(iterations, history, color=colors[training_mode], label=label)
+            gap = np.asarray(run["smoothed_history"]) - run["final_elbo"]
+            axes[1, column].loglog(
+                iterations, np.abs(gap) + 1e-3, color=colors[training_mode], label=training_mode
+            )
+        axes[0, column].set_title(f"mode = {mode!r}")
+        axes[0, column].set_ylabel("−ELBO")
+        axes[1, column].set_ylabel("|smoothed ELBO − final ELBO|")
+        axes[1, column].set_xlabel("iteration")
+        axes[0, column].legend()
+        axes[1, column].legend()
+    figure.tight_layout()
+    comparison = out / f"natural_gradient_comparison{suffix}.png"
+    figure.savefig(comparison, dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for panel, training_mode in zip(axes, TRAINING_MODES, strict=True):
+        for mode in ELBO_MODES:
+            run = runs[(training_mode, mode)]
+            history = np.asarray(run["smoothed_history"])
+            panel.semilogx(np.arange(1, len(history) + 1), history, label=mode)
+        panel.set_title(f"training_mode = {training_mode!r}")
+        panel.set_xlabel("iteration")
+        panel.set_ylabel("ELBO (20-iteration trailing mean)")
+        panel.legend()
+    figure.tight_layout()
+    cross = out / f"natural_gradient_elbo_comparison{suffix}.png"
+    figure.savefig(cross, dpi=110)
+    plt.close(figure)
+    return [comparison, cross]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="natgrad bench pnmf", description=__doc__)
+    parser.add_argument("--datasets", default="synthetic,digits", help="comma-separated")
+    parser.add_argument("--max-iter", type=int, default=8000, help="synthetic grid (seed)")
+    parser.add_argument("--digits-max-iter", type=int, default=2000, help="digits grid")
+    parser.add_argument("--float64", action="store_true", help="fit in float64 (default float32)")
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--E", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--standard-lr", type=float, default=0.005, help="Adam (seed: 0.005)")
+    parser.add_argument("--pnmf-iter", type=int, default=300, help="pnmf 0.1.0 iterations")
+    parser.add_argument("--no-peers", action="store_true", help="skip pnmf 0.1.0 and sklearn")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="max-iter 300, pnmf-iter 30")
+    return parser
+
+
+def run_dataset(
+    name: str, counts: np.ndarray, n_components: int, max_iter: int, args, progress
+) -> dict:
+    """The 3 × 2 grid and, unless ``--no-peers``, the two peers on one data set."""
+    runs = {}
+    for training_mode in TRAINING_MODES:
+        for mode in ELBO_MODES:
+            progress.set_postfix_str(f"{name}: {training_mode}, {mode}")
+            trace = training_mode == "natural" and mode == "lower-bound"
+            runs[(training_mode, mode)] = run_pnmf(
+                counts, n_components, training_mode, mode, max_iter, args, trace_deviance=trace
+            )
+            progress.update()
+    comparisons = {
+        mode: compare_pair(runs[("standard", mode)], runs[("natural", mode)]) for mode in ELBO_MODES
+    }
+    peers: dict[str, dict] = {}
+    peer_comparisons: dict[str, dict] = {}
+    if not args.no_peers:
+        progress.set_postfix_str(f"{name}: pnmf 0.1.0")
+        peers["pnmf"] = run_seed_peer(counts, n_components, args)
+        progress.update()
+        progress.set_postfix_str(f"{name}: scikit-learn")
+        peers["sklearn"] = run_sklearn_peer(counts, n_components, args)
+        progress.update()
+        natgrad_run = runs[("natural", "lower-bound")]
+        peer_comparisons = {key: compare_with_peer(natgrad_run, p) for key, p in peers.items()}
+    return {
+        "shape": list(counts.shape),
+        "n_components": n_components,
+        "runs": runs,
+        "comparisons": comparisons,
+        "peers": peers,
+        "peer_comparisons": peer_comparisons,
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the benchmark; print the tables; write JSON and plots under ``--out``."""
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(list(argv))
+    if args.quick:
+        args.max_iter, args.pnmf_iter = min(args.max_iter, 300), min(args.pnmf_iter, 30)
+        args.digits_max_iter = min(args.digits_max_iter, 300)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    loaders = {
+        "synthetic": (lambda: synthetic_counts(args.seed), 5, args.max_iter),
+        "digits": (digits_counts, 10, args.digits_max_iter),
+    }
+    names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(loaders))
+    if unknown:
+        raise SystemExit(f"unknown dataset(s) {unknown}; choose from {sorted(loaders)}")
+    per_dataset = 6 + (0 if args.no_peers else 2)
+    results: dict[str, Any] = {"settings": {**vars(args), "out": str(args.out)}, "datasets": {}}
+    started = time.perf_counter()
+    with tqdm(total=per_dataset * len(names), desc="natgrad bench pnmf", unit="fit") as progress:
+        for name in names:
+            load, n_components, max_iter = loaders[name]
+            results["datasets"][name] = run_dataset(
+                name, load(), n_components, max_iter, args, progress
+            )
+    total = time.perf_counter() - started
+    for name, result in results["datasets"].items():
+        shape = "x".join(map(str, result["shape"]))
+        print(f"\n== {name}: {shape} counts, {result['n_components']} components ==")
+        print(format_grid_table(result["runs"], result["comparisons"]))
+        grid_seconds = sum(run["seconds"] for run in result["runs"].values())
+        print(f"grid wall time: {grid_seconds:.1f} s")
+        if result["peers"]:
+            print()
+            natgrad_run = result["runs"][("natural", "lower-bound")]
+            print(format_peer_table(natgrad_run, result["peers"], result["peer_comparisons"]))
+        suffix = "" if name == "synthetic" else f"_{name}"
+        for path in plot_grid(result["runs"], args.out, suffix):
+            print(f"wrote {path}")
+        result["runs"] = {f"{t}/{m}": run for (t, m), run in result["runs"].items()}
+    precision = "float64" if args.float64 else "float32"
+    print(f"\ntotal wall time: {total:.1f} s (torch threads: {args.threads}, {precision})")
+    json_path = args.out / "pnmf_benchmark.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {json_path}")
+    return 0
