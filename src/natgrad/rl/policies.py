@@ -172,7 +172,8 @@ class GaussianMLPPolicy(Policy):
 
     Notes
     -----
-    Parameters are ``mean.*`` followed by ``log_std`` of shape ``(action_dim,)``.
+    In ``parameters()`` order (the flat order of the Fisher), ``log_std`` of shape
+    ``(action_dim,)`` comes first, then the parameters of ``mean``.
     """
 
     def __init__(
@@ -192,10 +193,10 @@ class GaussianMLPPolicy(Policy):
         self.log_std = nn.Parameter(torch.full((action_dim,), float(log_std_init)))
 
     def forward(self, observations: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mean, log_std)``, both of shape ``(N, action_dim)``."""
+        """``(mean, log_std)``, both of shape ``(N, action_dim)`` (new tensors, not views)."""
         self._check_observations(observations)
         mean = self.mean(observations)
-        return mean, self.log_std.expand_as(mean)
+        return mean, torch.zeros_like(mean) + self.log_std
 
     def distribution_from(self, outputs: tuple[Tensor, ...]) -> Independent:
         mean, log_std = outputs
