@@ -147,6 +147,9 @@ class KFAC:
     float64 parameters), also under ``torch.autocast``. Under ``torch.distributed`` the sums of
     the statistics and the sample counts are all-reduced, so N processes equal one process on the
     global batch.
+
+    Statistics are recorded only by modules in training mode with gradients enabled; call
+    :meth:`remove` before running the model under ``torch.func`` transforms.
     """
 
     def __init__(
