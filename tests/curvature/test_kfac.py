@@ -328,3 +328,26 @@ def test_invalid_models_and_arguments_raise() -> None:
         build_kfac(model, inputs, likelihood="cauchy")
     with pytest.raises(ValueError, match="damping"):
         build_kfac(model, inputs, likelihood="gaussian").solve(torch.zeros(8, dtype=DTYPE), -1.0)
+
+
+def test_mc_kind_converges_to_exact_kind_as_samples_grow() -> None:
+    torch.manual_seed(11)
+    model = mlp().to(DTYPE)
+    inputs = torch.randn(3, 3, dtype=DTYPE)
+    exact = build_kfac(model, inputs, likelihood="categorical").to_dense()
+
+    def mc_error(samples: int) -> float:
+        generator = torch.Generator().manual_seed(12)
+        mc = build_kfac(
+            model,
+            inputs,
+            likelihood="categorical",
+            kind="mc",
+            mc_samples=samples,
+            generator=generator,
+        ).to_dense()
+        return float(torch.linalg.norm(mc - exact) / torch.linalg.norm(exact))
+
+    many = mc_error(800)
+    assert many < 0.1
+    assert many < mc_error(4)

@@ -310,3 +310,15 @@ def test_invalid_options_raise() -> None:
     with pytest.raises(ValueError, match="damping"):
         precond.step()
     assert get_likelihood("categorical").name == "categorical"
+
+
+def test_layer_types_select_layers_and_skip_grouped_convolutions() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 1, groups=2), nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(2, 3)
+    ).to(DTYPE)
+    assert [state.name for state in KFAC(model).layers] == ["1", "3"]
+    assert [state.name for state in KFAC(model, layers=[nn.Conv2d]).layers] == ["1"]
+    with pytest.raises(ValueError, match="unsupported layer types"):
+        KFAC(model, layers=[nn.LayerNorm])
+    with pytest.raises(ValueError, match="groups=1"):
+        KFAC(model, layers=[model[0]])
