@@ -27,6 +27,46 @@ INITIAL_VARIANCE = 0.1
 EVALUATION_CHUNK_ENTRIES = 2_000_000
 
 
+def column_sums(counts: CountMatrix) -> torch.Tensor:
+    """``Σ_i y_ij``, shape ``(n_features,)``."""
+    if not counts.is_sparse:
+        return counts.dense.sum(0)
+    sums = torch.zeros(counts.n_features, dtype=counts.dtype, device=counts.device)
+    return sums.index_add_(0, counts.cols, counts.values)
+
+
+def initial_loadings(
+    column_means: torch.Tensor, n_components: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``W_jl = (ȳ_j + 10⁻³) e^{−σ₀²/2} / L · u_jl``, ``u ~ U(0.5, 1.5)``, shape ``(D, L)``.
+
+    With ``μ ≈ 0`` and ``σ² = σ₀²`` this makes the initial expected rate match the column means.
+    """
+    jitter = torch.rand(
+        (len(column_means), n_components),
+        generator=generator,
+        dtype=column_means.dtype,
+        device=generator.device,
+    ).to(column_means.device)
+    scale = np.exp(-0.5 * INITIAL_VARIANCE) / n_components
+    return (column_means + 1e-3)[:, None] * scale * (0.5 + jitter)
+
+
+def initial_posterior(
+    n_samples: int,
+    n_components: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Gaussian:
+    """``q(F) = N(0.1 ε, σ₀²)`` with ``ε ~ N(0, 1)``, batch shape ``(n_samples, n_components)``."""
+    shape = (n_samples, n_components)
+    noise = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
+    mean = (0.1 * noise).to(device)
+    variance = torch.full(shape, INITIAL_VARIANCE, dtype=dtype, device=device)
+    return gaussian_from_moments(mean, variance)
+
+
 class PNMF(TransformerMixin, BaseEstimator):
     """Poisson NMF with a Gaussian variational posterior over log-activations.
 
@@ -201,27 +241,14 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     # -- fitting ---------------------------------------------------------------------------
     def _initial_posterior(self, counts: CountMatrix, generator: torch.Generator) -> Gaussian:
-        shape = (counts.n_samples, self.n_components)
-        noise = torch.randn(shape, generator=generator, dtype=counts.dtype, device=generator.device)
-        mean = (0.1 * noise).to(counts.device)
-        variance = torch.full(shape, INITIAL_VARIANCE, dtype=counts.dtype, device=counts.device)
-        return gaussian_from_moments(mean, variance)
+        return initial_posterior(
+            counts.n_samples, self.n_components, generator, counts.dtype, counts.device
+        )
 
     def _initial_loadings(self, counts: CountMatrix, generator: torch.Generator) -> torch.Tensor:
-        if counts.is_sparse:
-            column_sums = torch.zeros(counts.n_features, dtype=counts.dtype, device=counts.device)
-            column_sums.index_add_(0, counts.cols, counts.values)
-        else:
-            column_sums = counts.dense.sum(0)
-        column_means = column_sums / counts.n_samples + 1e-3
-        jitter = torch.rand(
-            (counts.n_features, self.n_components),
-            generator=generator,
-            dtype=counts.dtype,
-            device=generator.device,
+        return initial_loadings(
+            column_sums(counts) / counts.n_samples, self.n_components, generator
         )
-        scale = np.exp(-0.5 * INITIAL_VARIANCE) / self.n_components
-        return column_means[:, None] * scale * (0.5 + jitter.to(counts.device))
 
     def _settings(
         self,
@@ -307,7 +334,10 @@ class PNMF(TransformerMixin, BaseEstimator):
     ) -> float:
         loadings = torch.as_tensor(self.components_.T, dtype=counts.dtype, device=counts.device)
         draws = max(self.E, EVALUATION_DRAWS)
-        entries_per_row = max(1, self.n_features_in_ * draws * self.n_components)
+        stored_per_row = (
+            len(counts.values) / max(counts.n_samples, 1) if counts.is_sparse else counts.n_features
+        )
+        entries_per_row = max(1, int(stored_per_row * draws * self.n_components))
         chunk = max(1, EVALUATION_CHUNK_ENTRIES // entries_per_row)
         total = 0.0
         with torch.no_grad():

@@ -81,7 +81,12 @@ class FitState:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Settings shared by the training loops (see :class:`natgrad.models.PNMF`)."""
+    """Settings shared by the training loops (see :class:`natgrad.models.PNMF`).
+
+    ``all_reduce``, when set, sums a tensor over the processes that each hold a shard of the
+    samples (see :mod:`natgrad.distributed.pnmf`); the natural loop applies it to W's
+    sufficient statistics and to the ELBO, the only quantities that couple samples.
+    """
 
     mode: ElboMode
     n_draws: int
@@ -92,6 +97,7 @@ class FitSettings:
     update_loadings: bool
     generator: torch.Generator
     callback: Callable[[int, float, FitState], None] | None = None
+    all_reduce: Callable[[Tensor], Tensor] | None = None
 
 
 def _batches(n_samples: int, settings: FitSettings, device: torch.device) -> list[Tensor | None]:
@@ -157,6 +163,9 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
             )
             numerator = state.loadings * at_new.log_term_loadings_grad
             denominator = at_new.rate_term_loadings_grad
+            if settings.all_reduce is not None:
+                numerator = settings.all_reduce(numerator)
+                denominator = settings.all_reduce(denominator)
             if index is not None:
                 scale = counts.n_samples / len(index)
                 numerator, denominator = scale * numerator, scale * denominator
@@ -167,6 +176,8 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
                 statistics = (numerator, denominator)
                 global_step += 1
             state.loadings = multiplicative_loadings(numerator, denominator)
+        if settings.all_reduce is not None:
+            epoch_elbo = float(settings.all_reduce(torch.tensor(epoch_elbo, dtype=torch.float64)))
         if _record(state, monitor, settings, iteration, epoch_elbo):
             break
     return state

@@ -1,0 +1,68 @@
+"""Data-parallel PNMF: 2 gloo processes on loopback equal one process on the same data."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from natgrad.distributed.pnmf import fit_pnmf_data_parallel
+from natgrad.models import PNMF
+
+SPLIT = 23  # uneven shards: rows [0, 23) on rank 0, [23, 60) on rank 1
+SETTINGS = {"mode": "lower-bound", "max_iter": 60, "tol": 0.0, "random_state": 5}
+
+
+def counts() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    rate = np.exp(rng.normal(size=(60, 2))) @ rng.gamma(1.0, 2.0, (9, 2)).T
+    return rng.poisson(rate).astype(np.float64)
+
+
+def worker(rank: int, world: int, port: int, output: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+        fit = fit_pnmf_data_parallel(counts()[rows], 2, **SETTINGS)
+        torch.save(fit, f"{output}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_fits(tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("pnmf_ddp") / "fit")
+    mp.spawn(worker, args=(2, free_port(), output), nprocs=2, join=True)
+    return [torch.load(f"{output}.{rank}", weights_only=False) for rank in range(2)]
+
+
+def test_two_processes_equal_one_process(two_process_fits):
+    single = fit_pnmf_data_parallel(counts(), 2, **SETTINGS)
+    first, second = two_process_fits
+    assert (first.row_offset, second.row_offset) == (0, SPLIT)
+    for fit in two_process_fits:
+        np.testing.assert_allclose(fit.components, single.components, rtol=1e-9)
+        np.testing.assert_allclose(fit.elbo_history, single.elbo_history, rtol=1e-11)
+    means = np.concatenate([first.variational_mean, second.variational_mean])
+    variances = np.concatenate([first.variational_variance, second.variational_variance])
+    np.testing.assert_allclose(means, single.variational_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(variances, single.variational_variance, rtol=1e-9)
+
+
+def test_one_process_equals_the_estimator():
+    single = fit_pnmf_data_parallel(counts(), 2, **SETTINGS)
+    estimator = PNMF(n_components=2, training_mode="natural", **SETTINGS).fit(counts())
+    np.testing.assert_allclose(single.components, estimator.components_, rtol=1e-12)
+    np.testing.assert_allclose(single.elbo_history, estimator.elbo_history_, rtol=1e-12)
