@@ -192,13 +192,14 @@ def plot(rows: list[dict]) -> Figure:
     figure = Figure(figsize=(10, 3.8))
     for axis, task in zip(figure.subplots(1, len(tasks)), tasks, strict=True):
         chosen = [row for row in rows if row["task"] == task]
-        floor = min(min(row["losses"]) for row in chosen)
+        converged_to_optimum = task.startswith("logistic")
+        floor = min(min(row["losses"]) for row in chosen) if converged_to_optimum else 0.0
         for row, style in zip(chosen, ("-o", "--s", ":^"), strict=True):
             excess = [max(loss - floor, 1e-16) for loss in row["losses"]]
             axis.semilogy(excess, style, markersize=3, label=row["method"])
         axis.set_title(task, fontsize=9)
-        axis.set_xlabel("accepted iteration")
-        axis.set_ylabel("loss - best loss")
+        axis.set_xlabel("iteration (rejected steps included)")
+        axis.set_ylabel("loss − best loss" if converged_to_optimum else "training loss")
         axis.legend(fontsize=8)
     return figure
 
