@@ -1,12 +1,14 @@
 """Parameterization invariance of natural gradient descent (NaturalGradient, exact dense Fisher).
 
 Oracles: the closed-form logistic-regression Fisher ``Xᵀ diag(p(1 − p)) X / N`` in NumPy and its
-transformation rule ``F_v = Aᵀ F_w A`` under ``w = A v``; plain gradient descent as the
-non-invariant contrast.
+transformation rule ``F_v = Aᵀ F_w A`` under ``w = A v``; the closed-form Gaussian Fisher in
+``(μ, σ)`` (``diag(1/σ², 2/σ²)``) and ``(μ, log σ)`` (``diag(1/σ², 2)``); plain gradient descent
+as the non-invariant contrast.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +19,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import natgrad
+from natgrad.curvature import Likelihood
+from natgrad.expfam import Gaussian
 from natgrad.optim import NaturalGradient
 
 
@@ -136,3 +140,94 @@ def test_ngd_gap_under_nonlinear_reparameterization_is_orders_below_gd_and_shrin
     assert ngd_gap < 1e-2 * gd_gap
     halved = _gap("ngd", 0.02, 1.0)
     assert 1.5 < halved / ngd_gap < 2.5
+
+
+class NaturalGaussianLikelihood(Likelihood):
+    """``x ~ N(μ, σ²)`` with model outputs ``(N, 2)`` = natural parameters ``(μ/σ², −1/(2σ²))``."""
+
+    name = "natural-gaussian"
+
+    def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        variance = -0.5 / outputs[:, 1]
+        mean = outputs[:, 0] * variance
+        return 0.5 * (targets - mean).square() / variance + 0.5 * torch.log(2 * math.pi * variance)
+
+    def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        variance = -0.5 / outputs[:, 1].detach()
+        noise = torch.randn(variance.shape, generator=generator, dtype=variance.dtype)
+        return outputs[:, 0].detach() * variance + variance.sqrt() * noise
+
+    def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
+        theta = outputs.detach()
+        fisher = Gaussian.from_natural(theta[:, 0], theta[:, 1], validate=False).fisher()
+        return torch.linalg.cholesky(fisher)
+
+
+class GaussianFit(nn.Module):
+    """``N(μ, σ²)`` with ``σ`` stored as itself or as ``log σ``; outputs natural parameters."""
+
+    def __init__(self, mean: float, scale: float, log_scale: bool) -> None:
+        super().__init__()
+        self.log_scale = log_scale
+        self.mean = nn.Parameter(torch.tensor(mean))
+        self.scale_param = nn.Parameter(torch.tensor(math.log(scale) if log_scale else scale))
+
+    def scale(self) -> Tensor:
+        return self.scale_param.exp() if self.log_scale else self.scale_param
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        variance = self.scale().square()
+        natural = torch.stack([self.mean / variance, -0.5 / variance])
+        return inputs.new_ones(inputs.shape[0], 1) * natural
+
+
+def _gaussian_run(log_scale: bool, method: str, lr: float, steps: int, data: Tensor) -> Tensor:
+    """``(μ, σ)`` after each step, shape ``(steps, 2)``."""
+    model = GaussianFit(0.0, 1.0, log_scale)
+    likelihood = NaturalGaussianLikelihood()
+    inputs = torch.zeros(len(data), 1)
+    if method == "ngd":
+        optimizer = NaturalGradient(model, likelihood, lr=lr, damping=0.0)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = likelihood.nll(model(inputs), data).mean()
+        loss.backward()
+        return loss
+
+    path = []
+    for _ in range(steps):
+        optimizer.step(closure)
+        path.append(torch.stack([model.mean, model.scale()]).detach())
+    return torch.stack(path)
+
+
+def _gaussian_data() -> Tensor:
+    return 2.0 + 0.5 * torch.randn(100, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("log_scale", [False, True])
+def test_gaussian_ngd_step_matches_closed_form_fisher_in_each_parameterization(log_scale):
+    data, lr = _gaussian_data(), 0.3
+    mean, scale = 0.0, 1.0
+    sample_mean, second_moment = float(data.mean()), float((data - mean).square().mean())
+    expected_mean = mean + lr * (sample_mean - mean)  # F_μμ = 1/σ²
+    if log_scale:  # F_ss = 2, ∂L/∂s = 1 − m₂/σ²
+        expected_scale = math.exp(math.log(scale) - lr * 0.5 * (1 - second_moment / scale**2))
+    else:  # F_σσ = 2/σ², ∂L/∂σ = 1/σ − m₂/σ³
+        expected_scale = scale - lr * 0.5 * scale**2 * (1 / scale - second_moment / scale**3)
+    (step,) = _gaussian_run(log_scale, "ngd", lr, 1, data)
+    torch.testing.assert_close(step, torch.tensor([expected_mean, expected_scale]))
+
+
+def test_gaussian_ngd_gap_between_sigma_and_log_sigma_is_orders_below_gd():
+    data = _gaussian_data()
+    gaps = {}
+    for method in ("ngd", "gd"):
+        plain = _gaussian_run(False, method, 0.01, 100, data)
+        logged = _gaussian_run(True, method, 0.01, 100, data)
+        gaps[method] = float((plain - logged).abs().max())
+    assert gaps["gd"] > 1e-2
+    assert gaps["ngd"] < 1e-2 * gaps["gd"]
