@@ -17,16 +17,21 @@ warm-up and repetitions, the script times
 Conventions are matched so that every library computes the same matrix: the categorical
 Fisher is the GGN of ``nn.CrossEntropyLoss(reduction="mean")`` (the MEAN over data points),
 curvlinops folds the bias into the input factor (``separate_weight_and_bias=False``) and uses
-KFAC-expand for convolutions, as natgrad does. Before timing is trusted the results are
-compared: the relative Frobenius error of each peer's result to natgrad's (Fisher-vector
-product and EKFAC product on a fixed random vector, diagonal, and per layer the Kronecker
-product ``G ⊗ A`` of the weight block, worst layer). Monte-Carlo rows are compared with
+KFAC-expand for convolutions, as natgrad does. BackPACK's K-FAC for ``Conv2d`` is another
+approximation (``G`` from location-summed output gradients, ``A`` without the ``1/T`` of KFC;
+see ``backpack/extensions/secondorder/hbp/convnd.py``), so only its ``Linear`` layers are
+compared; its bias factor is not compared either (weight block only). Before timing is
+trusted the results are compared: the relative Frobenius error of each peer's result to
+natgrad's (Fisher-vector product and EKFAC product on a fixed random vector, diagonal, and per
+layer the Kronecker product ``G ⊗ A``, worst layer). Monte-Carlo rows are compared with
 natgrad's *exact* result, so their error is sampling noise of the same size for every library.
 
 Times are medians over ``--repeats`` interleaved rounds (every method once per round, so load
-from other processes on the machine hits all methods alike) after ``--warmup`` calls each.
-Ratios: to one gradient of the same model, and to the fastest peer (curvlinops or BackPACK)
-for the same quantity. Writes ``benchmarks/results/curvature_cost.json``.
+from other processes on the machine hits all methods alike) after ``--warmup`` calls each, at
+``torch.set_num_threads(t)`` for each ``t`` of ``--threads`` (2 by default). Ratios: to one
+gradient of the same model and thread count, and to the fastest peer (curvlinops or BackPACK)
+for the same quantity; a peer whose result is not finite is flagged and not counted as a peer.
+Writes ``benchmarks/results/curvature_cost.json``.
 
     python benchmarks/curvature_cost.py [--repeats 5] [--warmup 1] [--threads 2 [1 ...]]
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import time
@@ -159,9 +165,10 @@ def relative_error(value: Tensor, reference: Tensor) -> float:
 def kronecker_relative_error(value: KroneckerFactors, reference: KroneckerFactors) -> float:
     """Worst layer's ``‖G⊗A − G'⊗A'‖_F / ‖G'⊗A'‖_F`` on the weight block, without forming it.
 
-    Uses ``‖G⊗A‖² = ‖G‖²‖A‖²`` and ``⟨G⊗A, G'⊗A'⟩ = ⟨G, G'⟩⟨A, A'⟩``. When only one side has
-    the bias folded into ``A``, both are cut to the weight block ``A[:d, :d]``. Layers that
-    ``value`` marks ``None`` are skipped.
+    With ``ΔG = G − G'`` and ``ΔA = A − A'``, ``G⊗A − G'⊗A' = ΔG⊗A + G'⊗ΔA``, whose squared
+    norm ``‖ΔG‖²‖A‖² + ‖G'‖²‖ΔA‖² + 2⟨ΔG, G'⟩⟨A, ΔA⟩`` has no cancellation (uses
+    ``⟨X⊗Y, U⊗V⟩ = ⟨X, U⟩⟨Y, V⟩``). When only one side has the bias folded into ``A``, both are
+    cut to the weight block ``A[:d, :d]``. Layers that ``value`` marks ``None`` are skipped.
     """
     errors = []
     for pair, (g_ref, a_ref) in zip(value, reference, strict=True):
@@ -170,10 +177,14 @@ def kronecker_relative_error(value: KroneckerFactors, reference: KroneckerFactor
         g, a = pair
         size = min(a.shape[0], a_ref.shape[0])
         g, a, g_ref, a_ref = (m.double() for m in (g, a[:size, :size], g_ref, a_ref[:size, :size]))
-        cross = (g * g_ref).sum() * (a * a_ref).sum()
-        norm_sq = g.square().sum() * a.square().sum()
+        dg, da = g - g_ref, a - a_ref
+        error_sq = (
+            dg.square().sum() * a.square().sum()
+            + g_ref.square().sum() * da.square().sum()
+            + 2 * (dg * g_ref).sum() * (a * da).sum()
+        )
         ref_sq = g_ref.square().sum() * a_ref.square().sum()
-        errors.append(float((norm_sq + ref_sq - 2 * cross).clamp_min(0).sqrt() / ref_sq.sqrt()))
+        errors.append(float(error_sq.clamp_min(0).sqrt() / ref_sq.sqrt()))
     return max(errors)
 
 
@@ -467,13 +478,17 @@ def benchmark(problem: Problem, repeats: int, warmup: int) -> list[dict[str, Any
     errors = errors_against_natgrad(methods)
     seconds = median_times(methods, repeats, warmup)
     gradient_seconds = seconds[0]
-    fastest_peer = {}
-    for method, elapsed in zip(methods, seconds, strict=True):
-        if method.library in PEERS:
+    fastest_peer: dict[str, float] = {}
+    for method, elapsed, error in zip(methods, seconds, errors, strict=True):
+        valid = error is None or math.isfinite(error)
+        if method.library in PEERS and valid:
             fastest_peer[method.quantity] = min(elapsed, fastest_peer.get(method.quantity, elapsed))
     rows = []
     for method, elapsed, error in zip(methods, seconds, errors, strict=True):
         peer = fastest_peer.get(method.quantity)
+        note = method.note
+        if error is not None and not math.isfinite(error):
+            note = "non-finite result (NaN/inf): time not comparable"
         rows.append(
             {
                 "model": problem.name,
@@ -485,7 +500,7 @@ def benchmark(problem: Problem, repeats: int, warmup: int) -> list[dict[str, Any
                 "x gradient": elapsed / gradient_seconds,
                 "x fastest peer": None if peer is None else elapsed / peer,
                 "rel. err.": error,
-                "note": method.note,
+                "note": note,
             }
         )
     return rows
