@@ -226,8 +226,8 @@ def test_gaussian_ngd_gap_between_sigma_and_log_sigma_is_orders_below_gd():
     data = _gaussian_data()
     gaps = {}
     for method in ("ngd", "gd"):
-        plain = _gaussian_run(False, method, 0.01, 100, data)
-        logged = _gaussian_run(True, method, 0.01, 100, data)
+        plain = _gaussian_run(False, method, 0.005, 200, data)
+        logged = _gaussian_run(True, method, 0.005, 200, data)
         gaps[method] = float((plain - logged).abs().max())
     assert gaps["gd"] > 1e-2
     assert gaps["ngd"] < 1e-2 * gaps["gd"]
