@@ -158,6 +158,8 @@ def test_agents_reject_bad_arguments():
         NPG(policy, value_function(), cg_damping=float("nan"))
     with pytest.raises(ValueError, match="backtrack_ratio"):
         TRPO(policy, value_function(), backtrack_ratio=1.0)
+    with pytest.raises(ValueError, match="gae_lambda"):
+        NPG(policy, value_function(), gae_lambda=2.0)
     with pytest.raises(ValueError, match="lr"):
         VanillaPolicyGradient(policy, value_function(), lr=-1.0)
     with pytest.raises(TypeError, match="policy"):

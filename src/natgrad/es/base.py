@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -180,5 +179,3 @@ class NaturalEvolutionStrategy(abc.ABC):
     def covariance(self) -> Tensor:
         """Covariance of the search distribution, shape ``(d, d)``."""
 
-
-Objective = Callable[[Tensor], float | Tensor]

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 
-def _check_discount(name: str, value: float) -> None:
+def check_discount(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in ``[0, 1]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
@@ -43,8 +44,8 @@ def gae_advantages(
     Tensor of shape (T,)
         The advantages ``Âₜ``; ``Âₜ + V(sₜ)`` are the λ-returns used as value targets.
     """
-    _check_discount("gamma", gamma)
-    _check_discount("lam", lam)
+    check_discount("gamma", gamma)
+    check_discount("lam", lam)
     length = rewards.shape[0]
     for name, tensor in (
         ("values", values),

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad.rl.advantages import gae_advantages
+from natgrad.rl.advantages import check_discount, gae_advantages
 from natgrad.rl.policies import Policy
 from natgrad.rl.rollouts import RolloutBatch
 from natgrad.rl.value import ValueFunction, fit_value_function
@@ -70,6 +70,8 @@ class PolicyGradient(abc.ABC):
             raise TypeError(
                 f"value_function must be a ValueFunction, got {type(value_function).__name__}"
             )
+        check_discount("gamma", gamma)
+        check_discount("gae_lambda", gae_lambda)
         check_count("value_steps", value_steps)
         check_positive("value_lr", value_lr)
         self.policy = policy
