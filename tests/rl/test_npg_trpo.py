@@ -148,6 +148,18 @@ def test_zero_advantages_refuse_the_step(agent_class):
     assert torch.equal(flat(policy), before)
 
 
+def test_npg_refuses_a_step_that_overflows_the_policy():
+    """A huge trust region overflows exp(log σ): the KL is not finite, the step is undone."""
+    policy = gaussian_policy(seed=5)
+    observations, actions, advantages = batch(policy, seed=6)
+    before = flat(policy)
+    stats = NPG(policy, value_function(), max_kl=1e300).policy_step(
+        observations, actions, advantages
+    )
+    assert stats["accepted"] == 0.0
+    assert torch.equal(flat(policy), before)
+
+
 def test_agents_reject_bad_arguments():
     policy = categorical_policy(seed=0)
     with pytest.raises(ValueError, match="max_kl"):

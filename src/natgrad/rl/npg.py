@@ -104,7 +104,7 @@ class NPG(PolicyGradient):
             old_log_probs = self.policy.distribution_from(old_outputs).log_prob(actions)
         proposal = self.natural_step(observations, actions, advantages)
         if proposal is None:
-            return {"kl": 0.0, "accepted": 0.0, "step_fraction": 0.0}
+            return refused(advantages)
         step = proposal[0]
         start = flat_parameters(self.policy)
         return self.apply_step(
@@ -121,9 +121,21 @@ class NPG(PolicyGradient):
         old_outputs: tuple[Tensor, ...],
         old_log_probs: Tensor,
     ) -> dict[str, float]:
-        """Move the parameters from ``start`` to ``start + step`` and report the exact KL."""
+        """Move the parameters from ``start`` to ``start + step`` and report the exact KL.
+
+        The step is refused (parameters restored) if the new policy's KL or surrogate is not
+        finite.
+        """
         set_flat_parameters(self.policy, start + step)
         with torch.no_grad():
-            kl = self.policy.kl_divergence(old_outputs, self.policy(observations)).mean()
-            gain = surrogate(self.policy, observations, actions, advantages, old_log_probs)
-        return {"kl": float(kl), "accepted": 1.0, "step_fraction": 1.0, "surrogate": float(gain)}
+            kl = float(self.policy.kl_divergence(old_outputs, self.policy(observations)).mean())
+            gain = float(surrogate(self.policy, observations, actions, advantages, old_log_probs))
+        if not (math.isfinite(kl) and math.isfinite(gain)):
+            set_flat_parameters(self.policy, start)
+            return refused(advantages)
+        return {"kl": kl, "accepted": 1.0, "step_fraction": 1.0, "surrogate": gain}
+
+
+def refused(advantages: Tensor) -> dict[str, float]:
+    """Statistics of a refused step: the policy is unchanged, the surrogate at ``π_old``."""
+    return {"kl": 0.0, "accepted": 0.0, "step_fraction": 0.0, "surrogate": float(advantages.mean())}

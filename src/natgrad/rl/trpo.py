@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad.rl.npg import NPG
+from natgrad.rl.npg import NPG, refused
 from natgrad.rl.policies import Policy
 from natgrad.rl.policy_fisher import set_flat_parameters
 from natgrad.rl.policy_gradient import check_count, surrogate
@@ -72,4 +72,4 @@ class TRPO(NPG):
             if math.isfinite(kl) and math.isfinite(gain) and kl <= self.max_kl and gain > baseline:
                 return {"kl": kl, "accepted": 1.0, "step_fraction": fraction, "surrogate": gain}
         set_flat_parameters(self.policy, start)
-        return {"kl": 0.0, "accepted": 0.0, "step_fraction": 0.0, "surrogate": baseline}
+        return refused(advantages)
