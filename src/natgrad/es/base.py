@@ -178,4 +178,3 @@ class NaturalEvolutionStrategy(abc.ABC):
     @abc.abstractmethod
     def covariance(self) -> Tensor:
         """Covariance of the search distribution, shape ``(d, d)``."""
-
