@@ -51,6 +51,7 @@ def test_bad_counts_raise(counts, message):
         ({"learning_rate": -1.0}, "learning_rate must be > 0, got -1.0"),
         ({"training_mode": "natural", "learning_rate": 2.0}, r"\(0, 1\], got 2.0"),
         ({"batch_size": 0}, "batch_size must be None or an integer >= 1, got 0"),
+        ({"device": "abacus"}, "device must be 'auto' or a torch device, got 'abacus'"),
     ],
 )
 def test_bad_parameters_raise(params, message):

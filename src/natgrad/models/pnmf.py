@@ -220,7 +220,12 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     def _torch_device(self) -> torch.device:
         if self.device != "auto":
-            return torch.device(self.device)
+            try:
+                return torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(
+                    f"device must be 'auto' or a torch device, got {self.device!r}"
+                ) from error
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
