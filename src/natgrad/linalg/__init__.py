@@ -1,6 +1,18 @@
-"""natgrad.linalg: damped solves with PSD matrices, conjugate gradients, Kronecker helpers."""
+"""natgrad.linalg: damped solves with PSD matrices, conjugate gradients, Kronecker helpers,
+and inverse matrix roots."""
 
 from natgrad.linalg.cg import CGInfo, cg
+from natgrad.linalg.kron import (
+    SymmetricEigen,
+    eigenbasis_mv,
+    eigenbasis_project,
+    eigenbasis_solve,
+    factored_damping,
+    factored_solve,
+    kron_mv,
+    symmetric_eigh,
+)
+from natgrad.linalg.matrix_power import inverse_pth_root, psd_matrix_power
 from natgrad.linalg.solve import (
     add_damping,
     damped_inverse,
@@ -11,14 +23,20 @@ from natgrad.linalg.solve import (
 
 __all__ = [
     "CGInfo",
+    "SymmetricEigen",
     "add_damping",
     "cg",
     "damped_inverse",
     "damped_solve",
     "default_eigen_floor",
+    "eigenbasis_mv",
+    "eigenbasis_project",
+    "eigenbasis_solve",
+    "factored_damping",
+    "factored_solve",
+    "inverse_pth_root",
+    "kron_mv",
     "psd_eigh",
+    "psd_matrix_power",
+    "symmetric_eigh",
 ]
-from natgrad.linalg.kron import *  # noqa: F403  (Kronecker helpers, see kron.__all__)
-from natgrad.linalg.matrix_power import inverse_pth_root, psd_matrix_power
-
-__all__ += ["inverse_pth_root", "psd_matrix_power"]

@@ -1,11 +1,16 @@
-"""natgrad.optim: torch.optim optimizers and gradient preconditioners."""
+"""natgrad.optim: torch.optim optimizers and gradient preconditioners.
 
+- :class:`NaturalGradient`: ``θ ← θ − lr (F + λI)⁻¹ ∇L`` with any Fisher kind and structure.
+- :class:`KFAC`, :class:`EKFAC`: preconditioners that rewrite ``.grad`` between
+  ``loss.backward()`` and any ``torch.optim`` optimizer's ``step()``.
+- :class:`Shampoo`, :class:`AdaHessian`: optimizers with Kronecker-factored / Hessian-diagonal
+  preconditioning.
+"""
+
+from natgrad.optim.adahessian import AdaHessian
 from natgrad.optim.ekfac import EKFAC
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.natural_gradient import NaturalGradient
-
-__all__ = ["EKFAC", "KFAC", "NaturalGradient"]
-from natgrad.optim.adahessian import AdaHessian
 from natgrad.optim.shampoo import Shampoo
 
-__all__ += ["AdaHessian", "Shampoo"]
+__all__ = ["EKFAC", "KFAC", "AdaHessian", "NaturalGradient", "Shampoo"]
