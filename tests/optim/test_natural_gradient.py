@@ -197,3 +197,17 @@ def test_kl_clip_scale_and_levenberg_marquardt_rule() -> None:
     assert levenberg_marquardt_damping(1.0, 0.1, -1.0) == pytest.approx(1.5)
     assert levenberg_marquardt_damping(1.0, -0.5, -1.0) == 1.0
     assert levenberg_marquardt_damping(1.0, math.nan, -1.0) == pytest.approx(1.5)
+
+
+def test_adaptive_damping_undoes_a_step_that_raises_the_loss() -> None:
+    inputs, labels = _logistic_data(seed=7)
+    model = nn.Linear(3, 1)
+    before = _flat(model)
+    opt = NaturalGradient(model, "bernoulli", lr=50.0, damping=1e-3, adaptive_damping=True)
+    closure = _closure(model, opt, inputs, labels)
+    loss_before = float(closure())
+    opt.step(closure)
+    np.testing.assert_array_equal(_flat(model), before)
+    assert float(closure()) == loss_before
+    assert opt.counters["rejected_steps"] == 1
+    assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)

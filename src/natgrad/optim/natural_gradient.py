@@ -58,9 +58,15 @@ class NaturalGradient(torch.optim.Optimizer):
 
     Notes
     -----
+    ``lr`` may differ between param groups. ``damping`` and ``max_kl`` belong to the whole step
+    (the Fisher couples all groups): they are stored in every param group, so that they
+    round-trip through ``state_dict()`` and can be changed by a scheduler, and the first group's
+    values are used.
+
     A step whose loss, gradient or direction is non-finite is refused: the parameters are left
-    unchanged, a ``RuntimeWarning`` says why and ``refused_steps`` counts it. With
-    ``adaptive_damping`` a step that increases the loss to a non-finite value is undone.
+    unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it. With
+    ``adaptive_damping`` a step that does not decrease the loss of the closure's batch is
+    undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt.
     """
 
     def __init__(
@@ -90,7 +96,7 @@ class NaturalGradient(torch.optim.Optimizer):
         self.adaptive_damping = adaptive_damping
         self.mc_samples = mc_samples
         self.generator = generator
-        self.counters = {"steps": 0, "refused_steps": 0}
+        self.counters = {"steps": 0, "refused_steps": 0, "rejected_steps": 0}
         self._inputs: Tensor | None = None
         self._hook = model.register_forward_pre_hook(self._capture_inputs)
 
@@ -141,9 +147,10 @@ class NaturalGradient(torch.optim.Optimizer):
         if not torch.isfinite(direction).all():
             return self._refuse(loss, "the natural-gradient direction is not finite")
         update = self._scaled_update(curvature, direction)
-        self._apply(params, update, sign=-1.0)
+        previous = [p.detach().clone() for p in params] if self.adaptive_damping else []
+        self._subtract(params, update)
         if self.adaptive_damping:
-            self._adapt_damping(closure, loss, gradient, curvature, update, params)
+            self._adapt_damping(closure, loss, gradient, curvature, update, params, previous)
         self.counters["steps"] += 1
         return loss
 
@@ -179,11 +186,11 @@ class NaturalGradient(torch.optim.Optimizer):
         return update
 
     @staticmethod
-    def _apply(params: list[Tensor], update: Tensor, sign: float) -> None:
+    def _subtract(params: list[Tensor], update: Tensor) -> None:
         offset = 0
         for p in params:
             count = p.numel()
-            p.add_(update[offset : offset + count].view_as(p).to(p.dtype), alpha=sign)
+            p.sub_(update[offset : offset + count].view_as(p).to(p.dtype))
             offset += count
 
     def _adapt_damping(
@@ -194,8 +201,12 @@ class NaturalGradient(torch.optim.Optimizer):
         curvature: CurvatureOperator,
         update: Tensor,
         params: list[Tensor],
+        previous: list[Tensor],
     ) -> None:
-        """Levenberg–Marquardt: compare the actual loss change with the quadratic model's."""
+        """Levenberg–Marquardt: compare the actual loss change with the quadratic model's.
+
+        A step that does not decrease the loss is undone by restoring ``previous`` exactly.
+        """
         with torch.enable_grad():
             new_loss = closure()
         damping = self.param_groups[0]["damping"]
@@ -203,8 +214,11 @@ class NaturalGradient(torch.optim.Optimizer):
         predicted = float(-(gradient.to(update.dtype) @ update) + 0.5 * quadratic)
         actual = float(new_loss - loss)
         if not math.isfinite(actual):
-            self._apply(params, update, sign=1.0)
+            _restore(params, previous)
             self._refuse(loss, "the loss after the step is not finite; step undone")
+        elif actual > 0:
+            _restore(params, previous)
+            self.counters["rejected_steps"] += 1
         new_damping = levenberg_marquardt_damping(damping, actual, predicted)
         for group in self.param_groups:
             group["damping"] = new_damping
@@ -223,8 +237,13 @@ class NaturalGradient(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
         state = dict(state_dict)
-        self.counters = dict(state.pop("counters", {"steps": 0, "refused_steps": 0}))
+        self.counters = dict(state.pop("counters", self.counters))
         super().load_state_dict(state)
+
+
+def _restore(params: list[Tensor], previous: list[Tensor]) -> None:
+    for param, value in zip(params, previous, strict=True):
+        param.copy_(value)
 
 
 def _check_options(
