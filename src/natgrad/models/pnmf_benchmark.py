@@ -14,8 +14,9 @@ In the same run, pnmf 0.1.0 (the seed's package) and scikit-learn
 Poisson deviance of their reconstruction are compared with the time natural-gradient PNMF
 (lower-bound mode) needs to reach the same deviance.
 
-Writes ``pnmf_benchmark.json`` and the seed's two plots (``natural_gradient_comparison.png``,
-``natural_gradient_elbo_comparison.png``; ``*_digits.png`` for the digits grid) under ``--out``.
+Writes ``pnmf_benchmark.json``, the tables as ``pnmf_benchmark.md``, and the seed's two plots
+(``natural_gradient_comparison.png``, ``natural_gradient_elbo_comparison.png``; ``*_digits.png``
+for the digits grid) under ``--out``.
 """
 
 from __future__ import annotations
@@ -303,6 +304,75 @@ def format_grid_table(runs: dict, comparisons: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_grid_table(runs: dict, comparisons: dict) -> str:
+    """The seed's results table as markdown, every cell filled."""
+    header = "| Metric | Simple (MC) | Expanded (Hybrid) | Lower Bound (Analytic) |"
+    lines = [header, "| --- | --- | --- | --- |"]
+
+    def row(label: str, values: Sequence[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    for training_mode, title in (
+        ("standard", "Standard training"),
+        ("natural", "Natural gradient"),
+    ):
+        picked = [runs[(training_mode, mode)] for mode in ELBO_MODES]
+        steps = " / ".join(_fmt(r["learning_rate"], "g") for r in picked)
+        row(f"**{title}** (step {steps})", ["", "", ""])
+        row("Iterations", [str(r["iterations"]) for r in picked])
+        row("Final ELBO", [_fmt(r["final_elbo"]) for r in picked])
+        row("Reconstruction error", [_fmt(r["reconstruction_error"], ".6f") for r in picked])
+        row("Wall time (s)", [_fmt(r["seconds"]) for r in picked])
+    picked = [comparisons[mode] for mode in ELBO_MODES]
+    pairs = [(runs[("standard", m)], runs[("natural", m)]) for m in ELBO_MODES]
+    row("**Improvement**", ["", "", ""])
+    row(
+        "ELBO improvement",
+        [
+            f"{_fmt(c['elbo_improvement'], '+.2f')} "
+            f"({_fmt(c['elbo_improvement_percent'], '+.2f')} %)"
+            for c in picked
+        ],
+    )
+    row(
+        "Iterations to 0.1 %: standard / natural",
+        [
+            f"{_fmt(s['iterations_to_0.1%'], 'd')} / {_fmt(n['iterations_to_0.1%'], 'd')}"
+            for s, n in pairs
+        ],
+    )
+    row("Speedup factor (iterations)", [_fmt(c["speedup_iterations"], ".1f") + "×" for c in picked])
+    row("Speedup factor (wall time)", [_fmt(c["speedup_seconds"], ".1f") + "×" for c in picked])
+    row(
+        "Iterations to 0.1 % of best: standard / natural",
+        [
+            " / ".join(_fmt(c["iterations_to_0.1%_of_best_final"][t], "d") for t in TRAINING_MODES)
+            for c in picked
+        ],
+    )
+    return "\n".join(lines)
+
+
+def markdown_peer_table(natgrad_run: dict, peers: dict, comparisons: dict) -> str:
+    """natgrad (natural, lower-bound) and the peers as a markdown table."""
+    lines = [
+        "| method | seconds | deviance | rel. error | time to common deviance: natgrad / peer"
+        " | natgrad speedup |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| natgrad (natural, lower-bound) | {natgrad_run['seconds']:.2f} | "
+        f"{natgrad_run['deviance']:.1f} | {natgrad_run['reconstruction_error']:.4f} | | |",
+    ]
+    for key, peer in peers.items():
+        comparison = comparisons[key]
+        lines.append(
+            f"| {peer['name']} | {peer['seconds']:.2f} | {peer['deviance']:.1f} | "
+            f"{peer['reconstruction_error']:.4f} | {_fmt(comparison['natgrad_seconds'], '.3f')} s"
+            f" / {_fmt(comparison['peer_seconds'], '.3f')} s | "
+            f"{_fmt(comparison['speedup'], '.2f')}× |"
+        )
+    return "\n".join(lines)
+
+
 def format_peer_table(natgrad_run: dict, peers: dict, comparisons: dict) -> str:
     """Wall time and deviance of natgrad (natural, lower-bound) and the peers."""
     lines = [
@@ -461,11 +531,26 @@ def main(argv: Sequence[str]) -> int:
                 name, load(), n_components, max_iter, args, progress
             )
     total = time.perf_counter() - started
+    markdown = []
     for name, result in results["datasets"].items():
         shape = "x".join(map(str, result["shape"]))
+        grid_seconds = sum(run["seconds"] for run in result["runs"].values())
+        markdown += [
+            f"## {name}: {shape} counts, {result['n_components']} components",
+            "",
+            markdown_grid_table(result["runs"], result["comparisons"]),
+            "",
+            f"Grid wall time: {grid_seconds:.1f} s.",
+            "",
+        ]
+        if result["peers"]:
+            natgrad_run = result["runs"][("natural", "lower-bound")]
+            markdown += [
+                markdown_peer_table(natgrad_run, result["peers"], result["peer_comparisons"]),
+                "",
+            ]
         print(f"\n== {name}: {shape} counts, {result['n_components']} components ==")
         print(format_grid_table(result["runs"], result["comparisons"]))
-        grid_seconds = sum(run["seconds"] for run in result["runs"].values())
         print(f"grid wall time: {grid_seconds:.1f} s")
         if result["peers"]:
             print()
@@ -477,6 +562,9 @@ def main(argv: Sequence[str]) -> int:
         result["runs"] = {f"{t}/{m}": run for (t, m), run in result["runs"].items()}
     precision = "float64" if args.float64 else "float32"
     print(f"\ntotal wall time: {total:.1f} s (torch threads: {args.threads}, {precision})")
+    markdown_path = args.out / "pnmf_benchmark.md"
+    markdown_path.write_text("\n".join(markdown))
+    print(f"wrote {markdown_path}")
     json_path = args.out / "pnmf_benchmark.json"
     json_path.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {json_path}")
