@@ -12,12 +12,13 @@ per-sample ``P × P`` matrix is formed, and ``"diag"``/``"block"`` never form th
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 from torch.func import hessian as func_hessian
 
 from natgrad.curvature.base import CurvatureOperator
@@ -312,6 +313,7 @@ def ggn(
     loss_fn: LossFn,
     targets: Tensor,
     structure: str = "dense",
+    separable: bool | str | None = None,
 ) -> CurvatureOperator:
     """Generalised Gauss-Newton ``G = Jᵀ (∇²_f L) J`` of ``L = loss_fn(model(inputs), targets)``.
 
@@ -319,6 +321,14 @@ def ggn(
     trainable parameters and ``∇²_f L`` the Hessian of the loss in the outputs. The loss's own
     reduction sets the normalisation: a ``"mean"`` reduction gives the MEAN over data points
     (``nn.CrossEntropyLoss()`` gives exactly the categorical Fisher), a ``"sum"`` the sum.
+
+    For a loss that is a sum or mean of per-sample terms, ``L = s Σₙ ℓ(fₙ, yₙ)`` with
+    ``ℓ(fₙ, yₙ) = loss_fn(fₙ[None], yₙ[None])`` and ``s = 1/N`` (mean) or ``1`` (sum), the output
+    Hessian is block-diagonal and ``G = s Σₙ Jₙᵀ ∇²ℓ(fₙ) Jₙ`` is assembled from the ``N``
+    per-sample ``D × D`` Hessians (``torch.func.vmap`` over ``torch.func.hessian`` of ``ℓ``)
+    in chunks; the ``N·D × N·D`` output Hessian is never formed. Any other loss (coupling the
+    samples, e.g. through the batch mean) takes the general path: the full Jacobian
+    (``N·D × P``) times output-space Hessian-vector products, a chunk of columns at a time.
 
     Parameters
     ----------
@@ -330,11 +340,15 @@ def ggn(
         ``outputs`` (e.g. ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``).
     targets : Tensor with N entries along dim 0
     structure : {"dense", "diag", "block", "implicit"}, default "dense"
-        ``"dense"``/``"diag"``/``"block"`` form the output Hessian (``N·C × N·C``); when it is
-        block-diagonal over samples (a loss summed or averaged over samples) the GGN is
-        assembled from per-sample rows in chunks, otherwise from the full Jacobian
-        (``N·C × P``). ``"implicit"`` uses one jvp, one output-space Hessian-vector product and
-        one vjp per product.
+        ``"implicit"`` uses one jvp, one output-space Hessian-vector product and one vjp per
+        product and never forms a matrix.
+    separable : {None, True, False, "mean", "sum"}, default None
+        Whether ``L`` is ``s Σₙ ℓ(fₙ, yₙ)`` as above. ``None``: detected, for the torch losses
+        in ``SEPARABLE_LOSSES`` with reduction ``"mean"``, ``"sum"`` or ``"batchmean"`` whose
+        value equals that decomposition (a class ``weight`` or an ignored target breaks it and
+        selects the general path). ``"mean"``/``"sum"``: declared by the caller, with that
+        ``s``. ``True``: declared, ``s`` read from ``loss_fn.reduction``. ``False``: always the
+        general path. A declared decomposition is checked on the loss value.
 
     Returns
     -------
@@ -343,10 +357,12 @@ def ggn(
     Raises
     ------
     ValueError
-        Unknown structure, targets not one per input, a non-scalar or non-finite loss,
-        non-finite inputs, a model with no trainable parameters.
+        Unknown structure or ``separable``, targets not one per input, a non-scalar or
+        non-finite loss, non-finite inputs, a model with no trainable parameters, a loss
+        declared separable whose value is not ``s Σₙ ℓ(fₙ, yₙ)``.
     """
     function = _loss_setup(model, inputs, loss_fn, targets, structure)
+    scale = _declared_scale(loss_fn, separable, function.num_samples)
     outputs = function.outputs()
 
     def loss_of_outputs(values: Tensor) -> Tensor:
@@ -354,30 +370,154 @@ def ggn(
 
     if structure == "implicit":
         return _implicit_ggn(function, loss_of_outputs)
-    output_hessian = func_hessian(loss_of_outputs)(outputs).reshape(outputs.numel(), -1)
-    blocks = _per_sample_blocks(output_hessian, function.num_samples)
-    if blocks is not None:
-        eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
-        return _assembled_sum(function, eigenvectors, structure, 1.0, weights=eigenvalues)
-    jacobian = function.per_sample_jacobians(function.inputs).flatten(0, 1)
-    total = _SandwichSum(structure, function)
-    total.add(jacobian, output_hessian @ jacobian)
-    return total.operator(1.0)
+    if scale is not None:
+        blocks = _per_sample_output_hessians(loss_fn, outputs, targets, scale, separable is None)
+        if blocks is not None:
+            eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
+            return _assembled_sum(function, eigenvectors, structure, scale, weights=eigenvalues)
+    return _coupled_ggn(function, loss_of_outputs, outputs, structure)
 
 
-def _per_sample_blocks(output_hessian: Tensor, num_samples: int) -> Tensor | None:
-    """The ``(N, D, D)`` per-sample blocks if the output Hessian has no cross-sample entry.
+SEPARABLE_LOSSES = (
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.HuberLoss,
+    nn.SmoothL1Loss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.PoissonNLLLoss,
+    nn.KLDivLoss,
+    nn.MultiLabelSoftMarginLoss,
+)
+"""Torch losses :func:`ggn` treats as per-sample separable when their value confirms it."""
+_REDUCTION_PER_SAMPLE = {"mean": True, "batchmean": True, "sum": False}
+SEPARABLE_CHECK_RTOL = 64.0
+"""Tolerance of the separability check on the loss value, in units of ``N · eps(dtype)``."""
 
-    A loss that is a sum (or mean) of per-sample terms gives exact zeros off these blocks; then
-    the GGN is assembled per sample in chunks. Otherwise (``None``) the full Jacobian is used.
-    """
-    size = output_hessian.shape[0] // num_samples
-    grid = output_hessian.reshape(num_samples, size, num_samples, size)
-    index = torch.arange(num_samples, device=output_hessian.device)
-    blocks = grid[index, :, index, :]
-    if torch.count_nonzero(grid) != torch.count_nonzero(blocks):
+
+def _declared_scale(loss_fn: LossFn, separable: object, num_samples: int) -> float | None:
+    """``s`` of ``L = s Σₙ ℓ(fₙ, yₙ)`` when ``separable`` declares or detects it, else ``None``."""
+    if separable is None or separable is True:
+        reduction = getattr(loss_fn, "reduction", None)
+        if separable is None and not isinstance(loss_fn, SEPARABLE_LOSSES):
+            return None
+        if reduction not in _REDUCTION_PER_SAMPLE:
+            if separable is None:
+                return None
+            raise ValueError(
+                f"separable=True reads the reduction from loss_fn.reduction, got {reduction!r}; "
+                "pass separable='mean' or separable='sum' instead"
+            )
+    elif separable is False:
         return None
-    return 0.5 * (blocks + blocks.transpose(-1, -2))
+    elif separable in ("mean", "sum"):
+        reduction = separable
+    else:
+        raise ValueError(f"separable must be None, True, False, 'mean' or 'sum', got {separable!r}")
+    return 1.0 / num_samples if _REDUCTION_PER_SAMPLE[reduction] else 1.0
+
+
+def _per_sample_output_hessians(
+    loss_fn: LossFn, outputs: Tensor, targets: Tensor, scale: float, detected: bool
+) -> Tensor | None:
+    """The ``(N, D, D)`` Hessians ``∇²ℓ(fₙ)`` of the per-sample losses, symmetrised.
+
+    The decomposition ``L = scale · Σₙ ℓ(fₙ, yₙ)`` is checked on the loss value first; when it
+    fails, ``None`` for a ``detected`` loss (the caller takes the general path), else a
+    ValueError.
+    """
+
+    def sample_loss(output: Tensor, target: Tensor) -> Tensor:
+        return loss_fn(output.unsqueeze(0), target.unsqueeze(0))
+
+    with torch.no_grad():
+        total = loss_fn(outputs, targets)
+        pieces = vmap(sample_loss)(outputs, targets)
+    decomposed = scale * pieces.sum()
+    eps = torch.finfo(outputs.dtype).eps
+    slack = SEPARABLE_CHECK_RTOL * outputs.shape[0] * eps * (scale * pieces.abs().sum() + eps)
+    if not bool(torch.abs(total - decomposed) <= slack):
+        if detected:
+            return None
+        raise ValueError(
+            f"loss_fn was declared separable with scale {scale:g}, but loss_fn(outputs, targets)"
+            f" = {float(total):.6g} differs from scale · Σₙ loss_fn(fₙ[None], yₙ[None]) = "
+            f"{float(decomposed):.6g}"
+        )
+    size = math.prod(outputs.shape[1:])
+    hessians = vmap(func_hessian(sample_loss))(outputs, targets).reshape(-1, size, size)
+    return 0.5 * (hessians + hessians.transpose(-1, -2))
+
+
+def _coupled_ggn(
+    function: ModelFunction,
+    loss_of_outputs: Callable[[Tensor], Tensor],
+    outputs: Tensor,
+    structure: str,
+) -> CurvatureOperator:
+    """``Jᵀ (∇²_f L) J`` for any loss: the full ``(N·D, P)`` Jacobian and output-space HVPs.
+
+    ``(∇²_f L) J`` is formed a chunk of columns at a time (vmapped forward-over-reverse
+    products), so the ``N·D × N·D`` output Hessian is never held.
+    """
+    jacobian = function.per_sample_jacobians(function.inputs).flatten(0, 1)
+    output_gradient = grad(loss_of_outputs)
+
+    def output_hessian_product(column: Tensor) -> Tensor:
+        _, curved = jvp(output_gradient, (outputs,), (column.reshape(outputs.shape),))
+        return curved.reshape(-1)
+
+    products = vmap(output_hessian_product, in_dims=1, out_dims=1)
+    total = _ColumnSum(structure, function, jacobian)
+    width = max(1, ROW_BUDGET // jacobian.shape[0])
+    for start in range(0, jacobian.shape[1], width):
+        total.add(start, products(jacobian[:, start : start + width]))
+    return total.operator()
+
+
+class _ColumnSum:
+    """Collects ``Jᵀ M`` in one structure from column chunks ``M[:, start:stop]``."""
+
+    def __init__(self, structure: str, function: ModelFunction, jacobian: Tensor) -> None:
+        self.structure = structure
+        self.function = function
+        self.jacobian = jacobian
+        size = jacobian.shape[1]
+        options = {"dtype": jacobian.dtype, "device": jacobian.device}
+        if structure == "dense":
+            self.total: Tensor | list[Tensor] = torch.zeros(size, size, **options)
+        elif structure == "diag":
+            self.total = torch.zeros(size, **options)
+        else:
+            self.total = [torch.zeros(n, n, **options) for n in function.param_numels]
+        self.offsets = [0, *itertools.accumulate(function.param_numels)]
+
+    def add(self, start: int, columns: Tensor) -> None:
+        """Add the chunk ``columns = M[:, start:start + width]``."""
+        stop = start + columns.shape[1]
+        if self.structure == "dense":
+            self.total[:, start:stop] = self.jacobian.T @ columns
+            return
+        if self.structure == "diag":
+            self.total[start:stop] = (self.jacobian[:, start:stop] * columns).sum(0)
+            return
+        for block, low, high in zip(self.total, self.offsets, self.offsets[1:], strict=False):
+            first, last = max(start, low), min(stop, high)
+            if first < last:
+                block[:, first - low : last - low] = (
+                    self.jacobian[:, low:high].T @ columns[:, first - start : last - start]
+                )
+
+    def operator(self) -> CurvatureOperator:
+        """The collected ``Jᵀ M``, symmetrised, as an operator."""
+        shapes = self.function.param_shapes
+        if self.structure == "dense":
+            return Dense(_symmetrised(self.total), shapes)
+        if self.structure == "diag":
+            return Diagonal(self.total, shapes)
+        return BlockDiagonal([_symmetrised(block) for block in self.total], shapes)
 
 
 def _implicit_ggn(function: ModelFunction, loss_of_outputs: Callable[[Tensor], Tensor]) -> Implicit:
