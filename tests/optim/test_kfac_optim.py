@@ -322,3 +322,131 @@ def test_layer_types_select_layers_and_skip_grouped_convolutions() -> None:
         KFAC(model, layers=[nn.LayerNorm])
     with pytest.raises(ValueError, match="groups=1"):
         KFAC(model, layers=[model[0]])
+
+
+def unit_residual_regression(seed: int):
+    """``nn.Linear(3, 1)`` on one sample whose residual is 1, loss ``½ (f − y)²``: the empirical
+    Fisher ``r² [x, 1][x, 1]ᵀ`` equals the Hessian, so K-FAC's quadratic model is exact."""
+    generator = torch.Generator().manual_seed(seed)
+    model = nn.Linear(3, 1).to(DTYPE)
+    inputs = torch.randn(1, 3, generator=generator, dtype=DTYPE)
+    with torch.no_grad():
+        targets = model(inputs) - 1.0
+
+    def loss_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = functional_call(model, params, (inputs,))
+        return 0.5 * (outputs - targets).pow(2).sum() / len(inputs)
+
+    return model, loss_at
+
+
+def adaptive_step(lr: float, damping: float = 1e-3, seed: int = 0):
+    """One adaptive K-FAC step; returns the preconditioner and the dense oracle's prediction."""
+    model, loss_at = unit_residual_regression(seed)
+    precond = KFAC(
+        model,
+        factor_decay=0.0,
+        inv_update_interval=1,
+        damping=damping,
+        adaptive_damping=True,
+        damping_adaptation_interval=1,
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = loss_at(dict(model.named_parameters()))
+    loss.backward()
+    gradient = flat_grads(model)
+    precond.step()
+    assert precond.damping_update_due
+    torch.optim.SGD(model.parameters(), lr=lr).step()
+    after = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        loss_after = loss_at(after)
+    precond.update_damping(loss, loss_after)
+    assert not precond.damping_update_due
+    precond.remove()
+    delta = torch.cat([(after[name] - before[name]).reshape(-1) for name in before])
+    hessian = torch.func.hessian(lambda flat: loss_at(unflatten(flat, before)))(
+        torch.cat([value.reshape(-1) for value in before.values()])
+    )
+    predicted = gradient @ delta + 0.5 * delta @ (hessian + damping * torch.eye(len(delta))) @ delta
+    return precond, float(predicted), float(loss_after - loss.detach())
+
+
+def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, value in like.items():
+        out[name] = flat[offset : offset + value.numel()].reshape(value.shape)
+        offset += value.numel()
+    return out
+
+
+def test_adaptive_damping_decreases_when_the_quadratic_model_is_exact() -> None:
+    damping = 1e-3
+    precond, predicted, actual = adaptive_step(lr=0.5, damping=damping)
+    update = precond.last_damping_update
+    torch.testing.assert_close(update["predicted"], predicted, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(update["actual"], actual, rtol=1e-10, atol=1e-12)
+    assert update["ratio"] == pytest.approx(1.0, abs=1e-2)
+    assert precond.current_damping() == pytest.approx(damping * 19 / 20, rel=1e-12)
+
+
+def test_adaptive_damping_increases_when_the_step_overshoots() -> None:
+    damping = 1e-3
+    precond, predicted, actual = adaptive_step(lr=3.0, damping=damping)
+    update = precond.last_damping_update
+    assert actual > 0 and predicted > 0  # lr = 3 > 2 overshoots the model's own minimum
+    torch.testing.assert_close(update["predicted"], predicted, rtol=1e-10, atol=1e-12)
+    assert update["ratio"] == -math.inf
+    assert precond.current_damping() == pytest.approx(damping * 20 / 19, rel=1e-12)
+
+
+def test_adaptive_damping_every_interval_and_state_round_trip() -> None:
+    torch.manual_seed(11)
+    model = mlp()
+    options = {"damping": 0.1, "adaptive_damping": True, "damping_adaptation_interval": 3}
+    options |= {"damping_decay": 0.5, "inv_update_interval": 1}
+    precond = KFAC(model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    due = []
+    for inputs, targets in batches(7, seed=2):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        precond.step()
+        optimizer.step()
+        due.append(precond.damping_update_due)
+        if precond.damping_update_due:
+            with torch.no_grad():
+                loss_after = nn.functional.cross_entropy(model(inputs), targets)
+            previous = precond.current_damping()
+            new = precond.update_damping(loss, loss_after)
+            assert new / previous in (pytest.approx(0.5), 1.0, pytest.approx(2.0))
+    assert due == [True, False, False, True, False, False, True]
+    assert precond.last_damping_update is not None
+    resumed = KFAC(mlp(), **options)
+    resumed.load_state_dict(copy.deepcopy(precond.state_dict()))
+    assert resumed.current_damping() == precond.current_damping()
+    assert resumed.current_damping() != 0.1 or precond.last_damping_update["ratio"] >= 0.25
+
+
+def test_adaptive_damping_bad_input_raises() -> None:
+    model = mlp()
+    with pytest.raises(ValueError, match="positive float initial damping"):
+        KFAC(model, adaptive_damping=True, damping=lambda step: 0.1)
+    with pytest.raises(ValueError, match="positive float initial damping"):
+        KFAC(model, adaptive_damping=True, damping=0.0)
+    with pytest.raises(ValueError, match="damping_decay"):
+        KFAC(model, adaptive_damping=True, damping_decay=1.5)
+    with pytest.raises(ValueError, match="damping_bounds"):
+        KFAC(model, adaptive_damping=True, damping=1.0, damping_bounds=(2.0, 3.0))
+    precond = KFAC(model, inv_update_interval=1)
+    backward(model, torch.randn(2, 3, dtype=DTYPE), torch.tensor([0, 1]))
+    precond.step()
+    with pytest.raises(ValueError, match="damping_update_due"):
+        precond.update_damping(1.0, 0.5)
+    adaptive_model = mlp()
+    adaptive = KFAC(adaptive_model, adaptive_damping=True, inv_update_interval=1)
+    backward(adaptive_model, torch.randn(2, 3, dtype=DTYPE), torch.tensor([0, 1]))
+    adaptive.step()
+    with pytest.raises(ValueError, match="loss_before"):
+        adaptive.update_damping(math.nan, 0.5)

@@ -10,6 +10,19 @@ Attach it to a model and call it between ``loss.backward()`` and any ``torch.opt
         precond.step()          # rewrites .grad of the preconditioned layers in place
         optimizer.step()
 
+With ``adaptive_damping=True`` the damping ``λ`` follows the Levenberg–Marquardt rule of Martens
+& Grosse (2015, §6.5): every ``damping_adaptation_interval`` steps :meth:`KFAC.step` records the
+gradient and the parameters, and after the optimizer's step the loss of the same batch is
+reported back::
+
+        loss.backward()
+        precond.step()
+        optimizer.step()
+        if precond.damping_update_due:
+            with torch.no_grad():
+                loss_after = loss_fn(model(inputs), targets)
+            precond.update_damping(loss, loss_after)
+
 Forward hooks record layer inputs and tensor hooks on the layer outputs record output gradients;
 :meth:`KFAC.step` folds them into running factors ``A_l``, ``G_l`` (exponential moving average),
 refreshes the eigendecompositions every ``inv_update_interval`` steps and replaces each layer's
@@ -21,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -35,6 +49,7 @@ from natgrad.distributed.reduce import (
     world_size,
 )
 from natgrad.optim.kfac_layers import EmbeddingState, KroneckerLayerState, LayerState
+from natgrad.optim.trust_region import levenberg_marquardt_damping
 
 __all__ = ["KFAC"]
 
@@ -53,6 +68,39 @@ def _schedule_value(name: str, schedule: Schedule, step: int) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and non-negative, got {value!r} at step {step}")
     return value
+
+
+def _check_adaptive_damping(
+    adaptive: bool,
+    damping: Schedule,
+    decay: float | None,
+    bounds: tuple[float, float],
+    interval: int,
+) -> float:
+    """Validate the adaptive-damping options; returns the decay ``ω``."""
+    if not adaptive:
+        return (19 / 20) ** interval if decay is None else float(decay)
+    if callable(damping) or not (math.isfinite(damping) and damping > 0):
+        raise ValueError(
+            f"adaptive_damping needs a positive float initial damping, got {damping!r}"
+        )
+    low, high = bounds
+    if not 0 < low <= damping <= high:
+        raise ValueError(f"damping_bounds {bounds!r} must satisfy 0 < low <= damping <= high")
+    if decay is None:
+        return (19 / 20) ** interval
+    if not 0 < decay < 1:
+        raise ValueError(f"damping_decay must lie in (0, 1), got {decay!r}")
+    return float(decay)
+
+
+@dataclass
+class _DampingProbe:
+    """What :meth:`KFAC.update_damping` needs from the step it assesses: the damping used and,
+    per layer, the raw gradient matrix and the parameter matrix before the optimizer's step."""
+
+    damping: float
+    layers: list[tuple[LayerState, Tensor, Tensor]]
 
 
 def _supported(module: nn.Module) -> bool:
@@ -112,7 +160,16 @@ class KFAC:
         Statistics are recorded, and factors updated, on steps divisible by the first;
         eigendecompositions are refreshed on steps divisible by the second.
     damping : float or callable(step) -> float, default 1e-3
-        Tikhonov damping ``λ``.
+        Tikhonov damping ``λ`` (with ``adaptive_damping``: its initial value, a positive float).
+    adaptive_damping : bool, default False
+        Adapt ``λ`` by the Levenberg–Marquardt rule (see :meth:`update_damping`).
+    damping_adaptation_interval : int, default 5
+        ``T``: the damping is adapted after the steps divisible by ``T`` (from ``start_step``).
+    damping_decay : float in (0, 1), optional
+        ``ω``: ``λ ← ω λ`` when the reduction ratio exceeds 3/4, ``λ ← λ / ω`` when it is below
+        1/4. Default ``(19/20)^T`` (Martens & Grosse 2015).
+    damping_bounds : (float, float), default (1e-8, 1e8)
+        The adapted damping is kept within these.
     damping_mode : {"eigen", "factored"}, default "eigen"
         ``"eigen"``: exact ``(G ⊗ A + λI)⁻¹`` in the Kronecker eigenbasis. ``"factored"``:
         ``(G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹`` with Martens & Grosse's π (needs ``λ > 0``).
@@ -162,6 +219,10 @@ class KFAC:
         factor_update_interval: int = 1,
         inv_update_interval: int = 10,
         damping: Schedule = 1e-3,
+        adaptive_damping: bool = False,
+        damping_adaptation_interval: int = 5,
+        damping_decay: float | None = None,
+        damping_bounds: tuple[float, float] = (1e-8, 1e8),
         damping_mode: str = "eigen",
         kl_clip: float | None = None,
         lr: Schedule | None = None,
@@ -198,6 +259,16 @@ class KFAC:
         )
         self.inv_update_interval = _positive_int("inv_update_interval", inv_update_interval)
         self.damping = damping
+        self.adaptive_damping = bool(adaptive_damping)
+        self.damping_adaptation_interval = _positive_int(
+            "damping_adaptation_interval", damping_adaptation_interval
+        )
+        self.damping_decay = _check_adaptive_damping(
+            adaptive_damping, damping, damping_decay, damping_bounds, damping_adaptation_interval
+        )
+        self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
+        self.last_damping_update: dict[str, float] | None = None
+        self._damping_probe: _DampingProbe | None = None
         self.damping_mode = damping_mode
         self.kl_clip = kl_clip
         self.lr = lr
@@ -286,10 +357,76 @@ class KFAC:
         """``λ`` at the current step."""
         return _schedule_value("damping", self.damping, self.steps)
 
+    @property
+    def damping_update_due(self) -> bool:
+        """Whether the last :meth:`step` waits for :meth:`update_damping`."""
+        return self._damping_probe is not None
+
+    @torch.no_grad()
+    def update_damping(self, loss_before: float | Tensor, loss_after: float | Tensor) -> float:
+        """Levenberg–Marquardt update of ``λ`` from the step taken since the last :meth:`step`.
+
+        Call after ``optimizer.step()`` when :attr:`damping_update_due` is true, with the loss
+        of the batch before the step (the one whose gradient :meth:`step` preconditioned) and
+        the loss of the same batch at the new parameters (evaluate it under ``torch.no_grad()``
+        so that no statistics are recorded). With ``δ`` the change of the preconditioned
+        layers' parameters, ``g`` their gradient and ``C`` the K-FAC (EKFAC) curvature, the
+        quadratic model predicts ``gᵀδ + ½ δᵀ(C + λI)δ``; the reduction ratio
+        ``ρ = (loss_after − loss_before) / predicted`` sets ``λ ← ω λ`` if ``ρ > 3/4`` and
+        ``λ ← λ / ω`` if ``ρ < 1/4``
+        (:func:`~natgrad.optim.trust_region.levenberg_marquardt_damping`).
+        Parameters outside the preconditioned layers are not in the model. Under
+        ``torch.distributed`` pass losses averaged over the processes so that all agree.
+
+        Returns
+        -------
+        float
+            The new damping; :attr:`last_damping_update` holds ``actual``, ``predicted``,
+            ``ratio`` (``-inf`` when the model predicts no decrease or the new loss is not
+            finite: a failed step) and the old and new damping.
+
+        Raises
+        ------
+        ValueError
+            If no step awaits assessment (``adaptive_damping`` off, or not a step divisible by
+            ``damping_adaptation_interval``, or already assessed), or ``loss_before`` is not
+            finite.
+        """
+        if self._damping_probe is None:
+            raise ValueError(
+                "update_damping: no step awaits assessment; call it only when "
+                "damping_update_due is true (adaptive_damping=True, once per adaptation step)"
+            )
+        before = float(loss_before)
+        if not math.isfinite(before):
+            raise ValueError(f"loss_before must be finite, got {before!r}")
+        probe, self._damping_probe = self._damping_probe, None
+        linear, quadratic = 0.0, 0.0
+        for state, grad, params_before in probe.layers:
+            delta = state.param_matrix() - params_before
+            linear += float((grad * delta).sum())
+            quadratic += float(
+                state.curvature_quadratic(delta) + probe.damping * delta.square().sum()
+            )
+        predicted = linear + 0.5 * quadratic
+        actual = float(loss_after) - before
+        self.damping = levenberg_marquardt_damping(
+            probe.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
+        )
+        self.last_damping_update = {
+            "actual": actual,
+            "predicted": predicted,
+            "ratio": actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf,
+            "damping_before": probe.damping,
+            "damping_after": self.damping,
+        }
+        return self.damping
+
     @torch.no_grad()
     def step(self) -> None:
         """Update factors/eigenbases as scheduled, then precondition the gradients in place."""
         self._layer_outputs = []
+        self._damping_probe = None
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
         refresh = self.steps % self.inv_update_interval == 0
@@ -337,6 +474,9 @@ class KFAC:
             grad = None if state.output_eigen is None else state.grad_matrix()
             if grad is not None:
                 updates.append((state, grad, state.solve(grad, damping, factored)))
+        if self.adaptive_damping and self.steps % self.damping_adaptation_interval == 0:
+            probes = [(state, grad, state.param_matrix().clone()) for state, grad, _ in updates]
+            self._damping_probe = _DampingProbe(damping, probes)
         scale = self._kl_scale([(grad, direction) for _, grad, direction in updates])
         for state, _, direction in updates:
             state.write_grad(direction * scale)
@@ -352,11 +492,15 @@ class KFAC:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Step counter and per-layer factors, eigenbases and pending sums (cloned tensors)."""
-        return {
+        """Step counter, per-layer factors, eigenbases and pending sums (cloned tensors), and
+        with ``adaptive_damping`` the current damping."""
+        state = {
             "steps": self.steps,
-            "layers": {state.name: state.state_dict() for state in self.layers},
+            "layers": {layer.name: layer.state_dict() for layer in self.layers},
         }
+        if self.adaptive_damping:
+            state["damping"] = self.damping
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a :meth:`state_dict`; the layer names must match.
@@ -371,6 +515,8 @@ class KFAC:
         if sorted(saved) != sorted(names):
             raise ValueError(f"state_dict has layers {sorted(saved)}, expected {sorted(names)}")
         self.steps = int(state_dict["steps"])
+        if self.adaptive_damping:
+            self.damping = float(state_dict["damping"])
         for state in self.layers:
             state.load_state_dict(saved[state.name])
 

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 
 from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import KroneckerLayer, input_features, output_features
-from natgrad.linalg.kron import SymmetricEigen, eigenbasis_solve, factored_solve, symmetric_eigh
+from natgrad.linalg.kron import (
+    SymmetricEigen,
+    eigenbasis_project,
+    eigenbasis_solve,
+    factored_solve,
+    symmetric_eigh,
+)
 
 __all__ = ["EmbeddingState", "KroneckerLayerState", "LayerState", "factor_dtype_for"]
 
@@ -113,6 +119,12 @@ class LayerState:
         eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
         return eigenbasis_solve(self.output_eigen, self.input_eigen, eigenvalues, matrix, damping)
 
+    def curvature_quadratic(self, matrix: Tensor) -> Tensor:
+        """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`solve` inverts (undamped)."""
+        coordinates = eigenbasis_project(self.output_eigen, self.input_eigen, matrix)
+        eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
+        return (coordinates.square() * eigenvalues).sum()
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor | None]:
         state: dict[str, Tensor | None] = {
@@ -158,6 +170,10 @@ class LayerState:
         raise NotImplementedError
 
     def write_grad(self, matrix: Tensor) -> None:
+        raise NotImplementedError
+
+    def param_matrix(self) -> Tensor:
+        """The parameters in the layout of :meth:`grad_matrix` (may share their memory)."""
         raise NotImplementedError
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
@@ -239,6 +255,9 @@ class KroneckerLayerState(LayerState):
             return None
         return self.layer.to_matrix(grads).to(self.dtype)
 
+    def param_matrix(self) -> Tensor:
+        return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
+
     def write_grad(self, matrix: Tensor) -> None:
         params = self._params()
         for index, value in self.layer.from_matrix(matrix).items():
@@ -305,6 +324,9 @@ class EmbeddingState(LayerState):
         if grad.is_sparse:
             raise ValueError(f"layer {self.name!r}: sparse embedding gradients are not supported")
         return grad.mT.to(self.dtype)
+
+    def param_matrix(self) -> Tensor:
+        return self.module.weight.detach().mT.to(self.dtype)
 
     def write_grad(self, matrix: Tensor) -> None:
         self.module.weight.grad.copy_(matrix.mT)
