@@ -81,6 +81,8 @@ def test_fitted_attributes_and_shapes(training_mode):
     assert model.components_.shape == (2, 12)
     assert np.all(model.components_ >= 0)
     assert model.n_features_in_ == 12
+    assert model.n_components_ == 2
+    assert model.learning_rate_ == (0.3 if training_mode == "natural" else 0.01)
     assert model.elbo_history_.shape == (model.n_iter_,)
     expected = np.exp(model.variational_mean_ + model.variational_variance_ / 2)
     np.testing.assert_allclose(activations, expected)

@@ -122,6 +122,11 @@ class PNMF(TransformerMixin, BaseEstimator):
     converged_ : bool
         Whether the stopping rule held before ``max_iter``.
     n_features_in_ : int
+    n_components_ : int
+    learning_rate_ : float
+        The Adam learning rate or natural step ``ρ`` actually used.
+    n_refused_steps_ : int
+        Entries whose natural step was refused as non-finite, over the whole fit.
     variational_mean_, variational_variance_ : ndarray of shape (n_samples, n_components)
         ``μ`` and ``σ²`` of ``q(F)`` for the training samples.
     """
@@ -315,6 +320,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.components_ = state.loadings.T.cpu().numpy()
         self.variational_mean_ = state.posterior.loc.cpu().numpy()
         self.variational_variance_ = state.posterior.variance.cpu().numpy()
+        self.n_components_ = self.n_components
+        self.learning_rate_ = self._learning_rate()
         self.elbo_history_ = np.asarray(state.history)
         self.n_iter_ = state.n_iter
         self.converged_ = state.converged

@@ -136,7 +136,7 @@ def run_pnmf(
     return {
         "training_mode": training_mode,
         "mode": mode,
-        "learning_rate": model._learning_rate(),
+        "learning_rate": model.learning_rate_,
         "iterations": model.n_iter_,
         "converged": model.converged_,
         "final_elbo": model.elbo_,
