@@ -22,6 +22,7 @@ for the digits grid) under ``--out``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 import warnings
@@ -484,7 +485,10 @@ def run_dataset(
     peer_comparisons: dict[str, dict] = {}
     if not args.no_peers:
         progress.set_postfix_str(f"{name}: pnmf 0.1.0")
-        peers["pnmf"] = run_seed_peer(counts, n_components, args)
+        if importlib.util.find_spec("PNMF") is not None:
+            peers["pnmf"] = run_seed_peer(counts, n_components, args)
+        else:
+            progress.write("pnmf 0.1.0 is not installed (pip install pnmf==0.1.0); skipped")
         progress.update()
         progress.set_postfix_str(f"{name}: scikit-learn")
         peers["sklearn"] = run_sklearn_peer(counts, n_components, args)
