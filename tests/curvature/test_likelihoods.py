@@ -79,3 +79,33 @@ def test_scalar_outputs_are_read_as_one_column() -> None:
     assert likelihood.natural_hessian(outputs).shape == (2, 1, 1)
     with pytest.raises(ValueError, match="do not match"):
         likelihood.nll(outputs, torch.zeros(3, dtype=DTYPE))
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
+def test_nll_gradient_matches_autograd_of_the_nll(name: str) -> None:
+    """The closed-form ``∇A(f) − T(y)`` against autograd of ``nll`` and the base-class default."""
+    likelihood = get_likelihood(name)
+    generator = torch.Generator().manual_seed(5)
+    outputs = torch.randn(7, 3, generator=generator, dtype=DTYPE)
+    targets = likelihood.sample(outputs, generator)
+    leaf = outputs.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(likelihood.nll(leaf, targets).sum(), leaf)
+    torch.testing.assert_close(likelihood.nll_gradient(outputs, targets), expected)
+    torch.testing.assert_close(Likelihood.nll_gradient(likelihood, outputs, targets), expected)
+
+
+@pytest.mark.parametrize("name", LIKELIHOOD_NAMES)
+def test_nll_gradient_is_zero_in_expectation(name: str) -> None:
+    """``E_y[∇A(f) − T(y)] = 0``: the mean of the closed form over many sampled targets."""
+    likelihood = get_likelihood(name)
+    generator = torch.Generator().manual_seed(6)
+    outputs = 0.5 * torch.randn(1, 3, generator=generator, dtype=DTYPE).expand(20_000, 3)
+    targets = likelihood.sample(outputs, generator)
+    mean_gradient = likelihood.nll_gradient(outputs, targets).mean(0)
+    torch.testing.assert_close(mean_gradient, torch.zeros(3, dtype=DTYPE), atol=0.05, rtol=0)
+
+
+def test_categorical_nll_gradient_rejects_misshaped_targets() -> None:
+    likelihood = get_likelihood("categorical")
+    with pytest.raises(ValueError, match="targets must have shape"):
+        likelihood.nll_gradient(torch.zeros(4, 3), torch.zeros(4, 3))

@@ -113,14 +113,6 @@ def _symmetrised(matrix: Tensor) -> Tensor:
 
 
 # -- Fisher ---------------------------------------------------------------------------------------
-def _nll_output_gradient(likelihood: Likelihood, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``∇_f nll(f_n, y_n)`` for every sample, shape ``(N, C)``."""
-    with torch.enable_grad():
-        leaf = outputs.detach().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(likelihood.nll(leaf, targets).sum(), leaf)
-    return gradient
-
-
 def output_factors(
     likelihood: Likelihood,
     outputs: Tensor,
@@ -149,9 +141,9 @@ def output_factors(
     if kind == "exact":
         return likelihood.natural_hessian_sqrt(outputs)
     if kind == "empirical":
-        return _nll_output_gradient(likelihood, outputs, targets).unsqueeze(-1)
+        return likelihood.nll_gradient(outputs, targets).unsqueeze(-1)
     draws = [
-        _nll_output_gradient(likelihood, outputs, likelihood.sample(outputs, generator))
+        likelihood.nll_gradient(outputs, likelihood.sample(outputs, generator))
         for _ in range(mc_samples)
     ]
     return torch.stack(draws, dim=-1) / math.sqrt(mc_samples)

@@ -5,6 +5,7 @@ For an exponential-family likelihood with natural parameter ``f`` the Fisher of 
 Every likelihood here exposes, per data point:
 
 - ``nll(outputs, targets)``: negative log-likelihood, shape ``(N,)`` (constants included);
+- ``nll_gradient(outputs, targets)``: ``∇_f nll = ∇A(f_n) − T(y_n)``, shape ``(N, C)``;
 - ``sample(outputs, generator)``: targets drawn from p(y | f);
 - ``natural_hessian(outputs)``: ``∇²A(f_n)``, shape ``(N, C, C)``;
 - ``natural_hessian_sqrt(outputs)``: ``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``, shape ``(N, C, C)``.
@@ -55,6 +56,17 @@ class Likelihood(abc.ABC):
         root = self.natural_hessian_sqrt(outputs)
         return root @ root.transpose(-1, -2)
 
+    def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``∇_f nll(f_n, y_n) = ∇A(f_n) − T(y_n)`` for every sample, shape ``(N, C)``.
+
+        By automatic differentiation of :meth:`nll`; the likelihoods here override it in
+        closed form. Not differentiable itself (the result is detached).
+        """
+        with torch.enable_grad():
+            leaf = as_matrix(outputs).detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(self.nll(leaf, targets).sum(), leaf)
+        return gradient
+
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Targets reshaped like ``as_matrix(outputs)``; raises on a shape mismatch."""
         matrix = as_matrix(outputs)
@@ -73,12 +85,23 @@ class CategoricalLikelihood(Likelihood):
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logits = as_matrix(outputs)
+        return functional.cross_entropy(logits, self._labels(logits, targets), reduction="none")
+
+    def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits = as_matrix(outputs).detach()
+        labels = self._labels(logits, targets)
+        gradient = torch.softmax(logits, dim=-1)
+        gradient[torch.arange(len(logits), device=logits.device), labels] -= 1.0
+        return gradient
+
+    @staticmethod
+    def _labels(logits: Tensor, targets: Tensor) -> Tensor:
         if targets.shape != logits.shape[:1]:
             raise ValueError(
                 f"categorical likelihood: targets must have shape ({logits.shape[0]},), "
                 f"got {tuple(targets.shape)}"
             )
-        return functional.cross_entropy(logits, targets.long(), reduction="none")
+        return targets.long()
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = torch.softmax(as_matrix(outputs).detach(), dim=-1)
@@ -104,6 +127,9 @@ class GaussianLikelihood(Likelihood):
         residual = self.check_targets(outputs, targets) - mean
         return 0.5 * residual.pow(2).sum(-1) + 0.5 * mean.shape[-1] * math.log(2 * math.pi)
 
+    def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return as_matrix(outputs).detach() - self.check_targets(outputs, targets)
+
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         mean = outputs.detach()
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
@@ -126,6 +152,10 @@ class BernoulliLikelihood(Likelihood):
         loss = functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         return loss.sum(-1)
 
+    def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        probs = torch.sigmoid(as_matrix(outputs).detach())
+        return probs - self.check_targets(outputs, targets)
+
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.bernoulli(torch.sigmoid(outputs.detach()), generator=generator)
 
@@ -143,6 +173,10 @@ class PoissonLikelihood(Likelihood):
         log_rate = as_matrix(outputs)
         counts = self.check_targets(outputs, targets)
         return (log_rate.exp() - counts * log_rate + torch.lgamma(counts + 1)).sum(-1)
+
+    def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        rates = as_matrix(outputs).detach().exp()
+        return rates - self.check_targets(outputs, targets)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.poisson(outputs.detach().exp(), generator=generator)
