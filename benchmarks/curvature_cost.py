@@ -27,11 +27,12 @@ layer the Kronecker product ``G ⊗ A``, worst layer). Monte-Carlo rows are comp
 natgrad's *exact* result, so their error is sampling noise of the same size for every library.
 
 Times are medians over ``--repeats`` interleaved rounds (every method once per round, so load
-from other processes on the machine hits all methods alike) after ``--warmup`` calls each, at
-``torch.set_num_threads(t)`` for each ``t`` of ``--threads`` (2 by default). Ratios: to one
-gradient of the same model and thread count, and to the fastest peer (curvlinops or BackPACK)
-for the same quantity; a peer whose result is not finite is flagged and not counted as a peer.
-Writes ``benchmarks/results/curvature_cost.json``.
+from other processes on the machine hits all methods alike; a method faster than 50 ms is
+called several times in a row and the mean per call taken, as ``timeit`` does) after
+``--warmup`` calls each, at ``torch.set_num_threads(t)`` for each ``t`` of ``--threads`` (2 by
+default). Ratios: to one gradient of the same model and thread count, and to the fastest peer
+(curvlinops or BackPACK) for the same quantity; a peer whose result is not finite is flagged
+and not counted as a peer. Writes ``benchmarks/results/curvature_cost.json``.
 
     python benchmarks/curvature_cost.py [--repeats 5] [--warmup 1] [--threads 2 [1 ...]]
 """
@@ -42,13 +43,11 @@ import argparse
 import copy
 import math
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import backpack
@@ -66,8 +65,6 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 import natgrad
-
-sys.path.insert(0, str(Path(__file__).parent))
 from _report import environment, print_table, save_json
 
 NAME = "curvature_cost"
@@ -83,6 +80,8 @@ COLUMNS = (
     "rel. err.",
     "note",
 )
+MIN_SAMPLE_SECONDS = 0.05
+"""A timing sample of a fast method repeats it until it lasts at least this long."""
 CONV_NOTE = "Linear layer only (conv: other convention)"
 KroneckerFactors = list[tuple[Tensor, Tensor] | None]
 """Per layer ``(G, A)``, ``A`` with or without the folded bias row/column; ``None`` for a layer
@@ -431,17 +430,31 @@ def gradient_method(problem: Problem) -> Method:
     return Method("gradient", "torch", "autograd.grad(CE(model(x), y))", gradient)
 
 
+def calls_per_sample(method: Method) -> int:
+    """Calls that make one timing sample last at least ``MIN_SAMPLE_SECONDS`` (as ``timeit``)."""
+    start = time.perf_counter()
+    method.run()
+    elapsed = time.perf_counter() - start
+    return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(elapsed, 1e-9)))
+
+
 def median_times(methods: list[Method], repeats: int, warmup: int) -> list[float]:
-    """Median seconds of each method over ``repeats`` rounds that call every method once."""
+    """Median seconds per call of each method over ``repeats`` rounds.
+
+    Each round times every method once, in turn, so that load from other processes hits all
+    methods alike; a fast method is called several times in a row per sample (mean per call).
+    """
     for method in methods:
         for _ in range(warmup):
             method.run()
+    numbers = [calls_per_sample(method) for method in methods]
     samples: list[list[float]] = [[] for _ in methods]
     for _ in range(repeats):
-        for method, times in zip(methods, samples, strict=True):
+        for method, number, times in zip(methods, numbers, samples, strict=True):
             start = time.perf_counter()
-            method.run()
-            times.append(time.perf_counter() - start)
+            for _ in range(number):
+                method.run()
+            times.append((time.perf_counter() - start) / number)
     return [statistics.median(times) for times in samples]
 
 
