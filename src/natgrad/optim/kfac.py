@@ -479,13 +479,16 @@ class KFAC:
             self._damping_probe = _DampingProbe(damping, probes)
         scale = self._kl_scale([(grad, direction) for _, grad, direction in updates])
         for state, _, direction in updates:
-            state.write_grad(direction * scale)
+            state.write_grad(direction if scale == 1.0 else direction * scale)
 
     def _kl_scale(self, pairs: list[tuple[Tensor, Tensor]]) -> float:
         if self.kl_clip is None or not pairs:
             return 1.0
         lr = _schedule_value("lr", self.lr, self.steps)
-        quadratic = abs(float(sum((grad * direction).sum() for grad, direction in pairs)))
+        products = [
+            torch.vdot(grad.reshape(-1), direction.reshape(-1)) for grad, direction in pairs
+        ]
+        quadratic = abs(float(torch.stack(products).sum()))
         if quadratic * lr**2 == 0.0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / (quadratic * lr**2)))

@@ -17,9 +17,10 @@ from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import KroneckerLayer, input_features, output_features
 from natgrad.linalg.kron import (
     SymmetricEigen,
+    eigenbasis_mv,
     eigenbasis_project,
     eigenbasis_solve,
-    factored_solve,
+    factored_damping,
     symmetric_eigh,
 )
 
@@ -33,6 +34,46 @@ def factor_dtype_for(param: Tensor) -> torch.dtype:
 
 def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
     return new if old is None else decay * old + (1.0 - decay) * new
+
+
+def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
+    """``1 / (S + λ)`` elementwise (pseudo-inverse at ``λ = 0``), as
+    :func:`~natgrad.linalg.kron.eigenbasis_solve` of the all-ones matrix in the identity basis."""
+    identity_out = SymmetricEigen(eigenvalues[:, 0], None)
+    identity_in = SymmetricEigen(eigenvalues[0], None)
+    ones = torch.ones_like(eigenvalues)
+    return eigenbasis_solve(identity_out, identity_in, eigenvalues, ones, damping)
+
+
+def _factor_inverse(eigen: SymmetricEigen, damping: float) -> Tensor:
+    """``(M + λI)⁻¹`` from ``M``'s eigendecomposition: a ``(d, d)`` matrix, or the diagonal
+    ``(d,)`` for a diagonal factor."""
+    reciprocal = (eigen.values + damping).reciprocal()
+    if eigen.vectors is None:
+        return reciprocal
+    return (eigen.vectors * reciprocal) @ eigen.vectors.mT
+
+
+class _DampedInverse:
+    """What one layer's damped solve reuses between eigendecompositions: the eigenbasis
+    reciprocal ``1/(S + λ)`` (exact damping) or the factors' inverses (factored damping)."""
+
+    def __init__(
+        self,
+        reciprocal: Tensor | None = None,
+        output_inverse: Tensor | None = None,
+        input_inverse: Tensor | None = None,
+    ) -> None:
+        self.reciprocal = reciprocal
+        self.output_inverse = output_inverse
+        self.input_inverse = input_inverse
+
+    def apply_factored(self, matrix: Tensor) -> Tensor:
+        """``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹``."""
+        left = self.output_inverse @ matrix
+        if self.input_inverse.ndim == 1:
+            return left * self.input_inverse
+        return left @ self.input_inverse
 
 
 class LayerState:
@@ -54,10 +95,39 @@ class LayerState:
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.input_factor: Tensor | None = None
         self.output_factor: Tensor | None = None
-        self.output_eigen: SymmetricEigen | None = None
-        self.input_eigen: SymmetricEigen | None = None
-        self.eigenvalues: Tensor | None = None
+        self._output_eigen: SymmetricEigen | None = None
+        self._input_eigen: SymmetricEigen | None = None
+        self._eigenvalues: Tensor | None = None
+        self._inverse: tuple[tuple[float, bool], _DampedInverse] | None = None
         self._reset_sums()
+
+    # -- eigen attributes: setting one drops the cached damped inverse ----------------------
+    @property
+    def output_eigen(self) -> SymmetricEigen | None:
+        """Eigendecomposition of ``G``."""
+        return self._output_eigen
+
+    @output_eigen.setter
+    def output_eigen(self, value: SymmetricEigen | None) -> None:
+        self._output_eigen, self._inverse = value, None
+
+    @property
+    def input_eigen(self) -> SymmetricEigen | None:
+        """Eigendecomposition of ``A`` (diagonal for embeddings)."""
+        return self._input_eigen
+
+    @input_eigen.setter
+    def input_eigen(self, value: SymmetricEigen | None) -> None:
+        self._input_eigen, self._inverse = value, None
+
+    @property
+    def eigenvalues(self) -> Tensor | None:
+        """EKFAC's re-estimated eigenvalue matrix ``(d_out, d_in)``; ``None`` for K-FAC's."""
+        return self._eigenvalues
+
+    @eigenvalues.setter
+    def eigenvalues(self, value: Tensor | None) -> None:
+        self._eigenvalues, self._inverse = value, None
 
     # -- statistics --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
@@ -113,11 +183,32 @@ class LayerState:
         return torch.outer(self.output_eigen.values, self.input_eigen.values)
 
     def solve(self, matrix: Tensor, damping: float, factored: bool) -> Tensor:
-        """``(block + λI)⁻¹ vec(matrix)`` (exact eigenbasis damping) or the factored π form."""
+        """``(block + λI)⁻¹ vec(matrix)`` (exact eigenbasis damping) or the factored π form.
+
+        The damped inverse (``1/(S + λ)`` in the eigenbasis, or the two factored inverses) is
+        built once per eigendecomposition and damping and reused until either changes.
+        """
+        key = (float(damping), factored)
+        if self._inverse is None or self._inverse[0] != key:
+            self._inverse = (key, self._damped_inverse(damping, factored))
+        inverse = self._inverse[1]
         if factored:
-            return factored_solve(self.output_eigen, self.input_eigen, matrix, damping)
-        eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
-        return eigenbasis_solve(self.output_eigen, self.input_eigen, eigenvalues, matrix, damping)
+            return inverse.apply_factored(matrix)
+        return eigenbasis_mv(self.output_eigen, self.input_eigen, inverse.reciprocal, matrix)
+
+    def _damped_inverse(self, damping: float, factored: bool) -> _DampedInverse:
+        if not factored:
+            eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
+            return _DampedInverse(reciprocal=_damped_reciprocal(eigenvalues, damping))
+        if not damping > 0:
+            raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
+        output_damping, input_damping = factored_damping(
+            self.output_eigen, self.input_eigen, damping
+        )
+        return _DampedInverse(
+            output_inverse=_factor_inverse(self.output_eigen, output_damping),
+            input_inverse=_factor_inverse(self.input_eigen, input_damping),
+        )
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
         """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`solve` inverts (undamped)."""
