@@ -22,12 +22,7 @@ LIKELIHOODS = ("bernoulli", "categorical", "poisson", "gaussian")
 OUTPUTS = {"bernoulli": 1, "categorical": 4, "poisson": 1, "gaussian": 2}
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _soft_nll(likelihood: str, natural: Tensor, targets: Tensor) -> Tensor:

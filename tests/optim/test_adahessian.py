@@ -16,13 +16,7 @@ from torch.func import functional_call, hessian
 from natgrad.optim import AdaHessian
 from natgrad.optim.adahessian import hutchinson_diagonal, rademacher_like, spatial_average
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _mlp_problem(seed: int = 0):

@@ -23,13 +23,7 @@ from natgrad.curvature import Likelihood
 from natgrad.expfam import Gaussian
 from natgrad.optim import NaturalGradient
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 class TransformedLogistic(nn.Module):

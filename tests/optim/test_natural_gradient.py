@@ -13,13 +13,7 @@ from torch import nn
 from natgrad.optim import NaturalGradient
 from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _logistic_data(seed: int = 0, n: int = 40, d: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

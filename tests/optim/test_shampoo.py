@@ -13,13 +13,7 @@ from torch import nn
 
 from natgrad.optim import Shampoo
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _gradients(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[np.ndarray]:
