@@ -7,10 +7,10 @@ from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
 from natgrad.expfam.dirichlet import initial_concentration
-from natgrad.expfam.newton import natural_from_mean_implicit
+from natgrad.expfam.newton import NewtonMeanInversion
 
 
-class Beta(ExponentialFamily):
+class Beta(NewtonMeanInversion, ExponentialFamily):
     """A batch of Beta distributions with concentrations ``a > 0`` and ``b > 0``.
 
     Parameters
@@ -60,14 +60,6 @@ class Beta(ExponentialFamily):
         a, b = theta[0] + 1.0, theta[1] + 1.0
         digamma_total = torch.digamma(a + b)
         return torch.digamma(a) - digamma_total, torch.digamma(b) - digamma_total
-
-    @classmethod
-    def _natural_from_mean(cls, *eta: Tensor) -> Params:
-        return natural_from_mean_implicit(cls, eta)
-
-    @classmethod
-    def _natural_from_mean_at(cls, eta: Params, theta: Params) -> Params:
-        return natural_from_mean_implicit(cls, eta, theta)
 
     @classmethod
     def _initial_natural(cls, *eta: Tensor) -> Params:

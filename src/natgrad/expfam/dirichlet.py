@@ -12,7 +12,7 @@ from natgrad.expfam.base import (
     require,
     require_finite,
 )
-from natgrad.expfam.newton import natural_from_mean_implicit
+from natgrad.expfam.newton import NewtonMeanInversion
 
 _EULER_GAMMA = 0.5772156649015329
 _INVERSE_DIGAMMA_STEPS = 5
@@ -43,7 +43,7 @@ def initial_concentration(mean_log: Tensor) -> Tensor:
     return inverse_digamma(torch.digamma(total) + mean_log)
 
 
-class Dirichlet(ExponentialFamily):
+class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     """A batch of Dirichlet distributions over the ``(K − 1)``-simplex.
 
     Parameters
@@ -94,14 +94,6 @@ class Dirichlet(ExponentialFamily):
         concentration = theta[0] + 1.0
         total = concentration.sum(-1, keepdim=True)
         return (torch.digamma(concentration) - torch.digamma(total),)
-
-    @classmethod
-    def _natural_from_mean(cls, *eta: Tensor) -> Params:
-        return natural_from_mean_implicit(cls, eta)
-
-    @classmethod
-    def _natural_from_mean_at(cls, eta: Params, theta: Params) -> Params:
-        return natural_from_mean_implicit(cls, eta, theta)
 
     @classmethod
     def _initial_natural(cls, *eta: Tensor) -> Params:

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
-from natgrad.expfam.newton import natural_from_mean_implicit
+from natgrad.expfam.newton import NewtonMeanInversion
 
 
-class Gamma(ExponentialFamily):
+class Gamma(NewtonMeanInversion, ExponentialFamily):
     """A batch of Gamma distributions with shape ``α > 0`` and rate ``β > 0``.
 
     Parameters
@@ -60,14 +60,6 @@ class Gamma(ExponentialFamily):
     def _mean_from_natural(cls, *theta: Tensor) -> Params:
         concentration, rate = theta[0] + 1.0, -theta[1]
         return torch.digamma(concentration) - torch.log(rate), concentration / rate
-
-    @classmethod
-    def _natural_from_mean(cls, *eta: Tensor) -> Params:
-        return natural_from_mean_implicit(cls, eta)
-
-    @classmethod
-    def _natural_from_mean_at(cls, eta: Params, theta: Params) -> Params:
-        return natural_from_mean_implicit(cls, eta, theta)
 
     @classmethod
     def _initial_natural(cls, *eta: Tensor) -> Params:

@@ -197,3 +197,19 @@ def natural_from_mean_implicit(
         theta = solve_natural_from_mean(family, eta, family._initial_natural(*eta))
     theta = tuple(t.detach() for t in theta)
     return _ImplicitNaturalFromMean.apply(family, len(eta), *eta, *theta)
+
+
+class NewtonMeanInversion:
+    """Mixin for families with no closed-form ``η → θ`` (Gamma, Beta, Dirichlet).
+
+    ``θ(η)`` comes from :func:`natural_from_mean_implicit`: Newton's method forward, the
+    implicit-function theorem backward. The family supplies ``_initial_natural`` (the start).
+    """
+
+    @classmethod
+    def _natural_from_mean(cls, *eta: Tensor) -> Params:
+        return natural_from_mean_implicit(cls, eta)
+
+    @classmethod
+    def _natural_from_mean_at(cls, eta: Params, theta: Params) -> Params:
+        return natural_from_mean_implicit(cls, eta, theta)
