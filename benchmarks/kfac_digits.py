@@ -14,11 +14,14 @@ hand it to SGD with momentum 0.9. (The empirical Fisher from the loss backward a
 the autoencoder, at the loss of predicting the mean image.) For every (task, optimizer) the best
 learning rate is the one reaching the target in the least wall time (or, if none reaches it, the
 best final metric). Wall time counts training steps only (evaluation excluded). Also measured:
-the cost of one training step relative to an SGD step (K-FAC/EKFAC with inverses every 10 steps),
-and the time to build K-FAC factors on one batch with natgrad, curvlinops and BackPACK.
+the cost of one training step relative to an SGD-momentum step, for K-FAC/EKFAC with MC and
+empirical Fisher and factor/inverse updates every 1 and every 10 steps (mean over whole update
+cycles, median of 5 interleaved rounds), and the time to build K-FAC factors on one batch with
+natgrad, curvlinops and BackPACK.
 
-Run ``python benchmarks/kfac_digits.py`` (about 3-5 minutes on 2 cores); ``--quick`` for a smoke
-run. Writes ``benchmarks/results/kfac_digits.{json,png}``.
+Run ``python benchmarks/kfac_digits.py`` (about 5-8 minutes on 2 cores); ``--quick`` for a smoke
+run, ``--cost-only`` for the step-cost tables alone. Writes
+``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``).
 """
 
 from __future__ import annotations
@@ -119,8 +122,9 @@ def load_data(seed: int) -> dict[str, Tensor]:
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
-def make_optimizer(task: Task, method: str, model: nn.Module, lr: float):
-    """The torch.optim optimizer and the preconditioner (None for SGD/Adam)."""
+def make_optimizer(task: Task, method: str, model: nn.Module, lr: float, **overrides):
+    """The torch.optim optimizer and the preconditioner (None for SGD/Adam); ``overrides``
+    replace entries of ``PRECONDITIONER_OPTIONS``."""
     if method == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr), None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -129,9 +133,8 @@ def make_optimizer(task: Task, method: str, model: nn.Module, lr: float):
     cls = KFAC if method == "kfac" else EKFAC
     likelihood = "bernoulli" if task.reconstruct else "categorical"
     generator = torch.Generator().manual_seed(0)
-    return optimizer, cls(
-        model, lr=lr, likelihood=likelihood, generator=generator, **PRECONDITIONER_OPTIONS
-    )
+    options = PRECONDITIONER_OPTIONS | overrides
+    return optimizer, cls(model, lr=lr, likelihood=likelihood, generator=generator, **options)
 
 
 def inputs_of(task: Task, features: Tensor) -> Tensor:
@@ -160,7 +163,7 @@ def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets
     """One step: forward, (MC backward for the preconditioner), backward, precondition, update."""
     optimizer.zero_grad()
     outputs = model(inputs)
-    if precond is not None:
+    if precond is not None and precond.fisher_type == "mc":
         precond.sample_backward(outputs)
     task.loss(outputs, targets).backward()
     if precond is not None:
@@ -221,26 +224,84 @@ def pick_best(task: Task, runs: list[dict]) -> dict:
     return min(finite, key=lambda run: sign * run["final"])
 
 
-def step_cost(task: Task, method: str, data: dict[str, Tensor], repeats: int) -> float:
-    """Median seconds per training step over ``repeats`` steps (after 5 warm-up steps)."""
+@dataclass(frozen=True)
+class CostConfig:
+    """One row of the step-cost table: a method and, for K-FAC/EKFAC, the Fisher type and the
+    common factor/inverse update interval."""
+
+    method: str
+    fisher_type: str | None = None
+    interval: int | None = None
+
+
+COST_CONFIGS = [
+    CostConfig("sgd"),
+    CostConfig("adam"),
+    *(
+        CostConfig(method, fisher_type, interval)
+        for method in ("kfac", "ekfac")
+        for fisher_type in ("mc", "empirical")
+        for interval in (1, 10)
+    ),
+]
+
+
+def step_seconds(
+    task: Task, config: CostConfig, data: dict[str, Tensor], steps: int, warmup: int = 10
+) -> float:
+    """Mean wall seconds per training step over ``steps`` steps (a multiple of the update
+    interval, so that factor and inverse updates are counted at their share)."""
     torch.manual_seed(0)
     model = task.build()
-    optimizer, precond = make_optimizer(task, method, model, 0.01)
+    overrides = {}
+    if config.interval is not None:
+        overrides = {
+            "fisher_type": config.fisher_type,
+            "factor_update_interval": config.interval,
+            "inv_update_interval": config.interval,
+        }
+    optimizer, precond = make_optimizer(task, config.method, model, 0.01, **overrides)
     inputs = inputs_of(task, data["train_x"][: task.batch_size])
     targets = (
         data["train_x"][: task.batch_size]
         if task.reconstruct
         else data["train_y"][: task.batch_size]
     )
-    timings = []
-    for step in range(repeats + 5):
-        start = time.perf_counter()
+    for _ in range(warmup):
         training_step(task, model, optimizer, precond, inputs, targets)
-        if step >= 5:
-            timings.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):
+        training_step(task, model, optimizer, precond, inputs, targets)
+    seconds = (time.perf_counter() - start) / steps
     if precond is not None:
         precond.remove()
-    return sorted(timings)[len(timings) // 2]
+    return seconds
+
+
+def step_costs(task: Task, data: dict[str, Tensor], steps: int, rounds: int) -> list[dict]:
+    """Per-step cost of every ``COST_CONFIGS`` entry, relative to SGD-momentum.
+
+    The configurations are timed in turn, ``rounds`` times over; each reports the median over
+    rounds of its mean seconds per step, so that a load burst on a shared machine hits all
+    configurations alike.
+    """
+    timings: dict[CostConfig, list[float]] = {config: [] for config in COST_CONFIGS}
+    for _ in range(rounds):
+        for config in COST_CONFIGS:
+            timings[config].append(step_seconds(task, config, data, steps))
+    medians = {config: sorted(values)[len(values) // 2] for config, values in timings.items()}
+    sgd = medians[CostConfig("sgd")]
+    return [
+        {
+            "task": task.name,
+            "method": config.method,
+            "fisher_type": config.fisher_type or "",
+            "interval": config.interval or "",
+            "ms_per_step": 1e3 * seconds,
+            "x_sgd": seconds / sgd,
+        }
+        for config, seconds in medians.items()
+    ]
 
 
 def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]:
@@ -357,6 +418,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="a few epochs, one lr per method")
     parser.add_argument("--tasks", nargs="*", default=[task.name for task in TASKS])
+    parser.add_argument(
+        "--cost-steps", type=int, default=100, help="steps per step-cost timing (default 100)"
+    )
+    parser.add_argument(
+        "--cost-only", action="store_true", help="only the step-cost table (no training runs)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_data(args.seed)
@@ -364,24 +431,16 @@ def main(argv: list[str] | None = None) -> dict:
     all_runs, best_runs, cost_rows, factor_rows = [], [], [], []
     for task in tasks:
         epochs = 2 if args.quick else task.epochs
-        for method, grid in LR_GRIDS.items():
+        for method, grid in ({} if args.cost_only else LR_GRIDS).items():
             lrs = grid[1:2] if args.quick else grid
             runs = [train_run(task, method, lr, data, args.seed, epochs) for lr in lrs]
             all_runs.extend(runs)
             best = pick_best(task, runs)
             best_runs.append(best)
-        repeats = 5 if args.quick else 50
-        costs = {method: step_cost(task, method, data, repeats) for method in LR_GRIDS}
-        sgd_cost = costs["sgd"]
-        for method, cost in costs.items():
-            cost_rows.append(
-                {
-                    "task": task.name,
-                    "method": method,
-                    "ms_per_step": 1e3 * cost,
-                    "x_sgd": cost / sgd_cost,
-                }
-            )
+        if args.quick:
+            cost_rows.extend(step_costs(task, data, steps=10, rounds=1))
+        else:
+            cost_rows.extend(step_costs(task, data, steps=args.cost_steps, rounds=5))
         factor_rows.extend(factor_cost(task, data, 3 if args.quick else 20))
 
     columns = [
@@ -402,9 +461,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print_table("All runs", all_runs, [*columns, "diverged"])
     print_table(
-        "Cost of one training step (inverses every 10 steps)",
+        "Cost of one training step (mean over whole update cycles; factor and inverse updates "
+        "every `interval` steps)",
         cost_rows,
-        ["task", "method", "ms_per_step", "x_sgd"],
+        ["task", "method", "fisher_type", "interval", "ms_per_step", "x_sgd"],
     )
     print_table(
         "K-FAC factors on one batch (empirical Fisher)", factor_rows, ["task", "library", "seconds"]
@@ -419,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_cost": cost_rows,
         "factor_cost": factor_rows,
     }
-    if not args.quick:
+    if not (args.quick or args.cost_only):
         save_json(NAME, payload)
         save_figure(plot(best_runs, tasks), NAME)
     return payload

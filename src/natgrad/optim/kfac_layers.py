@@ -350,9 +350,12 @@ class KroneckerLayerState(LayerState):
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
 
     def write_grad(self, matrix: Tensor) -> None:
-        params = self._params()
-        for index, value in self.layer.from_matrix(matrix).items():
-            params[index].grad.copy_(value)
+        weight_grad = self.module.weight.grad
+        if self.layer.bias_index is None:
+            weight_grad.copy_(matrix.reshape(weight_grad.shape))
+            return
+        weight_grad.copy_(matrix[:, :-1].reshape(weight_grad.shape))
+        self.module.bias.grad.copy_(matrix[:, -1])
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
