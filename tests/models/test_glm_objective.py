@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import hessian, jacrev
+from torch.func import grad, hessian, jacrev
 
 from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
@@ -107,3 +107,57 @@ def test_loss_is_inf_not_nan_on_overflow():
     objective = make_objective("poisson", 0.0, True)
     params = torch.full((objective.n_params,), 1e3, dtype=torch.float64)
     assert objective.loss_and_gradient(params)[0] == float("inf")
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_closed_form_gradient_matches_autograd(kind, inverse_C, fit_intercept):
+    objective = make_objective(kind, inverse_C, fit_intercept)
+    params = random_params(objective)
+
+    def mean_loss(point: torch.Tensor) -> torch.Tensor:
+        return objective.per_sample_nll(point).mean() + objective.penalty(point)
+
+    torch.testing.assert_close(objective.loss_and_gradient(params)[1], grad(mean_loss)(params))
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_point_and_fisher_from_given_outputs_match_fresh_evaluation(kind, inverse_C, fit_intercept):
+    objective = make_objective(kind, inverse_C, fit_intercept)
+    params = random_params(objective)
+    outputs = objective.outputs(params)
+    point = objective.point(params)
+    torch.testing.assert_close(point.outputs, outputs)
+    torch.testing.assert_close(objective.outputs_no_grad(params), outputs)
+    assert point.loss == pytest.approx(objective.loss_and_gradient(params)[0], rel=1e-14)
+    torch.testing.assert_close(objective.fisher(params, outputs), objective.fisher(params))
+
+
+@pytest.mark.parametrize("inverse_C", [0.0, 2.0])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_softmax_fisher_product_matches_dense_fisher(inverse_C, fit_intercept):
+    objective = make_objective("categorical", inverse_C, fit_intercept)
+    params = random_params(objective)
+    vectors = torch.randn(objective.n_params, 5, dtype=torch.float64)
+    product = objective.fisher_product(objective.outputs(params))
+    products = torch.stack([product(vector) for vector in vectors.T], dim=1)
+    torch.testing.assert_close(products, objective.fisher(params) @ vectors)
+
+
+def test_kronecker_preconditioner_is_the_exact_inverse_when_all_samples_share_one_fisher():
+    """At ``Θ = 0`` every softmax is uniform, so without an intercept ``M = F`` exactly."""
+    objective = make_objective("categorical", 2.0, False)
+    params = torch.zeros(objective.n_params, dtype=torch.float64)
+    fisher = objective.fisher(params)
+    apply = objective.kronecker_preconditioner(objective.outputs(params))
+    vectors = torch.randn(objective.n_params, 4, dtype=torch.float64)
+    applied = torch.stack([apply(vector) for vector in (fisher @ vectors).T], dim=1)
+    torch.testing.assert_close(applied, vectors)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_kronecker_preconditioner_is_symmetric_positive_definite(fit_intercept):
+    objective = make_objective("categorical", 0.0, fit_intercept)
+    apply = objective.kronecker_preconditioner(objective.outputs(random_params(objective)))
+    matrix = torch.stack([apply(column) for column in torch.eye(objective.n_params).double()])
+    torch.testing.assert_close(matrix, matrix.T)
+    assert float(torch.linalg.eigvalsh(matrix).min()) > 0.0

@@ -163,6 +163,10 @@ class BernoulliLikelihood(Likelihood):
         probs = torch.sigmoid(as_matrix(outputs))
         return torch.diag_embed((probs * (1 - probs)).sqrt())
 
+    def natural_hessian(self, outputs: Tensor) -> Tensor:
+        probs = torch.sigmoid(as_matrix(outputs))
+        return torch.diag_embed(probs * (1 - probs))
+
 
 class PoissonLikelihood(Likelihood):
     """Poisson counts with log-rate ``f``: ``y ~ Poisson(exp f)``; ``∇²A = diag(exp f)``."""
@@ -183,6 +187,9 @@ class PoissonLikelihood(Likelihood):
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
         return torch.diag_embed((0.5 * as_matrix(outputs)).exp())
+
+    def natural_hessian(self, outputs: Tensor) -> Tensor:
+        return torch.diag_embed(as_matrix(outputs).exp())
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

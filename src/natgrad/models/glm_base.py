@@ -110,7 +110,7 @@ class GLMEstimator(BaseEstimator):
         likelihood: Likelihood,
         output_basis: Tensor,
         initial_params: Tensor | None = None,
-        stop_early: Callable[[PenalisedGLMObjective, Tensor], bool] | None = None,
+        stop_early: Callable[[Tensor], bool] | None = None,
     ) -> np.ndarray:
         """Fit and set ``n_iter_``, ``loss_``, ``gradient_norm_``, ``covariance_``.
 
@@ -125,15 +125,14 @@ class GLMEstimator(BaseEstimator):
         )
         if initial_params is None:
             initial_params = torch.zeros(objective.n_params, dtype=DTYPE)
-        early = None if stop_early is None else (lambda params: stop_early(objective, params))
         result = minimise(
-            objective, initial_params, self.solver, first_step, self.tol, self.max_iter, early
+            objective, initial_params, self.solver, first_step, self.tol, self.max_iter, stop_early
         )
         self._warn_on(result)
         self.n_iter_ = result.n_iter
         self.loss_ = result.loss
         self.gradient_norm_ = result.gradient_norm
-        self.covariance_ = weight_covariance(objective, result.params)
+        self.covariance_ = weight_covariance(objective, result.params, result.outputs)
         weights = objective.output_weights(result.params).detach()
         return weights.T.numpy()
 
@@ -152,22 +151,32 @@ class GLMEstimator(BaseEstimator):
             )
 
 
-def weight_covariance(objective: PenalisedGLMObjective, params: Tensor) -> np.ndarray:
+def weight_covariance(
+    objective: PenalisedGLMObjective, params: Tensor, outputs: Tensor | None = None
+) -> np.ndarray:
     """Covariance of the weights, ``(N · F(Θ̂))⁻¹`` mapped to ``(C, D)`` row-major order.
+
+    ``outputs`` are the outputs at ``params`` (computed unless given). The inverse comes from
+    a Cholesky factor, or :func:`natgrad.linalg.damped_solve` (eigenvalue clamping) when the
+    Fisher is numerically singular.
 
     Returns
     -------
     ndarray of shape (C·D, C·D)
     """
-    summed_fisher = objective.n_samples * objective.fisher(params)
-    eye = torch.eye(objective.n_params, dtype=summed_fisher.dtype)
-    param_covariance = damped_solve(summed_fisher, eye, damping=0.0)
+    summed_fisher = objective.n_samples * objective.fisher(params, outputs)
+    factor, info = torch.linalg.cholesky_ex(summed_fisher)
+    param_covariance = torch.cholesky_inverse(factor) if int(info) == 0 else None
+    if param_covariance is None or not bool(torch.isfinite(param_covariance).all()):
+        eye = torch.eye(objective.n_params, dtype=summed_fisher.dtype)
+        param_covariance = damped_solve(summed_fisher, eye, damping=0.0)
     param_covariance = 0.5 * (param_covariance + param_covariance.T)
-    to_weights = torch.kron(torch.eye(objective.n_rows, dtype=DTYPE), objective.output_basis)
-    covariance = to_weights @ param_covariance @ to_weights.T
-    n_rows, n_outputs = objective.n_rows, objective.output_basis.shape[0]
-    by_output = covariance.reshape(n_rows, n_outputs, n_rows, n_outputs).permute(1, 0, 3, 2)
-    return by_output.reshape(n_rows * n_outputs, n_rows * n_outputs).numpy()
+    n_rows, n_columns = objective.n_rows, objective.n_columns
+    by_row = param_covariance.reshape(n_rows, n_columns, n_rows, n_columns)
+    basis = objective.output_basis
+    by_output = torch.einsum("cp,ipjq,dq->cidj", basis, by_row, basis)
+    size = n_rows * basis.shape[0]
+    return by_output.reshape(size, size).numpy()
 
 
 def standard_errors(covariance: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

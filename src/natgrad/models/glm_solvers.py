@@ -8,11 +8,19 @@ Every solver iterates ``Θ ← Θ − t · d`` with
 - ``"gd"``: ``d = ∇L(Θ)`` with first trial step ``t = learning_rate``.
 
 ``L`` and ``F`` are the mean penalised loss and Fisher of
-:class:`~natgrad.models.glm_objective.PenalisedGLMObjective`; the Fisher system is solved by
-:func:`natgrad.linalg.damped_solve`. Each step is safeguarded by step halving: ``t`` is halved
-until the penalised loss is finite and decreases sufficiently (Armijo), so a step never writes a
-non-finite value into ``Θ``. Iteration stops when ``‖∇L‖₂ ≤ tol``, after ``max_iter`` steps, when
-the line search fails, or when ``stop_early(Θ)`` says so (used for perfect separation).
+:class:`~natgrad.models.glm_objective.PenalisedGLMObjective`. The Fisher system is solved by
+Cholesky (with :func:`natgrad.linalg.damped_solve`'s eigenvalue clamping where it fails) for the
+scalar likelihoods, and for the softmax by conjugate gradients with Fisher-vector products
+and a Kronecker preconditioner (the ``(D·P)²`` Fisher is never formed), to a relative residual
+``min(CG_FORCING, ‖∇L‖)`` so that the Newton iteration keeps its quadratic convergence; the
+dense solve is the fallback where CG does not converge.
+
+Each step is safeguarded by step halving: ``t`` is halved until the penalised loss is finite
+and decreases sufficiently (Armijo), so a step never writes a non-finite value into ``Θ``. The
+outputs of a trial point are ``f(Θ) − t · X̃ d Bᵀ``, so each trial costs one loss evaluation
+and no product with ``X̃``; the gradient is computed only at the accepted point. Iteration
+stops when ``‖∇L‖₂ ≤ tol``, after ``max_iter`` steps, when the line search fails, or when
+``stop_early(f)`` says so (used for perfect separation).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from natgrad.linalg import damped_solve
-from natgrad.models.glm_objective import PenalisedGLMObjective
+from natgrad.linalg import cg, damped_solve
+from natgrad.models.glm_objective import GLMPoint, PenalisedGLMObjective
 
 SOLVERS = ("fisher", "ngd", "gd")
 ARMIJO_FRACTION = 1e-4
@@ -34,6 +42,8 @@ ARMIJO_FRACTION = 1e-4
 MAX_HALVINGS = 50
 ROUNDOFF_SLACK = 64 * sys.float_info.epsilon
 """Relative loss increase tolerated as floating-point noise when accepting a step."""
+CG_FORCING = 0.1
+"""Largest relative CG residual of a softmax Fisher solve (smaller as ``‖∇L‖`` shrinks)."""
 
 
 @dataclass
@@ -44,6 +54,8 @@ class SolverResult:
     ----------
     params : Tensor of shape (D·P,)
         The final parameters.
+    outputs : Tensor of shape (N, C)
+        The model outputs at ``params``.
     n_iter : int
         Number of accepted steps.
     loss : float
@@ -55,41 +67,65 @@ class SolverResult:
     """
 
     params: Tensor
+    outputs: Tensor
     n_iter: int
     loss: float
     gradient_norm: float
     status: str
 
 
-def natural_direction(objective: PenalisedGLMObjective, params: Tensor, gradient: Tensor) -> Tensor:
-    """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher, shape ``(D·P,)``."""
-    return damped_solve(objective.fisher(params), gradient, damping=0.0)
+def natural_direction(
+    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor
+) -> Tensor:
+    """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher at ``point``, shape ``(D·P,)``."""
+    if objective.n_columns > 1:
+        direction, info = cg(
+            objective.fisher_product(point.outputs),
+            gradient,
+            preconditioner=objective.kronecker_preconditioner(point.outputs),
+            rtol=min(CG_FORCING, float(torch.linalg.vector_norm(gradient))),
+            max_iter=objective.n_params,
+        )
+        if info.converged:
+            return direction
+    return fisher_solve(objective.fisher(point.params, point.outputs), gradient)
+
+
+def fisher_solve(fisher: Tensor, rhs: Tensor) -> Tensor:
+    """``fisher⁻¹ rhs`` by Cholesky; :func:`damped_solve` (eigenvalue clamping) if that fails."""
+    factor, info = torch.linalg.cholesky_ex(fisher)
+    if int(info) == 0:
+        solution = torch.cholesky_solve(rhs.reshape(len(rhs), -1), factor).reshape(rhs.shape)
+        if bool(torch.isfinite(solution).all()):
+            return solution
+    return damped_solve(fisher, rhs, damping=0.0)
 
 
 def backtrack(
     objective: PenalisedGLMObjective,
-    params: Tensor,
-    loss: float,
+    point: GLMPoint,
     gradient: Tensor,
     direction: Tensor,
     first_step: float,
-) -> tuple[Tensor, float, Tensor] | None:
+) -> GLMPoint | None:
     """Step halving from ``first_step`` along ``−direction``; ``None`` if no step is accepted.
 
     A trial ``Θ − t d`` is accepted when its loss is finite and at most
     ``L(Θ) − ARMIJO_FRACTION · t · ∇Lᵀd`` (plus a floating-point slack of ``ROUNDOFF_SLACK``
-    relative to ``|L(Θ)|``). Returns the accepted parameters, their loss and gradient.
+    relative to ``|L(Θ)|``). Returns the accepted point.
     """
     slope = float(gradient @ direction)
     if not math.isfinite(slope) or slope <= 0.0:
         return None
-    slack = ROUNDOFF_SLACK * (1.0 + abs(loss))
+    slack = ROUNDOFF_SLACK * (1.0 + abs(point.loss))
+    output_direction = objective.outputs_no_grad(direction)
     step = first_step
     for _ in range(MAX_HALVINGS):
-        trial = params - step * direction
-        trial_loss, trial_gradient = objective.loss_and_gradient(trial)
-        if trial_loss <= loss - ARMIJO_FRACTION * step * slope + slack:
-            return trial, trial_loss, trial_gradient
+        trial = objective.point(
+            point.params - step * direction, point.outputs - step * output_direction
+        )
+        if trial.loss <= point.loss - ARMIJO_FRACTION * step * slope + slack:
+            return trial
         step *= 0.5
     return None
 
@@ -117,12 +153,13 @@ def minimise(
     max_iter : int
         Maximum number of steps.
     stop_early : callable, optional
-        Called with the parameters after each accepted step; ``True`` stops the iteration.
+        Called with the outputs ``(N, C)`` after each accepted step; ``True`` stops the
+        iteration.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    params = initial_params
-    loss, gradient = objective.loss_and_gradient(params)
+    point = objective.point(initial_params)
+    gradient = objective.gradient(point)
     n_iter, status = 0, "max_iter"
     while True:
         gradient_norm = float(torch.linalg.vector_norm(gradient))
@@ -134,15 +171,16 @@ def minimise(
         if solver == "gd":
             direction = gradient
         else:
-            direction = natural_direction(objective, params, gradient)
-        accepted = backtrack(objective, params, loss, gradient, direction, learning_rate)
+            direction = natural_direction(objective, point, gradient)
+        accepted = backtrack(objective, point, gradient, direction, learning_rate)
         if accepted is None:
             status = "line_search_failed"
             break
-        params, loss, gradient = accepted
+        point = accepted
+        gradient = objective.gradient(point)
         n_iter += 1
-        if stop_early is not None and stop_early(params):
+        if stop_early is not None and stop_early(point.outputs):
             gradient_norm = float(torch.linalg.vector_norm(gradient))
             status = "stopped_early"
             break
-    return SolverResult(params, n_iter, loss, gradient_norm, status)
+    return SolverResult(point.params, point.outputs, n_iter, point.loss, gradient_norm, status)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.models.glm_base import DTYPE, GLMEstimator, standard_errors
-from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
+from natgrad.models.glm_objective import sum_to_zero_basis
 
 
 class LogisticRegression(ClassifierMixin, GLMEstimator):
@@ -131,9 +131,7 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
             return None
         label_tensor = torch.as_tensor(labels, dtype=torch.long)
 
-        def separated(objective: PenalisedGLMObjective, params: Tensor) -> bool:
-            with torch.no_grad():
-                logits = objective.outputs(params)
+        def separated(logits: Tensor) -> bool:
             if logits.shape[1] == 1:
                 margins = (2.0 * label_tensor - 1.0) * logits[:, 0]
             else:
@@ -147,7 +145,7 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
                 "maximum-likelihood estimate does not exist; stopping at separating weights. "
                 "Use penalty='l2' for a finite optimum.",
                 ConvergenceWarning,
-                stacklevel=6,
+                stacklevel=5,
             )
             return True
 
