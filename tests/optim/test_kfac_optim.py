@@ -450,3 +450,29 @@ def test_adaptive_damping_bad_input_raises() -> None:
     adaptive.step()
     with pytest.raises(ValueError, match="loss_before"):
         adaptive.update_damping(math.nan, 0.5)
+
+
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_cached_inverse_follows_a_damping_schedule_between_eigen_refreshes(damping_mode) -> None:
+    """Eigenbases from step 0 are kept (no refresh); the damping changes every step."""
+    torch.manual_seed(12)
+    model = mlp()
+    (inputs0, targets0), (inputs1, targets1), (inputs2, targets2) = batches(3, seed=3)
+    operator = build_kfac(
+        model, inputs0, likelihood="categorical", kind="empirical", targets=targets0
+    )
+    precond = KFAC(
+        model,
+        factor_decay=0.0,
+        inv_update_interval=100,
+        damping=lambda step: 0.05 * (step + 1),
+        damping_mode=damping_mode,
+    )
+    solve = operator.solve if damping_mode == "eigen" else operator.solve_factored
+    for step, (inputs, targets) in enumerate(
+        [(inputs0, targets0), (inputs1, targets1), (inputs2, targets2)]
+    ):
+        backward(model, inputs, targets)
+        gradient = flat_grads(model)
+        precond.step()
+        torch.testing.assert_close(flat_grads(model), solve(gradient, 0.05 * (step + 1)))
