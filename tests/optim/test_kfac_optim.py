@@ -324,11 +324,11 @@ def test_layer_types_select_layers_and_skip_grouped_convolutions() -> None:
         KFAC(model, layers=[model[0]])
 
 
-def unit_residual_regression(seed: int):
+def unit_residual_regression(seed: int, bias: bool):
     """``nn.Linear(3, 1)`` on one sample whose residual is 1, loss ``½ (f − y)²``: the empirical
     Fisher ``r² [x, 1][x, 1]ᵀ`` equals the Hessian, so K-FAC's quadratic model is exact."""
     generator = torch.Generator().manual_seed(seed)
-    model = nn.Linear(3, 1).to(DTYPE)
+    model = nn.Linear(3, 1, bias=bias).to(DTYPE)
     inputs = torch.randn(1, 3, generator=generator, dtype=DTYPE)
     with torch.no_grad():
         targets = model(inputs) - 1.0
@@ -340,9 +340,9 @@ def unit_residual_regression(seed: int):
     return model, loss_at
 
 
-def adaptive_step(lr: float, damping: float = 1e-3, seed: int = 0):
+def adaptive_step(lr: float, damping: float = 1e-3, seed: int = 0, bias: bool = True):
     """One adaptive K-FAC step; returns the preconditioner and the dense oracle's prediction."""
-    model, loss_at = unit_residual_regression(seed)
+    model, loss_at = unit_residual_regression(seed, bias)
     precond = KFAC(
         model,
         factor_decay=0.0,
@@ -380,9 +380,10 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def test_adaptive_damping_decreases_when_the_quadratic_model_is_exact() -> None:
+@pytest.mark.parametrize("bias", [True, False])
+def test_adaptive_damping_decreases_when_the_quadratic_model_is_exact(bias: bool) -> None:
     damping = 1e-3
-    precond, predicted, actual = adaptive_step(lr=0.5, damping=damping)
+    precond, predicted, actual = adaptive_step(lr=0.5, damping=damping, bias=bias)
     update = precond.last_damping_update
     torch.testing.assert_close(update["predicted"], predicted, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(update["actual"], actual, rtol=1e-10, atol=1e-12)

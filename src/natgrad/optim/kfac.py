@@ -78,6 +78,8 @@ def _check_adaptive_damping(
     interval: int,
 ) -> float:
     """Validate the adaptive-damping options; returns the decay ``ω``."""
+    if decay is not None and not 0 < decay < 1:
+        raise ValueError(f"damping_decay must lie in (0, 1), got {decay!r}")
     if not adaptive:
         return (19 / 20) ** interval if decay is None else float(decay)
     if callable(damping) or not (math.isfinite(damping) and damping > 0):
@@ -87,11 +89,7 @@ def _check_adaptive_damping(
     low, high = bounds
     if not 0 < low <= damping <= high:
         raise ValueError(f"damping_bounds {bounds!r} must satisfy 0 < low <= damping <= high")
-    if decay is None:
-        return (19 / 20) ** interval
-    if not 0 < decay < 1:
-        raise ValueError(f"damping_decay must lie in (0, 1), got {decay!r}")
-    return float(decay)
+    return (19 / 20) ** interval if decay is None else float(decay)
 
 
 @dataclass
@@ -475,7 +473,9 @@ class KFAC:
             if grad is not None:
                 updates.append((state, grad, state.solve(grad, damping, factored)))
         if self.adaptive_damping and self.steps % self.damping_adaptation_interval == 0:
-            probes = [(state, grad, state.param_matrix().clone()) for state, grad, _ in updates]
+            probes = [
+                (state, grad.clone(), state.param_matrix().clone()) for state, grad, _ in updates
+            ]
             self._damping_probe = _DampingProbe(damping, probes)
         scale = self._kl_scale([(grad, direction) for _, grad, direction in updates])
         for state, _, direction in updates:
