@@ -103,7 +103,7 @@ class PenalisedGLMObjective:
     ) -> None:
         self.design = design
         self._design_array = design.detach().cpu().numpy()
-        self._design_t_array = np.ascontiguousarray(self._design_array.T)
+        self._design_t_array = self._design_array.T  # a view: BLAS takes the transpose as is
         self.design_t = torch.from_numpy(self._design_t_array)
         self.targets = targets
         self.likelihood = likelihood

@@ -12,8 +12,8 @@ Every solver iterates ``Θ ← Θ − t · d`` with
 Cholesky (with :func:`natgrad.linalg.damped_solve`'s eigenvalue clamping where it fails) for the
 scalar likelihoods, and for the softmax by conjugate gradients with Fisher-vector products
 and a Kronecker preconditioner (the ``(D·P)²`` Fisher is never formed), to a relative residual
-``min(CG_FORCING, ‖∇L‖)`` so that the Newton iteration keeps its quadratic convergence; the
-dense solve is the fallback where CG does not converge.
+``min(CG_FORCING, ‖∇L‖^½)`` (an inexact Newton method of order 1.5) or an absolute residual
+of ``CG_ATOL_FRACTION · tol``; the dense solve is the fallback where CG does not converge.
 
 Each step is safeguarded by step halving: ``t`` is halved until the penalised loss is finite
 and decreases sufficiently (Armijo), so a step never writes a non-finite value into ``Θ``. The
@@ -43,7 +43,10 @@ MAX_HALVINGS = 50
 ROUNDOFF_SLACK = 64 * sys.float_info.epsilon
 """Relative loss increase tolerated as floating-point noise when accepting a step."""
 CG_FORCING = 0.1
-"""Largest relative CG residual of a softmax Fisher solve (smaller as ``‖∇L‖`` shrinks)."""
+"""Largest relative CG residual of a softmax Fisher solve (``‖∇L‖^½`` once that is smaller)."""
+CG_ATOL_FRACTION = 0.1
+"""CG stops once its residual is below this fraction of ``tol``: the next gradient is about
+that residual (plus a term quadratic in the step), so solving further gains nothing."""
 
 
 @dataclass
@@ -75,15 +78,20 @@ class SolverResult:
 
 
 def natural_direction(
-    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor
+    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor, tol: float = 0.0
 ) -> Tensor:
-    """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher at ``point``, shape ``(D·P,)``."""
+    """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher at ``point``, shape ``(D·P,)``.
+
+    For the softmax, by CG to a residual ``max(min(CG_FORCING, ‖∇L‖^½) · ‖∇L‖,
+    CG_ATOL_FRACTION · tol)`` (``tol`` the solver's gradient tolerance).
+    """
     if objective.n_columns > 1:
         direction, info = cg(
             objective.fisher_product(point.outputs),
             gradient,
             preconditioner=objective.kronecker_preconditioner(point.outputs),
-            rtol=min(CG_FORCING, float(torch.linalg.vector_norm(gradient))),
+            rtol=min(CG_FORCING, math.sqrt(float(torch.linalg.vector_norm(gradient)))),
+            atol=CG_ATOL_FRACTION * tol,
             max_iter=objective.n_params,
         )
         if info.converged:
@@ -171,7 +179,7 @@ def minimise(
         if solver == "gd":
             direction = gradient
         else:
-            direction = natural_direction(objective, point, gradient)
+            direction = natural_direction(objective, point, gradient, tol)
         accepted = backtrack(objective, point, gradient, direction, learning_rate)
         if accepted is None:
             status = "line_search_failed"
