@@ -341,10 +341,14 @@ class KroneckerLayerState(LayerState):
         return params
 
     def grad_matrix(self) -> Tensor | None:
-        grads = [param.grad for param in self._params()]
-        if any(grad is None for grad in grads):
+        weight_grad = self.module.weight.grad
+        bias_grad = None if self.layer.bias_index is None else self.module.bias.grad
+        if weight_grad is None or (bias_grad is None and self.layer.bias_index is not None):
             return None
-        return self.layer.to_matrix(grads).to(self.dtype)
+        matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+        if bias_grad is not None:
+            matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
+        return matrix.to(self.dtype)
 
     def param_matrix(self) -> Tensor:
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
