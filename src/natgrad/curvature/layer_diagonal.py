@@ -1,0 +1,229 @@
+"""Diagonal Fisher from per-layer inputs and output gradients (BackPACK-style).
+
+For a model whose trainable parameters all sit in ``nn.Linear`` / ``nn.Conv2d`` layers, the
+Fisher diagonal needs no per-sample Jacobian: one forward pass records every layer's input
+features ``a`` and the Fisher's backward vectors (:func:`~natgrad.curvature.kfac_capture.
+backward_vectors`) are back-propagated to every layer output, giving gradients ``g``. The
+per-sample gradient of the layer's weight matrix (bias folded in as a constant-1 input column,
+as in :mod:`natgrad.curvature.kfac_capture`) for backward vector ``k`` is ``Σ_t g_nkt a_ntᵀ``,
+so
+
+    diag F_W = 1/N Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)²          (entrywise square)
+
+which for ``T = 1`` (an ordinary ``(N, d_in)`` Linear input) is ``1/N Σ_k (g_k²)ᵀ (a²)``: two
+elementwise squares and one matrix product per layer and vector.
+
+The model's forward pass must treat the samples of a batch independently (as the generic
+per-sample path of :func:`natgrad.curvature.fisher` assumes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.curvature.jacobians import check_finite_inputs
+from natgrad.curvature.kfac_capture import (
+    KRONECKER_LAYER_TYPES,
+    ForwardCapture,
+    KroneckerLayer,
+    backward_vectors,
+    check_fisher_kind,
+    input_features,
+    kronecker_layers,
+    output_features,
+    per_sample_gradients,
+    trainable_parameters,
+)
+from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+
+__all__ = [
+    "PER_SAMPLE_GRADIENT_BUDGET",
+    "layer_fisher_diagonal",
+    "squared_gradient_sum",
+    "supported_layers",
+]
+
+PER_SAMPLE_GRADIENT_BUDGET = 2**22
+"""Entries of per-sample weight gradients held at once for layers with ``T > 1`` locations."""
+
+
+def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
+    """The layers carrying every trainable parameter of ``model``, or ``None`` if there are none.
+
+    ``None`` when the model has no trainable parameter, a trainable parameter outside an
+    ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``), a trainable bias with a frozen weight, or a
+    BatchNorm layer in training mode (which couples the samples).
+    """
+    params = trainable_parameters(model)
+    if not params or _couples_samples(model):
+        return None
+    for module in model.modules():
+        if not isinstance(module, KRONECKER_LAYER_TYPES):
+            continue
+        bias = module.bias
+        if bias is not None and bias.requires_grad and not module.weight.requires_grad:
+            return None
+        if isinstance(module, nn.Conv2d) and module.groups != 1 and module.weight.requires_grad:
+            return None
+    layers = kronecker_layers(model, strict=False)
+    covered = sum(1 + layer.has_bias for layer in layers)
+    return layers if covered == len(params) else None
+
+
+def _couples_samples(model: nn.Module) -> bool:
+    return any(
+        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+        for module in model.modules()
+    )
+
+
+class _RepeatedCall(Exception):
+    """A supported layer was called twice in one forward pass (weight sharing)."""
+
+
+@contextmanager
+def _single_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
+    """Raise :class:`_RepeatedCall` when a layer is entered a second time (before it runs)."""
+    calls: set[str] = set()
+
+    def guard(name: str):
+        def check(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if name in calls:
+                raise _RepeatedCall(name)
+            calls.add(name)
+
+        return check
+
+    handles = [layer.module.register_forward_pre_hook(guard(layer.name)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def squared_gradient_sum(features: Tensor, output_grads: Tensor) -> Tensor:
+    """``Σ_n (Σ_t g_nt a_ntᵀ)²`` (entrywise square), shape ``(d_out, d_in [+ 1])``.
+
+    Parameters
+    ----------
+    features : Tensor of shape (N, T, d_in [+ 1])
+        Input features ``a``.
+    output_grads : Tensor of shape (N, T, d_out)
+        Output gradients ``g`` for one backward vector.
+    """
+    if features.shape[1] == 1:
+        return output_grads[:, 0].square().T @ features[:, 0].square()
+    per_sample_size = output_grads.shape[-1] * features.shape[-1]
+    chunk = max(1, PER_SAMPLE_GRADIENT_BUDGET // per_sample_size)
+    total = features.new_zeros(output_grads.shape[-1], features.shape[-1])
+    for start in range(0, features.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        total += per_sample_gradients(features[rows], output_grads[rows]).square().sum(0)
+    return total
+
+
+def layer_fisher_diagonal(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    likelihood: str | Likelihood,
+    kind: str = "exact",
+    targets: Tensor | None = None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor | None:
+    """Diagonal of the Fisher of ``model`` on ``inputs`` (MEAN over the N inputs), or ``None``.
+
+    The same matrix as ``natgrad.fisher(..., structure="diag")`` (with the same ``generator``
+    state, ``kind="mc"`` draws the same targets in the same order: ``mc_samples`` calls of
+    ``likelihood.sample`` on the whole batch), from one forward pass and one backward pass per
+    backward vector (``C`` for ``"exact"``, ``mc_samples`` for ``"mc"``, 1 for
+    ``"empirical"``).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Outputs of shape ``(N, C)`` or ``(N,)``, the natural parameters of the likelihood;
+        samples treated independently.
+    inputs : Tensor of shape (N, ...)
+        Floating-point inputs are cast to the dtype of the model's parameters.
+    likelihood : {"categorical", "gaussian", "bernoulli", "poisson"} or Likelihood
+    kind : {"exact", "mc", "empirical"}, default "exact"
+    targets : Tensor, optional
+        Observed targets, required for ``kind="empirical"``.
+    mc_samples : int, default 1
+    generator : torch.Generator, optional
+        Randomness for ``kind="mc"``.
+
+    Returns
+    -------
+    Tensor of shape (P,) or None
+        The diagonal over the trainable parameters in ``model.parameters()`` order, in their
+        dtype. ``None`` (nothing computed, no random draw made) when :func:`supported_layers`
+        gives ``None``; ``None`` after the forward pass when a supported layer is called more
+        than once or not at all. The caller then uses a general method.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind`` or likelihood, ``kind="empirical"`` without targets, ``mc_samples < 1``,
+        non-finite or empty inputs.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    resolved = get_likelihood(likelihood)
+    check_fisher_kind(kind, targets, mc_samples)
+    check_finite_inputs(inputs)
+    layers = supported_layers(model)
+    if layers is None:
+        return None
+    params = trainable_parameters(model)
+    if inputs.is_floating_point():
+        inputs = inputs.to(params[0].dtype)
+    try:
+        with torch.enable_grad(), _single_calls(layers), ForwardCapture(layers) as capture:
+            outputs = model(inputs)
+    except _RepeatedCall:
+        return None
+    if any(layer.name not in capture.inputs for layer in layers):
+        return None
+    squared_sums = _squared_gradient_sums(
+        layers, capture, as_matrix(outputs), resolved, kind, targets, mc_samples, generator
+    )
+    pieces: dict[int, Tensor] = {}
+    for layer, squared_sum in zip(layers, squared_sums, strict=True):
+        pieces.update(layer.from_matrix(squared_sum / inputs.shape[0]))
+    return torch.cat([pieces[index].reshape(-1) for index in range(len(params))])
+
+
+def _squared_gradient_sums(
+    layers: Sequence[KroneckerLayer],
+    capture: ForwardCapture,
+    outputs: Tensor,
+    likelihood: Likelihood,
+    kind: str,
+    targets: Tensor | None,
+    mc_samples: int,
+    generator: torch.Generator | None,
+) -> list[Tensor]:
+    """Per layer, ``Σ_k Σ_n (Σ_t g_nkt a_ntᵀ)²`` over the backward vectors ``k``."""
+    features = [input_features(layer, capture.inputs[layer.name]) for layer in layers]
+    layer_outputs = [capture.outputs[layer.name] for layer in layers]
+    sums = [
+        a.new_zeros(layer.output_dim, layer.input_dim)
+        for a, layer in zip(features, layers, strict=True)
+    ]
+    vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
+    for vector in vectors:
+        grads = torch.autograd.grad(
+            outputs, layer_outputs, grad_outputs=vector, retain_graph=True, allow_unused=True
+        )
+        for layer, total, a, grad in zip(layers, sums, features, grads, strict=True):
+            if grad is not None:
+                total += squared_gradient_sum(a, output_features(layer, grad.detach()))
+    return sums
