@@ -340,10 +340,10 @@ def unit_residual_regression(seed: int, bias: bool):
     return model, loss_at
 
 
-def adaptive_step(lr: float, damping: float = 1e-3, seed: int = 0, bias: bool = True):
+def adaptive_step(lr: float, damping: float = 1e-3, bias: bool = True, cls: type = KFAC):
     """One adaptive K-FAC step; returns the preconditioner and the dense oracle's prediction."""
-    model, loss_at = unit_residual_regression(seed, bias)
-    precond = KFAC(
+    model, loss_at = unit_residual_regression(0, bias)
+    precond = cls(
         model,
         factor_decay=0.0,
         inv_update_interval=1,
@@ -380,10 +380,11 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_adaptive_damping_decreases_when_the_quadratic_model_is_exact(bias: bool) -> None:
+@pytest.mark.parametrize(("bias", "cls"), [(True, KFAC), (False, KFAC), (True, EKFAC)])
+def test_adaptive_damping_decreases_when_the_quadratic_model_is_exact(bias: bool, cls) -> None:
+    """On one sample EKFAC's re-estimated eigenvalues equal K-FAC's, so both models are exact."""
     damping = 1e-3
-    precond, predicted, actual = adaptive_step(lr=0.5, damping=damping, bias=bias)
+    precond, predicted, actual = adaptive_step(lr=0.5, damping=damping, bias=bias, cls=cls)
     update = precond.last_damping_update
     torch.testing.assert_close(update["predicted"], predicted, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(update["actual"], actual, rtol=1e-10, atol=1e-12)
