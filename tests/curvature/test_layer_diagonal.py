@@ -1,0 +1,281 @@
+"""layer_fisher_diagonal against brute-force float64 Fishers and the generic diag builder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from brute_force import (
+    DTYPE,
+    LIKELIHOOD_NAMES,
+    exact_fisher,
+    gradient_fisher,
+    mc_fisher,
+    tiny_data,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from natgrad.curvature import fisher, layer_diagonal
+from natgrad.curvature.layer_diagonal import layer_fisher_diagonal, supported_layers
+from natgrad.curvature.likelihoods import get_likelihood
+
+KINDS = ("exact", "mc", "empirical")
+OUTPUTS = 3
+SAMPLES = 5
+MC_SAMPLES = 3
+SEED = 7
+RTOL = 1e-10
+ATOL = 1e-13
+
+
+def mlp(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, OUTPUTS, bias=bias)
+    ).to(DTYPE)
+
+
+class SpatialInputs(nn.Module):
+    """Reshape flat ``(N, 3)`` inputs to images ``(N, 1, 3, 3)`` by an outer product."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs.unsqueeze(2) * inputs.unsqueeze(1)).unsqueeze(1)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        SpatialInputs(),
+        nn.Conv2d(1, 2, 2, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(2, 2, 2, padding=1, dilation=2, bias=False, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(8, OUTPUTS),
+    ).to(DTYPE)
+
+
+class Locations(nn.Module):
+    """A Linear applied along a location axis (``T = 2``), then flattened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 2)
+        self.head = nn.Linear(4, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([inputs, inputs.flip(1)], dim=1)
+        return self.head(torch.tanh(self.inner(stacked)).flatten(1))
+
+
+MODELS = {"mlp": lambda: mlp(True), "mlp_no_bias": lambda: mlp(False), "cnn": cnn}
+MODELS["linear_locations"] = lambda: Locations().to(DTYPE)
+
+
+def mc_draws(model: nn.Module, inputs: torch.Tensor, likelihood: str) -> list[torch.Tensor]:
+    """The targets the MC Fisher samples: ``MC_SAMPLES`` draws on the whole batch, in order."""
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        outputs = model(inputs)
+    resolved = get_likelihood(likelihood)
+    return [resolved.sample(outputs, generator) for _ in range(MC_SAMPLES)]
+
+
+def brute_force_diagonal(model, inputs, likelihood, kind, targets) -> torch.Tensor:
+    if kind == "exact":
+        return exact_fisher(model, inputs, likelihood).diagonal()
+    if kind == "empirical":
+        return gradient_fisher(model, inputs, likelihood, targets).diagonal()
+    return mc_fisher(model, inputs, likelihood, mc_draws(model, inputs, likelihood)).diagonal()
+
+
+def fast_and_generic(model, inputs, likelihood, kind, targets):
+    arguments = {"likelihood": likelihood, "kind": kind, "targets": targets}
+    arguments["mc_samples"] = MC_SAMPLES
+    fast = layer_fisher_diagonal(
+        model, inputs, generator=torch.Generator().manual_seed(SEED), **arguments
+    )
+    generic = fisher(
+        model, inputs, structure="diag", generator=torch.Generator().manual_seed(SEED), **arguments
+    ).diag()
+    return fast, generic
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("likelihood", LIKELIHOOD_NAMES)
+def test_equals_brute_force_and_generic_diagonal(model_name, kind, likelihood) -> None:
+    model = MODELS[model_name]()
+    inputs, targets = tiny_data(likelihood, samples=SAMPLES, outputs=OUTPUTS)
+    fast, generic = fast_and_generic(model, inputs, likelihood, kind, targets)
+    expected = brute_force_diagonal(model, inputs, likelihood, kind, targets)
+    assert fast.dtype == DTYPE
+    assert fast.shape == (sum(p.numel() for p in model.parameters()),)
+    assert fast.abs().max() > 1e-3
+    torch.testing.assert_close(fast, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(fast, generic, rtol=RTOL, atol=ATOL)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    batch=st.integers(1, 4),
+    d_in=st.integers(1, 4),
+    d_out=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_single_linear_layer_exact_equals_brute_force(batch, d_in, d_out, bias, seed) -> None:
+    torch.manual_seed(seed)
+    model = nn.Linear(d_in, d_out, bias=bias).to(DTYPE)
+    inputs = torch.randn(batch, d_in, dtype=DTYPE)
+    fast = layer_fisher_diagonal(model, inputs, likelihood="categorical")
+    expected = exact_fisher(model, inputs, "categorical").diagonal()
+    torch.testing.assert_close(fast, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_mc_draws_the_same_targets_and_advances_the_generator_as_the_generic_path() -> None:
+    model = mlp(True)
+    inputs, _ = tiny_data("categorical", samples=SAMPLES, outputs=OUTPUTS)
+    fast_generator = torch.Generator().manual_seed(SEED)
+    generic_generator = torch.Generator().manual_seed(SEED)
+    arguments = {"likelihood": "categorical", "kind": "mc", "mc_samples": MC_SAMPLES}
+    fast = layer_fisher_diagonal(model, inputs, generator=fast_generator, **arguments)
+    generic = fisher(model, inputs, structure="diag", generator=generic_generator, **arguments)
+    torch.testing.assert_close(fast, generic.diag(), rtol=RTOL, atol=ATOL)
+    assert torch.equal(fast_generator.get_state(), generic_generator.get_state())
+    again = layer_fisher_diagonal(
+        model, inputs, generator=torch.Generator().manual_seed(SEED), **arguments
+    )
+    assert torch.equal(fast, again)
+    other = layer_fisher_diagonal(
+        model, inputs, generator=torch.Generator().manual_seed(SEED + 1), **arguments
+    )
+    assert not torch.equal(fast, other)
+
+
+def test_frozen_parameters_are_left_out() -> None:
+    model = cnn()
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    model[5].bias.requires_grad_(False)
+    inputs, targets = tiny_data("gaussian", samples=SAMPLES, outputs=OUTPUTS)
+    fast, generic = fast_and_generic(model, inputs, "gaussian", "exact", targets)
+    expected = exact_fisher(model, inputs, "gaussian").diagonal()
+    assert fast.shape == (model[3].weight.numel() + model[5].weight.numel(),)
+    torch.testing.assert_close(fast, expected, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(fast, generic, rtol=RTOL, atol=ATOL)
+
+
+def test_frozen_unsupported_module_is_allowed() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, OUTPUTS)).to(DTYPE)
+    model[1].requires_grad_(False)
+    inputs, targets = tiny_data("bernoulli", samples=SAMPLES, outputs=OUTPUTS)
+    fast, _ = fast_and_generic(model, inputs, "bernoulli", "empirical", targets)
+    expected = gradient_fisher(model, inputs, "bernoulli", targets).diagonal()
+    torch.testing.assert_close(fast, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_chunked_per_sample_gradients_give_the_same_diagonal(monkeypatch) -> None:
+    model = cnn()
+    inputs, _ = tiny_data("poisson", samples=SAMPLES, outputs=OUTPUTS)
+    whole = layer_fisher_diagonal(model, inputs, likelihood="poisson")
+    monkeypatch.setattr(layer_diagonal, "PER_SAMPLE_GRADIENT_BUDGET", 1)
+    chunked = layer_fisher_diagonal(model, inputs, likelihood="poisson")
+    torch.testing.assert_close(chunked, whole, rtol=RTOL, atol=ATOL)
+
+
+class SharedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(inputs)))
+
+
+class SkippedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, OUTPUTS)
+        self.unused = nn.Linear(3, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.used(inputs)
+
+
+class ScaledOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, OUTPUTS)
+        self.scale = nn.Parameter(torch.ones(OUTPUTS))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(inputs) * self.scale
+
+
+def frozen_weight_trainable_bias() -> nn.Module:
+    model = mlp(True)
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def training_batch_norm() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, OUTPUTS))
+    model[1].requires_grad_(False)
+    return model.train()
+
+
+def grouped_convolution() -> nn.Module:
+    return nn.Sequential(
+        SpatialInputs(), nn.Conv2d(1, 2, 2), nn.Conv2d(2, 2, 2, groups=2), nn.Flatten()
+    )
+
+
+UNSUPPORTED = {
+    "other_parameter": ScaledOutputs,
+    "embedding": lambda: nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, OUTPUTS)),
+    "frozen_weight_trainable_bias": frozen_weight_trainable_bias,
+    "training_batch_norm": training_batch_norm,
+    "grouped_convolution": grouped_convolution,
+    "shared_layer": SharedLayer,
+    "skipped_layer": SkippedLayer,
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_models_give_none_without_drawing(name) -> None:
+    torch.manual_seed(0)
+    model = UNSUPPORTED[name]().to(DTYPE)
+    inputs = torch.randint(0, 4, (SAMPLES,)) if name == "embedding" else tiny_data("gaussian")[0]
+    generator = torch.Generator().manual_seed(SEED)
+    state = generator.get_state()
+    result = layer_fisher_diagonal(
+        model, inputs, likelihood="gaussian", kind="mc", generator=generator
+    )
+    assert result is None
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_supported_layers_names_the_covering_layers() -> None:
+    model = mlp(True)
+    assert [layer.name for layer in supported_layers(model)] == ["0", "2"]
+    assert supported_layers(ScaledOutputs()) is None
+    assert supported_layers(mlp(True).requires_grad_(False)) is None
+
+
+def test_invalid_arguments_raise() -> None:
+    model = mlp(True)
+    inputs, _ = tiny_data("categorical")
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        layer_fisher_diagonal(lambda x: x, inputs, likelihood="categorical")
+    with pytest.raises(ValueError, match="kind"):
+        layer_fisher_diagonal(model, inputs, likelihood="categorical", kind="fast")
+    with pytest.raises(ValueError, match="targets"):
+        layer_fisher_diagonal(model, inputs, likelihood="categorical", kind="empirical")
+    with pytest.raises(ValueError, match="mc_samples"):
+        layer_fisher_diagonal(model, inputs, likelihood="categorical", kind="mc", mc_samples=0)
+    with pytest.raises(ValueError, match="unknown likelihood 'cauchy'"):
+        layer_fisher_diagonal(model, inputs, likelihood="cauchy")
+    with pytest.raises(ValueError, match="NaN"):
+        layer_fisher_diagonal(model, inputs * torch.nan, likelihood="categorical")
