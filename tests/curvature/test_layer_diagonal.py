@@ -176,11 +176,12 @@ def test_frozen_unsupported_module_is_allowed() -> None:
     torch.testing.assert_close(fast, expected, rtol=RTOL, atol=ATOL)
 
 
-def test_chunked_per_sample_gradients_give_the_same_diagonal(monkeypatch) -> None:
+@pytest.mark.parametrize("budget", ["PER_SAMPLE_GRADIENT_BUDGET", "OUTPUT_GRADIENT_BUDGET"])
+def test_chunking_gives_the_same_diagonal(monkeypatch, budget) -> None:
     model = cnn()
     inputs, _ = tiny_data("poisson", samples=SAMPLES, outputs=OUTPUTS)
     whole = layer_fisher_diagonal(model, inputs, likelihood="poisson")
-    monkeypatch.setattr(layer_diagonal, "PER_SAMPLE_GRADIENT_BUDGET", 1)
+    monkeypatch.setattr(layer_diagonal, budget, 1)
     chunked = layer_fisher_diagonal(model, inputs, likelihood="poisson")
     torch.testing.assert_close(chunked, whole, rtol=RTOL, atol=ATOL)
 

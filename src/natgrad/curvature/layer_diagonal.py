@@ -10,8 +10,9 @@ so
 
     diag F_W = 1/N Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)²          (entrywise square)
 
-which for ``T = 1`` (an ordinary ``(N, d_in)`` Linear input) is ``1/N Σ_k (g_k²)ᵀ (a²)``: two
-elementwise squares and one matrix product per layer and vector.
+which for ``T = 1`` (an ordinary ``(N, d_in)`` Linear input) is ``1/N (Σ_k g_k²)ᵀ (a²)``:
+elementwise squares and one matrix product per layer. The backward vectors are
+back-propagated together, in one batched backward pass (``is_grads_batched``) per group.
 
 The model's forward pass must treat the samples of a batch independently (as the generic
 per-sample path of :func:`natgrad.curvature.fisher` assumes).
@@ -41,6 +42,7 @@ from natgrad.curvature.kfac_capture import (
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 
 __all__ = [
+    "OUTPUT_GRADIENT_BUDGET",
     "PER_SAMPLE_GRADIENT_BUDGET",
     "layer_fisher_diagonal",
     "squared_gradient_sum",
@@ -49,6 +51,9 @@ __all__ = [
 
 PER_SAMPLE_GRADIENT_BUDGET = 2**22
 """Entries of per-sample weight gradients held at once for layers with ``T > 1`` locations."""
+OUTPUT_GRADIENT_BUDGET = 2**24
+"""Entries of layer-output gradients held at once: bounds how many backward vectors are
+back-propagated together."""
 
 
 def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
@@ -107,23 +112,25 @@ def _single_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
 
 
 def squared_gradient_sum(features: Tensor, output_grads: Tensor) -> Tensor:
-    """``Σ_n (Σ_t g_nt a_ntᵀ)²`` (entrywise square), shape ``(d_out, d_in [+ 1])``.
+    """``Σ_k Σ_n (Σ_t g_knt a_ntᵀ)²`` (entrywise square), shape ``(d_out, d_in [+ 1])``.
 
     Parameters
     ----------
     features : Tensor of shape (N, T, d_in [+ 1])
         Input features ``a``.
-    output_grads : Tensor of shape (N, T, d_out)
-        Output gradients ``g`` for one backward vector.
+    output_grads : Tensor of shape (K, N, T, d_out)
+        Output gradients ``g``, one slice per backward vector ``k``.
     """
-    if features.shape[1] == 1:
-        return output_grads[:, 0].square().T @ features[:, 0].square()
-    per_sample_size = output_grads.shape[-1] * features.shape[-1]
-    chunk = max(1, PER_SAMPLE_GRADIENT_BUDGET // per_sample_size)
-    total = features.new_zeros(output_grads.shape[-1], features.shape[-1])
-    for start in range(0, features.shape[0], chunk):
+    vectors, samples, locations, outputs = output_grads.shape
+    if locations == 1:
+        return output_grads[:, :, 0].square().sum(0).T @ features[:, 0].square()
+    stacked = output_grads.permute(1, 2, 0, 3).reshape(samples, locations, vectors * outputs)
+    chunk = max(1, PER_SAMPLE_GRADIENT_BUDGET // (vectors * outputs * features.shape[-1]))
+    total = features.new_zeros(outputs, features.shape[-1])
+    for start in range(0, samples, chunk):
         rows = slice(start, start + chunk)
-        total += per_sample_gradients(features[rows], output_grads[rows]).square().sum(0)
+        gradients = per_sample_gradients(features[rows], stacked[rows]).square()
+        total += gradients.reshape(-1, outputs, features.shape[-1]).sum(0)
     return total
 
 
@@ -141,9 +148,9 @@ def layer_fisher_diagonal(
 
     The same matrix as ``natgrad.fisher(..., structure="diag")`` (with the same ``generator``
     state, ``kind="mc"`` draws the same targets in the same order: ``mc_samples`` calls of
-    ``likelihood.sample`` on the whole batch), from one forward pass and one backward pass per
-    backward vector (``C`` for ``"exact"``, ``mc_samples`` for ``"mc"``, 1 for
-    ``"empirical"``).
+    ``likelihood.sample`` on the whole batch), from one forward pass and batched backward
+    passes of the backward vectors (``C`` for ``"exact"``, ``mc_samples`` for ``"mc"``, 1 for
+    ``"empirical"``) to the layer outputs; no per-sample Jacobian is formed.
 
     Parameters
     ----------
@@ -211,7 +218,11 @@ def _squared_gradient_sums(
     mc_samples: int,
     generator: torch.Generator | None,
 ) -> list[Tensor]:
-    """Per layer, ``Σ_k Σ_n (Σ_t g_nkt a_ntᵀ)²`` over the backward vectors ``k``."""
+    """Per layer, ``Σ_k Σ_n (Σ_t g_knt a_ntᵀ)²`` over the backward vectors ``k``.
+
+    The vectors are back-propagated together (``is_grads_batched``), as many at once as
+    :data:`OUTPUT_GRADIENT_BUDGET` allows.
+    """
     features = [input_features(layer, capture.inputs[layer.name]) for layer in layers]
     layer_outputs = [capture.outputs[layer.name] for layer in layers]
     sums = [
@@ -219,11 +230,22 @@ def _squared_gradient_sums(
         for a, layer in zip(features, layers, strict=True)
     ]
     vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
-    for vector in vectors:
+    group = max(1, OUTPUT_GRADIENT_BUDGET // sum(output.numel() for output in layer_outputs))
+    for vector_group in vectors.split(group):
         grads = torch.autograd.grad(
-            outputs, layer_outputs, grad_outputs=vector, retain_graph=True, allow_unused=True
+            outputs,
+            layer_outputs,
+            grad_outputs=vector_group,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
         )
         for layer, total, a, grad in zip(layers, sums, features, grads, strict=True):
             if grad is not None:
-                total += squared_gradient_sum(a, output_features(layer, grad.detach()))
+                total += squared_gradient_sum(a, _batched_output_features(layer, grad.detach()))
     return sums
+
+
+def _batched_output_features(layer: KroneckerLayer, grads: Tensor) -> Tensor:
+    """:func:`output_features` of ``(K, N, ...)`` gradients, shape ``(K, N, T, d_out)``."""
+    return output_features(layer, grads.flatten(0, 1)).unflatten(0, grads.shape[:2])
