@@ -235,3 +235,17 @@ def test_bad_separable_argument_is_refused(separable) -> None:
     inputs, targets = tiny_data("gaussian")
     with pytest.raises(ValueError, match="separable"):
         ggn(model, inputs, coupled_loss, targets, separable=separable)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_separable_path_with_one_output_per_sample(reduction: str, monkeypatch) -> None:
+    """Outputs of shape ``(N,)``: each sample's output Hessian is ``1 × 1``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0)).double()
+    generator = torch.Generator().manual_seed(4)
+    inputs = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 2, (6,), generator=generator).to(torch.float64)
+    loss_fn = nn.BCEWithLogitsLoss(reduction=reduction)
+    reference = loss_ggn(model, inputs, loss_fn, targets)
+    _forbid_general_path(monkeypatch)
+    torch.testing.assert_close(ggn(model, inputs, loss_fn, targets).to_dense(), reference)
