@@ -136,6 +136,11 @@ def _forbid_general_path(monkeypatch) -> None:
     monkeypatch.setattr(builders, "_coupled_ggn", refuse)
 
 
+TORCH_LOSS_WARNINGS = "ignore::UserWarning"
+"""torch warns about its own vmap fallbacks (kl_div, multilabel soft margin) and KLDiv 'mean'."""
+
+
+@pytest.mark.filterwarnings(TORCH_LOSS_WARNINGS)
 @pytest.mark.parametrize(("loss_class", "options", "head", "kind"), SEPARABLE_CASES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("structure", ["dense", "diag", "block"])
@@ -151,6 +156,7 @@ def test_separable_torch_losses_use_per_sample_path_and_match_brute_force(
     torch.testing.assert_close(operator.to_dense(), expected)
 
 
+@pytest.mark.filterwarnings(TORCH_LOSS_WARNINGS)
 def test_kl_divergence_batchmean_is_separable(monkeypatch) -> None:
     model, inputs, targets = _separable_problem(nn.LogSoftmax(-1), "probability")
     loss_fn = nn.KLDivLoss(reduction="batchmean")
