@@ -71,8 +71,23 @@ class Locations(nn.Module):
         return self.head(torch.tanh(self.inner(stacked)).flatten(1))
 
 
+def in_place_activations() -> nn.Module:
+    """In-place operations on the layer outputs must not change the captured pre-activations."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        SpatialInputs(),
+        nn.Conv2d(1, 2, 2),
+        nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+        nn.Hardtanh(-0.5, 0.5, inplace=True),
+        nn.Linear(4, OUTPUTS),
+    ).to(DTYPE)
+
+
 MODELS = {"mlp": lambda: mlp(True), "mlp_no_bias": lambda: mlp(False), "cnn": cnn}
 MODELS["linear_locations"] = lambda: Locations().to(DTYPE)
+MODELS["in_place_activations"] = in_place_activations
 
 
 def mc_draws(model: nn.Module, inputs: torch.Tensor, likelihood: str) -> list[torch.Tensor]:
@@ -218,6 +233,17 @@ class ScaledOutputs(nn.Module):
         return self.layer(inputs) * self.scale
 
 
+class SequenceFirst(nn.Module):
+    """A Linear whose input has the sequence, not the batch, along dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.stack([inputs, inputs.flip(1)])).mean(0)
+
+
 def frozen_weight_trainable_bias() -> nn.Module:
     model = mlp(True)
     model[0].weight.requires_grad_(False)
@@ -244,6 +270,7 @@ UNSUPPORTED = {
     "grouped_convolution": grouped_convolution,
     "shared_layer": SharedLayer,
     "skipped_layer": SkippedLayer,
+    "sequence_first": SequenceFirst,
 }
 
 

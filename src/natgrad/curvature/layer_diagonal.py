@@ -15,7 +15,8 @@ elementwise squares and one matrix product per layer. The backward vectors are
 back-propagated together, in one batched backward pass (``is_grads_batched``) per group.
 
 The model's forward pass must treat the samples of a batch independently (as the generic
-per-sample path of :func:`natgrad.curvature.fisher` assumes).
+per-sample path of :func:`natgrad.curvature.fisher` assumes), and each supported layer's input
+must have the batch along dim 0 (checked on the shape).
 """
 
 from __future__ import annotations
@@ -91,8 +92,13 @@ class _RepeatedCall(Exception):
 
 
 @contextmanager
-def _single_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
-    """Raise :class:`_RepeatedCall` when a layer is entered a second time (before it runs)."""
+def _guarded_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
+    """Hooks that make the capture of a :class:`ForwardCapture` entered before them safe.
+
+    A layer entered a second time raises :class:`_RepeatedCall` before it runs. Each layer
+    passes a copy of its output on, so that in-place operations downstream (``ReLU(inplace=
+    True)``) leave the captured output, and its place in the graph, as the layer made it.
+    """
     calls: set[str] = set()
 
     def guard(name: str):
@@ -103,12 +109,26 @@ def _single_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
 
         return check
 
-    handles = [layer.module.register_forward_pre_hook(guard(layer.name)) for layer in layers]
+    def copy_output(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output.clone()
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.module.register_forward_pre_hook(guard(layer.name)))
+        handles.append(layer.module.register_forward_hook(copy_output))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _batch_first(layers: Sequence[KroneckerLayer], capture: ForwardCapture, samples: int) -> bool:
+    """Whether every layer was called once, on inputs whose dim 0 runs over the ``samples``."""
+    return all(
+        layer.name in capture.inputs and capture.inputs[layer.name].shape[0] == samples
+        for layer in layers
+    )
 
 
 def squared_gradient_sum(features: Tensor, output_grads: Tensor) -> Tensor:
@@ -173,7 +193,8 @@ def layer_fisher_diagonal(
         The diagonal over the trainable parameters in ``model.parameters()`` order, in their
         dtype. ``None`` (nothing computed, no random draw made) when :func:`supported_layers`
         gives ``None``; ``None`` after the forward pass when a supported layer is called more
-        than once or not at all. The caller then uses a general method.
+        than once or not at all, or on an input whose dim 0 is not the batch (a sequence-first
+        or batch-flattened Linear input). The caller then uses a general method.
 
     Raises
     ------
@@ -193,11 +214,11 @@ def layer_fisher_diagonal(
     if inputs.is_floating_point():
         inputs = inputs.to(params[0].dtype)
     try:
-        with torch.enable_grad(), _single_calls(layers), ForwardCapture(layers) as capture:
+        with torch.enable_grad(), ForwardCapture(layers) as capture, _guarded_calls(layers):
             outputs = model(inputs)
     except _RepeatedCall:
         return None
-    if any(layer.name not in capture.inputs for layer in layers):
+    if not _batch_first(layers, capture, inputs.shape[0]):
         return None
     squared_sums = _squared_gradient_sums(
         layers, capture, as_matrix(outputs), resolved, kind, targets, mc_samples, generator
