@@ -226,17 +226,17 @@ class PenalisedGLMObjective:
         Uses ``∇²A(f) u = p ⊙ u − p (pᵀu)`` of the softmax (``p = softmax(f)``): two products
         with ``X̃`` per call. Only for the categorical likelihood.
         """
-        probs = torch.softmax(outputs, dim=-1)
-        basis = self.output_basis
+        probs = torch.softmax(outputs, dim=-1).numpy()
+        basis = self.output_basis.numpy()
+        penalty = self.penalty_diagonal.numpy()
+        shape = (self.n_rows, self.n_columns)
 
-        def product(vector: Tensor) -> Tensor:
-            logit_tangent = self._times_design(
-                vector.reshape(self.n_rows, self.n_columns) @ basis.T
-            )
-            weighted = probs * logit_tangent
-            weighted = weighted - probs * weighted.sum(-1, keepdim=True)
-            data_part = self._design_t_times(weighted) @ basis
-            return data_part.reshape(-1) / self.n_samples + self.penalty_diagonal * vector
+        def product(vector: Tensor) -> Tensor:  # in NumPy: see _times_design
+            values = vector.detach().numpy()
+            weighted = probs * (self._design_array @ (values.reshape(shape) @ basis.T))
+            weighted -= probs * weighted.sum(-1, keepdims=True)
+            data_part = (self._design_t_array @ weighted) @ basis
+            return torch.from_numpy(data_part.reshape(-1) / self.n_samples + penalty * values)
 
         return product
 
