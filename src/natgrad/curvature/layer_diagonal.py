@@ -59,7 +59,7 @@ back-propagated together."""
 
 
 def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
-    """The layers carrying every trainable parameter of ``model``, or ``None`` if there are none.
+    """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
     ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``), a trainable bias with a frozen weight, or a
@@ -167,7 +167,7 @@ def layer_fisher_diagonal(
 ) -> Tensor | None:
     """Diagonal of the Fisher of ``model`` on ``inputs`` (MEAN over the N inputs), or ``None``.
 
-    The same matrix as ``natgrad.fisher(..., structure="diag")`` (with the same ``generator``
+    The values of the generic ``natgrad.fisher(..., structure="diag")`` (with the same ``generator``
     state, ``kind="mc"`` draws the same targets in the same order: ``mc_samples`` calls of
     ``likelihood.sample`` on the whole batch), from one forward pass and batched backward
     passes of the backward vectors (``C`` for ``"exact"``, ``mc_samples`` for ``"mc"``, 1 for
@@ -199,6 +199,8 @@ def layer_fisher_diagonal(
 
     Raises
     ------
+    TypeError
+        ``model`` not an ``nn.Module``, ``inputs`` not a tensor, ``mc_samples`` not an int.
     ValueError
         Unknown ``kind`` or likelihood, ``kind="empirical"`` without targets, ``mc_samples < 1``,
         non-finite or empty inputs.
