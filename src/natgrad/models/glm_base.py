@@ -173,9 +173,10 @@ def weight_covariance(
     param_covariance = 0.5 * (param_covariance + param_covariance.T)
     n_rows, n_columns = objective.n_rows, objective.n_columns
     by_row = param_covariance.reshape(n_rows, n_columns, n_rows, n_columns)
-    basis = objective.output_basis
-    by_output = torch.einsum("cp,ipjq,dq->cidj", basis, by_row, basis)
-    size = n_rows * basis.shape[0]
+    basis_t = objective.output_basis.T
+    # [c, i, d, j] = Σ_pq B[c, p] S[i, p, j, q] B[d, q], as two matmuls
+    by_output = ((by_row @ basis_t).permute(0, 2, 3, 1) @ basis_t).permute(3, 0, 2, 1)
+    size = n_rows * basis_t.shape[1]
     return by_output.reshape(size, size).numpy()
 
 
