@@ -16,7 +16,13 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix, count_matrix
 from natgrad.models.pnmf_elbo import ELBO_MODES, elbo, expected_exp_factors
-from natgrad.models.pnmf_training import FitSettings, FitState, fit_natural, fit_standard
+from natgrad.models.pnmf_training import (
+    LOADINGS_UPDATES,
+    FitSettings,
+    FitState,
+    fit_natural,
+    fit_standard,
+)
 from natgrad.models.pnmf_updates import gaussian_from_moments
 
 TRAINING_MODES = ("standard", "natural")
@@ -82,7 +88,8 @@ class PNMF(TransformerMixin, BaseEstimator):
     training_mode : {"standard", "natural"}, default="standard"
         ``"standard"``: Adam on ``(μ, softplus⁻¹ σ)`` and on ``W`` (projected onto ``W ≥ 0``).
         ``"natural"``: natural-gradient (variational online Newton) steps on ``q(F)`` held in
-        natural parameters, and ``W`` by its closed-form multiplicative (EM) update.
+        natural parameters, and ``W`` by its closed-form multiplicative (EM) update (or by
+        Adam steps, see ``loadings_update``).
     mode : {"simple", "expanded", "lower-bound"}, default="expanded"
         ELBO estimator: full Monte Carlo; Monte Carlo for ``y·log rate`` with the rate in
         closed form; or the analytic Jensen lower bound (no sampling).
@@ -99,6 +106,15 @@ class PNMF(TransformerMixin, BaseEstimator):
         clipped to ``|Δμ| ≤ 1``). The natural default is 1.0 for ``"lower-bound"`` (exact
         gradients) and 0.3 for the Monte-Carlo modes, where ``ρ = 1`` with ``E = 10`` draws
         lets the gradient noise through undamped and ends at a clearly worse ELBO.
+    loadings_update : {"multiplicative", "adam"}, default="multiplicative"
+        How ``"natural"`` training updates ``W`` after each ``q(F)`` step: ``"multiplicative"``
+        sets it to its closed-form multiplicative (EM) optimum given ``q``; ``"adam"`` takes one
+        Adam step along ``∂ELBO/∂W`` with learning rate 0.01 (fixed, independent of
+        ``learning_rate``, which is ``ρ`` for ``q(F)``), projected onto ``W ≥ 1e-10``. With
+        ``batch_size`` set, ``"multiplicative"`` takes Robbins–Monro steps on W's sufficient
+        statistics and ``"adam"`` uses the minibatch gradient scaled by ``N/B``. In
+        ``"standard"`` training ``W`` is always updated by Adam (with ``learning_rate``) and
+        this parameter has no effect.
     batch_size : int or None, default=None
         Minibatch size over samples (stochastic VI); ``None`` uses all samples.
     random_state : int, RandomState or None, default=None
@@ -141,6 +157,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         max_iter: int = 1000,
         tol: float = 1e-4,
         learning_rate: float | None = None,
+        loadings_update: str = "multiplicative",
         batch_size: int | None = None,
         random_state: int | np.random.RandomState | None = None,
         device: str = "auto",
@@ -153,6 +170,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
         self.learning_rate = learning_rate
+        self.loadings_update = loadings_update
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
@@ -176,6 +194,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(
                 f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}"
+            )
+        if self.loadings_update not in LOADINGS_UPDATES:
+            raise ValueError(
+                f"loadings_update must be one of {LOADINGS_UPDATES}, got {self.loadings_update!r}"
             )
         if self.mode not in ELBO_MODES:
             raise ValueError(f"mode must be one of {ELBO_MODES}, got {self.mode!r}")
@@ -281,6 +303,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             batch_size=self.batch_size,
             update_loadings=update_loadings,
             generator=generator,
+            loadings_update=self.loadings_update,
             callback=report if self.verbose or callback is not None else None,
         )
 

@@ -60,6 +60,11 @@ class ElboGradients:
     log_term_loadings_grad: Tensor
     rate_term_loadings_grad: Tensor
 
+    @property
+    def loadings_grad(self) -> Tensor:
+        """``∂ELBO/∂W = log_term_loadings_grad − rate_term_loadings_grad``, shape ``(D, L)``."""
+        return self.log_term_loadings_grad - self.rate_term_loadings_grad
+
 
 def _log_term_derivatives(
     counts: CountMatrix, loadings: Tensor, factors: Tensor, need_value: bool, need_curvature: bool

@@ -35,6 +35,8 @@ from natgrad.models.pnmf_updates import (
 
 WARMUP_STEPS = 3
 CONVERGENCE_WINDOW = 20
+LOADINGS_UPDATES = ("multiplicative", "adam")
+LOADINGS_ADAM_LEARNING_RATE = 0.01
 
 
 class ConvergenceMonitor:
@@ -85,7 +87,11 @@ class FitSettings:
 
     ``all_reduce``, when set, sums a tensor over the processes that each hold a shard of the
     samples (see :mod:`natgrad.distributed.pnmf`); the natural loop applies it to W's
-    sufficient statistics and to the ELBO, the only quantities that couple samples.
+    sufficient statistics (or W's gradient with ``loadings_update="adam"``) and to the ELBO,
+    the only quantities that couple samples.
+
+    ``loadings_update`` is the natural loop's W update, one of :data:`LOADINGS_UPDATES`; the
+    standard loop always uses Adam.
     """
 
     mode: ElboMode
@@ -98,6 +104,7 @@ class FitSettings:
     generator: torch.Generator
     callback: Callable[[int, float, FitState], None] | None = None
     all_reduce: Callable[[Tensor], Tensor] | None = None
+    loadings_update: str = "multiplicative"
 
 
 def _batches(n_samples: int, settings: FitSettings, device: torch.device) -> list[Tensor | None]:
@@ -130,18 +137,21 @@ def _ramped_step(settings: FitSettings, iteration: int) -> float:
 
 
 def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
-    """Natural-gradient VI: VON steps on ``q(F)``, W by its multiplicative (EM) update.
+    """Natural-gradient VI: VON steps on ``q(F)``, W by its multiplicative (EM) update or Adam.
 
-    Each iteration takes one natural step on ``q(F)`` with ``W`` fixed, then sets ``W`` to
-    its multiplicative update under the new ``q`` (fresh draws). With ``batch_size`` set this
-    is stochastic VI: each minibatch's local ``q(F)`` takes one step, then W's sufficient
-    statistics ``(Σ_i y_ij E[r_ijl], Σ_i E[e^{F_il}])`` estimated from the minibatch and scaled
-    by ``N/B`` (the only quantities scaled) take a Robbins–Monro step ``ρ_t = (t + 1)^(−0.6)``;
-    one iteration is one epoch and its recorded ELBO is the sum of the minibatch ELBOs.
+    Each iteration takes one natural step on ``q(F)`` with ``W`` fixed, then updates ``W``
+    under the new ``q`` (fresh draws): by default ``W`` is set to its multiplicative update;
+    with ``settings.loadings_update == "adam"`` it takes one Adam step (learning rate
+    :data:`LOADINGS_ADAM_LEARNING_RATE`, projected onto ``W ≥ 1e-10``) along ``∂ELBO/∂W``.
+    With ``batch_size`` set this is stochastic VI: each minibatch's local ``q(F)`` takes one
+    step, then W's sufficient statistics ``(Σ_i y_ij E[r_ijl], Σ_i E[e^{F_il}])`` estimated
+    from the minibatch and scaled by ``N/B`` (the only quantities scaled) take a
+    Robbins–Monro step ``ρ_t = (t + 1)^(−0.6)`` (with Adam: W's minibatch gradient, scaled by
+    ``N/B``, is Adam's gradient); one iteration is one epoch and its recorded ELBO is the sum
+    of the minibatch ELBOs.
     """
     monitor = ConvergenceMonitor(settings.tol)
-    statistics: tuple[Tensor, Tensor] | None = None
-    global_step = 0
+    update_loadings = _loadings_updater(state, settings)
     for iteration in range(settings.max_iter):
         step_size = _ramped_step(settings, iteration)
         epoch_elbo = 0.0
@@ -161,26 +171,79 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
             at_new = _gradients(
                 batch_counts, state.loadings, step.posterior, settings, posterior_grads=False
             )
-            numerator = state.loadings * at_new.log_term_loadings_grad
-            denominator = at_new.rate_term_loadings_grad
-            if settings.all_reduce is not None:
-                numerator = settings.all_reduce(numerator)
-                denominator = settings.all_reduce(denominator)
-            if index is not None:
-                scale = counts.n_samples / len(index)
-                numerator, denominator = scale * numerator, scale * denominator
-                if statistics is not None:
-                    rate = robbins_monro_rate(global_step)
-                    numerator = robbins_monro_update(statistics[0], numerator, rate)
-                    denominator = robbins_monro_update(statistics[1], denominator, rate)
-                statistics = (numerator, denominator)
-                global_step += 1
-            state.loadings = multiplicative_loadings(numerator, denominator)
+            scale = None if index is None else counts.n_samples / len(index)
+            state.loadings = update_loadings(state.loadings, at_new, scale)
         if settings.all_reduce is not None:
             epoch_elbo = float(settings.all_reduce(torch.tensor(epoch_elbo, dtype=torch.float64)))
         if _record(state, monitor, settings, iteration, epoch_elbo):
             break
     return state
+
+
+LoadingsUpdater = Callable[[Tensor, ElboGradients, float | None], Tensor]
+
+
+def _loadings_updater(state: FitState, settings: FitSettings) -> LoadingsUpdater:
+    """The natural loop's W update ``(W, gradients at the new q, N/B or None) ↦ W′``.
+
+    The scale ``N/B`` is ``None`` for the full batch.
+    """
+    if settings.loadings_update == "multiplicative":
+        return _multiplicative_updater(settings)
+    if settings.loadings_update == "adam":
+        return _adam_updater(state, settings)
+    raise ValueError(
+        f"loadings_update must be one of {LOADINGS_UPDATES}, got {settings.loadings_update!r}"
+    )
+
+
+def _multiplicative_updater(settings: FitSettings) -> LoadingsUpdater:
+    """Multiplicative (EM) update of W; with minibatches its statistics take Robbins–Monro steps."""
+    statistics: tuple[Tensor, Tensor] | None = None
+    global_step = 0
+
+    def update(loadings: Tensor, gradients: ElboGradients, scale: float | None) -> Tensor:
+        nonlocal statistics, global_step
+        numerator = loadings * gradients.log_term_loadings_grad
+        denominator = gradients.rate_term_loadings_grad
+        if settings.all_reduce is not None:
+            numerator = settings.all_reduce(numerator)
+            denominator = settings.all_reduce(denominator)
+        if scale is not None:
+            numerator, denominator = scale * numerator, scale * denominator
+            if statistics is not None:
+                rate = robbins_monro_rate(global_step)
+                numerator = robbins_monro_update(statistics[0], numerator, rate)
+                denominator = robbins_monro_update(statistics[1], denominator, rate)
+            statistics = (numerator, denominator)
+            global_step += 1
+        return multiplicative_loadings(numerator, denominator)
+
+    return update
+
+
+def _adam_updater(state: FitState, settings: FitSettings) -> LoadingsUpdater:
+    """One Adam step on W along ``scale · ∂ELBO/∂W`` (summed over processes), then ``W ≥ floor``."""
+    parameter = state.loadings.clone()
+    optimizer = torch.optim.Adam([parameter], lr=LOADINGS_ADAM_LEARNING_RATE)
+
+    def update(loadings: Tensor, gradients: ElboGradients, scale: float | None) -> Tensor:
+        loadings_grad = gradients.loadings_grad
+        if settings.all_reduce is not None:
+            loadings_grad = settings.all_reduce(loadings_grad)
+        _adam_loadings_step(optimizer, parameter, loadings_grad, 1.0 if scale is None else scale)
+        return parameter
+
+    return update
+
+
+def _adam_loadings_step(
+    optimizer: torch.optim.Optimizer, loadings: Tensor, loadings_grad: Tensor, scale: float
+) -> None:
+    """Adam ascent step on the ELBO in ``W`` along ``scale · loadings_grad``, then clamp."""
+    loadings.grad = -loadings_grad * scale
+    optimizer.step()
+    loadings.clamp_(min=LOADINGS_FLOOR)
 
 
 def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
@@ -213,10 +276,8 @@ def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) ->
             _set_local_gradient(raw_scale, index, -grad_raw_scale, minibatched)
             local_optimizer.step()
             if settings.update_loadings:
-                loadings_grad = gradients.log_term_loadings_grad - gradients.rate_term_loadings_grad
-                loadings.grad = -loadings_grad * (counts.n_samples / batch_counts.n_samples)
-                global_optimizer.step()
-                loadings.clamp_(min=LOADINGS_FLOOR)
+                scale = counts.n_samples / batch_counts.n_samples
+                _adam_loadings_step(global_optimizer, loadings, gradients.loadings_grad, scale)
             epoch_elbo += float(gradients.value)
         state.loadings = loadings
         if settings.callback is not None:
