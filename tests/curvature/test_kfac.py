@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
 from natgrad.curvature.likelihoods import get_likelihood
 
@@ -351,3 +352,15 @@ def test_mc_kind_converges_to_exact_kind_as_samples_grow() -> None:
     many = mc_error(800)
     assert many < 0.1
     assert many < mc_error(4)
+
+
+@pytest.mark.parametrize("build", [build_kfac, build_ekfac])
+def test_in_place_activations_give_the_same_operator(build) -> None:
+    torch.manual_seed(9)
+    inputs = torch.randn(6, 3, dtype=DTYPE)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 3)).to(DTYPE)
+    in_place = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 3)).to(DTYPE)
+    in_place.load_state_dict(plain.state_dict())
+    expected = build(plain, inputs, likelihood="categorical").to_dense()
+    actual = build(in_place, inputs, likelihood="categorical").to_dense()
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)

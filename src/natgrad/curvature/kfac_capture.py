@@ -312,7 +312,7 @@ class ForwardCapture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
-        def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
             if name in self.inputs:
                 raise ValueError(
                     f"layer {name!r} was called more than once in the forward pass; shared "
@@ -320,6 +320,9 @@ class ForwardCapture:
                 )
             self.inputs[name] = args[0].detach()
             self.outputs[name] = output
+            # Pass a copy on: an in-place op downstream (ReLU(inplace=True)) would otherwise
+            # rewrite the recorded output and its place in the graph.
+            return output.clone()
 
         return record
 

@@ -96,9 +96,9 @@ class _RepeatedCall(Exception):
 def _guarded_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
     """Hooks that make the capture of a :class:`ForwardCapture` entered before them safe.
 
-    A layer entered a second time raises :class:`_RepeatedCall` before it runs. Each layer
-    passes a copy of its output on, so that in-place operations downstream (``ReLU(inplace=
-    True)``) leave the captured output, and its place in the graph, as the layer made it.
+    A layer entered a second time raises :class:`_RepeatedCall` before it runs. (In-place
+    operations downstream are made safe by :class:`ForwardCapture`, which passes a copy of each
+    layer's output on.)
     """
     calls: set[str] = set()
 
@@ -110,13 +110,9 @@ def _guarded_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
 
         return check
 
-    def copy_output(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return output.clone()
-
     handles = []
     for layer in layers:
         handles.append(layer.module.register_forward_pre_hook(guard(layer.name)))
-        handles.append(layer.module.register_forward_hook(copy_output))
     try:
         yield
     finally:
