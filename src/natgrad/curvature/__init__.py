@@ -16,6 +16,7 @@ from natgrad.curvature.builders import fisher, ggn, hessian, output_factors
 from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.implicit import Implicit
+from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 
 _LAZY = {"KFAC": "natgrad.curvature.kfac", "EKFAC": "natgrad.curvature.ekfac"}
@@ -33,6 +34,7 @@ __all__ = [
     "get_likelihood",
     "ggn",
     "hessian",
+    "layer_fisher_diagonal",
     "output_factors",
 ]
 

@@ -8,6 +8,10 @@ The Fisher is the MEAN over the ``N`` inputs, ``F = 1/N Σₙ Jₙᵀ Bₙ Jₙ`
 dense, diagonal and block structures are assembled from per-sample rows ``Wₙ = Rₙᵀ Jₙ`` (``Jₙ``
 the per-sample output Jacobian from ``torch.func.vmap(jacrev(...))`` and ``Rₙ Rₙᵀ = Bₙ``), so no
 per-sample ``P × P`` matrix is formed, and ``"diag"``/``"block"`` never form the ``P × P`` one.
+The Fisher diagonal of models whose trainable parameters all belong to ``nn.Linear`` /
+``nn.Conv2d`` layers is taken per layer from captured layer inputs and output gradients
+(:func:`~natgrad.curvature.layer_diagonal.layer_fisher_diagonal`, as BackPACK does), which is
+much cheaper than the per-sample rows; other models take the generic path.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.implicit import Implicit
 from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
+from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -273,6 +278,19 @@ def fisher(
         return _kronecker_fisher(
             structure, model, inputs, likelihood, kind, targets, mc_samples, generator
         )
+    if structure == "diag":
+        diagonal = layer_fisher_diagonal(
+            model,
+            inputs,
+            likelihood=resolved,
+            kind=kind,
+            targets=targets,
+            mc_samples=mc_samples,
+            generator=generator,
+        )
+        if diagonal is not None:
+            shapes = [param.shape for param in model.parameters() if param.requires_grad]
+            return Diagonal(diagonal, shapes)
     function = ModelFunction(model, inputs)
     outputs = as_matrix(function.outputs())
     factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
