@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several xdist workers share the machine's cores: one intra-op thread each avoids
+    # oversubscription (results do not depend on the thread count).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
