@@ -1,7 +1,13 @@
-"""natgrad.models."""
+"""natgrad.models: scikit-learn estimators built on the curvature and optim layers.
+
+- :class:`PNMF`: probabilistic Poisson NMF with standard (Adam) or natural-gradient VI, and
+  :func:`fit_pnmf_data_parallel` for data parallelism over samples with ``torch.distributed``.
+- :class:`LogisticRegression`, :class:`PoissonRegression`: GLMs by Fisher scoring.
+"""
 
 from natgrad.models.logistic import LogisticRegression
 from natgrad.models.pnmf import PNMF
+from natgrad.models.pnmf_distributed import fit_pnmf_data_parallel
 from natgrad.models.poisson_regression import PoissonRegression
 
-__all__ = ["PNMF", "LogisticRegression", "PoissonRegression"]
+__all__ = ["PNMF", "LogisticRegression", "PoissonRegression", "fit_pnmf_data_parallel"]

@@ -86,7 +86,7 @@ class FitSettings:
     """Settings shared by the training loops (see :class:`natgrad.models.PNMF`).
 
     ``all_reduce``, when set, sums a tensor over the processes that each hold a shard of the
-    samples (see :mod:`natgrad.distributed.pnmf`); the natural loop applies it to W's
+    samples (see :mod:`natgrad.models.pnmf_distributed`); the natural loop applies it to W's
     sufficient statistics (or W's gradient with ``loadings_update="adam"``) and to the ELBO,
     the only quantities that couple samples.
 

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from natgrad.distributed.pnmf import fit_pnmf_data_parallel
 from natgrad.models import PNMF
+from natgrad.models.pnmf_distributed import fit_pnmf_data_parallel
 
 SPLIT = 23  # uneven shards: rows [0, 23) on rank 0, [23, 60) on rank 1
 SETTINGS = {"mode": "lower-bound", "max_iter": 60, "tol": 0.0, "random_state": 5}
