@@ -17,7 +17,8 @@ def test_info_prints_the_version_and_every_component(capsys: pytest.CaptureFixtu
     assert main(["info"]) == 0
     printed = capsys.readouterr().out
     assert f"natgrad {natgrad.__version__}" in printed
-    for component in ("expfam", "curvature", "linalg", "optim", "models", "distributed"):
+    components = ("expfam", "curvature", "linalg", "optim", "models", "distributed", "rl", "es")
+    for component in components:
         assert component in printed
     assert "unavailable" not in printed
 

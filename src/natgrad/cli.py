@@ -19,12 +19,14 @@ _COMPONENTS = {
     "optim": "torch.optim optimizers and preconditioners",
     "models": "scikit-learn estimators (PNMF, GLMs by Fisher scoring)",
     "distributed": "torch.distributed reductions of curvature statistics",
+    "rl": "natural policy gradient and TRPO on gymnasium",
+    "es": "natural evolution strategies (xNES, SNES)",
 }
 
 
 def _info(_: argparse.Namespace) -> int:
     print(f"natgrad {natgrad.__version__}")
-    print(f"python {platform.python_version()}  torch {torch.__version__}  ")
+    print(f"python {platform.python_version()}  torch {torch.__version__}")
     cuda = torch.cuda.is_available()
     print(f"devices: cpu{' cuda' if cuda else ''}  threads: {torch.get_num_threads()}")
     print("components:")
