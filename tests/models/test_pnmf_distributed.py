@@ -22,14 +22,14 @@ def counts() -> np.ndarray:
     return rng.poisson(rate).astype(np.float64)
 
 
-def worker(rank: int, world: int, port: int, output: str) -> None:
+def worker(rank: int, world: int, port: int, output: str, settings: dict) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        fit = fit_pnmf_data_parallel(counts()[rows], 2, **SETTINGS)
+        fit = fit_pnmf_data_parallel(counts()[rows], 2, **settings)
         torch.save(fit, f"{output}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -41,15 +41,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module", params=["multiplicative", "adam"])
+def settings(request) -> dict:
+    return {**SETTINGS, "loadings_update": request.param}
+
+
 @pytest.fixture(scope="module")
-def two_process_fits(tmp_path_factory):
+def two_process_fits(tmp_path_factory, settings):
     output = str(tmp_path_factory.mktemp("pnmf_ddp") / "fit")
-    mp.spawn(worker, args=(2, free_port(), output), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), output, settings), nprocs=2, join=True)
     return [torch.load(f"{output}.{rank}", weights_only=False) for rank in range(2)]
 
 
-def test_two_processes_equal_one_process(two_process_fits):
-    single = fit_pnmf_data_parallel(counts(), 2, **SETTINGS)
+def test_two_processes_equal_one_process(two_process_fits, settings):
+    single = fit_pnmf_data_parallel(counts(), 2, **settings)
     first, second = two_process_fits
     assert (first.row_offset, second.row_offset) == (0, SPLIT)
     for fit in two_process_fits:
@@ -61,8 +66,13 @@ def test_two_processes_equal_one_process(two_process_fits):
     np.testing.assert_allclose(variances, single.variational_variance, rtol=1e-9)
 
 
-def test_one_process_equals_the_estimator():
-    single = fit_pnmf_data_parallel(counts(), 2, **SETTINGS)
-    estimator = PNMF(n_components=2, training_mode="natural", **SETTINGS).fit(counts())
+def test_one_process_equals_the_estimator(settings):
+    single = fit_pnmf_data_parallel(counts(), 2, **settings)
+    estimator = PNMF(n_components=2, training_mode="natural", **settings).fit(counts())
     np.testing.assert_allclose(single.components, estimator.components_, rtol=1e-12)
     np.testing.assert_allclose(single.elbo_history, estimator.elbo_history_, rtol=1e-12)
+
+
+def test_unknown_loadings_update_is_refused():
+    with pytest.raises(ValueError, match="'sgd'"):
+        fit_pnmf_data_parallel(counts(), 2, loadings_update="sgd")

@@ -31,7 +31,7 @@ from natgrad.models.pnmf import (
 )
 from natgrad.models.pnmf_counts import count_matrix
 from natgrad.models.pnmf_elbo import ELBO_MODES
-from natgrad.models.pnmf_training import FitSettings, FitState, fit_natural
+from natgrad.models.pnmf_training import LOADINGS_UPDATES, FitSettings, FitState, fit_natural
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def fit_pnmf_data_parallel(
     max_iter: int = 1000,
     tol: float = 1e-4,
     learning_rate: float | None = None,
+    loadings_update: str = "multiplicative",
     random_state: int = 0,
     group: dist.ProcessGroup | None = None,
 ) -> DataParallelFit:
@@ -100,8 +101,9 @@ def fit_pnmf_data_parallel(
         Non-negative counts of this process's samples.
     n_components : int
     mode : {"simple", "expanded", "lower-bound"}
-    E, max_iter, tol, learning_rate
-        As in :class:`natgrad.models.PNMF` with ``training_mode="natural"``.
+    E, max_iter, tol, learning_rate, loadings_update
+        As in :class:`natgrad.models.PNMF` with ``training_mode="natural"``; with
+        ``loadings_update="adam"`` W's gradient is summed over the processes.
     random_state : int
         Shared seed; must be equal on all processes.
     group : ProcessGroup, optional
@@ -110,6 +112,10 @@ def fit_pnmf_data_parallel(
         raise ValueError(f"mode must be one of {ELBO_MODES}, got {mode!r}")
     if n_components < 1:
         raise ValueError(f"n_components must be >= 1, got {n_components!r}")
+    if loadings_update not in LOADINGS_UPDATES:
+        raise ValueError(
+            f"loadings_update must be one of {LOADINGS_UPDATES}, got {loadings_update!r}"
+        )
     X_local = check_array(
         X_local, accept_sparse=("csr", "csc", "coo"), dtype=(np.float64, np.float32)
     )
@@ -140,6 +146,7 @@ def fit_pnmf_data_parallel(
         update_loadings=True,
         generator=generator,
         all_reduce=all_reduce,
+        loadings_update=loadings_update,
     )
     state = fit_natural(counts, FitState(loadings=loadings, posterior=posterior), settings)
     return DataParallelFit(
