@@ -31,6 +31,7 @@ from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.implicit import Implicit
 from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
+from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 
@@ -289,7 +290,7 @@ def fisher(
             generator=generator,
         )
         if diagonal is not None:
-            shapes = [param.shape for param in model.parameters() if param.requires_grad]
+            shapes = [param.shape for param in trainable_parameters(model)]
             return Diagonal(diagonal, shapes)
     function = ModelFunction(model, inputs)
     outputs = as_matrix(function.outputs())

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature import fisher
 from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
 
@@ -84,7 +85,7 @@ class NaturalGradient(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
     ) -> None:
         _check_options(lr, kind, structure, damping, max_kl, mc_samples)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
         defaults = {"lr": lr, "damping": damping, "max_kl": max_kl}
