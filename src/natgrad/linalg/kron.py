@@ -17,6 +17,7 @@ eigenbasis products and damped solves here take an arbitrary eigenvalue matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ __all__ = [
     "factored_solve",
     "kron_mv",
     "symmetric_eigh",
+    "symmetric_eigh_batch",
 ]
 
 
@@ -85,21 +87,68 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
     torch.linalg.LinAlgError
         If the decomposition fails even in float64.
     """
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+    _check_square(matrix)
     if not torch.isfinite(matrix).all():
         raise ValueError("cannot eigendecompose a matrix with non-finite entries")
+    return SymmetricEigen(*_decompose(matrix))
+
+
+def symmetric_eigh_batch(matrices: Sequence[Tensor]) -> list[SymmetricEigen]:
+    """:func:`symmetric_eigh` of each matrix, with one batched decomposition (and one
+    finiteness check) per group of equal size, dtype and device.
+
+    Equal to decomposing the matrices one by one up to round-off (a batched LAPACK call may
+    round differently); a group that fails is retried in float64 as a whole.
+
+    Parameters
+    ----------
+    matrices : sequence of Tensor, each of shape (d_i, d_i)
+
+    Returns
+    -------
+    list of SymmetricEigen, in the order of ``matrices``
+
+    Raises
+    ------
+    ValueError
+        If a matrix is not square or contains non-finite entries.
+    torch.linalg.LinAlgError
+        If a decomposition fails even in float64.
+    """
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        _check_square(matrix)
+        groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
+    results: list[SymmetricEigen | None] = [None] * len(matrices)
+    for indices in groups.values():
+        stacked = torch.stack([matrices[index] for index in indices])
+        if not torch.isfinite(stacked).all():
+            raise ValueError("cannot eigendecompose a matrix with non-finite entries")
+        values, vectors = _decompose(stacked)
+        for index, value, vector in zip(indices, values.unbind(), vectors.unbind(), strict=True):
+            results[index] = SymmetricEigen(value, vector)
+    return results
+
+
+def _check_square(matrix: Tensor) -> None:
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+
+
+def _decompose(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (clamped at zero) and eigenvectors of the symmetrised finite matrices
+    ``(..., d, d)``, retried in float64 on failure, in the working dtype."""
     working_dtype = (
-        matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+        matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
     )
-    symmetric = 0.5 * (matrix + matrix.mT).to(working_dtype)
+    symmetric = 0.5 * (matrices + matrices.mT).to(working_dtype)
     result = _eigh_or_none(symmetric)
     if result is None and working_dtype != torch.float64:
         result = _eigh_or_none(symmetric.double())
     if result is None:
         raise torch.linalg.LinAlgError("eigendecomposition failed even in float64")
     values, vectors = result
-    return SymmetricEigen(values.clamp_min(0).to(working_dtype), vectors.to(working_dtype))
+    return values.clamp_min(0).to(working_dtype), vectors.to(working_dtype)
 
 
 def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tensor:

@@ -45,9 +45,11 @@ from natgrad.distributed.reduce import (
     all_reduce_sum_,
     assign_owners,
     broadcast_from_,
+    is_distributed,
     rank,
     world_size,
 )
+from natgrad.linalg.kron import symmetric_eigh_batch
 from natgrad.optim.kfac_layers import EmbeddingState, KroneckerLayerState, LayerState
 from natgrad.optim.trust_region import levenberg_marquardt_damping
 
@@ -440,8 +442,13 @@ class KFAC:
         self.steps += 1
 
     def _update_factors(self) -> None:
-        pending = [tensor for state in self.layers for tensor in state.pending()]
-        all_reduce_sum_(pending, self.process_group)
+        if is_distributed(self.process_group):
+            statistics = [state.statistics() for state in self.layers]
+            all_reduce_sum_(
+                [tensor for group in statistics for tensor in group], self.process_group
+            )
+            for state, group in zip(self.layers, statistics, strict=True):
+                state.set_statistics(group)
         for state in self.layers:
             if state.has_pending():
                 state.update_factors(self.factor_decay)
@@ -449,8 +456,10 @@ class KFAC:
     def _update_eigens(self, stale: list[LayerState]) -> None:
         size = world_size(self.process_group)
         if self.inverse_placement == "replicated" or size == 1:
-            for state in stale:
-                state.update_eigens()
+            factors = [state.eigen_inputs() for state in stale]
+            eigens = iter(symmetric_eigh_batch([factor for group in factors for factor in group]))
+            for state, group in zip(stale, factors, strict=True):
+                state.set_eigens([next(eigens) for _ in group])
             return
         owners = assign_owners([state.eigen_cost() for state in stale], size)
         me = rank(self.process_group)
@@ -467,31 +476,34 @@ class KFAC:
     def _precondition(self) -> None:
         damping = self.current_damping()
         factored = self.damping_mode == "factored"
+        with_product = self.kl_clip is not None
         updates = []
         for state in self.layers:
             grad = None if state.output_eigen is None else state.grad_matrix()
             if grad is not None:
-                updates.append((state, grad, state.solve(grad, damping, factored)))
+                updates.append(
+                    (state, grad, *state.partial_solve(grad, damping, factored, with_product))
+                )
         if self.adaptive_damping and self.steps % self.damping_adaptation_interval == 0:
             probes = [
-                (state, grad.clone(), state.param_matrix().clone()) for state, grad, _ in updates
+                (state, grad.clone(), state.param_matrix().clone()) for state, grad, _, _ in updates
             ]
             self._damping_probe = _DampingProbe(damping, probes)
-        scale = self._kl_scale([(grad, direction) for _, grad, direction in updates])
-        for state, _, direction in updates:
-            state.write_grad(direction if scale == 1.0 else direction * scale)
+        if with_product and updates:
+            scale = self._kl_scale([product for _, _, _, product in updates])
+            if scale is not None:
+                torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
+        for state, _, partial, _ in updates:
+            state.write_solution(partial)
 
-    def _kl_scale(self, pairs: list[tuple[Tensor, Tensor]]) -> float:
-        if self.kl_clip is None or not pairs:
-            return 1.0
+    def _kl_scale(self, products: list[Tensor]) -> Tensor | None:
+        """``min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` as a 0-dim tensor (no host sync);
+        ``None`` at ``lr = 0``."""
         lr = _schedule_value("lr", self.lr, self.steps)
-        products = [
-            torch.vdot(grad.reshape(-1), direction.reshape(-1)) for grad, direction in pairs
-        ]
-        quadratic = abs(float(torch.stack(products).sum()))
-        if quadratic * lr**2 == 0.0:
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / (quadratic * lr**2)))
+        if lr == 0.0:
+            return None
+        quadratic = torch.stack(products).sum().abs()
+        return quadratic.mul_(lr**2 / self.kl_clip).rsqrt_().clamp_(max=1.0)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:

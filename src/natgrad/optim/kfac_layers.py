@@ -6,6 +6,11 @@ the projected second moment); this module only keeps statistics between steps.
 
 Factors are stored in ``factor_dtype`` (float32 for half/bfloat16 or float32 parameters, float64
 for float64 parameters), so ``torch.autocast`` never lowers their precision.
+
+The per-step work is kept to few tensor operations, since on small layers each operation's
+dispatch costs as much as its arithmetic: sums are allocated by the first record after a fold,
+counts are Python numbers, the moving averages are updated in place, and a preconditioned
+gradient is written straight into ``.grad`` by the last product of the eigenbasis solve.
 """
 
 from __future__ import annotations
@@ -17,11 +22,10 @@ from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import KroneckerLayer, input_features, output_features
 from natgrad.linalg.kron import (
     SymmetricEigen,
-    eigenbasis_mv,
     eigenbasis_project,
     eigenbasis_solve,
     factored_damping,
-    symmetric_eigh,
+    symmetric_eigh_batch,
 )
 
 __all__ = ["EmbeddingState", "KroneckerLayerState", "LayerState", "factor_dtype_for"]
@@ -32,8 +36,31 @@ def factor_dtype_for(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
-    return new if old is None else decay * old + (1.0 - decay) * new
+def _add_gram(total: Tensor | None, rows: Tensor, scale: float = 1.0) -> Tensor:
+    """``total + scale · rowsᵀ rows`` for ``rows`` of shape ``(n, d)``, in place; a new
+    ``(d, d)`` tensor when ``total`` is ``None``. In place and ``out=`` products keep the
+    dtype of ``rows`` under ``torch.autocast``."""
+    if total is not None:
+        return total.addmm_(rows.mT, rows, alpha=scale)
+    size = rows.shape[-1]
+    gram = torch.mm(rows.mT, rows, out=rows.new_empty((size, size)))
+    return gram if scale == 1.0 else gram.mul_(scale)
+
+
+def _fold(average: Tensor | None, total: Tensor, count: float, decay: float) -> Tensor:
+    """Exponential moving average ``decay · average + (1 − decay) · total / count``, in place
+    (``total`` is consumed); ``total / count`` when there is no average yet."""
+    if average is None:
+        return total.div_(count)
+    return average.mul_(decay).add_(total, alpha=(1.0 - decay) / count)
+
+
+def _matrix_view(tensor: Tensor, rows: int, dtype: torch.dtype) -> Tensor | None:
+    """``tensor`` as a ``(rows, -1)`` view to write a result into, or ``None`` if it cannot
+    take one (another dtype, or a layout that does not flatten to a view)."""
+    if tensor.dtype != dtype or not tensor.is_contiguous():
+        return None
+    return tensor.view(rows, -1)
 
 
 def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
@@ -67,6 +94,10 @@ class _DampedInverse:
         self.reciprocal = reciprocal
         self.output_inverse = output_inverse
         self.input_inverse = input_inverse
+
+    @property
+    def factored(self) -> bool:
+        return self.reciprocal is None
 
     def apply_factored(self, matrix: Tensor) -> Tensor:
         """``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹``."""
@@ -131,32 +162,47 @@ class LayerState:
 
     # -- statistics --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
-        zero = torch.zeros((), dtype=self.dtype, device=self.module.weight.device)
-        self.input_sum: Tensor = torch.zeros_like(self._input_template())
-        self.output_sum: Tensor = torch.zeros_like(self._output_template())
-        self.input_count: Tensor = zero.clone()
-        self.output_count: Tensor = zero.clone()
+        self.input_sum: Tensor | None = None
+        self.output_sum: Tensor | None = None
+        self.input_count = 0.0
+        self.output_count = 0.0
 
-    def pending(self) -> list[Tensor]:
-        """Accumulated sums and counts, the tensors a distributed run all-reduces."""
-        return [self.input_sum, self.input_count, self.output_sum, self.output_count]
+    def statistics(self) -> list[Tensor]:
+        """Accumulated sums and ``[input count, output count]`` as tensors (zeros where nothing
+        was recorded): what a distributed run all-reduces, in place, before
+        :meth:`set_statistics`."""
+        device = self.module.weight.device
+        counts = [self.input_count, self.output_count]
+        return [
+            self._zeros_if_none(self.input_sum, self._input_template()),
+            self._zeros_if_none(self.output_sum, self._output_template()),
+            torch.tensor(counts, dtype=self.dtype, device=device),
+        ]
+
+    def set_statistics(self, statistics: list[Tensor]) -> None:
+        """Take over sums and counts in the layout of :meth:`statistics`."""
+        self.input_sum, self.output_sum, counts = statistics
+        self.input_count, self.output_count = (float(count) for count in counts)
+
+    @staticmethod
+    def _zeros_if_none(total: Tensor | None, template: Tensor) -> Tensor:
+        return torch.zeros_like(template) if total is None else total
 
     def has_pending(self) -> bool:
-        return bool(self.input_count > 0) and bool(self.output_count > 0)
+        return self.input_count > 0 and self.output_count > 0
 
     def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
         """Add ``Σ_n Σ_t g gᵀ`` for output gradients ``scale · grad`` (per-sample gradients)."""
-        grads = output_features(self._feature_layer(), grad.detach()).to(self.dtype) * scale
-        flat = grads.reshape(-1, grads.shape[-1])
-        self.output_sum += flat.mT @ flat
+        grads = output_features(self._feature_layer(), grad.detach()).to(self.dtype)
+        self.output_sum = _add_gram(self.output_sum, grads.reshape(-1, grads.shape[-1]), scale**2)
         self.output_count += grads.shape[0]
         if self.keep_pairs:
-            self.pairs.append((features, grads))
+            self.pairs.append((features, grads if scale == 1.0 else grads * scale))
 
     def update_factors(self, decay: float) -> None:
         """Fold the (already all-reduced) sums into the moving averages and reset them."""
-        self.input_factor = _ema(self.input_factor, self._input_mean(), decay)
-        self.output_factor = _ema(self.output_factor, self.output_sum / self.output_count, decay)
+        self.input_factor = _fold(self.input_factor, self.input_sum, self.input_count, decay)
+        self.output_factor = _fold(self.output_factor, self.output_sum, self.output_count, decay)
         self._reset_sums()
 
     # -- eigenbases and solves -----------------------------------------------------------------
@@ -182,19 +228,53 @@ class LayerState:
         """``outer(g, a)``: the K-FAC block's eigenvalues, shape ``(d_out, d_in)``."""
         return torch.outer(self.output_eigen.values, self.input_eigen.values)
 
-    def solve(self, matrix: Tensor, damping: float, factored: bool) -> Tensor:
-        """``(block + λI)⁻¹ vec(matrix)`` (exact eigenbasis damping) or the factored π form.
+    def partial_solve(
+        self, matrix: Tensor, damping: float, factored: bool, with_product: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Start ``(block + λI)⁻¹ vec(V)`` (exact eigenbasis damping) or the factored π form;
+        :meth:`write_solution` finishes it into ``.grad``.
 
         The damped inverse (``1/(S + λ)`` in the eigenbasis, or the two factored inverses) is
         built once per eigendecomposition and damping and reused until either changes.
+
+        Parameters
+        ----------
+        matrix : Tensor of shape (d_out, d_in)
+            ``V``, the gradient in the layout of :meth:`grad_matrix`.
+        damping : float
+        factored : bool
+        with_product : bool, default False
+            Also return ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``.
+
+        Returns
+        -------
+        partial : Tensor of shape (d_out, d_in)
+            Exact damping: the scaled eigenbasis coordinates ``(Q_Gᵀ V Q_A) / (S + λ)``;
+            factored damping: the solution itself. Linear in ``V``, so scaling it scales the
+            solution.
+        product : 0-dim Tensor or None
         """
         key = (float(damping), factored)
         if self._inverse is None or self._inverse[0] != key:
             self._inverse = (key, self._damped_inverse(damping, factored))
         inverse = self._inverse[1]
         if factored:
-            return inverse.apply_factored(matrix)
-        return eigenbasis_mv(self.output_eigen, self.input_eigen, inverse.reciprocal, matrix)
+            solution = inverse.apply_factored(matrix)
+            product = torch.vdot(matrix.reshape(-1), solution.reshape(-1)) if with_product else None
+            return solution, product
+        coordinates = eigenbasis_project(self.output_eigen, self.input_eigen, matrix)
+        partial = coordinates * inverse.reciprocal
+        product = torch.vdot(coordinates.reshape(-1), partial.reshape(-1)) if with_product else None
+        return partial, product
+
+    def write_solution(self, partial: Tensor) -> None:
+        """Finish the solve begun by :meth:`partial_solve` (same damping) into ``.grad``."""
+        if self._inverse[1].factored:
+            self._write_product(partial, None)
+            return
+        left = partial if self.output_eigen.vectors is None else self.output_eigen.vectors @ partial
+        right = None if self.input_eigen.vectors is None else self.input_eigen.vectors.mT
+        self._write_product(left, right)
 
     def _damped_inverse(self, damping: float, factored: bool) -> _DampedInverse:
         if not factored:
@@ -211,7 +291,8 @@ class LayerState:
         )
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
-        """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`solve` inverts (undamped)."""
+        """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`partial_solve` inverts
+        (undamped)."""
         coordinates = eigenbasis_project(self.output_eigen, self.input_eigen, matrix)
         eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
         return (coordinates.square() * eigenvalues).sum()
@@ -222,10 +303,13 @@ class LayerState:
             "input_factor": self.input_factor,
             "output_factor": self.output_factor,
             "eigenvalues": self.eigenvalues,
-            "input_sum": self.input_sum,
-            "input_count": self.input_count,
-            "output_sum": self.output_sum,
-            "output_count": self.output_count,
+        }
+        input_sum, output_sum, counts = self.statistics()
+        state |= {
+            "input_sum": input_sum,
+            "input_count": counts[0],
+            "output_sum": output_sum,
+            "output_count": counts[1],
         }
         for side, eigen in (("output", self.output_eigen), ("input", self.input_eigen)):
             state[f"{side}_eigenvalues"] = None if eigen is None else eigen.values
@@ -239,8 +323,10 @@ class LayerState:
 
         self.input_factor, self.output_factor = get("input_factor"), get("output_factor")
         self.eigenvalues = get("eigenvalues")
-        self.input_sum, self.output_sum = get("input_sum"), get("output_sum")
-        self.input_count, self.output_count = get("input_count"), get("output_count")
+        self.input_count = float(state["input_count"])
+        self.output_count = float(state["output_count"])
+        self.input_sum = get("input_sum") if self.input_count > 0 else None
+        self.output_sum = get("output_sum") if self.output_count > 0 else None
         eigens = []
         for side in ("output", "input"):
             values = get(f"{side}_eigenvalues")
@@ -255,12 +341,23 @@ class LayerState:
         raise NotImplementedError
 
     def update_eigens(self) -> None:
+        """Refresh the eigendecompositions from the current factors."""
+        self.set_eigens(symmetric_eigh_batch(self.eigen_inputs()))
+
+    def eigen_inputs(self) -> list[Tensor]:
+        """The factors to eigendecompose (``G``, then ``A`` unless it is diagonal)."""
+        raise NotImplementedError
+
+    def set_eigens(self, eigens: list[SymmetricEigen]) -> None:
+        """Take the eigendecompositions of :meth:`eigen_inputs`, in that order."""
         raise NotImplementedError
 
     def grad_matrix(self) -> Tensor | None:
         raise NotImplementedError
 
-    def write_grad(self, matrix: Tensor) -> None:
+    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
+        """Write ``left @ right`` (``left`` if ``right`` is None), a matrix in the layout of
+        :meth:`grad_matrix`, into ``.grad``."""
         raise NotImplementedError
 
     def param_matrix(self) -> Tensor:
@@ -279,9 +376,6 @@ class LayerState:
         raise NotImplementedError
 
     def _output_template(self) -> Tensor:
-        raise NotImplementedError
-
-    def _input_mean(self) -> Tensor:
         raise NotImplementedError
 
     def _empty_input_eigen(self) -> SymmetricEigen:
@@ -315,16 +409,15 @@ class KroneckerLayerState(LayerState):
         """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])``."""
         features = input_features(self.layer, layer_input.detach()).to(self.dtype)
         flat = features.reshape(-1, features.shape[-1])
-        self.input_sum += flat.mT @ flat
+        self.input_sum = _add_gram(self.input_sum, flat)
         self.input_count += flat.shape[0]
         return features
 
-    def _input_mean(self) -> Tensor:
-        return self.input_sum / self.input_count
+    def eigen_inputs(self) -> list[Tensor]:
+        return [self.output_factor, self.input_factor]
 
-    def update_eigens(self) -> None:
-        self.output_eigen = symmetric_eigh(self.output_factor)
-        self.input_eigen = symmetric_eigh(self.input_factor)
+    def set_eigens(self, eigens: list[SymmetricEigen]) -> None:
+        self.output_eigen, self.input_eigen = eigens
 
     def _empty_input_eigen(self) -> SymmetricEigen:
         return SymmetricEigen(
@@ -353,13 +446,26 @@ class KroneckerLayerState(LayerState):
     def param_matrix(self) -> Tensor:
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
 
-    def write_grad(self, matrix: Tensor) -> None:
+    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
         weight_grad = self.module.weight.grad
-        if self.layer.bias_index is None:
-            weight_grad.copy_(matrix.reshape(weight_grad.shape))
+        bias_grad = None if self.layer.bias_index is None else self.module.bias.grad
+        weight_view = _matrix_view(weight_grad, weight_grad.shape[0], left.dtype)
+        if weight_view is None or (bias_grad is not None and bias_grad.dtype != left.dtype):
+            matrix = left if right is None else left @ right
+            weight_grad.copy_(matrix[:, : weight_grad[0].numel()].reshape(weight_grad.shape))
+            if bias_grad is not None:
+                bias_grad.copy_(matrix[:, -1])
             return
-        weight_grad.copy_(matrix[:, :-1].reshape(weight_grad.shape))
-        self.module.bias.grad.copy_(matrix[:, -1])
+        if right is None:
+            weight_view.copy_(left[:, : weight_view.shape[1]])
+        else:
+            torch.mm(left, right[:, : weight_view.shape[1]], out=weight_view)
+        if bias_grad is None:
+            return
+        if right is None:
+            bias_grad.copy_(left[:, -1])
+        else:
+            torch.mv(left, right[:, -1], out=bias_grad)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
@@ -398,15 +504,16 @@ class EmbeddingState(LayerState):
     def record_input(self, layer_input: Tensor) -> Tensor:
         """Add the token counts; returns the indices."""
         tokens = layer_input.detach().reshape(-1)
-        self.input_sum += torch.bincount(tokens, minlength=self.input_sum.shape[0]).to(self.dtype)
+        counts = torch.bincount(tokens, minlength=self.module.weight.shape[0]).to(self.dtype)
+        self.input_sum = counts if self.input_sum is None else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
         return tokens
 
-    def _input_mean(self) -> Tensor:
-        return self.input_sum / self.input_count
+    def eigen_inputs(self) -> list[Tensor]:
+        return [self.output_factor]
 
-    def update_eigens(self) -> None:
-        self.output_eigen = symmetric_eigh(self.output_factor)
+    def set_eigens(self, eigens: list[SymmetricEigen]) -> None:
+        (self.output_eigen,) = eigens
         self.input_eigen = SymmetricEigen(self.input_factor.clamp_min(0), None)
 
     def _empty_input_eigen(self) -> SymmetricEigen:
@@ -426,8 +533,8 @@ class EmbeddingState(LayerState):
     def param_matrix(self) -> Tensor:
         return self.module.weight.detach().mT.to(self.dtype)
 
-    def write_grad(self, matrix: Tensor) -> None:
-        self.module.weight.grad.copy_(matrix.mT)
+    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
+        self.module.weight.grad.copy_((left if right is None else left @ right).mT)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         return None
