@@ -67,14 +67,25 @@ class ElboGradients:
 
 
 def _log_term_derivatives(
-    counts: CountMatrix, loadings: Tensor, factors: Tensor, need_value: bool, need_curvature: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Draw-averaged log term, per-draw ``∂T/∂F`` and ``∂²T/∂F²`` (``(S, N, L)``), and ``∂T/∂W``."""
+    counts: CountMatrix,
+    loadings: Tensor,
+    factors: Tensor,
+    need_value: bool,
+    need_grad: bool,
+    need_curvature: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """Draw-averaged log term, per-draw ``∂T/∂F`` and ``∂²T/∂F²`` (``(S, N, L)``), and ``∂T/∂W``.
+
+    ``∂T/∂F`` is ``None`` unless ``need_grad``; ``∂²T/∂F²`` is ``None`` unless both flags are
+    set. Dense counts take matrix products only, with the small factor on the left of every
+    product (``(L, D) @ (D, N)`` rather than ``(N, D) @ (D, L)``): the same arithmetic, several
+    times faster for ``L ≪ D, N`` with one CPU thread.
+    """
     n_draws = factors.shape[0]
     shift = factors.amax(dim=-1, keepdim=True)
     shifted_exp = torch.exp(factors - shift)
     value = torch.full((), float("nan"), dtype=factors.dtype, device=factors.device)
-    curvature = None
+    grad = curvature = None
     if counts.is_sparse:
         gathered_exp = shifted_exp[:, counts.rows, :]
         gathered_loadings = loadings[counts.cols]
@@ -83,11 +94,12 @@ def _log_term_derivatives(
         if need_value:
             value = (counts.values * scaled.log()).sum() + (counts.row_totals * shift[..., 0]).sum()
             value = value / n_draws
-        per_row = torch.zeros_like(shifted_exp).index_add_(
-            1, counts.rows, ratio.unsqueeze(-1) * gathered_loadings
-        )
-        grad = shifted_exp * per_row
-        if need_curvature:
+        if need_grad:
+            per_row = torch.zeros_like(shifted_exp).index_add_(
+                1, counts.rows, ratio.unsqueeze(-1) * gathered_loadings
+            )
+            grad = shifted_exp * per_row
+        if need_grad and need_curvature:
             second = torch.zeros_like(shifted_exp).index_add_(
                 1, counts.rows, (ratio / scaled).unsqueeze(-1) * gathered_loadings.square()
             )
@@ -95,16 +107,19 @@ def _log_term_derivatives(
         weighted = (ratio.unsqueeze(-1) * gathered_exp).sum(0)
         loadings_grad = torch.zeros_like(loadings).index_add_(0, counts.cols, weighted)
     else:
+        n_features, n_components = loadings.shape
         scaled = shifted_exp @ loadings.T
         ratio = counts.dense / scaled
         if need_value:
-            value = (counts.dense * scaled.log()).sum() + (counts.row_totals * shift[..., 0]).sum()
-            value = value / n_draws
-        grad = shifted_exp * (ratio @ loadings)
-        if need_curvature:
-            curvature = grad - shifted_exp.square() * ((ratio / scaled) @ loadings.square())
-        n_features, n_components = loadings.shape
-        loadings_grad = ratio.reshape(-1, n_features).T @ shifted_exp.reshape(-1, n_components)
+            log_term = scaled.log().reshape(n_draws, -1).mv(counts.dense.reshape(-1)).sum()
+            value = (log_term + counts.row_totals @ shift[..., 0].sum(0)) / n_draws
+        if need_grad:
+            grad = shifted_exp * (loadings.T @ ratio.mT).mT
+        if need_grad and need_curvature:
+            second = (loadings.square().T @ (ratio / scaled).mT).mT
+            curvature = grad - shifted_exp.square() * second
+        flat_exp = shifted_exp.reshape(-1, n_components)
+        loadings_grad = (flat_exp.T @ ratio.reshape(-1, n_features)).T
     return value, grad, curvature, loadings_grad / n_draws
 
 
@@ -143,7 +158,7 @@ def elbo_gradients(
         else:
             factors = mean.unsqueeze(0)
         log_term, grad_factors, curvature, log_loadings_grad = _log_term_derivatives(
-            counts, loadings, factors, need_value, need_posterior_grads and monte_carlo
+            counts, loadings, factors, need_value, need_posterior_grads, monte_carlo
         )
         loadings_total = loadings.sum(0)
         if mode == "simple":
