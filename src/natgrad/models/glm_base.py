@@ -6,6 +6,11 @@ the fitted weights; this base validates the hyper-parameters, builds the
 :class:`~natgrad.models.glm_objective.PenalisedGLMObjective`, runs the solver and turns the
 inverse Fisher into standard errors.
 
+The covariance and standard errors are computed on first access (or when the estimator is
+pickled), not in ``fit``: they need one more Fisher at the fitted parameters, an ``N · D²``
+product that a caller wanting only the coefficients should not pay for. Until then the fitted
+estimator keeps the objective (its copy of the design, the targets) and the final parameters.
+
 Fitted weights are held as ``weights`` of shape ``(C, D)``: row ``c`` holds the coefficients of
 output ``c`` followed, when an intercept is fitted, by its intercept. ``covariance_`` is the
 covariance of ``weights.ravel()`` (row-major), the inverse of the **summed** penalised Fisher
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from natgrad.curvature.likelihoods import Likelihood
@@ -95,13 +101,17 @@ class GLMEstimator(BaseEstimator):
         return float(rate)
 
     def _design(self, X: np.ndarray) -> Tensor:
-        """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed."""
+        """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed.
+
+        The tensor is the transposed view of a C-contiguous ``(D, N)`` array, the layout in
+        which :class:`PenalisedGLMObjective` holds the design.
+        """
         n_samples, n_features = X.shape
-        design = np.empty((n_samples, n_features + int(self.fit_intercept)), dtype=np.float64)
-        design[:, :n_features] = X
+        design_t = np.empty((n_features + int(self.fit_intercept), n_samples), dtype=np.float64)
+        design_t[:n_features] = X.T
         if self.fit_intercept:
-            design[:, n_features] = 1.0
-        return torch.from_numpy(design)
+            design_t[n_features] = 1.0
+        return torch.from_numpy(design_t).T
 
     def _fit_glm(
         self,
@@ -112,7 +122,7 @@ class GLMEstimator(BaseEstimator):
         initial_params: Tensor | None = None,
         stop_early: Callable[[Tensor], bool] | None = None,
     ) -> np.ndarray:
-        """Fit and set ``n_iter_``, ``loss_``, ``gradient_norm_``, ``covariance_``.
+        """Fit and set ``n_iter_``, ``loss_``, ``gradient_norm_`` (``covariance_`` on demand).
 
         Returns
         -------
@@ -132,9 +142,38 @@ class GLMEstimator(BaseEstimator):
         self.n_iter_ = result.n_iter
         self.loss_ = result.loss
         self.gradient_norm_ = result.gradient_norm
-        self.covariance_ = weight_covariance(objective, result.params, result.outputs)
+        self._pending_covariance = (objective, result.params, result.outputs)
+        self.__dict__.pop("_covariance", None)
         weights = objective.output_weights(result.params).detach()
         return weights.T.numpy()
+
+    @property
+    def covariance_(self) -> np.ndarray:
+        """Covariance of the fitted weights, ``(N · F(Θ̂))⁻¹``; see :func:`weight_covariance`.
+
+        Computed on first access and cached.
+        """
+        if "_covariance" not in self.__dict__:
+            check_is_fitted(self)
+            self._covariance = weight_covariance(*self._pending_covariance)
+            del self._pending_covariance
+        return self._covariance
+
+    def _weight_standard_errors(self) -> np.ndarray:
+        """Square roots of the diagonal of ``covariance_``, shape ``(R, D)``.
+
+        Row ``r`` holds the standard errors of ``coef_[r]`` followed, when an intercept was
+        fitted, by that of ``intercept_[r]`` (``R = 1`` for a 1-d ``coef_``).
+        """
+        covariance = self.covariance_
+        n_rows = np.atleast_2d(self.coef_).shape[0]
+        return standard_errors(covariance, (n_rows, len(covariance) // n_rows))
+
+    def __getstate__(self) -> dict:
+        """Compute the pending covariance first: a pickle holds it, not the training data."""
+        if "_pending_covariance" in self.__dict__:
+            self.covariance_  # noqa: B018 (computes and caches it)
+        return super().__getstate__()
 
     def _warn_on(self, result: SolverResult) -> None:
         summary = (

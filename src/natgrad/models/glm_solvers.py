@@ -30,7 +30,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from natgrad.linalg import cg, damped_solve
@@ -100,12 +102,23 @@ def natural_direction(
 
 
 def fisher_solve(fisher: Tensor, rhs: Tensor) -> Tensor:
-    """``fisher⁻¹ rhs`` by Cholesky; :func:`damped_solve` (eigenvalue clamping) if that fails."""
-    factor, info = torch.linalg.cholesky_ex(fisher)
-    if int(info) == 0:
-        solution = torch.cholesky_solve(rhs.reshape(len(rhs), -1), factor).reshape(rhs.shape)
-        if bool(torch.isfinite(solution).all()):
-            return solution
+    """``fisher⁻¹ rhs`` by Cholesky; :func:`damped_solve` (eigenvalue clamping) if that fails.
+
+    The Cholesky factorisation and solve call LAPACK directly (``dpotrf``/``dpotrs`` on NumPy
+    views of float64 tensors): for these small systems the call overhead is the cost.
+    """
+    if fisher.dtype == torch.float64 and rhs.dtype == torch.float64:
+        factor, info = lapack.dpotrf(fisher.detach().numpy(), lower=1)
+        if info == 0:
+            solution, info = lapack.dpotrs(factor, rhs.detach().numpy(), lower=1)
+            if info == 0 and np.isfinite(solution).all():
+                return torch.from_numpy(solution)
+    else:
+        factor, info = torch.linalg.cholesky_ex(fisher)
+        if int(info) == 0:
+            solution = torch.cholesky_solve(rhs.reshape(len(rhs), -1), factor).reshape(rhs.shape)
+            if bool(torch.isfinite(solution).all()):
+                return solution
     return damped_solve(fisher, rhs, damping=0.0)
 
 

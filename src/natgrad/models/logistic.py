@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator, standard_errors
+from natgrad.models.glm_base import DTYPE, GLMEstimator
 from natgrad.models.glm_objective import sum_to_zero_basis
 
 
@@ -72,7 +72,10 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         fits match statsmodels' ``Logit(...).fit().bse``. Zero for an intercept not fitted.
     covariance_ : ndarray of shape (R·D, R·D)
         Covariance of the stacked rows ``[coef_[r], intercept_[r]]`` (intercept only when
-        fitted; ``R`` rows of ``coef_``): the inverse of the summed penalised Fisher.
+        fitted; ``R`` rows of ``coef_``): the inverse of the summed penalised Fisher at the
+        fitted weights. It and the standard errors are computed on first access (one more
+        Fisher, ``N · D²``), not by ``fit``; until then the estimator keeps a copy of the
+        training design.
     n_iter_ : int
         Number of steps taken.
     loss_ : float
@@ -113,27 +116,37 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         weights = self._fit_glm(
             X, targets, likelihood, basis, stop_early=self._stop_if_separated(labels)
         )
-        standard_error = standard_errors(self.covariance_, weights.shape)
         n_features = X.shape[1]
         self.coef_ = weights[:, :n_features]
-        self.coef_bse_ = standard_error[:, :n_features]
         if self.fit_intercept:
             self.intercept_ = weights[:, n_features]
-            self.intercept_bse_ = standard_error[:, n_features]
         else:
             self.intercept_ = np.zeros(weights.shape[0])
-            self.intercept_bse_ = np.zeros(weights.shape[0])
         return self
+
+    @property
+    def coef_bse_(self) -> np.ndarray:
+        """Standard errors of ``coef_``, same shape (computed on first access)."""
+        return self._weight_standard_errors()[:, : self.n_features_in_]
+
+    @property
+    def intercept_bse_(self) -> np.ndarray:
+        """Standard errors of ``intercept_``, shape ``(R,)``; zeros for an intercept not fitted."""
+        errors = self._weight_standard_errors()
+        if errors.shape[1] > self.n_features_in_:
+            return errors[:, self.n_features_in_]
+        return np.zeros(errors.shape[0])
 
     def _stop_if_separated(self, labels: np.ndarray):
         """Early stop for an unpenalised fit once every training point is strictly separated."""
         if self.penalty is not None and np.isfinite(self.C):
             return None
         label_tensor = torch.as_tensor(labels, dtype=torch.long)
+        signs = 2.0 * label_tensor.to(DTYPE) - 1.0
 
         def separated(logits: Tensor) -> bool:
             if logits.shape[1] == 1:
-                margins = (2.0 * label_tensor - 1.0) * logits[:, 0]
+                margins = signs * logits[:, 0]
             else:
                 observed = logits.gather(1, label_tensor.unsqueeze(1))
                 others = logits.scatter(1, label_tensor.unsqueeze(1), -torch.inf)

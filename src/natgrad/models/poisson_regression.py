@@ -11,7 +11,7 @@ from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator, standard_errors
+from natgrad.models.glm_base import DTYPE, GLMEstimator
 
 
 class PoissonRegression(RegressorMixin, GLMEstimator):
@@ -51,7 +51,9 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         Standard errors from the inverse summed penalised Fisher (statsmodels' ``bse`` for an
         unpenalised fit); ``0.0`` for an intercept not fitted.
     covariance_ : ndarray of shape (D, D)
-        Covariance of ``[coef_, intercept_]`` (intercept only when fitted).
+        Covariance of ``[coef_, intercept_]`` (intercept only when fitted). It and the
+        standard errors are computed on first access (one more Fisher, ``N · D²``), not by
+        ``fit``; until then the estimator keeps a copy of the training design.
     n_iter_ : int
     loss_ : float
         Final mean penalised loss (negative log-likelihood including ``log y!``).
@@ -87,13 +89,21 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
             torch.ones(1, 1, dtype=DTYPE),
             initial_params=self._initial_params(X.shape[1], y),
         )[0]
-        standard_error = standard_errors(self.covariance_, (1, weights.shape[0]))[0]
         n_features = X.shape[1]
         self.coef_ = weights[:n_features]
-        self.coef_bse_ = standard_error[:n_features]
         self.intercept_ = float(weights[n_features]) if self.fit_intercept else 0.0
-        self.intercept_bse_ = float(standard_error[n_features]) if self.fit_intercept else 0.0
         return self
+
+    @property
+    def coef_bse_(self) -> np.ndarray:
+        """Standard errors of ``coef_``, shape ``(n_features,)`` (computed on first access)."""
+        return self._weight_standard_errors()[0, : self.n_features_in_]
+
+    @property
+    def intercept_bse_(self) -> float:
+        """Standard error of ``intercept_``; ``0.0`` for an intercept not fitted."""
+        errors = self._weight_standard_errors()[0]
+        return float(errors[self.n_features_in_]) if len(errors) > self.n_features_in_ else 0.0
 
     def _initial_params(self, n_features: int, y: np.ndarray) -> torch.Tensor:
         """Zero coefficients; the intercept at ``log(mean y)`` when it is fitted and finite."""
