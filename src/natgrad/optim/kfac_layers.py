@@ -36,22 +36,21 @@ def factor_dtype_for(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def _add_gram(total: Tensor | None, rows: Tensor, scale: float = 1.0) -> Tensor:
-    """``total + scale · rowsᵀ rows`` for ``rows`` of shape ``(n, d)``, in place; a new
-    ``(d, d)`` tensor when ``total`` is ``None``. In place and ``out=`` products keep the
-    dtype of ``rows`` under ``torch.autocast``."""
-    if total is not None:
-        return total.addmm_(rows.mT, rows, alpha=scale)
-    size = rows.shape[-1]
-    gram = torch.mm(rows.mT, rows, out=rows.new_empty((size, size)))
-    return gram if scale == 1.0 else gram.mul_(scale)
+def _add_gram(total: Tensor | None, rows: Tensor, fresh: bool, scale: float = 1.0) -> Tensor:
+    """``total + scale · rowsᵀ rows`` for ``rows`` of shape ``(n, d)``, in place, in one
+    operation; with ``fresh`` the old contents of ``total`` are ignored (a reused buffer,
+    allocated when ``None``). The in-place product keeps the dtype of ``rows`` under
+    ``torch.autocast``."""
+    if total is None:
+        total = rows.new_empty((rows.shape[-1], rows.shape[-1]))
+    return total.addmm_(rows.mT, rows, beta=0.0 if fresh else 1.0, alpha=scale)
 
 
 def _fold(average: Tensor | None, total: Tensor, count: float, decay: float) -> Tensor:
-    """Exponential moving average ``decay · average + (1 − decay) · total / count``, in place
-    (``total`` is consumed); ``total / count`` when there is no average yet."""
+    """Exponential moving average ``decay · average + (1 − decay) · total / count``, in place;
+    ``total / count`` when there is no average yet."""
     if average is None:
-        return total.div_(count)
+        return total / count
     return average.mul_(decay).add_(total, alpha=(1.0 - decay) / count)
 
 
@@ -124,6 +123,8 @@ class LayerState:
         self.dtype = factor_dtype_for(module.weight)
         self.keep_pairs = keep_pairs
         self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.input_sum: Tensor | None = None
+        self.output_sum: Tensor | None = None
         self.input_factor: Tensor | None = None
         self.output_factor: Tensor | None = None
         self._output_eigen: SymmetricEigen | None = None
@@ -162,8 +163,7 @@ class LayerState:
 
     # -- statistics --------------------------------------------------------------------------
     def _reset_sums(self) -> None:
-        self.input_sum: Tensor | None = None
-        self.output_sum: Tensor | None = None
+        """Start new sums; their buffers are kept and overwritten by the next record."""
         self.input_count = 0.0
         self.output_count = 0.0
 
@@ -174,8 +174,8 @@ class LayerState:
         device = self.module.weight.device
         counts = [self.input_count, self.output_count]
         return [
-            self._zeros_if_none(self.input_sum, self._input_template()),
-            self._zeros_if_none(self.output_sum, self._output_template()),
+            self._pending_sum(self.input_sum, self.input_count, self._input_template()),
+            self._pending_sum(self.output_sum, self.output_count, self._output_template()),
             torch.tensor(counts, dtype=self.dtype, device=device),
         ]
 
@@ -185,19 +185,34 @@ class LayerState:
         self.input_count, self.output_count = (float(count) for count in counts)
 
     @staticmethod
-    def _zeros_if_none(total: Tensor | None, template: Tensor) -> Tensor:
-        return torch.zeros_like(template) if total is None else total
+    def _pending_sum(total: Tensor | None, count: float, template: Tensor) -> Tensor:
+        return torch.zeros_like(template) if count == 0 else total
 
     def has_pending(self) -> bool:
         return self.input_count > 0 and self.output_count > 0
 
     def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
         """Add ``Σ_n Σ_t g gᵀ`` for output gradients ``scale · grad`` (per-sample gradients)."""
-        grads = output_features(self._feature_layer(), grad.detach()).to(self.dtype)
-        self.output_sum = _add_gram(self.output_sum, grads.reshape(-1, grads.shape[-1]), scale**2)
-        self.output_count += grads.shape[0]
+        if grad.requires_grad:
+            grad = grad.detach()
+        if grad.dtype != self.dtype:
+            grad = grad.to(self.dtype)
+        samples = grad.shape[0]
+        rows = self._output_rows(grad)
+        fresh = self.output_count == 0
+        self.output_sum = _add_gram(self.output_sum, rows, fresh, scale**2)
+        self.output_count += samples
         if self.keep_pairs:
+            grads = rows.reshape(samples, -1, rows.shape[-1])
             self.pairs.append((features, grads if scale == 1.0 else grads * scale))
+
+    def _output_rows(self, grad: Tensor) -> Tensor:
+        """Output gradients as rows ``(N T, d_out)``
+        (:func:`~natgrad.curvature.kfac_capture.output_features`, flattened)."""
+        if grad.ndim == 2:
+            return grad
+        features = output_features(self._feature_layer(), grad)
+        return features.reshape(-1, features.shape[-1])
 
     def update_factors(self, decay: float) -> None:
         """Fold the (already all-reduced) sums into the moving averages and reset them."""
@@ -392,6 +407,7 @@ class KroneckerLayerState(LayerState):
         bias = module.bias
         bias_index = 1 if bias is not None and bias.requires_grad else None
         self.layer = KroneckerLayer(name, module, 0, bias_index)
+        self._ones: Tensor | None = None
         super().__init__(name, module, keep_pairs)
 
     def _feature_layer(self) -> KroneckerLayer:
@@ -407,11 +423,29 @@ class KroneckerLayerState(LayerState):
 
     def record_input(self, layer_input: Tensor) -> Tensor:
         """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])``."""
-        features = input_features(self.layer, layer_input.detach()).to(self.dtype)
-        flat = features.reshape(-1, features.shape[-1])
-        self.input_sum = _add_gram(self.input_sum, flat)
+        layer_input = layer_input.detach()
+        if layer_input.ndim == 2 and isinstance(self.module, nn.Linear):
+            flat = self._with_ones_column(layer_input) if self.layer.has_bias else layer_input
+        else:
+            features = input_features(self.layer, layer_input)
+            flat = features.reshape(-1, features.shape[-1])
+        if flat.dtype != self.dtype:
+            flat = flat.to(self.dtype)
+        self.input_sum = _add_gram(self.input_sum, flat, self.input_count == 0)
         self.input_count += flat.shape[0]
-        return features
+        return flat.reshape(layer_input.shape[0], -1, flat.shape[-1])
+
+    def _with_ones_column(self, layer_input: Tensor) -> Tensor:
+        """``[x, 1]``: :func:`~natgrad.curvature.kfac_capture.input_features` of a ``(N, d_in)``
+        input with a bias, with the column of ones kept between calls."""
+        ones = self._ones
+        if ones is None or (ones.shape[0], ones.dtype, ones.device) != (
+            layer_input.shape[0],
+            layer_input.dtype,
+            layer_input.device,
+        ):
+            ones = self._ones = layer_input.new_ones(layer_input.shape[0], 1)
+        return torch.cat([layer_input, ones], dim=1)
 
     def eigen_inputs(self) -> list[Tensor]:
         return [self.output_factor, self.input_factor]
@@ -505,7 +539,7 @@ class EmbeddingState(LayerState):
         """Add the token counts; returns the indices."""
         tokens = layer_input.detach().reshape(-1)
         counts = torch.bincount(tokens, minlength=self.module.weight.shape[0]).to(self.dtype)
-        self.input_sum = counts if self.input_sum is None else self.input_sum.add_(counts)
+        self.input_sum = counts if self.input_count == 0 else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
         return tokens
 
