@@ -149,6 +149,61 @@ def test_conv_channels_last_grad_takes_the_copy_path_and_equals_dense_solve(kl_c
         torch.testing.assert_close(state.grad_matrix().reshape(-1), scale * solution)
 
 
+def dense_block(state, damping: float, factored: bool) -> torch.Tensor:
+    """The damped block that the preconditioner inverts, from its own factors: ``G ⊗ A + λI``
+    or, factored, ``(G + λ_G I) ⊗ (A + λ_A I)`` with Martens & Grosse's π from the traces."""
+    output_factor = state.output_factor
+    input_factor = state.input_factor
+    if input_factor.ndim == 1:
+        input_factor = torch.diag(input_factor)
+    if not factored:
+        block = torch.kron(output_factor, input_factor)
+        return block + damping * torch.eye(len(block), dtype=DTYPE)
+    mean_input = torch.trace(input_factor) / len(input_factor)
+    mean_output = torch.trace(output_factor) / len(output_factor)
+    pi = float(torch.sqrt(mean_input / mean_output))
+    output_damping, input_damping = damping**0.5 / pi, damping**0.5 * pi
+    return torch.kron(
+        output_factor + output_damping * torch.eye(len(output_factor), dtype=DTYPE),
+        input_factor + input_damping * torch.eye(len(input_factor), dtype=DTYPE),
+    )
+
+
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_embedding_and_linear_layers_with_kl_clip_equal_scaled_dense_solves(damping_mode) -> None:
+    """Every layer kind (Embedding, Linear with and without bias) in both damping modes:
+    ``.grad`` becomes ``ν · block⁻¹ g`` with one ``ν`` from all layers' ``Σ g · block⁻¹ g``."""
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)
+    ).to(DTYPE)
+    inputs = torch.randint(0, 6, (9, 2))
+    targets = torch.randint(0, 3, (9,))
+    lr, kl_clip, damping = 0.5, 1e-5, 0.05
+    precond = KFAC(
+        model,
+        factor_decay=0.0,
+        inv_update_interval=1,
+        damping=damping,
+        damping_mode=damping_mode,
+        kl_clip=kl_clip,
+        lr=lr,
+    )
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    gradients = layer_gradients(model, precond)
+    precond.step()
+    factored = damping_mode == "factored"
+    solutions = [
+        torch.linalg.solve(dense_block(state, damping, factored), gradient)
+        for state, gradient in zip(precond.layers, gradients, strict=True)
+    ]
+    product = sum(float(g @ d) for g, d in zip(gradients, solutions, strict=True))
+    scale = min(1.0, (kl_clip / (lr**2 * product)) ** 0.5)
+    assert scale < 1
+    for state, solution in zip(precond.layers, solutions, strict=True):
+        torch.testing.assert_close(state.grad_matrix().reshape(-1), scale * solution)
+
+
 def test_low_precision_parameters_take_the_copy_path() -> None:
     """bfloat16 gradients with float32 factors: solved in float32, written back in bfloat16,
     matching the float32 model's preconditioned gradient to bfloat16 precision."""

@@ -50,7 +50,12 @@ from natgrad.distributed.reduce import (
     world_size,
 )
 from natgrad.linalg.kron import symmetric_eigh_batch
-from natgrad.optim.kfac_layers import EmbeddingState, KroneckerLayerState, LayerState
+from natgrad.optim.kfac_layers import (
+    EmbeddingState,
+    KroneckerLayerState,
+    LayerState,
+    fold_factors,
+)
 from natgrad.optim.trust_region import levenberg_marquardt_damping
 
 __all__ = ["KFAC"]
@@ -449,9 +454,7 @@ class KFAC:
             )
             for state, group in zip(self.layers, statistics, strict=True):
                 state.set_statistics(group)
-        for state in self.layers:
-            if state.has_pending():
-                state.update_factors(self.factor_decay)
+        fold_factors([state for state in self.layers if state.has_pending()], self.factor_decay)
 
     def _update_eigens(self, stale: list[LayerState]) -> None:
         size = world_size(self.process_group)

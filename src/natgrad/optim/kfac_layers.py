@@ -15,6 +15,8 @@ gradient is written straight into ``.grad`` by the last product of the eigenbasi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -28,7 +30,13 @@ from natgrad.linalg.kron import (
     symmetric_eigh_batch,
 )
 
-__all__ = ["EmbeddingState", "KroneckerLayerState", "LayerState", "factor_dtype_for"]
+__all__ = [
+    "EmbeddingState",
+    "KroneckerLayerState",
+    "LayerState",
+    "factor_dtype_for",
+    "fold_factors",
+]
 
 
 def factor_dtype_for(param: Tensor) -> torch.dtype:
@@ -46,12 +54,25 @@ def _add_gram(total: Tensor | None, rows: Tensor, fresh: bool, scale: float = 1.
     return total.addmm_(rows.mT, rows, beta=0.0 if fresh else 1.0, alpha=scale)
 
 
-def _fold(average: Tensor | None, total: Tensor, count: float, decay: float) -> Tensor:
-    """Exponential moving average ``decay · average + (1 − decay) · total / count``, in place;
-    ``total / count`` when there is no average yet."""
-    if average is None:
-        return total / count
-    return average.mul_(decay).add_(total, alpha=(1.0 - decay) / count)
+def fold_factors(states: Sequence[LayerState], decay: float) -> None:
+    """Fold the (already all-reduced) sums of ``states`` into their moving averages,
+    ``decay · F + (1 − decay) · sum / count`` in place (three ``torch._foreach`` operations for
+    all layers; ``sum / count`` for a layer without factors yet), and reset the sums."""
+    running: list[tuple[Tensor, Tensor, float]] = []
+    for state in states:
+        if state.input_factor is None:
+            state.input_factor = state.input_sum / state.input_count
+            state.output_factor = state.output_sum / state.output_count
+        else:
+            running.append((state.input_factor, state.input_sum, state.input_count))
+            running.append((state.output_factor, state.output_sum, state.output_count))
+        state.reset_sums()
+    if not running:
+        return
+    averages, sums, counts = (list(column) for column in zip(*running, strict=True))
+    torch._foreach_div_(sums, counts)
+    torch._foreach_mul_(averages, decay)
+    torch._foreach_add_(averages, sums, alpha=1.0 - decay)
 
 
 def _matrix_view(tensor: Tensor, rows: int, dtype: torch.dtype) -> Tensor | None:
@@ -80,30 +101,62 @@ def _factor_inverse(eigen: SymmetricEigen, damping: float) -> Tensor:
     return (eigen.vectors * reciprocal) @ eigen.vectors.mT
 
 
-class _DampedInverse:
-    """What one layer's damped solve reuses between eigendecompositions: the eigenbasis
-    reciprocal ``1/(S + λ)`` (exact damping) or the factors' inverses (factored damping)."""
+class _FactoredSolve:
+    """Factored damping: ``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹`` with both inverses kept (the input
+    one a vector for a diagonal factor)."""
 
-    def __init__(
-        self,
-        reciprocal: Tensor | None = None,
-        output_inverse: Tensor | None = None,
-        input_inverse: Tensor | None = None,
-    ) -> None:
-        self.reciprocal = reciprocal
+    def __init__(self, output_inverse: Tensor, input_inverse: Tensor) -> None:
         self.output_inverse = output_inverse
         self.input_inverse = input_inverse
 
-    @property
-    def factored(self) -> bool:
-        return self.reciprocal is None
-
-    def apply_factored(self, matrix: Tensor) -> Tensor:
-        """``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹``."""
-        left = self.output_inverse @ matrix
+    def start(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """``(solution, V)``: the solution, and what its inner product with ``V`` is taken
+        against."""
+        left = torch.mm(self.output_inverse, matrix)
         if self.input_inverse.ndim == 1:
-            return left * self.input_inverse
-        return left @ self.input_inverse
+            return left * self.input_inverse, matrix
+        return torch.mm(left, self.input_inverse), matrix
+
+    def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
+        return partial, None
+
+
+class _EigenSolve:
+    """Exact damping in the Kronecker eigenbasis, ``Q_G [(Q_Gᵀ V Q_A) / (S + λ)] Q_Aᵀ``
+    (:func:`~natgrad.linalg.kron.eigenbasis_solve`), with the transposes and the split of
+    ``Q_Aᵀ`` into weight columns and bias column kept between steps."""
+
+    def __init__(
+        self,
+        output_eigen: SymmetricEigen,
+        input_eigen: SymmetricEigen,
+        reciprocal: Tensor,
+        weight_columns: int | None,
+    ) -> None:
+        self.output_vectors = output_eigen.vectors
+        self.output_vectors_t = None if output_eigen.vectors is None else output_eigen.vectors.mT
+        self.input_vectors = input_eigen.vectors
+        self.reciprocal = reciprocal
+        self.right: tuple[Tensor, Tensor | None] | None = None
+        if input_eigen.vectors is not None:
+            right = input_eigen.vectors.mT
+            bias = right[:, weight_columns] if weight_columns < right.shape[1] else None
+            self.right = (right[:, :weight_columns], bias)
+
+    def start(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+        """``(partial, coordinates)``: the scaled eigenbasis coordinates and the coordinates
+        ``Q_Gᵀ V Q_A``, whose inner product is ``vec(V)ᵀ (C + λI)⁻¹ vec(V)``."""
+        coordinates = matrix
+        if self.output_vectors_t is not None:
+            coordinates = torch.mm(self.output_vectors_t, coordinates)
+        if self.input_vectors is not None:
+            coordinates = torch.mm(coordinates, self.input_vectors)
+        return coordinates * self.reciprocal, coordinates
+
+    def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
+        """``(Q_G partial, split Q_Aᵀ)``: the solution is their product."""
+        left = partial if self.output_vectors is None else torch.mm(self.output_vectors, partial)
+        return left, self.right
 
 
 class LayerState:
@@ -111,7 +164,7 @@ class LayerState:
 
     The factors follow :mod:`natgrad.curvature.kfac_capture`: ``A`` is the mean of ``a aᵀ`` over
     samples and locations, ``G`` the mean over samples of ``Σ_t g gᵀ``, both accumulated as
-    sums and counts until :meth:`update_factors` turns them into an exponential moving average.
+    sums and counts until :func:`fold_factors` turns them into an exponential moving average.
     """
 
     name: str
@@ -130,8 +183,8 @@ class LayerState:
         self._output_eigen: SymmetricEigen | None = None
         self._input_eigen: SymmetricEigen | None = None
         self._eigenvalues: Tensor | None = None
-        self._inverse: tuple[tuple[float, bool], _DampedInverse] | None = None
-        self._reset_sums()
+        self._inverse: tuple[tuple[float, bool], _EigenSolve | _FactoredSolve] | None = None
+        self.reset_sums()
 
     # -- eigen attributes: setting one drops the cached damped inverse ----------------------
     @property
@@ -162,7 +215,7 @@ class LayerState:
         self._eigenvalues, self._inverse = value, None
 
     # -- statistics --------------------------------------------------------------------------
-    def _reset_sums(self) -> None:
+    def reset_sums(self) -> None:
         """Start new sums; their buffers are kept and overwritten by the next record."""
         self.input_count = 0.0
         self.output_count = 0.0
@@ -213,12 +266,6 @@ class LayerState:
             return grad
         features = output_features(self._feature_layer(), grad)
         return features.reshape(-1, features.shape[-1])
-
-    def update_factors(self, decay: float) -> None:
-        """Fold the (already all-reduced) sums into the moving averages and reset them."""
-        self.input_factor = _fold(self.input_factor, self.input_sum, self.input_count, decay)
-        self.output_factor = _fold(self.output_factor, self.output_sum, self.output_count, decay)
-        self._reset_sums()
 
     # -- eigenbases and solves -----------------------------------------------------------------
     def eigen_tensors(self) -> list[Tensor]:
@@ -271,38 +318,28 @@ class LayerState:
         """
         key = (float(damping), factored)
         if self._inverse is None or self._inverse[0] != key:
-            self._inverse = (key, self._damped_inverse(damping, factored))
-        inverse = self._inverse[1]
-        if factored:
-            solution = inverse.apply_factored(matrix)
-            product = torch.vdot(matrix.reshape(-1), solution.reshape(-1)) if with_product else None
-            return solution, product
-        coordinates = eigenbasis_project(self.output_eigen, self.input_eigen, matrix)
-        partial = coordinates * inverse.reciprocal
-        product = torch.vdot(coordinates.reshape(-1), partial.reshape(-1)) if with_product else None
+            self._inverse = (key, self._damped_solve(damping, factored))
+        partial, against = self._inverse[1].start(matrix)
+        product = torch.vdot(against.reshape(-1), partial.reshape(-1)) if with_product else None
         return partial, product
 
     def write_solution(self, partial: Tensor) -> None:
         """Finish the solve begun by :meth:`partial_solve` (same damping) into ``.grad``."""
-        if self._inverse[1].factored:
-            self._write_product(partial, None)
-            return
-        left = partial if self.output_eigen.vectors is None else self.output_eigen.vectors @ partial
-        right = None if self.input_eigen.vectors is None else self.input_eigen.vectors.mT
-        self._write_product(left, right)
+        self._write_product(*self._inverse[1].finish(partial))
 
-    def _damped_inverse(self, damping: float, factored: bool) -> _DampedInverse:
+    def _damped_solve(self, damping: float, factored: bool) -> _EigenSolve | _FactoredSolve:
         if not factored:
             eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
-            return _DampedInverse(reciprocal=_damped_reciprocal(eigenvalues, damping))
+            reciprocal = _damped_reciprocal(eigenvalues, damping)
+            return _EigenSolve(self.output_eigen, self.input_eigen, reciprocal, self._columns)
         if not damping > 0:
             raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
         output_damping, input_damping = factored_damping(
             self.output_eigen, self.input_eigen, damping
         )
-        return _DampedInverse(
-            output_inverse=_factor_inverse(self.output_eigen, output_damping),
-            input_inverse=_factor_inverse(self.input_eigen, input_damping),
+        return _FactoredSolve(
+            _factor_inverse(self.output_eigen, output_damping),
+            _factor_inverse(self.input_eigen, input_damping),
         )
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
@@ -370,9 +407,9 @@ class LayerState:
     def grad_matrix(self) -> Tensor | None:
         raise NotImplementedError
 
-    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
-        """Write ``left @ right`` (``left`` if ``right`` is None), a matrix in the layout of
-        :meth:`grad_matrix`, into ``.grad``."""
+    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+        """Write ``left @ [right_weight, right_bias]`` (``left`` if ``right`` is None), a matrix
+        in the layout of :meth:`grad_matrix`, into ``.grad``."""
         raise NotImplementedError
 
     def param_matrix(self) -> Tensor:
@@ -407,6 +444,7 @@ class KroneckerLayerState(LayerState):
         bias = module.bias
         bias_index = 1 if bias is not None and bias.requires_grad else None
         self.layer = KroneckerLayer(name, module, 0, bias_index)
+        self._columns = module.weight[0].numel()
         self._ones: Tensor | None = None
         super().__init__(name, module, keep_pairs)
 
@@ -475,31 +513,33 @@ class KroneckerLayerState(LayerState):
         matrix = weight_grad.reshape(weight_grad.shape[0], -1)
         if bias_grad is not None:
             matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
-        return matrix.to(self.dtype)
+        return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
 
     def param_matrix(self) -> Tensor:
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
 
-    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
+    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
         weight_grad = self.module.weight.grad
         bias_grad = None if self.layer.bias_index is None else self.module.bias.grad
-        weight_view = _matrix_view(weight_grad, weight_grad.shape[0], left.dtype)
-        if weight_view is None or (bias_grad is not None and bias_grad.dtype != left.dtype):
-            matrix = left if right is None else left @ right
-            weight_grad.copy_(matrix[:, : weight_grad[0].numel()].reshape(weight_grad.shape))
+        view = _matrix_view(weight_grad, weight_grad.shape[0], left.dtype)
+        direct = view is not None and (bias_grad is None or bias_grad.dtype == left.dtype)
+        if right is None:
+            weight_part = left if bias_grad is None else left[:, : self._columns]
+            bias_part = None if bias_grad is None else left[:, self._columns]
+        elif direct:  # the last product of the solve writes into .grad
+            torch.mm(left, right[0], out=view)
             if bias_grad is not None:
-                bias_grad.copy_(matrix[:, -1])
+                torch.mv(left, right[1], out=bias_grad)
             return
-        if right is None:
-            weight_view.copy_(left[:, : weight_view.shape[1]])
         else:
-            torch.mm(left, right[:, : weight_view.shape[1]], out=weight_view)
-        if bias_grad is None:
-            return
-        if right is None:
-            bias_grad.copy_(left[:, -1])
+            weight_part = torch.mm(left, right[0])
+            bias_part = None if bias_grad is None else torch.mv(left, right[1])
+        if direct:
+            view.copy_(weight_part)
         else:
-            torch.mv(left, right[:, -1], out=bias_grad)
+            weight_grad.copy_(weight_part.reshape(weight_grad.shape))
+        if bias_grad is not None:
+            bias_grad.copy_(bias_part)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
@@ -522,6 +562,7 @@ class EmbeddingState(LayerState):
         if module.sparse:
             raise ValueError(f"layer {name!r}: sparse embedding gradients are not supported")
         self.layer = KroneckerLayer(name, module, 0, None)
+        self._columns = None
         super().__init__(name, module, keep_pairs=False)
 
     def _feature_layer(self) -> KroneckerLayer:
@@ -567,8 +608,8 @@ class EmbeddingState(LayerState):
     def param_matrix(self) -> Tensor:
         return self.module.weight.detach().mT.to(self.dtype)
 
-    def _write_product(self, left: Tensor, right: Tensor | None) -> None:
-        self.module.weight.grad.copy_((left if right is None else left @ right).mT)
+    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+        self.module.weight.grad.copy_(left.mT)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         return None
