@@ -27,9 +27,15 @@ run, ``--cost-only`` for the step-cost tables alone. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import importlib
 import itertools
 import math
+import os
+import statistics
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,11 +90,15 @@ def autoencoder() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def bernoulli_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Sigmoid cross-entropy summed over pixels, mean over the batch."""
-    return nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(
-        logits
-    )
+def bernoulli_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Sigmoid cross-entropy summed over pixels; ``"mean"`` averages over the batch, ``"sum"``
+    sums (ASDL's Fisher maker calls the loss with ``reduction="sum"``)."""
+    total = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / len(logits)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
 TASKS = [
@@ -97,19 +107,64 @@ TASKS = [
     Task("autoencoder", autoencoder, bernoulli_loss, "train_loss", 18.5, 25, 64, reconstruct=True),
 ]
 
-LR_GRIDS = {
-    "sgd": [0.03, 0.1, 0.3],
-    "adam": [1e-3, 3e-3, 1e-2],
-    "kfac": [0.1, 0.3, 1.0],
-    "ekfac": [0.1, 0.3, 1.0],
-}
 PRECONDITIONER_OPTIONS = {
     "fisher_type": "mc",
-    "damping": 0.3,
-    "factor_decay": 0.95,
+    "factor_decay": 0.8,
+    "factor_update_interval": 10,
     "inv_update_interval": 10,
     "kl_clip": 1e-2,
 }
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One point of a tuning grid: the learning rate, the momentum (SGD's momentum, Adam's
+    ``beta1``), Adam's ``beta2`` and, for K-FAC/EKFAC, the damping."""
+
+    method: str
+    lr: float
+    momentum: float = 0.9
+    beta2: float | None = None
+    damping: float | None = None
+
+    def label(self) -> str:
+        text = f"lr={self.lr:g}, momentum={self.momentum:g}"
+        if self.beta2 is not None:
+            text += f", beta2={self.beta2:g}"
+        if self.damping is not None:
+            text += f", damping={self.damping:g}"
+        return text
+
+
+LR_GRIDS = {
+    "sgd": [0.03, 0.1, 0.3],
+    "adam": [3e-3, 1e-2, 3e-2],
+    "kfac": [0.1, 0.3, 1.0],
+    "ekfac": [0.1, 0.3, 1.0],
+}
+SECOND_GRIDS = {
+    "sgd": [{"momentum": 0.9}, {"momentum": 0.8}, {"momentum": 0.95}],
+    "adam": [
+        {"momentum": 0.9, "beta2": 0.999},
+        {"momentum": 0.8, "beta2": 0.999},
+        {"momentum": 0.8, "beta2": 0.9},
+    ],
+    "kfac": [
+        {"momentum": 0.9, "damping": 0.3},
+        {"momentum": 0.8, "damping": 0.1},
+        {"momentum": 0.8, "damping": 0.05},
+    ],
+}
+SECOND_GRIDS["ekfac"] = SECOND_GRIDS["kfac"]
+
+
+def grid(method: str) -> list[TrainConfig]:
+    """The tuning grid of ``method``: 3 learning rates × 3 settings of its other options."""
+    return [
+        TrainConfig(method, lr, **options)
+        for options in SECOND_GRIDS[method]
+        for lr in LR_GRIDS[method]
+    ]
 
 
 def load_data(seed: int) -> dict[str, Tensor]:
@@ -122,19 +177,24 @@ def load_data(seed: int) -> dict[str, Tensor]:
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
-def make_optimizer(task: Task, method: str, model: nn.Module, lr: float, **overrides):
+def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **overrides):
     """The torch.optim optimizer and the preconditioner (None for SGD/Adam); ``overrides``
     replace entries of ``PRECONDITIONER_OPTIONS``."""
-    if method == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr), None
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    if method == "sgd":
+    if config.method == "adam":
+        betas = (config.momentum, config.beta2)
+        return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas), None
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    if config.method == "sgd":
         return optimizer, None
-    cls = KFAC if method == "kfac" else EKFAC
-    likelihood = "bernoulli" if task.reconstruct else "categorical"
-    generator = torch.Generator().manual_seed(0)
-    options = PRECONDITIONER_OPTIONS | overrides
-    return optimizer, cls(model, lr=lr, likelihood=likelihood, generator=generator, **options)
+    cls = KFAC if config.method == "kfac" else EKFAC
+    precond = cls(
+        model,
+        lr=config.lr,
+        likelihood="bernoulli" if task.reconstruct else "categorical",
+        generator=torch.Generator().manual_seed(0),
+        **(PRECONDITIONER_OPTIONS | {"damping": config.damping} | overrides),
+    )
+    return optimizer, precond
 
 
 def inputs_of(task: Task, features: Tensor) -> Tensor:
@@ -160,21 +220,36 @@ def reached(task: Task, value: float) -> bool:
 
 
 def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets: Tensor) -> None:
-    """One step: forward, (MC backward for the preconditioner), backward, precondition, update."""
+    """One step: forward, (MC backward for the preconditioner), backward, precondition, update
+    and, when adaptive damping asks for it, the loss of the same batch after the update."""
     optimizer.zero_grad()
     outputs = model(inputs)
     if precond is not None and precond.fisher_type == "mc":
         precond.sample_backward(outputs)
-    task.loss(outputs, targets).backward()
+    loss = task.loss(outputs, targets)
+    loss.backward()
     if precond is not None:
         precond.step()
     optimizer.step()
+    if precond is not None and precond.damping_update_due:
+        with torch.no_grad():
+            precond.update_damping(loss, task.loss(model(inputs), targets))
 
 
-def train_run(task: Task, method: str, lr: float, data: dict[str, Tensor], seed: int, epochs: int):
+def train_run(
+    task: Task,
+    config: TrainConfig,
+    data: dict[str, Tensor],
+    seed: int,
+    epochs: int,
+    eval_every: int,
+    stop_at_target: bool = False,
+) -> dict:
+    """Train for ``epochs`` epochs (or until the target, with ``stop_at_target``), evaluating
+    every ``eval_every`` steps; only the training steps are timed."""
     torch.manual_seed(seed)
     model = task.build()
-    optimizer, precond = make_optimizer(task, method, model, lr)
+    optimizer, precond = make_optimizer(task, config, model)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = data["train_x"], data["train_y"]
     wall, steps, curve = 0.0, 0, []
@@ -182,29 +257,38 @@ def train_run(task: Task, method: str, lr: float, data: dict[str, Tensor], seed:
     diverged = False
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator)
-        start = time.perf_counter()
         for begin in range(0, len(order), task.batch_size):
             index = order[begin : begin + task.batch_size]
             inputs = inputs_of(task, train_x[index])
             targets = train_x[index] if task.reconstruct else train_y[index]
+            start = time.perf_counter()
             training_step(task, model, optimizer, precond, inputs, targets)
+            wall += time.perf_counter() - start
             steps += 1
-        wall += time.perf_counter() - start
-        value = evaluate(task, model, data)
-        curve.append((wall, steps, value))
-        if not math.isfinite(value):
-            diverged = True
+            if steps % eval_every:
+                continue
+            value = evaluate(task, model, data)
+            curve.append((wall, steps, value))
+            if not math.isfinite(value):
+                diverged = True
+                break
+            if time_to_target is None and reached(task, value):
+                time_to_target, steps_to_target = wall, steps
+        if diverged or (stop_at_target and time_to_target is not None):
             break
-        if time_to_target is None and reached(task, value):
-            time_to_target, steps_to_target = wall, steps
     if precond is not None:
         precond.remove()
+    values = [value for _, _, value in curve]
     return {
         "task": task.name,
-        "method": method,
-        "lr": lr,
-        "final": curve[-1][2],
-        "best": (max if task.metric == "test_accuracy" else min)(v for _, _, v in curve),
+        "method": config.method,
+        "config": config.label(),
+        "lr": config.lr,
+        "momentum": config.momentum,
+        "beta2": config.beta2,
+        "damping": config.damping,
+        "final": values[-1],
+        "best": max(values) if task.metric == "test_accuracy" else min(values),
         "time_to_target_s": time_to_target,
         "steps_to_target": steps_to_target,
         "wall_s": wall,
@@ -215,66 +299,184 @@ def train_run(task: Task, method: str, lr: float, data: dict[str, Tensor], seed:
 
 
 def pick_best(task: Task, runs: list[dict]) -> dict:
-    """Least time to target; otherwise the best final metric."""
-    hit = [run for run in runs if run["time_to_target_s"] is not None]
+    """Fewest steps to the target (then least time); otherwise the best metric. Within one
+    method every configuration costs the same per step, so fewest steps is least time without
+    the timing noise of a shared machine."""
+    hit = [run for run in runs if run["steps_to_target"] is not None]
     if hit:
-        return min(hit, key=lambda run: run["time_to_target_s"])
+        return min(hit, key=lambda run: (run["steps_to_target"], run["time_to_target_s"]))
     sign = -1.0 if task.metric == "test_accuracy" else 1.0
-    finite = [run for run in runs if math.isfinite(run["final"])] or runs
-    return min(finite, key=lambda run: sign * run["final"])
+    finite = [run for run in runs if math.isfinite(run["best"])] or runs
+    return min(finite, key=lambda run: sign * run["best"])
+
+
+def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[dict]:
+    """Every method over its grid (one configuration with ``--quick``), each run stopped at
+    the target."""
+    epochs = 2 if args.quick else task.epochs
+    runs = []
+    for method in LR_GRIDS:
+        configs = grid(method)[4:5] if args.quick else grid(method)
+        runs.extend(
+            train_run(task, config, data, args.seed, epochs, args.eval_every, stop_at_target=True)
+            for config in configs
+        )
+    return runs
+
+
+def rerun_best(task: Task, tuning: list[dict], data, args: argparse.Namespace) -> list[dict]:
+    """The best configuration of every method, re-run ``args.repeats`` times in interleaved
+    rounds (the first run to the end of the epoch budget, for the curve and the final metric;
+    the others up to the target). The time to target is the median over the repeats."""
+    epochs = 2 if args.quick else task.epochs
+    chosen = {}
+    for method in LR_GRIDS:
+        best = pick_best(task, [run for run in tuning if run["method"] == method])
+        chosen[method] = TrainConfig(
+            method, best["lr"], best["momentum"], best["beta2"], best["damping"]
+        )
+    repeats: dict[str, list[dict]] = {method: [] for method in chosen}
+    for repeat in range(args.repeats):
+        for method, config in chosen.items():
+            run = train_run(
+                task, config, data, args.seed, epochs, args.eval_every, stop_at_target=repeat > 0
+            )
+            repeats[method].append(run)
+    rows = []
+    for runs in repeats.values():
+        times = [run["time_to_target_s"] for run in runs if run["time_to_target_s"] is not None]
+        rows.append(
+            runs[0]
+            | {
+                "time_to_target_s": statistics.median(times) if times else None,
+                "repeat_times_s": times,
+            }
+        )
+    adam = next(row for row in rows if row["method"] == "adam")["time_to_target_s"]
+    for row in rows:
+        both = row["time_to_target_s"] is not None and adam is not None
+        row["x_adam_time"] = row["time_to_target_s"] / adam if both else None
+    return rows
 
 
 @dataclass(frozen=True)
 class CostConfig:
-    """One row of the step-cost table: a method and, for K-FAC/EKFAC, the Fisher type and the
-    common factor/inverse update interval."""
+    """One row of the step-cost table: the library, the method and, for K-FAC/EKFAC, the Fisher
+    type, the damping mode, the factor (curvature) and inverse update intervals and whether the
+    update is KL-clipped."""
 
+    library: str
     method: str
     fisher_type: str | None = None
-    interval: int | None = None
+    damping_mode: str | None = None
+    factor_interval: int | None = None
+    inv_interval: int | None = None
+    kl_clip: bool = False
+
+    def intervals(self) -> str:
+        return "" if self.factor_interval is None else f"{self.factor_interval}/{self.inv_interval}"
 
 
+COST_DAMPING = 0.1
+SGD_COST = CostConfig("torch", "sgd")
 COST_CONFIGS = [
-    CostConfig("sgd"),
-    CostConfig("adam"),
+    SGD_COST,
+    CostConfig("torch", "adam"),
     *(
-        CostConfig(method, fisher_type, interval)
-        for method in ("kfac", "ekfac")
+        CostConfig("natgrad", "kfac", fisher_type, "eigen", *intervals, kl_clip=True)
+        for fisher_type in ("mc", "empirical")
+        for intervals in ((1, 1), (1, 10), (10, 10))
+    ),
+    *(
+        CostConfig(library, "kfac", "empirical", "factored", *intervals)
+        for intervals in ((1, 10), (10, 10))
+        for library in ("natgrad", "asdl")
+    ),
+    *(
+        CostConfig("natgrad", "ekfac", fisher_type, "eigen", interval, interval, kl_clip=True)
         for fisher_type in ("mc", "empirical")
         for interval in (1, 10)
     ),
 ]
 
 
-def step_seconds(
-    task: Task, config: CostConfig, data: dict[str, Tensor], steps: int, warmup: int = 10
-) -> float:
+def batch_of(task: Task, data: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The first training batch: inputs and targets."""
+    features = data["train_x"][: task.batch_size]
+    targets = features if task.reconstruct else data["train_y"][: task.batch_size]
+    return inputs_of(task, features), targets
+
+
+def natgrad_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, targets):
+    """A training step of SGD-momentum, Adam or SGD-momentum preconditioned by natgrad's
+    K-FAC/EKFAC; and its clean-up."""
+    if config.library == "torch":
+        beta2 = 0.999 if config.method == "adam" else None
+        optimizer, precond = make_optimizer(
+            task, TrainConfig(config.method, 0.01, beta2=beta2), model
+        )
+    else:
+        optimizer, precond = make_optimizer(
+            task,
+            TrainConfig(config.method, 0.01, damping=COST_DAMPING),
+            model,
+            fisher_type=config.fisher_type,
+            damping_mode=config.damping_mode,
+            factor_update_interval=config.factor_interval,
+            inv_update_interval=config.inv_interval,
+            kl_clip=PRECONDITIONER_OPTIONS["kl_clip"] if config.kl_clip else None,
+        )
+
+    def step() -> None:
+        training_step(task, model, optimizer, precond, inputs, targets)
+
+    return step, (lambda: None) if precond is None else precond.remove
+
+
+def asdl_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, targets):
+    """A training step with ASDL's ``KfacGradientMaker`` (empirical Fisher, π-damping) and
+    SGD-momentum: ``forward_and_backward()`` runs forward, backward, the curvature and
+    inverse updates as scheduled and the preconditioning; then ``optimizer.step()``."""
+    asdl = import_asdl()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    maker = asdl.KfacGradientMaker(
+        model,
+        asdl.PreconditioningConfig(
+            data_size=len(inputs),
+            damping=COST_DAMPING,
+            ema_decay=1.0 - PRECONDITIONER_OPTIONS["factor_decay"],
+            curvature_upd_interval=config.factor_interval,
+            preconditioner_upd_interval=config.inv_interval,
+        ),
+        fisher_type="fisher_emp",
+    )
+
+    def step() -> None:
+        optimizer.zero_grad()
+        outputs = maker.setup_model_call(model, inputs)
+        maker.setup_loss_call(task.loss, outputs, targets)
+        maker.forward_and_backward()
+        optimizer.step()
+
+    return step, lambda: None
+
+
+def step_seconds(task: Task, config: CostConfig, data: dict[str, Tensor], steps: int) -> float:
     """Mean wall seconds per training step over ``steps`` steps (a multiple of the update
-    interval, so that factor and inverse updates are counted at their share)."""
+    intervals, so that factor and inverse updates are counted at their share), after a warm-up
+    of 10 steps."""
     torch.manual_seed(0)
     model = task.build()
-    overrides = {}
-    if config.interval is not None:
-        overrides = {
-            "fisher_type": config.fisher_type,
-            "factor_update_interval": config.interval,
-            "inv_update_interval": config.interval,
-        }
-    optimizer, precond = make_optimizer(task, config.method, model, 0.01, **overrides)
-    inputs = inputs_of(task, data["train_x"][: task.batch_size])
-    targets = (
-        data["train_x"][: task.batch_size]
-        if task.reconstruct
-        else data["train_y"][: task.batch_size]
-    )
-    for _ in range(warmup):
-        training_step(task, model, optimizer, precond, inputs, targets)
+    inputs, targets = batch_of(task, data)
+    make = asdl_stepper if config.library == "asdl" else natgrad_stepper
+    step, cleanup = make(task, config, model, inputs, targets)
+    for _ in range(10):
+        step()
     start = time.perf_counter()
     for _ in range(steps):
-        training_step(task, model, optimizer, precond, inputs, targets)
+        step()
     seconds = (time.perf_counter() - start) / steps
-    if precond is not None:
-        precond.remove()
+    cleanup()
     return seconds
 
 
@@ -282,38 +484,96 @@ def step_costs(task: Task, data: dict[str, Tensor], steps: int, rounds: int) -> 
     """Per-step cost of every ``COST_CONFIGS`` entry, relative to SGD-momentum.
 
     The configurations are timed in turn, ``rounds`` times over; each reports the median over
-    rounds of its mean seconds per step, so that a load burst on a shared machine hits all
-    configurations alike.
+    rounds of its mean milliseconds per step and of its ratio to the SGD-momentum step of the
+    same round, so that a load burst on a shared machine hits all configurations alike.
     """
     timings: dict[CostConfig, list[float]] = {config: [] for config in COST_CONFIGS}
     for _ in range(rounds):
         for config in COST_CONFIGS:
             timings[config].append(step_seconds(task, config, data, steps))
-    medians = {config: sorted(values)[len(values) // 2] for config, values in timings.items()}
-    sgd = medians[CostConfig("sgd")]
+    sgd = timings[SGD_COST]
     return [
         {
             "task": task.name,
+            "library": config.library,
             "method": config.method,
             "fisher_type": config.fisher_type or "",
-            "interval": config.interval or "",
-            "ms_per_step": 1e3 * seconds,
-            "x_sgd": seconds / sgd,
+            "damping_mode": config.damping_mode or "",
+            "intervals": config.intervals(),
+            "kl_clip": config.kl_clip,
+            "ms_per_step": 1e3 * statistics.median(seconds),
+            "x_sgd": statistics.median(s / base for s, base in zip(seconds, sgd, strict=True)),
         }
-        for config, seconds in medians.items()
+        for config, seconds in timings.items()
     ]
+
+
+def import_asdl():
+    """ASDL (``asdfghjkl``), with its NVTX ranges turned into no-ops: ``torch.cuda.nvtx`` raises
+    on CPU-only builds of torch, and ASDL opens a range around every inverse update."""
+    import asdl
+
+    no_ranges = types.SimpleNamespace(range=lambda *args, **kwargs: contextlib.nullcontext())
+    for module in ("asdl.precondition.natural_gradient", "asdl.operations.operation", "asdl.utils"):
+        importlib.import_module(module).nvtx = no_ranges
+    return asdl
+
+
+def agreement_model(bias: bool) -> nn.Module:
+    """A float64 convolution-and-MLP classifier of 8×8 images for :func:`asdl_agreement`."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=bias),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 64, 16, bias=bias),
+        nn.Tanh(),
+        nn.Linear(16, 10, bias=bias),
+    ).double()
+
+
+def asdl_agreement(damping: float = 0.1) -> list[dict]:
+    """Relative difference between ASDL's and natgrad's preconditioned gradients after one step
+    (empirical Fisher, π-damping, factors of this batch only), per layer, on float64 models
+    without and with biases. Without biases both compute the same K-FAC update (to rounding);
+    with biases they differ by construction: natgrad folds the bias into the input factor
+    (homogeneous coordinates), ASDL preconditions the bias gradient by ``G⁻¹`` alone.
+    """
+    asdl = import_asdl()
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.rand(32, 1, 8, 8, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 10, (32,), generator=generator)
+    rows = []
+    for bias in (False, True):
+        torch.manual_seed(0)
+        ours = agreement_model(bias)
+        peer = copy.deepcopy(ours)
+        maker = asdl.KfacGradientMaker(
+            peer,
+            asdl.PreconditioningConfig(data_size=len(inputs), damping=damping, ema_decay=1.0),
+            fisher_type="fisher_emp",
+        )
+        outputs = maker.setup_model_call(peer, inputs)
+        maker.setup_loss_call(nn.functional.cross_entropy, outputs, targets)
+        maker.forward_and_backward()
+        precond = KFAC(
+            ours, damping=damping, damping_mode="factored", factor_decay=0.0, inv_update_interval=1
+        )
+        nn.functional.cross_entropy(ours(inputs), targets).backward()
+        precond.step()
+        precond.remove()
+        for (name, expected), got in zip(ours.named_parameters(), peer.parameters(), strict=True):
+            difference = (got.grad - expected.grad).norm() / expected.grad.norm()
+            rows.append(
+                {"parameter": name, "model_bias": bias, "relative_difference": float(difference)}
+            )
+    return rows
 
 
 def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]:
     """Seconds to build K-FAC factors (empirical Fisher) on one batch, per library."""
     torch.manual_seed(0)
     model = task.build()
-    inputs = inputs_of(task, data["train_x"][: task.batch_size])
-    targets = (
-        data["train_x"][: task.batch_size]
-        if task.reconstruct
-        else data["train_y"][: task.batch_size]
-    )
+    inputs, targets = batch_of(task, data)
     builders: dict[str, Callable[[], None]] = {}
     from natgrad.curvature.kfac import build_kfac
 
@@ -344,6 +604,7 @@ def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]
     except ImportError:
         pass
     builders["backpack KFAC (MC, 1 sample)"] = backpack_builder(task, model, inputs, targets)
+    builders["asdl FisherEmp (kron)"] = asdl_factor_builder(task, model, inputs, targets)
     rows = []
     for library, build in builders.items():
         try:
@@ -368,6 +629,25 @@ def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]
                 }
             )
     return rows
+
+
+def asdl_factor_builder(task: Task, model: nn.Module, inputs: Tensor, targets: Tensor):
+    """ASDL's empirical-Fisher maker with Kronecker shape on a deep copy of ``model`` (one
+    forward and backward, which also leave the loss gradient in ``.grad``)."""
+    asdl = import_asdl()
+    copied = copy.deepcopy(model)
+    maker = asdl.get_fisher_maker(
+        copied,
+        asdl.FisherConfig(fisher_type="fisher_emp", fisher_shapes=["kron"], data_size=len(inputs)),
+    )
+
+    def build() -> None:
+        copied.zero_grad()
+        outputs = maker.setup_model_call(copied, inputs)
+        maker.setup_loss_call(task.loss, outputs, targets)
+        maker.forward_and_backward()
+
+    return build
 
 
 def backpack_builder(task: Task, model: nn.Module, inputs: Tensor, targets: Tensor):
@@ -397,13 +677,15 @@ def plot(best_runs: list[dict], tasks: list[Task]) -> Figure:
         for run in (run for run in best_runs if run["task"] == task.name):
             times = [point[0] for point in run["curve"]]
             values = [point[2] for point in run["curve"]]
-            axis.plot(times, values, label=f"{run['method']} (lr={run['lr']:g})")
+            axis.plot(times, values, label=run["method"], linewidth=1)
         axis.axhline(task.target, color="grey", linestyle=":", linewidth=1)
         axis.set_title(task.name)
         axis.set_xlabel("training wall time (s)")
         axis.set_ylabel(task.metric.replace("_", " "))
         if task.metric == "train_loss":
             axis.set_yscale("log")
+        else:
+            axis.set_ylim(0.9, 1.0)
         axis.legend(fontsize=7)
     return figure
 
@@ -412,76 +694,118 @@ def targets_text(tasks: list[Task]) -> str:
     return ", ".join(f"{task.name} {task.metric} {task.target:g}" for task in tasks)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--quick", action="store_true", help="a few epochs, one lr per method")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 epochs, one configuration per method"
+    )
     parser.add_argument("--tasks", nargs="*", default=[task.name for task in TASKS])
+    parser.add_argument(
+        "--eval-every", type=int, default=5, help="steps between evaluations (default 5)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed re-runs of each best configuration"
+    )
     parser.add_argument(
         "--cost-steps", type=int, default=100, help="steps per step-cost timing (default 100)"
     )
     parser.add_argument(
-        "--cost-only", action="store_true", help="only the step-cost table (no training runs)"
+        "--cost-only", action="store_true", help="only the cost tables (no training runs)"
     )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.cost_steps = 1, 10
+    return args
+
+
+def print_tables(tasks: list[Task], results: dict) -> None:
+    print_table(
+        "Best configuration per optimizer (targets: " + targets_text(tasks) + "; time to target "
+        "= median over the timed re-runs)",
+        results["best"],
+        [
+            "task",
+            "method",
+            "config",
+            "steps_to_target",
+            "time_to_target_s",
+            "x_adam_time",
+            "final",
+            "best",
+        ],
+    )
+    print_table(
+        "Tuning runs (each stopped at the target)",
+        results["runs"],
+        ["task", "method", "config", "steps_to_target", "time_to_target_s", "best", "diverged"],
+    )
+    print_table(
+        "Cost of one training step (mean over whole update cycles; `intervals` = factor / "
+        "inverse update interval; x_sgd = median over rounds of the ratio to SGD in that round)",
+        results["step_cost"],
+        [
+            "task",
+            "library",
+            "method",
+            "fisher_type",
+            "damping_mode",
+            "intervals",
+            "kl_clip",
+            "ms_per_step",
+            "x_sgd",
+        ],
+    )
+    print_table(
+        "ASDL vs natgrad preconditioned gradient, one step (empirical Fisher, π-damping 0.1)",
+        results["asdl_agreement"],
+        ["parameter", "model_bias", "relative_difference"],
+    )
+    print_table(
+        "K-FAC factors on one batch (empirical Fisher unless stated)",
+        results["factor_cost"],
+        ["task", "library", "seconds"],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load_data(args.seed)
     tasks = [task for task in TASKS if task.name in args.tasks]
-    all_runs, best_runs, cost_rows, factor_rows = [], [], [], []
+    results: dict[str, list[dict]] = {
+        "best": [],
+        "runs": [],
+        "step_cost": [],
+        "factor_cost": [],
+        "asdl_agreement": asdl_agreement(),
+    }
     for task in tasks:
-        epochs = 2 if args.quick else task.epochs
-        for method, grid in ({} if args.cost_only else LR_GRIDS).items():
-            lrs = grid[1:2] if args.quick else grid
-            runs = [train_run(task, method, lr, data, args.seed, epochs) for lr in lrs]
-            all_runs.extend(runs)
-            best = pick_best(task, runs)
-            best_runs.append(best)
-        if args.quick:
-            cost_rows.extend(step_costs(task, data, steps=10, rounds=1))
-        else:
-            cost_rows.extend(step_costs(task, data, steps=args.cost_steps, rounds=5))
-        factor_rows.extend(factor_cost(task, data, 3 if args.quick else 20))
-
-    columns = [
-        "task",
-        "method",
-        "lr",
-        "final",
-        "best",
-        "time_to_target_s",
-        "steps_to_target",
-        "wall_s",
-        "steps",
-    ]
-    print_table(
-        "Best learning rate per optimizer (targets: " + targets_text(tasks) + ")",
-        best_runs,
-        columns,
-    )
-    print_table("All runs", all_runs, [*columns, "diverged"])
-    print_table(
-        "Cost of one training step (mean over whole update cycles; factor and inverse updates "
-        "every `interval` steps)",
-        cost_rows,
-        ["task", "method", "fisher_type", "interval", "ms_per_step", "x_sgd"],
-    )
-    print_table(
-        "K-FAC factors on one batch (empirical Fisher)", factor_rows, ["task", "library", "seconds"]
-    )
+        if not args.cost_only:
+            tuning = tune(task, data, args)
+            results["runs"].extend(tuning)
+            results["best"].extend(rerun_best(task, tuning, data, args))
+        results["step_cost"].extend(step_costs(task, data, args.cost_steps, args.repeats + 2))
+        results["factor_cost"].extend(factor_cost(task, data, 3 if args.quick else 20))
+    print_tables(tasks, results)
     payload = {
         "environment": environment(
-            seed=args.seed, quick=args.quick, preconditioner=PRECONDITIONER_OPTIONS
+            seed=args.seed,
+            quick=args.quick,
+            eval_every=args.eval_every,
+            repeats=args.repeats,
+            preconditioner=PRECONDITIONER_OPTIONS,
+            lr_grids=LR_GRIDS,
+            second_grids=SECOND_GRIDS,
+            load_average=os.getloadavg(),
         ),
         "targets": {task.name: {"metric": task.metric, "target": task.target} for task in tasks},
-        "best": best_runs,
-        "runs": all_runs,
-        "step_cost": cost_rows,
-        "factor_cost": factor_rows,
+        **results,
     }
     if not (args.quick or args.cost_only):
         save_json(NAME, payload)
-        save_figure(plot(best_runs, tasks), NAME)
+        save_figure(plot(results["best"], tasks), NAME)
     return payload
 
 
