@@ -41,7 +41,7 @@ from natgrad.models.glm_objective import PenalisedGLMObjective
 from natgrad.models.glm_solvers import SOLVERS, SolverResult, minimise
 
 PENALTIES = (None, "l2")
-DEFAULT_LEARNING_RATES = {"fisher": 1.0, "ngd": 0.5, "gd": 1.0}
+DEFAULT_LEARNING_RATES = {"fisher": 1.0, "fisher-chord": 1.0, "ngd": 0.5, "gd": 1.0}
 DTYPE = torch.float64
 
 
@@ -91,10 +91,10 @@ class GLMEstimator(BaseEstimator):
         rate = self.learning_rate
         if not _is_real(rate) or not 0 < rate < math.inf:
             raise ValueError(f"learning_rate must be a positive number, got {rate!r}")
-        if self.solver == "fisher" and rate != 1.0:
+        if self.solver in ("fisher", "fisher-chord") and rate != 1.0:
             raise ValueError(
-                f"solver='fisher' takes the natural-gradient step of size 1, got learning_rate="
-                f"{rate!r}; use solver='ngd' for another step size"
+                f"solver={self.solver!r} takes the natural-gradient step of size 1, got "
+                f"learning_rate={rate!r}; use solver='ngd' for another step size"
             )
         if self.solver == "ngd" and rate > 1.0:
             raise ValueError(f"solver='ngd' needs learning_rate in (0, 1], got {rate!r}")
@@ -122,7 +122,7 @@ class GLMEstimator(BaseEstimator):
         initial_params: Tensor | None = None,
         stop_early: Callable[[Tensor], bool] | None = None,
     ) -> np.ndarray:
-        """Fit and set ``n_iter_``, ``loss_``, ``gradient_norm_`` (``covariance_`` on demand).
+        """Fit; set ``n_iter_``, ``n_fisher_``, ``loss_``, ``gradient_norm_``.
 
         Returns
         -------
@@ -140,6 +140,7 @@ class GLMEstimator(BaseEstimator):
         )
         self._warn_on(result)
         self.n_iter_ = result.n_iter
+        self.n_fisher_ = result.n_fisher
         self.loss_ = result.loss
         self.gradient_norm_ = result.gradient_norm
         self._pending_covariance = (objective, result.params, result.outputs)

@@ -206,30 +206,43 @@ class PenalisedGLMObjective:
         with torch.no_grad():
             if outputs is None:
                 outputs = self.outputs_no_grad(params)
-            output_fisher = self.likelihood.natural_hessian(outputs)
             if self.n_columns == 1:
-                fisher = self._scalar_data_fisher(
-                    output_fisher[:, 0, 0] * self.output_basis[0, 0] ** 2
-                )
+                # ∇²A(f) = s², s from natural_hessian_sqrt: X̃ᵀ diag(s² b² / N) X̃ = Sᵀ S b² / N
+                roots = self.likelihood.natural_hessian_sqrt(outputs)[:, 0, 0].numpy()
+                scale = float(self.output_basis[0, 0]) ** 2 / self.n_samples
+                fisher = self._gram(self._design_t_array * roots, scale)
             else:
                 basis = self.output_basis
-                fisher = self._data_fisher(basis.T @ output_fisher @ basis)
-        return fisher + torch.diag(self.penalty_diagonal)
+                output_fisher = self.likelihood.natural_hessian(outputs)
+                fisher = self._data_fisher(basis.T @ output_fisher @ basis).numpy()
+        fisher[np.diag_indices_from(fisher)] += self._penalty_array
+        return torch.from_numpy(fisher)
+
+    @staticmethod
+    def _gram(scaled_design_t: np.ndarray, scale: float) -> np.ndarray:
+        """``scale · S Sᵀ`` for ``S`` of shape ``(D, N)``, shape ``(D, D)``.
+
+        A symmetric rank-``N`` update (BLAS ``dsyrk``: half the flops of a matmul) whose lower
+        triangle is mirrored.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            lower = blas.dsyrk(scale, scaled_design_t.T, trans=1, lower=1)
+        return lower + np.tril(lower, -1).T
 
     def _scalar_data_fisher(self, weights: Tensor) -> Tensor:
         """``X̃ᵀ diag(w) X̃ / N`` for per-sample weights ``w`` of shape ``(N,)``.
 
-        For ``w >= 0`` (every Fisher weight of a scalar likelihood) a symmetric rank-``N``
-        update ``Sᵀ S`` with ``S = diag(√(w / N)) X̃`` (BLAS ``dsyrk``, half the flops of a
-        matmul, lower triangle mirrored); otherwise one matmul.
+        For ``w >= 0`` ``Sᵀ S / N`` with ``S = diag(√w) X̃`` (see :meth:`_gram`); for weights
+        of either sign one matmul.
         """
-        scale = (weights / self.n_samples).detach().numpy()
+        values = weights.detach().numpy()
         with np.errstate(invalid="ignore", over="ignore"):
-            if self._design_t_array.dtype == np.float64 and scale.min() >= 0.0:
-                root_scaled = self._design_t_array * np.sqrt(scale)
-                lower = blas.dsyrk(1.0, root_scaled.T, trans=1, lower=1)
-                return torch.from_numpy(lower + np.tril(lower, -1).T)
-            return torch.from_numpy((self._design_t_array * scale) @ self._design_array)
+            if values.min() >= 0.0:
+                return torch.from_numpy(
+                    self._gram(self._design_t_array * np.sqrt(values), 1.0 / self.n_samples)
+                )
+            scaled = self._design_t_array * (values / self.n_samples)
+            return torch.from_numpy(scaled @ self._design_array)
 
     def _data_fisher(self, column_fisher: Tensor) -> Tensor:
         """``(1/N) Σₙ (x̃ₙ x̃ₙᵀ) ⊗ Gₙ`` for symmetric per-sample ``Gₙ`` of shape ``(N, P, P)``.

@@ -49,13 +49,17 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         Inverse penalty strength (scikit-learn's convention); ``np.inf`` means no penalty.
     fit_intercept : bool, default=True
         Fit an unpenalised intercept per class.
-    solver : {"fisher", "ngd", "gd"}, default="fisher"
-        ``"fisher"``: natural-gradient step of size one (Fisher scoring); ``"ngd"``: natural
+    solver : {"fisher", "fisher-chord", "ngd", "gd"}, default="fisher"
+        ``"fisher"``: natural-gradient step of size one (Fisher scoring); ``"fisher-chord"``:
+        Fisher scoring that reuses the last Fisher's Cholesky factor while the gradient norm
+        falls at least tenfold per step (fewer ``N · D²`` Fisher evaluations, sometimes one
+        more iteration; see :mod:`natgrad.models.glm_solvers`; multiclass fits, whose Fisher
+        systems CG solves without a factor, are plain ``"fisher"``); ``"ngd"``: natural
         gradient with step ``learning_rate``; ``"gd"``: gradient descent with step
         ``learning_rate`` on the mean loss. Every step is safeguarded by step halving.
     learning_rate : float, optional
-        First trial step size; default 1 for ``"fisher"`` (the only value it accepts), 0.5 for
-        ``"ngd"`` (which needs ``(0, 1]``) and 1 for ``"gd"``.
+        First trial step size; default 1 for ``"fisher"`` and ``"fisher-chord"`` (the only
+        value they accept), 0.5 for ``"ngd"`` (which needs ``(0, 1]``) and 1 for ``"gd"``.
     tol : float, default=1e-8
         Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``.
     max_iter : int, default=100
@@ -78,6 +82,9 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         training design.
     n_iter_ : int
         Number of steps taken.
+    n_fisher_ : int
+        Number of Fisher systems set up (dense Fishers formed, or CG solves for the softmax);
+        ``n_iter_`` for ``"fisher"`` and ``"ngd"``, fewer for ``"fisher-chord"``, 0 for ``"gd"``.
     loss_ : float
         Final mean penalised loss.
     gradient_norm_ : float

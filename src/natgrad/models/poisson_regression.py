@@ -34,7 +34,8 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
     C : float, default=1.0
         Inverse penalty strength on the summed loss; ``np.inf`` means no penalty.
     fit_intercept : bool, default=True
-    solver : {"fisher", "ngd", "gd"}, default="fisher"
+    solver : {"fisher", "fisher-chord", "ngd", "gd"}, default="fisher"
+        As in :class:`~natgrad.models.LogisticRegression`.
     learning_rate : float, optional
         As in :class:`~natgrad.models.LogisticRegression`.
     tol : float, default=1e-8
@@ -55,6 +56,8 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         standard errors are computed on first access (one more Fisher, ``N · D²``), not by
         ``fit``; until then the estimator keeps a copy of the training design.
     n_iter_ : int
+    n_fisher_ : int
+        Number of Fisher matrices formed (fewer than ``n_iter_`` for ``"fisher-chord"``).
     loss_ : float
         Final mean penalised loss (negative log-likelihood including ``log y!``).
     gradient_norm_ : float
