@@ -186,3 +186,37 @@ def test_variance_gradient_matches_quadrature_derivative():
         - quadrature_elbo(counts, loadings, mean, lower)
     ) / (2 * step)
     assert price[1, 0] == pytest.approx(derivative, abs=0.02 * max(1.0, math.fabs(derivative)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_samples=st.integers(1, 7),
+    n_features=st.integers(1, 6),
+    n_components=st.integers(1, 4),
+    mode=st.sampled_from(["simple", "expanded", "lower-bound"]),
+    sparse=st.booleans(),
+)
+def test_closed_form_gradients_match_autograd_over_shapes(
+    seed, n_samples, n_features, n_components, mode, sparse
+):
+    counts, loadings, mean, variance = make_problem(seed, n_samples, n_features, n_components)
+    counts[0, 0] = 0.0
+    value, grad_loadings, grad_mean, grad_variance = autograd_reference(
+        counts, loadings, mean, variance, mode, 3, seed=seed
+    )
+    data = count_matrix(sp.csr_matrix(counts) if sparse else counts, torch.float64, CPU)
+    result = elbo_gradients(
+        data,
+        torch.as_tensor(loadings),
+        torch.as_tensor(mean),
+        torch.as_tensor(variance),
+        mode,
+        3,
+        torch.Generator().manual_seed(seed),
+    )
+    torch.testing.assert_close(result.value, value.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(result.grad_mean, grad_mean, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(result.loadings_grad, grad_loadings, rtol=1e-10, atol=1e-10)
+    if mode == "lower-bound":
+        torch.testing.assert_close(result.grad_variance, grad_variance, rtol=1e-10, atol=1e-10)

@@ -10,6 +10,7 @@ form, so that no ``(n_samples, n_features)`` tensor is ever built for them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -41,9 +42,9 @@ class CountMatrix:
         """Whether the counts are stored as their non-zeros."""
         return self.dense is None
 
-    @property
+    @cached_property
     def row_totals(self) -> Tensor:
-        """``Σ_j y_ij``, shape ``(n_samples,)``."""
+        """``Σ_j y_ij``, shape ``(n_samples,)`` (computed once)."""
         if not self.is_sparse:
             return self.dense.sum(1)
         totals = torch.zeros(self.n_samples, dtype=self.values.dtype, device=self.device)

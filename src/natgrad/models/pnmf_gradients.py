@@ -66,10 +66,74 @@ class ElboGradients:
         return self.log_term_loadings_grad - self.rate_term_loadings_grad
 
 
+@dataclass(frozen=True)
+class FactorDraws:
+    """What one ELBO evaluation needs of ``q(F)``: the draws and their exponentials.
+
+    Attributes
+    ----------
+    factors : Tensor of shape (S, N, L)
+        Reparameterised draws of ``F`` (Monte-Carlo modes) or ``μ`` with ``S = 1``
+        (``"lower-bound"``).
+    shift : Tensor of shape (S, N, 1)
+        ``max_l F_sil``, subtracted before exponentiating.
+    shifted_exp : Tensor of shape (S, N, L)
+        ``e^{F − shift}``.
+    exp_factors : Tensor of shape (N, L)
+        The rate term's ``E_q[e^F]``: the draw average (``"simple"``) or ``exp(μ + σ²/2)``.
+    exp_factor_totals : Tensor of shape (L,)
+        ``Σ_i exp_factors_il``, W's rate-term gradient.
+    monte_carlo : bool
+    """
+
+    factors: Tensor
+    shift: Tensor
+    shifted_exp: Tensor
+    exp_factors: Tensor
+    exp_factor_totals: Tensor
+    monte_carlo: bool
+
+
+def factor_draws(
+    mean: Tensor,
+    variance: Tensor,
+    mode: ElboMode,
+    n_draws: int,
+    generator: torch.Generator | None = None,
+) -> FactorDraws:
+    """Draw (or, in ``"lower-bound"`` mode, take the mean of) ``F`` and exponentiate once.
+
+    Parameters
+    ----------
+    mean, variance : Tensor of shape (N, L)
+    mode : {"simple", "expanded", "lower-bound"}
+    n_draws : int
+        ``E`` (ignored by ``"lower-bound"``).
+    generator : torch.Generator, optional
+    """
+    if mode not in ELBO_MODES:
+        raise ValueError(f"mode must be one of {ELBO_MODES}, got {mode!r}")
+    with torch.no_grad():
+        monte_carlo = mode != "lower-bound"
+        if monte_carlo:
+            factors = draw_factors(mean, variance, n_draws, generator)
+        else:
+            factors = mean.unsqueeze(0)
+        shift = factors.amax(dim=-1, keepdim=True)
+        shifted_exp = torch.exp(factors - shift)
+        if mode == "simple":
+            exp_factors = torch.exp(factors).mean(0)
+        else:
+            exp_factors = expected_exp_factors(mean, variance)
+        return FactorDraws(
+            factors, shift, shifted_exp, exp_factors, exp_factors.sum(0), monte_carlo
+        )
+
+
 def _log_term_derivatives(
     counts: CountMatrix,
     loadings: Tensor,
-    factors: Tensor,
+    draws: FactorDraws,
     need_value: bool,
     need_grad: bool,
     need_curvature: bool,
@@ -77,13 +141,13 @@ def _log_term_derivatives(
     """Draw-averaged log term, per-draw ``∂T/∂F`` and ``∂²T/∂F²`` (``(S, N, L)``), and ``∂T/∂W``.
 
     ``∂T/∂F`` is ``None`` unless ``need_grad``; ``∂²T/∂F²`` is ``None`` unless both flags are
-    set. Dense counts take matrix products only, with the small factor on the left of every
-    product (``(L, D) @ (D, N)`` rather than ``(N, D) @ (D, L)``): the same arithmetic, several
-    times faster for ``L ≪ D, N`` with one CPU thread.
+    set. Dense counts take two-dimensional matrix products only (draws stacked along the rows),
+    with the small factor on the left of every product (``(L, D) @ (D, S·N)`` rather than
+    ``(S·N, D) @ (D, L)``): the same arithmetic, several times faster for ``L ≪ D, N`` with
+    one CPU thread.
     """
+    factors, shift, shifted_exp = draws.factors, draws.shift, draws.shifted_exp
     n_draws = factors.shape[0]
-    shift = factors.amax(dim=-1, keepdim=True)
-    shifted_exp = torch.exp(factors - shift)
     value = torch.full((), float("nan"), dtype=factors.dtype, device=factors.device)
     grad = curvature = None
     if counts.is_sparse:
@@ -113,13 +177,15 @@ def _log_term_derivatives(
         if need_value:
             log_term = scaled.log().reshape(n_draws, -1).mv(counts.dense.reshape(-1)).sum()
             value = (log_term + counts.row_totals @ shift[..., 0].sum(0)) / n_draws
+        flat_ratio = ratio.reshape(-1, n_features)
         if need_grad:
-            grad = shifted_exp * (loadings.T @ ratio.mT).mT
+            grad = shifted_exp * (loadings.T @ flat_ratio.T).T.reshape(shifted_exp.shape)
         if need_grad and need_curvature:
-            second = (loadings.square().T @ (ratio / scaled).mT).mT
+            flat_second = (ratio / scaled).reshape(-1, n_features)
+            second = (loadings.square().T @ flat_second.T).T.reshape(shifted_exp.shape)
             curvature = grad - shifted_exp.square() * second
         flat_exp = shifted_exp.reshape(-1, n_components)
-        loadings_grad = (flat_exp.T @ ratio.reshape(-1, n_features)).T
+        loadings_grad = (flat_exp.T @ flat_ratio).T
     return value, grad, curvature, loadings_grad / n_draws
 
 
@@ -149,30 +215,22 @@ def elbo_gradients(
     need_value, need_posterior_grads : bool
         Skip the ELBO value / the ``q(F)`` gradients when not needed.
     """
-    if mode not in ELBO_MODES:
-        raise ValueError(f"mode must be one of {ELBO_MODES}, got {mode!r}")
+    draws = factor_draws(mean, variance, mode, n_draws, generator)
     with torch.no_grad():
-        monte_carlo = mode != "lower-bound"
-        if monte_carlo:
-            factors = draw_factors(mean, variance, n_draws, generator)
-        else:
-            factors = mean.unsqueeze(0)
+        monte_carlo = draws.monte_carlo
         log_term, grad_factors, curvature, log_loadings_grad = _log_term_derivatives(
-            counts, loadings, factors, need_value, need_posterior_grads, monte_carlo
+            counts, loadings, draws, need_value, need_posterior_grads, monte_carlo
         )
-        loadings_total = loadings.sum(0)
-        if mode == "simple":
-            exp_factors = torch.exp(factors).mean(0)
-        else:
-            exp_factors = expected_exp_factors(mean, variance)
-        rate_loadings_grad = exp_factors.sum(0)
+        rate_loadings_grad = draws.exp_factor_totals
         value = log_term
+        if need_value or need_posterior_grads:
+            loadings_total = loadings.sum(0)
         if need_value:
             kl = kl_to_standard_normal(mean, variance)
             value = log_term - rate_loadings_grad @ loadings_total - counts.log_factorial - kl
         grad_mean = grad_variance = None
         if need_posterior_grads:
-            rate_grad = exp_factors * loadings_total
+            rate_grad = draws.exp_factors * loadings_total
             grad_mean = grad_factors.mean(0) - rate_grad - mean
             log_variance_grad = 0.5 * curvature.mean(0) if monte_carlo else 0.0
             grad_variance = log_variance_grad - 0.5 * rate_grad - 0.5 * (1.0 - 1.0 / variance)

@@ -38,15 +38,6 @@ WARMUP_STEPS = 3
 CONVERGENCE_WINDOW = 20
 LOADINGS_UPDATES = ("multiplicative", "adam")
 LOADINGS_ADAM_LEARNING_RATE = 0.01
-LOWER_BOUND_LOADINGS_STEPS = 3
-"""Multiplicative W steps per full-batch ``"lower-bound"`` iteration (one in every other case).
-
-Given ``q`` the lower bound is concave in ``W`` and each multiplicative step is an EM step
-towards its maximiser; one step per ``q`` step leaves ``W`` lagging far behind (on the digits
-counts the deviance needs about 8× the iterations to reach 0.1 % of its converged value), three
-take it most of the way at little cost (each step is two ``(N, D)`` matrix products). The
-Monte-Carlo modes keep one step with fresh draws, and minibatches one Robbins–Monro step.
-"""
 
 
 class ConvergenceMonitor:
@@ -157,10 +148,9 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
     """Natural-gradient VI: VON steps on ``q(F)``, W by its multiplicative (EM) update or Adam.
 
     Each iteration takes one natural step on ``q(F)`` with ``W`` fixed, then updates ``W``
-    under the new ``q`` (fresh draws): by default ``W`` takes multiplicative (EM) steps
-    (:data:`LOWER_BOUND_LOADINGS_STEPS` of them in full-batch ``"lower-bound"`` training, one
-    otherwise); with ``settings.loadings_update == "adam"`` it takes one Adam step (learning
-    rate :data:`LOADINGS_ADAM_LEARNING_RATE`, projected onto ``W ≥ 1e-10``) along ``∂ELBO/∂W``.
+    under the new ``q`` (fresh draws): by default ``W`` takes its multiplicative (EM) step;
+    with ``settings.loadings_update == "adam"`` it takes one Adam step (learning rate
+    :data:`LOADINGS_ADAM_LEARNING_RATE`, projected onto ``W ≥ 1e-10``) along ``∂ELBO/∂W``.
     Full-batch ``"lower-bound"`` training with multiplicative W steps is deterministic and
     exact, and evaluates each iteration at an extrapolated point with restarts
     (:mod:`natgrad.models.pnmf_extrapolation`; ``state.n_restarts`` counts the restarts).
@@ -276,7 +266,7 @@ def _block_update(
     step_size: float,
     scale: float | None,
 ) -> tuple[Gaussian, Tensor]:
-    """A natural step on ``q(F)`` from ``point`` (gradients there), then the W steps.
+    """A natural step on ``q(F)`` from ``point`` (gradients there), then W's update.
 
     Returns the new ``q(F)`` and ``W``; counts refused entries in ``state.n_refused``.
     """
@@ -288,15 +278,8 @@ def _block_update(
     loadings = point.loadings
     if not settings.update_loadings:
         return step.posterior, loadings
-    for _ in range(_loadings_steps(settings, counts, scale)):
-        at_new = _gradients(counts, loadings, step.posterior, settings, posterior_grads=False)
-        loadings = update_loadings(loadings, at_new, scale)
-    return step.posterior, loadings
-
-
-def _loadings_steps(settings: FitSettings, counts: CountMatrix, scale: float | None) -> int:
-    """W updates per ``q`` step: :data:`LOWER_BOUND_LOADINGS_STEPS` or 1 (see there)."""
-    return LOWER_BOUND_LOADINGS_STEPS if scale is None and _is_exact(counts, settings) else 1
+    at_new = _gradients(counts, loadings, step.posterior, settings, posterior_grads=False)
+    return step.posterior, update_loadings(loadings, at_new, scale)
 
 
 def _loadings_updater(state: FitState, settings: FitSettings) -> LoadingsUpdater:

@@ -97,11 +97,15 @@ def natural_gradient_step(
     new_precision = safe_precision_step(precision, 2.0 * grad_eta2, step_size)
     mean_step = (-step_size * grad_mean / new_precision).clamp(-max_mean_step, max_mean_step)
     new_mean = mean + mean_step
-    accepted = torch.isfinite(new_mean) & torch.isfinite(new_precision) & (new_precision > 0)
-    new_mean = torch.where(accepted, new_mean, mean)
-    new_precision = torch.where(accepted, new_precision, precision)
-    updated = Gaussian.from_natural(new_precision * new_mean, -0.5 * new_precision, validate=False)
-    return NaturalStep(updated, int((~accepted).sum()))
+    theta1 = new_precision * new_mean
+    # θ₁ = P′μ′ is finite iff both are (P′ > 0 checked separately; inf · 0 is nan)
+    accepted = torch.isfinite(theta1) & (new_precision > 0)
+    n_refused = accepted.numel() - int(accepted.sum())
+    if n_refused:
+        theta1 = torch.where(accepted, theta1, precision * mean)
+        new_precision = torch.where(accepted, new_precision, precision)
+    updated = Gaussian.from_natural(theta1, -0.5 * new_precision, validate=False)
+    return NaturalStep(updated, n_refused)
 
 
 LOADINGS_FLOOR = 1e-10
