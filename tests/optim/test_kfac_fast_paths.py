@@ -284,3 +284,51 @@ def test_symmetric_eigh_batch_bad_input_raises() -> None:
     broken[0, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         symmetric_eigh_batch([random_psd(3, 0), broken])
+
+
+def test_forward_hooks_are_attached_only_for_recording_steps() -> None:
+    """With ``factor_update_interval=3`` the model runs hook-free on steps 1, 2, 4, 5, ...;
+    ``load_state_dict`` re-attaches for a recording step and ``remove`` detaches for good."""
+    model = mlp()
+    precond = KFAC(model, factor_update_interval=3, inv_update_interval=3)
+    attached = []
+    for step in range(7):
+        attached.append(all(len(layer._forward_hooks) == 1 for layer in (model[0], model[2])))
+        inputs, targets = batch(step)
+        model.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        precond.step()
+    assert attached == [True, False, False, True, False, False, True]
+    assert not model[0]._forward_hooks  # step 7 does not record
+    saved = copy.deepcopy(precond.state_dict())
+    saved["steps"] = 9
+    precond.load_state_dict(saved)
+    assert len(model[0]._forward_hooks) == 1
+    precond.remove()
+    assert not model[0]._forward_hooks
+    precond.load_state_dict(saved)
+    assert not model[0]._forward_hooks
+
+
+def test_mc_output_hooks_are_removed_after_sampling() -> None:
+    """After :meth:`KFAC.sample_backward` the layer outputs carry no gradient hook, so the loss
+    backward runs without calls into Python; the factors are those of the sampling pass."""
+    torch.manual_seed(8)
+    model = mlp()
+    inputs, targets = batch(8)
+    precond = KFAC(
+        model,
+        fisher_type="mc",
+        likelihood="categorical",
+        generator=torch.Generator().manual_seed(0),
+        inv_update_interval=1,
+    )
+    outputs = model(inputs)
+    layer_outputs = list(precond._layer_outputs)
+    assert len(layer_outputs) == 2 and all(t._backward_hooks for t in layer_outputs)
+    precond.sample_backward(outputs)
+    assert not any(t._backward_hooks for t in layer_outputs)
+    sampled = [state.output_sum.clone() for state in precond.layers]
+    nn.functional.cross_entropy(outputs, targets).backward()
+    for state, expected in zip(precond.layers, sampled, strict=True):
+        torch.testing.assert_close(state.output_sum, expected, rtol=0, atol=0)

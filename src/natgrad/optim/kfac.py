@@ -290,9 +290,10 @@ class KFAC:
         ]
         if not self.layers:
             raise ValueError("model has no Linear, Conv2d or Embedding layer to precondition")
-        self._handles = [
-            state.module.register_forward_hook(self._forward_hook(state)) for state in self.layers
-        ]
+        self._attached = True
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._output_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._sync_hooks()
 
     # -- construction ----------------------------------------------------------------------
     def _make_state(self, name: str, module: nn.Module) -> LayerState:
@@ -304,6 +305,20 @@ class KFAC:
         return False
 
     # -- hooks ---------------------------------------------------------------------------------
+    def _sync_hooks(self) -> None:
+        """Forward hooks are on the layers only for steps that record statistics, so that the
+        other steps run the model without any hook."""
+        wanted = self._attached and self.steps % self.factor_update_interval == 0
+        if wanted and not self._handles:
+            self._handles = [
+                state.module.register_forward_hook(self._forward_hook(state))
+                for state in self.layers
+            ]
+        elif not wanted:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
     def _recording(self, module: nn.Module) -> bool:
         return (
             module.training
@@ -317,9 +332,10 @@ class KFAC:
                 return
             features = state.record_input(args[0])
             if output.requires_grad:
-                output.register_hook(self._output_grad_hook(state, features))
+                handle = output.register_hook(self._output_grad_hook(state, features))
                 if self.fisher_type == "mc":
                     self._layer_outputs.append(output)
+                    self._output_handles.append(handle)
 
         return hook
 
@@ -341,6 +357,7 @@ class KFAC:
         if self.fisher_type != "mc":
             raise ValueError("sample_backward is only used with fisher_type='mc'")
         layer_outputs, self._layer_outputs = self._layer_outputs, []
+        handles, self._output_handles = self._output_handles, []
         if not layer_outputs:
             return
         targets = self.likelihood.sample(outputs.detach(), self.generator)
@@ -350,12 +367,13 @@ class KFAC:
             torch.autograd.grad(nll, layer_outputs, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
+            for handle in handles:  # the loss backward has nothing to record
+                handle.remove()
 
     def remove(self) -> None:
         """Detach the hooks from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._attached = False
+        self._sync_hooks()
 
     # -- the step ------------------------------------------------------------------------------
     def current_damping(self) -> float:
@@ -430,7 +448,7 @@ class KFAC:
     @torch.no_grad()
     def step(self) -> None:
         """Update factors/eigenbases as scheduled, then precondition the gradients in place."""
-        self._layer_outputs = []
+        self._layer_outputs, self._output_handles = [], []
         self._damping_probe = None
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
@@ -445,6 +463,7 @@ class KFAC:
         if self.steps >= self.start_step:
             self._precondition()
         self.steps += 1
+        self._sync_hooks()
 
     def _update_factors(self) -> None:
         if is_distributed(self.process_group):
@@ -533,6 +552,7 @@ class KFAC:
         if sorted(saved) != sorted(names):
             raise ValueError(f"state_dict has layers {sorted(saved)}, expected {sorted(names)}")
         self.steps = int(state_dict["steps"])
+        self._sync_hooks()
         if self.adaptive_damping:
             self.damping = float(state_dict["damping"])
         for state in self.layers:
