@@ -372,20 +372,21 @@ class PNMF(TransformerMixin, BaseEstimator):
         stored_per_row = (
             len(counts.values) / max(counts.n_samples, 1) if counts.is_sparse else counts.n_features
         )
-        entries_per_row = max(1, int(stored_per_row * draws * self.n_components))
+        drawn = 1 if self.mode == "lower-bound" else draws  # the lower bound draws nothing
+        entries_per_row = max(1, int(stored_per_row * drawn * self.n_components))
         chunk = max(1, EVALUATION_CHUNK_ENTRIES // entries_per_row)
         total = 0.0
         with torch.no_grad():
             for start in range(0, counts.n_samples, chunk):
+                whole = chunk >= counts.n_samples
                 index = torch.arange(
                     start, min(start + chunk, counts.n_samples), device=counts.device
                 )
-                part = counts.take_rows(index)
                 value = elbo(
-                    part,
+                    counts if whole else counts.take_rows(index),
                     loadings,
-                    posterior.loc[index],
-                    posterior.variance[index],
+                    posterior.loc if whole else posterior.loc[index],
+                    posterior.variance if whole else posterior.variance[index],
                     self.mode,
                     draws,
                     generator,

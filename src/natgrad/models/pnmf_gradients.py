@@ -48,8 +48,8 @@ class ElboGradients:
         Scalar ELBO estimate (``nan`` when not requested).
     grad_mean, grad_variance : Tensor of shape (N, L) or None
         ``∂ELBO/∂μ``, ``∂ELBO/∂σ²`` (``None`` when not requested).
-    log_term_loadings_grad : Tensor of shape (D, L)
-        ``∂/∂W E_q[Σ_ij y_ij log rate_ij]``.
+    log_term_loadings_grad : Tensor of shape (D, L) or None
+        ``∂/∂W E_q[Σ_ij y_ij log rate_ij]`` (``None`` when not requested).
     rate_term_loadings_grad : Tensor of shape (L,)
         ``∂/∂W_jl E_q[Σ_ij rate_ij] = Σ_i E_q[e^{F_il}]``.
     """
@@ -57,7 +57,7 @@ class ElboGradients:
     value: Tensor
     grad_mean: Tensor | None
     grad_variance: Tensor | None
-    log_term_loadings_grad: Tensor
+    log_term_loadings_grad: Tensor | None
     rate_term_loadings_grad: Tensor
 
     @property
@@ -137,19 +137,20 @@ def _log_term_derivatives(
     need_value: bool,
     need_grad: bool,
     need_curvature: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    need_loadings_grad: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Draw-averaged log term, per-draw ``∂T/∂F`` and ``∂²T/∂F²`` (``(S, N, L)``), and ``∂T/∂W``.
 
     ``∂T/∂F`` is ``None`` unless ``need_grad``; ``∂²T/∂F²`` is ``None`` unless both flags are
-    set. Dense counts take two-dimensional matrix products only (draws stacked along the rows),
-    with the small factor on the left of every product (``(L, D) @ (D, S·N)`` rather than
-    ``(S·N, D) @ (D, L)``): the same arithmetic, several times faster for ``L ≪ D, N`` with
-    one CPU thread.
+    set; ``∂T/∂W`` is ``None`` unless ``need_loadings_grad``. Dense counts take
+    two-dimensional matrix products only (draws stacked along the rows), with the small factor
+    on the left of every product (``(L, D) @ (D, S·N)`` rather than ``(S·N, D) @ (D, L)``):
+    the same arithmetic, several times faster for ``L ≪ D, N`` with one CPU thread.
     """
     factors, shift, shifted_exp = draws.factors, draws.shift, draws.shifted_exp
     n_draws = factors.shape[0]
     value = torch.full((), float("nan"), dtype=factors.dtype, device=factors.device)
-    grad = curvature = None
+    grad = curvature = loadings_grad = None
     if counts.is_sparse:
         gathered_exp = shifted_exp[:, counts.rows, :]
         gathered_loadings = loadings[counts.cols]
@@ -168,8 +169,9 @@ def _log_term_derivatives(
                 1, counts.rows, (ratio / scaled).unsqueeze(-1) * gathered_loadings.square()
             )
             curvature = grad - shifted_exp.square() * second
-        weighted = (ratio.unsqueeze(-1) * gathered_exp).sum(0)
-        loadings_grad = torch.zeros_like(loadings).index_add_(0, counts.cols, weighted)
+        if need_loadings_grad:
+            weighted = (ratio.unsqueeze(-1) * gathered_exp).sum(0)
+            loadings_grad = torch.zeros_like(loadings).index_add_(0, counts.cols, weighted)
     else:
         n_features, n_components = loadings.shape
         scaled = shifted_exp @ loadings.T
@@ -184,9 +186,12 @@ def _log_term_derivatives(
             flat_second = (ratio / scaled).reshape(-1, n_features)
             second = (loadings.square().T @ flat_second.T).T.reshape(shifted_exp.shape)
             curvature = grad - shifted_exp.square() * second
-        flat_exp = shifted_exp.reshape(-1, n_components)
-        loadings_grad = (flat_exp.T @ flat_ratio).T
-    return value, grad, curvature, loadings_grad / n_draws
+        if need_loadings_grad:
+            flat_exp = shifted_exp.reshape(-1, n_components)
+            loadings_grad = (flat_exp.T @ flat_ratio).T
+    if loadings_grad is not None:
+        loadings_grad = loadings_grad / n_draws
+    return value, grad, curvature, loadings_grad
 
 
 def elbo_gradients(
@@ -200,6 +205,7 @@ def elbo_gradients(
     *,
     need_value: bool = True,
     need_posterior_grads: bool = True,
+    need_loadings_grads: bool = True,
 ) -> ElboGradients:
     """ELBO estimate and closed-form gradients for the given mode (see the module docstring).
 
@@ -212,14 +218,20 @@ def elbo_gradients(
     n_draws : int
         Monte-Carlo draws ``E`` (ignored by ``"lower-bound"``).
     generator : torch.Generator, optional
-    need_value, need_posterior_grads : bool
-        Skip the ELBO value / the ``q(F)`` gradients when not needed.
+    need_value, need_posterior_grads, need_loadings_grads : bool
+        Skip the ELBO value / the ``q(F)`` gradients / the W gradients when not needed.
     """
     draws = factor_draws(mean, variance, mode, n_draws, generator)
     with torch.no_grad():
         monte_carlo = draws.monte_carlo
         log_term, grad_factors, curvature, log_loadings_grad = _log_term_derivatives(
-            counts, loadings, draws, need_value, need_posterior_grads, monte_carlo
+            counts,
+            loadings,
+            draws,
+            need_value,
+            need_posterior_grads,
+            monte_carlo,
+            need_loadings_grads,
         )
         rate_loadings_grad = draws.exp_factor_totals
         value = log_term

@@ -201,7 +201,7 @@ def _natural_epoch(
     for index in _batches(counts.n_samples, settings, counts.device):
         batch_counts = counts if index is None else counts.take_rows(index)
         local = _take(state.posterior, index)
-        gradients = _gradients(batch_counts, state.loadings, local, settings)
+        gradients = _gradients(batch_counts, state.loadings, local, settings, loadings_grads=False)
         epoch_elbo += float(gradients.value)
         scale = None if index is None else counts.n_samples / len(index)
         posterior, state.loadings = _block_update(
@@ -235,11 +235,13 @@ def _extrapolated_iteration(
     """
     current = BlockIterate(state.posterior, state.loadings)
     point = extrapolation.point(current)
-    gradients = _gradients(counts, point.loadings, point.posterior, settings)
+    gradients = _gradients(counts, point.loadings, point.posterior, settings, loadings_grads=False)
     value = _summed(settings, gradients.value)
     if not extrapolation.accepts(value):
         point = current
-        gradients = _gradients(counts, point.loadings, point.posterior, settings)
+        gradients = _gradients(
+            counts, point.loadings, point.posterior, settings, loadings_grads=False
+        )
         value = _summed(settings, gradients.value)
     extrapolation.record(value)
     state.posterior, state.loadings = _block_update(
@@ -394,6 +396,7 @@ def _gradients(
     posterior: Gaussian,
     settings: FitSettings,
     posterior_grads: bool = True,
+    loadings_grads: bool = True,
 ) -> ElboGradients:
     return elbo_gradients(
         counts,
@@ -405,6 +408,7 @@ def _gradients(
         settings.generator,
         need_value=posterior_grads,
         need_posterior_grads=posterior_grads,
+        need_loadings_grads=loadings_grads,
     )
 
 
