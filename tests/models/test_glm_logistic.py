@@ -74,6 +74,34 @@ def test_fisher_scoring_reaches_1e_8_within_10_iterations():
         assert model.gradient_norm_ <= 1e-8
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_fisher_chord_matches_statsmodels_with_fewer_fishers(fit_intercept):
+    X, y = make_classification(2000, 5, 2, seed=13)
+    exog = sm.add_constant(X, prepend=False) if fit_intercept else X
+    reference = sm.Logit(y, exog).fit(disp=0, method="newton", tol=1e-12, maxiter=100)
+    fisher = LogisticRegression(penalty=None, fit_intercept=fit_intercept).fit(X, y)
+    chord = LogisticRegression(
+        penalty=None, fit_intercept=fit_intercept, solver="fisher-chord"
+    ).fit(X, y)
+    assert fisher.n_fisher_ == fisher.n_iter_
+    assert chord.n_fisher_ < fisher.n_fisher_ and chord.n_iter_ <= 10
+    assert mean_gradient_norm(chord, X, y) <= 1e-8
+    np.testing.assert_allclose(chord.coef_[0], reference.params[:5], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(chord.coef_bse_[0], reference.bse[:5], atol=1e-6, rtol=0)
+    if fit_intercept:
+        np.testing.assert_allclose(chord.intercept_, reference.params[5:], atol=1e-6)
+        np.testing.assert_allclose(chord.intercept_bse_, reference.bse[5:], atol=1e-6)
+
+
+def test_fisher_chord_with_l2_matches_sklearn():
+    X, y = make_classification(500, 4, 2, seed=14)
+    model = LogisticRegression(C=0.3, solver="fisher-chord").fit(X, y)
+    reference = sklearn_fit(X, y, 0.3)
+    assert mean_gradient_norm(model, X, y) <= 1e-8
+    np.testing.assert_allclose(model.coef_, reference.coef_, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(model.intercept_, reference.intercept_, atol=1e-6, rtol=0)
+
+
 def test_one_fisher_scoring_step_is_the_irls_update():
     X, y = make_classification(200, 3, 2, seed=12)
     C = 0.5
@@ -216,6 +244,7 @@ def test_string_labels_and_numpy_outputs():
         ({"C": -1.0}, ValueError, "C must"),
         ({"solver": "newton"}, ValueError, "solver"),
         ({"solver": "fisher", "learning_rate": 0.5}, ValueError, "learning_rate"),
+        ({"solver": "fisher-chord", "learning_rate": 0.5}, ValueError, "learning_rate"),
         ({"solver": "ngd", "learning_rate": 2.0}, ValueError, "learning_rate"),
         ({"solver": "gd", "learning_rate": -1.0}, ValueError, "learning_rate"),
         ({"tol": -1.0}, ValueError, "tol"),

@@ -47,6 +47,25 @@ def test_mle_matches_statsmodels_glm(fit_intercept):
         assert model.intercept_ == 0.0 and model.intercept_bse_ == 0.0
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_fisher_chord_matches_statsmodels_glm_with_fewer_fishers(fit_intercept):
+    X, y = make_counts(2000, 4, seed=13)
+    exog = sm.add_constant(X, prepend=False) if fit_intercept else X
+    reference = sm.GLM(y, exog, family=sm.families.Poisson()).fit(tol=1e-12)
+    fisher = PoissonRegression(penalty=None, fit_intercept=fit_intercept).fit(X, y)
+    chord = PoissonRegression(penalty=None, fit_intercept=fit_intercept, solver="fisher-chord").fit(
+        X, y
+    )
+    assert fisher.n_fisher_ == fisher.n_iter_
+    assert chord.n_fisher_ < fisher.n_fisher_ and chord.n_iter_ <= 10
+    assert mean_gradient_norm(chord, X, y) <= 1e-8
+    np.testing.assert_allclose(chord.coef_, reference.params[:4], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(chord.coef_bse_, reference.bse[:4], atol=1e-6, rtol=0)
+    if fit_intercept:
+        assert chord.intercept_ == pytest.approx(reference.params[4], abs=1e-6)
+        assert chord.intercept_bse_ == pytest.approx(reference.bse[4], abs=1e-6)
+
+
 @pytest.mark.parametrize("C", [0.01, 1.0])
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_l2_matches_sklearn_with_alpha_equal_one_over_C_n(C, fit_intercept):

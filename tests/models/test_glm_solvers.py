@@ -1,4 +1,5 @@
-"""The GLM solvers' linear algebra: CG Fisher solves for the softmax, fallbacks, line search."""
+"""The GLM solvers' linear algebra: CG Fisher solves for the softmax, fallbacks, line search,
+chord steps."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from scipy.special import softmax
 from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.linalg import CGInfo, damped_solve
 from natgrad.models import LogisticRegression, glm_solvers
-from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
+from natgrad.models.glm_objective import GLMPoint, PenalisedGLMObjective, sum_to_zero_basis
 
 
 def softmax_objective(inverse_C: float, seed: int = 0) -> PenalisedGLMObjective:
@@ -59,13 +60,100 @@ def test_unconverged_cg_falls_back_to_the_dense_solve(monkeypatch):
     )
 
 
-def test_fisher_solve_clamps_a_singular_fisher_like_damped_solve():
+class FixedFisherObjective:
+    """Stands in for a scalar-likelihood objective whose Fisher is ``fisher`` everywhere."""
+
+    n_columns = 1
+
+    def __init__(self, fisher: torch.Tensor) -> None:
+        self._fisher = fisher
+
+    def fisher(self, params, outputs):
+        return self._fisher
+
+
+def test_singular_fisher_has_no_factor_and_is_clamped_like_damped_solve():
     vectors = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     singular = vectors.T @ vectors  # rank 2 of 3
     rhs = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
-    solution = glm_solvers.fisher_solve(singular, rhs)
-    assert bool(torch.isfinite(solution).all())
-    torch.testing.assert_close(solution, damped_solve(singular, rhs))
+    assert glm_solvers.cholesky_factor(singular) is None
+    point = GLMPoint(torch.zeros(3, dtype=torch.float64), torch.zeros(1, 1), 0.0)
+    objective = FixedFisherObjective(singular)
+    direction, factor = glm_solvers.natural_direction_and_factor(objective, point, rhs)
+    assert factor is None
+    assert bool(torch.isfinite(direction).all())
+    torch.testing.assert_close(direction, damped_solve(singular, rhs))
+
+
+def test_cholesky_factor_solves_like_torch():
+    generator = torch.Generator().manual_seed(4)
+    root = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    fisher = root @ root.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    rhs = torch.randn(6, generator=generator, dtype=torch.float64)
+    factor = glm_solvers.cholesky_factor(fisher)
+    torch.testing.assert_close(torch.from_numpy(factor.lower), torch.linalg.cholesky(fisher))
+    torch.testing.assert_close(factor.solve(rhs), torch.linalg.solve(fisher, rhs))
+
+
+def bernoulli_objective(inverse_C: float, seed: int = 5) -> PenalisedGLMObjective:
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(400, 3))
+    design = torch.from_numpy(np.column_stack([features, np.ones(400)]))
+    probs = 1.0 / (1.0 + np.exp(-(features @ np.array([1.0, -0.5, 0.3]) + 0.2)))
+    labels = torch.from_numpy((rng.random(400) < probs).astype(float))
+    basis = torch.ones(1, 1, dtype=torch.float64)
+    return PenalisedGLMObjective(
+        design, labels, get_likelihood("bernoulli"), basis, inverse_C, True
+    )
+
+
+@pytest.mark.parametrize("inverse_C", [0.0, 1.0])
+def test_chord_steps_reuse_the_factor_and_reach_the_fisher_optimum(inverse_C):
+    objective = bernoulli_objective(inverse_C)
+    initial = torch.zeros(objective.n_params, dtype=torch.float64)
+    fisher = glm_solvers.minimise(objective, initial, "fisher", 1.0, 1e-10, 50)
+    chord = glm_solvers.minimise(objective, initial, "fisher-chord", 1.0, 1e-10, 50)
+    assert fisher.status == chord.status == "converged"
+    assert fisher.n_fisher == fisher.n_iter
+    assert chord.n_fisher < chord.n_iter
+    # the optimum: a zero gradient, recomputed here in closed form (numpy)
+    design, labels = objective.design.numpy(), objective.targets.numpy()
+    residual = 1.0 / (1.0 + np.exp(-design @ chord.params.numpy())) - labels
+    gradient = design.T @ residual / len(labels) + objective.penalty_diagonal.numpy() * (
+        chord.params.numpy()
+    )
+    assert np.linalg.norm(gradient) <= 1e-10
+    torch.testing.assert_close(chord.params, fisher.params, rtol=0, atol=1e-9)
+
+
+def test_a_chord_step_without_decrease_is_retried_with_a_fresh_fisher(monkeypatch):
+    """Refusing every chord step must leave exactly the Fisher-scoring iterates."""
+    objective = bernoulli_objective(0.0)
+    initial = torch.zeros(objective.n_params, dtype=torch.float64)
+    fresh_directions = []
+    factorise = glm_solvers.natural_direction_and_factor
+    line_search = glm_solvers.backtrack
+
+    def recording_factorise(*args, **kwargs):
+        direction, factor = factorise(*args, **kwargs)
+        fresh_directions.append(direction)
+        return direction, factor
+
+    refused = []
+
+    def refusing_chords(objective, point, gradient, direction, first_step):
+        if not any(direction is fresh for fresh in fresh_directions):
+            refused.append(direction)
+            return None
+        return line_search(objective, point, gradient, direction, first_step)
+
+    reference = glm_solvers.minimise(objective, initial, "fisher", 1.0, 1e-10, 50)
+    monkeypatch.setattr(glm_solvers, "natural_direction_and_factor", recording_factorise)
+    monkeypatch.setattr(glm_solvers, "backtrack", refusing_chords)
+    chord = glm_solvers.minimise(objective, initial, "fisher-chord", 1.0, 1e-10, 50)
+    assert chord.status == "converged" and len(refused) > 0
+    assert chord.n_iter == chord.n_fisher == reference.n_iter
+    torch.testing.assert_close(chord.params, reference.params, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("inverse_C", [0.0, 1.0])

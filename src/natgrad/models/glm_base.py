@@ -173,7 +173,7 @@ class GLMEstimator(BaseEstimator):
     def __getstate__(self) -> dict:
         """Compute the pending covariance first: a pickle holds it, not the training data."""
         if "_pending_covariance" in self.__dict__:
-            self.covariance_  # noqa: B018 (computes and caches it)
+            _ = self.covariance_  # computes and caches it
         return super().__getstate__()
 
     def _warn_on(self, result: SolverResult) -> None:

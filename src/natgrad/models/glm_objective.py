@@ -226,8 +226,10 @@ class PenalisedGLMObjective:
         triangle is mirrored.
         """
         with np.errstate(invalid="ignore", over="ignore"):
-            lower = blas.dsyrk(scale, scaled_design_t.T, trans=1, lower=1)
-        return lower + np.tril(lower, -1).T
+            lower = blas.dsyrk(scale, scaled_design_t.T, trans=1, lower=1)  # upper part zero
+            symmetric = lower + lower.T
+        symmetric.flat[:: len(symmetric) + 1] = lower.diagonal()
+        return symmetric
 
     def _scalar_data_fisher(self, weights: Tensor) -> Tensor:
         """``X̃ᵀ diag(w) X̃ / N`` for per-sample weights ``w`` of shape ``(N,)``.

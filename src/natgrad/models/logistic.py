@@ -52,7 +52,7 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     solver : {"fisher", "fisher-chord", "ngd", "gd"}, default="fisher"
         ``"fisher"``: natural-gradient step of size one (Fisher scoring); ``"fisher-chord"``:
         Fisher scoring that reuses the last Fisher's Cholesky factor while the gradient norm
-        falls at least tenfold per step (fewer ``N · D²`` Fisher evaluations, sometimes one
+        falls at least 30-fold per step (fewer ``N · D²`` Fisher evaluations, sometimes one
         more iteration; see :mod:`natgrad.models.glm_solvers`; multiclass fits, whose Fisher
         systems CG solves without a factor, are plain ``"fisher"``); ``"ngd"``: natural
         gradient with step ``learning_rate``; ``"gd"``: gradient descent with step
