@@ -1,12 +1,19 @@
 """Fisher scoring (natgrad) vs scikit-learn and statsmodels on logistic and Poisson regression.
 
 For each problem every solver fits the same objective (scikit-learn's ``Σ nll + ½‖w‖²/C``; no
-penalty where statsmodels takes part) and the script reports, side by side: iterations, the
-best (minimum) wall time over ``--repeats`` fits (robust to other load on the machine; a slow
-solver is repeated only while it has used less than 5 s), the time ratio to natgrad's Fisher
-scoring, the Euclidean norm of the gradient of the mean penalised loss at the returned solution
-(computed here, in numpy, for every solver alike) and the largest coefficient difference to
-natgrad's Fisher scoring.
+penalty where statsmodels takes part) and the script reports, side by side: iterations (and,
+for natgrad's natural-gradient solvers, the number of Fisher systems set up), the best
+(minimum) wall time over ``--repeats`` fits, the time ratio to natgrad's Fisher scoring, the
+Euclidean norm of the gradient of the mean penalised loss at the returned solution (computed
+here, in numpy, for every solver alike) and the largest coefficient difference to natgrad's
+Fisher scoring. The repeats are interleaved (round ``r`` fits every solver once, in turn), so
+load from other processes hits all solvers alike; a slow solver is repeated only while it has
+used less than 5 s. The machine's load average before and after is saved with the results.
+
+natgrad computes standard errors on first access of ``coef_bse_`` (one more Fisher), not in
+``fit``; the row "natgrad fisher + standard errors" times ``fit`` followed by that access.
+"natgrad fisher-chord" is Fisher scoring that reuses the last Fisher's Cholesky factor while the
+gradient norm falls fast (see :mod:`natgrad.models.glm_solvers`).
 
 Problems: synthetic logistic regression (n=10,000, d=20) without and with an l2 penalty and,
 unpenalised, with its columns rescaled by 1e-2 … 1e2 (the same model in another
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 import warnings
@@ -66,11 +74,13 @@ class Problem:
 
 @dataclass
 class Fit:
-    """What a solver returns: coefficients ``(R, d)``, intercepts ``(R,)``, iterations."""
+    """What a solver returns: coefficients ``(R, d)``, intercepts ``(R,)``, iterations and,
+    for natgrad's natural-gradient solvers, Fisher systems set up."""
 
     coef: np.ndarray
     intercept: np.ndarray
     n_iter: int
+    n_fisher: int | None = None
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Row:
     problem: str
     solver: str
     n_iter: int
+    n_fisher: int | None
     seconds: float
     time_ratio: float
     gradient_norm: float
@@ -135,13 +146,21 @@ def mean_gradient_norm(problem: Problem, fit: Fit) -> float:
     return float(np.linalg.norm(np.concatenate([coef_gradient.ravel(), residual.mean(0)])))
 
 
-def natgrad_solver(solver: str, **options) -> Callable[[Problem], Fit]:
+def natgrad_solver(
+    solver: str, standard_errors: bool = False, **options
+) -> Callable[[Problem], Fit]:
+    """natgrad's estimator with ``solver``; ``standard_errors`` also computes ``coef_bse_``."""
+
     def fit(problem: Problem) -> Fit:
         penalty = None if np.isinf(problem.C) else "l2"
         estimator = LogisticRegression if problem.kind == "logistic" else PoissonRegression
         model = estimator(penalty=penalty, C=problem.C, solver=solver, **options)
         model.fit(problem.X, problem.y)
-        return Fit(np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_), model.n_iter_)
+        if standard_errors:
+            _ = model.coef_bse_
+        n_fisher = model.n_fisher_ if solver != "gd" else None
+        coef, intercept = np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
+        return Fit(coef, intercept, model.n_iter_, n_fisher)
 
     return fit
 
@@ -175,6 +194,8 @@ def statsmodels_newton(problem: Problem) -> Fit:
 def solvers_for(problem: Problem) -> dict[str, Callable[[Problem], Fit]]:
     solvers = {
         "natgrad fisher": natgrad_solver("fisher", tol=TOL),
+        "natgrad fisher + standard errors": natgrad_solver("fisher", standard_errors=True, tol=TOL),
+        "natgrad fisher-chord": natgrad_solver("fisher-chord", tol=TOL),
         "natgrad ngd lr=0.5": natgrad_solver("ngd", learning_rate=0.5, tol=TOL),
         "natgrad gd (max 1000 it)": natgrad_solver("gd", tol=TOL, max_iter=1000),
         "sklearn lbfgs": sklearn_solver("lbfgs"),
@@ -185,32 +206,46 @@ def solvers_for(problem: Problem) -> dict[str, Callable[[Problem], Fit]]:
     return solvers
 
 
-def timed(solver: Callable[[Problem], Fit], problem: Problem, repeats: int) -> tuple[Fit, float]:
-    """Best wall time of up to ``repeats`` fits, repeating only within ``TIME_BUDGET`` s."""
-    seconds: list[float] = []
-    while len(seconds) < repeats and sum(seconds) < TIME_BUDGET:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit = solver(problem)
-        seconds.append(time.perf_counter() - start)
-    return fit, min(seconds)
+def timed_fit(solver: Callable[[Problem], Fit], problem: Problem) -> tuple[Fit, float]:
+    """One fit and its wall time in seconds."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = solver(problem)
+    return fit, time.perf_counter() - start
+
+
+def interleaved_best_times(
+    solvers: dict[str, Callable[[Problem], Fit]], problem: Problem, repeats: int
+) -> dict[str, tuple[Fit, float]]:
+    """Each solver's last fit and best wall time over ``repeats`` interleaved rounds.
+
+    Round ``r`` fits every solver once, in turn; a solver sits out the remaining rounds once
+    its fits have taken ``TIME_BUDGET`` seconds.
+    """
+    fits: dict[str, Fit] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in solvers}
+    for _ in range(repeats):
+        for name, solver in solvers.items():
+            if sum(seconds[name]) < TIME_BUDGET:
+                fits[name], elapsed = timed_fit(solver, problem)
+                seconds[name].append(elapsed)
+    return {name: (fits[name], min(seconds[name])) for name in solvers}
 
 
 def run(repeats: int) -> list[Row]:
     rows = []
     for problem in problems():
-        reference, reference_seconds = None, None
-        for name, solver in solvers_for(problem).items():
-            fit, seconds = timed(solver, problem, repeats)
-            if reference is None:
-                reference, reference_seconds = fit, seconds
+        results = interleaved_best_times(solvers_for(problem), problem, repeats)
+        reference, reference_seconds = results["natgrad fisher"]
+        for name, (fit, seconds) in results.items():
             coef_diff = float(np.max(np.abs(fit.coef - reference.coef)))
             rows.append(
                 Row(
                     problem.name,
                     name,
                     fit.n_iter,
+                    fit.n_fisher,
                     seconds,
                     seconds / reference_seconds,
                     mean_gradient_norm(problem, fit),
@@ -222,9 +257,11 @@ def run(repeats: int) -> list[Row]:
 
 
 def print_row(row: Row) -> None:
+    n_fisher = "" if row.n_fisher is None else str(row.n_fisher)
     print(
-        f"{row.problem:36s} {row.solver:26s} {row.n_iter:6d} {row.seconds * 1e3:10.1f} "
-        f"{row.time_ratio:8.2f} {row.gradient_norm:12.2e} {row.max_coef_diff:12.2e}",
+        f"{row.problem:36s} {row.solver:34s} {row.n_iter:6d} {n_fisher:>7s} "
+        f"{row.seconds * 1e3:10.1f} {row.time_ratio:8.2f} {row.gradient_norm:12.2e} "
+        f"{row.max_coef_diff:12.2e}",
         flush=True,
     )
 
@@ -263,11 +300,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(
-        f"{'problem':36s} {'solver':26s} {'iters':>6s} {'time ms':>10s} {'ratio':>8s} "
-        f"{'|grad| mean':>12s} {'max|Δcoef|':>12s}"
+        f"{'problem':36s} {'solver':34s} {'iters':>6s} {'fishers':>7s} {'time ms':>10s} "
+        f"{'ratio':>8s} {'|grad| mean':>12s} {'max|Δcoef|':>12s}"
     )
+    load_before = os.getloadavg()
     with threadpool_limits(limits=1):
         rows = run(args.repeats)
+    load_after = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     environment = {
         "python": platform.python_version(),
@@ -279,10 +318,14 @@ def main() -> None:
         "threads": 1,
         "repeats": args.repeats,
         "tol": TOL,
+        "load_average_1_5_15_min_before": load_before,
+        "load_average_1_5_15_min_after": load_after,
+        "cpu_count": os.cpu_count(),
     }
     payload = {"environment": environment, "rows": [asdict(row) for row in rows]}
     RESULTS.write_text(json.dumps(payload, indent=2))
     plot(rows)
+    print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}")
     print(f"wrote {RESULTS} and {PLOT}")
 
 
