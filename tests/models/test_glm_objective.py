@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.special import gammaln
 from torch.func import grad, hessian, jacrev
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_objective import PenalisedGLMObjective, sum_to_zero_basis
+from natgrad.models.glm_objective import (
+    PenalisedGLMObjective,
+    mean_log_factorial,
+    sum_to_zero_basis,
+)
 
 N_SAMPLES, N_FEATURES = 13, 3
 
@@ -101,6 +107,23 @@ def test_gradient_matches_closed_form(kind, inverse_C, fit_intercept):
     expected_loss = objective.likelihood.nll(outputs, objective.targets).mean()
     expected_loss += 0.5 * inverse_C / N_SAMPLES * (mask * params.square()).sum()
     assert loss == pytest.approx(float(expected_loss), rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [float(k % 9) for k in range(30)],  # small integers: the table
+        [1.0, 1.0, 3.0],
+        [0.0, 0.0],
+        [0.0, 1.0, 2.0, 7.0, 3.0],  # larger than the number of counts: lgamma
+        [2.5, 1.0, 0.5],
+        [1e6, 2.0],
+    ],
+)
+def test_mean_log_factorial_equals_lgamma(counts):
+    values = np.asarray(counts)
+    expected = float(np.mean(gammaln(values + 1.0)))
+    assert mean_log_factorial(values) == pytest.approx(expected, rel=1e-13, abs=1e-15)
 
 
 def test_loss_is_inf_not_nan_on_overflow():
