@@ -23,11 +23,11 @@ reported back::
                 loss_after = loss_fn(model(inputs), targets)
             precond.update_damping(loss, loss_after)
 
-Forward hooks record layer inputs and tensor hooks on the layer outputs record output gradients;
-:meth:`KFAC.step` folds them into running factors ``A_l``, ``G_l`` (exponential moving average),
-refreshes the eigendecompositions every ``inv_update_interval`` steps and replaces each layer's
-gradient ``∇W_l`` by ``(G_l ⊗ A_l + λI)⁻¹ ∇W_l``. Parameters outside the chosen layers keep their
-gradients.
+Forward hooks (attached only for steps that record statistics) record layer inputs and tensor
+hooks on the layer outputs record output gradients; :meth:`KFAC.step` folds them into running
+factors ``A_l``, ``G_l`` (exponential moving average), refreshes the eigendecompositions every
+``inv_update_interval`` steps and replaces each layer's gradient ``∇W_l`` by
+``(G_l ⊗ A_l + λI)⁻¹ ∇W_l``. Parameters outside the chosen layers keep their gradients.
 """
 
 from __future__ import annotations

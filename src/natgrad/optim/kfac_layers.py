@@ -8,9 +8,10 @@ Factors are stored in ``factor_dtype`` (float32 for half/bfloat16 or float32 par
 for float64 parameters), so ``torch.autocast`` never lowers their precision.
 
 The per-step work is kept to few tensor operations, since on small layers each operation's
-dispatch costs as much as its arithmetic: sums are allocated by the first record after a fold,
-counts are Python numbers, the moving averages are updated in place, and a preconditioned
-gradient is written straight into ``.grad`` by the last product of the eigenbasis solve.
+dispatch costs as much as its arithmetic: sums live in buffers reused between steps (one
+``addmm_`` per record), counts are Python numbers, the moving averages of all layers are updated
+in place by three ``torch._foreach`` operations, and a preconditioned gradient is written
+straight into ``.grad`` by the last product of the eigenbasis solve.
 """
 
 from __future__ import annotations
@@ -110,14 +111,14 @@ class _FactoredSolve:
         self.input_inverse = input_inverse
 
     def start(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
-        """``(solution, V)``: the solution, and what its inner product with ``V`` is taken
-        against."""
+        """``(solution, V)``; their inner product is ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``."""
         left = torch.mm(self.output_inverse, matrix)
         if self.input_inverse.ndim == 1:
             return left * self.input_inverse, matrix
         return torch.mm(left, self.input_inverse), matrix
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
+        """``(solution, None)``: nothing is left to multiply."""
         return partial, None
 
 
@@ -460,7 +461,8 @@ class KroneckerLayerState(LayerState):
         return torch.empty(size, size, dtype=self.dtype, device=self.module.weight.device)
 
     def record_input(self, layer_input: Tensor) -> Tensor:
-        """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])``."""
+        """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])`` if pairs are kept
+        (EKFAC), else as rows ``(N T, d_in [+ 1])``."""
         layer_input = layer_input.detach()
         if layer_input.ndim == 2 and isinstance(self.module, nn.Linear):
             flat = self._with_ones_column(layer_input) if self.layer.has_bias else layer_input
@@ -471,6 +473,8 @@ class KroneckerLayerState(LayerState):
             flat = flat.to(self.dtype)
         self.input_sum = _add_gram(self.input_sum, flat, self.input_count == 0)
         self.input_count += flat.shape[0]
+        if not self.keep_pairs:
+            return flat
         return flat.reshape(layer_input.shape[0], -1, flat.shape[-1])
 
     def _with_ones_column(self, layer_input: Tensor) -> Tensor:
