@@ -30,7 +30,7 @@ DOUBLE = torch.float64
 
 
 def _iterate(mean, variance, loadings) -> BlockIterate:
-    return BlockIterate(gaussian_from_moments(mean, variance), loadings)
+    return BlockIterate.from_posterior(gaussian_from_moments(mean, variance), loadings)
 
 
 def test_extrapolated_point_moves_mean_and_log_loadings_and_keeps_precision():

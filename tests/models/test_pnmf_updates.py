@@ -16,6 +16,7 @@ from natgrad.models.pnmf_gradients import elbo_gradients
 from natgrad.models.pnmf_updates import (
     gaussian_from_moments,
     mean_parameter_gradients,
+    moment_gradient_step,
     multiplicative_loadings,
     natural_gradient_step,
     safe_precision_step,
@@ -203,3 +204,20 @@ def test_multiplicative_updates_reach_the_maximum_found_by_lbfgs():
         )
     reached = float(elbo(data, loadings, mean, variance, "lower-bound", 1))
     assert reached == pytest.approx(-optimum.fun, rel=1e-7)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), step_size=st.floats(0.05, 1.0))
+def test_moment_gradient_step_equals_the_step_through_mean_parameters(seed, step_size):
+    posterior = random_posterior(seed, shape=(4, 3))
+    generator = torch.Generator().manual_seed(seed + 1)
+    grad_mean = torch.randn((4, 3), generator=generator, dtype=DOUBLE)
+    grad_variance = torch.randn((4, 3), generator=generator, dtype=DOUBLE)  # some d < 0
+    grads = mean_parameter_gradients(posterior.loc, grad_mean, grad_variance)
+    expected = natural_gradient_step(posterior, *grads, step_size, max_mean_step=0.5)
+    result = moment_gradient_step(
+        posterior.loc, posterior.precision, grad_mean, grad_variance, step_size, 0.5
+    )
+    torch.testing.assert_close(result.mean, expected.mean)
+    torch.testing.assert_close(result.precision, expected.precision)
+    assert (result.precision > 0).all()

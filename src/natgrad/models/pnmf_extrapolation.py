@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -34,10 +35,35 @@ MAX_BETA = 1.0
 
 @dataclass(frozen=True)
 class BlockIterate:
-    """A point of the block updates: ``q(F)`` (batch shape ``(N, L)``) and ``W`` (``(D, L)``)."""
+    """A point of the block updates: ``q(F)`` by its moments (``(N, L)``) and ``W`` (``(D, L)``).
 
-    posterior: Gaussian
+    Attributes
+    ----------
+    mean, precision : Tensor of shape (N, L)
+        ``μ`` and ``P = 1/σ²``.
+    loadings : Tensor of shape (D, L)
+    """
+
+    mean: Tensor
+    precision: Tensor
     loadings: Tensor
+
+    @classmethod
+    def from_posterior(cls, posterior: Gaussian, loadings: Tensor) -> BlockIterate:
+        """The iterate of a ``q(F)`` held in natural parameters."""
+        return cls(posterior.loc, posterior.precision, loadings)
+
+    @cached_property
+    def variance(self) -> Tensor:
+        """``σ² = 1/P``."""
+        return 1.0 / self.precision
+
+    @cached_property
+    def posterior(self) -> Gaussian:
+        """``q(F)`` in natural parameters ``(Pμ, −P/2)``."""
+        return Gaussian.from_natural(
+            self.precision * self.mean, -0.5 * self.precision, validate=False
+        )
 
 
 class Extrapolation:
@@ -102,10 +128,7 @@ class Extrapolation:
 
 def extrapolated(previous: BlockIterate, updated: BlockIterate, beta: float) -> BlockIterate:
     """``μ`` and ``log W`` moved ``β`` times the last step past ``updated`` (precision kept)."""
-    mean = updated.posterior.loc
-    mean = mean + beta * (mean - previous.posterior.loc)
-    precision = updated.posterior.precision
-    posterior = Gaussian.from_natural(precision * mean, -0.5 * precision, validate=False)
+    mean = updated.mean + beta * (updated.mean - previous.mean)
     log_ratio = updated.loadings.log() - previous.loadings.log()
     loadings = (updated.loadings * torch.exp(beta * log_ratio)).clamp_min(LOADINGS_FLOOR)
-    return BlockIterate(posterior, loadings)
+    return BlockIterate(mean, updated.precision, loadings)

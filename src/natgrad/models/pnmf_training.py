@@ -27,9 +27,8 @@ from natgrad.models.pnmf_gradients import ElboGradients, elbo_gradients
 from natgrad.models.pnmf_updates import (
     LOADINGS_FLOOR,
     gaussian_from_moments,
-    mean_parameter_gradients,
+    moment_gradient_step,
     multiplicative_loadings,
-    natural_gradient_step,
     robbins_monro_rate,
     robbins_monro_update,
 )
@@ -200,21 +199,15 @@ def _natural_epoch(
     epoch_elbo = 0.0
     for index in _batches(counts.n_samples, settings, counts.device):
         batch_counts = counts if index is None else counts.take_rows(index)
-        local = _take(state.posterior, index)
-        gradients = _gradients(batch_counts, state.loadings, local, settings, loadings_grads=False)
+        point = BlockIterate.from_posterior(_take(state.posterior, index), state.loadings)
+        gradients = _gradients(batch_counts, point, settings, loadings_grads=False)
         epoch_elbo += float(gradients.value)
         scale = None if index is None else counts.n_samples / len(index)
-        posterior, state.loadings = _block_update(
-            batch_counts,
-            BlockIterate(local, state.loadings),
-            gradients,
-            state,
-            settings,
-            update_loadings,
-            step_size,
-            scale,
+        updated = _block_update(
+            batch_counts, point, gradients, state, settings, update_loadings, step_size, scale
         )
-        state.posterior = _put(state.posterior, index, posterior)
+        state.posterior = _put(state.posterior, index, updated.posterior)
+        state.loadings = updated.loadings
     if settings.all_reduce is not None:
         epoch_elbo = float(settings.all_reduce(torch.tensor(epoch_elbo, dtype=torch.float64)))
     return epoch_elbo
@@ -228,26 +221,28 @@ def _extrapolated_iteration(
     step_size: float,
     extrapolation: Extrapolation,
 ) -> float:
-    """One full-batch block update from the extrapolated point, or from ``state`` on a restart.
+    """One full-batch block update from the extrapolated point, or from the last block
+    iterate on a restart.
 
     ``state`` holds the block iterates (never an extrapolated point); returns the ELBO at the
     point the update started from.
     """
-    current = BlockIterate(state.posterior, state.loadings)
+    current = extrapolation.previous
+    if current is None:
+        current = BlockIterate.from_posterior(state.posterior, state.loadings)
     point = extrapolation.point(current)
-    gradients = _gradients(counts, point.loadings, point.posterior, settings, loadings_grads=False)
+    gradients = _gradients(counts, point, settings, loadings_grads=False)
     value = _summed(settings, gradients.value)
     if not extrapolation.accepts(value):
         point = current
-        gradients = _gradients(
-            counts, point.loadings, point.posterior, settings, loadings_grads=False
-        )
+        gradients = _gradients(counts, point, settings, loadings_grads=False)
         value = _summed(settings, gradients.value)
     extrapolation.record(value)
-    state.posterior, state.loadings = _block_update(
+    updated = _block_update(
         counts, point, gradients, state, settings, update_loadings, step_size, None
     )
-    extrapolation.extrapolate(BlockIterate(state.posterior, state.loadings))
+    state.posterior, state.loadings = updated.posterior, updated.loadings
+    extrapolation.extrapolate(updated)
     return value
 
 
@@ -267,21 +262,20 @@ def _block_update(
     update_loadings: LoadingsUpdater,
     step_size: float,
     scale: float | None,
-) -> tuple[Gaussian, Tensor]:
+) -> BlockIterate:
     """A natural step on ``q(F)`` from ``point`` (gradients there), then W's update.
 
-    Returns the new ``q(F)`` and ``W``; counts refused entries in ``state.n_refused``.
+    Counts refused entries in ``state.n_refused``.
     """
-    grad_eta1, grad_eta2 = mean_parameter_gradients(
-        point.posterior.loc, -gradients.grad_mean, -gradients.grad_variance
+    step = moment_gradient_step(
+        point.mean, point.precision, -gradients.grad_mean, -gradients.grad_variance, step_size
     )
-    step = natural_gradient_step(point.posterior, grad_eta1, grad_eta2, step_size)
     state.n_refused += step.n_refused
-    loadings = point.loadings
+    updated = BlockIterate(step.mean, step.precision, point.loadings)
     if not settings.update_loadings:
-        return step.posterior, loadings
-    at_new = _gradients(counts, loadings, step.posterior, settings, posterior_grads=False)
-    return step.posterior, update_loadings(loadings, at_new, scale)
+        return updated
+    at_new = _gradients(counts, updated, settings, posterior_grads=False)
+    return BlockIterate(step.mean, step.precision, update_loadings(point.loadings, at_new, scale))
 
 
 def _loadings_updater(state: FitState, settings: FitSettings) -> LoadingsUpdater:
@@ -371,7 +365,8 @@ def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) ->
             rows = slice(None) if index is None else index
             scale = functional.softplus(raw_scale[rows])
             local = gaussian_from_moments(mean[rows], scale.square())
-            gradients = _gradients(batch_counts, loadings, local, settings)
+            point = BlockIterate.from_posterior(local, loadings)
+            gradients = _gradients(batch_counts, point, settings)
             grad_raw_scale = gradients.grad_variance * 2.0 * scale * torch.sigmoid(raw_scale[rows])
             _set_local_gradient(mean, index, -gradients.grad_mean, minibatched)
             _set_local_gradient(raw_scale, index, -grad_raw_scale, minibatched)
@@ -392,17 +387,16 @@ def fit_standard(counts: CountMatrix, state: FitState, settings: FitSettings) ->
 
 def _gradients(
     counts: CountMatrix,
-    loadings: Tensor,
-    posterior: Gaussian,
+    point: BlockIterate,
     settings: FitSettings,
     posterior_grads: bool = True,
     loadings_grads: bool = True,
 ) -> ElboGradients:
     return elbo_gradients(
         counts,
-        loadings,
-        posterior.loc,
-        posterior.variance,
+        point.loadings,
+        point.mean,
+        point.variance,
         settings.mode,
         settings.n_draws,
         settings.generator,

@@ -62,14 +62,22 @@ class NaturalStep:
 
     Attributes
     ----------
-    posterior : Gaussian
-        The updated ``q(F)``.
+    mean, precision : Tensor
+        ``μ′`` and ``P′ = 1/σ′²`` of the updated ``q``.
     n_refused : int
         Number of entries whose step was not finite and was therefore not taken.
     """
 
-    posterior: Gaussian
+    mean: Tensor
+    precision: Tensor
     n_refused: int
+
+    @property
+    def posterior(self) -> Gaussian:
+        """The updated ``q`` in natural parameters."""
+        return Gaussian.from_natural(
+            self.precision * self.mean, -0.5 * self.precision, validate=False
+        )
 
 
 def natural_gradient_step(
@@ -92,20 +100,46 @@ def natural_gradient_step(
     max_mean_step : float
         Elementwise bound on ``|μ′ − μ|``.
     """
-    mean, precision = posterior.loc, posterior.precision
+    mean = posterior.loc
     grad_mean = grad_eta1 + 2.0 * mean * grad_eta2
-    new_precision = safe_precision_step(precision, 2.0 * grad_eta2, step_size)
+    return moment_gradient_step(
+        mean, posterior.precision, grad_mean, grad_eta2, step_size, max_mean_step
+    )
+
+
+def moment_gradient_step(
+    mean: Tensor,
+    precision: Tensor,
+    grad_mean: Tensor,
+    grad_variance: Tensor,
+    step_size: float,
+    max_mean_step: float = 1.0,
+) -> NaturalStep:
+    """:func:`natural_gradient_step` from ``∂L/∂μ`` and ``∂L/∂σ²`` instead of ``∂L/∂η``.
+
+    With ``∂L/∂η₁ = ∂L/∂μ − 2μ ∂L/∂σ²`` and ``∂L/∂η₂ = ∂L/∂σ²`` the step ``θ′ = θ − ρ ∇_η L``
+    is ``P′ = P + 2ρ ∂L/∂σ²`` (safeguarded) and ``μ′ = μ − ρ (∂L/∂μ) / P′`` (clipped), so the
+    chain rule through ``η`` need not be formed.
+
+    Parameters
+    ----------
+    mean, precision : Tensor of shape (N, L)
+        ``μ`` and ``P = 1/σ²`` of the current ``q``.
+    grad_mean, grad_variance : Tensor of shape (N, L)
+        ``∂L/∂μ`` and ``∂L/∂σ²`` of the loss ``L = −ELBO`` (summed over entries).
+    step_size, max_mean_step : float
+        As in :func:`natural_gradient_step`.
+    """
+    new_precision = safe_precision_step(precision, 2.0 * grad_variance, step_size)
     mean_step = (-step_size * grad_mean / new_precision).clamp(-max_mean_step, max_mean_step)
     new_mean = mean + mean_step
-    theta1 = new_precision * new_mean
     # θ₁ = P′μ′ is finite iff both are (P′ > 0 checked separately; inf · 0 is nan)
-    accepted = torch.isfinite(theta1) & (new_precision > 0)
+    accepted = torch.isfinite(new_precision * new_mean) & (new_precision > 0)
     n_refused = accepted.numel() - int(accepted.sum())
     if n_refused:
-        theta1 = torch.where(accepted, theta1, precision * mean)
+        new_mean = torch.where(accepted, new_mean, mean)
         new_precision = torch.where(accepted, new_precision, precision)
-    updated = Gaussian.from_natural(theta1, -0.5 * new_precision, validate=False)
-    return NaturalStep(updated, n_refused)
+    return NaturalStep(new_mean, new_precision, n_refused)
 
 
 LOADINGS_FLOOR = 1e-10
