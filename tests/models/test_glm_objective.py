@@ -85,6 +85,24 @@ def test_fisher_equals_hessian_for_canonical_link(kind, inverse_C, fit_intercept
 
 
 @pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
+def test_fisher_and_loss_at_equal_outputs_match_autograd(kind, inverse_C, fit_intercept):
+    """At ``Θ = 0`` (and an intercept-only ``Θ``) every output is equal: the shortcut paths."""
+    objective = make_objective(kind, inverse_C, fit_intercept)
+
+    def mean_loss(point):
+        return objective.per_sample_nll(point).mean() + objective.penalty(point)
+
+    intercept_only = torch.zeros(objective.n_params, dtype=torch.float64)
+    if fit_intercept:
+        intercept_only[-objective.n_columns :] = 0.7
+    for params in (torch.zeros(objective.n_params, dtype=torch.float64), intercept_only):
+        point = objective.point(params)
+        torch.testing.assert_close(point.outputs, objective.outputs(params))
+        assert point.loss == pytest.approx(float(mean_loss(params)), rel=1e-14)
+        torch.testing.assert_close(objective.fisher(params), hessian(mean_loss)(params))
+
+
+@pytest.mark.parametrize(("kind", "inverse_C", "fit_intercept"), CASES)
 def test_gradient_matches_closed_form(kind, inverse_C, fit_intercept):
     objective = make_objective(kind, inverse_C, fit_intercept)
     params = random_params(objective)
