@@ -186,6 +186,24 @@ def backtrack(
     return None
 
 
+def chord_step(
+    objective: PenalisedGLMObjective,
+    point: GLMPoint,
+    gradient: Tensor,
+    factor: CholeskyFactor | None,
+    first_step: float,
+) -> GLMPoint | None:
+    """:func:`backtrack` along the direction that ``factor``, an earlier Fisher's, gives.
+
+    ``None`` when there is no factor, its solve is not finite, or step halving finds no
+    decrease.
+    """
+    direction = None if factor is None else factor.solve(gradient)
+    if direction is None:
+        return None
+    return backtrack(objective, point, gradient, direction, first_step)
+
+
 def minimise(
     objective: PenalisedGLMObjective,
     initial_params: Tensor,
@@ -226,14 +244,8 @@ def minimise(
         if n_iter >= max_iter:
             break
         accepted = None
-        if (
-            solver == "fisher-chord"
-            and factor is not None
-            and gradient_norm <= CHORD_CONTRACTION * previous_norm
-        ):
-            chord_direction = factor.solve(gradient)
-            if chord_direction is not None:
-                accepted = backtrack(objective, point, gradient, chord_direction, learning_rate)
+        if solver == "fisher-chord" and gradient_norm <= CHORD_CONTRACTION * previous_norm:
+            accepted = chord_step(objective, point, gradient, factor, learning_rate)
         if accepted is None:  # no chord step taken, or it found no decrease
             if solver == "gd":
                 direction = gradient
