@@ -3,12 +3,12 @@
 For each problem every solver fits the same objective (scikit-learn's ``Σ nll + ½‖w‖²/C``; no
 penalty where statsmodels takes part) and the script reports, side by side: iterations (and,
 for natgrad's natural-gradient solvers, the number of Fisher systems set up), the best
-(minimum) wall time over ``--repeats`` fits, the time ratio to natgrad's Fisher scoring, the
-Euclidean norm of the gradient of the mean penalised loss at the returned solution (computed
-here, in numpy, for every solver alike) and the largest coefficient difference to natgrad's
-Fisher scoring. The repeats are interleaved (round ``r`` fits every solver once, in turn), so
-load from other processes hits all solvers alike; a slow solver is repeated only while it has
-used less than 5 s. The machine's load average before and after is saved with the results.
+(minimum) wall and CPU times over ``--repeats`` fits and their ratios to natgrad's Fisher
+scoring, the Euclidean norm of the gradient of the mean penalised loss at the returned solution
+(computed here, in numpy, for every solver alike) and the largest coefficient difference to
+natgrad's Fisher scoring. The repeats are interleaved (round ``r`` fits every solver once, in
+turn), so load from other processes hits all solvers alike; a slow solver is repeated only
+while it has used less than 5 s. The load average before and after is saved with the results.
 
 natgrad computes standard errors on first access of ``coef_bse_`` (one more Fisher), not in
 ``fit``; the row "natgrad fisher + standard errors" times ``fit`` followed by that access.
@@ -91,6 +91,8 @@ class Row:
     n_fisher: int | None
     seconds: float
     time_ratio: float
+    cpu_seconds: float
+    cpu_ratio: float
     gradient_norm: float
     max_coef_diff: float
 
@@ -206,39 +208,42 @@ def solvers_for(problem: Problem) -> dict[str, Callable[[Problem], Fit]]:
     return solvers
 
 
-def timed_fit(solver: Callable[[Problem], Fit], problem: Problem) -> tuple[Fit, float]:
-    """One fit and its wall time in seconds."""
-    start = time.perf_counter()
+def timed_fit(solver: Callable[[Problem], Fit], problem: Problem) -> tuple[Fit, float, float]:
+    """One fit, its wall time and its CPU time (this process) in seconds."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         fit = solver(problem)
-    return fit, time.perf_counter() - start
+    return fit, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def interleaved_best_times(
     solvers: dict[str, Callable[[Problem], Fit]], problem: Problem, repeats: int
-) -> dict[str, tuple[Fit, float]]:
-    """Each solver's last fit and best wall time over ``repeats`` interleaved rounds.
+) -> dict[str, tuple[Fit, float, float]]:
+    """Each solver's last fit and best wall and CPU times over ``repeats`` interleaved rounds.
 
     Round ``r`` fits every solver once, in turn; a solver sits out the remaining rounds once
-    its fits have taken ``TIME_BUDGET`` seconds.
+    its fits have taken ``TIME_BUDGET`` seconds. Every fit runs on one thread, so its CPU time
+    is its wall time less the time other processes held the core.
     """
     fits: dict[str, Fit] = {}
     seconds: dict[str, list[float]] = {name: [] for name in solvers}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in solvers}
     for _ in range(repeats):
         for name, solver in solvers.items():
             if sum(seconds[name]) < TIME_BUDGET:
-                fits[name], elapsed = timed_fit(solver, problem)
+                fits[name], elapsed, cpu_elapsed = timed_fit(solver, problem)
                 seconds[name].append(elapsed)
-    return {name: (fits[name], min(seconds[name])) for name in solvers}
+                cpu_seconds[name].append(cpu_elapsed)
+    return {name: (fits[name], min(seconds[name]), min(cpu_seconds[name])) for name in solvers}
 
 
 def run(repeats: int) -> list[Row]:
     rows = []
     for problem in problems():
         results = interleaved_best_times(solvers_for(problem), problem, repeats)
-        reference, reference_seconds = results["natgrad fisher"]
-        for name, (fit, seconds) in results.items():
+        reference, reference_seconds, reference_cpu = results["natgrad fisher"]
+        for name, (fit, seconds, cpu_seconds) in results.items():
             coef_diff = float(np.max(np.abs(fit.coef - reference.coef)))
             rows.append(
                 Row(
@@ -248,6 +253,8 @@ def run(repeats: int) -> list[Row]:
                     fit.n_fisher,
                     seconds,
                     seconds / reference_seconds,
+                    cpu_seconds,
+                    cpu_seconds / reference_cpu,
                     mean_gradient_norm(problem, fit),
                     coef_diff,
                 )
@@ -260,7 +267,8 @@ def print_row(row: Row) -> None:
     n_fisher = "" if row.n_fisher is None else str(row.n_fisher)
     print(
         f"{row.problem:36s} {row.solver:34s} {row.n_iter:6d} {n_fisher:>7s} "
-        f"{row.seconds * 1e3:10.1f} {row.time_ratio:8.2f} {row.gradient_norm:12.2e} "
+        f"{row.seconds * 1e3:10.1f} {row.time_ratio:8.2f} {row.cpu_seconds * 1e3:9.1f} "
+        f"{row.cpu_ratio:8.2f} {row.gradient_norm:12.2e} "
         f"{row.max_coef_diff:12.2e}",
         flush=True,
     )
@@ -301,7 +309,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         f"{'problem':36s} {'solver':34s} {'iters':>6s} {'fishers':>7s} {'time ms':>10s} "
-        f"{'ratio':>8s} {'|grad| mean':>12s} {'max|Δcoef|':>12s}"
+        f"{'ratio':>8s} {'cpu ms':>9s} {'ratio':>8s} {'|grad| mean':>12s} {'max|Δcoef|':>12s}"
     )
     load_before = os.getloadavg()
     with threadpool_limits(limits=1):
