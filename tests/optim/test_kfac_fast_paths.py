@@ -332,3 +332,16 @@ def test_mc_output_hooks_are_removed_after_sampling() -> None:
     nn.functional.cross_entropy(outputs, targets).backward()
     for state, expected in zip(precond.layers, sampled, strict=True):
         torch.testing.assert_close(state.output_sum, expected, rtol=0, atol=0)
+
+
+def test_eigh_finiteness_checks_accept_finite_matrices_whose_sums_overflow() -> None:
+    """The cheap finiteness check (a sum) overflows for entries near float32's maximum; the
+    exact elementwise check then decides, so such a matrix is still decomposed."""
+    matrix = 1e38 * torch.eye(4, dtype=torch.float32)
+    for eigen in (symmetric_eigh(matrix), *symmetric_eigh_batch([matrix, matrix])):
+        torch.testing.assert_close(eigen.values, torch.full((4,), 1e38))
+        assert torch.isfinite(eigen.vectors).all()
+    infinite = matrix.clone()
+    infinite[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        symmetric_eigh_batch([infinite])
