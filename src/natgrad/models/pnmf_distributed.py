@@ -5,10 +5,13 @@ Every process holds a shard of the samples (rows of the count matrix) and their 
 (:func:`natgrad.models.pnmf_training.fit_natural`) is unchanged except that W's sufficient
 statistics ``(Σ_i y_ij E[r_ijl], Σ_i E[e^{F_il}])`` and the ELBO are summed over the processes
 (one all-reduce each per iteration), so every process computes the same ``W`` and takes the same
-stopping decision. Initialisation draws the global ``q(F)`` from the shared seed and keeps the
-own rows, so in the deterministic ``"lower-bound"`` mode the result equals one process fitting
-all rows, up to floating-point summation order. In the Monte-Carlo modes each process draws its
-own samples, so results agree in distribution only.
+stopping decision — and, in full-batch ``"lower-bound"`` training, the same decision to keep or
+restart from an extrapolated point (:mod:`natgrad.models.pnmf_extrapolation`), which each
+process applies to its own rows of ``μ`` and to the shared ``W``. Initialisation draws the
+global ``q(F)`` from the shared seed and keeps the own rows, so in the deterministic
+``"lower-bound"`` mode the result equals one process fitting all rows, up to floating-point
+summation order. In the Monte-Carlo modes each process draws its own samples, so results agree
+in distribution only.
 """
 
 from __future__ import annotations
