@@ -193,6 +193,7 @@ def test_exact_training_restarts_and_its_elbo_trace_is_the_accepted_values():
     restarts = []
     model.fit(counts.astype(np.float64), callback=lambda i, v, s: restarts.append(s.n_restarts))
     assert restarts[-1] > 0
+    assert model.n_restarts_ == restarts[-1]
     assert np.all(np.diff(restarts) >= 0)
     # every extrapolated point kept is at least as good as the point before it
     assert model.elbo_history_[-1] >= model.elbo_history_[:10].max()

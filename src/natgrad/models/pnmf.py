@@ -143,6 +143,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         The Adam learning rate or natural step ``ρ`` actually used.
     n_refused_steps_ : int
         Entries whose natural step was refused as non-finite, over the whole fit.
+    n_restarts_ : int
+        Extrapolated points rejected in full-batch ``"lower-bound"`` natural training (see
+        :mod:`natgrad.models.pnmf_extrapolation`); 0 otherwise.
     variational_mean_, variational_variance_ : ndarray of shape (n_samples, n_components)
         ``μ`` and ``σ²`` of ``q(F)`` for the training samples.
     """
@@ -349,6 +352,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.n_iter_ = state.n_iter
         self.converged_ = state.converged
         self.n_refused_steps_ = state.n_refused
+        self.n_restarts_ = state.n_restarts
         self.elbo_ = float(self._evaluate_elbo(counts, state.posterior, generator))
         return self
 
