@@ -18,6 +18,7 @@ from torch.func import grad, vmap
 
 from natgrad.linalg.kron import symmetric_eigh, symmetric_eigh_batch
 from natgrad.optim import KFAC
+from natgrad.optim.kfac import _device_kl_scale
 
 DTYPE = torch.float64
 
@@ -345,3 +346,19 @@ def test_eigh_finiteness_checks_accept_finite_matrices_whose_sums_overflow() -> 
     infinite[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         symmetric_eigh_batch([infinite])
+
+
+@pytest.mark.parametrize("quadratic", [0.0, 1e-9, 2.5, -40.0, 1e30])
+@pytest.mark.parametrize("lr", [0.0, 0.3])
+def test_device_kl_scale_is_the_clipping_formula_without_host_sync(quadratic, lr) -> None:
+    """The accelerator path: ``min(1, sqrt(kl_clip / (lr² |q|)))`` as a 0-dim tensor (1 for
+    ``q = 0``), nothing to scale at ``lr = 0``; evaluated here on CPU tensors."""
+    kl_clip = 1e-2
+    scale = _device_kl_scale(torch.tensor(quadratic, dtype=DTYPE), lr, kl_clip)
+    if lr == 0.0:
+        assert scale is None
+        return
+    curvature = abs(quadratic) * lr**2
+    expected = 1.0 if curvature == 0 else min(1.0, (kl_clip / curvature) ** 0.5)
+    assert scale.ndim == 0
+    torch.testing.assert_close(scale, torch.tensor(expected, dtype=DTYPE))

@@ -99,6 +99,14 @@ def _check_adaptive_damping(
     return (19 / 20) ** interval if decay is None else float(decay)
 
 
+def _device_kl_scale(quadratic: Tensor, lr: float, kl_clip: float) -> Tensor | None:
+    """``min(1, sqrt(kl_clip / (lr² |quadratic|)))`` as a 0-dim tensor without a host sync
+    (``1`` where ``lr² |quadratic| = 0``); ``None`` at ``lr = 0``."""
+    if lr == 0.0:
+        return None
+    return quadratic.abs().mul_(lr**2 / kl_clip).rsqrt_().clamp_(max=1.0)
+
+
 @dataclass
 class _DampingProbe:
     """What :meth:`KFAC.update_damping` needs from the step it assesses: the damping used and,
@@ -518,14 +526,18 @@ class KFAC:
         for state, _, partial, _ in updates:
             state.write_solution(partial)
 
-    def _kl_scale(self, products: list[Tensor]) -> Tensor | None:
-        """``min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` as a 0-dim tensor (no host sync);
-        ``None`` at ``lr = 0``."""
+    def _kl_scale(self, products: list[Tensor]) -> float | Tensor | None:
+        """``ν = min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` from the per-layer products;
+        ``None`` where no scaling is needed. On the CPU the sum is read back (free there); on
+        an accelerator ``ν`` stays a 0-dim device tensor, so the step never waits for it."""
         lr = _schedule_value("lr", self.lr, self.steps)
-        if lr == 0.0:
+        quadratic = torch.stack(products).sum()
+        if quadratic.device.type != "cpu":
+            return _device_kl_scale(quadratic, lr, self.kl_clip)
+        curvature = abs(float(quadratic)) * lr**2
+        if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
-        quadratic = torch.stack(products).sum().abs()
-        return quadratic.mul_(lr**2 / self.kl_clip).rsqrt_().clamp_(max=1.0)
+        return math.sqrt(self.kl_clip / curvature)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
