@@ -46,6 +46,25 @@ def test_sample_mean_is_the_gradient_of_the_log_partition(name: str) -> None:
     assert ((draws.mean(0) - mean).abs() < 5 * standard_error).all()
 
 
+def test_categorical_sample_frequencies_match_scipy_chisquare() -> None:
+    from scipy.stats import chisquare
+
+    logits = torch.tensor([[0.3, -1.2, float("-inf"), 2.0, 0.0]], dtype=torch.float32)
+    probs = torch.softmax(logits.double(), dim=-1)[0]
+    generator = torch.Generator().manual_seed(3)
+    draws = get_likelihood("categorical").sample(logits.repeat(SAMPLE_DRAWS, 1), generator)
+    counts = torch.bincount(draws, minlength=5).double()
+    assert counts[2] == 0  # a class of probability zero is never drawn
+    support = probs > 0
+    expected = (probs[support] * SAMPLE_DRAWS).numpy()
+    assert (
+        chisquare(counts[support].numpy(), expected * (SAMPLE_DRAWS / expected.sum())).pvalue > 1e-3
+    )
+    same = get_likelihood("categorical").sample(logits, torch.Generator().manual_seed(5))
+    again = get_likelihood("categorical").sample(logits, torch.Generator().manual_seed(5))
+    assert torch.equal(same, again)
+
+
 def torch_distribution(name: str, outputs: torch.Tensor) -> distributions.Distribution:
     if name == "categorical":
         return distributions.Categorical(logits=outputs)

@@ -11,6 +11,7 @@ from natgrad.linalg.kron import (
     factored_solve,
     kron_mv,
     symmetric_eigh,
+    symmetric_eigh_batch,
 )
 from natgrad.linalg.matrix_power import inverse_pth_root, psd_matrix_power
 from natgrad.linalg.solve import (
@@ -39,4 +40,5 @@ __all__ = [
     "psd_eigh",
     "psd_matrix_power",
     "symmetric_eigh",
+    "symmetric_eigh_batch",
 ]
