@@ -19,6 +19,11 @@ free parameters ``Θ`` to the weights. For an unpenalised fit this is the usual 
 covariance of the maximum-likelihood estimate; with an l2 penalty it is the inverse of the
 penalised Fisher (the Laplace-approximation posterior covariance under the Gaussian prior that
 the penalty is).
+
+**Sample weights** are frequency weights, as in scikit-learn: the objective is
+``Σₙ sₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (solved divided by ``S = Σₙ sₙ``), so weight ``k`` is row
+repeated ``k`` times and weight ``0`` a dropped row (such rows are removed before fitting), and
+the covariance is ``(Σₙ sₙ Fₙ + penalty)⁻¹ = (S · F(Θ̂))⁻¹`` (statsmodels' ``freq_weights``).
 """
 
 from __future__ import annotations
@@ -119,10 +124,14 @@ class GLMEstimator(BaseEstimator):
         targets: Tensor,
         likelihood: Likelihood,
         output_basis: Tensor,
+        sample_weight: np.ndarray | None = None,
         initial_params: Tensor | None = None,
         stop_early: Callable[[Tensor], bool] | None = None,
     ) -> np.ndarray:
         """Fit; set ``n_iter_``, ``n_fisher_``, ``loss_``, ``gradient_norm_``.
+
+        ``sample_weight`` is ``None`` or positive weights checked by :func:`check_sample_weight`
+        (zero-weight rows already removed).
 
         Returns
         -------
@@ -130,8 +139,15 @@ class GLMEstimator(BaseEstimator):
             Coefficients of each output, followed by its intercept when one is fitted.
         """
         inverse_C, first_step = self._check_hyperparameters()
+        weights = None if sample_weight is None else torch.from_numpy(sample_weight)
         objective = PenalisedGLMObjective(
-            self._design(X), targets, likelihood, output_basis, inverse_C, self.fit_intercept
+            self._design(X),
+            targets,
+            likelihood,
+            output_basis,
+            inverse_C,
+            self.fit_intercept,
+            sample_weight=weights,
         )
         if initial_params is None:
             initial_params = torch.zeros(objective.n_params, dtype=DTYPE)
@@ -150,7 +166,7 @@ class GLMEstimator(BaseEstimator):
 
     @property
     def covariance_(self) -> np.ndarray:
-        """Covariance of the fitted weights, ``(N · F(Θ̂))⁻¹``; see :func:`weight_covariance`.
+        """Covariance of the fitted weights, ``(S · F(Θ̂))⁻¹``; see :func:`weight_covariance`.
 
         Computed on first access and cached.
         """
@@ -194,7 +210,10 @@ class GLMEstimator(BaseEstimator):
 def weight_covariance(
     objective: PenalisedGLMObjective, params: Tensor, outputs: Tensor | None = None
 ) -> np.ndarray:
-    """Covariance of the weights, ``(N · F(Θ̂))⁻¹`` mapped to ``(C, D)`` row-major order.
+    """Covariance of the weights, ``(S · F(Θ̂))⁻¹`` mapped to ``(C, D)`` row-major order.
+
+    ``S`` is the objective's total sample weight (``N`` without weights), so ``S · F`` is the
+    summed penalised Fisher ``Σₙ sₙ Fₙ + penalty``.
 
     ``outputs`` are the outputs at ``params`` (computed unless given). The inverse comes from
     a Cholesky factor, or :func:`natgrad.linalg.damped_solve` (eigenvalue clamping) when the
@@ -204,7 +223,7 @@ def weight_covariance(
     -------
     ndarray of shape (C·D, C·D)
     """
-    summed_fisher = objective.n_samples * objective.fisher(params, outputs)
+    summed_fisher = objective.total_weight * objective.fisher(params, outputs)
     factor, info = torch.linalg.cholesky_ex(summed_fisher)
     param_covariance = torch.cholesky_inverse(factor) if int(info) == 0 else None
     if param_covariance is None or not bool(torch.isfinite(param_covariance).all()):
@@ -218,6 +237,50 @@ def weight_covariance(
     by_output = ((by_row @ basis_t).permute(0, 2, 3, 1) @ basis_t).permute(3, 0, 2, 1)
     size = n_rows * basis_t.shape[1]
     return by_output.reshape(size, size).numpy()
+
+
+def check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | None:
+    """``sample_weight`` as a float64 array of shape ``(n_samples,)``, or ``None`` for ``None``.
+
+    A scalar weighs every row alike. Raises ``ValueError`` naming the offending value for a
+    wrong shape, a non-finite or negative weight, or weights that are all zero; ``TypeError``
+    for non-numeric weights.
+    """
+    if sample_weight is None:
+        return None
+    try:
+        weights = np.asarray(sample_weight, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"sample_weight must be numeric, got {sample_weight!r}") from error
+    if weights.ndim == 0:
+        weights = np.full(n_samples, float(weights))
+    if weights.shape != (n_samples,):
+        raise ValueError(
+            f"sample_weight must have shape ({n_samples},) like y, got shape {weights.shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if len(bad):
+        raise ValueError(
+            "sample_weight must be finite and non-negative, got "
+            f"sample_weight[{bad[0]}] = {weights[bad[0]]!r}"
+        )
+    if not weights.any():
+        raise ValueError(f"sample_weight must not be all zero, got {n_samples} zero weights")
+    return weights
+
+
+def drop_zero_weights(
+    X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``X``, ``y`` and weights without the rows of weight zero (unchanged where there are none).
+
+    A zero frequency weight is an absent row; removing it keeps the fit identical to one on the
+    data without it, also for the classes seen and the separation check.
+    """
+    if sample_weight is None or sample_weight.all():
+        return X, y, sample_weight
+    kept = sample_weight > 0
+    return X[kept], y[kept], sample_weight[kept]
 
 
 def standard_errors(covariance: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -8,14 +8,16 @@ natural parameters of the likelihood, are ``f = X̃ Θ Bᵀ`` of shape ``(N, C)`
 softmax (``C = K``, ``P = K − 1``), which removes the softmax's invariance to adding the same
 number to every logit (see :func:`sum_to_zero_basis`).
 
-The objective is the **mean** over data points
+The objective is the **mean** over data points, weighted by sample weights ``sₙ >= 0`` (all
+one unless given) with total ``S = Σₙ sₙ`` (``S = N`` without weights):
 
-    L(Θ) = (1/N) Σₙ nll(fₙ, yₙ) + (1 / (2 C_reg N)) ‖Θ_coef‖²
+    L(Θ) = (1/S) Σₙ sₙ nll(fₙ, yₙ) + (1 / (2 C_reg S)) ‖Θ_coef‖²
 
 (``Θ_coef``: the rows of ``Θ`` that multiply features, never the intercept), i.e. scikit-learn's
-``Σₙ nll + ½‖w‖² / C`` divided by ``N``. Its Fisher, also a mean over data points, is
+``Σₙ sₙ nll + ½‖w‖² / C`` divided by ``S``: integer weights are repeated rows. Its Fisher, also a
+weighted mean over data points, is
 
-    F(Θ) = (1/N) Σₙ (x̃ₙ x̃ₙᵀ) ⊗ (Bᵀ ∇²A(fₙ) B) + (1 / (C_reg N)) · diag(penalty mask) ⊗ I_P,
+    F(Θ) = (1/S) Σₙ sₙ (x̃ₙ x̃ₙᵀ) ⊗ (Bᵀ ∇²A(fₙ) B) + (1 / (C_reg S)) · diag(penalty mask) ⊗ I_P,
 
 with ``∇²A(fₙ)`` the per-sample Fisher of the outputs from
 :meth:`natgrad.curvature.likelihoods.Likelihood.natural_hessian`. For these canonical-link
@@ -24,7 +26,7 @@ step (Fisher scoring, IRLS). Parameters are flattened row-major: index ``i · P 
 ``Θ[i, p]``.
 
 Everything is in closed form, without automatic differentiation: the gradient is
-``X̃ᵀ (∇A(f) − T(y)) B / N`` (plus the penalty's) from
+``X̃ᵀ diag(s / S) (∇A(f) − T(y)) B`` (plus the penalty's) from
 :meth:`~natgrad.curvature.likelihoods.Likelihood.nll_gradient`, and the solvers evaluate the
 loss, gradient and Fisher of one :class:`GLMPoint` from its outputs ``f``, computed once.
 """
@@ -57,11 +59,13 @@ def sum_to_zero_basis(n_classes: int, dtype: torch.dtype = torch.float64) -> Ten
     return basis.contiguous()
 
 
-def mean_log_factorial(counts: np.ndarray) -> float:
+def mean_log_factorial(counts: np.ndarray, mean_weights: np.ndarray | None = None) -> float:
     """``mean(log Γ(y + 1))`` over ``counts`` (``log y!`` for integer counts), a float.
 
-    Small integer counts (at most the number of counts), the usual case, index a table of
-    cumulative ``log k`` (several times faster than ``lgamma``); others go through ``lgamma``.
+    ``mean_weights`` (same length, summing to one) make it the weighted mean
+    ``Σₙ wₙ log Γ(yₙ + 1)``; ``None`` is the plain mean. Small integer counts (at most the
+    number of counts), the usual case, index a table of cumulative ``log k`` (several times
+    faster than ``lgamma``); others go through ``lgamma``.
     """
     values = counts.reshape(-1)
     if len(values) == 0:
@@ -70,8 +74,10 @@ def mean_log_factorial(counts: np.ndarray) -> float:
     if values.min() >= 0 and largest <= len(values) and np.array_equal(values, np.floor(values)):
         log_factorials = np.zeros(int(largest) + 1)
         np.cumsum(np.log(np.arange(1, int(largest) + 1)), out=log_factorials[1:])
-        return float(log_factorials[values.astype(np.int64)].mean())
-    return float(torch.lgamma(torch.from_numpy(values) + 1.0).mean())
+        terms = log_factorials[values.astype(np.int64)]
+    else:
+        terms = torch.lgamma(torch.from_numpy(values) + 1.0).numpy()
+    return float(terms.mean() if mean_weights is None else terms @ mean_weights)
 
 
 @dataclass
@@ -93,7 +99,7 @@ class GLMPoint:
 
 
 class PenalisedGLMObjective:
-    """Mean penalised negative log-likelihood of a GLM, with its gradient and Fisher.
+    """(Weighted) mean penalised negative log-likelihood of a GLM, with its gradient and Fisher.
 
     Parameters
     ----------
@@ -109,6 +115,16 @@ class PenalisedGLMObjective:
         ``1 / C`` of the l2 penalty ``½‖w‖² / C`` on the summed loss; ``0`` for no penalty.
     fit_intercept : bool
         Whether the last column of ``design`` is the (unpenalised) intercept column.
+    sample_weight : Tensor of shape (N,), optional
+        Frequency weights ``sₙ >= 0`` with a positive sum ``S``; ``None`` weighs every row
+        one. Equal weights only set ``S`` (the data terms are then plain means, computed
+        without weights).
+
+    Attributes
+    ----------
+    total_weight : float
+        ``S = Σₙ sₙ`` (``N`` without weights): the mean's denominator, by which the penalty
+        and the summed Fisher ``S · F`` of the standard errors scale.
     """
 
     def __init__(
@@ -119,6 +135,7 @@ class PenalisedGLMObjective:
         output_basis: Tensor,
         inverse_C: float,
         fit_intercept: bool,
+        sample_weight: Tensor | None = None,
     ) -> None:
         self.design = design
         # X̃ᵀ held C-contiguous (no copy when ``design`` is already the transpose of such an
@@ -132,10 +149,11 @@ class PenalisedGLMObjective:
         self.n_samples, self.n_rows = design.shape
         self.n_columns = output_basis.shape[1]
         self.inverse_C = inverse_C
+        self.total_weight, self._mean_weights = self._check_sample_weight(sample_weight)
         penalised_rows = torch.ones(self.n_rows, dtype=design.dtype)
         if fit_intercept:
             penalised_rows[-1] = 0.0
-        self.penalty_diagonal = (inverse_C / self.n_samples) * penalised_rows.repeat_interleave(
+        self.penalty_diagonal = (inverse_C / self.total_weight) * penalised_rows.repeat_interleave(
             self.n_columns
         )
         # NumPy views for the closed-form evaluations: few, cheap calls per solver iteration
@@ -148,7 +166,28 @@ class PenalisedGLMObjective:
             # nll = exp f − y f + log y!: the last term does not depend on Θ, so its mean is
             # computed once here instead of at every loss evaluation (lgamma is costly)
             self._poisson_counts = targets.reshape(-1, 1).to(design.dtype)
-            self._mean_log_factorial = mean_log_factorial(self._poisson_counts.numpy())
+            self._mean_log_factorial = mean_log_factorial(
+                self._poisson_counts.numpy(), self._mean_weights
+            )
+
+    def _check_sample_weight(self, sample_weight: Tensor | None) -> tuple[float, np.ndarray | None]:
+        """``(S, s / S)``; the second is ``None`` without weights or when they are all equal."""
+        if sample_weight is None:
+            return float(self.n_samples), None
+        values = sample_weight.detach().to(torch.float64).cpu().numpy()
+        if values.shape != (self.n_samples,):
+            raise ValueError(
+                f"sample_weight must have shape ({self.n_samples},), got {values.shape}"
+            )
+        total = float(values.sum())
+        if not (np.isfinite(values).all() and values.min() >= 0.0 and total > 0.0):
+            raise ValueError(
+                "sample_weight must be finite and non-negative with a positive sum, got "
+                f"minimum {values.min()!r}, sum {total!r}"
+            )
+        if values.min() == values.max():
+            return total, None
+        return total, values / total
 
     @property
     def n_params(self) -> int:
@@ -181,7 +220,7 @@ class PenalisedGLMObjective:
         return self.likelihood.nll(self.outputs(params), self.targets)
 
     def penalty(self, params: Tensor) -> Tensor:
-        """``(1 / (2 C N)) ‖Θ_coef‖²``, a scalar."""
+        """``(1 / (2 C S)) ‖Θ_coef‖²``, a scalar."""
         return 0.5 * (self.penalty_diagonal * params.square()).sum()
 
     # -- closed-form evaluation at a point ------------------------------------------------------
@@ -197,24 +236,37 @@ class PenalisedGLMObjective:
         return GLMPoint(params, outputs, loss if math.isfinite(loss) else math.inf)
 
     def _mean_nll(self, outputs: Tensor) -> Tensor:
-        """``(1/N) Σₙ nll(fₙ, yₙ)`` for outputs ``(N, C)``, a scalar.
+        """``(1/S) Σₙ sₙ nll(fₙ, yₙ)`` for outputs ``(N, C)``, a scalar.
 
         The Bernoulli's and Poisson's in fewest passes over the outputs (the solvers evaluate
         it once per trial step); other likelihoods through ``likelihood.nll``.
         """
+        if self._mean_weights is None:
+            if self._bernoulli_labels is not None:
+                return functional.binary_cross_entropy_with_logits(outputs, self._bernoulli_labels)
+            if self._poisson_counts is not None:
+                counts = self._poisson_counts
+                return (outputs.exp() - counts * outputs).mean() + self._mean_log_factorial
+            return self.likelihood.nll(outputs, self.targets).mean()
+        weights = torch.from_numpy(self._mean_weights)
         if self._bernoulli_labels is not None:
-            return functional.binary_cross_entropy_with_logits(outputs, self._bernoulli_labels)
+            return functional.binary_cross_entropy_with_logits(
+                outputs, self._bernoulli_labels, weight=weights[:, None], reduction="sum"
+            )
         if self._poisson_counts is not None:
-            counts = self._poisson_counts
-            return (outputs.exp() - counts * outputs).mean() + self._mean_log_factorial
-        return self.likelihood.nll(outputs, self.targets).mean()
+            terms = outputs.exp() - self._poisson_counts * outputs
+            return weights @ terms[:, 0] + self._mean_log_factorial
+        return weights @ self.likelihood.nll(outputs, self.targets)
 
     def gradient(self, point: GLMPoint) -> Tensor:
-        """``∇L = X̃ᵀ (∇A(f) − T(y)) B / N + penalty``, flat, shape ``(D·P,)``."""
+        """``∇L = X̃ᵀ diag(s / S) (∇A(f) − T(y)) B + penalty``, flat, shape ``(D·P,)``."""
         residual = self.likelihood.nll_gradient(point.outputs, self.targets).numpy()
+        if self._mean_weights is not None:
+            residual = residual * self._mean_weights[:, None]
         with np.errstate(invalid="ignore", over="ignore"):
             gradient = ((self._design_t_array @ residual) @ self._basis_array).reshape(-1)
-        gradient /= self.n_samples
+        if self._mean_weights is None:
+            gradient /= self.n_samples
         if self.inverse_C:
             gradient += self._penalty_array * point.params.detach().numpy()
         return torch.from_numpy(gradient)
@@ -236,9 +288,14 @@ class PenalisedGLMObjective:
             if outputs is None:
                 outputs = self.outputs_no_grad(params)
             if self.n_columns == 1:
-                # ∇²A(f) = s², s from natural_hessian_sqrt: X̃ᵀ diag(s² b² / N) X̃ = Sᵀ S b² / N
+                # ∇²A(f) = r², r from natural_hessian_sqrt: X̃ᵀ diag(r² b² / N) X̃ = Rᵀ R b² / N
+                # (weighted: r √(s / S) in place of r / √N)
                 roots = self.likelihood.natural_hessian_sqrt(outputs)[:, 0, 0].numpy()
-                scale = float(self.output_basis[0, 0]) ** 2 / self.n_samples
+                scale = float(self.output_basis[0, 0]) ** 2
+                if self._mean_weights is None:
+                    scale /= self.n_samples
+                else:
+                    roots = roots * np.sqrt(self._mean_weights)
                 if roots.min() == roots.max():  # equal outputs (the usual start): no scaled copy
                     fisher = self._gram(self._design_t_array, scale * float(roots[0]) ** 2)
                 else:
@@ -264,24 +321,26 @@ class PenalisedGLMObjective:
         return symmetric
 
     def _scalar_data_fisher(self, weights: Tensor) -> Tensor:
-        """``X̃ᵀ diag(w) X̃ / N`` for per-sample weights ``w`` of shape ``(N,)``.
+        """``X̃ᵀ diag(s ⊙ w) X̃ / S`` for per-sample curvatures ``w`` of shape ``(N,)``.
 
-        For ``w >= 0`` ``Sᵀ S / N`` with ``S = diag(√w) X̃`` (see :meth:`_gram`); for weights
-        of either sign one matmul.
+        For ``w >= 0`` ``Rᵀ R / S`` with ``R = diag(√(s ⊙ w)) X̃`` (see :meth:`_gram`); for
+        values of either sign one matmul.
         """
         values = weights.detach().numpy()
+        scale = 1.0 / self.n_samples
+        if self._mean_weights is not None:
+            values, scale = values * self._mean_weights, 1.0
         with np.errstate(invalid="ignore", over="ignore"):
             if values.min() >= 0.0:
-                return torch.from_numpy(
-                    self._gram(self._design_t_array * np.sqrt(values), 1.0 / self.n_samples)
-                )
-            scaled = self._design_t_array * (values / self.n_samples)
+                return torch.from_numpy(self._gram(self._design_t_array * np.sqrt(values), scale))
+            scaled = self._design_t_array * (values * scale)
             return torch.from_numpy(scaled @ self._design_array)
 
     def _data_fisher(self, column_fisher: Tensor) -> Tensor:
-        """``(1/N) Σₙ (x̃ₙ x̃ₙᵀ) ⊗ Gₙ`` for symmetric per-sample ``Gₙ`` of shape ``(N, P, P)``.
+        """``(1/S) Σₙ sₙ (x̃ₙ x̃ₙᵀ) ⊗ Gₙ`` for symmetric per-sample ``Gₙ`` of shape ``(N, P, P)``.
 
-        Block ``(p, q)`` is ``X̃ᵀ diag(G[:, p, q] / N) X̃``; by symmetry only ``p <= q`` is formed.
+        Block ``(p, q)`` is ``X̃ᵀ diag(s ⊙ G[:, p, q] / S) X̃``; by symmetry only ``p <= q`` is
+        formed.
         """
         size, rows = self.n_columns, self.n_rows
         fisher = torch.empty(rows, size, rows, size, dtype=self.design.dtype)
@@ -300,38 +359,47 @@ class PenalisedGLMObjective:
         with ``X̃`` per call. Only for the categorical likelihood.
         """
         probs = torch.softmax(outputs, dim=-1).numpy()
+        # p ⊙ s / S (sample weights folded into the left factor of ∇²A(f) u), or p / N
+        if self._mean_weights is None:
+            scaled_probs = probs / self.n_samples
+        else:
+            scaled_probs = probs * self._mean_weights[:, None]
         basis = self.output_basis.numpy()
         penalty = self.penalty_diagonal.numpy()
         shape = (self.n_rows, self.n_columns)
 
         def product(vector: Tensor) -> Tensor:  # in NumPy: see outputs_no_grad
             values = vector.detach().numpy()
-            weighted = probs * (self._design_array @ (values.reshape(shape) @ basis.T))
-            weighted -= probs * weighted.sum(-1, keepdims=True)
+            logit_change = self._design_array @ (values.reshape(shape) @ basis.T)
+            weighted = scaled_probs * (logit_change - (probs * logit_change).sum(-1, keepdims=True))
             data_part = (self._design_t_array @ weighted) @ basis
-            return torch.from_numpy(data_part.reshape(-1) / self.n_samples + penalty * values)
+            return torch.from_numpy(data_part.reshape(-1) + penalty * values)
 
         return product
 
     def kronecker_preconditioner(self, outputs: Tensor) -> Callable[[Tensor], Tensor]:
         """``r ↦ M⁻¹ r`` for a Kronecker approximation ``M ≈ F(Θ)`` (softmax only).
 
-        ``M = (X̃ᵀ diag(t) X̃ / N) ⊗ (Σₙ Gₙ / Σₙ tₙ) + (1 / (C N)) I`` with ``Gₙ = Bᵀ ∇²A(fₙ) B``
-        and ``tₙ = tr Gₙ``: samples weigh in the feature Gram by their curvature, and the
-        Kronecker product has the trace of the data Fisher. The penalty is applied to every
-        row (the intercept too), so ``M`` is a Kronecker sum that two small eigendecompositions
-        invert. Eigenvalues are floored at ``√eps`` times the largest.
+        ``M = (X̃ᵀ diag(s ⊙ t) X̃ / S) ⊗ (Σₙ sₙ Gₙ / Σₙ sₙ tₙ) + (1 / (C S)) I`` with
+        ``Gₙ = Bᵀ ∇²A(fₙ) B`` and ``tₙ = tr Gₙ``: samples weigh in the feature Gram by their
+        curvature, and the Kronecker product has the trace of the data Fisher. The penalty is
+        applied to every row (the intercept too), so ``M`` is a Kronecker sum that two small
+        eigendecompositions invert. Eigenvalues are floored at ``√eps`` times the largest.
         """
         probs = torch.softmax(outputs, dim=-1)
         traces = 1.0 - probs.square().sum(-1)  # tr ∇²A(f); equals tr Gₙ as B spans 1^⊥
         gram = self._scalar_data_fisher(traces)
         row_values, row_vectors = torch.linalg.eigh(0.5 * (gram + gram.T))
-        summed_hessian = torch.diag(probs.sum(0)) - probs.T @ probs
+        weighted_probs = probs
+        if self._mean_weights is not None:
+            sample_weights = torch.from_numpy(self._mean_weights)
+            weighted_probs, traces = probs * sample_weights[:, None], traces * sample_weights
+        summed_hessian = torch.diag(weighted_probs.sum(0)) - weighted_probs.T @ probs
         column_values, column_vectors = torch.linalg.eigh(
             self.output_basis.T @ summed_hessian @ self.output_basis / traces.sum()
         )
         eigenvalues = row_values.clamp_min(0.0)[:, None] * column_values.clamp_min(0.0)[None, :]
-        eigenvalues = eigenvalues + self.inverse_C / self.n_samples
+        eigenvalues = eigenvalues + self.inverse_C / self.total_weight
         floor = math.sqrt(torch.finfo(eigenvalues.dtype).eps) * float(eigenvalues.max())
         inverse_values = 1.0 / eigenvalues.clamp_min(floor)
 

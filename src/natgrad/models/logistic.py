@@ -9,21 +9,23 @@ import torch
 from scipy.special import expit, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator
+from natgrad.models.glm_base import DTYPE, GLMEstimator, check_sample_weight, drop_zero_weights
 from natgrad.models.glm_objective import sum_to_zero_basis
 
 
 class LogisticRegression(ClassifierMixin, GLMEstimator):
     """Logistic regression fitted by Fisher scoring (IRLS), natural-gradient or gradient descent.
 
-    Minimises scikit-learn's objective ``Σₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (the intercept is not
-    penalised), internally divided by ``N``: the solvers see the mean penalised loss and the
-    mean Fisher ``F = X̃ᵀ blockdiag(∇²A(fₙ)) X̃ / N`` (plus the penalty's ``I / (C N)``), where
+    Minimises scikit-learn's objective ``Σₙ sₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (the intercept is not
+    penalised; sample weights ``sₙ`` default to one), internally divided by ``S = Σₙ sₙ``: the
+    solvers see the mean penalised loss and the mean Fisher
+    ``F = X̃ᵀ diag(s) blockdiag(∇²A(fₙ)) X̃ / S`` (plus the penalty's ``I / (C S)``), where
     ``∇²A`` is the Bernoulli (two classes) or softmax (more classes) Fisher of the logits from
     :mod:`natgrad.curvature.likelihoods`. Fisher scoring is the natural-gradient step of size
     one, ``Θ ← Θ − F⁻¹∇L``; for the canonical logit link it is Newton's method.
@@ -40,6 +42,12 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     fit. Without penalty they are the centred version of statsmodels' ``MNLogit``
     reference-class parameters: ``coef_[k] − coef_[0]`` is statsmodels' column ``k − 1``, and
     its standard errors follow from ``covariance_``.
+
+    **Sample weights** are frequency weights, with scikit-learn's semantics (its
+    ``LogisticRegression(C=C).fit(X, y, sample_weight=s)`` has the same optimum): weight ``k``
+    equals the row repeated ``k`` times, weight ``0`` a dropped row (such rows are removed, and
+    ``classes_`` are those of the remaining rows), and ``covariance_`` is
+    ``(Σₙ sₙ Fₙ + penalty)⁻¹``, statsmodels' ``GLM(..., freq_weights=s)``.
 
     Parameters
     ----------
@@ -76,10 +84,10 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         fits match statsmodels' ``Logit(...).fit().bse``. Zero for an intercept not fitted.
     covariance_ : ndarray of shape (R·D, R·D)
         Covariance of the stacked rows ``[coef_[r], intercept_[r]]`` (intercept only when
-        fitted; ``R`` rows of ``coef_``): the inverse of the summed penalised Fisher at the
-        fitted weights. It and the standard errors are computed on first access (one more
-        Fisher, ``N · D²``), not by ``fit``; until then the estimator keeps a copy of the
-        training design.
+        fitted; ``R`` rows of ``coef_``): the inverse of the summed (sample-weighted)
+        penalised Fisher at the fitted weights. It and the standard errors are computed on
+        first access (one more Fisher, ``N · D²``), not by ``fit``; until then the estimator
+        keeps a copy of the training design.
     n_iter_ : int
         Number of steps taken.
     n_fisher_ : int
@@ -101,10 +109,18 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         very large standard errors.
     """
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticRegression:
-        """Fit to features ``X`` of shape ``(N, n_features)`` and labels ``y`` of shape ``(N,)``."""
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> LogisticRegression:
+        """Fit to features ``X`` ``(N, n_features)`` and labels ``y`` ``(N,)``.
+
+        ``sample_weight`` ``(N,)`` (or a scalar): non-negative frequency weights, not all zero;
+        ``None`` weighs every row one.
+        """
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
+        weights = check_sample_weight(sample_weight, len(y))
+        X, y, weights = drop_zero_weights(X, y, weights)
         self.classes_, labels = np.unique(y, return_inverse=True)
         n_classes = len(self.classes_)
         if n_classes < 2:
@@ -120,16 +136,27 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
             likelihood = get_likelihood("categorical")
             targets = torch.as_tensor(labels, dtype=torch.long)
             basis = sum_to_zero_basis(n_classes, DTYPE)
-        weights = self._fit_glm(
-            X, targets, likelihood, basis, stop_early=self._stop_if_separated(labels)
+        fitted = self._fit_glm(
+            X,
+            targets,
+            likelihood,
+            basis,
+            sample_weight=weights,
+            stop_early=self._stop_if_separated(labels),
         )
         n_features = X.shape[1]
-        self.coef_ = weights[:, :n_features]
+        self.coef_ = fitted[:, :n_features]
         if self.fit_intercept:
-            self.intercept_ = weights[:, n_features]
+            self.intercept_ = fitted[:, n_features]
         else:
-            self.intercept_ = np.zeros(weights.shape[0])
+            self.intercept_ = np.zeros(fitted.shape[0])
         return self
+
+    def score(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+        """Accuracy of :meth:`predict` on ``(X, y)``, weighted by ``sample_weight`` if given."""
+        predictions = self.predict(X)
+        weights = check_sample_weight(sample_weight, len(predictions))
+        return float(accuracy_score(y, predictions, sample_weight=weights))
 
     @property
     def coef_bse_(self) -> np.ndarray:

@@ -11,22 +11,28 @@ from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator
+from natgrad.models.glm_base import DTYPE, GLMEstimator, check_sample_weight, drop_zero_weights
 
 
 class PoissonRegression(RegressorMixin, GLMEstimator):
     """Poisson regression with log link, fitted by Fisher scoring, natural-gradient or GD.
 
-    Model ``y ~ Poisson(exp(x·w + b))``. Minimises ``Σₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (intercept not
-    penalised), internally divided by ``N``: the solvers see the mean penalised loss and the
-    mean Fisher ``F = X̃ᵀ diag(exp fₙ) X̃ / N`` (plus ``I / (C N)``), ``∇²A`` taken from the
+    Model ``y ~ Poisson(exp(x·w + b))``. Minimises ``Σₙ sₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (intercept
+    not penalised; sample weights ``sₙ`` default to one), internally divided by ``S = Σₙ sₙ``:
+    the solvers see the mean penalised loss and the mean Fisher
+    ``F = X̃ᵀ diag(s ⊙ exp f) X̃ / S`` (plus ``I / (C S)``), ``∇²A`` taken from the
     Poisson likelihood of :mod:`natgrad.curvature.likelihoods`. Fisher scoring is the
     natural-gradient step of size one; for the canonical log link it is Newton's method.
 
     **Relation to scikit-learn.** ``sklearn.linear_model.PoissonRegressor(alpha=α)`` minimises
     ``(1/N) Σ ½ deviance + ½ α ‖w‖²``, and half the Poisson deviance differs from the negative
-    log-likelihood by a constant, so it is this model with ``C = 1 / (α N)`` (``α = 1 / (C N)``).
-    ``penalty=None`` matches ``statsmodels.GLM(y, X, family=Poisson())``.
+    log-likelihood by a constant, so it is this model with ``C = 1 / (α N)`` (``α = 1 / (C N)``);
+    with sample weights it minimises ``(1/S) Σ sₙ ½ devianceₙ + ½ α ‖w‖²``, this model with
+    ``C = 1 / (α S)``. ``penalty=None`` matches ``statsmodels.GLM(y, X, family=Poisson())``.
+
+    **Sample weights** are frequency weights: weight ``k`` equals the row repeated ``k`` times,
+    weight ``0`` a dropped row (such rows are removed), and ``covariance_`` is
+    ``(Σₙ sₙ Fₙ + penalty)⁻¹``, statsmodels' ``GLM(..., freq_weights=s)``.
 
     Parameters
     ----------
@@ -74,27 +80,34 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         tags.target_tags.positive_only = True
         return tags
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> PoissonRegression:
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> PoissonRegression:
         """Fit to features ``X`` ``(N, n_features)`` and counts ``y >= 0`` ``(N,)``.
 
         ``y`` need not be integer (the Poisson quasi-likelihood is used as is).
+        ``sample_weight`` ``(N,)`` (or a scalar): non-negative frequency weights, not all zero;
+        ``None`` weighs every row one.
         """
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
         if np.any(y < 0):
             raise ValueError(
                 f"PoissonRegression needs non-negative targets y, got minimum {y.min()!r}"
             )
+        weights = check_sample_weight(sample_weight, len(y))
+        X, y, weights = drop_zero_weights(X, y, weights)
         targets = torch.tensor(y, dtype=DTYPE)
-        weights = self._fit_glm(
+        fitted = self._fit_glm(
             X,
             targets,
             get_likelihood("poisson"),
             torch.ones(1, 1, dtype=DTYPE),
-            initial_params=self._initial_params(X.shape[1], y),
+            sample_weight=weights,
+            initial_params=self._initial_params(X.shape[1], y, weights),
         )[0]
         n_features = X.shape[1]
-        self.coef_ = weights[:n_features]
-        self.intercept_ = float(weights[n_features]) if self.fit_intercept else 0.0
+        self.coef_ = fitted[:n_features]
+        self.intercept_ = float(fitted[n_features]) if self.fit_intercept else 0.0
         return self
 
     @property
@@ -108,10 +121,13 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         errors = self._weight_standard_errors()[0]
         return float(errors[self.n_features_in_]) if len(errors) > self.n_features_in_ else 0.0
 
-    def _initial_params(self, n_features: int, y: np.ndarray) -> torch.Tensor:
-        """Zero coefficients; the intercept at ``log(mean y)`` when it is fitted and finite."""
+    def _initial_params(
+        self, n_features: int, y: np.ndarray, sample_weight: np.ndarray | None
+    ) -> torch.Tensor:
+        """Zero coefficients; the intercept at ``log(mean y)`` (weighted by ``sample_weight``)
+        when it is fitted and finite."""
         params = torch.zeros(n_features + int(self.fit_intercept), dtype=DTYPE)
-        mean_count = float(np.mean(y))
+        mean_count = float(np.average(y, weights=sample_weight))
         if self.fit_intercept and mean_count > 0:
             params[-1] = math.log(mean_count)
         return params
@@ -123,5 +139,10 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         return np.exp(X @ self.coef_ + self.intercept_)
 
     def score(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
-        """Fraction of Poisson deviance explained, D² (as ``PoissonRegressor.score``)."""
-        return float(d2_tweedie_score(y, self.predict(X), sample_weight=sample_weight, power=1))
+        """Fraction of Poisson deviance explained, D² (as ``PoissonRegressor.score``).
+
+        Weighted by ``sample_weight`` ``(N,)`` if given (validated as in :meth:`fit`).
+        """
+        predictions = self.predict(X)
+        weights = check_sample_weight(sample_weight, len(predictions))
+        return float(d2_tweedie_score(y, predictions, sample_weight=weights, power=1))
