@@ -22,7 +22,15 @@ from torch import Tensor
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_elbo import ElboMode
-from natgrad.models.pnmf_extrapolation import BlockIterate, Extrapolation
+from natgrad.models.pnmf_exact import DenseLowerBound, FactorTerms
+from natgrad.models.pnmf_extrapolation import (
+    GROWTH,
+    INITIAL_BETA,
+    MAX_BETA,
+    SHRINK,
+    BlockIterate,
+    Extrapolation,
+)
 from natgrad.models.pnmf_gradients import ElboGradients, elbo_gradients
 from natgrad.models.pnmf_updates import (
     LOADINGS_FLOOR,
@@ -158,8 +166,11 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
     from the minibatch and scaled by ``N/B`` (the only quantities scaled) take a
     Robbins–Monro step ``ρ_t = (t + 1)^(−0.6)`` (with Adam: W's minibatch gradient, scaled by
     ``N/B``, is Adam's gradient); one iteration is one epoch and its recorded ELBO is the sum
-    of the minibatch ELBOs.
+    of the minibatch ELBOs. The exact case on dense counts in one process runs the fused loop
+    :func:`fit_exact_dense` (the same iterates).
     """
+    if _is_exact(counts, settings) and not counts.is_sparse and settings.all_reduce is None:
+        return fit_exact_dense(counts, state, settings)
     monitor = ConvergenceMonitor(settings.tol)
     update_loadings = _loadings_updater(state, settings)
     extrapolation = Extrapolation() if _is_exact(counts, settings) else None
@@ -174,6 +185,62 @@ def fit_natural(counts: CountMatrix, state: FitState, settings: FitSettings) -> 
             state.n_restarts = extrapolation.n_restarts
         if _record(state, monitor, settings, iteration, epoch_elbo):
             break
+    return state
+
+
+def fit_exact_dense(counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
+    """Full-batch ``"lower-bound"`` natural training with multiplicative W steps, dense counts.
+
+    The iterates of :func:`fit_natural`'s exact case (extrapolation with restarts as in
+    :mod:`natgrad.models.pnmf_extrapolation`), computed by
+    :class:`natgrad.models.pnmf_exact.DenseLowerBound`: each iteration evaluates the bound at
+    the extrapolated point (or at the block iterate on a restart, reusing the iterate's factor
+    terms), takes the natural step on ``q(F)`` from there and W's multiplicative step.
+    ``state.posterior`` is rebuilt every iteration only when a callback is set.
+    """
+    bound = DenseLowerBound(counts)
+    monitor = ConvergenceMonitor(settings.tol)
+    precision = state.posterior.precision
+    iterate = FactorTerms(state.posterior.loc, precision, 1.0 / precision)
+    loadings = state.loadings
+    beta, last_value = INITIAL_BETA, -math.inf
+    previous: tuple[Tensor, Tensor] | None = None
+    pending: tuple[FactorTerms, Tensor] | None = None
+    for iteration in range(settings.max_iter):
+        if pending is not None:
+            value = bound.value(*pending)
+            if value >= last_value:
+                beta = min(MAX_BETA, beta * GROWTH)
+            else:
+                beta /= SHRINK
+                state.n_restarts += 1
+                pending = None
+        if pending is None:
+            pending = (iterate, loadings)
+            value = bound.value(*pending)
+        last_value = value
+        point, point_loadings = pending
+        mean, precision, refused = bound.natural_step(
+            point, point_loadings, _ramped_step(settings, iteration)
+        )
+        state.n_refused += refused
+        iterate = FactorTerms(mean, precision, precision.reciprocal())
+        loadings = bound.loadings_step(iterate, point_loadings)
+        log_loadings = loadings.log()
+        pending = None
+        if previous is not None and beta > 0:
+            moved_log_loadings = torch.lerp(previous[1], log_loadings, 1.0 + beta)
+            pending = (
+                iterate.moved(torch.lerp(previous[0], mean, 1.0 + beta)),
+                moved_log_loadings.exp_().clamp_min_(LOADINGS_FLOOR),
+            )
+        previous = (mean, log_loadings)
+        state.loadings = loadings
+        if settings.callback is not None:
+            state.posterior = BlockIterate(mean, precision, loadings).posterior
+        if _record(state, monitor, settings, iteration, value):
+            break
+    state.posterior = BlockIterate(iterate.mean, iterate.precision, loadings).posterior
     return state
 
 

@@ -1,0 +1,139 @@
+"""Fused full-batch ``"lower-bound"`` natural training of PNMF for dense counts.
+
+The same iteration as :func:`natgrad.models.pnmf_training.fit_natural` in its exact case
+(natural step on ``q(F)``, multiplicative step on ``W``, extrapolation with restarts of
+:mod:`natgrad.models.pnmf_extrapolation`), written with few tensor operations: every
+quantity of ``q`` (``e^{μ − shift}``, ``E_q[e^F] = exp(μ + σ²/2)``, the KL terms) is computed
+once per point and shared by the ELBO, the natural step and the W step; the ``(N, D)`` work
+(rates, their log, ``Y / rates``) goes into two preallocated buffers; a restart reuses the
+factor terms of the block iterate, computed by its W step. For counts ``y`` (``(N, D)``),
+``W`` (``(D, L)``) and ``q(F)`` with moments ``(μ, P = 1/σ²)`` (``(N, L)``), at a point
+
+    rate_ij = Σ_l W_jl e^{μ_il},
+    ELBO = Σ_ij y_ij log rate_ij − Σ_l (Σ_j W_jl)(Σ_i e^{μ_il + σ²_il/2}) − Σ_ij log y_ij!
+           − ½ Σ_il (σ²_il + μ²_il − 1 − log σ²_il).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from natgrad.models.pnmf_counts import CountMatrix
+from natgrad.models.pnmf_updates import LOADINGS_FLOOR
+
+
+class FactorTerms:
+    """What the lower bound needs of ``q(F)`` at one point ``(μ, P)``.
+
+    Attributes
+    ----------
+    mean, precision, variance : Tensor of shape (N, L)
+        ``μ``, ``P`` and ``σ² = 1/P``.
+    shift : Tensor of shape (N, 1)
+        ``max_l μ_il``.
+    shifted_exp : Tensor of shape (N, L)
+        ``e^{μ − shift}``.
+    exp_factors : Tensor of shape (N, L)
+        ``E_q[e^F] = exp(μ + σ²/2)``.
+    kl : float
+        ``KL(q ‖ N(0, 1))`` summed over entries.
+    """
+
+    __slots__ = (
+        "exp_factors",
+        "kl",
+        "mean",
+        "precision",
+        "shift",
+        "shifted_exp",
+        "variance",
+        "variance_part",
+    )
+
+    def __init__(
+        self, mean: Tensor, precision: Tensor, variance: Tensor, variance_part: float | None = None
+    ):
+        self.mean, self.precision, self.variance = mean, precision, variance
+        if variance_part is None:
+            variance_part = float((variance - variance.log()).sum()) - variance.numel()
+        self.variance_part = variance_part
+        flat_mean = mean.reshape(-1)
+        self.kl = 0.5 * (variance_part + float(torch.dot(flat_mean, flat_mean)))
+        self.shift = mean.amax(dim=1, keepdim=True)
+        self.shifted_exp = torch.sub(mean, self.shift).exp_()
+        self.exp_factors = torch.add(mean, variance, alpha=0.5).exp_()
+
+    def moved(self, mean: Tensor) -> FactorTerms:
+        """The terms at mean ``mean`` with this point's precision."""
+        return FactorTerms(mean, self.precision, self.variance, self.variance_part)
+
+
+class DenseLowerBound:
+    """The lower bound, its natural step and W's multiplicative step for dense counts.
+
+    Parameters
+    ----------
+    counts : CountMatrix of shape (N, D)
+        Dense counts (``counts.dense`` set).
+    """
+
+    def __init__(self, counts: CountMatrix):
+        if counts.is_sparse:
+            raise ValueError("DenseLowerBound needs dense counts")
+        self.counts = counts.dense
+        self.flat_counts = self.counts.reshape(-1)
+        self.row_totals = counts.row_totals
+        self.log_factorial = float(counts.log_factorial)
+        self.rates = torch.empty_like(self.counts)
+        self.work = torch.empty_like(self.counts)
+
+    def _rates(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
+        """``e^{μ − shift} Wᵀ`` into the rates buffer, shape ``(N, D)``."""
+        return torch.mm(terms.shifted_exp, loadings.T, out=self.rates)
+
+    def value(self, terms: FactorTerms, loadings: Tensor) -> float:
+        """The lower bound at ``(terms, loadings)``; leaves the rates in their buffer."""
+        rates = self._rates(terms, loadings)
+        log_term = torch.dot(self.flat_counts, torch.log(rates, out=self.work).reshape(-1))
+        shift_term = torch.dot(self.row_totals, terms.shift.reshape(-1))
+        rate_term = torch.dot(terms.exp_factors.sum(0), loadings.sum(0))
+        likelihood = float(log_term) + float(shift_term) - float(rate_term) - self.log_factorial
+        return likelihood - terms.kl
+
+    def natural_step(
+        self, terms: FactorTerms, loadings: Tensor, step_size: float
+    ) -> tuple[Tensor, Tensor, int]:
+        """``(μ′, P′, refused)``: the natural step from ``terms`` (rates from :meth:`value`).
+
+        ``P′ = P + ρd`` with ``d = 1 + E_q[rate] − P`` (plus ``ρ²d²/(2P)`` where ``d < 0``),
+        ``μ′ = μ + clip(ρ ∂ELBO/∂μ / P′, ±1)``; non-finite entries keep their old values.
+        """
+        ratio = torch.div(self.counts, self.rates, out=self.work)
+        expected_rate = terms.exp_factors * loadings.sum(0)
+        grad_mean = torch.mm(loadings.T, ratio.T).T.mul_(terms.shifted_exp)
+        grad_mean.sub_(expected_rate).sub_(terms.mean)
+        precision = terms.precision
+        direction = expected_rate.add_(1.0).sub_(precision)
+        new_precision = torch.add(precision, direction, alpha=step_size)
+        if step_size < 1.0 or bool((direction < 0).any()):
+            retracted = (step_size * direction).square_().div_(2.0 * precision)
+            new_precision = torch.where(direction >= 0, new_precision, new_precision + retracted)
+        mean_step = grad_mean.mul_(step_size).div_(new_precision).clamp_(-1.0, 1.0)
+        new_mean = mean_step.add_(terms.mean)
+        if math.isfinite(float(torch.dot(new_precision.reshape(-1), new_mean.reshape(-1)))):
+            return new_mean, new_precision, 0
+        accepted = torch.isfinite(new_precision * new_mean) & (new_precision > 0)
+        refused = accepted.numel() - int(accepted.sum())
+        new_mean = torch.where(accepted, new_mean, terms.mean)
+        new_precision = torch.where(accepted, new_precision, precision)
+        return new_mean, new_precision, refused
+
+    def loadings_step(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
+        """W's multiplicative (EM) step under ``q`` of ``terms``, floored at ``1e-10``."""
+        ratio = torch.div(self.counts, self._rates(terms, loadings), out=self.work)
+        numerator = torch.mm(terms.shifted_exp.T, ratio).T.mul_(loadings)
+        denominator = terms.exp_factors.sum(0).clamp_min_(torch.finfo(loadings.dtype).tiny)
+        return numerator.div_(denominator).clamp_min_(LOADINGS_FLOOR)
