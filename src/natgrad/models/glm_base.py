@@ -262,7 +262,7 @@ def check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | N
     if len(bad):
         raise ValueError(
             "sample_weight must be finite and non-negative, got "
-            f"sample_weight[{bad[0]}] = {weights[bad[0]]!r}"
+            f"sample_weight[{bad[0]}] = {float(weights[bad[0]])!r}"
         )
     if not weights.any():
         raise ValueError(f"sample_weight must not be all zero, got {n_samples} zero weights")

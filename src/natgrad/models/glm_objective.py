@@ -174,7 +174,7 @@ class PenalisedGLMObjective:
         """``(S, s / S)``; the second is ``None`` without weights or when they are all equal."""
         if sample_weight is None:
             return float(self.n_samples), None
-        values = sample_weight.detach().to(torch.float64).cpu().numpy()
+        values = sample_weight.detach().to(self.design.dtype).cpu().numpy()
         if values.shape != (self.n_samples,):
             raise ValueError(
                 f"sample_weight must have shape ({self.n_samples},), got {values.shape}"
@@ -183,7 +183,7 @@ class PenalisedGLMObjective:
         if not (np.isfinite(values).all() and values.min() >= 0.0 and total > 0.0):
             raise ValueError(
                 "sample_weight must be finite and non-negative with a positive sum, got "
-                f"minimum {values.min()!r}, sum {total!r}"
+                f"minimum {float(values.min())!r}, sum {total!r}"
             )
         if values.min() == values.max():
             return total, None
