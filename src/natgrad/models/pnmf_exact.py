@@ -24,6 +24,11 @@ from torch import Tensor
 from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_updates import LOADINGS_FLOOR
 
+SCALAR_SHIFT_RANGE = 50.0
+"""Largest ``max μ − min μ`` for which one shift ``max μ`` serves all rows: ``e^{μ − shift}``
+then stays above ``e^{−50}`` in every entry (no underflow in float32); beyond it each row is
+shifted by its own maximum."""
+
 
 class FactorTerms:
     """What the lower bound needs of ``q(F)`` at one point ``(μ, P)``.
@@ -32,18 +37,23 @@ class FactorTerms:
     ----------
     mean, precision, variance : Tensor of shape (N, L)
         ``μ``, ``P`` and ``σ² = 1/P``.
-    shift : Tensor of shape (N, 1)
-        ``max_l μ_il``.
+    half_variance_exp : Tensor of shape (N, L)
+        ``e^{σ²/2}`` (shared by the points of one precision).
+    variance_part : float
+        ``Σ_il (σ²_il − 1 − log σ²_il)``.
+    shift : float or Tensor of shape (N, 1)
+        ``max μ`` (one shift) or ``max_l μ_il`` (per row, see :data:`SCALAR_SHIFT_RANGE`).
     shifted_exp : Tensor of shape (N, L)
         ``e^{μ − shift}``.
     exp_factors : Tensor of shape (N, L)
-        ``E_q[e^F] = exp(μ + σ²/2)``.
+        ``E_q[e^F] = e^{μ + σ²/2}``.
     kl : float
         ``KL(q ‖ N(0, 1))`` summed over entries.
     """
 
     __slots__ = (
         "exp_factors",
+        "half_variance_exp",
         "kl",
         "mean",
         "precision",
@@ -53,22 +63,35 @@ class FactorTerms:
         "variance_part",
     )
 
-    def __init__(
-        self, mean: Tensor, precision: Tensor, variance: Tensor, variance_part: float | None = None
-    ):
+    def __init__(self, mean: Tensor, precision: Tensor, variance: Tensor):
         self.mean, self.precision, self.variance = mean, precision, variance
-        if variance_part is None:
-            variance_part = float((variance - variance.log()).sum()) - variance.numel()
-        self.variance_part = variance_part
-        flat_mean = mean.reshape(-1)
-        self.kl = 0.5 * (variance_part + float(torch.dot(flat_mean, flat_mean)))
-        self.shift = mean.amax(dim=1, keepdim=True)
-        self.shifted_exp = torch.sub(mean, self.shift).exp_()
-        self.exp_factors = torch.add(mean, variance, alpha=0.5).exp_()
+        self.half_variance_exp = torch.mul(variance, 0.5).exp_()
+        entries = float((variance - variance.log()).sum())
+        self.variance_part = entries - variance.numel()
+        self._set_mean_terms()
 
     def moved(self, mean: Tensor) -> FactorTerms:
-        """The terms at mean ``mean`` with this point's precision."""
-        return FactorTerms(mean, self.precision, self.variance, self.variance_part)
+        """The terms at mean ``mean`` with this point's precision (its variance terms reused)."""
+        terms = object.__new__(FactorTerms)
+        terms.mean, terms.precision, terms.variance = mean, self.precision, self.variance
+        terms.half_variance_exp, terms.variance_part = self.half_variance_exp, self.variance_part
+        terms._set_mean_terms()
+        return terms
+
+    def _set_mean_terms(self) -> None:
+        mean = self.mean
+        flat_mean = mean.reshape(-1)
+        self.kl = 0.5 * (self.variance_part + float(torch.dot(flat_mean, flat_mean)))
+        low, high = (float(bound) for bound in torch.aminmax(mean))
+        if high - low <= SCALAR_SHIFT_RANGE:
+            self.shift = high
+            self.shifted_exp = torch.sub(mean, high).exp_()
+            self.exp_factors = torch.mul(self.shifted_exp, self.half_variance_exp)
+            self.exp_factors.mul_(math.exp(high))
+            return
+        self.shift = mean.amax(dim=1, keepdim=True)
+        self.shifted_exp = torch.sub(mean, self.shift).exp_()
+        self.exp_factors = torch.add(mean, self.variance, alpha=0.5).exp_()
 
 
 class DenseLowerBound:
@@ -87,6 +110,7 @@ class DenseLowerBound:
         self.flat_counts = self.counts.reshape(-1)
         self.row_totals = counts.row_totals
         self.log_factorial = float(counts.log_factorial)
+        self.total = float(counts.total())
         self.rates = torch.empty_like(self.counts)
         self.work = torch.empty_like(self.counts)
 
@@ -98,9 +122,12 @@ class DenseLowerBound:
         """The lower bound at ``(terms, loadings)``; leaves the rates in their buffer."""
         rates = self._rates(terms, loadings)
         log_term = torch.dot(self.flat_counts, torch.log(rates, out=self.work).reshape(-1))
-        shift_term = torch.dot(self.row_totals, terms.shift.reshape(-1))
+        if isinstance(terms.shift, float):
+            shift_term = self.total * terms.shift
+        else:
+            shift_term = float(torch.dot(self.row_totals, terms.shift.reshape(-1)))
         rate_term = torch.dot(terms.exp_factors.sum(0), loadings.sum(0))
-        likelihood = float(log_term) + float(shift_term) - float(rate_term) - self.log_factorial
+        likelihood = float(log_term) + shift_term - float(rate_term) - self.log_factorial
         return likelihood - terms.kl
 
     def natural_step(
@@ -113,14 +140,13 @@ class DenseLowerBound:
         """
         ratio = torch.div(self.counts, self.rates, out=self.work)
         expected_rate = terms.exp_factors * loadings.sum(0)
-        grad_mean = torch.mm(loadings.T, ratio.T).T.mul_(terms.shifted_exp)
+        grad_mean = torch.mm(loadings.T, ratio.T).T.contiguous().mul_(terms.shifted_exp)
         grad_mean.sub_(expected_rate).sub_(terms.mean)
         precision = terms.precision
         direction = expected_rate.add_(1.0).sub_(precision)
         new_precision = torch.add(precision, direction, alpha=step_size)
-        if step_size < 1.0 or bool((direction < 0).any()):
-            retracted = (step_size * direction).square_().div_(2.0 * precision)
-            new_precision = torch.where(direction >= 0, new_precision, new_precision + retracted)
+        retraction = direction.clamp_(max=0.0).mul_(step_size).square_().div_(precision)
+        new_precision.add_(retraction, alpha=0.5)
         mean_step = grad_mean.mul_(step_size).div_(new_precision).clamp_(-1.0, 1.0)
         new_mean = mean_step.add_(terms.mean)
         if math.isfinite(float(torch.dot(new_precision.reshape(-1), new_mean.reshape(-1)))):
