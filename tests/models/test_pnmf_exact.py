@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from natgrad.models.pnmf import initial_loadings, initial_posterior
 from natgrad.models.pnmf_counts import count_matrix
 from natgrad.models.pnmf_elbo import elbo
-from natgrad.models.pnmf_exact import SCALAR_SHIFT_RANGE, DenseLowerBound, FactorTerms
+from natgrad.models.pnmf_exact import (
+    SCALAR_SHIFT_RANGE,
+    DenseLowerBound,
+    FactorTerms,
+    refuse_non_finite,
+)
 from natgrad.models.pnmf_gradients import elbo_gradients
 from natgrad.models.pnmf_training import FitSettings, FitState, fit_exact_dense, fit_natural
 from natgrad.models.pnmf_updates import moment_gradient_step, multiplicative_loadings
@@ -52,7 +57,8 @@ def test_bound_natural_step_and_loadings_step_match_the_generic_estimators(
     expected = elbo(counts, loadings, mean, 1.0 / precision, "lower-bound", 1)
     assert value == pytest.approx(float(expected), rel=1e-12, abs=1e-9)
 
-    new_mean, new_precision, refused = bound.natural_step(terms, loadings, step_size)
+    new_mean, new_precision = bound.natural_step(terms, loadings, step_size)
+    new_mean, new_precision, refused = refuse_non_finite(terms, new_mean, new_precision)
     gradients = elbo_gradients(counts, loadings, mean, 1.0 / precision, "lower-bound", 1)
     step = moment_gradient_step(
         mean, precision, -gradients.grad_mean, -gradients.grad_variance, step_size
@@ -96,7 +102,8 @@ def test_non_finite_entries_of_the_natural_step_are_refused_like_the_generic_ste
     terms = FactorTerms(mean, precision, 1.0 / precision)
     bound = DenseLowerBound(counts)
     assert np.isnan(bound.value(terms, loadings))  # the step reads the rates left by value()
-    new_mean, new_precision, refused = bound.natural_step(terms, loadings, 1.0)
+    new_mean, new_precision = bound.natural_step(terms, loadings, 1.0)
+    new_mean, new_precision, refused = refuse_non_finite(terms, new_mean, new_precision)
     gradients = elbo_gradients(counts, loadings, mean, 1.0 / precision, "lower-bound", 1)
     step = moment_gradient_step(
         mean, precision, -gradients.grad_mean, -gradients.grad_variance, 1.0

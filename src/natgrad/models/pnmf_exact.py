@@ -132,11 +132,12 @@ class DenseLowerBound:
 
     def natural_step(
         self, terms: FactorTerms, loadings: Tensor, step_size: float
-    ) -> tuple[Tensor, Tensor, int]:
-        """``(μ′, P′, refused)``: the natural step from ``terms`` (rates from :meth:`value`).
+    ) -> tuple[Tensor, Tensor]:
+        """``(μ′, P′)``: the natural step from ``terms`` (rates left by :meth:`value`).
 
         ``P′ = P + ρd`` with ``d = 1 + E_q[rate] − P`` (plus ``ρ²d²/(2P)`` where ``d < 0``),
-        ``μ′ = μ + clip(ρ ∂ELBO/∂μ / P′, ±1)``; non-finite entries keep their old values.
+        ``μ′ = μ + clip(ρ ∂ELBO/∂μ / P′, ±1)``. Entries may be non-finite; see
+        :func:`refuse_non_finite`.
         """
         ratio = torch.div(self.counts, self.rates, out=self.work)
         expected_rate = terms.exp_factors * loadings.sum(0)
@@ -145,17 +146,13 @@ class DenseLowerBound:
         precision = terms.precision
         direction = expected_rate.add_(1.0).sub_(precision)
         new_precision = torch.add(precision, direction, alpha=step_size)
-        retraction = direction.clamp_(max=0.0).mul_(step_size).square_().div_(precision)
-        new_precision.add_(retraction, alpha=0.5)
-        mean_step = grad_mean.mul_(step_size).div_(new_precision).clamp_(-1.0, 1.0)
-        new_mean = mean_step.add_(terms.mean)
-        if math.isfinite(float(torch.dot(new_precision.reshape(-1), new_mean.reshape(-1)))):
-            return new_mean, new_precision, 0
-        accepted = torch.isfinite(new_precision * new_mean) & (new_precision > 0)
-        refused = accepted.numel() - int(accepted.sum())
-        new_mean = torch.where(accepted, new_mean, terms.mean)
-        new_precision = torch.where(accepted, new_precision, precision)
-        return new_mean, new_precision, refused
+        retraction = direction.clamp_(max=0.0)
+        if step_size != 1.0:
+            retraction.mul_(step_size)
+            grad_mean.mul_(step_size)
+        new_precision.add_(retraction.square_().div_(precision), alpha=0.5)
+        new_mean = grad_mean.div_(new_precision).clamp_(-1.0, 1.0).add_(terms.mean)
+        return new_mean, new_precision
 
     def loadings_step(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
         """W's multiplicative (EM) step under ``q`` of ``terms``, floored at ``1e-10``."""
@@ -163,3 +160,15 @@ class DenseLowerBound:
         numerator = torch.mm(terms.shifted_exp.T, ratio).T.mul_(loadings)
         denominator = terms.exp_factors.sum(0).clamp_min_(torch.finfo(loadings.dtype).tiny)
         return numerator.div_(denominator).clamp_min_(LOADINGS_FLOOR)
+
+
+def refuse_non_finite(
+    terms: FactorTerms, mean: Tensor, precision: Tensor
+) -> tuple[Tensor, Tensor, int]:
+    """``(μ′, P′, refused)``: entries of a step whose ``P′μ′`` is not finite or ``P′ ≤ 0`` keep
+    the values of ``terms``; ``refused`` counts them."""
+    accepted = torch.isfinite(precision * mean) & (precision > 0)
+    refused = accepted.numel() - int(accepted.sum())
+    mean = torch.where(accepted, mean, terms.mean)
+    precision = torch.where(accepted, precision, terms.precision)
+    return mean, precision, refused

@@ -22,7 +22,7 @@ from torch import Tensor
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_elbo import ElboMode
-from natgrad.models.pnmf_exact import DenseLowerBound, FactorTerms
+from natgrad.models.pnmf_exact import DenseLowerBound, FactorTerms, refuse_non_finite
 from natgrad.models.pnmf_extrapolation import (
     GROWTH,
     INITIAL_BETA,
@@ -220,11 +220,14 @@ def fit_exact_dense(counts: CountMatrix, state: FitState, settings: FitSettings)
             value = bound.value(*pending)
         last_value = value
         point, point_loadings = pending
-        mean, precision, refused = bound.natural_step(
+        mean, precision = bound.natural_step(
             point, point_loadings, _ramped_step(settings, iteration)
         )
-        state.n_refused += refused
         iterate = FactorTerms(mean, precision, precision.reciprocal())
+        if not math.isfinite(iterate.kl):  # a non-finite or zero P′ or a non-finite μ′
+            mean, precision, refused = refuse_non_finite(point, mean, precision)
+            state.n_refused += refused
+            iterate = FactorTerms(mean, precision, precision.reciprocal())
         loadings = bound.loadings_step(iterate, point_loadings)
         log_loadings = loadings.log()
         pending = None
