@@ -113,6 +113,7 @@ class DenseLowerBound:
         self.total = float(counts.total())
         self.rates = torch.empty_like(self.counts)
         self.work = torch.empty_like(self.counts)
+        self.loadings_total: Tensor | None = None
 
     def _rates(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
         """``e^{μ − shift} Wᵀ`` into the rates buffer, shape ``(N, D)``."""
@@ -126,7 +127,8 @@ class DenseLowerBound:
             shift_term = self.total * terms.shift
         else:
             shift_term = float(torch.dot(self.row_totals, terms.shift.reshape(-1)))
-        rate_term = torch.dot(terms.exp_factors.sum(0), loadings.sum(0))
+        self.loadings_total = loadings.sum(0)
+        rate_term = torch.dot(terms.exp_factors.sum(0), self.loadings_total)
         likelihood = float(log_term) + shift_term - float(rate_term) - self.log_factorial
         return likelihood - terms.kl
 
@@ -135,12 +137,13 @@ class DenseLowerBound:
     ) -> tuple[Tensor, Tensor]:
         """``(μ′, P′)``: the natural step from ``terms`` (rates left by :meth:`value`).
 
+        ``loadings`` must be those of the last :meth:`value` (their column sums are reused).
         ``P′ = P + ρd`` with ``d = 1 + E_q[rate] − P`` (plus ``ρ²d²/(2P)`` where ``d < 0``),
         ``μ′ = μ + clip(ρ ∂ELBO/∂μ / P′, ±1)``. Entries may be non-finite; see
         :func:`refuse_non_finite`.
         """
         ratio = torch.div(self.counts, self.rates, out=self.work)
-        expected_rate = terms.exp_factors * loadings.sum(0)
+        expected_rate = terms.exp_factors * self.loadings_total
         grad_mean = torch.mm(loadings.T, ratio.T).T.contiguous().mul_(terms.shifted_exp)
         grad_mean.sub_(expected_rate).sub_(terms.mean)
         precision = terms.precision

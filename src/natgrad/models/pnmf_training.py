@@ -14,7 +14,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as functional
 from torch import Tensor
@@ -60,8 +59,8 @@ class ConvergenceMonitor:
         self.history.append(value)
         if len(self.history) < 2 * self.window:
             return False
-        newer = float(np.mean(self.history[-self.window :]))
-        older = float(np.mean(self.history[-2 * self.window : -self.window]))
+        newer = math.fsum(self.history[-self.window :]) / self.window
+        older = math.fsum(self.history[-2 * self.window : -self.window]) / self.window
         return abs(newer - older) <= self.tol * abs(newer)
 
 
