@@ -32,6 +32,12 @@ CPU = torch.device("cpu")
 DOUBLE = torch.float64
 
 
+def _terms(mean, precision):
+    """Factor terms of (N, L) moments, held components by samples."""
+    mean, precision = mean.T.contiguous(), precision.T.contiguous()
+    return FactorTerms(mean, precision, 1.0 / precision)
+
+
 def _problem(seed, n_samples=7, n_features=5, n_components=3, mean_spread=1.0):
     rng = np.random.default_rng(seed)
     counts = rng.poisson(3.0, (n_samples, n_features)).astype(np.float64)
@@ -50,7 +56,7 @@ def test_bound_natural_step_and_loadings_step_match_the_generic_estimators(
     counts_array, mean, precision, loadings = _problem(seed, mean_spread=mean_spread)
     counts = count_matrix(counts_array, DOUBLE, CPU)
     bound = DenseLowerBound(counts)
-    terms = FactorTerms(mean, precision, 1.0 / precision)
+    terms = _terms(mean, precision)
     # a spread of 40 per entry puts some rows' means more than 50 apart: one shift per row
     assert isinstance(terms.shift, float) == (mean.max() - mean.min() <= SCALAR_SHIFT_RANGE)
     value = bound.value(terms, loadings)
@@ -64,16 +70,16 @@ def test_bound_natural_step_and_loadings_step_match_the_generic_estimators(
         mean, precision, -gradients.grad_mean, -gradients.grad_variance, step_size
     )
     assert refused == step.n_refused == 0
-    torch.testing.assert_close(new_mean, step.mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(new_precision, step.precision, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_mean.T, step.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_precision.T, step.precision, rtol=1e-12, atol=1e-12)
 
     new_terms = FactorTerms(new_mean, new_precision, 1.0 / new_precision)
     new_loadings = bound.loadings_step(new_terms, loadings)
     at_new = elbo_gradients(
         counts,
         loadings,
-        new_mean,
-        1.0 / new_precision,
+        new_mean.T,
+        1.0 / new_precision.T,
         "lower-bound",
         1,
         need_value=False,
@@ -87,11 +93,11 @@ def test_bound_natural_step_and_loadings_step_match_the_generic_estimators(
 
 def test_moved_terms_equal_terms_computed_from_scratch():
     _, mean, precision, _ = _problem(5)
-    terms = FactorTerms(mean, precision, 1.0 / precision)
-    moved = terms.moved(mean + 0.3)
-    fresh = FactorTerms(mean + 0.3, precision, 1.0 / precision)
+    terms = _terms(mean, precision)
+    moved = terms.moved(terms.mean + 0.3)
+    fresh = _terms(mean + 0.3, precision)
     assert moved.kl == pytest.approx(fresh.kl, rel=1e-14)
-    torch.testing.assert_close(moved.exp_factors, torch.exp(mean + 0.3 + 0.5 / precision))
+    torch.testing.assert_close(moved.exp_factors.T, torch.exp(mean + 0.3 + 0.5 / precision))
     torch.testing.assert_close(moved.shifted_exp, fresh.shifted_exp)
 
 
@@ -99,7 +105,7 @@ def test_non_finite_entries_of_the_natural_step_are_refused_like_the_generic_ste
     counts_array, mean, precision, loadings = _problem(2)
     mean[1, 2] = float("inf")
     counts = count_matrix(counts_array, DOUBLE, CPU)
-    terms = FactorTerms(mean, precision, 1.0 / precision)
+    terms = _terms(mean, precision)
     bound = DenseLowerBound(counts)
     assert np.isnan(bound.value(terms, loadings))  # the step reads the rates left by value()
     new_mean, new_precision = bound.natural_step(terms, loadings, 1.0)
@@ -109,8 +115,8 @@ def test_non_finite_entries_of_the_natural_step_are_refused_like_the_generic_ste
         mean, precision, -gradients.grad_mean, -gradients.grad_variance, 1.0
     )
     assert refused == step.n_refused > 0
-    torch.testing.assert_close(new_mean, step.mean, equal_nan=True)
-    torch.testing.assert_close(new_precision, step.precision, equal_nan=True)
+    torch.testing.assert_close(new_mean.T, step.mean, equal_nan=True)
+    torch.testing.assert_close(new_precision.T, step.precision, equal_nan=True)
 
 
 def test_dense_counts_are_required():

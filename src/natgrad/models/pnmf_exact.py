@@ -6,8 +6,11 @@ The same iteration as :func:`natgrad.models.pnmf_training.fit_natural` in its ex
 quantity of ``q`` (``e^{μ − shift}``, ``E_q[e^F] = exp(μ + σ²/2)``, the KL terms) is computed
 once per point and shared by the ELBO, the natural step and the W step; the ``(N, D)`` work
 (rates, their log, ``Y / rates``) goes into two preallocated buffers; a restart reuses the
-factor terms of the block iterate, computed by its W step. For counts ``y`` (``(N, D)``),
-``W`` (``(D, L)``) and ``q(F)`` with moments ``(μ, P = 1/σ²)`` (``(N, L)``), at a point
+factor terms of the block iterate, computed by its W step. The moments of ``q(F)`` are held
+components by samples, ``(L, N)`` (the transpose of the estimator's ``(N, L)``), so that every
+matrix product writes a contiguous result and every sum over samples runs along rows. For
+counts ``y`` (``(N, D)``), ``W`` (``(D, L)``) and ``q(F)`` with moments ``(μ, P = 1/σ²)``, at a
+point
 
     rate_ij = Σ_l W_jl e^{μ_il},
     ELBO = Σ_ij y_ij log rate_ij − Σ_l (Σ_j W_jl)(Σ_i e^{μ_il + σ²_il/2}) − Σ_ij log y_ij!
@@ -25,8 +28,8 @@ from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_updates import LOADINGS_FLOOR
 
 SCALAR_SHIFT_RANGE = 50.0
-"""Largest ``max μ − min μ`` for which one shift ``max μ`` serves all rows: ``e^{μ − shift}``
-then stays above ``e^{−50}`` in every entry (no underflow in float32); beyond it each row is
+"""Largest ``max μ − min μ`` for which one shift ``max μ`` serves all samples: ``e^{μ − shift}``
+then stays above ``e^{−50}`` in every entry (no underflow in float32); beyond it each sample is
 shifted by its own maximum."""
 
 
@@ -35,17 +38,17 @@ class FactorTerms:
 
     Attributes
     ----------
-    mean, precision, variance : Tensor of shape (N, L)
-        ``μ``, ``P`` and ``σ² = 1/P``.
-    half_variance_exp : Tensor of shape (N, L)
+    mean, precision, variance : Tensor of shape (L, N)
+        ``μ``, ``P`` and ``σ² = 1/P`` (components by samples).
+    half_variance_exp : Tensor of shape (L, N)
         ``e^{σ²/2}`` (shared by the points of one precision).
     variance_part : float
         ``Σ_il (σ²_il − 1 − log σ²_il)``.
-    shift : float or Tensor of shape (N, 1)
-        ``max μ`` (one shift) or ``max_l μ_il`` (per row, see :data:`SCALAR_SHIFT_RANGE`).
-    shifted_exp : Tensor of shape (N, L)
+    shift : float or Tensor of shape (1, N)
+        ``max μ`` (one shift) or ``max_l μ_il`` (per sample, see :data:`SCALAR_SHIFT_RANGE`).
+    shifted_exp : Tensor of shape (L, N)
         ``e^{μ − shift}``.
-    exp_factors : Tensor of shape (N, L)
+    exp_factors : Tensor of shape (L, N)
         ``E_q[e^F] = e^{μ + σ²/2}``.
     kl : float
         ``KL(q ‖ N(0, 1))`` summed over entries.
@@ -89,7 +92,7 @@ class FactorTerms:
             self.exp_factors = torch.mul(self.shifted_exp, self.half_variance_exp)
             self.exp_factors.mul_(math.exp(high))
             return
-        self.shift = mean.amax(dim=1, keepdim=True)
+        self.shift = mean.amax(dim=0, keepdim=True)
         self.shifted_exp = torch.sub(mean, self.shift).exp_()
         self.exp_factors = torch.add(mean, self.variance, alpha=0.5).exp_()
 
@@ -117,7 +120,7 @@ class DenseLowerBound:
 
     def _rates(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
         """``e^{μ − shift} Wᵀ`` into the rates buffer, shape ``(N, D)``."""
-        return torch.mm(terms.shifted_exp, loadings.T, out=self.rates)
+        return torch.mm(terms.shifted_exp.T, loadings.T, out=self.rates)
 
     def value(self, terms: FactorTerms, loadings: Tensor) -> float:
         """The lower bound at ``(terms, loadings)``; leaves the rates in their buffer."""
@@ -128,7 +131,7 @@ class DenseLowerBound:
         else:
             shift_term = float(torch.dot(self.row_totals, terms.shift.reshape(-1)))
         self.loadings_total = loadings.sum(0)
-        rate_term = torch.dot(terms.exp_factors.sum(0), self.loadings_total)
+        rate_term = torch.dot(terms.exp_factors.sum(1), self.loadings_total)
         likelihood = float(log_term) + shift_term - float(rate_term) - self.log_factorial
         return likelihood - terms.kl
 
@@ -143,8 +146,8 @@ class DenseLowerBound:
         :func:`refuse_non_finite`.
         """
         ratio = torch.div(self.counts, self.rates, out=self.work)
-        expected_rate = terms.exp_factors * self.loadings_total
-        grad_mean = torch.mm(loadings.T, ratio.T).T.contiguous().mul_(terms.shifted_exp)
+        expected_rate = terms.exp_factors * self.loadings_total[:, None]
+        grad_mean = torch.mm(loadings.T, ratio.T).mul_(terms.shifted_exp)
         grad_mean.sub_(expected_rate).sub_(terms.mean)
         precision = terms.precision
         direction = expected_rate.add_(1.0).sub_(precision)
@@ -158,11 +161,15 @@ class DenseLowerBound:
         return new_mean, new_precision
 
     def loadings_step(self, terms: FactorTerms, loadings: Tensor) -> Tensor:
-        """W's multiplicative (EM) step under ``q`` of ``terms``, floored at ``1e-10``."""
+        """W's multiplicative (EM) step under ``q`` of ``terms``, floored at ``1e-10``.
+
+        Returns the new ``W`` of shape ``(D, L)`` (a transposed view of a contiguous ``(L, D)``).
+        """
         ratio = torch.div(self.counts, self._rates(terms, loadings), out=self.work)
-        numerator = torch.mm(terms.shifted_exp.T, ratio).T.mul_(loadings)
-        denominator = terms.exp_factors.sum(0).clamp_min_(torch.finfo(loadings.dtype).tiny)
-        return numerator.div_(denominator).clamp_min_(LOADINGS_FLOOR)
+        numerator = torch.mm(terms.shifted_exp, ratio).mul_(loadings.T)
+        denominator = terms.exp_factors.sum(1, keepdim=True)
+        denominator.clamp_min_(torch.finfo(loadings.dtype).tiny)
+        return numerator.div_(denominator).clamp_min_(LOADINGS_FLOOR).T
 
 
 def refuse_non_finite(

@@ -192,15 +192,16 @@ def fit_exact_dense(counts: CountMatrix, state: FitState, settings: FitSettings)
 
     The iterates of :func:`fit_natural`'s exact case (extrapolation with restarts as in
     :mod:`natgrad.models.pnmf_extrapolation`), computed by
-    :class:`natgrad.models.pnmf_exact.DenseLowerBound`: each iteration evaluates the bound at
-    the extrapolated point (or at the block iterate on a restart, reusing the iterate's factor
-    terms), takes the natural step on ``q(F)`` from there and W's multiplicative step.
+    :class:`natgrad.models.pnmf_exact.DenseLowerBound` (moments held as ``(L, N)``): each
+    iteration evaluates the bound at the extrapolated point (or at the block iterate on a
+    restart, reusing the iterate's factor terms), takes the natural step on ``q(F)`` from
+    there and W's multiplicative step.
     ``state.posterior`` is rebuilt every iteration only when a callback is set.
     """
     bound = DenseLowerBound(counts)
     monitor = ConvergenceMonitor(settings.tol)
-    precision = state.posterior.precision
-    iterate = FactorTerms(state.posterior.loc, precision, 1.0 / precision)
+    precision = state.posterior.precision.T.contiguous()
+    iterate = FactorTerms(state.posterior.loc.T.contiguous(), precision, 1.0 / precision)
     loadings = state.loadings
     beta, last_value = INITIAL_BETA, -math.inf
     previous: tuple[Tensor, Tensor] | None = None
@@ -239,10 +240,12 @@ def fit_exact_dense(counts: CountMatrix, state: FitState, settings: FitSettings)
         previous = (mean, log_loadings)
         state.loadings = loadings
         if settings.callback is not None:
-            state.posterior = BlockIterate(mean, precision, loadings).posterior
+            state.posterior = BlockIterate(mean.T, precision.T, loadings).posterior
         if _record(state, monitor, settings, iteration, value):
             break
-    state.posterior = BlockIterate(iterate.mean, iterate.precision, loadings).posterior
+    state.posterior = BlockIterate(
+        iterate.mean.T.contiguous(), iterate.precision.T.contiguous(), loadings
+    ).posterior
     return state
 
 
