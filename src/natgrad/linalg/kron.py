@@ -24,10 +24,12 @@ from torch import Tensor
 
 __all__ = [
     "SymmetricEigen",
+    "damped_factor_inverses",
     "eigenbasis_mv",
     "eigenbasis_project",
     "eigenbasis_solve",
     "factored_damping",
+    "factored_damping_from_factors",
     "factored_solve",
     "kron_mv",
     "symmetric_eigh",
@@ -263,11 +265,135 @@ def factored_damping(
     ``π = sqrt((tr A / d_in) / (tr G / d_out))``; ``π = 1`` if either trace vanishes.
     ``(G + λ_G I) ⊗ (A + λ_A I)`` then approximates ``G ⊗ A + λ I``.
     """
-    mean_input = float(input_eigen.values.mean())
-    mean_output = float(output_eigen.values.mean())
+    return _split_damping(
+        float(output_eigen.values.mean()), float(input_eigen.values.mean()), damping
+    )
+
+
+def factored_damping_from_factors(
+    output_factor: Tensor, input_factor: Tensor, damping: float
+) -> tuple[float, float]:
+    """:func:`factored_damping` from the factors themselves (their traces), without
+    eigendecompositions.
+
+    Parameters
+    ----------
+    output_factor : Tensor of shape (d_out, d_out)
+        ``G``.
+    input_factor : Tensor of shape (d_in, d_in), or (d_in,) for a diagonal factor
+        ``A`` (a vector holds the diagonal of a diagonal factor).
+    damping : float
+        ``λ``.
+
+    Returns
+    -------
+    (float, float)
+        ``(λ_G, λ_A)``.
+    """
+    means = torch.stack([output_factor.diagonal().mean(), _diagonal_of(input_factor).mean()])
+    mean_output, mean_input = means.tolist()
+    return _split_damping(mean_output, mean_input, damping)
+
+
+def _diagonal_of(factor: Tensor) -> Tensor:
+    return factor if factor.ndim == 1 else factor.diagonal()
+
+
+def _split_damping(mean_output: float, mean_input: float, damping: float) -> tuple[float, float]:
     pi = math.sqrt(mean_input / mean_output) if mean_input > 0 and mean_output > 0 else 1.0
     root = math.sqrt(damping)
     return root / pi, root * pi
+
+
+def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]) -> list[Tensor]:
+    """``(M_i + λ_i I)⁻¹`` of symmetric PSD factors by Cholesky, without eigendecompositions.
+
+    One batched ``torch.linalg.cholesky_ex`` and ``torch.cholesky_inverse`` per group of equal
+    size, dtype and device. Matrices whose Cholesky fails (a damped factor that round-off made
+    indefinite, e.g. a singular factor with a tiny ``λ_i``) are retried in float64, and if that
+    fails too, inverted in their eigenbasis with eigenvalues clamped at zero,
+    ``Q diag(1 / (max(s, 0) + λ_i)) Qᵀ`` (what :func:`symmetric_eigh` gives). Low-precision
+    inputs are inverted in float32. A 1-D tensor is a diagonal factor: its inverse is the
+    vector ``1 / (max(m, 0) + λ_i)``.
+
+    Parameters
+    ----------
+    matrices : sequence of Tensor, each of shape (d_i, d_i) or (d_i,)
+    dampings : sequence of float
+        ``λ_i > 0``, one per matrix.
+
+    Returns
+    -------
+    list of Tensor, in the order and shapes of ``matrices``, in the working dtype
+
+    Raises
+    ------
+    ValueError
+        If the lengths differ, a damping is not positive and finite, a matrix is not square
+        or contains non-finite entries.
+    """
+    if len(matrices) != len(dampings):
+        raise ValueError(f"got {len(matrices)} matrices but {len(dampings)} dampings")
+    bad = [damping for damping in dampings if not (math.isfinite(damping) and damping > 0)]
+    if bad:
+        raise ValueError(f"dampings must be positive and finite, got {bad[0]!r}")
+    results: list[Tensor | None] = [None] * len(matrices)
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for index, matrix in enumerate(matrices):
+        if matrix.ndim == 1:
+            results[index] = _diagonal_inverse(matrix, dampings[index])
+            continue
+        _check_square(matrix)
+        groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
+    for indices in groups.values():
+        stacked = torch.stack([matrices[index] for index in indices])
+        inverses = _cholesky_inverses(stacked, [dampings[index] for index in indices])
+        for index, inverse in zip(indices, inverses.unbind(), strict=True):
+            results[index] = inverse
+    return results
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _diagonal_inverse(diagonal: Tensor, damping: float) -> Tensor:
+    if not _all_finite(diagonal):
+        raise ValueError("cannot invert a factor with non-finite entries")
+    return (diagonal.to(_working_dtype(diagonal.dtype)).clamp_min(0) + damping).reciprocal()
+
+
+def _cholesky_or_failures(damped: Tensor) -> tuple[Tensor, list[int]]:
+    """Cholesky inverses of ``(B, d, d)`` and the batch positions whose factorisation failed
+    (their entries are the identity, to be overwritten)."""
+    factor, info = torch.linalg.cholesky_ex(damped)
+    failed = info.nonzero().flatten().tolist()
+    if failed:
+        factor[failed] = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return torch.cholesky_inverse(factor), failed
+
+
+def _cholesky_inverses(matrices: Tensor, dampings: list[float]) -> Tensor:
+    """``(M_b + λ_b I)⁻¹`` for finite symmetric ``(B, d, d)``; failures retried in float64,
+    then by clamped eigendecomposition."""
+    if not _all_finite(matrices):
+        raise ValueError("cannot invert a factor with non-finite entries")
+    working_dtype = _working_dtype(matrices.dtype)
+    shifts = torch.tensor(dampings, dtype=working_dtype, device=matrices.device)
+    damped = matrices.to(working_dtype, copy=True)
+    damped.diagonal(dim1=-2, dim2=-1).add_(shifts.unsqueeze(-1))
+    inverses, failed = _cholesky_or_failures(damped)
+    if not failed:
+        return inverses
+    retried, still_failed = _cholesky_or_failures(damped[failed].double())
+    for position, index in enumerate(failed):
+        if position not in still_failed:
+            inverses[index] = retried[position].to(working_dtype)
+            continue
+        values, vectors = _decompose(matrices[index].double())
+        inverse = (vectors / (values + dampings[index])) @ vectors.mT
+        inverses[index] = inverse.to(working_dtype)
+    return inverses
 
 
 def factored_solve(

@@ -27,7 +27,11 @@ Forward hooks (attached only for steps that record statistics) record layer inpu
 hooks on the layer outputs record output gradients; :meth:`KFAC.step` folds them into running
 factors ``A_l``, ``G_l`` (exponential moving average), refreshes the eigendecompositions every
 ``inv_update_interval`` steps and replaces each layer's gradient ``∇W_l`` by
-``(G_l ⊗ A_l + λI)⁻¹ ∇W_l``. Parameters outside the chosen layers keep their gradients.
+``(G_l ⊗ A_l + λI)⁻¹ ∇W_l``. With factored damping no eigendecomposition is needed: at a
+refresh the factors are copied, and their damped inverses ``(G_l + λ_G I)⁻¹`` and
+``(A_l + λ_A I)⁻¹`` are formed by Cholesky (batched over layers of equal size) from those
+copies, again whenever the damping changes. Parameters outside the chosen layers keep their
+gradients.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from natgrad.distributed.reduce import (
     rank,
     world_size,
 )
-from natgrad.linalg.kron import symmetric_eigh_batch
+from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
 from natgrad.optim.kfac_layers import (
     EmbeddingState,
     KroneckerLayerState,
@@ -171,7 +175,8 @@ class KFAC:
         Exponential-moving-average weight of the old factors (0 keeps only the last batch).
     factor_update_interval, inv_update_interval : int, default 1 and 10
         Statistics are recorded, and factors updated, on steps divisible by the first;
-        eigendecompositions are refreshed on steps divisible by the second.
+        eigendecompositions (factored damping: the factors to invert) are refreshed on steps
+        divisible by the second.
     damping : float or callable(step) -> float, default 1e-3
         Tikhonov damping ``λ`` (with ``adaptive_damping``: its initial value, a positive float).
     adaptive_damping : bool, default False
@@ -185,7 +190,10 @@ class KFAC:
         The adapted damping is kept within these.
     damping_mode : {"eigen", "factored"}, default "eigen"
         ``"eigen"``: exact ``(G ⊗ A + λI)⁻¹`` in the Kronecker eigenbasis. ``"factored"``:
-        ``(G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹`` with Martens & Grosse's π (needs ``λ > 0``).
+        ``(G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹`` with Martens & Grosse's π (needs ``λ > 0``), both
+        inverses by Cholesky (float64 retry, then a clamped eigendecomposition, for a factor
+        whose Cholesky fails), re-formed from the factors of the last refresh when ``λ``
+        changes.
     kl_clip : float, optional
         If given, the preconditioned gradients ``d`` are scaled by
         ``ν = min(1, sqrt(kl_clip / (lr² |Σ_l d_l · g_l|)))`` (kfac-pytorch's KL clipping).
@@ -201,10 +209,11 @@ class KFAC:
         Before this step ``.grad`` is left untouched (statistics are still recorded), so the
         preconditioner reproduces the base optimizer exactly.
     inverse_placement : {"replicated", "assigned"}, default "replicated"
-        Under ``torch.distributed``: ``"replicated"`` computes every eigendecomposition on every
-        process (no communication, redundant compute); ``"assigned"`` computes each layer's on
-        one process (greedy balance of ``d³`` costs) and broadcasts it (less compute per
-        process, one broadcast of ``O(d²)`` per layer). Both give identical results.
+        Under ``torch.distributed``: ``"replicated"`` computes every eigendecomposition (factored
+        damping: every damped inverse) on every process (no communication, redundant compute);
+        ``"assigned"`` computes each layer's on one process (greedy balance of ``d³`` costs)
+        and broadcasts it (less compute per process, one broadcast of ``O(d²)`` per layer and
+        refresh or damping change). Both give identical results.
     process_group : ProcessGroup, optional
         Group over which factors are all-reduced (default: the world).
     generator : torch.Generator, optional
@@ -455,7 +464,8 @@ class KFAC:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Update factors/eigenbases as scheduled, then precondition the gradients in place."""
+        """Update factors/eigenbases (or damped inverses) as scheduled, then precondition the
+        gradients in place."""
         self._layer_outputs, self._output_handles = [], []
         self._damping_probe = None
         if self.steps % self.factor_update_interval == 0:
@@ -464,11 +474,17 @@ class KFAC:
         stale = [
             state
             for state in self.layers
-            if state.input_factor is not None and (refresh or state.output_eigen is None)
+            if state.input_factor is not None and (refresh or not state.has_curvature())
         ]
-        self._update_eigens(stale)
+        if self._inverts_factors():
+            for state in stale:
+                state.refresh_inverted_factors()
+        else:
+            self._update_eigens(stale)
         self._update_eigenvalues(stale)
         if self.steps >= self.start_step:
+            if self._inverts_factors():
+                self._update_factored_inverses(self.current_damping())
             self._precondition()
         self.steps += 1
         self._sync_hooks()
@@ -500,6 +516,43 @@ class KFAC:
                 state.allocate_eigens()
             broadcast_from_(state.eigen_tensors(), owner, self.process_group)
 
+    def _inverts_factors(self) -> bool:
+        """Whether the damped factors are inverted directly (factored damping: nothing needs
+        the eigenbasis)."""
+        return self.damping_mode == "factored"
+
+    def _update_factored_inverses(self, damping: float) -> None:
+        """Form ``(G + λ_G I)⁻¹`` and ``(A + λ_A I)⁻¹`` of every layer whose refreshed factors
+        or damping changed since they were last formed, by batched Cholesky; under
+        ``inverse_placement="assigned"`` each on its owner, then broadcast."""
+        if not damping > 0:
+            raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
+        due = [
+            state
+            for state in self.layers
+            if state.inverted_factors is not None and not state.has_factored_inverses(damping)
+        ]
+        size = world_size(self.process_group)
+        assigned = self.inverse_placement == "assigned" and size > 1
+        owners = assign_owners([state.eigen_cost() for state in due], size) if assigned else []
+        me = rank(self.process_group) if assigned else 0
+        mine = [state for index, state in enumerate(due) if not assigned or owners[index] == me]
+        requests = [state.factored_inverse_inputs(damping) for state in mine]
+        inverses = iter(
+            damped_factor_inverses(
+                [matrix for matrices, _ in requests for matrix in matrices],
+                [value for _, dampings in requests for value in dampings],
+            )
+        )
+        for state in mine:
+            state.set_factored_inverses(damping, next(inverses), next(inverses))
+        if not assigned:
+            return
+        for state, owner in zip(due, owners, strict=True):
+            if owner != me:
+                state.allocate_factored_inverses(damping)
+            broadcast_from_(state.factored_inverse_tensors(), owner, self.process_group)
+
     def _update_eigenvalues(self, refreshed: list[LayerState]) -> None:
         """Hook for EKFAC's eigenvalue re-estimation; K-FAC uses ``outer(g, a)``."""
 
@@ -509,7 +562,7 @@ class KFAC:
         with_product = self.kl_clip is not None
         updates = []
         for state in self.layers:
-            grad = None if state.output_eigen is None else state.grad_matrix()
+            grad = state.grad_matrix() if state.has_curvature() else None
             if grad is not None:
                 updates.append(
                     (state, grad, *state.partial_solve(grad, damping, factored, with_product))
@@ -541,8 +594,9 @@ class KFAC:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Step counter, per-layer factors, eigenbases and pending sums (cloned tensors), and
-        with ``adaptive_damping`` the current damping."""
+        """Step counter, per-layer factors, eigenbases (factored damping: the factors of the
+        last refresh) and pending sums (cloned tensors), and with ``adaptive_damping`` the
+        current damping."""
         state = {
             "steps": self.steps,
             "layers": {layer.name: layer.state_dict() for layer in self.layers},

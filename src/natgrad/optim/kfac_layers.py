@@ -1,8 +1,10 @@
-"""Per-layer state of the K-FAC/EKFAC preconditioners: running factors and their eigenbases.
+"""Per-layer state of the K-FAC/EKFAC preconditioners: running factors and their eigenbases
+(or, for factored damping, the factors' damped inverses).
 
 The maths is the curvature layer's (:mod:`natgrad.curvature.kfac_capture` for features and
-factors, :mod:`natgrad.linalg.kron` for eigenbasis solves, :mod:`natgrad.curvature.ekfac` for
-the projected second moment); this module only keeps statistics between steps.
+factors, :mod:`natgrad.linalg.kron` for eigenbasis solves and Cholesky inverses,
+:mod:`natgrad.curvature.ekfac` for the projected second moment); this module only keeps
+statistics between steps.
 
 Factors are stored in ``factor_dtype`` (float32 for half/bfloat16 or float32 parameters, float64
 for float64 parameters), so ``torch.autocast`` never lowers their precision.
@@ -25,9 +27,11 @@ from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import KroneckerLayer, input_features, output_features
 from natgrad.linalg.kron import (
     SymmetricEigen,
+    damped_factor_inverses,
     eigenbasis_project,
     eigenbasis_solve,
-    factored_damping,
+    factored_damping_from_factors,
+    kron_mv,
     symmetric_eigh_batch,
 )
 
@@ -91,15 +95,6 @@ def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
     identity_in = SymmetricEigen(eigenvalues[0], None)
     ones = torch.ones_like(eigenvalues)
     return eigenbasis_solve(identity_out, identity_in, eigenvalues, ones, damping)
-
-
-def _factor_inverse(eigen: SymmetricEigen, damping: float) -> Tensor:
-    """``(M + λI)⁻¹`` from ``M``'s eigendecomposition: a ``(d, d)`` matrix, or the diagonal
-    ``(d,)`` for a diagonal factor."""
-    reciprocal = (eigen.values + damping).reciprocal()
-    if eigen.vectors is None:
-        return reciprocal
-    return (eigen.vectors * reciprocal) @ eigen.vectors.mT
 
 
 class _FactoredSolve:
@@ -184,6 +179,7 @@ class LayerState:
         self._output_eigen: SymmetricEigen | None = None
         self._input_eigen: SymmetricEigen | None = None
         self._eigenvalues: Tensor | None = None
+        self._inverted_factors: tuple[Tensor, Tensor] | None = None
         self._inverse: tuple[tuple[float, bool], _EigenSolve | _FactoredSolve] | None = None
         self.reset_sums()
 
@@ -214,6 +210,20 @@ class LayerState:
     @eigenvalues.setter
     def eigenvalues(self, value: Tensor | None) -> None:
         self._eigenvalues, self._inverse = value, None
+
+    @property
+    def inverted_factors(self) -> tuple[Tensor, Tensor] | None:
+        """Factored damping: copies of ``(G, A)`` as of the last inverse refresh (``A`` a vector
+        for embeddings), from which the damped inverses are formed without eigendecompositions."""
+        return self._inverted_factors
+
+    @inverted_factors.setter
+    def inverted_factors(self, value: tuple[Tensor, Tensor] | None) -> None:
+        self._inverted_factors, self._inverse = value, None
+
+    def has_curvature(self) -> bool:
+        """Whether an eigenbasis or refreshed factors are there to precondition with."""
+        return self.output_eigen is not None or self.inverted_factors is not None
 
     # -- statistics --------------------------------------------------------------------------
     def reset_sums(self) -> None:
@@ -291,14 +301,48 @@ class LayerState:
         """``outer(g, a)``: the K-FAC block's eigenvalues, shape ``(d_out, d_in)``."""
         return torch.outer(self.output_eigen.values, self.input_eigen.values)
 
+    def refresh_inverted_factors(self) -> None:
+        """Factored damping: take copies of the current factors as the ones to invert."""
+        self.inverted_factors = (self.output_factor.clone(), self.input_factor.clone())
+
+    def factored_inverse_inputs(self, damping: float) -> tuple[list[Tensor], list[float]]:
+        """``([G, A], [λ_G, λ_A])`` of the refreshed factors for
+        :func:`~natgrad.linalg.kron.damped_factor_inverses` (Martens & Grosse's π)."""
+        output_factor, input_factor = self.inverted_factors
+        dampings = factored_damping_from_factors(output_factor, input_factor, damping)
+        return [output_factor, input_factor], list(dampings)
+
+    def has_factored_inverses(self, damping: float) -> bool:
+        """Whether the damped inverses for ``damping`` are formed."""
+        return self._inverse is not None and self._inverse[0] == (float(damping), True)
+
+    def set_factored_inverses(
+        self, damping: float, output_inverse: Tensor, input_inverse: Tensor
+    ) -> None:
+        """Take ``(G + λ_G I)⁻¹`` and ``(A + λ_A I)⁻¹`` (a vector for a diagonal ``A``)."""
+        self._inverse = ((float(damping), True), _FactoredSolve(output_inverse, input_inverse))
+
+    def allocate_factored_inverses(self, damping: float) -> None:
+        """Empty damped inverses of the right shapes, to be filled by a broadcast."""
+        output_factor, input_factor = self.inverted_factors
+        self.set_factored_inverses(
+            damping, torch.empty_like(output_factor), torch.empty_like(input_factor)
+        )
+
+    def factored_inverse_tensors(self) -> list[Tensor]:
+        """The damped inverses, ``[(G + λ_G I)⁻¹, (A + λ_A I)⁻¹]`` (for broadcasting)."""
+        solve = self._inverse[1]
+        return [solve.output_inverse, solve.input_inverse]
+
     def partial_solve(
         self, matrix: Tensor, damping: float, factored: bool, with_product: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Start ``(block + λI)⁻¹ vec(V)`` (exact eigenbasis damping) or the factored π form;
         :meth:`write_solution` finishes it into ``.grad``.
 
-        The damped inverse (``1/(S + λ)`` in the eigenbasis, or the two factored inverses) is
-        built once per eigendecomposition and damping and reused until either changes.
+        The damped inverse (``1/(S + λ)`` in the eigenbasis, or the two factored inverses by
+        Cholesky from :attr:`inverted_factors`) is built once per refresh and damping and
+        reused until either changes.
 
         Parameters
         ----------
@@ -335,17 +379,16 @@ class LayerState:
             return _EigenSolve(self.output_eigen, self.input_eigen, reciprocal, self._columns)
         if not damping > 0:
             raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
-        output_damping, input_damping = factored_damping(
-            self.output_eigen, self.input_eigen, damping
-        )
-        return _FactoredSolve(
-            _factor_inverse(self.output_eigen, output_damping),
-            _factor_inverse(self.input_eigen, input_damping),
-        )
+        return _FactoredSolve(*damped_factor_inverses(*self.factored_inverse_inputs(damping)))
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
         """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`partial_solve` inverts
         (undamped)."""
+        if self.output_eigen is None:
+            output_factor, input_factor = self.inverted_factors
+            if input_factor.ndim == 1:
+                return (matrix * (output_factor @ matrix) * input_factor).sum()
+            return (matrix * kron_mv(output_factor, input_factor, matrix)).sum()
         coordinates = eigenbasis_project(self.output_eigen, self.input_eigen, matrix)
         eigenvalues = self.kfac_eigenvalues() if self.eigenvalues is None else self.eigenvalues
         return (coordinates.square() * eigenvalues).sum()
@@ -367,11 +410,13 @@ class LayerState:
         for side, eigen in (("output", self.output_eigen), ("input", self.input_eigen)):
             state[f"{side}_eigenvalues"] = None if eigen is None else eigen.values
             state[f"{side}_eigenvectors"] = None if eigen is None else eigen.vectors
+        inverted = self.inverted_factors or (None, None)
+        state["inverted_output_factor"], state["inverted_input_factor"] = inverted
         return {key: None if value is None else value.clone() for key, value in state.items()}
 
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         def get(key: str) -> Tensor | None:
-            value = state[key]
+            value = state.get(key)
             return None if value is None else value.to(self.dtype).clone()
 
         self.input_factor, self.output_factor = get("input_factor"), get("output_factor")
@@ -387,6 +432,8 @@ class LayerState:
                 None if values is None else SymmetricEigen(values, get(f"{side}_eigenvectors"))
             )
         self.output_eigen, self.input_eigen = eigens
+        inverted = (get("inverted_output_factor"), get("inverted_input_factor"))
+        self.inverted_factors = None if inverted[0] is None else inverted
         self.pairs.clear()
 
     # -- for subclasses ------------------------------------------------------------------------
