@@ -1,0 +1,120 @@
+"""Factored-damping K-FAC under torch.distributed: 2 gloo processes on loopback equal one.
+
+The damped factor inverses are formed on every process (``"replicated"``) or on each layer's
+assigned process and broadcast (``"assigned"``), at each refresh and whenever the damping
+changes; adaptive (Levenberg–Marquardt) damping changes it between refreshes, with the losses
+averaged over the processes.
+"""
+
+import importlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from natgrad.optim import KFAC
+
+STEPS = 12
+GLOBAL_BATCH = 16
+PLACEMENTS = ["replicated", "assigned"]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).to(torch.float64)
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 1, 3, 3, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def mean_over_processes(loss: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return loss
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def train(model: nn.Module, placement: str, shard: slice) -> tuple[list[torch.Tensor], list]:
+    precond = KFAC(
+        model,
+        factor_decay=0.9,
+        inv_update_interval=4,
+        damping=0.05,
+        damping_mode="factored",
+        adaptive_damping=True,
+        damping_adaptation_interval=1,
+        damping_decay=0.5,
+        inverse_placement=placement,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    dampings = []
+    for inputs, targets in global_batches():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs[shard]), targets[shard])
+        loss.backward()
+        precond.step()
+        optimizer.step()
+        with torch.no_grad():
+            after = nn.functional.cross_entropy(model(inputs[shard]), targets[shard])
+        dampings.append(
+            precond.update_damping(mean_over_processes(loss), mean_over_processes(after))
+        )
+    precond.remove()
+    return [param.detach().clone() for param in model.parameters()], dampings
+
+
+def worker(rank: int, world: int, port: int, output: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        local = GLOBAL_BATCH // world
+        shard = slice(rank * local, (rank + 1) * local)
+        results = [
+            train(DistributedDataParallel(make_model()), placement, shard)
+            for placement in PLACEMENTS
+        ]
+        if rank == 0:
+            torch.save(results, output)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_gloo_processes_equal_one_process_with_factored_damping(tmp_path) -> None:
+    output = str(tmp_path / "params.pt")
+    importlib.import_module("torch._dynamo")  # imported once before forking (see test_kfac_ddp)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(
+        worker, args=(2, free_port(), output), nprocs=2, join=True, start_method=method
+    )
+    distributed = torch.load(output)
+    for placement, (params, dampings) in zip(PLACEMENTS, distributed, strict=True):
+        single, single_dampings = train(make_model(), placement, slice(None))
+        assert len(set(single_dampings)) > 2, f"the damping never changed: {single_dampings}"
+        assert dampings == pytest.approx(single_dampings, rel=1e-9)
+        for expected, actual in zip(single, params, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
