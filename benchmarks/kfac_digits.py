@@ -53,7 +53,8 @@ rounding). Where the conventions differ:
   differ by construction (the agreement table shows by how much).
 - Factor EMA: ASDL's ``ema_decay`` is the weight of the new factor (natgrad's
   ``1 - factor_decay``) and its average starts from zero; natgrad's starts at the first batch.
-- Inverses: ASDL by Cholesky (explicit inverses), natgrad by eigendecomposition.
+- Inverses: ASDL by Cholesky (explicit inverses); natgrad's ``"factored"`` mode also by
+  Cholesky, its ``"eigen"`` mode by eigendecomposition.
 - ASDL's MC Fisher supports cross-entropy and MSE losses only (no Bernoulli), hence the
   empirical Fisher in the comparison; on curvature steps its Fisher maker runs the forward and
   backward itself, with its hooks attached for that pass.
