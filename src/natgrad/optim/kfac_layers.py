@@ -99,22 +99,37 @@ def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
 
 class _FactoredSolve:
     """Factored damping: ``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹`` with both inverses kept (the input
-    one a vector for a diagonal factor)."""
+    one a vector for a diagonal factor), and the split of ``(A + λ_A I)⁻¹`` into weight columns
+    and bias column, so that the last product can be written straight into ``.grad``."""
 
-    def __init__(self, output_inverse: Tensor, input_inverse: Tensor) -> None:
+    def __init__(
+        self, output_inverse: Tensor, input_inverse: Tensor, weight_columns: int | None
+    ) -> None:
         self.output_inverse = output_inverse
         self.input_inverse = input_inverse
+        self.right: tuple[Tensor, Tensor | None] | None = None
+        if input_inverse.ndim == 2:
+            bias = input_inverse[:, weight_columns] if weight_columns < len(input_inverse) else None
+            self.right = (input_inverse[:, :weight_columns], bias)
+        self.deferred = False
 
-    def start(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
-        """``(solution, V)``; their inner product is ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``."""
+    def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
+        """``(partial, V)``: ``partial`` is ``(G + λ_G I)⁻¹ V``, whose product with the right
+        inverse :meth:`finish` leaves to the write, or with ``with_product`` (or a diagonal
+        input factor) the solution, whose inner product with ``V`` is
+        ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``."""
         left = torch.mm(self.output_inverse, matrix)
-        if self.input_inverse.ndim == 1:
+        self.deferred = self.right is not None and not with_product
+        if self.deferred:
+            return left, matrix
+        if self.right is None:
             return left * self.input_inverse, matrix
         return torch.mm(left, self.input_inverse), matrix
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
-        """``(solution, None)``: nothing is left to multiply."""
-        return partial, None
+        """``(partial, split (A + λ_A I)⁻¹)`` if the last product was deferred, else
+        ``(solution, None)``."""
+        return partial, self.right if self.deferred else None
 
 
 class _EigenSolve:
@@ -139,7 +154,7 @@ class _EigenSolve:
             bias = right[:, weight_columns] if weight_columns < right.shape[1] else None
             self.right = (right[:, :weight_columns], bias)
 
-    def start(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
+    def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
         """``(partial, coordinates)``: the scaled eigenbasis coordinates and the coordinates
         ``Q_Gᵀ V Q_A``, whose inner product is ``vec(V)ᵀ (C + λI)⁻¹ vec(V)``."""
         coordinates = matrix
@@ -320,7 +335,8 @@ class LayerState:
         self, damping: float, output_inverse: Tensor, input_inverse: Tensor
     ) -> None:
         """Take ``(G + λ_G I)⁻¹`` and ``(A + λ_A I)⁻¹`` (a vector for a diagonal ``A``)."""
-        self._inverse = ((float(damping), True), _FactoredSolve(output_inverse, input_inverse))
+        solve = _FactoredSolve(output_inverse, input_inverse, self._columns)
+        self._inverse = ((float(damping), True), solve)
 
     def allocate_factored_inverses(self, damping: float) -> None:
         """Empty damped inverses of the right shapes, to be filled by a broadcast."""
@@ -357,14 +373,14 @@ class LayerState:
         -------
         partial : Tensor of shape (d_out, d_in)
             Exact damping: the scaled eigenbasis coordinates ``(Q_Gᵀ V Q_A) / (S + λ)``;
-            factored damping: the solution itself. Linear in ``V``, so scaling it scales the
-            solution.
+            factored damping: ``(G + λ_G I)⁻¹ V``, or with ``with_product`` the solution.
+            Linear in ``V``, so scaling it scales the solution.
         product : 0-dim Tensor or None
         """
         key = (float(damping), factored)
         if self._inverse is None or self._inverse[0] != key:
             self._inverse = (key, self._damped_solve(damping, factored))
-        partial, against = self._inverse[1].start(matrix)
+        partial, against = self._inverse[1].start(matrix, with_product)
         product = torch.vdot(against.reshape(-1), partial.reshape(-1)) if with_product else None
         return partial, product
 
@@ -379,7 +395,8 @@ class LayerState:
             return _EigenSolve(self.output_eigen, self.input_eigen, reciprocal, self._columns)
         if not damping > 0:
             raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
-        return _FactoredSolve(*damped_factor_inverses(*self.factored_inverse_inputs(damping)))
+        inverses = damped_factor_inverses(*self.factored_inverse_inputs(damping))
+        return _FactoredSolve(*inverses, self._columns)
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
         """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`partial_solve` inverts
