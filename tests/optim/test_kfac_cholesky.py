@@ -373,3 +373,22 @@ def test_autocast_keeps_float32_factors_and_inverses() -> None:
         factors = (state.output_factor, state.input_factor)
         expected = dense_factored_solve(factors, 0.1, gradient).float()
         torch.testing.assert_close(state.grad_matrix(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_conv_grad_takes_the_copy_path() -> None:
+    """A channels-last weight gradient is not a row-major matrix view: the deferred last
+    product is formed and copied into it, equal to the dense factored solve."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    model = model.to(DTYPE).to(memory_format=torch.channels_last)
+    precond = KFAC(model, damping=0.1, damping_mode="factored", inv_update_interval=1)
+    inputs, targets = torch.randn(5, 2, 3, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    loss_of(model, inputs, targets).backward()
+    gradients = [state.grad_matrix().clone() for state in precond.layers]
+    precond.step()
+    assert not model[0].weight.grad.is_contiguous()
+    for state, gradient in zip(precond.layers, gradients, strict=True):
+        factors = (state.output_factor, state.input_factor)
+        torch.testing.assert_close(
+            state.grad_matrix(), dense_factored_solve(factors, 0.1, gradient)
+        )

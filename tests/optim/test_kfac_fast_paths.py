@@ -205,7 +205,8 @@ def test_embedding_and_linear_layers_with_kl_clip_equal_scaled_dense_solves(damp
         torch.testing.assert_close(state.grad_matrix().reshape(-1), scale * solution)
 
 
-def test_low_precision_parameters_take_the_copy_path() -> None:
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_low_precision_parameters_take_the_copy_path(damping_mode) -> None:
     """bfloat16 gradients with float32 factors: solved in float32, written back in bfloat16,
     matching the float32 model's preconditioned gradient to bfloat16 precision."""
     torch.manual_seed(4)
@@ -213,7 +214,7 @@ def test_low_precision_parameters_take_the_copy_path() -> None:
     model = copy.deepcopy(reference).to(torch.bfloat16)
     inputs, targets = torch.randn(16, 3), torch.randint(0, 3, (16,))
     for net, x in ((reference, inputs), (model, inputs.to(torch.bfloat16))):
-        precond = KFAC(net, inv_update_interval=1, damping=0.1)
+        precond = KFAC(net, inv_update_interval=1, damping=0.1, damping_mode=damping_mode)
         net.zero_grad()
         nn.functional.cross_entropy(net(x).float(), targets).backward()
         precond.step()
