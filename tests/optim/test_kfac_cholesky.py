@@ -392,3 +392,37 @@ def test_channels_last_conv_grad_takes_the_copy_path() -> None:
         torch.testing.assert_close(
             state.grad_matrix(), dense_factored_solve(factors, 0.1, gradient)
         )
+
+
+@pytest.mark.parametrize("saved_mode", ["eigen", "factored"])
+def test_state_saved_in_one_damping_mode_resumes_in_the_other(saved_mode) -> None:
+    """Between refreshes, a state saved with the other damping mode has no curvature of the
+    loaded mode's kind: it is formed from the loaded factors at the next step."""
+    torch.manual_seed(8)
+    model = all_kinds()
+    options = {"damping": 0.05, "inv_update_interval": 10}
+    precond = KFAC(model, damping_mode=saved_mode, **options)
+    for step in range(2):
+        model.zero_grad()
+        loss_of(model, *batch(30 + step)).backward()
+        precond.step()
+    mode = "factored" if saved_mode == "eigen" else "eigen"
+    resumed = KFAC(model, damping_mode=mode, **options)
+    resumed.load_state_dict(copy.deepcopy(precond.state_dict()))
+    precond.remove()
+    model.zero_grad()
+    loss_of(model, *batch(32)).backward()
+    gradients = [state.grad_matrix().clone() for state in resumed.layers]
+    resumed.step()
+    for state, gradient in zip(resumed.layers, gradients, strict=True):
+        factors = (state.output_factor, state.input_factor)
+        if mode == "factored":
+            expected = dense_factored_solve(factors, 0.05, gradient)
+        else:
+            output_factor, input_factor = factors
+            if input_factor.ndim == 1:
+                input_factor = torch.diag(input_factor)
+            block = torch.kron(output_factor, input_factor)
+            block += 0.05 * torch.eye(len(block), dtype=DTYPE)
+            expected = torch.linalg.solve(block, gradient.reshape(-1)).reshape(gradient.shape)
+        torch.testing.assert_close(state.grad_matrix(), expected)

@@ -471,19 +471,20 @@ class KFAC:
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
         refresh = self.steps % self.inv_update_interval == 0
+        factored = self._inverts_factors()
         stale = [
             state
             for state in self.layers
-            if state.input_factor is not None and (refresh or not state.has_curvature())
+            if state.input_factor is not None and (refresh or not state.has_curvature(factored))
         ]
-        if self._inverts_factors():
+        if factored:
             for state in stale:
                 state.refresh_inverted_factors()
         else:
             self._update_eigens(stale)
         self._update_eigenvalues(stale)
         if self.steps >= self.start_step:
-            if self._inverts_factors():
+            if factored:
                 self._update_factored_inverses(self.current_damping())
             self._precondition()
         self.steps += 1
@@ -562,7 +563,7 @@ class KFAC:
         with_product = self.kl_clip is not None
         updates = []
         for state in self.layers:
-            grad = state.grad_matrix() if state.has_curvature() else None
+            grad = state.grad_matrix() if state.has_curvature(factored) else None
             if grad is not None:
                 updates.append(
                     (state, grad, *state.partial_solve(grad, damping, factored, with_product))

@@ -236,9 +236,10 @@ class LayerState:
     def inverted_factors(self, value: tuple[Tensor, Tensor] | None) -> None:
         self._inverted_factors, self._inverse = value, None
 
-    def has_curvature(self) -> bool:
-        """Whether an eigenbasis or refreshed factors are there to precondition with."""
-        return self.output_eigen is not None or self.inverted_factors is not None
+    def has_curvature(self, factored: bool) -> bool:
+        """Whether refreshed factors (factored damping) or an eigenbasis are there to
+        precondition with."""
+        return (self.inverted_factors if factored else self.output_eigen) is not None
 
     # -- statistics --------------------------------------------------------------------------
     def reset_sums(self) -> None:
@@ -317,7 +318,9 @@ class LayerState:
         return torch.outer(self.output_eigen.values, self.input_eigen.values)
 
     def refresh_inverted_factors(self) -> None:
-        """Factored damping: take copies of the current factors as the ones to invert."""
+        """Factored damping: take copies of the current factors as the ones to invert (and drop
+        eigenbases, e.g. of a state saved with exact damping)."""
+        self.output_eigen = self.input_eigen = None
         self.inverted_factors = (self.output_factor.clone(), self.input_factor.clone())
 
     def factored_inverse_inputs(self, damping: float) -> tuple[list[Tensor], list[float]]:
