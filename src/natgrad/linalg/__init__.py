@@ -4,10 +4,12 @@ and inverse matrix roots."""
 from natgrad.linalg.cg import CGInfo, cg
 from natgrad.linalg.kron import (
     SymmetricEigen,
+    damped_factor_inverses,
     eigenbasis_mv,
     eigenbasis_project,
     eigenbasis_solve,
     factored_damping,
+    factored_damping_from_factors,
     factored_solve,
     kron_mv,
     symmetric_eigh,
@@ -27,6 +29,7 @@ __all__ = [
     "SymmetricEigen",
     "add_damping",
     "cg",
+    "damped_factor_inverses",
     "damped_inverse",
     "damped_solve",
     "default_eigen_floor",
@@ -34,6 +37,7 @@ __all__ = [
     "eigenbasis_project",
     "eigenbasis_solve",
     "factored_damping",
+    "factored_damping_from_factors",
     "factored_solve",
     "inverse_pth_root",
     "kron_mv",
