@@ -64,10 +64,10 @@ rounding). Where the conventions differ:
 Also measured: the time to build K-FAC factors on one batch with natgrad, curvlinops, BackPACK
 (MC, one sample; it refuses non-binary targets on the autoencoder) and ASDL.
 
-Run ``python benchmarks/kfac_digits.py`` (about 6 minutes on 2 quiet cores, 1 torch thread);
-``--quick`` for a smoke run (2 epochs, one configuration per method, under a minute),
-``--cost-only`` for the cost tables alone. Writes ``benchmarks/results/kfac_digits.{json,png}``
-(not with ``--quick`` or ``--cost-only``).
+Run ``python benchmarks/kfac_digits.py`` (4 minutes on a quiet machine with 1 torch thread, 5-8
+under load); ``--quick`` for a smoke run (2 epochs, one configuration per method, under a
+minute), ``--cost-only`` for the cost tables alone. Writes
+``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``).
 """
 
 from __future__ import annotations
