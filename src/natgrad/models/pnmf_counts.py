@@ -123,7 +123,10 @@ def count_matrix(
     """
     n_samples, n_features = counts.shape
     if not sp.issparse(counts):
-        dense = torch.as_tensor(np.asarray(counts), dtype=dtype, device=device)
+        array = np.asarray(counts)
+        if not array.flags.writeable:  # a read-only view (memmap) would make torch warn
+            array = array.copy()
+        dense = torch.as_tensor(array, dtype=dtype, device=device)
         return CountMatrix(n_samples, n_features, _log_factorial(dense), dense=dense)
     csr = sp.csr_matrix(counts)
     csr.eliminate_zeros()

@@ -482,7 +482,9 @@ def _set_local_gradient(parameter: Tensor, index: Tensor | None, grad: Tensor, s
     if not sparse:
         parameter.grad = grad
         return
-    parameter.grad = torch.sparse_coo_tensor(index.unsqueeze(0), grad, parameter.shape)
+    parameter.grad = torch.sparse_coo_tensor(  # the batch's own sorted, unique rows
+        index.unsqueeze(0), grad, parameter.shape, check_invariants=False
+    )
 
 
 def _record(
