@@ -2,7 +2,11 @@
 
 Each process trains a DistributedDataParallel copy of the model on its half of every global
 batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
-process trained on the full global batches. The batch is larger than every factor's dimension
+process trained on the full global batches. With factored damping the damped factor inverses
+are formed on every process (``"replicated"``) or on each layer's assigned process and
+broadcast (``"assigned"``), at each refresh and whenever the damping changes; adaptive
+(Levenberg–Marquardt) damping changes it between refreshes, with the losses averaged over the
+processes. The batch is larger than every factor's dimension
 so that no factor has a repeated (zero) eigenvalue: EKFAC's eigenvalue estimates depend on the
 basis chosen inside a degenerate eigenspace, which round-off decides.
 """
@@ -24,6 +28,7 @@ from natgrad.optim import EKFAC, KFAC
 STEPS = 20
 GLOBAL_BATCH = 32
 CONFIGS = [(KFAC, "replicated"), (KFAC, "assigned"), (EKFAC, "assigned")]
+PLACEMENTS = ["replicated", "assigned"]
 
 
 def make_model() -> nn.Module:
@@ -64,6 +69,45 @@ def train(model: nn.Module, cls, placement: str, shard: slice) -> list[torch.Ten
     return [param.detach().clone() for param in model.parameters()]
 
 
+def mean_over_processes(loss: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized():
+        return loss
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def train_factored_adaptive(
+    model: nn.Module, placement: str, shard: slice
+) -> tuple[list[torch.Tensor], list[float]]:
+    precond = KFAC(
+        model,
+        factor_decay=0.9,
+        inv_update_interval=4,
+        damping=0.05,
+        damping_mode="factored",
+        adaptive_damping=True,
+        damping_adaptation_interval=1,
+        damping_decay=0.5,
+        inverse_placement=placement,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
+    dampings = []
+    for inputs, targets in global_batches():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs[shard]), targets[shard])
+        loss.backward()
+        precond.step()
+        optimizer.step()
+        with torch.no_grad():
+            after = nn.functional.cross_entropy(model(inputs[shard]), targets[shard])
+        dampings.append(
+            precond.update_damping(mean_over_processes(loss), mean_over_processes(after))
+        )
+    precond.remove()
+    return [param.detach().clone() for param in model.parameters()], dampings
+
+
 def worker(rank: int, world: int, port: int, output: str) -> None:
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -72,10 +116,16 @@ def worker(rank: int, world: int, port: int, output: str) -> None:
     try:
         local = GLOBAL_BATCH // world
         shard = slice(rank * local, (rank + 1) * local)
-        results = [
-            train(DistributedDataParallel(make_model()), cls, placement, shard)
-            for cls, placement in CONFIGS
-        ]
+        results = {
+            "configs": [
+                train(DistributedDataParallel(make_model()), cls, placement, shard)
+                for cls, placement in CONFIGS
+            ],
+            "factored": [
+                train_factored_adaptive(DistributedDataParallel(make_model()), placement, shard)
+                for placement in PLACEMENTS
+            ],
+        }
         if rank == 0:
             torch.save(results, output)
     finally:
@@ -88,9 +138,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path) -> None:
-    output = str(tmp_path / "params.pt")
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory) -> dict:
+    """Run :func:`worker` on 2 gloo processes once; rank 0's results."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    output = str(tmp_path_factory.mktemp("ddp") / "params.pt")
     # DistributedDataParallel imports torch._dynamo lazily, which takes seconds per process:
     # import it once here and fork (where available) so the workers share it.
     importlib.import_module("torch._dynamo")
@@ -98,13 +151,28 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path) -> N
     mp.start_processes(
         worker, args=(2, free_port(), output), nprocs=2, join=True, start_method=method
     )
-    distributed = torch.load(output)
-    for (cls, placement), params in zip(CONFIGS, distributed, strict=True):
+    return torch.load(output)
+
+
+def test_two_gloo_processes_equal_one_process_on_the_global_batch(two_process_results) -> None:
+    for (cls, placement), params in zip(CONFIGS, two_process_results["configs"], strict=True):
         single = train(make_model(), cls, placement, slice(None))
         moved = any(
             not torch.equal(a, b) for a, b in zip(single, make_model().parameters(), strict=True)
         )
         assert moved, f"{cls.__name__}: training did not move the parameters"
+        for expected, actual in zip(single, params, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_gloo_processes_equal_one_process_with_factored_adaptive_damping(
+    two_process_results,
+) -> None:
+    results = two_process_results["factored"]
+    for placement, (params, dampings) in zip(PLACEMENTS, results, strict=True):
+        single, single_dampings = train_factored_adaptive(make_model(), placement, slice(None))
+        assert len(set(single_dampings)) > 2, f"the damping never changed: {single_dampings}"
+        assert dampings == pytest.approx(single_dampings, rel=1e-9)
         for expected, actual in zip(single, params, strict=True):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
