@@ -17,7 +17,7 @@ eigenbasis products and damped solves here take an arbitrary eigenvalue matrix.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -129,12 +129,8 @@ def symmetric_eigh_batch(matrices: Sequence[Tensor]) -> list[SymmetricEigen]:
     torch.linalg.LinAlgError
         If a decomposition fails even in float64.
     """
-    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
-    for index, matrix in enumerate(matrices):
-        _check_square(matrix)
-        groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
     results: list[SymmetricEigen | None] = [None] * len(matrices)
-    for indices in groups.values():
+    for indices in _groups_of_equal_kind(matrices, range(len(matrices))):
         stacked = torch.stack([matrices[index] for index in indices])
         if not _all_finite(stacked):
             raise ValueError("cannot eigendecompose a matrix with non-finite entries")
@@ -142,6 +138,17 @@ def symmetric_eigh_batch(matrices: Sequence[Tensor]) -> list[SymmetricEigen]:
         for index, value, vector in zip(indices, values.unbind(), vectors.unbind(), strict=True):
             results[index] = SymmetricEigen(value, vector)
     return results
+
+
+def _groups_of_equal_kind(matrices: Sequence[Tensor], indices: Iterable[int]) -> list[list[int]]:
+    """``indices`` of square ``matrices`` grouped by size, dtype and device (one batched LAPACK
+    call per group)."""
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for index in indices:
+        matrix = matrices[index]
+        _check_square(matrix)
+        groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
+    return list(groups.values())
 
 
 def _check_square(matrix: Tensor) -> None:
@@ -152,9 +159,7 @@ def _check_square(matrix: Tensor) -> None:
 def _decompose(matrices: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (clamped at zero) and eigenvectors of the symmetrised finite matrices
     ``(..., d, d)``, retried in float64 on failure, in the working dtype."""
-    working_dtype = (
-        matrices.dtype if matrices.dtype in (torch.float32, torch.float64) else torch.float32
-    )
+    working_dtype = _working_dtype(matrices.dtype)
     symmetric = 0.5 * (matrices + matrices.mT).to(working_dtype)
     result = _eigh_or_none(symmetric)
     if result is None and working_dtype != torch.float64:
@@ -338,14 +343,13 @@ def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]
     if bad:
         raise ValueError(f"dampings must be positive and finite, got {bad[0]!r}")
     results: list[Tensor | None] = [None] * len(matrices)
-    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    square = []
     for index, matrix in enumerate(matrices):
         if matrix.ndim == 1:
             results[index] = _diagonal_inverse(matrix, dampings[index])
-            continue
-        _check_square(matrix)
-        groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
-    for indices in groups.values():
+        else:
+            square.append(index)
+    for indices in _groups_of_equal_kind(matrices, square):
         stacked = torch.stack([matrices[index] for index in indices])
         inverses = _cholesky_inverses(stacked, [dampings[index] for index in indices])
         for index, inverse in zip(indices, inverses.unbind(), strict=True):
