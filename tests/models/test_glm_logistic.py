@@ -13,7 +13,7 @@ from scipy.special import softmax
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression
 
-from natgrad.models import LogisticRegression
+from natgrad.models import LogisticRegression, glm_solvers
 
 
 def make_classification(n_samples: int, n_features: int, n_classes: int, seed: int):
@@ -102,16 +102,22 @@ def test_fisher_chord_with_l2_matches_sklearn():
     np.testing.assert_allclose(model.intercept_, reference.intercept_, atol=1e-6, rtol=0)
 
 
-def test_one_fisher_scoring_step_is_the_irls_update():
+def test_one_fisher_scoring_step_is_the_irls_update(monkeypatch):
+    """The float64 step is IRLS's to rounding; the default's float32-Gram direction to 1e-6."""
     X, y = make_classification(200, 3, 2, seed=12)
     C = 0.5
-    with pytest.warns(ConvergenceWarning, match="max_iter"):
-        model = LogisticRegression(C=C, max_iter=1).fit(X, y)
     design = np.column_stack([X, np.ones(len(y))])
     working_weights = np.full(len(y), 0.25)  # p (1 - p) at the zero start, p = 1/2
     penalty = np.diag([1 / C] * 3 + [0.0])
     normal_matrix = design.T @ (design * working_weights[:, None]) + penalty
     update = np.linalg.solve(normal_matrix, design.T @ (y - 0.5))
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        model = LogisticRegression(C=C, max_iter=1).fit(X, y)
+    np.testing.assert_allclose(model.coef_[0], update[:3], rtol=1e-6)
+    np.testing.assert_allclose(model.intercept_, update[3:], rtol=1e-6)
+    monkeypatch.setattr(glm_solvers, "MAX_LOW_PRECISION_CONDITION", 0.0)  # refuse float32
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        model = LogisticRegression(C=C, max_iter=1).fit(X, y)
     np.testing.assert_allclose(model.coef_[0], update[:3], rtol=1e-12)
     np.testing.assert_allclose(model.intercept_, update[3:], rtol=1e-12)
 

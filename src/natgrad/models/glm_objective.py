@@ -29,6 +29,16 @@ Everything is in closed form, without automatic differentiation: the gradient is
 ``X̃ᵀ diag(s / S) (∇A(f) − T(y)) B`` (plus the penalty's) from
 :meth:`~natgrad.curvature.likelihoods.Likelihood.nll_gradient`, and the solvers evaluate the
 loss, gradient and Fisher of one :class:`GLMPoint` from its outputs ``f``, computed once.
+For the Bernoulli and Poisson likelihoods the loss is evaluated together with the per-sample
+means ``∇A(f)`` and variances ``∇²A(f)`` (one exponential per sample), which the point keeps
+for its gradient and Fisher.
+
+:meth:`PenalisedGLMObjective.low_precision_fisher` forms the data Gram of a scalar likelihood in
+float32, from a copy of the design with unit-norm columns, for the solvers' Newton
+**direction** only: its error is relative to the column scales, so badly scaled columns do not
+hurt it, nearly collinear ones do (the solver checks the condition and falls back to
+:meth:`~PenalisedGLMObjective.point_fisher`, the float64 Fisher). Gradients, losses and the
+standard errors' Fisher are float64.
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as functional
 from scipy.linalg import blas
 from torch import Tensor
 
@@ -91,11 +100,16 @@ class GLMPoint:
         ``f = X̃ Θ Bᵀ`` at ``params``.
     loss : float
         ``L(Θ)``; ``inf`` where it is not finite.
+    means, variances : ndarray of shape (N,), optional
+        ``∇A(fₙ)`` and ``∇²A(fₙ)`` of a Bernoulli or Poisson likelihood, computed with the
+        loss (``None`` for other likelihoods); unused where the loss is not finite.
     """
 
     params: Tensor
     outputs: Tensor
     loss: float
+    means: np.ndarray | None = None
+    variances: np.ndarray | None = None
 
 
 class PenalisedGLMObjective:
@@ -159,16 +173,20 @@ class PenalisedGLMObjective:
         # NumPy views for the closed-form evaluations: few, cheap calls per solver iteration
         self._basis_array = self.output_basis.numpy()
         self._penalty_array = self.penalty_diagonal.numpy()
-        self._poisson_counts = self._bernoulli_labels = None
-        if isinstance(likelihood, BernoulliLikelihood):
-            self._bernoulli_labels = targets.reshape(-1, 1).to(design.dtype)
+        # Bernoulli / Poisson: targets as an (N,) array, and y / N (or y ⊙ s / S) for the y·f term
+        self._scalar_family = None
+        if isinstance(likelihood, BernoulliLikelihood | PoissonLikelihood) and self.n_columns == 1:
+            self._scalar_family = likelihood.name
+            self._target_values = targets.detach().reshape(-1).to(design.dtype).numpy()
+            self._scaled_targets = self._mean_terms(self._target_values)
+        self._mean_log_factorial = 0.0
         if isinstance(likelihood, PoissonLikelihood):
             # nll = exp f − y f + log y!: the last term does not depend on Θ, so its mean is
             # computed once here instead of at every loss evaluation (lgamma is costly)
-            self._poisson_counts = targets.reshape(-1, 1).to(design.dtype)
-            self._mean_log_factorial = mean_log_factorial(
-                self._poisson_counts.numpy(), self._mean_weights
-            )
+            counts = targets.detach().reshape(-1).to(design.dtype).numpy()
+            self._mean_log_factorial = mean_log_factorial(counts, self._mean_weights)
+        self._unit_design_t: np.ndarray | None = None  # float32 copy, built on first use
+        self._column_norms: np.ndarray | None = None
 
     def _check_sample_weight(self, sample_weight: Tensor | None) -> tuple[float, np.ndarray | None]:
         """``(S, s / S)``; the second is ``None`` without weights or when they are all equal."""
@@ -225,48 +243,87 @@ class PenalisedGLMObjective:
 
     # -- closed-form evaluation at a point ------------------------------------------------------
     def point(self, params: Tensor, outputs: Tensor | None = None) -> GLMPoint:
-        """``params`` with their outputs (computed unless given) and loss ``L(Θ)``."""
+        """``params`` with their outputs (computed unless given) and loss ``L(Θ)``.
+
+        For the Bernoulli and Poisson likelihoods also the per-sample means and variances.
+        """
+        means = variances = None
         with torch.no_grad():
             if outputs is None:
                 outputs = self.outputs_no_grad(params)
-            loss = float(self._mean_nll(outputs))
+            if self._scalar_family is None:
+                loss = float(self._mean_nll(outputs))
+            else:
+                loss, means, variances = self._scalar_terms(outputs[:, 0].numpy())
         if self.inverse_C:
             values = params.detach().numpy()
             loss += 0.5 * float(self._penalty_array @ (values * values))
-        return GLMPoint(params, outputs, loss if math.isfinite(loss) else math.inf)
+        loss = loss if math.isfinite(loss) else math.inf
+        return GLMPoint(params, outputs, loss, means, variances)
+
+    def _mean_terms(self, values: np.ndarray) -> np.ndarray:
+        """``values / N``, or ``values ⊙ s / S`` with sample weights, shape ``(N,)``."""
+        if self._mean_weights is None:
+            return values / self.n_samples
+        return values * self._mean_weights
+
+    def _mean(self, values: np.ndarray) -> float:
+        """``(1/S) Σₙ sₙ valuesₙ`` for ``values`` of shape ``(N,)``."""
+        if self._mean_weights is None:
+            return float(values.sum()) / self.n_samples
+        return float(self._mean_weights @ values)
+
+    def _scalar_terms(self, outputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """Mean nll, means ``∇A(f)`` and variances ``∇²A(f)`` for outputs ``(N,)`` (Bernoulli
+        or Poisson), in a few passes that share one exponential.
+
+        Bernoulli, with ``e = exp(−|f|)``: ``nll = log(1 + e) + max(f, 0) − y f`` (``log(1 + e)``
+        of an argument in ``[1, 2]``: absolute error below ``eps``; the mean of ``max(f, 0)`` is
+        ``(mean f + mean |f|) / 2``), ``σ(|f|) = 1 / (1 + e)``, ``σ(−|f|) = e σ(|f|)``, the mean
+        ``σ(f)`` is one of them by the sign of ``f`` and the variance is their product.
+        Poisson: ``nll = exp f − y f + log y!`` and mean = variance = ``exp f``.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self._scalar_family == "poisson":
+                rates = torch.exp(torch.from_numpy(outputs)).numpy()
+                loss = self._mean(rates) - float(self._scaled_targets @ outputs)
+                return loss + self._mean_log_factorial, rates, rates
+            magnitudes = np.abs(outputs)
+            denominators = torch.exp(-torch.from_numpy(magnitudes)).numpy()
+            smaller = denominators.copy()  # e, then σ(−|f|)
+            denominators += 1.0
+            log_terms = torch.log(torch.from_numpy(denominators)).numpy()
+            larger = np.reciprocal(denominators, out=denominators)  # σ(|f|)
+            smaller *= larger
+            loss = (
+                self._mean(log_terms)
+                + 0.5 * (self._mean(outputs) + self._mean(magnitudes))
+                - float(self._scaled_targets @ outputs)
+            )
+            means = np.where(outputs >= 0.0, larger, smaller)
+            return loss, means, np.multiply(smaller, larger, out=smaller)
 
     def _mean_nll(self, outputs: Tensor) -> Tensor:
-        """``(1/S) Σₙ sₙ nll(fₙ, yₙ)`` for outputs ``(N, C)``, a scalar.
-
-        The Bernoulli's and Poisson's in fewest passes over the outputs (the solvers evaluate
-        it once per trial step); other likelihoods through ``likelihood.nll``.
-        """
+        """``(1/S) Σₙ sₙ nll(fₙ, yₙ)`` for outputs ``(N, C)`` through ``likelihood.nll``."""
+        terms = self.likelihood.nll(outputs, self.targets)
         if self._mean_weights is None:
-            if self._bernoulli_labels is not None:
-                return functional.binary_cross_entropy_with_logits(outputs, self._bernoulli_labels)
-            if self._poisson_counts is not None:
-                counts = self._poisson_counts
-                return (outputs.exp() - counts * outputs).mean() + self._mean_log_factorial
-            return self.likelihood.nll(outputs, self.targets).mean()
-        weights = torch.from_numpy(self._mean_weights)
-        if self._bernoulli_labels is not None:
-            return functional.binary_cross_entropy_with_logits(
-                outputs, self._bernoulli_labels, weight=weights[:, None], reduction="sum"
-            )
-        if self._poisson_counts is not None:
-            terms = outputs.exp() - self._poisson_counts * outputs
-            return weights @ terms[:, 0] + self._mean_log_factorial
-        return weights @ self.likelihood.nll(outputs, self.targets)
+            return terms.mean()
+        return torch.from_numpy(self._mean_weights) @ terms
 
     def gradient(self, point: GLMPoint) -> Tensor:
         """``∇L = X̃ᵀ diag(s / S) (∇A(f) − T(y)) B + penalty``, flat, shape ``(D·P,)``."""
-        residual = self.likelihood.nll_gradient(point.outputs, self.targets).numpy()
-        if self._mean_weights is not None:
-            residual = residual * self._mean_weights[:, None]
         with np.errstate(invalid="ignore", over="ignore"):
-            gradient = ((self._design_t_array @ residual) @ self._basis_array).reshape(-1)
-        if self._mean_weights is None:
-            gradient /= self.n_samples
+            if point.means is not None:  # scalar likelihood: B = [[b]]
+                residual = self._mean_terms(point.means - self._target_values)
+                gradient = (self._design_t_array @ residual) * self._basis_array[0, 0]
+            else:
+                residual = self.likelihood.nll_gradient(point.outputs, self.targets).numpy()
+                residual = residual * (
+                    1.0 / self.n_samples
+                    if self._mean_weights is None
+                    else self._mean_weights[:, None]
+                )
+                gradient = ((self._design_t_array @ residual) @ self._basis_array).reshape(-1)
         if self.inverse_C:
             gradient += self._penalty_array * point.params.detach().numpy()
         return torch.from_numpy(gradient)
@@ -280,7 +337,7 @@ class PenalisedGLMObjective:
         return point.loss, self.gradient(point)
 
     def fisher(self, params: Tensor, outputs: Tensor | None = None) -> Tensor:
-        """The mean penalised Fisher ``F(Θ)`` above, shape ``(D·P, D·P)``.
+        """The mean penalised Fisher ``F(Θ)`` above, shape ``(D·P, D·P)``, float64.
 
         ``outputs`` (``f`` at ``params``) are computed unless given.
         """
@@ -288,24 +345,80 @@ class PenalisedGLMObjective:
             if outputs is None:
                 outputs = self.outputs_no_grad(params)
             if self.n_columns == 1:
-                # ∇²A(f) = r², r from natural_hessian_sqrt: X̃ᵀ diag(r² b² / N) X̃ = Rᵀ R b² / N
-                # (weighted: r √(s / S) in place of r / √N)
-                roots = self.likelihood.natural_hessian_sqrt(outputs)[:, 0, 0].numpy()
-                scale = float(self.output_basis[0, 0]) ** 2
-                if self._mean_weights is None:
-                    scale /= self.n_samples
-                else:
-                    roots = roots * np.sqrt(self._mean_weights)
-                if roots.min() == roots.max():  # equal outputs (the usual start): no scaled copy
-                    fisher = self._gram(self._design_t_array, scale * float(roots[0]) ** 2)
-                else:
-                    fisher = self._gram(self._design_t_array * roots, scale)
+                variances = self.likelihood.natural_hessian(outputs)[:, 0, 0].numpy()
+                fisher = self._scalar_data_gram(variances)
             else:
                 basis = self.output_basis
                 output_fisher = self.likelihood.natural_hessian(outputs)
                 fisher = self._data_fisher(basis.T @ output_fisher @ basis).numpy()
         fisher[np.diag_indices_from(fisher)] += self._penalty_array
         return torch.from_numpy(fisher)
+
+    def point_fisher(self, point: GLMPoint) -> Tensor:
+        """:meth:`fisher` at ``point``, from its cached variances where it has them."""
+        if point.variances is None:
+            return self.fisher(point.params, point.outputs)
+        fisher = self._scalar_data_gram(point.variances)
+        fisher[np.diag_indices_from(fisher)] += self._penalty_array
+        return torch.from_numpy(fisher)
+
+    def _scalar_roots(self, variances: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(r, k)`` with ``X̃ᵀ diag(rₙ²) X̃ · k`` the data Fisher of a scalar likelihood.
+
+        ``r = √(∇²A(f))`` (times ``√(s / S)`` with sample weights) and ``k = b² / N`` (``b²``
+        with weights), ``b`` the 1 × 1 output basis.
+        """
+        with np.errstate(invalid="ignore"):
+            roots = np.sqrt(variances)
+        scale = float(self._basis_array[0, 0]) ** 2
+        if self._mean_weights is None:
+            return roots, scale / self.n_samples
+        return roots * np.sqrt(self._mean_weights), scale
+
+    def _scalar_data_gram(self, variances: np.ndarray) -> np.ndarray:
+        """The data part of :meth:`fisher` for a scalar likelihood, float64, shape ``(D, D)``."""
+        roots, scale = self._scalar_roots(variances)
+        if roots.min() == roots.max():  # equal outputs (the usual start): no scaled copy
+            return self._gram(self._design_t_array, scale * float(roots[0]) ** 2)
+        return self._gram(self._design_t_array * roots, scale)
+
+    def low_precision_fisher(self, point: GLMPoint) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(M, c)`` with ``F(Θ) ≈ diag(c) M diag(c)``, the data Gram formed in float32.
+
+        ``M = X̂ᵀ diag(ρ²) X̂ + diag(penalty / c²)`` (float64, shape ``(D, D)``), where
+        ``X̂ = X̃ diag(1 / ‖X̃ columns‖)`` is held in float32 and ``ρ`` are the Fisher weights'
+        roots divided by their largest, so no float32 value overflows; ``c`` (shape ``(D,)``)
+        puts the column norms and that largest root back. Each entry of ``M`` has a relative
+        error of about float32's ``eps`` times ``√(Mᵢᵢ Mⱼⱼ)``: a Newton direction from it is
+        accurate to about ``eps₃₂ · κ`` with ``κ`` the condition number of ``M`` scaled to unit
+        diagonal, independent of the columns' scales. ``None`` for other than a scalar
+        likelihood's point with variances, or weights that are not finite or all zero.
+        """
+        if point.variances is None:
+            return None
+        roots, scale = self._scalar_roots(point.variances)
+        largest = float(roots.max())
+        if not 0.0 < largest < math.inf:  # also catches NaN
+            return None
+        unit_design_t, column_norms = self._float32_unit_design()
+        if roots.min() == largest:
+            scaled = unit_design_t
+        else:
+            scaled = unit_design_t * (roots * (1.0 / largest)).astype(np.float32)
+        gram = (scaled @ scaled.T).astype(np.float64)
+        column_scale = (largest * math.sqrt(scale)) * column_norms
+        gram[np.diag_indices_from(gram)] += self._penalty_array / column_scale**2
+        return gram, column_scale
+
+    def _float32_unit_design(self) -> tuple[np.ndarray, np.ndarray]:
+        """X̃ᵀ with unit-norm rows (zero rows left zero) in float32, and the norms, ``(D,)``."""
+        if self._unit_design_t is None:
+            norms = np.sqrt(np.einsum("ij,ij->i", self._design_t_array, self._design_t_array))
+            norms[~(norms > 0.0)] = 1.0
+            unit = np.empty(self._design_t_array.shape, dtype=np.float32)
+            np.multiply(self._design_t_array, (1.0 / norms)[:, None], out=unit, casting="same_kind")
+            self._unit_design_t, self._column_norms = unit, norms
+        return self._unit_design_t, self._column_norms
 
     @staticmethod
     def _gram(scaled_design_t: np.ndarray, scale: float) -> np.ndarray:

@@ -21,6 +21,16 @@ and a Kronecker preconditioner (the ``(D·P)²`` Fisher is never formed), to a r
 ``min(CG_FORCING, ‖∇L‖^½)`` (an inexact Newton method of order 1.5) or an absolute residual
 of ``CG_ATOL_FRACTION · tol``; the dense solve is the fallback where CG does not converge.
 
+**Mixed precision** (scalar likelihoods, on unless ``mixed_precision=False``): the Fisher for
+the direction has its data Gram formed in float32
+(:meth:`~natgrad.models.glm_objective.PenalisedGLMObjective.low_precision_fisher`), then is
+scaled to unit diagonal, factorised in float64, and used only if LAPACK's condition estimate is
+at most ``MAX_LOW_PRECISION_CONDITION``. The direction is then that of an inexact Newton method
+with a relative error of about ``1e-6 · κ``; the gradient, the loss and the convergence test
+stay float64, so the fixed point and the ``‖∇L‖ ≤ tol`` criterion are unchanged. Where the
+estimate is larger or the factorisation fails, the float64 Fisher is formed instead, and for
+the rest of the fit.
+
 Each step is safeguarded by step halving: ``t`` is halved until the penalised loss is finite
 and decreases sufficiently (Armijo), so a step never writes a non-finite value into ``Θ``. The
 outputs of a trial point are ``f(Θ) − t · X̃ d Bᵀ``, so each trial costs one loss evaluation
@@ -60,6 +70,11 @@ CHORD_CONTRACTION = 0.03
 
 0.1 saved more Fishers but took up to 11 iterations to 1e-8 on the benchmark problems; with
 0.03 none took more than 10 (plain Fisher scoring: 4–10), with one or two Fishers fewer."""
+MAX_LOW_PRECISION_CONDITION = 1e3
+"""Largest condition estimate of the unit-diagonal Fisher for which a float32 Gram is used.
+
+Its entries' relative errors are about 1e-6 (float32 sums over 10⁴ samples), so the direction's
+relative error stays below about 1e-3 and Newton's last steps are not slowed noticeably."""
 
 
 @dataclass
@@ -96,15 +111,32 @@ class SolverResult:
 
 @dataclass
 class CholeskyFactor:
-    """Lower Cholesky factor ``L`` of a Fisher ``F = L Lᵀ``, shape ``(D·P, D·P)``, float64."""
+    """Cholesky factor of a Fisher ``F = D L Lᵀ D``, ``D = diag(1 / inverse_scale)``.
+
+    Attributes
+    ----------
+    lower : ndarray of shape (D·P, D·P)
+        Lower triangular ``L``, float64.
+    inverse_scale : ndarray of shape (D·P,), optional
+        ``1 / D``; ``None`` for ``D = I`` (``F = L Lᵀ``).
+    low_precision : bool
+        Whether ``L Lᵀ`` came from a float32 Gram (see :func:`low_precision_factor`).
+    """
 
     lower: np.ndarray
+    inverse_scale: np.ndarray | None = None
+    low_precision: bool = False
 
     def solve(self, rhs: Tensor) -> Tensor | None:
         """``F⁻¹ rhs`` (LAPACK ``dpotrs``), shape ``(D·P,)``; ``None`` if it is not finite."""
-        solution, info = lapack.dpotrs(self.lower, rhs.detach().numpy(), lower=1)
+        values = rhs.detach().numpy()
+        if self.inverse_scale is not None:
+            values = values * self.inverse_scale
+        solution, info = lapack.dpotrs(self.lower, values, lower=1)
         if info != 0 or not np.isfinite(solution).all():
             return None
+        if self.inverse_scale is not None:
+            solution *= self.inverse_scale
         return torch.from_numpy(solution).to(rhs.dtype)
 
 
@@ -119,23 +151,63 @@ def cholesky_factor(fisher: Tensor) -> CholeskyFactor | None:
     return CholeskyFactor(lower) if info == 0 else None
 
 
+def low_precision_factor(
+    objective: PenalisedGLMObjective, point: GLMPoint
+) -> CholeskyFactor | None:
+    """The factor of the Fisher at ``point`` with its data Gram formed in float32.
+
+    ``F ≈ diag(c) M diag(c)`` from the objective is scaled to unit diagonal,
+    ``A = diag(a) M diag(a)`` with ``a = diag(M)^-½``, and factorised in float64. ``None``
+    (use the float64 Fisher) where the objective has no such Gram, ``M``'s diagonal is not
+    positive, the factorisation fails, or LAPACK's estimate of ``A``'s 1-norm condition number
+    exceeds ``MAX_LOW_PRECISION_CONDITION``.
+    """
+    approximation = objective.low_precision_fisher(point)
+    if approximation is None:
+        return None
+    matrix, column_scale = approximation
+    diagonal = matrix.diagonal()
+    if not diagonal.min() > 0.0:
+        return None
+    unit_scale = 1.0 / np.sqrt(diagonal)
+    unit_diagonal = matrix * unit_scale[:, None] * unit_scale
+    lower, info = lapack.dpotrf(unit_diagonal, lower=1, clean=1)
+    if info != 0:
+        return None
+    one_norm = float(np.abs(unit_diagonal).sum(0).max())
+    reciprocal_condition, info = lapack.dpocon(lower, one_norm, uplo="L")
+    if info != 0 or not reciprocal_condition * MAX_LOW_PRECISION_CONDITION >= 1.0:
+        return None
+    return CholeskyFactor(lower, unit_scale / column_scale, low_precision=True)
+
+
 def natural_direction(
-    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor, tol: float = 0.0
+    objective: PenalisedGLMObjective,
+    point: GLMPoint,
+    gradient: Tensor,
+    tol: float = 0.0,
+    low_precision: bool = False,
 ) -> Tensor:
     """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher at ``point``, shape ``(D·P,)``.
 
     For the softmax, by CG to a residual ``max(min(CG_FORCING, ‖∇L‖^½) · ‖∇L‖,
-    CG_ATOL_FRACTION · tol)`` (``tol`` the solver's gradient tolerance).
+    CG_ATOL_FRACTION · tol)`` (``tol`` the solver's gradient tolerance). ``low_precision``:
+    try :func:`low_precision_factor` first (scalar likelihoods).
     """
-    return natural_direction_and_factor(objective, point, gradient, tol)[0]
+    return natural_direction_and_factor(objective, point, gradient, tol, low_precision)[0]
 
 
 def natural_direction_and_factor(
-    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor, tol: float = 0.0
+    objective: PenalisedGLMObjective,
+    point: GLMPoint,
+    gradient: Tensor,
+    tol: float = 0.0,
+    low_precision: bool = False,
 ) -> tuple[Tensor, CholeskyFactor | None]:
     """:func:`natural_direction` and the Cholesky factor of the Fisher it solved with.
 
-    The factor is ``None`` where the direction came from CG or the eigenvalue-clamped solve.
+    The factor is ``None`` where the direction came from CG or the eigenvalue-clamped solve;
+    its ``low_precision`` says whether the float32 Gram was used.
     """
     if objective.n_columns > 1:
         direction, info = cg(
@@ -148,7 +220,12 @@ def natural_direction_and_factor(
         )
         if info.converged:
             return direction, None
-    fisher = objective.fisher(point.params, point.outputs)
+    if low_precision:
+        factor = low_precision_factor(objective, point)
+        direction = None if factor is None else factor.solve(gradient)
+        if direction is not None:
+            return direction, factor
+    fisher = objective.point_fisher(point)
     factor = cholesky_factor(fisher)
     direction = None if factor is None else factor.solve(gradient)
     if direction is None:
@@ -212,6 +289,7 @@ def minimise(
     tol: float,
     max_iter: int,
     stop_early: Callable[[Tensor], bool] | None = None,
+    mixed_precision: bool = True,
 ) -> SolverResult:
     """Minimise ``objective`` from ``initial_params`` with ``solver`` (see the module docstring).
 
@@ -229,6 +307,9 @@ def minimise(
     stop_early : callable, optional
         Called with the outputs ``(N, C)`` after each accepted step; ``True`` stops the
         iteration.
+    mixed_precision : bool, default=True
+        Try the float32 Gram for the Fisher directions of scalar likelihoods until it is
+        refused once (see the module docstring); ``False``: always the float64 Fisher.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -236,6 +317,7 @@ def minimise(
     gradient = objective.gradient(point)
     n_iter, n_fisher, status = 0, 0, "max_iter"
     factor, previous_norm = None, math.inf
+    low_precision = mixed_precision and objective.n_columns == 1
     while True:
         gradient_norm = float(torch.linalg.vector_norm(gradient))
         if gradient_norm <= tol:
@@ -250,7 +332,10 @@ def minimise(
             if solver == "gd":
                 direction = gradient
             else:
-                direction, factor = natural_direction_and_factor(objective, point, gradient, tol)
+                direction, factor = natural_direction_and_factor(
+                    objective, point, gradient, tol, low_precision
+                )
+                low_precision = low_precision and factor is not None and factor.low_precision
                 n_fisher += 1
             accepted = backtrack(objective, point, gradient, direction, learning_rate)
         if accepted is None:
