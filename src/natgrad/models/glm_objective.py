@@ -30,8 +30,8 @@ Everything is in closed form, without automatic differentiation: the gradient is
 :meth:`~natgrad.curvature.likelihoods.Likelihood.nll_gradient`, and the solvers evaluate the
 loss, gradient and Fisher of one :class:`GLMPoint` from its outputs ``f``, computed once.
 For the Bernoulli and Poisson likelihoods the loss is evaluated together with the per-sample
-means ``∇A(f)`` and variances ``∇²A(f)`` (one exponential per sample), which the point keeps
-for its gradient and Fisher.
+means ``∇A(f)`` and the roots of the variances ``∇²A(f)`` (one exponential per sample), which
+the point keeps for its gradient and Fisher.
 
 :meth:`PenalisedGLMObjective.low_precision_fisher` forms the data Gram of a scalar likelihood in
 float32, from a copy of the design with unit-norm columns, for the solvers' Newton
@@ -100,8 +100,8 @@ class GLMPoint:
         ``f = X̃ Θ Bᵀ`` at ``params``.
     loss : float
         ``L(Θ)``; ``inf`` where it is not finite.
-    means, variances : ndarray of shape (N,), optional
-        ``∇A(fₙ)`` and ``∇²A(fₙ)`` of a Bernoulli or Poisson likelihood, computed with the
+    means, variance_roots : ndarray of shape (N,), optional
+        ``∇A(fₙ)`` and ``√∇²A(fₙ)`` of a Bernoulli or Poisson likelihood, computed with the
         loss (``None`` for other likelihoods); unused where the loss is not finite.
     """
 
@@ -109,7 +109,7 @@ class GLMPoint:
     outputs: Tensor
     loss: float
     means: np.ndarray | None = None
-    variances: np.ndarray | None = None
+    variance_roots: np.ndarray | None = None
 
 
 class PenalisedGLMObjective:
@@ -179,6 +179,8 @@ class PenalisedGLMObjective:
             self._scalar_family = likelihood.name
             self._target_values = targets.detach().reshape(-1).to(design.dtype).numpy()
             self._scaled_targets = self._mean_terms(self._target_values)
+            self._mean_target = float(self._scaled_targets.sum())
+        self._fit_intercept = fit_intercept
         self._mean_log_factorial = 0.0
         if isinstance(likelihood, PoissonLikelihood):
             # nll = exp f − y f + log y!: the last term does not depend on Θ, so its mean is
@@ -245,21 +247,39 @@ class PenalisedGLMObjective:
     def point(self, params: Tensor, outputs: Tensor | None = None) -> GLMPoint:
         """``params`` with their outputs (computed unless given) and loss ``L(Θ)``.
 
-        For the Bernoulli and Poisson likelihoods also the per-sample means and variances.
+        For the Bernoulli and Poisson likelihoods also the per-sample means and variance roots.
         """
-        means = variances = None
+        means = roots = None
+        values = params.detach().numpy()
         with torch.no_grad():
-            if outputs is None:
-                outputs = self.outputs_no_grad(params)
-            if self._scalar_family is None:
-                loss = float(self._mean_nll(outputs))
+            common = None if outputs is not None else self._common_output(values)
+            if common is not None:  # only the intercept is non-zero: the usual start
+                outputs = torch.full((self.n_samples, 1), common, dtype=params.dtype)
+                loss, means, roots = self._common_scalar_terms(common)
             else:
-                loss, means, variances = self._scalar_terms(outputs[:, 0].numpy())
+                if outputs is None:
+                    outputs = self.outputs_no_grad(params)
+                if self._scalar_family is None:
+                    loss = float(self._mean_nll(outputs))
+                else:
+                    loss, means, roots = self._scalar_terms(outputs[:, 0].numpy())
         if self.inverse_C:
-            values = params.detach().numpy()
             loss += 0.5 * float(self._penalty_array @ (values * values))
         loss = loss if math.isfinite(loss) else math.inf
-        return GLMPoint(params, outputs, loss, means, variances)
+        return GLMPoint(params, outputs, loss, means, roots)
+
+    def _common_output(self, values: np.ndarray) -> float | None:
+        """The output every sample shares when no feature weight is non-zero, else ``None``.
+
+        Only for the Bernoulli and Poisson likelihoods (``None`` otherwise).
+        """
+        if self._scalar_family is None:
+            return None
+        if not self._fit_intercept:
+            return None if values.any() else 0.0
+        if values[:-1].any():
+            return None
+        return float(values[-1] * self._basis_array[0, 0])
 
     def _mean_terms(self, values: np.ndarray) -> np.ndarray:
         """``values / N``, or ``values ⊙ s / S`` with sample weights, shape ``(N,)``."""
@@ -274,34 +294,53 @@ class PenalisedGLMObjective:
         return float(self._mean_weights @ values)
 
     def _scalar_terms(self, outputs: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        """Mean nll, means ``∇A(f)`` and variances ``∇²A(f)`` for outputs ``(N,)`` (Bernoulli
-        or Poisson), in a few passes that share one exponential.
+        """Mean nll, means ``∇A(f)`` and variance roots ``√∇²A(f)`` for outputs ``(N,)``
+        (Bernoulli or Poisson), in a few passes that share one exponential.
 
-        Bernoulli, with ``e = exp(−|f|)``: ``nll = log(1 + e) + max(f, 0) − y f`` (``log(1 + e)``
-        of an argument in ``[1, 2]``: absolute error below ``eps``; the mean of ``max(f, 0)`` is
-        ``(mean f + mean |f|) / 2``), ``σ(|f|) = 1 / (1 + e)``, ``σ(−|f|) = e σ(|f|)``, the mean
-        ``σ(f)`` is one of them by the sign of ``f`` and the variance is their product.
-        Poisson: ``nll = exp f − y f + log y!`` and mean = variance = ``exp f``.
+        Bernoulli, with ``h = exp(−|f| / 2)`` and ``e = h²``: ``nll = log(1 + e) + max(f, 0)
+        − y f`` (``log`` of an argument in ``[1, 2]``: absolute error below ``eps``; the mean
+        of ``max(f, 0)`` is ``(mean f + mean |f|) / 2``), ``σ(|f|) = 1 / (1 + e)``,
+        ``σ(−|f|) = e σ(|f|)``, the mean ``σ(f)`` is one of them by the sign of ``f`` and the
+        variance root ``√(σ(f) σ(−f)) = h σ(|f|)``. Poisson, with ``h = exp(f / 2)``:
+        ``nll = h² − y f + log y!``, mean ``h²`` and variance root ``h``.
         """
         with np.errstate(invalid="ignore", over="ignore"):
             if self._scalar_family == "poisson":
-                rates = torch.exp(torch.from_numpy(outputs)).numpy()
+                roots = torch.exp(torch.from_numpy(outputs) * 0.5).numpy()
+                rates = roots * roots
                 loss = self._mean(rates) - float(self._scaled_targets @ outputs)
-                return loss + self._mean_log_factorial, rates, rates
+                return loss + self._mean_log_factorial, rates, roots
             magnitudes = np.abs(outputs)
-            denominators = torch.exp(-torch.from_numpy(magnitudes)).numpy()
-            smaller = denominators.copy()  # e, then σ(−|f|)
-            denominators += 1.0
+            roots = torch.exp(torch.from_numpy(magnitudes) * -0.5).numpy()  # h, then h σ(|f|)
+            smaller = roots * roots  # e, then σ(−|f|)
+            denominators = smaller + 1.0
             log_terms = torch.log(torch.from_numpy(denominators)).numpy()
             larger = np.reciprocal(denominators, out=denominators)  # σ(|f|)
             smaller *= larger
+            roots *= larger
             loss = (
                 self._mean(log_terms)
                 + 0.5 * (self._mean(outputs) + self._mean(magnitudes))
                 - float(self._scaled_targets @ outputs)
             )
-            means = np.where(outputs >= 0.0, larger, smaller)
-            return loss, means, np.multiply(smaller, larger, out=smaller)
+            return loss, np.where(outputs >= 0.0, larger, smaller), roots
+
+    def _common_scalar_terms(self, output: float) -> tuple[float, np.ndarray, np.ndarray]:
+        """:meth:`_scalar_terms` for outputs all equal to ``output``, from one evaluation."""
+        with np.errstate(over="ignore"):
+            if self._scalar_family == "poisson":
+                root = float(np.exp(0.5 * output))
+                mean = root * root
+                loss = mean - output * self._mean_target + self._mean_log_factorial
+            else:
+                root = math.exp(-0.5 * abs(output))
+                damped = root * root
+                larger = 1.0 / (1.0 + damped)
+                loss = math.log1p(damped) + max(output, 0.0) - output * self._mean_target
+                mean = larger if output >= 0.0 else damped * larger
+                root *= larger
+        means = np.full(self.n_samples, mean)
+        return loss, means, np.full(self.n_samples, root)
 
     def _mean_nll(self, outputs: Tensor) -> Tensor:
         """``(1/S) Σₙ sₙ nll(fₙ, yₙ)`` for outputs ``(N, C)`` through ``likelihood.nll``."""
@@ -345,8 +384,8 @@ class PenalisedGLMObjective:
             if outputs is None:
                 outputs = self.outputs_no_grad(params)
             if self.n_columns == 1:
-                variances = self.likelihood.natural_hessian(outputs)[:, 0, 0].numpy()
-                fisher = self._scalar_data_gram(variances)
+                roots = self.likelihood.natural_hessian_sqrt(outputs)[:, 0, 0].numpy()
+                fisher = self._scalar_data_gram(roots)
             else:
                 basis = self.output_basis
                 output_fisher = self.likelihood.natural_hessian(outputs)
@@ -355,29 +394,28 @@ class PenalisedGLMObjective:
         return torch.from_numpy(fisher)
 
     def point_fisher(self, point: GLMPoint) -> Tensor:
-        """:meth:`fisher` at ``point``, from its cached variances where it has them."""
-        if point.variances is None:
+        """:meth:`fisher` at ``point``, from its cached variance roots where it has them."""
+        if point.variance_roots is None:
             return self.fisher(point.params, point.outputs)
-        fisher = self._scalar_data_gram(point.variances)
+        fisher = self._scalar_data_gram(point.variance_roots)
         fisher[np.diag_indices_from(fisher)] += self._penalty_array
         return torch.from_numpy(fisher)
 
-    def _scalar_roots(self, variances: np.ndarray) -> tuple[np.ndarray, float]:
+    def _weighted_roots(self, roots: np.ndarray) -> tuple[np.ndarray, float]:
         """``(r, k)`` with ``X̃ᵀ diag(rₙ²) X̃ · k`` the data Fisher of a scalar likelihood.
 
-        ``r = √(∇²A(f))`` (times ``√(s / S)`` with sample weights) and ``k = b² / N`` (``b²``
-        with weights), ``b`` the 1 × 1 output basis.
+        ``r`` are the variance roots ``√∇²A(f)`` (times ``√(s / S)`` with sample weights) and
+        ``k = b² / N`` (``b²`` with weights), ``b`` the 1 × 1 output basis.
         """
-        with np.errstate(invalid="ignore"):
-            roots = np.sqrt(variances)
         scale = float(self._basis_array[0, 0]) ** 2
         if self._mean_weights is None:
             return roots, scale / self.n_samples
         return roots * np.sqrt(self._mean_weights), scale
 
-    def _scalar_data_gram(self, variances: np.ndarray) -> np.ndarray:
-        """The data part of :meth:`fisher` for a scalar likelihood, float64, shape ``(D, D)``."""
-        roots, scale = self._scalar_roots(variances)
+    def _scalar_data_gram(self, roots: np.ndarray) -> np.ndarray:
+        """The data part of :meth:`fisher` for a scalar likelihood with variance roots ``roots``
+        ``(N,)``, float64, shape ``(D, D)``."""
+        roots, scale = self._weighted_roots(roots)
         if roots.min() == roots.max():  # equal outputs (the usual start): no scaled copy
             return self._gram(self._design_t_array, scale * float(roots[0]) ** 2)
         return self._gram(self._design_t_array * roots, scale)
@@ -392,11 +430,11 @@ class PenalisedGLMObjective:
         error of about float32's ``eps`` times ``√(Mᵢᵢ Mⱼⱼ)``: a Newton direction from it is
         accurate to about ``eps₃₂ · κ`` with ``κ`` the condition number of ``M`` scaled to unit
         diagonal, independent of the columns' scales. ``None`` for other than a scalar
-        likelihood's point with variances, or weights that are not finite or all zero.
+        likelihood's point with variance roots, or weights that are not finite or all zero.
         """
-        if point.variances is None:
+        if point.variance_roots is None:
             return None
-        roots, scale = self._scalar_roots(point.variances)
+        roots, scale = self._weighted_roots(point.variance_roots)
         largest = float(roots.max())
         if not 0.0 < largest < math.inf:  # also catches NaN
             return None
@@ -404,7 +442,9 @@ class PenalisedGLMObjective:
         if roots.min() == largest:
             scaled = unit_design_t
         else:
-            scaled = unit_design_t * (roots * (1.0 / largest)).astype(np.float32)
+            relative_roots = np.empty(len(roots), dtype=np.float32)
+            np.multiply(roots, 1.0 / largest, out=relative_roots, casting="same_kind")
+            scaled = np.multiply(unit_design_t, relative_roots)
         gram = (scaled @ scaled.T).astype(np.float64)
         column_scale = (largest * math.sqrt(scale)) * column_norms
         gram[np.diag_indices_from(gram)] += self._penalty_array / column_scale**2
