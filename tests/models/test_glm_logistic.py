@@ -14,6 +14,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.linear_model import LogisticRegression as SklearnLogisticRegression
 
 from natgrad.models import LogisticRegression, glm_solvers
+from natgrad.models.logistic import encode_labels
 
 
 def make_classification(n_samples: int, n_features: int, n_classes: int, seed: int):
@@ -300,3 +301,27 @@ def test_random_datasets_converge_to_sklearns_optimum(n_samples, n_features, n_c
     reference = SklearnLogisticRegression(C=C, solver="newton-cholesky", tol=1e-12).fit(X, y)
     np.testing.assert_allclose(model.coef_, reference.coef_, atol=1e-6, rtol=0)
     np.testing.assert_allclose(model.intercept_, reference.intercept_, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    labels=st.lists(st.integers(-5, 40), min_size=1, max_size=60),
+    dtype=st.sampled_from([np.int64, np.int32, np.int8, np.uint8, np.float64]),
+)
+def test_encode_labels_is_numpy_unique(labels, dtype):
+    y = np.array(labels)
+    if np.dtype(dtype).kind == "u":
+        y = y - y.min()
+    y = y.astype(dtype)
+    classes, codes = encode_labels(y)
+    expected_classes, expected_codes = np.unique(y, return_inverse=True)
+    np.testing.assert_array_equal(classes, expected_classes)
+    assert classes.dtype == expected_classes.dtype
+    np.testing.assert_array_equal(codes, expected_codes)
+
+
+def test_encode_labels_of_strings_and_wide_ranges_fall_back_to_unique():
+    for y in (np.array(["b", "a", "b"]), np.array([0, 10**12, 0])):
+        classes, codes = encode_labels(y)
+        np.testing.assert_array_equal(classes, np.unique(y))
+        np.testing.assert_array_equal(classes[codes], y)
