@@ -118,7 +118,8 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         ``None`` weighs every row one.
         """
         X, y = validate_data(self, X, y, dtype=np.float64)
-        check_classification_targets(y)
+        if y.dtype.kind not in "biu":  # 1-d integer labels are always binary or multiclass
+            check_classification_targets(y)
         weights = check_sample_weight(sample_weight, len(y))
         X, y, weights = drop_zero_weights(X, y, weights)
         self.classes_, labels = encode_labels(y)
