@@ -41,7 +41,8 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         Inverse penalty strength on the summed loss; ``np.inf`` means no penalty.
     fit_intercept : bool, default=True
     solver : {"fisher", "fisher-chord", "ngd", "gd"}, default="fisher"
-        As in :class:`~natgrad.models.LogisticRegression`.
+        As in :class:`~natgrad.models.LogisticRegression` (including the float32 Fisher for
+        the direction where it is well conditioned).
     learning_rate : float, optional
         As in :class:`~natgrad.models.LogisticRegression`.
     tol : float, default=1e-8
