@@ -447,7 +447,8 @@ class PenalisedGLMObjective:
             scaled = np.multiply(unit_design_t, relative_roots)
         gram = (scaled @ scaled.T).astype(np.float64)
         column_scale = (largest * math.sqrt(scale)) * column_norms
-        gram[np.diag_indices_from(gram)] += self._penalty_array / column_scale**2
+        if self.inverse_C:
+            gram[np.diag_indices_from(gram)] += self._penalty_array / column_scale**2
         return gram, column_scale
 
     def _float32_unit_design(self) -> tuple[np.ndarray, np.ndarray]:
