@@ -262,7 +262,7 @@ class PenalisedGLMObjective:
                 if self._scalar_family is None:
                     loss = float(self._mean_nll(outputs))
                 else:
-                    loss, means, roots = self._scalar_terms(outputs[:, 0].numpy())
+                    loss, means, roots = self._scalar_terms(outputs[:, 0].detach().numpy())
         if self.inverse_C:
             loss += 0.5 * float(self._penalty_array @ (values * values))
         loss = loss if math.isfinite(loss) else math.inf
