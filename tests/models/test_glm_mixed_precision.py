@@ -100,6 +100,22 @@ def test_intercept_only_point_equals_the_general_evaluation(kind, weighted, fit_
     torch.testing.assert_close(objective.point_fisher(shortcut), objective.fisher(params))
 
 
+def test_intercept_only_shortcut_needs_a_column_of_ones():
+    """A last column other than ones (fit_intercept only marks it unpenalised) is evaluated
+    in full."""
+    objective = scalar_objective("bernoulli", 20)
+    design = objective.design.clone()
+    design[:, -1] = torch.linspace(0.5, 2.0, 20, dtype=torch.float64)
+    objective = PenalisedGLMObjective(
+        design, objective.targets, objective.likelihood, objective.output_basis, 0.0, True
+    )
+    params = torch.tensor([0.0, 0.0, 0.0, 1.5], dtype=torch.float64)
+    point = objective.point(params)
+    torch.testing.assert_close(point.outputs, objective.outputs(params))
+    mean_loss = float(objective.per_sample_nll(params).mean())
+    assert point.loss == pytest.approx(mean_loss, rel=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["bernoulli", "poisson"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("scales", [None, np.array([1e-30, 1.0, 1e30])])

@@ -180,7 +180,8 @@ class PenalisedGLMObjective:
             self._target_values = targets.detach().reshape(-1).to(design.dtype).numpy()
             self._scaled_targets = self._mean_terms(self._target_values)
             self._mean_target = float(self._scaled_targets.sum())
-        self._fit_intercept = fit_intercept
+        # intercept-only parameters give every sample the same output if the column is ones
+        self._ones_intercept = fit_intercept and bool((self._design_t_array[-1] == 1.0).all())
         self._mean_log_factorial = 0.0
         if isinstance(likelihood, PoissonLikelihood):
             # nll = exp f − y f + log y!: the last term does not depend on Θ, so its mean is
@@ -271,13 +272,14 @@ class PenalisedGLMObjective:
     def _common_output(self, values: np.ndarray) -> float | None:
         """The output every sample shares when no feature weight is non-zero, else ``None``.
 
-        Only for the Bernoulli and Poisson likelihoods (``None`` otherwise).
+        Only for the Bernoulli and Poisson likelihoods (``None`` otherwise), and with a non-zero
+        intercept only when the intercept column is all ones.
         """
         if self._scalar_family is None:
             return None
-        if not self._fit_intercept:
-            return None if values.any() else 0.0
-        if values[:-1].any():
+        if not values.any():
+            return 0.0
+        if not self._ones_intercept or values[:-1].any():
             return None
         return float(values[-1] * self._basis_array[0, 0])
 
