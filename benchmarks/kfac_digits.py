@@ -74,8 +74,10 @@ Also measured: the time to build K-FAC factors on one batch with natgrad, curvli
 
 Run ``python benchmarks/kfac_digits.py`` (12 minutes with 1 torch thread and another job on
 the second core); ``--quick`` for a smoke run (2 epochs, one configuration per method, under a
-minute), ``--cost-only`` for the cost tables alone. Writes
-``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``).
+minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train the winners
+once more with training seeds 1 … N (e.g. ``--tasks autoencoder_long --check-seeds 4``). Writes
+``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``; with a
+subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``).
 """
 
 from __future__ import annotations
@@ -424,6 +426,41 @@ def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[
     return runs
 
 
+def config_of(run: dict) -> TrainConfig:
+    """The configuration a :func:`train_run` result was trained with."""
+    return TrainConfig(
+        run["method"], run["lr"], run["momentum"], run["beta2"], run["damping"], run["damping_mode"]
+    )
+
+
+def other_seeds(task: Task, best: list[dict], data, args: argparse.Namespace) -> list[dict]:
+    """The winners of ``task`` trained once more with training seeds ``1 … --check-seeds``
+    (model initialisation and batch order; the data split stays), each up to the target, and
+    their time to target relative to Adam's at the same seed."""
+    epochs = 2 if args.quick else task.epochs
+    rows = []
+    for seed in range(1, args.check_seeds + 1):
+        runs = [
+            train_run(task, config_of(row), data, seed, epochs, eval_every(task, args), True)
+            for row in best
+        ]
+        adam = next(run for run in runs if run["method"] == "adam")["time_to_target_s"]
+        for run in runs:
+            time = run["time_to_target_s"]
+            ratio = time / adam if time is not None and adam is not None else None
+            rows.append(
+                {
+                    "task": task.name,
+                    "seed": seed,
+                    "method": run["method"],
+                    "steps_to_target": run["steps_to_target"],
+                    "time_to_target_s": time,
+                    "x_adam_time": ratio,
+                }
+            )
+    return rows
+
+
 def rerun_best(task: Task, tuning: list[dict], data, args: argparse.Namespace) -> list[dict]:
     """The best configuration of every method, re-run ``args.repeats`` times in interleaved
     rounds (the first run to the end of the epoch budget, for the curve and the final metric;
@@ -432,14 +469,7 @@ def rerun_best(task: Task, tuning: list[dict], data, args: argparse.Namespace) -
     chosen = {}
     for method in LR_GRIDS:
         best = pick_best(task, [run for run in tuning if run["method"] == method])
-        chosen[method] = TrainConfig(
-            method,
-            best["lr"],
-            best["momentum"],
-            best["beta2"],
-            best["damping"],
-            best["damping_mode"],
-        )
+        chosen[method] = config_of(best)
     repeats: dict[str, list[dict]] = {method: [] for method in chosen}
     for repeat in range(args.repeats):
         for method, config in chosen.items():
@@ -835,6 +865,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cost-only", action="store_true", help="only the cost tables (no training runs)"
     )
+    parser.add_argument(
+        "--check-seeds",
+        type=int,
+        default=0,
+        help="train the winners once more with seeds 1..N (default 0: no check)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.cost_steps, args.cost_rounds = 1, 10, 1
@@ -858,6 +894,12 @@ def print_tables(tasks: list[Task], results: dict) -> None:
             "best",
         ],
     )
+    if results["other_seeds"]:
+        print_table(
+            "The winners with other training seeds (one run each, stopped at the target)",
+            results["other_seeds"],
+            ["task", "seed", "method", "steps_to_target", "time_to_target_s", "x_adam_time"],
+        )
     print_table(
         "Tuning runs (each stopped at the target)",
         results["runs"],
@@ -898,6 +940,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [task for task in TASKS if task.name in args.tasks]
     results: dict[str, list[dict]] = {
         "best": [],
+        "other_seeds": [],
         "runs": [],
         "step_cost": [],
         "factor_cost": [],
@@ -907,7 +950,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.cost_only:
             tuning = tune(task, data, args)
             results["runs"].extend(tuning)
-            results["best"].extend(rerun_best(task, tuning, data, args))
+            best = rerun_best(task, tuning, data, args)
+            results["best"].extend(best)
+            results["other_seeds"].extend(other_seeds(task, best, data, args))
         if not task.step_cost:
             continue
         large = task.batch_size > LARGE_BATCH
@@ -932,8 +977,9 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     if not (args.quick or args.cost_only):
-        save_json(NAME, payload)
-        save_figure(plot(results["best"], tasks), NAME)
+        name = NAME if len(tasks) == len(TASKS) else "_".join([NAME, *args.tasks])
+        save_json(name, payload)
+        save_figure(plot(results["best"], tasks), name)
     return payload
 
 
