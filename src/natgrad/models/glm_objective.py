@@ -54,6 +54,14 @@ from torch import Tensor
 
 from natgrad.curvature.likelihoods import BernoulliLikelihood, Likelihood, PoissonLikelihood
 
+GRAM_ROW_MULTIPLE = 4
+"""The float32 design's rows are padded with zeros to a multiple of this.
+
+NumPy forms ``S Sᵀ`` with BLAS ``ssyrk``, whose OpenBLAS kernels handle some row counts poorly:
+for ``N = 10⁴`` samples, 21 rows took 208 µs and the same rows padded to 24 took 153 µs (7: 130
+→ 40 µs, 15: 212 → 96 µs); row counts one more than a multiple of 8 lose 2–17 % instead
+(9: 67 → 78 µs, 65: 837 → 860 µs). Padding never changes the Gram's leading block."""
+
 
 def sum_to_zero_basis(n_classes: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """An orthonormal basis of ``{v ∈ R^K : Σ v = 0}``, shape ``(K, K − 1)``.
@@ -447,19 +455,27 @@ class PenalisedGLMObjective:
             relative_roots = np.empty(len(roots), dtype=np.float32)
             np.multiply(roots, 1.0 / largest, out=relative_roots, casting="same_kind")
             scaled = np.multiply(unit_design_t, relative_roots)
-        gram = (scaled @ scaled.T).astype(np.float64)
+        gram = (scaled @ scaled.T)[: self.n_rows, : self.n_rows].astype(np.float64)
         column_scale = (largest * math.sqrt(scale)) * column_norms
         if self.inverse_C:
             gram[np.diag_indices_from(gram)] += self._penalty_array / column_scale**2
         return gram, column_scale
 
     def _float32_unit_design(self) -> tuple[np.ndarray, np.ndarray]:
-        """X̃ᵀ with unit-norm rows (zero rows left zero) in float32, and the norms, ``(D,)``."""
+        """X̃ᵀ with unit-norm rows (zero rows left zero) in float32, and the norms, ``(D,)``.
+
+        The rows are padded with zero rows to a multiple of ``GRAM_ROW_MULTIPLE``: the padded
+        Gram's leading ``D × D`` block is the Gram, and it is faster to form (see there).
+        """
         if self._unit_design_t is None:
-            norms = np.sqrt(np.einsum("ij,ij->i", self._design_t_array, self._design_t_array))
+            design_t = self._design_t_array
+            norms = np.sqrt(np.einsum("ij,ij->i", design_t, design_t))
             norms[~(norms > 0.0)] = 1.0
-            unit = np.empty(self._design_t_array.shape, dtype=np.float32)
-            np.multiply(self._design_t_array, (1.0 / norms)[:, None], out=unit, casting="same_kind")
+            padded_rows = -(-self.n_rows // GRAM_ROW_MULTIPLE) * GRAM_ROW_MULTIPLE
+            unit = np.zeros((padded_rows, self.n_samples), dtype=np.float32)
+            np.multiply(
+                design_t, (1.0 / norms)[:, None], out=unit[: self.n_rows], casting="same_kind"
+            )
             self._unit_design_t, self._column_norms = unit, norms
         return self._unit_design_t, self._column_norms
 
