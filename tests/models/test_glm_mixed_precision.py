@@ -26,10 +26,11 @@ def scalar_objective(
     sample_weight: np.ndarray | None = None,
     column_scales: np.ndarray | None = None,
     seed: int = 0,
+    n_features: int = 3,
 ) -> PenalisedGLMObjective:
-    """A Bernoulli or Poisson objective on ``n`` random samples, 3 features and an intercept."""
+    """A Bernoulli or Poisson objective on ``n`` random samples, features and an intercept."""
     rng = np.random.default_rng(seed)
-    features = rng.normal(size=(outputs_or_n, 3))
+    features = rng.normal(size=(outputs_or_n, n_features))
     if column_scales is not None:
         features = features * column_scales
     design = torch.from_numpy(np.column_stack([features, np.ones(outputs_or_n)]))
@@ -118,16 +119,20 @@ def test_intercept_only_shortcut_needs_a_column_of_ones():
 
 @pytest.mark.parametrize("kind", ["bernoulli", "poisson"])
 @pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("scales", [None, np.array([1e-30, 1.0, 1e30])])
+@pytest.mark.parametrize(
+    "scales", [None, np.array([1e-30, 1.0, 1e30]), np.array([1e-3, 1e3]), np.ones(6)]
+)
 def test_low_precision_fisher_is_the_float64_fisher_to_float32_accuracy(kind, weighted, scales):
     """Entry errors relative to ``√(Fᵢᵢ Fⱼⱼ)`` stay near float32's eps at any column scale
-    (columns of 1e±30 overflow or vanish in a plain float32 product)."""
+    (columns of 1e±30 overflow or vanish in a plain float32 product) and for 3, 4 and 7 design
+    columns (zero rows padded to 4 and 8 in the float32 copy)."""
     rng = np.random.default_rng(5)
     sample_weight = rng.uniform(0.5, 2.0, size=500) if weighted else None
-    objective = scalar_objective(kind, 500, 2.0, sample_weight, scales)
-    params = torch.from_numpy(rng.normal(scale=0.4, size=4))
+    n_features = 3 if scales is None else len(scales)
+    objective = scalar_objective(kind, 500, 2.0, sample_weight, scales, n_features=n_features)
+    params = torch.from_numpy(rng.normal(scale=0.4 / np.sqrt(n_features), size=n_features + 1))
     if scales is not None:
-        params[:3] /= torch.from_numpy(scales)
+        params[:-1] /= torch.from_numpy(scales)
     point = objective.point(params)
     matrix, column_scale = objective.low_precision_fisher(point)
     approximation = column_scale[:, None] * matrix * column_scale
