@@ -363,8 +363,13 @@ class PenalisedGLMObjective:
         """``∇L = X̃ᵀ diag(s / S) (∇A(f) − T(y)) B + penalty``, flat, shape ``(D·P,)``."""
         with np.errstate(invalid="ignore", over="ignore"):
             if point.means is not None:  # scalar likelihood: B = [[b]]
-                residual = self._mean_terms(point.means - self._target_values)
-                gradient = (self._design_t_array @ residual) * self._basis_array[0, 0]
+                residual = point.means - self._target_values
+                scale = float(self._basis_array[0, 0])
+                if self._mean_weights is None:
+                    scale /= self.n_samples
+                else:
+                    residual *= self._mean_weights
+                gradient = (self._design_t_array @ residual) * scale
             else:
                 residual = self.likelihood.nll_gradient(point.outputs, self.targets).numpy()
                 residual = residual * (
