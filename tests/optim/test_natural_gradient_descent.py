@@ -393,13 +393,19 @@ def test_bad_inputs_raise() -> None:
         NaturalGradientDescent(integer, family=Gaussian)
 
 
-def test_starting_point_outside_the_domain_is_named() -> None:
-    theta = [_t(0.0).requires_grad_(True), _t(0.5).requires_grad_(True)]
-    optimizer = NaturalGradientDescent(theta, family=Gaussian)
-    (theta[0] + theta[1]).backward()
-    with pytest.raises(ValueError, match="theta2 < 0"), warnings.catch_warnings():
+def test_starting_point_outside_the_domain_is_named_and_nothing_moves() -> None:
+    valid = _leaves(Gaussian(_t(0.0), _t(1.0)))
+    invalid = [_t(0.0).requires_grad_(True), _t(0.5).requires_grad_(True)]
+    optimizer = NaturalGradientDescent(
+        [{"params": valid}, {"params": invalid}], family=Gaussian, lr=0.1
+    )
+    (valid[0] + valid[1] + invalid[0] + invalid[1]).backward()
+    start = [t.detach().clone() for t in valid]
+    with pytest.raises(ValueError, match=r"theta2 < 0.*theta2 = 0\.5"), warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
+    for value, before in zip(valid, start, strict=True):
+        assert torch.equal(value.detach(), before)
 
 
 def test_overflowing_direction_is_refused() -> None:

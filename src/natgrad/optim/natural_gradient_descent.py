@@ -181,43 +181,48 @@ class NaturalGradientDescent(torch.optim.Optimizer):
         -------
         Tensor or None
             The closure's loss, if a closure was given.
+
+        Raises
+        ------
+        ValueError
+            If a group's current ``θ`` is not finite or outside its natural parameter space;
+            then no group is updated.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self.counters["steps"] += 1
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+        updates = [self._propose(index, group) for index, group in enumerate(self.param_groups)]
+        for group, proposal in zip(self.param_groups, updates, strict=True):
+            if proposal is not None:
+                for param, value in zip(group["params"], proposal, strict=True):
+                    param.copy_(value)
         return loss
 
-    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+    def _propose(self, index: int, group: dict[str, Any]) -> Params | None:
+        """The group's new ``θ``, or ``None`` if it has no gradient or its step is refused."""
         params: list[Tensor] = group["params"]
         if all(p.grad is None for p in params):
-            return
+            return None
         grads = tuple(torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params)
         if not all(bool(g.isfinite().all()) for g in grads):
-            self._refuse(index, "the gradient is not finite")
-            return
+            return self._refuse(index, "the gradient is not finite")
         theta = tuple(p.detach() for p in params)
         try:
             direction = natural_gradient_direction(group["family"], theta, grads)
         except torch.linalg.LinAlgError as error:
-            self._refuse(index, f"the Fisher solve failed ({error})")
-            return
+            return self._refuse(index, f"the Fisher solve failed ({error})")
         if not all(bool(d.isfinite().all()) for d in direction):
-            self._refuse(index, "the natural-gradient direction is not finite")
-            return
+            return self._refuse(index, "the natural-gradient direction is not finite")
         proposal = self._backtrack(group, theta, direction)
         if proposal is None:
-            self._refuse(
+            return self._refuse(
                 index,
                 f"no step inside the natural parameter space ({group['family'].natural_domain}) "
                 f"after {group['max_halvings']} halvings of lr = {group['lr']}",
             )
-            return
-        for param, value in zip(params, proposal, strict=True):
-            param.copy_(value)
+        return proposal
 
     def _backtrack(self, group: dict[str, Any], theta: Params, direction: Params) -> Params | None:
         """``θ − lr 2⁻ᵏ d`` for the smallest ``k ≤ max_halvings`` that is finite and in domain."""
@@ -234,6 +239,7 @@ class NaturalGradientDescent(torch.optim.Optimizer):
         return None
 
     def _refuse(self, index: int, why: str) -> None:
+        """Count and warn about a refused group step (returns ``None``: no proposal)."""
         self.counters["refused_steps"] += 1
         warnings.warn(
             f"NaturalGradientDescent refused the step of param group {index}: {why}; "
