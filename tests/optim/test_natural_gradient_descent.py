@@ -268,6 +268,23 @@ def test_non_finite_gradient_is_refused(bad: float) -> None:
         assert torch.equal(value.detach(), before)
 
 
+def test_failed_fisher_solve_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``LinAlgError`` from the mean-to-natural map (its Cholesky or ``F``-solve) refuses the
+    step: warning, counter, parameters untouched."""
+    theta, optimizer, closure = _gaussian_optimizer(1.0, 0.5, lr=0.1)
+    start = [t.detach().clone() for t in theta]
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError("the factorization could not be completed")
+
+    monkeypatch.setattr(Gaussian, "_natural_from_mean_at", singular)
+    with pytest.warns(RuntimeWarning, match="the Fisher solve failed"):
+        optimizer.step(closure)
+    assert optimizer.counters == {"steps": 1, "domain_halvings": 0, "refused_steps": 1}
+    for value, before in zip(theta, start, strict=True):
+        assert torch.equal(value.detach(), before)
+
+
 def test_parameter_without_grad_counts_as_zero_gradient() -> None:
     """Only θ₁ has a gradient: the step is F⁻¹(g₁, 0) from the dense Fisher."""
     q = Gaussian(_t([0.4, -1.0]), _t([0.8, 1.5]))
