@@ -24,6 +24,11 @@ the penalty is).
 ``Σₙ sₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (solved divided by ``S = Σₙ sₙ``), so weight ``k`` is row
 repeated ``k`` times and weight ``0`` a dropped row (such rows are removed before fitting), and
 the covariance is ``(Σₙ sₙ Fₙ + penalty)⁻¹ = (S · F(Θ̂))⁻¹`` (statsmodels' ``freq_weights``).
+
+**Sparse X** (SciPy CSR or CSC; other formats are converted to CSR) is held as a
+:class:`~natgrad.models.glm_objective.SparseDesign`, never made dense: the outputs and gradients
+are sparse products and the ``(D, D)`` Fisher is formed by a sparse product. Its Fisher-scoring
+directions always use the float64 Fisher (the float32 Gram of dense designs is not formed).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
@@ -42,12 +48,16 @@ from torch import Tensor
 
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg import damped_solve
-from natgrad.models.glm_objective import PenalisedGLMObjective
+from natgrad.models.glm_objective import PenalisedGLMObjective, SparseDesign
 from natgrad.models.glm_solvers import SOLVERS, SolverResult, minimise
 
 PENALTIES = (None, "l2")
 DEFAULT_LEARNING_RATES = {"fisher": 1.0, "fisher-chord": 1.0, "ngd": 0.5, "gd": 1.0}
 DTYPE = torch.float64
+ArrayOrSparse = np.ndarray | sparse.sparray | sparse.spmatrix
+"""Features ``X``: a dense array or a SciPy sparse matrix or array."""
+SPARSE_FORMATS = ["csr", "csc"]
+"""The SciPy sparse formats ``X`` is accepted in without conversion (others become CSR)."""
 TRANSPOSE_BLOCK = 512
 """Rows of ``X`` transposed at a time into the design (about 1.4 times faster than at once)."""
 
@@ -107,12 +117,20 @@ class GLMEstimator(BaseEstimator):
             raise ValueError(f"solver='ngd' needs learning_rate in (0, 1], got {rate!r}")
         return float(rate)
 
-    def _design(self, X: np.ndarray) -> Tensor:
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+    def _design(self, X: ArrayOrSparse) -> Tensor | SparseDesign:
         """``X`` as a float64 tensor ``(N, D)``, with a trailing column of ones if needed.
 
         The tensor is the transposed view of a C-contiguous ``(D, N)`` array, the layout in
-        which :class:`PenalisedGLMObjective` holds the design.
+        which :class:`PenalisedGLMObjective` holds the design. Sparse ``X`` becomes a
+        :class:`SparseDesign` (CSR, the ones column implicit).
         """
+        if sparse.issparse(X):
+            return SparseDesign(X, self.fit_intercept)
         n_samples, n_features = X.shape
         design_t = np.empty((n_features + int(self.fit_intercept), n_samples), dtype=np.float64)
         for start in range(0, n_samples, TRANSPOSE_BLOCK):  # blocks that stay in cache
@@ -125,7 +143,7 @@ class GLMEstimator(BaseEstimator):
 
     def _fit_glm(
         self,
-        X: np.ndarray,
+        X: ArrayOrSparse,
         targets: Tensor,
         likelihood: Likelihood,
         output_basis: Tensor,
@@ -275,9 +293,13 @@ def check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | N
 
 
 def drop_zero_weights(
-    X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``X``, ``y`` and weights without the rows of weight zero (unchanged where there are none).
+    X: ArrayOrSparse,
+    y: np.ndarray,
+    sample_weight: np.ndarray | None,
+) -> tuple[ArrayOrSparse, np.ndarray, np.ndarray | None]:
+    """``X`` (dense or sparse), ``y`` and weights without the rows of weight zero.
+
+    All three are returned unchanged where no weight is zero.
 
     A zero frequency weight is an absent row; removing it keeps the fit identical to one on the
     data without it, also for the classes seen and the separation check.

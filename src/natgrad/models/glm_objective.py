@@ -39,6 +39,13 @@ float32, from a copy of the design with unit-norm columns, for the solvers' Newt
 hurt it, nearly collinear ones do (the solver checks the condition and falls back to
 :meth:`~PenalisedGLMObjective.point_fisher`, the float64 Fisher). Gradients, losses and the
 standard errors' Fisher are float64.
+
+A **sparse design** (:class:`SparseDesign`, ``X`` as a SciPy CSR matrix) takes the place of the
+dense tensor where the estimators are given sparse ``X``: products with ``X̃`` and ``X̃ᵀ`` are
+sparse matrix products, the Fisher's data Gram is formed by a sparse product and only then made
+dense ``(D, D)``, and the intercept's row and column come from column sums; ``X`` is never made
+dense. Such an objective has no float32 Gram (:meth:`~PenalisedGLMObjective.low_precision_fisher`
+returns ``None``), so the solvers use the float64 Fisher throughout.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import sparse
 from scipy.linalg import blas
 from torch import Tensor
 
@@ -97,6 +105,98 @@ def mean_log_factorial(counts: np.ndarray, mean_weights: np.ndarray | None = Non
     return float(terms.mean() if mean_weights is None else terms @ mean_weights)
 
 
+class SparseDesign:
+    """The design ``X̃ = [X, 1]`` (ones column only with an intercept) of a sparse ``X``.
+
+    Holds ``X`` ``(N, F)`` and ``Xᵀ`` ``(F, N)`` as CSR float64 matrices (sorted, without
+    duplicate entries); the column of ones is implicit. No method forms a dense ``(N, F)`` array.
+
+    Parameters
+    ----------
+    features : scipy.sparse matrix or array of shape (N, F)
+        Any SciPy sparse format; copied, never modified.
+    fit_intercept : bool
+        Whether ``X̃`` has the trailing column of ones.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(N, D)`` with ``D = F + fit_intercept``.
+    dtype : torch.dtype
+        ``torch.float64``.
+    """
+
+    dtype = torch.float64
+
+    def __init__(self, features: sparse.sparray | sparse.spmatrix, fit_intercept: bool) -> None:
+        matrix = sparse.csr_matrix(features, dtype=np.float64, copy=True)
+        matrix.sum_duplicates()  # also sorts the indices
+        self.features = matrix
+        self.features_t = matrix.T.tocsr()
+        self.fit_intercept = bool(fit_intercept)
+        self.n_features = matrix.shape[1]
+        self.shape = (matrix.shape[0], self.n_features + int(self.fit_intercept))
+        self._entry_rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+
+    def times(self, weights: np.ndarray) -> np.ndarray:
+        """``X̃ W`` for ``W`` of shape ``(D,)`` or ``(D, C)``; shape ``(N,)`` or ``(N, C)``."""
+        product = np.asarray(self.features @ weights[: self.n_features])
+        if self.fit_intercept:
+            product += weights[self.n_features]
+        return product
+
+    def transpose_times(self, values: np.ndarray) -> np.ndarray:
+        """``X̃ᵀ R`` for ``R`` of shape ``(N,)`` or ``(N, C)``; shape ``(D,)`` or ``(D, C)``."""
+        product = np.asarray(self.features_t @ values)
+        if not self.fit_intercept:
+            return product
+        return np.concatenate([product, values.sum(0, keepdims=True)])
+
+    def gram(self, values: np.ndarray) -> np.ndarray:
+        """``X̃ᵀ diag(values) X̃`` for ``values`` of shape ``(N,)`` (either sign), ``(D, D)``.
+
+        ``Xᵀ (diag(values) X)`` is a sparse product (``X`` scaled in its stored entries),
+        made dense only as the ``(F, F)`` result and symmetrised; the intercept's column is
+        ``Xᵀ values`` and its corner ``Σ values``.
+        """
+        matrix = self.features
+        scaled = sparse.csr_matrix(
+            (matrix.data * values[self._entry_rows], matrix.indices, matrix.indptr),
+            shape=matrix.shape,
+        )
+        with np.errstate(invalid="ignore", over="ignore"):
+            block = (self.features_t @ scaled).toarray()
+            gram = np.empty(self.shape[1:] * 2)
+            gram[: self.n_features, : self.n_features] = 0.5 * (block + block.T)
+            if self.fit_intercept:
+                column = self.features_t @ values
+                gram[: self.n_features, -1] = column
+                gram[-1, : self.n_features] = column
+                gram[-1, -1] = values.sum()
+        return gram
+
+    def matmul(self, weights: Tensor) -> Tensor:
+        """``X̃ W`` for a tensor ``W`` ``(D, C)``, differentiable in ``W``; shape ``(N, C)``."""
+        return _SparseDesignProduct.apply(weights, self)
+
+
+class _SparseDesignProduct(torch.autograd.Function):
+    """``W ↦ X̃ W`` for a :class:`SparseDesign`, with the backward ``G ↦ X̃ᵀ G``."""
+
+    @staticmethod
+    def forward(weights: Tensor, design: SparseDesign) -> Tensor:
+        return torch.from_numpy(design.times(weights.detach().numpy()))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.design = inputs[1]
+
+    @staticmethod
+    def backward(ctx, output_gradient: Tensor) -> tuple[Tensor, None]:
+        values = output_gradient.detach().numpy()
+        return torch.from_numpy(ctx.design.transpose_times(values)), None
+
+
 @dataclass
 class GLMPoint:
     """Parameters of a GLM with their outputs and mean penalised loss.
@@ -125,8 +225,9 @@ class PenalisedGLMObjective:
 
     Parameters
     ----------
-    design : Tensor of shape (N, D)
-        Features, with a trailing column of ones when ``fit_intercept``.
+    design : Tensor of shape (N, D), or SparseDesign
+        Features, with a trailing column of ones when ``fit_intercept`` (a
+        :class:`SparseDesign` holds its ones column implicitly).
     targets : Tensor of shape (N,)
         Targets in the form ``likelihood.nll`` accepts (class indices, 0/1 labels, counts).
     likelihood : Likelihood
@@ -151,7 +252,7 @@ class PenalisedGLMObjective:
 
     def __init__(
         self,
-        design: Tensor,
+        design: Tensor | SparseDesign,
         targets: Tensor,
         likelihood: Likelihood,
         output_basis: Tensor,
@@ -160,11 +261,13 @@ class PenalisedGLMObjective:
         sample_weight: Tensor | None = None,
     ) -> None:
         self.design = design
-        # X̃ᵀ held C-contiguous (no copy when ``design`` is already the transpose of such an
-        # array, as the estimators pass it): the Gram ``(X̃ᵀ ⊙ w) X̃`` and ``X̃ᵀ r`` then run
-        # on contiguous rows; X̃ itself is its transposed view, which BLAS takes as is.
-        self._design_t_array = np.ascontiguousarray(design.detach().cpu().numpy().T)
-        self._design_array = self._design_t_array.T
+        self._sparse_design = design if isinstance(design, SparseDesign) else None
+        if self._sparse_design is None:
+            # X̃ᵀ held C-contiguous (no copy when ``design`` is already the transpose of such
+            # an array, as the estimators pass it): the Gram ``(X̃ᵀ ⊙ w) X̃`` and ``X̃ᵀ r`` then
+            # run on contiguous rows; X̃ itself is its transposed view, which BLAS takes as is.
+            self._design_t_array = np.ascontiguousarray(design.detach().cpu().numpy().T)
+            self._design_array = self._design_t_array.T
         self.targets = targets
         self.likelihood = likelihood
         self.output_basis = output_basis.contiguous()
@@ -189,7 +292,9 @@ class PenalisedGLMObjective:
             self._scaled_targets = self._mean_terms(self._target_values)
             self._mean_target = float(self._scaled_targets.sum())
         # intercept-only parameters give every sample the same output if the column is ones
-        self._ones_intercept = fit_intercept and bool((self._design_t_array[-1] == 1.0).all())
+        self._ones_intercept = fit_intercept and (
+            self._sparse_design is not None or bool((self._design_t_array[-1] == 1.0).all())
+        )
         self._mean_log_factorial = 0.0
         if isinstance(likelihood, PoissonLikelihood):
             # nll = exp f − y f + log y!: the last term does not depend on Θ, so its mean is
@@ -229,6 +334,8 @@ class PenalisedGLMObjective:
 
     def outputs(self, params: Tensor) -> Tensor:
         """Natural parameters ``f = X̃ Θ Bᵀ``, shape ``(N, C)``, for flat ``params`` ``(D·P,)``."""
+        if self._sparse_design is not None:
+            return self._sparse_design.matmul(self.output_weights(params))
         return self.design @ self.output_weights(params)
 
     def outputs_no_grad(self, params: Tensor) -> Tensor:
@@ -242,7 +349,19 @@ class PenalisedGLMObjective:
             return torch.zeros(self.n_samples, len(self._basis_array), dtype=params.dtype)
         weights = values.reshape(self.n_rows, self.n_columns) @ self._basis_array.T
         with np.errstate(invalid="ignore", over="ignore"):  # inf loss: the result is not used
-            return torch.from_numpy(self._design_array @ weights)
+            return torch.from_numpy(self._design_times(weights))
+
+    def _design_times(self, weights: np.ndarray) -> np.ndarray:
+        """``X̃ W`` for ``W`` of shape ``(D, C)``, shape ``(N, C)`` (dense or sparse design)."""
+        if self._sparse_design is None:
+            return self._design_array @ weights
+        return self._sparse_design.times(weights)
+
+    def _design_t_times(self, values: np.ndarray) -> np.ndarray:
+        """``X̃ᵀ R`` for ``R`` of shape ``(N,)`` or ``(N, C)`` (dense or sparse design)."""
+        if self._sparse_design is None:
+            return self._design_t_array @ values
+        return self._sparse_design.transpose_times(values)
 
     def per_sample_nll(self, params: Tensor) -> Tensor:
         """Negative log-likelihood of each data point, shape ``(N,)``."""
@@ -369,7 +488,7 @@ class PenalisedGLMObjective:
                     scale /= self.n_samples
                 else:
                     residual *= self._mean_weights
-                gradient = (self._design_t_array @ residual) * scale
+                gradient = self._design_t_times(residual) * scale
             else:
                 residual = self.likelihood.nll_gradient(point.outputs, self.targets).numpy()
                 residual = residual * (
@@ -377,7 +496,7 @@ class PenalisedGLMObjective:
                     if self._mean_weights is None
                     else self._mean_weights[:, None]
                 )
-                gradient = ((self._design_t_array @ residual) @ self._basis_array).reshape(-1)
+                gradient = (self._design_t_times(residual) @ self._basis_array).reshape(-1)
         if self.inverse_C:
             gradient += self._penalty_array * point.params.detach().numpy()
         return torch.from_numpy(gradient)
@@ -431,6 +550,8 @@ class PenalisedGLMObjective:
         """The data part of :meth:`fisher` for a scalar likelihood with variance roots ``roots``
         ``(N,)``, float64, shape ``(D, D)``."""
         roots, scale = self._weighted_roots(roots)
+        if self._sparse_design is not None:
+            return self._sparse_design.gram(roots * roots) * scale
         if roots.min() == roots.max():  # equal outputs (the usual start): no scaled copy
             return self._gram(self._design_t_array, scale * float(roots[0]) ** 2)
         return self._gram(self._design_t_array * roots, scale)
@@ -445,9 +566,10 @@ class PenalisedGLMObjective:
         error of about float32's ``eps`` times ``√(Mᵢᵢ Mⱼⱼ)``: a Newton direction from it is
         accurate to about ``eps₃₂ · κ`` with ``κ`` the condition number of ``M`` scaled to unit
         diagonal, independent of the columns' scales. ``None`` for other than a scalar
-        likelihood's point with variance roots, or weights that are not finite or all zero.
+        likelihood's point with variance roots, a sparse design, or weights that are not finite
+        or all zero.
         """
-        if point.variance_roots is None:
+        if point.variance_roots is None or self._sparse_design is not None:
             return None
         roots, scale = self._weighted_roots(point.variance_roots)
         largest = float(roots.max())
@@ -507,6 +629,8 @@ class PenalisedGLMObjective:
         scale = 1.0 / self.n_samples
         if self._mean_weights is not None:
             values, scale = values * self._mean_weights, 1.0
+        if self._sparse_design is not None:
+            return torch.from_numpy(self._sparse_design.gram(values) * scale)
         with np.errstate(invalid="ignore", over="ignore"):
             if values.min() >= 0.0:
                 return torch.from_numpy(self._gram(self._design_t_array * np.sqrt(values), scale))
@@ -547,9 +671,9 @@ class PenalisedGLMObjective:
 
         def product(vector: Tensor) -> Tensor:  # in NumPy: see outputs_no_grad
             values = vector.detach().numpy()
-            logit_change = self._design_array @ (values.reshape(shape) @ basis.T)
+            logit_change = self._design_times(values.reshape(shape) @ basis.T)
             weighted = scaled_probs * (logit_change - (probs * logit_change).sum(-1, keepdims=True))
-            data_part = (self._design_t_array @ weighted) @ basis
+            data_part = self._design_t_times(weighted) @ basis
             return torch.from_numpy(data_part.reshape(-1) + penalty * values)
 
         return product

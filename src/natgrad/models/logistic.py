@@ -15,7 +15,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator, check_sample_weight, drop_zero_weights
+from natgrad.models.glm_base import (
+    DTYPE,
+    SPARSE_FORMATS,
+    ArrayOrSparse,
+    GLMEstimator,
+    check_sample_weight,
+    drop_zero_weights,
+)
 from natgrad.models.glm_objective import sum_to_zero_basis
 
 
@@ -114,14 +121,18 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     """
 
     def fit(
-        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+        self, X: ArrayOrSparse, y: np.ndarray, sample_weight: np.ndarray | None = None
     ) -> LogisticRegression:
         """Fit to features ``X`` ``(N, n_features)`` and labels ``y`` ``(N,)``.
+
+        ``X`` may be a SciPy sparse matrix or array (CSR or CSC as given, other formats
+        converted to CSR); it is never made dense, and its Fisher-scoring directions use the
+        float64 Fisher (see :mod:`natgrad.models.glm_base`).
 
         ``sample_weight`` ``(N,)`` (or a scalar): non-negative frequency weights, not all zero;
         ``None`` weighs every row one.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = validate_data(self, X, y, accept_sparse=SPARSE_FORMATS, dtype=np.float64)
         if y.dtype.kind not in "biu":  # 1-d integer labels are always binary or multiclass
             check_classification_targets(y)
         weights = check_sample_weight(sample_weight, len(y))
@@ -157,7 +168,9 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
             self.intercept_ = np.zeros(fitted.shape[0])
         return self
 
-    def score(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    def score(
+        self, X: ArrayOrSparse, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> float:
         """Accuracy of :meth:`predict` on ``(X, y)``, weighted by ``sample_weight`` if given."""
         predictions = self.predict(X)
         weights = check_sample_weight(sample_weight, len(predictions))
@@ -203,14 +216,14 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
 
         return separated
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def decision_function(self, X: ArrayOrSparse) -> np.ndarray:
         """Logits: shape ``(N,)`` (log-odds of ``classes_[1]``) for two classes, else ``(N, K)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, accept_sparse=SPARSE_FORMATS, dtype=np.float64)
         scores = X @ self.coef_.T + self.intercept_
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: ArrayOrSparse) -> np.ndarray:
         """Class probabilities, shape ``(N, K)``, columns in the order of ``classes_``."""
         scores = self.decision_function(X)
         if scores.ndim == 1:
@@ -218,14 +231,14 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
             return np.column_stack([1.0 - positive, positive])
         return softmax(scores, axis=1)
 
-    def predict_log_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_log_proba(self, X: ArrayOrSparse) -> np.ndarray:
         """Logarithm of :meth:`predict_proba`, shape ``(N, K)``."""
         scores = self.decision_function(X)
         if scores.ndim == 1:
             scores = np.column_stack([np.zeros_like(scores), scores])
         return scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: ArrayOrSparse) -> np.ndarray:
         """Most probable class of each row, shape ``(N,)``."""
         scores = self.decision_function(X)
         if scores.ndim == 1:

@@ -11,7 +11,14 @@ from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from natgrad.curvature.likelihoods import get_likelihood
-from natgrad.models.glm_base import DTYPE, GLMEstimator, check_sample_weight, drop_zero_weights
+from natgrad.models.glm_base import (
+    DTYPE,
+    SPARSE_FORMATS,
+    ArrayOrSparse,
+    GLMEstimator,
+    check_sample_weight,
+    drop_zero_weights,
+)
 
 
 class PoissonRegression(RegressorMixin, GLMEstimator):
@@ -82,15 +89,21 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         return tags
 
     def fit(
-        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+        self, X: ArrayOrSparse, y: np.ndarray, sample_weight: np.ndarray | None = None
     ) -> PoissonRegression:
         """Fit to features ``X`` ``(N, n_features)`` and counts ``y >= 0`` ``(N,)``.
+
+        ``X`` may be a SciPy sparse matrix or array (CSR or CSC as given, other formats
+        converted to CSR); it is never made dense, and its Fisher-scoring directions use the
+        float64 Fisher (see :mod:`natgrad.models.glm_base`).
 
         ``y`` need not be integer (the Poisson quasi-likelihood is used as is).
         ``sample_weight`` ``(N,)`` (or a scalar): non-negative frequency weights, not all zero;
         ``None`` weighs every row one.
         """
-        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        X, y = validate_data(
+            self, X, y, accept_sparse=SPARSE_FORMATS, dtype=np.float64, y_numeric=True
+        )
         if np.any(y < 0):
             raise ValueError(
                 f"PoissonRegression needs non-negative targets y, got minimum {y.min()!r}"
@@ -133,13 +146,15 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
             params[-1] = math.log(mean_count)
         return params
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: ArrayOrSparse) -> np.ndarray:
         """Expected counts ``exp(X w + b)``, shape ``(N,)``."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, accept_sparse=SPARSE_FORMATS, dtype=np.float64)
         return np.exp(X @ self.coef_ + self.intercept_)
 
-    def score(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    def score(
+        self, X: ArrayOrSparse, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> float:
         """Fraction of Poisson deviance explained, D² (as ``PoissonRegressor.score``).
 
         Weighted by ``sample_weight`` ``(N,)`` if given (validated as in :meth:`fit`).
