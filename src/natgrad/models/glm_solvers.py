@@ -21,7 +21,8 @@ and a Kronecker preconditioner (the ``(D·P)²`` Fisher is never formed), to a r
 ``min(CG_FORCING, ‖∇L‖^½)`` (an inexact Newton method of order 1.5) or an absolute residual
 of ``CG_ATOL_FRACTION · tol``; the dense solve is the fallback where CG does not converge.
 
-**Mixed precision** (scalar likelihoods, on unless ``mixed_precision=False``): the Fisher for
+**Mixed precision** (scalar likelihoods with a dense design, on unless
+``mixed_precision=False``; a sparse design always uses the float64 Fisher): the Fisher for
 the direction has its data Gram formed in float32
 (:meth:`~natgrad.models.glm_objective.PenalisedGLMObjective.low_precision_fisher`), then is
 scaled to unit diagonal, factorised in float64, and used only if LAPACK's condition estimate is

@@ -72,10 +72,11 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         systems CG solves without a factor, are plain ``"fisher"``); ``"ngd"``: natural
         gradient with step ``learning_rate``; ``"gd"``: gradient descent with step
         ``learning_rate`` on the mean loss. Every step is safeguarded by step halving. For
-        two classes the Fisher that gives the direction is formed in float32 (an inexact
-        Newton direction, relative error about 1e-6 × its condition number) when its
-        condition estimate is at most 1e3, else in float64; gradients, losses, the stopping
-        test and the standard errors are float64 (see :mod:`natgrad.models.glm_solvers`).
+        two classes and dense ``X`` the Fisher that gives the direction is formed in float32
+        (an inexact Newton direction, relative error about 1e-6 × its condition number) when
+        its condition estimate is at most 1e3, else in float64 (always for sparse ``X``);
+        gradients, losses, the stopping test and the standard errors are float64 (see
+        :mod:`natgrad.models.glm_solvers`).
     learning_rate : float, optional
         First trial step size; default 1 for ``"fisher"`` and ``"fisher-chord"`` (the only
         value they accept), 0.5 for ``"ngd"`` (which needs ``(0, 1]``) and 1 for ``"gd"``.

@@ -49,7 +49,7 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
     fit_intercept : bool, default=True
     solver : {"fisher", "fisher-chord", "ngd", "gd"}, default="fisher"
         As in :class:`~natgrad.models.LogisticRegression` (including the float32 Fisher for
-        the direction where it is well conditioned).
+        the direction where it is well conditioned and ``X`` is dense).
     learning_rate : float, optional
         As in :class:`~natgrad.models.LogisticRegression`.
     tol : float, default=1e-8
