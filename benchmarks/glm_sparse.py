@@ -19,11 +19,11 @@ import argparse
 import os
 import time
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy import sparse
+from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression as SklearnLogistic
 from sklearn.linear_model import PoissonRegressor
 from threadpoolctl import threadpool_limits
@@ -54,50 +54,43 @@ def problem(seed: int = 0) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
 
 
 def fits(X: sparse.csr_matrix, labels: np.ndarray, counts: np.ndarray) -> list[tuple]:
-    """``(problem, solver, fit)`` triples; ``fit()`` returns the fitted estimator."""
+    """``(problem, solver, estimator, X, y)``: each fit is a fresh clone of ``estimator``."""
     dense = X.toarray()
     alpha = 1.0 / N_SAMPLES
-    return [
-        ("logistic", "natgrad fisher, CSR", lambda: LogisticRegression(tol=TOL).fit(X, labels)),
-        (
-            "logistic",
-            "natgrad fisher, dense copy",
-            lambda: LogisticRegression(tol=TOL).fit(dense, labels),
-        ),
-        (
-            "logistic",
-            "sklearn lbfgs, CSR",
-            lambda: SklearnLogistic(tol=TOL, max_iter=10_000).fit(X, labels),
-        ),
-        (
-            "logistic",
-            "sklearn newton-cholesky, CSR",
-            lambda: SklearnLogistic(solver="newton-cholesky", tol=TOL).fit(X, labels),
-        ),
-        ("poisson", "natgrad fisher, CSR", lambda: PoissonRegression(tol=TOL).fit(X, counts)),
-        (
-            "poisson",
-            "natgrad fisher, dense copy",
-            lambda: PoissonRegression(tol=TOL).fit(dense, counts),
-        ),
-        (
-            "poisson",
-            "sklearn lbfgs, CSR",
-            lambda: PoissonRegressor(alpha=alpha, tol=TOL, max_iter=10_000).fit(X, counts),
-        ),
-        (
-            "poisson",
-            "sklearn newton-cholesky, CSR",
-            lambda: PoissonRegressor(alpha=alpha, solver="newton-cholesky", tol=TOL).fit(X, counts),
-        ),
+    problems = [
+        ("logistic", labels, LogisticRegression, SklearnLogistic, {}),
+        ("poisson", counts, PoissonRegression, PoissonRegressor, {"alpha": alpha}),
     ]
+    entries = []
+    for name, y, natgrad_estimator, sklearn_estimator, options in problems:
+        entries += [
+            (name, "natgrad fisher, CSR", natgrad_estimator(tol=TOL), X, y),
+            (name, "natgrad fisher, dense copy", natgrad_estimator(tol=TOL), dense, y),
+            (
+                name,
+                "sklearn lbfgs, CSR",
+                sklearn_estimator(tol=TOL, max_iter=10_000, **options),
+                X,
+                y,
+            ),
+            (
+                name,
+                "sklearn newton-cholesky, CSR",
+                sklearn_estimator(solver="newton-cholesky", tol=TOL, **options),
+                X,
+                y,
+            ),
+        ]
+    return entries
 
 
-def timed(fit: Callable[[], object]) -> tuple[float, object]:
+def timed(estimator: BaseEstimator, features, targets) -> tuple[float, BaseEstimator]:
+    """Seconds to fit a fresh clone of ``estimator``, and the fitted clone."""
+    model = clone(estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
-        model = fit()
+        model.fit(features, targets)
     return time.perf_counter() - start, model
 
 
@@ -112,11 +105,11 @@ def run(repeats: int) -> list[dict]:
     best = [float("inf")] * len(entries)
     models: list[object] = [None] * len(entries)
     for _ in range(repeats):
-        for index, (_, _, fit) in enumerate(entries):
-            seconds, models[index] = timed(fit)
+        for index, (_, _, estimator, features, targets) in enumerate(entries):
+            seconds, models[index] = timed(estimator, features, targets)
             best[index] = min(best[index], seconds)
     rows = []
-    for index, (name, solver, _) in enumerate(entries):
+    for index, (name, solver, *_) in enumerate(entries):
         reference = position(entries, name, "natgrad fisher, CSR")
         lbfgs = position(entries, name, "sklearn lbfgs, CSR")
         coef = np.ravel(models[index].coef_)
