@@ -298,9 +298,8 @@ def _qualified_name(family: type) -> str:
 
 
 def _check_lr(lr: object) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if not (math.isfinite(lr) and lr > 0):
+    is_number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+    if not (is_number and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
