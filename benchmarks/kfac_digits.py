@@ -441,7 +441,15 @@ def other_seeds(task: Task, best: list[dict], data, args: argparse.Namespace) ->
     rows = []
     for seed in range(1, args.check_seeds + 1):
         runs = [
-            train_run(task, config_of(row), data, seed, epochs, eval_every(task, args), True)
+            train_run(
+                task,
+                config_of(row),
+                data,
+                seed,
+                epochs,
+                eval_every(task, args),
+                stop_at_target=True,
+            )
             for row in best
         ]
         adam = next(run for run in runs if run["method"] == "adam")["time_to_target_s"]
