@@ -241,7 +241,7 @@ def test_non_finite_gradient_refuses_the_step() -> None:
         ({"hessian_power": 1.5}, ValueError, "hessian_power"),
         ({"hessian_power": "one"}, TypeError, "hessian_power"),
         ({"n_samples": 0}, ValueError, "n_samples"),
-        ({"update_each": 2.0}, ValueError, "update_each"),
+        ({"update_each": 2.0}, TypeError, "update_each"),
         ({"generator": 0}, TypeError, "generator"),
     ],
 )

@@ -310,7 +310,7 @@ def test_overflowing_statistics_refuse_the_step() -> None:
         ({"epsilon": 0.0}, ValueError, "epsilon"),
         ({"epsilon": float("nan")}, ValueError, "epsilon"),
         ({"update_freq": 0}, ValueError, "update_freq"),
-        ({"start_preconditioning_step": 1.5}, ValueError, "start_preconditioning_step"),
+        ({"start_preconditioning_step": 1.5}, TypeError, "start_preconditioning_step"),
         ({"max_preconditioner_dim": 0}, ValueError, "max_preconditioner_dim"),
         ({"weight_decay": -0.1}, ValueError, "weight_decay"),
         ({"grafting": "rmsprop"}, ValueError, "grafting"),

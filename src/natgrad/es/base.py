@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from natgrad._validation import int_at_least, positive_float
 from natgrad.es.utilities import default_population_size, shaped_fitness
 
 
@@ -23,15 +23,6 @@ def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
             f"random_state must be an int, a torch.Generator or None, got {random_state!r}"
         )
     return torch.Generator().manual_seed(random_state)
-
-
-def check_rate(name: str, value: float) -> float:
-    """A finite positive learning rate, as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and positive, got {value!r}")
-    return float(value)
 
 
 def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
@@ -105,14 +96,10 @@ class NaturalEvolutionStrategy(abc.ABC):
     ) -> None:
         self.mean = as_start_point(x0, dtype)
         self.dim = self.mean.numel()
-        check_rate("sigma0", sigma0)
+        positive_float("sigma0", sigma0)
         if population_size is None:
             population_size = max(default_population_size(self.dim), 2)
-        if isinstance(population_size, bool) or not isinstance(population_size, int):
-            raise TypeError(f"population_size must be an int, got {population_size!r}")
-        if population_size < 2:
-            raise ValueError(f"population_size must be at least 2, got {population_size}")
-        self.population_size = population_size
+        self.population_size = int_at_least("population_size", population_size, 2)
         self.generator = as_generator(random_state)
         self.dtype = dtype
         self._asked: tuple[Tensor, Tensor] | None = None

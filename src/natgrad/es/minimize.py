@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from natgrad._validation import one_of, positive_int
 from natgrad.es.base import ESResult, NaturalEvolutionStrategy
 from natgrad.es.snes import SNES
 from natgrad.es.xnes import XNES
@@ -66,12 +67,8 @@ def minimize(
     -------
     ESResult
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    if isinstance(max_evaluations, bool) or not isinstance(max_evaluations, int):
-        raise TypeError(f"max_evaluations must be an int, got {max_evaluations!r}")
-    if max_evaluations < 1:
-        raise ValueError(f"max_evaluations must be positive, got {max_evaluations}")
+    one_of("method", method, METHODS)
+    positive_int("max_evaluations", max_evaluations)
     if target is not None and math.isnan(target):
         raise ValueError("target must not be NaN")
     strategy = METHODS[method](x0, sigma0, random_state=random_state, **options)

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad.es.base import NaturalEvolutionStrategy, check_rate
+from natgrad._validation import positive_float
+from natgrad.es.base import NaturalEvolutionStrategy
 
 
 def snes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,8 +69,10 @@ class SNES(NaturalEvolutionStrategy):
             x0, sigma0, population_size=population_size, random_state=random_state, dtype=dtype
         )
         default_mean, default_sigma = default_snes_rates(self.dim)
-        self.eta_mean = default_mean if eta_mean is None else check_rate("eta_mean", eta_mean)
-        self.eta_sigma = default_sigma if eta_sigma is None else check_rate("eta_sigma", eta_sigma)
+        self.eta_mean = default_mean if eta_mean is None else positive_float("eta_mean", eta_mean)
+        self.eta_sigma = (
+            default_sigma if eta_sigma is None else positive_float("eta_sigma", eta_sigma)
+        )
         self.sigma = torch.full((self.dim,), float(sigma0), dtype=dtype)
 
     @property

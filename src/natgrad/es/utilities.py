@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from natgrad._validation import int_at_least
+
 
 def default_population_size(dim: int) -> int:
     """``λ = 4 + ⌊3 ln d⌋`` (Glasmachers et al. 2010; Schaul et al. 2011)."""
@@ -28,10 +30,7 @@ def rank_utilities(population_size: int, dtype: torch.dtype = torch.float64) -> 
     -------
     Tensor of shape (λ,)
     """
-    if isinstance(population_size, bool) or not isinstance(population_size, int):
-        raise TypeError(f"population_size must be an int, got {type(population_size).__name__}")
-    if population_size < 2:
-        raise ValueError(f"population_size must be at least 2, got {population_size}")
+    population_size = int_at_least("population_size", population_size, 2)
     ranks = torch.arange(1, population_size + 1, dtype=dtype)
     raw = (math.log(population_size / 2 + 1) - torch.log(ranks)).clamp(min=0)
     return raw / raw.sum() - 1.0 / population_size

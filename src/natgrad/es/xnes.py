@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad.es.base import NaturalEvolutionStrategy, check_rate
+from natgrad._validation import positive_float
+from natgrad.es.base import NaturalEvolutionStrategy
 
 
 def xnes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +85,7 @@ class XNES(NaturalEvolutionStrategy):
         given = (eta_mean, eta_sigma, eta_shape)
         names = ("eta_mean", "eta_sigma", "eta_shape")
         self.eta_mean, self.eta_sigma, self.eta_shape = (
-            default if value is None else check_rate(name, value)
+            default if value is None else positive_float(name, value)
             for value, default, name in zip(given, defaults, names, strict=True)
         )
         self.sigma = float(sigma0)

@@ -9,13 +9,20 @@ The maths lives in the pure functions :func:`rademacher_like`, :func:`hutchinson
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from natgrad._validation import (
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    unit_interval,
+    unit_interval_pair,
+)
 
 
 def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -162,20 +169,18 @@ class AdaHessian(torch.optim.Optimizer):
         update_each: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
-        for name, value in (("n_samples", n_samples), ("update_each", update_each)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n_samples = positive_int("n_samples", n_samples)
+        update_each = positive_int("update_each", update_each)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         defaults = {
             "lr": lr,
-            "betas": tuple(betas),
+            "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "hessian_power": hessian_power,
         }
-        _check_options(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, _checked_options(defaults))
         self.n_samples = n_samples
         self.update_each = update_each
         self.generator = generator
@@ -183,8 +188,8 @@ class AdaHessian(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see the class parameters)."""
+        param_group.update(_checked_options({**self.defaults, **param_group}))
         super().add_param_group(param_group)
-        _check_options(self.param_groups[-1])
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer state, plus the generator's state under ``"generator_state"``."""
@@ -273,22 +278,14 @@ def _apply_update(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -
     param.add_(direction, alpha=-group["lr"])
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    """Raise ValueError/TypeError naming the first invalid AdaHessian group option."""
-    checks = (
-        ("lr", lambda v: v >= 0.0, "a non-negative number"),
-        ("eps", lambda v: v > 0.0, "a positive number"),
-        ("weight_decay", lambda v: v >= 0.0, "a non-negative number"),
-        ("hessian_power", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-    )
-    for name, valid, description in checks:
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not (math.isfinite(value) and valid(value)):
-            raise ValueError(f"{name} must be {description}, got {value!r}")
-    betas = options["betas"]
-    if len(betas) != 2 or not all(
-        isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
-    ):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The AdaHessian group options of ``options``, converted; raises naming the first bad one."""
+    return {
+        "lr": nonnegative_float("lr", options["lr"]),
+        "eps": positive_float("eps", options["eps"]),
+        "weight_decay": nonnegative_float("weight_decay", options["weight_decay"]),
+        "hessian_power": unit_interval(
+            "hessian_power", options["hessian_power"], closed_right=True
+        ),
+        "betas": unit_interval_pair("betas", options["betas"]),
+    }

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from natgrad._validation import nonnegative_float, one_of, positive_float, positive_int
 from natgrad.curvature import fisher
 from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.kfac_capture import trainable_parameters
@@ -84,11 +85,17 @@ class NaturalGradient(torch.optim.Optimizer):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
-        _check_options(lr, kind, structure, damping, max_kl, mc_samples)
+        defaults = {
+            "lr": positive_float("lr", lr),
+            "damping": nonnegative_float("damping", damping),
+            "max_kl": positive_float("max_kl", max_kl, allow_none=True),
+        }
+        kind = one_of("kind", kind, _KINDS)
+        structure = one_of("structure", structure, _STRUCTURES)
+        mc_samples = positive_int("mc_samples", mc_samples)
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
-        defaults = {"lr": lr, "damping": damping, "max_kl": max_kl}
         super().__init__(params, defaults)
         self.model = model
         self.likelihood = get_likelihood(likelihood)
@@ -245,20 +252,3 @@ class NaturalGradient(torch.optim.Optimizer):
 def _restore(params: list[Tensor], previous: list[Tensor]) -> None:
     for param, value in zip(params, previous, strict=True):
         param.copy_(value)
-
-
-def _check_options(
-    lr: float, kind: str, structure: str, damping: float, max_kl: float | None, mc_samples: int
-) -> None:
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if kind not in _KINDS:
-        raise ValueError(f"unknown Fisher kind {kind!r}; expected one of {list(_KINDS)}")
-    if structure not in _STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}; expected one of {list(_STRUCTURES)}")
-    if not (math.isfinite(damping) and damping >= 0):
-        raise ValueError(f"damping must be a non-negative finite number, got {damping!r}")
-    if max_kl is not None and not (math.isfinite(max_kl) and max_kl > 0):
-        raise ValueError(f"max_kl must be a positive finite number or None, got {max_kl!r}")
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples must be at least 1, got {mc_samples!r}")

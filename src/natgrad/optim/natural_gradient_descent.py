@@ -19,7 +19,6 @@ negative ELBO lands on the exact posterior.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from natgrad._validation import nonnegative_int, positive_float
 from natgrad.expfam.base import ExponentialFamily, Params
 
 
@@ -142,9 +142,11 @@ class NaturalGradientDescent(torch.optim.Optimizer):
         *,
         max_halvings: int = 20,
     ) -> None:
-        _check_lr(lr)
-        _check_max_halvings(max_halvings)
-        defaults = {"lr": lr, "family": family, "max_halvings": max_halvings}
+        defaults = {
+            "lr": positive_float("lr", lr),
+            "family": family,
+            "max_halvings": nonnegative_int("max_halvings", max_halvings),
+        }
         self.counters = {"steps": 0, "domain_halvings": 0, "refused_steps": 0}
         super().__init__(params, defaults)
 
@@ -154,11 +156,11 @@ class NaturalGradientDescent(torch.optim.Optimizer):
         Raises
         ------
         TypeError
-            If the family is not an ``ExponentialFamily`` subclass or a tensor is not
-            floating point.
+            If the family is not an ``ExponentialFamily`` subclass, a tensor is not floating
+            point, ``lr`` is not a real number or ``max_halvings`` not an integer.
         ValueError
             If the number of tensors is not the family's, their shapes do not fit together,
-            or ``lr``/``max_halvings`` is invalid.
+            ``lr`` is not positive and finite or ``max_halvings`` is negative.
         """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -297,25 +299,14 @@ def _qualified_name(family: type) -> str:
     return f"{family.__module__}.{family.__qualname__}"
 
 
-def _check_lr(lr: object) -> None:
-    is_number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
-    if not (is_number and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-
-
-def _check_max_halvings(max_halvings: object) -> None:
-    if isinstance(max_halvings, bool) or not isinstance(max_halvings, int) or max_halvings < 0:
-        raise ValueError(f"max_halvings must be a non-negative integer, got {max_halvings!r}")
-
-
 def _check_group(group: dict[str, Any]) -> None:
     family = group["family"]
     if not (isinstance(family, type) and issubclass(family, ExponentialFamily)):
         raise TypeError(
             f"family must be a subclass of natgrad.expfam.ExponentialFamily, got {family!r}"
         )
-    _check_lr(group["lr"])
-    _check_max_halvings(group["max_halvings"])
+    group["lr"] = positive_float("lr", group["lr"])
+    group["max_halvings"] = nonnegative_int("max_halvings", group["max_halvings"])
     params: list[Tensor] = group["params"]
     names = family.natural_names
     if len(params) != len(names):

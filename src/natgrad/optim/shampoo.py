@@ -21,6 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from natgrad._validation import (
+    nonnegative_float,
+    one_of,
+    positive_float,
+    positive_int,
+    unit_interval,
+    unit_interval_pair,
+)
 from natgrad.linalg.matrix_power import inverse_pth_root
 
 _GRAFTINGS = ("sgd", "adagrad", "adam", None)
@@ -204,17 +212,16 @@ class Shampoo(torch.optim.Optimizer):
             "max_preconditioner_dim": max_preconditioner_dim,
             "weight_decay": weight_decay,
             "grafting": grafting,
-            "grafting_betas": tuple(grafting_betas),
+            "grafting_betas": grafting_betas,
             "grafting_eps": grafting_eps,
         }
-        _check_options(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, _checked_options(defaults))
         self.refused_steps = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see the class parameters)."""
+        param_group.update(_checked_options({**self.defaults, **param_group}))
         super().add_param_group(param_group)
-        _check_options(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -333,32 +340,18 @@ def _grafting_direction(
     return grad, grad
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    """Raise ValueError/TypeError naming the first invalid Shampoo option."""
-    _check_number(options, "lr", lambda v: v >= 0.0, "a non-negative number")
-    _check_number(options, "momentum", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    _check_number(options, "beta2", lambda v: 0.0 < v <= 1.0, "in (0, 1]")
-    _check_number(options, "epsilon", lambda v: v > 0.0, "a positive number")
-    _check_number(options, "weight_decay", lambda v: v >= 0.0, "a non-negative number")
-    _check_number(options, "grafting_eps", lambda v: v > 0.0, "a positive number")
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The Shampoo options of ``options``, converted; raises naming the first invalid one."""
+    checked = {
+        "lr": nonnegative_float("lr", options["lr"]),
+        "momentum": unit_interval("momentum", options["momentum"]),
+        "beta2": unit_interval("beta2", options["beta2"], closed_left=False, closed_right=True),
+        "epsilon": positive_float("epsilon", options["epsilon"]),
+        "weight_decay": nonnegative_float("weight_decay", options["weight_decay"]),
+        "grafting_eps": positive_float("grafting_eps", options["grafting_eps"]),
+    }
     for name in ("update_freq", "start_preconditioning_step", "max_preconditioner_dim"):
-        value = options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if options["grafting"] not in _GRAFTINGS:
-        raise ValueError(f"grafting must be one of {_GRAFTINGS}, got {options['grafting']!r}")
-    betas = options["grafting_betas"]
-    if len(betas) != 2 or not all(
-        isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
-    ):
-        raise ValueError(f"grafting_betas must be two numbers in [0, 1), got {betas!r}")
-
-
-def _check_number(
-    options: dict[str, Any], name: str, valid: Callable[[float], bool], description: str
-) -> None:
-    value = options[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and valid(value)):
-        raise ValueError(f"{name} must be {description}, got {value!r}")
+        checked[name] = positive_int(name, options[name])
+    checked["grafting"] = one_of("grafting", options["grafting"], _GRAFTINGS)
+    checked["grafting_betas"] = unit_interval_pair("grafting_betas", options["grafting_betas"])
+    return checked

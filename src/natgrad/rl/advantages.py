@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def check_discount(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number in ``[0, 1]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+from natgrad._validation import unit_interval
 
 
 def gae_advantages(
@@ -44,8 +40,8 @@ def gae_advantages(
     Tensor of shape (T,)
         The advantages ``Âₜ``; ``Âₜ + V(sₜ)`` are the λ-returns used as value targets.
     """
-    check_discount("gamma", gamma)
-    check_discount("lam", lam)
+    unit_interval("gamma", gamma, closed_right=True)
+    unit_interval("lam", lam, closed_right=True)
     length = rewards.shape[0]
     for name, tensor in (
         ("values", values),

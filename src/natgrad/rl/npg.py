@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from natgrad._validation import nonnegative_float, positive_float, positive_int
 from natgrad.curvature import Implicit
 from natgrad.linalg import cg
 from natgrad.rl.policies import Policy
@@ -16,7 +17,7 @@ from natgrad.rl.policy_fisher import (
     set_flat_parameters,
     trainable_parameters,
 )
-from natgrad.rl.policy_gradient import PolicyGradient, check_count, check_positive, surrogate
+from natgrad.rl.policy_gradient import PolicyGradient, surrogate
 from natgrad.rl.value import ValueFunction
 
 
@@ -58,15 +59,9 @@ class NPG(PolicyGradient):
         **kwargs,
     ) -> None:
         super().__init__(policy, value_function, **kwargs)
-        check_positive("max_kl", max_kl)
-        check_count("cg_iters", cg_iters)
-        if isinstance(cg_damping, bool) or not isinstance(cg_damping, (int, float)):
-            raise ValueError(f"cg_damping must be a number, got {cg_damping!r}")
-        if not (math.isfinite(cg_damping) and cg_damping >= 0):
-            raise ValueError(f"cg_damping must be finite and non-negative, got {cg_damping!r}")
-        self.max_kl = max_kl
-        self.cg_iters = cg_iters
-        self.cg_damping = cg_damping
+        self.max_kl = positive_float("max_kl", max_kl)
+        self.cg_iters = positive_int("cg_iters", cg_iters)
+        self.cg_damping = nonnegative_float("cg_damping", cg_damping)
 
     def policy_gradient(self, observations: Tensor, actions: Tensor, advantages: Tensor) -> Tensor:
         """``g = 1/T Σₜ ∇ log π(aₜ|sₜ) Âₜ`` as a flat vector of shape ``(P,)``."""

@@ -11,13 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
+from natgrad._validation import finite_float, positive_int
 
 
 def mlp(
@@ -47,9 +41,9 @@ def mlp(
         Maps ``(N, in_features)`` to ``(N, out_features)``; biases start at zero.
     """
     widths = [
-        _check_size("in_features", in_features),
-        *(_check_size("hidden size", h) for h in hidden_sizes),
-        _check_size("out_features", out_features),
+        positive_int("in_features", in_features),
+        *(positive_int("hidden size", h) for h in hidden_sizes),
+        positive_int("out_features", out_features),
     ]
     layers: list[nn.Module] = []
     for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
@@ -131,8 +125,8 @@ class CategoricalMLPPolicy(Policy):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.obs_dim = _check_size("obs_dim", obs_dim)
-        self.n_actions = _check_size("n_actions", n_actions)
+        self.obs_dim = positive_int("obs_dim", obs_dim)
+        self.n_actions = positive_int("n_actions", n_actions)
         self.logits = mlp(obs_dim, n_actions, hidden_sizes, generator, output_gain=0.01)
 
     def forward(self, observations: Tensor) -> tuple[Tensor]:
@@ -185,12 +179,11 @@ class GaussianMLPPolicy(Policy):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.obs_dim = _check_size("obs_dim", obs_dim)
-        self.action_dim = _check_size("action_dim", action_dim)
-        if not math.isfinite(log_std_init):
-            raise ValueError(f"log_std_init must be finite, got {log_std_init!r}")
+        self.obs_dim = positive_int("obs_dim", obs_dim)
+        self.action_dim = positive_int("action_dim", action_dim)
+        log_std_init = finite_float("log_std_init", log_std_init)
         self.mean = mlp(obs_dim, action_dim, hidden_sizes, generator, output_gain=0.01)
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(log_std_init)))
+        self.log_std = nn.Parameter(torch.full((action_dim,), log_std_init))
 
     def forward(self, observations: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean, log_std)``, both of shape ``(N, action_dim)`` (new tensors, not views)."""

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import abc
-import math
 
 import torch
 from torch import Tensor
 
-from natgrad.rl.advantages import check_discount, gae_advantages
+from natgrad._validation import positive_float, positive_int, unit_interval
+from natgrad.rl.advantages import gae_advantages
 from natgrad.rl.policies import Policy
 from natgrad.rl.rollouts import RolloutBatch
 from natgrad.rl.value import ValueFunction, fit_value_function
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite positive number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-
-
-def check_count(name: str, value: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def normalized(advantages: Tensor) -> Tensor:
@@ -70,16 +56,14 @@ class PolicyGradient(abc.ABC):
             raise TypeError(
                 f"value_function must be a ValueFunction, got {type(value_function).__name__}"
             )
-        check_discount("gamma", gamma)
-        check_discount("gae_lambda", gae_lambda)
-        check_count("value_steps", value_steps)
-        check_positive("value_lr", value_lr)
         self.policy = policy
         self.value_function = value_function
-        self.gamma = gamma
-        self.gae_lambda = gae_lambda
-        self.value_steps = value_steps
-        self.value_optimizer = torch.optim.Adam(value_function.parameters(), lr=value_lr)
+        self.gamma = unit_interval("gamma", gamma, closed_right=True)
+        self.gae_lambda = unit_interval("gae_lambda", gae_lambda, closed_right=True)
+        self.value_steps = positive_int("value_steps", value_steps)
+        self.value_optimizer = torch.optim.Adam(
+            value_function.parameters(), lr=positive_float("value_lr", value_lr)
+        )
 
     def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """GAE advantages ``Âₜ`` and λ-returns ``Âₜ + V(sₜ)``, both of shape ``(T,)``."""
@@ -138,8 +122,7 @@ class VanillaPolicyGradient(PolicyGradient):
         self, policy: Policy, value_function: ValueFunction, *, lr: float = 1e-2, **kwargs
     ) -> None:
         super().__init__(policy, value_function, **kwargs)
-        check_positive("lr", lr)
-        self.policy_optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
+        self.policy_optimizer = torch.optim.Adam(policy.parameters(), lr=positive_float("lr", lr))
 
     def policy_step(
         self, observations: Tensor, actions: Tensor, advantages: Tensor

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from natgrad._validation import integer, positive_int
 from natgrad.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
 
 
@@ -85,8 +86,7 @@ class RolloutCollector:
     """
 
     def __init__(self, env: gym.Env, random_state: int) -> None:
-        if isinstance(random_state, bool) or not isinstance(random_state, int):
-            raise TypeError(f"random_state must be an int, got {type(random_state).__name__}")
+        random_state = integer("random_state", random_state)
         _check_observation_space(env)
         self.env = env
         self.generator = torch.Generator().manual_seed(random_state)
@@ -106,11 +106,12 @@ class RolloutCollector:
 
         Raises
         ------
+        TypeError
+            If ``num_steps`` is not an integer.
         ValueError
-            If ``num_steps`` is not a positive int.
+            If ``num_steps`` is not positive.
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        positive_int("num_steps", num_steps)
         dtype = next(policy.parameters()).dtype
         records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
         finished: list[float] = []

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 
-from natgrad.rl.policy_gradient import PolicyGradient, check_count
+from natgrad._validation import positive_int
+from natgrad.rl.policy_gradient import PolicyGradient
 from natgrad.rl.rollouts import RolloutCollector
 
 
@@ -63,8 +64,8 @@ def train(
     """
     if not isinstance(agent, PolicyGradient):
         raise TypeError(f"agent must be a PolicyGradient, got {type(agent).__name__}")
-    check_count("iterations", iterations)
-    check_count("steps_per_iteration", steps_per_iteration)
+    positive_int("iterations", iterations)
+    positive_int("steps_per_iteration", steps_per_iteration)
     collector = RolloutCollector(env, random_state)
     history = []
     for iteration in range(iterations):

@@ -7,10 +7,11 @@ import math
 import torch
 from torch import Tensor
 
+from natgrad._validation import positive_int, unit_interval
 from natgrad.rl.npg import NPG, refused
 from natgrad.rl.policies import Policy
 from natgrad.rl.policy_fisher import set_flat_parameters
-from natgrad.rl.policy_gradient import check_count, surrogate
+from natgrad.rl.policy_gradient import surrogate
 from natgrad.rl.value import ValueFunction
 
 
@@ -43,11 +44,8 @@ class TRPO(NPG):
         **kwargs,
     ) -> None:
         super().__init__(policy, value_function, **kwargs)
-        if isinstance(backtrack_ratio, bool) or not 0 < backtrack_ratio < 1:
-            raise ValueError(f"backtrack_ratio must lie in (0, 1), got {backtrack_ratio!r}")
-        check_count("max_backtracks", max_backtracks)
-        self.backtrack_ratio = backtrack_ratio
-        self.max_backtracks = max_backtracks
+        self.backtrack_ratio = unit_interval("backtrack_ratio", backtrack_ratio, closed_left=False)
+        self.max_backtracks = positive_int("max_backtracks", max_backtracks)
 
     def apply_step(
         self,
