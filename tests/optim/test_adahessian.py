@@ -248,3 +248,17 @@ def test_non_finite_gradient_refuses_the_step() -> None:
 def test_bad_options_raise(options: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         AdaHessian([nn.Parameter(torch.ones(2))], **options)
+
+
+def test_bad_group_option_raises_and_adds_no_group() -> None:
+    optimizer = AdaHessian([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="hessian_power"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))], "hessian_power": 2.0})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_options_are_stored_as_python_numbers() -> None:
+    optimizer = AdaHessian([nn.Parameter(torch.ones(2))], lr=np.float32(0.5), betas=[0.8, 0.9])
+    group = optimizer.param_groups[0]
+    assert type(group["lr"]) is float and group["lr"] == 0.5
+    assert group["betas"] == (0.8, 0.9)

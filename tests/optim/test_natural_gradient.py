@@ -176,6 +176,15 @@ def test_bad_options_raise(kwargs: dict, match: str) -> None:
         NaturalGradient(nn.Linear(2, 1), "gaussian", **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": True}, {"damping": "0.1"}, {"max_kl": torch.tensor(0.1)}, {"mc_samples": 1.0}]
+)
+def test_options_of_the_wrong_kind_raise_type_error(kwargs: dict) -> None:
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        NaturalGradient(nn.Linear(2, 1), "gaussian", **kwargs)
+
+
 def test_empirical_kind_requires_targets() -> None:
     model = nn.Linear(2, 1)
     opt = NaturalGradient(model, "gaussian", kind="empirical")

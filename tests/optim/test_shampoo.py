@@ -323,7 +323,19 @@ def test_bad_options_raise(options: dict, error: type, match: str) -> None:
         Shampoo([nn.Parameter(torch.ones(2))], **options)
 
 
-def test_bad_group_option_raises() -> None:
+def test_bad_group_option_raises_and_adds_no_group() -> None:
     optimizer = Shampoo([nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="epsilon"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2))], "epsilon": -1.0})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_options_are_stored_as_python_numbers() -> None:
+    optimizer = Shampoo([nn.Parameter(torch.ones(2))], lr=np.float32(0.5), update_freq=np.int64(2))
+    optimizer.add_param_group(
+        {"params": [nn.Parameter(torch.ones(2))], "grafting": "adam", "grafting_betas": [0.8, 0.9]}
+    )
+    first, second = optimizer.param_groups
+    assert type(first["lr"]) is float and first["lr"] == 0.5
+    assert type(first["update_freq"]) is int and first["update_freq"] == 2
+    assert second["grafting_betas"] == (0.8, 0.9)
