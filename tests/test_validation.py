@@ -47,33 +47,29 @@ INT_CHECKS = {
 }
 
 
-def _assert_rejects(check, value, error: type[Exception], *args, **kwargs) -> None:
-    """``check`` raises ``error`` with a message that names the option and shows ``value``."""
-    with pytest.raises(error, match=r"^opt .*" + re.escape(repr(value))):
-        check("opt", value, *args, **kwargs)
-
-
-def _assert_matches_oracle(check, value) -> None:
-    """``check`` returns ``float(value)`` where its oracle accepts ``value``, else raises."""
-    if FLOAT_CHECKS[check](value):
+def _assert_matches_oracle(check, value, oracle, converted_type: type) -> None:
+    """``check`` returns ``value`` as ``converted_type`` where ``oracle`` accepts it; otherwise
+    it raises ValueError with a message that names the option and shows ``repr(value)``."""
+    if oracle(value):
         checked = check("opt", value)
-        assert type(checked) is float
+        assert type(checked) is converted_type
         assert checked == value
     else:
-        _assert_rejects(check, value, ValueError)
+        with pytest.raises(ValueError, match=r"^opt .*" + re.escape(repr(value))):
+            check("opt", value)
 
 
 @pytest.mark.parametrize("check", list(FLOAT_CHECKS), ids=lambda f: f.__name__)
 @FEW
 @given(value=ANY_NUMBER)
 def test_float_checks_accept_exactly_their_range(check, value) -> None:
-    _assert_matches_oracle(check, value)
+    _assert_matches_oracle(check, value, FLOAT_CHECKS[check], float)
 
 
 @pytest.mark.parametrize("check", list(FLOAT_CHECKS), ids=lambda f: f.__name__)
 @pytest.mark.parametrize("value", EDGES, ids=repr)
 def test_float_checks_at_the_edges(check, value) -> None:
-    _assert_matches_oracle(check, value)
+    _assert_matches_oracle(check, value, FLOAT_CHECKS[check], float)
 
 
 @pytest.mark.parametrize("check", [real_number, *FLOAT_CHECKS], ids=lambda f: f.__name__)
@@ -185,12 +181,7 @@ def test_unit_interval_pair_refuses_what_is_not_a_pair_of_numbers(pair) -> None:
 @FEW
 @given(value=st.integers() | st.integers(-3, 3))
 def test_int_checks_accept_exactly_their_range(check, value: int) -> None:
-    if INT_CHECKS[check](value):
-        checked = check("opt", value)
-        assert type(checked) is int
-        assert checked == value
-    else:
-        _assert_rejects(check, value, ValueError)
+    _assert_matches_oracle(check, value, INT_CHECKS[check], int)
 
 
 @FEW
