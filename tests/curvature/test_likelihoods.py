@@ -128,3 +128,31 @@ def test_categorical_nll_gradient_rejects_misshaped_targets() -> None:
     likelihood = get_likelihood("categorical")
     with pytest.raises(ValueError, match="targets must have shape"):
         likelihood.nll_gradient(torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    name=st.sampled_from(LIKELIHOOD_NAMES),
+    leading=st.sampled_from([(), (2,), (2, 3)]),
+)
+def test_natural_hessian_product_is_the_hessian_times_the_tangent(
+    seed: int, name: str, leading: tuple[int, ...]
+) -> None:
+    outputs = natural_parameters(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    tangents = torch.randn(*leading, *outputs.shape, generator=generator, dtype=DTYPE)
+    hessians = vmap(hessian(lambda f: log_partition(name, f)))(outputs)
+    expected = torch.einsum("ncd,...nd->...nc", hessians, tangents)
+    product = get_likelihood(name).natural_hessian_product(outputs, tangents)
+    assert product.shape == tangents.shape
+    torch.testing.assert_close(product, expected)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "bernoulli", "poisson"])
+def test_natural_hessian_product_of_scalar_outputs(name: str) -> None:
+    outputs = torch.tensor([0.3, -1.2, 2.0], dtype=DTYPE)
+    tangents = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 3.0]], dtype=DTYPE)
+    hessians = get_likelihood(name).natural_hessian(outputs)[:, 0, 0]
+    product = get_likelihood(name).natural_hessian_product(outputs, tangents)
+    torch.testing.assert_close(product, hessians * tangents)

@@ -478,3 +478,23 @@ def test_cached_inverse_follows_a_damping_schedule_between_eigen_refreshes(dampi
         gradient = flat_grads(model)
         precond.step()
         torch.testing.assert_close(flat_grads(model), solve(gradient, 0.05 * (step + 1)))
+
+
+def test_recording_paused_skips_the_statistics_of_the_passes_inside() -> None:
+    data = batches(3)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    precond, twin_precond = KFAC(model, damping=0.1), KFAC(twin, damping=0.1)
+    for inputs, targets in data[:2]:
+        with precond.recording_paused():
+            with precond.recording_paused():
+                backward(model, *data[2])
+            backward(model, *data[2])  # still paused: the outer block restores it
+        backward(model, inputs, targets)
+        precond.step()
+        backward(twin, inputs, targets)
+        twin_precond.step()
+        torch.testing.assert_close(flat_grads(model), flat_grads(twin), rtol=0, atol=0)
+    for ours, theirs in zip(precond.layers, twin_precond.layers, strict=True):
+        torch.testing.assert_close(ours.input_factor, theirs.input_factor, rtol=0, atol=0)
+        torch.testing.assert_close(ours.output_factor, theirs.output_factor, rtol=0, atol=0)

@@ -10,10 +10,11 @@ and left out of that vector; buffers are used as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 ParamDict = dict[str, Tensor]
@@ -147,6 +148,40 @@ class ModelFunction:
         """``J v`` for a flat ``(P,)`` vector; shape of the model outputs ``(N, ...)``."""
         _, tangent = jvp(self.forward, (self.params,), (self.unflatten(vector),))
         return tangent
+
+    def output_tangents(self, directions: Sequence[ParamDict]) -> tuple[Tensor, list[Tensor]]:
+        """Outputs and ``J v`` for each direction ``v``, by forward-mode differentiation.
+
+        One forward pass with dual numbers per direction (cheaper on small batches than a
+        vmapped ``torch.func.jvp``, and computed under ``torch.no_grad()`` so that forward hooks
+        that record only when gradients are enabled stay silent).
+
+        Parameters
+        ----------
+        directions : sequence of dict of str to Tensor
+            Directions in parameter space, each holding every trainable parameter's name.
+
+        Returns
+        -------
+        outputs : Tensor of shape (N, ...)
+            Model outputs at the current parameters.
+        tangents : list of Tensor of shape (N, ...)
+            ``J v`` for each direction, in order.
+        """
+        if not directions:
+            raise ValueError("output_tangents needs at least one direction")
+        outputs, tangents = None, []
+        with torch.no_grad():
+            for direction in directions:
+                with forward_ad.dual_level():
+                    duals = {
+                        name: forward_ad.make_dual(value, direction[name].to(value.dtype))
+                        for name, value in self.params.items()
+                    }
+                    primal, tangent = forward_ad.unpack_dual(self.forward(duals))
+                outputs = primal
+                tangents.append(torch.zeros_like(primal) if tangent is None else tangent)
+        return outputs, tangents
 
     def vjp_function(self) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Outputs and ``u ↦ Jᵀ u`` (flat ``(P,)``), reusing one forward pass."""

@@ -8,7 +8,8 @@ Every likelihood here exposes, per data point:
 - ``nll_gradient(outputs, targets)``: ``∇_f nll = ∇A(f_n) − T(y_n)``, shape ``(N, C)``;
 - ``sample(outputs, generator)``: targets drawn from p(y | f);
 - ``natural_hessian(outputs)``: ``∇²A(f_n)``, shape ``(N, C, C)``;
-- ``natural_hessian_sqrt(outputs)``: ``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``, shape ``(N, C, C)``.
+- ``natural_hessian_sqrt(outputs)``: ``S_n`` with ``S_n S_nᵀ = ∇²A(f_n)``, shape ``(N, C, C)``;
+- ``natural_hessian_product(outputs, tangents)``: ``∇²A(f_n) t_n`` without forming ``∇²A``.
 
 Outputs have shape ``(N, C)``; ``(N,)`` is read as ``(N, 1)`` for the scalar likelihoods.
 """
@@ -55,6 +56,25 @@ class Likelihood(abc.ABC):
         """``∇²A(f_n)`` (the Fisher of the outputs), shape ``(N, C, C)``."""
         root = self.natural_hessian_sqrt(outputs)
         return root @ root.transpose(-1, -2)
+
+    def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
+        """``∇²A(f_n) t_n`` for every sample, without forming ``∇²A``.
+
+        Parameters
+        ----------
+        outputs : Tensor of shape (N, C) or (N,)
+        tangents : Tensor of shape (..., N, C) or (..., N)
+            Output-space vectors ``t_n`` (any leading batch dimensions, e.g. several
+            directions).
+
+        Returns
+        -------
+        Tensor of the shape of ``tangents``
+        """
+        matrix = as_matrix(outputs)
+        columns = tangents.reshape(*tangents.shape[: tangents.ndim - outputs.ndim], *matrix.shape)
+        product = (self.natural_hessian(matrix) @ columns.unsqueeze(-1)).squeeze(-1)
+        return product.reshape(tangents.shape)
 
     def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``∇_f nll(f_n, y_n) = ∇A(f_n) − T(y_n)`` for every sample, shape ``(N, C)``.
@@ -126,6 +146,12 @@ class CategoricalLikelihood(Likelihood):
         probs = torch.softmax(as_matrix(outputs), dim=-1)
         return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
 
+    def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
+        probs = torch.softmax(as_matrix(outputs), dim=-1)
+        columns = tangents.reshape(*tangents.shape[: tangents.ndim - outputs.ndim], *probs.shape)
+        product = probs * (columns - (probs * columns).sum(-1, keepdim=True))
+        return product.reshape(tangents.shape)
+
 
 class GaussianLikelihood(Likelihood):
     """Unit-variance Gaussian regression: ``y ~ N(f, I)``; ``∇²A = I``."""
@@ -149,6 +175,9 @@ class GaussianLikelihood(Likelihood):
         mean = as_matrix(outputs)
         eye = torch.eye(mean.shape[-1], dtype=mean.dtype, device=mean.device)
         return eye.expand(mean.shape[0], -1, -1)
+
+    def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
+        return tangents
 
 
 class BernoulliLikelihood(Likelihood):
@@ -177,6 +206,10 @@ class BernoulliLikelihood(Likelihood):
         probs = torch.sigmoid(as_matrix(outputs))
         return torch.diag_embed(probs * (1 - probs))
 
+    def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
+        probs = torch.sigmoid(outputs)
+        return probs * (1 - probs) * tangents
+
 
 class PoissonLikelihood(Likelihood):
     """Poisson counts with log-rate ``f``: ``y ~ Poisson(exp f)``; ``∇²A = diag(exp f)``."""
@@ -200,6 +233,9 @@ class PoissonLikelihood(Likelihood):
 
     def natural_hessian(self, outputs: Tensor) -> Tensor:
         return torch.diag_embed(as_matrix(outputs).exp())
+
+    def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
+        return outputs.exp() * tangents
 
 
 LIKELIHOODS: dict[str, type[Likelihood]] = {

@@ -36,8 +36,9 @@ gradients.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -301,6 +302,7 @@ class KFAC:
         self.generator = generator
         self.steps = 0
         self._sampling = False
+        self._paused = False
         self._layer_outputs: list[Tensor] = []
         self.layers: list[LayerState] = [
             self._make_state(name, module) for name, module in _select_modules(model, layers)
@@ -338,7 +340,8 @@ class KFAC:
 
     def _recording(self, module: nn.Module) -> bool:
         return (
-            module.training
+            not self._paused
+            and module.training
             and torch.is_grad_enabled()
             and self.steps % self.factor_update_interval == 0
         )
@@ -386,6 +389,16 @@ class KFAC:
             self._sampling = False
             for handle in handles:  # the loss backward has nothing to record
                 handle.remove()
+
+    @contextlib.contextmanager
+    def recording_paused(self) -> Iterator[None]:
+        """Within this block no statistics are recorded (e.g. while a closure is re-evaluated
+        to measure the loss after a step), whatever the step."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
 
     def remove(self) -> None:
         """Detach the hooks from the model."""

@@ -7,7 +7,6 @@ One step is ``g = ∇L(θ)``, ``d = (F(θ) + λI)⁻¹ g``, ``θ ← θ − α d
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +18,14 @@ from natgrad.curvature import fisher
 from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
 
 _KINDS = ("exact", "mc", "empirical")
 _STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
 
 
-class NaturalGradient(torch.optim.Optimizer):
+class NaturalGradient(CountedOptimizer):
     """Natural gradient descent ``θ ← θ − lr (F + λI)⁻¹ ∇L`` over a model's parameters.
 
     The Fisher ``F`` is the **mean** over the data points of the latest forward pass of
@@ -230,23 +230,6 @@ class NaturalGradient(torch.optim.Optimizer):
         new_damping = levenberg_marquardt_damping(damping, actual, predicted)
         for group in self.param_groups:
             group["damping"] = new_damping
-
-    def _refuse(self, loss: Tensor, why: str) -> Tensor:
-        self.counters["refused_steps"] += 1
-        warnings.warn(f"NaturalGradient refused a step: {why}", RuntimeWarning, stacklevel=3)
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, with the step counters."""
-        state = super().state_dict()
-        state["counters"] = dict(self.counters)
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`."""
-        state = dict(state_dict)
-        self.counters = dict(state.pop("counters", self.counters))
-        super().load_state_dict(state)
 
 
 def _restore(params: list[Tensor], previous: list[Tensor]) -> None:

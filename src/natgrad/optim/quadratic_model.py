@@ -1,0 +1,334 @@
+"""Step size and momentum chosen by the damped quadratic model (Martens & Grosse 2015, §7).
+
+A preconditioner such as :class:`~natgrad.optim.KFAC` gives a direction ``Δ = −C⁻¹ g``; instead
+of a hand-tuned learning rate and momentum, every step takes ``δ = α Δ + μ δ₀`` (``δ₀`` the
+previous step) with ``(α, μ)`` minimising the quadratic model of the loss,
+
+    M(δ) = gᵀδ + ½ δᵀ (F + λI) δ,
+
+where ``F`` is the exact Fisher (generalised Gauss–Newton) of the current batch, applied
+through two forward-mode Jacobian-vector products: ``(α, μ)`` solve a 2×2 linear system. The
+damping ``λ`` follows the Levenberg–Marquardt rule from the ratio of the actual loss change to
+``M(δ)``, and is handed to the preconditioner, so that its own damping tracks it::
+
+    precond = natgrad.optim.KFAC(model, fisher_type="mc", likelihood="bernoulli")
+    optimizer = natgrad.optim.QuadraticModelOptimizer(model, "bernoulli", preconditioner=precond)
+    for inputs, targets in loader:
+        def closure():
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            precond.sample_backward(outputs)   # for fisher_type="mc"
+            loss = loss_fn(outputs, targets)   # the MEAN negative log-likelihood
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from natgrad._validation import positive_float, positive_int, unit_interval
+from natgrad.curvature.jacobians import ModelFunction
+from natgrad.curvature.kfac_capture import trainable_parameters
+from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.distributed.reduce import all_reduce_sum_
+from natgrad.optim.counted import CountedOptimizer
+from natgrad.optim.kfac import KFAC
+from natgrad.optim.trust_region import levenberg_marquardt_damping
+
+__all__ = ["QuadraticModelOptimizer", "minimize_quadratic_model"]
+
+
+def minimize_quadratic_model(curvature: Tensor, linear: Tensor) -> tuple[Tensor, float]:
+    """Coefficients ``c`` minimising ``bᵀc + ½ cᵀ A c`` over the span of a few directions.
+
+    Parameters
+    ----------
+    curvature : Tensor of shape (k, k)
+        ``A_ij = d_iᵀ (F + λI) d_j``, symmetric positive semi-definite.
+    linear : Tensor of shape (k,)
+        ``b_i = gᵀ d_i``.
+
+    Returns
+    -------
+    coefficients : Tensor of shape (k,), float64
+        ``c = −A⁺ b`` (the minimum-norm minimiser where ``A`` is singular, e.g. for parallel
+        directions).
+    predicted_change : float
+        The model's value at ``c``, ``bᵀc + ½ cᵀ A c = ½ bᵀc`` (``≤ 0``).
+
+    Raises
+    ------
+    ValueError
+        If the shapes disagree or an entry is not finite.
+    """
+    if curvature.ndim != 2 or curvature.shape != (linear.numel(), linear.numel()):
+        raise ValueError(
+            f"curvature must be ({linear.numel()}, {linear.numel()}) for {linear.numel()} "
+            f"directions, got {tuple(curvature.shape)}"
+        )
+    matrix = curvature.to(torch.float64)
+    vector = linear.to(torch.float64).reshape(-1)
+    if not (torch.isfinite(matrix).all() and torch.isfinite(vector).all()):
+        raise ValueError("the quadratic model has non-finite coefficients")
+    coefficients = -torch.linalg.pinv(0.5 * (matrix + matrix.T), hermitian=True) @ vector
+    return coefficients, _model_value(matrix, vector, coefficients)
+
+
+def _model_value(curvature: Tensor, linear: Tensor, coefficients: Tensor) -> float:
+    """``bᵀc + ½ cᵀ A c``."""
+    return float(linear @ coefficients + 0.5 * coefficients @ curvature @ coefficients)
+
+
+def _numels(params: list[Tensor]) -> list[int]:
+    return [p.numel() for p in params]
+
+
+def _flat(tensors: list[Tensor | None], params: list[Tensor]) -> Tensor:
+    """One flat vector of ``tensors`` (zeros where a tensor is ``None``), in ``params`` order."""
+    return torch.cat(
+        [
+            (p.new_zeros(p.numel()) if t is None else t.reshape(-1))
+            for t, p in zip(tensors, params, strict=True)
+        ]
+    )
+
+
+class QuadraticModelOptimizer(CountedOptimizer):
+    """Martens & Grosse's update ``δ = α Δ + μ δ₀`` with ``(α, μ)`` from the quadratic model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (or its ``DistributedDataParallel`` wrapper) whose trainable parameters are
+        optimized. Its first positional forward argument is taken as the inputs ``(N, ...)`` of
+        the batch; its outputs are the natural parameters of ``likelihood``.
+    likelihood : str or Likelihood
+        ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or ``"poisson"``: its ``∇²A`` gives the
+        exact Fisher ``F = mean_n J_nᵀ ∇²A(f_n) J_n`` of the model.
+    preconditioner : KFAC or EKFAC, optional
+        Rewrites the gradients into ``C⁻¹ g`` (its :meth:`~KFAC.step` is called by
+        :meth:`step`); without one the direction is ``−g``.
+    lr : float, default 1.0
+        Multiplies the chosen step: ``δ = lr (α Δ + μ δ₀)`` (1 is Martens & Grosse's update;
+        LR schedulers act on it).
+    damping : float, default 1e-2
+        Initial ``λ`` (a positive number).
+    adaptive_damping : bool, default True
+        Adapt ``λ`` every ``damping_adaptation_interval`` steps by the Levenberg–Marquardt rule
+        (one extra evaluation of the closure, with the preconditioner's recording paused).
+    damping_adaptation_interval : int, default 5
+    damping_decay : float in (0, 1), optional
+        ``λ ← ω λ`` when the reduction ratio exceeds 3/4, ``λ ← λ / ω`` when it is below 1/4;
+        default ``ω = (19/20)^T`` with ``T`` the interval.
+    damping_bounds : (float, float), default (1e-8, 1e8)
+    couple_damping : bool, default True
+        Set the preconditioner's damping to ``λ`` before each of its steps (with factored
+        damping its factors are then damped by ``π√λ`` and ``√λ/π``, Martens & Grosse's
+        ``γ = √λ``). The preconditioner must not adapt its damping itself.
+    momentum : bool, default True
+        Include the previous step ``δ₀`` (``μ``); ``False`` chooses ``α`` alone.
+    curvature_batch_size : int, optional
+        Evaluate ``F``'s products on the first this-many samples of the batch only (cheaper);
+        default the whole batch.
+
+    Notes
+    -----
+    One param group (the quadratic model couples all parameters). The closure must return the
+    **mean** negative log-likelihood of the batch under
+    ``likelihood`` (the scale ``F`` refers to). Steps whose loss, gradient or direction is not
+    finite are refused: the parameters are left as they are, a ``RuntimeWarning`` says why and
+    ``counters["refused_steps"]`` counts it. ``λ`` lives in the param group (key
+    ``"damping"``), the previous step in the per-parameter state; both round-trip through
+    :meth:`state_dict` (save the preconditioner's state as well). Under ``torch.distributed``
+    the Fisher products and the losses of the damping rule are averaged over the processes,
+    whose gradients the ``DistributedDataParallel`` wrapper already averages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str | Likelihood,
+        *,
+        preconditioner: KFAC | None = None,
+        lr: float = 1.0,
+        damping: float = 1e-2,
+        adaptive_damping: bool = True,
+        damping_adaptation_interval: int = 5,
+        damping_decay: float | None = None,
+        damping_bounds: tuple[float, float] = (1e-8, 1e8),
+        couple_damping: bool = True,
+        momentum: bool = True,
+        curvature_batch_size: int | None = None,
+    ) -> None:
+        damping = positive_float("damping", damping)
+        interval = positive_int("damping_adaptation_interval", damping_adaptation_interval)
+        low = positive_float("damping_bounds[0]", damping_bounds[0])
+        high = positive_float("damping_bounds[1]", damping_bounds[1])
+        if not low <= damping <= high:
+            raise ValueError(
+                f"damping_bounds {damping_bounds!r} must satisfy low <= damping ({damping!r}) "
+                "<= high"
+            )
+        if preconditioner is not None and not isinstance(preconditioner, KFAC):
+            raise TypeError(
+                f"preconditioner must be a KFAC or EKFAC, got {type(preconditioner).__name__}"
+            )
+        if couple_damping and preconditioner is not None and preconditioner.adaptive_damping:
+            raise ValueError(
+                "couple_damping sets the preconditioner's damping: build it with "
+                "adaptive_damping=False"
+            )
+        if curvature_batch_size is not None:
+            curvature_batch_size = positive_int("curvature_batch_size", curvature_batch_size)
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        super().__init__(params, {"lr": positive_float("lr", lr), "damping": damping})
+        self.likelihood = get_likelihood(likelihood)
+        self.preconditioner = preconditioner
+        self.adaptive_damping = bool(adaptive_damping)
+        self.damping_adaptation_interval = interval
+        self.damping_decay = (
+            (19 / 20) ** interval
+            if damping_decay is None
+            else unit_interval("damping_decay", damping_decay, closed_left=False)
+        )
+        self.damping_bounds = (low, high)
+        self.couple_damping = bool(couple_damping)
+        self.momentum = bool(momentum)
+        self.curvature_batch_size = curvature_batch_size
+        self.process_group = None if preconditioner is None else preconditioner.process_group
+        self.counters = {"steps": 0, "refused_steps": 0}
+        self.last_step: dict[str, float] = {}
+        self._inputs: Tensor | None = None
+        self._hook = self.module.register_forward_pre_hook(self._capture_inputs)
+
+    def _capture_inputs(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
+            self._inputs = args[0].detach()
+
+    @property
+    def damping(self) -> float:
+        """The current ``λ``."""
+        return self.param_groups[0]["damping"]
+
+    def _params(self) -> list[Tensor]:
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Take one step.
+
+        Parameters
+        ----------
+        closure : callable
+            Zeroes the gradients, runs the model forward on a batch (and, for a Monte-Carlo
+            K-FAC, ``precond.sample_backward(outputs)``), computes the mean negative
+            log-likelihood, calls ``backward()`` and returns it. Required.
+
+        Returns
+        -------
+        Tensor
+            The loss returned by the closure before the step.
+        """
+        if closure is None:
+            raise ValueError("QuadraticModelOptimizer.step needs a closure that returns the loss")
+        self._inputs = None
+        with torch.enable_grad():
+            loss = closure()
+        if self._inputs is None:
+            raise RuntimeError("the closure did not run the model forward: no inputs to use")
+        params = self._params()
+        if not torch.isfinite(loss).all():
+            return self._refuse(loss, "the loss is not finite")
+        gradient = _flat([p.grad for p in params], params)
+        directions = [self._direction(params, gradient)]
+        previous = [self.state[p].get("previous_update") for p in params]
+        if self.momentum and all(value is not None for value in previous):
+            directions.append(_flat(previous, params))
+        stacked = torch.stack(directions)
+        linear = (stacked @ gradient).to(torch.float64)
+        euclidean = (stacked @ stacked.T).to(torch.float64)
+        if not (torch.isfinite(linear).all() and torch.isfinite(euclidean).all()):
+            return self._refuse(loss, "the gradient or the preconditioned direction is not finite")
+        curvature = self._fisher_gram(stacked) + self.damping * euclidean
+        if not torch.isfinite(curvature).all():
+            return self._refuse(loss, "the Fisher products are not finite")
+        coefficients, _ = minimize_quadratic_model(curvature, linear)
+        coefficients *= self.param_groups[0]["lr"]
+        predicted = _model_value(curvature, linear, coefficients)
+        update = coefficients.to(stacked.dtype) @ stacked
+        chunks = [
+            chunk.view_as(p) for chunk, p in zip(update.split(_numels(params)), params, strict=True)
+        ]
+        torch._foreach_add_(params, chunks)
+        if self.momentum:
+            for p, chunk in zip(params, chunks, strict=True):
+                self.state[p]["previous_update"] = chunk
+        self.last_step = {"alpha": float(coefficients[0]), "predicted_change": predicted}
+        if len(coefficients) > 1:
+            self.last_step["mu"] = float(coefficients[1])
+        due = self.counters["steps"] % self.damping_adaptation_interval == 0
+        self.counters["steps"] += 1
+        if self.adaptive_damping and due:
+            self._adapt_damping(closure, loss, predicted)
+        return loss
+
+    def _direction(self, params: list[Tensor], gradient: Tensor) -> Tensor:
+        """Flat ``Δ = −C⁻¹ g`` from the preconditioner (``−g`` without one)."""
+        if self.preconditioner is None:
+            return -gradient
+        if self.couple_damping:
+            self.preconditioner.damping = self.damping
+        self.preconditioner.step()
+        return -_flat([p.grad for p in params], params)
+
+    def _fisher_gram(self, directions: Tensor) -> Tensor:
+        """``d_iᵀ F d_j`` (float64) for flat directions ``(k, P)``, with ``F`` the exact Fisher
+        of the (sub-)batch, from one forward-mode pass per direction."""
+        inputs = self._inputs
+        if self.curvature_batch_size is not None:
+            inputs = inputs[: self.curvature_batch_size]
+        function = ModelFunction(self.module, inputs)
+        outputs, tangents = function.output_tangents([function.unflatten(d) for d in directions])
+        stacked = torch.stack(tangents)
+        products = self.likelihood.natural_hessian_product(outputs, stacked)
+        count = len(directions)
+        fisher = stacked.reshape(count, -1) @ products.reshape(count, -1).T
+        sums = [fisher.to(torch.float64), torch.tensor(float(len(inputs)), dtype=torch.float64)]
+        all_reduce_sum_(sums, self.process_group)
+        return sums[0] / sums[1]
+
+    def _adapt_damping(self, closure: Callable[[], Tensor], loss: Tensor, predicted: float) -> None:
+        """Levenberg–Marquardt: ``λ`` from the actual change of the batch loss over ``M(δ)``."""
+        paused = (
+            contextlib.nullcontext()
+            if self.preconditioner is None
+            else self.preconditioner.recording_paused()
+        )
+        with torch.enable_grad(), paused:
+            new_loss = closure()
+        losses = torch.stack([loss.detach(), new_loss.detach()]).to(torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            all_reduce_sum_([losses], self.process_group)
+            losses /= dist.get_world_size(self.process_group)
+        actual = float(losses[1] - losses[0])
+        damping = levenberg_marquardt_damping(
+            self.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
+        )
+        self.last_step.update(
+            actual_change=actual,
+            ratio=actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf,
+        )
+        self.param_groups[0]["damping"] = damping

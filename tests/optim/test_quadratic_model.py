@@ -1,0 +1,451 @@
+"""QuadraticModelOptimizer against dense float64 oracles: the 2×2 quadratic model solved with
+brute-force Fisher matrices (``torch.func.jacrev`` per-sample Jacobians), conjugate gradients on
+a least-squares problem, the Levenberg–Marquardt rule, refused steps and state round trips."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.func import functional_call, hessian, jacrev, vmap
+
+from natgrad.optim import KFAC
+from natgrad.optim.quadratic_model import QuadraticModelOptimizer, minimize_quadratic_model
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _mlp(outputs: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, outputs))
+
+
+def _classification(samples: int = 12, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, 4, generator=generator), torch.randint(
+        0, 3, (samples,), generator=generator
+    )
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _dense_fisher(model: nn.Module, inputs: Tensor) -> Tensor:
+    """``1/N Σ Jₙᵀ ∇²logsumexp(fₙ) Jₙ`` from per-sample Jacobians of the flat parameters."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def output(theta: Tensor, sample: Tensor) -> Tensor:
+        pieces = torch.split(theta, sizes)
+        params = {n: piece.reshape(s) for n, piece, s in zip(names, pieces, shapes, strict=True)}
+        return functional_call(model, params, (sample.unsqueeze(0),)).reshape(-1)
+
+    theta = _flat(model)
+    jacobians = vmap(jacrev(output), in_dims=(None, 0))(theta, inputs)
+    logits = vmap(output, in_dims=(None, 0))(theta, inputs)
+    curvatures = vmap(hessian(lambda f: torch.logsumexp(f, -1)))(logits)
+    return torch.einsum("nci,ncd,ndj->ij", jacobians, curvatures, jacobians) / len(inputs)
+
+
+def _gradient(model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs), labels).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _closure(model: nn.Module, optimizer, inputs: Tensor, labels: Tensor, precond=None):
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        if precond is not None and precond.fisher_type == "mc":
+            precond.sample_backward(outputs)
+        loss = nn.functional.cross_entropy(outputs, labels)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _oracle_coefficients(
+    fisher: Tensor, damping: float, gradient: Tensor, directions: list[Tensor]
+) -> Tensor:
+    stacked = torch.stack(directions)
+    matrix = stacked @ (fisher + damping * torch.eye(len(fisher))) @ stacked.T
+    return torch.linalg.solve(matrix, -(stacked @ gradient))
+
+
+# -- the 2×2 model ----------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), size=st.integers(1, 3))
+def test_minimizer_solves_the_normal_equations(seed: int, size: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    root = torch.randn(size, size, generator=generator)
+    matrix = root @ root.T + 0.1 * torch.eye(size)
+    linear = torch.randn(size, generator=generator)
+    coefficients, predicted = minimize_quadratic_model(matrix, linear)
+    np.testing.assert_allclose(
+        coefficients.numpy(), np.linalg.solve(matrix.numpy(), -linear.numpy()), rtol=1e-9
+    )
+    expected = float(linear @ coefficients + 0.5 * coefficients @ matrix @ coefficients)
+    assert predicted == pytest.approx(expected, rel=1e-12)
+    assert predicted == pytest.approx(0.5 * float(linear @ coefficients), rel=1e-9)
+    assert predicted <= 0
+
+
+def test_minimizer_of_parallel_directions_is_the_minimum_norm_solution() -> None:
+    direction = torch.tensor([1.0, 2.0])
+    directions = torch.stack([direction, 3 * direction])
+    matrix = directions @ directions.T  # rank one
+    linear = directions @ torch.tensor([-1.0, -0.5])
+    coefficients, predicted = minimize_quadratic_model(matrix, linear)
+    step = coefficients @ directions
+    best_scale = -float(linear[0]) / float(matrix[0, 0])  # 1-d minimiser along ``direction``
+    torch.testing.assert_close(step, best_scale * direction)
+    assert torch.linalg.norm(coefficients) < abs(best_scale) + 1e-12  # minimum norm
+    assert predicted < 0
+
+
+def test_minimizer_rejects_bad_coefficients() -> None:
+    with pytest.raises(ValueError, match=r"must be \(2, 2\)"):
+        minimize_quadratic_model(torch.eye(3), torch.ones(2))
+    with pytest.raises(ValueError, match="non-finite"):
+        minimize_quadratic_model(torch.eye(2), torch.tensor([1.0, float("nan")]))
+
+
+# -- the optimizer against dense oracles -------------------------------------------------------
+
+
+def test_two_steps_without_preconditioner_match_the_dense_quadratic_model() -> None:
+    inputs, labels = _classification()
+    model, reference = _mlp(), _mlp()
+    damping = 0.05
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", damping=damping, adaptive_damping=False
+    )
+    previous = None
+    for _ in range(2):
+        gradient = _gradient(reference, inputs, labels)
+        fisher = _dense_fisher(reference, inputs)
+        directions = [-gradient] if previous is None else [-gradient, previous]
+        coefficients = _oracle_coefficients(fisher, damping, gradient, directions)
+        step = coefficients @ torch.stack(directions)
+        torch.nn.utils.vector_to_parameters(_flat(reference) + step, reference.parameters())
+        previous = step
+        optimizer.step(_closure(model, optimizer, inputs, labels))
+        torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-10, atol=1e-12)
+    assert optimizer.last_step["alpha"] == pytest.approx(float(coefficients[0]), rel=1e-9)
+    assert optimizer.last_step["mu"] == pytest.approx(float(coefficients[1]), rel=1e-9)
+
+
+def test_kfac_direction_is_scaled_by_the_dense_quadratic_model() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    options = {"damping": 0.1, "factor_decay": 0.0}
+    damping = options["damping"]
+    precond = KFAC(model, **options)
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", preconditioner=precond, damping=damping, adaptive_damping=False
+    )
+    twin_precond = KFAC(twin, **options)
+    gradient = _gradient(twin, inputs, labels)
+    twin_precond.step()
+    twin_precond.remove()
+    direction = -torch.cat([p.grad.reshape(-1) for p in twin.parameters()])
+    assert torch.linalg.norm(direction + gradient) > 1e-3 * torch.linalg.norm(gradient)
+    fisher = _dense_fisher(twin, inputs)
+    (alpha,) = _oracle_coefficients(fisher, damping, gradient, [direction])
+    before = _flat(model)
+    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    torch.testing.assert_close(_flat(model) - before, alpha * direction, rtol=1e-9, atol=1e-12)
+
+
+def test_curvature_batch_size_uses_the_first_samples_for_the_fisher() -> None:
+    inputs, labels = _classification(samples=12)
+    model, reference = _mlp(), _mlp()
+    damping = 0.05
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", damping=damping, adaptive_damping=False, curvature_batch_size=5
+    )
+    gradient = _gradient(reference, inputs, labels)
+    (alpha,) = _oracle_coefficients(
+        _dense_fisher(reference, inputs[:5]), damping, gradient, [-gradient]
+    )
+    optimizer.step(_closure(model, optimizer, inputs, labels))
+    torch.testing.assert_close(
+        _flat(model), _flat(reference) - alpha * gradient, rtol=1e-10, atol=1e-12
+    )
+
+
+def test_least_squares_is_solved_in_as_many_steps_as_parameters() -> None:
+    """On a quadratic, the best step in span{−g, δ₀} is the conjugate-gradient step: the exact
+    least-squares solution after P steps (P = 4 parameters)."""
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(30, 3, generator=generator) * torch.tensor([1.0, 5.0, 0.2])
+    targets = torch.randn(30, 1, generator=generator)
+    model = nn.Linear(3, 1)
+    optimizer = QuadraticModelOptimizer(
+        model, "gaussian", damping=1e-12, damping_bounds=(1e-14, 1.0), adaptive_damping=False
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = 0.5 * (model(inputs) - targets).pow(2).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        optimizer.step(closure)
+    design = np.hstack([inputs.numpy(), np.ones((30, 1))])
+    solution, *_ = np.linalg.lstsq(design, targets.numpy()[:, 0], rcond=None)
+    fitted = np.concatenate([model.weight.detach().numpy()[0], model.bias.detach().numpy()])
+    np.testing.assert_allclose(fitted, solution, rtol=1e-7, atol=1e-9)
+
+
+def test_momentum_false_chooses_the_step_size_alone() -> None:
+    inputs, labels = _classification()
+    model, reference = _mlp(), _mlp()
+    damping = 0.05
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", damping=damping, adaptive_damping=False, momentum=False
+    )
+    for _ in range(2):
+        gradient = _gradient(reference, inputs, labels)
+        (alpha,) = _oracle_coefficients(
+            _dense_fisher(reference, inputs), damping, gradient, [-gradient]
+        )
+        torch.nn.utils.vector_to_parameters(
+            _flat(reference) - alpha * gradient, reference.parameters()
+        )
+        optimizer.step(_closure(model, optimizer, inputs, labels))
+    torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-10, atol=1e-12)
+    assert "mu" not in optimizer.last_step
+    assert all("previous_update" not in optimizer.state[p] for p in model.parameters())
+
+
+# -- damping ------------------------------------------------------------------------------------
+
+
+def test_levenberg_marquardt_rule_follows_the_reduction_ratio() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", damping=1.0, damping_adaptation_interval=3, damping_decay=0.5
+    )
+    closure = _closure(model, optimizer, inputs, labels)
+    for index in range(7):
+        with torch.no_grad():
+            loss_before = float(nn.functional.cross_entropy(model(inputs), labels))
+        damping = optimizer.damping
+        optimizer.step(closure)
+        with torch.no_grad():
+            actual = float(nn.functional.cross_entropy(model(inputs), labels)) - loss_before
+        if index % 3:  # adapted after steps 0, 3 and 6 only
+            assert optimizer.damping == damping
+            continue
+        ratio = actual / optimizer.last_step["predicted_change"]
+        assert optimizer.last_step["actual_change"] == pytest.approx(actual, rel=1e-9)
+        assert optimizer.last_step["ratio"] == pytest.approx(ratio, rel=1e-9)
+        expected = damping * 0.5 if ratio > 0.75 else damping / 0.5 if ratio < 0.25 else damping
+        assert optimizer.damping == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_good_quadratic_model_lowers_the_damping_and_a_bad_one_raises_it() -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(20, 3, generator=generator)
+    targets = torch.randn(20, 1, generator=generator)
+    model = nn.Linear(3, 1)
+    optimizer = QuadraticModelOptimizer(model, "gaussian", damping=0.1, damping_decay=0.5)
+
+    def exact() -> Tensor:  # the model is the loss: ratio ≥ 1
+        optimizer.zero_grad()
+        loss = 0.5 * (model(inputs) - targets).pow(2).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(exact)
+    assert optimizer.damping == pytest.approx(0.05)
+    assert optimizer.last_step["ratio"] >= 1.0
+
+    def steep() -> Tensor:  # quartic loss: the Gaussian model underestimates the curvature
+        optimizer.zero_grad()
+        loss = (10 * (model(inputs) - targets)).pow(4).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    rising = QuadraticModelOptimizer(model, "gaussian", damping=0.1, damping_decay=0.5)
+    optimizer = rising
+    rising.step(steep)
+    assert rising.last_step["ratio"] < 0.25
+    assert rising.damping == pytest.approx(0.2)
+
+
+def test_couple_damping_hands_lambda_to_the_preconditioner() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    precond = KFAC(model, damping=0.3)
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", preconditioner=precond, damping=0.02, damping_decay=0.5
+    )
+    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    assert precond.damping == 0.02  # λ at the step
+    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    assert precond.damping == optimizer.damping != 0.02
+
+
+def test_damping_adaptation_does_not_record_kfac_statistics() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    generator = torch.Generator().manual_seed(0)
+    options = {"fisher_type": "mc", "likelihood": "categorical", "factor_decay": 0.5}
+    twin = copy.deepcopy(model)  # before any hook is attached
+    precond = KFAC(model, generator=generator, **options)
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", preconditioner=precond, damping_adaptation_interval=1
+    )
+    twin_precond = KFAC(twin, generator=torch.Generator().manual_seed(0), **options)
+    twin_optimizer = QuadraticModelOptimizer(
+        twin, "categorical", preconditioner=twin_precond, adaptive_damping=False
+    )
+    for _ in range(3):
+        twin_optimizer.param_groups[0]["damping"] = optimizer.damping
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+        twin_optimizer.step(_closure(twin, twin_optimizer, inputs, labels, twin_precond))
+        torch.testing.assert_close(_flat(twin), _flat(model), rtol=0, atol=0)
+    for ours, theirs in zip(precond.layers, twin_precond.layers, strict=True):
+        torch.testing.assert_close(ours.input_factor, theirs.input_factor)
+        torch.testing.assert_close(ours.output_factor, theirs.output_factor)
+
+
+# -- refused steps, state, bad input ------------------------------------------------------------
+
+
+def test_non_finite_loss_or_gradient_refuses_the_step() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(model, "categorical")
+    before = _flat(model)
+
+    def nan_loss() -> Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels) * float("nan")
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="loss is not finite"):
+        optimizer.step(nan_loss)
+
+    def nan_gradient() -> Tensor:
+        loss = _closure(model, optimizer, inputs, labels)()
+        next(model.parameters()).grad[0, 0] = float("inf")
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="gradient or the preconditioned direction"):
+        optimizer.step(nan_gradient)
+    torch.testing.assert_close(_flat(model), before, rtol=0, atol=0)
+    assert optimizer.counters == {"steps": 0, "refused_steps": 2}
+
+
+def test_state_dict_round_trip_resumes_identically() -> None:
+    inputs, labels = _classification()
+
+    def build(model: nn.Module):
+        precond = KFAC(model, damping=0.1, inv_update_interval=2)
+        optimizer = QuadraticModelOptimizer(
+            model, "categorical", preconditioner=precond, damping=0.1, damping_adaptation_interval=2
+        )
+        return precond, optimizer
+
+    model = _mlp()
+    precond, optimizer = build(model)
+    for _ in range(3):
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy((precond.state_dict(), optimizer.state_dict()))
+    resumed = _mlp(seed=5)
+    resumed.load_state_dict(saved_model)
+    resumed_precond, resumed_optimizer = build(resumed)
+    resumed_precond.load_state_dict(saved[0])
+    resumed_optimizer.load_state_dict(saved[1])
+    assert resumed_optimizer.damping == optimizer.damping
+    assert resumed_optimizer.counters == optimizer.counters
+    for _ in range(3):
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+        resumed_optimizer.step(
+            _closure(resumed, resumed_optimizer, inputs, labels, resumed_precond)
+        )
+    torch.testing.assert_close(_flat(resumed), _flat(model), rtol=0, atol=0)
+
+
+def test_bad_options_raise_naming_the_value() -> None:
+    model = _mlp()
+    with pytest.raises(ValueError, match="damping must be a positive finite number, got -1"):
+        QuadraticModelOptimizer(model, "categorical", damping=-1.0)
+    with pytest.raises(ValueError, match=r"damping_bounds \(1.0, 2.0\)"):
+        QuadraticModelOptimizer(model, "categorical", damping=0.1, damping_bounds=(1.0, 2.0))
+    with pytest.raises(ValueError, match="damping_decay"):
+        QuadraticModelOptimizer(model, "categorical", damping_decay=1.5)
+    with pytest.raises(ValueError, match="curvature_batch_size"):
+        QuadraticModelOptimizer(model, "categorical", curvature_batch_size=0)
+    with pytest.raises(TypeError, match="preconditioner must be a KFAC or EKFAC, got SGD"):
+        QuadraticModelOptimizer(
+            model, "categorical", preconditioner=torch.optim.SGD(model.parameters(), lr=0.1)
+        )
+    with pytest.raises(ValueError, match="adaptive_damping=False"):
+        QuadraticModelOptimizer(
+            model, "categorical", preconditioner=KFAC(model, adaptive_damping=True, damping=0.1)
+        )
+    with pytest.raises(ValueError, match="laplace"):
+        QuadraticModelOptimizer(model, "laplace")
+
+
+def test_step_needs_a_closure_that_runs_the_model() -> None:
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(model, "categorical")
+    with pytest.raises(ValueError, match="needs a closure"):
+        optimizer.step()
+    with pytest.raises(RuntimeError, match="did not run the model"):
+        optimizer.step(lambda: torch.tensor(1.0))
+
+
+def test_no_warning_on_a_regular_run() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(model, "categorical")
+    with torch.no_grad():
+        first = float(nn.functional.cross_entropy(model(inputs), labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(10):
+            optimizer.step(_closure(model, optimizer, inputs, labels))
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(model(inputs), labels)) < 0.8 * first
+
+
+def test_lr_scales_the_chosen_step_and_schedulers_act_on_it() -> None:
+    inputs, labels = _classification()
+    full, half = _mlp(), _mlp()
+    start = _flat(full)
+    full_optimizer = QuadraticModelOptimizer(full, "categorical", adaptive_damping=False)
+    half_optimizer = QuadraticModelOptimizer(half, "categorical", lr=0.5, adaptive_damping=False)
+    scheduler = torch.optim.lr_scheduler.StepLR(half_optimizer, step_size=1, gamma=0.1)
+    full_optimizer.step(_closure(full, full_optimizer, inputs, labels))
+    half_optimizer.step(_closure(half, half_optimizer, inputs, labels))
+    torch.testing.assert_close(_flat(half) - start, 0.5 * (_flat(full) - start))
+    assert half_optimizer.last_step["alpha"] == pytest.approx(
+        0.5 * full_optimizer.last_step["alpha"]
+    )
+    scheduler.step()
+    assert half_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got 0"):
+        QuadraticModelOptimizer(full, "categorical", lr=0)
