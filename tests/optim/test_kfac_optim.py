@@ -498,3 +498,23 @@ def test_recording_paused_skips_the_statistics_of_the_passes_inside() -> None:
     for ours, theirs in zip(precond.layers, twin_precond.layers, strict=True):
         torch.testing.assert_close(ours.input_factor, theirs.input_factor, rtol=0, atol=0)
         torch.testing.assert_close(ours.output_factor, theirs.output_factor, rtol=0, atol=0)
+
+
+def test_non_finite_statistics_are_skipped_with_a_warning() -> None:
+    (inputs, targets), (bad_inputs, _) = batches(2)
+    model = mlp()
+    precond = KFAC(model, damping=0.1, factor_decay=0.5)
+    backward(model, inputs, targets)
+    precond.step()
+    factors = [(s.input_factor.clone(), s.output_factor.clone()) for s in precond.layers]
+    bad_inputs[0, 0] = float("inf")
+    backward(model, bad_inputs, targets)
+    with pytest.warns(RuntimeWarning, match="skipped a factor update"):
+        precond.step()
+    for state, (input_factor, output_factor) in zip(precond.layers, factors, strict=True):
+        torch.testing.assert_close(state.input_factor, input_factor, rtol=0, atol=0)
+        torch.testing.assert_close(state.output_factor, output_factor, rtol=0, atol=0)
+    backward(model, inputs, targets)
+    precond.step()  # the next finite batch is folded in as usual
+    expected = 0.5 * factors[0][0] + 0.5 * factors[0][0]
+    torch.testing.assert_close(precond.layers[0].input_factor, expected)

@@ -449,3 +449,22 @@ def test_lr_scales_the_chosen_step_and_schedulers_act_on_it() -> None:
     assert half_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     with pytest.raises(ValueError, match="lr must be a positive finite number, got 0"):
         QuadraticModelOptimizer(full, "categorical", lr=0)
+
+
+def test_max_kl_bounds_the_fisher_norm_of_the_step() -> None:
+    inputs, labels = _classification()
+    free, bounded, reference = _mlp(), _mlp(), _mlp()
+    fisher = _dense_fisher(reference, inputs)
+    start = _flat(reference)
+    for model, max_kl in ((free, None), (bounded, 1e-4)):
+        optimizer = QuadraticModelOptimizer(
+            model, "categorical", max_kl=max_kl, adaptive_damping=False
+        )
+        optimizer.step(_closure(model, optimizer, inputs, labels))
+    free_step, bounded_step = _flat(free) - start, _flat(bounded) - start
+    assert 0.5 * float(free_step @ fisher @ free_step) > 1e-3  # the bound binds
+    assert 0.5 * float(bounded_step @ fisher @ bounded_step) == pytest.approx(1e-4, rel=1e-9)
+    cosine = float(free_step @ bounded_step) / float(free_step.norm() * bounded_step.norm())
+    assert cosine == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match="max_kl must be a positive finite number or None"):
+        QuadraticModelOptimizer(free, "categorical", max_kl=0.0)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -511,7 +512,19 @@ class KFAC:
             )
             for state, group in zip(self.layers, statistics, strict=True):
                 state.set_statistics(group)
-        fold_factors([state for state in self.layers if state.has_pending()], self.factor_decay)
+        pending = [state for state in self.layers if state.has_pending()]
+        sums = [tensor for state in pending for tensor in (state.input_sum, state.output_sum)]
+        if sums and not bool(torch.stack(torch._foreach_norm(sums)).isfinite().all()):
+            warnings.warn(
+                "KFAC skipped a factor update: the recorded statistics are not finite (a "
+                "diverging loss or non-finite inputs); the factors are kept as they were",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            for state in pending:
+                state.reset_sums()
+            return
+        fold_factors(pending, self.factor_decay)
 
     def _update_eigens(self, stale: list[LayerState]) -> None:
         size = world_size(self.process_group)

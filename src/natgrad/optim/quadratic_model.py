@@ -123,6 +123,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         LR schedulers act on it).
     damping : float, default 1e-2
         Initial ``λ`` (a positive number).
+    max_kl : float, optional
+        Trust region: shrink the step so that ``½ δᵀFδ ≤ max_kl`` (the second-order KL of the
+        batch's predictive distribution), which keeps early steps with a small ``λ`` from
+        overshooting where the Fisher is near zero (e.g. saturated softmax outputs).
     adaptive_damping : bool, default True
         Adapt ``λ`` every ``damping_adaptation_interval`` steps by the Levenberg–Marquardt rule
         (one extra evaluation of the closure, with the preconditioner's recording paused).
@@ -144,14 +148,15 @@ class QuadraticModelOptimizer(CountedOptimizer):
     Notes
     -----
     One param group (the quadratic model couples all parameters). The closure must return the
-    **mean** negative log-likelihood of the batch under
-    ``likelihood`` (the scale ``F`` refers to). Steps whose loss, gradient or direction is not
+    **mean** negative log-likelihood of the batch under ``likelihood`` (the scale ``F`` refers
+    to). Steps whose loss, gradient or direction is not
     finite are refused: the parameters are left as they are, a ``RuntimeWarning`` says why and
     ``counters["refused_steps"]`` counts it. ``λ`` lives in the param group (key
-    ``"damping"``), the previous step in the per-parameter state; both round-trip through
-    :meth:`state_dict` (save the preconditioner's state as well). Under ``torch.distributed``
-    the Fisher products and the losses of the damping rule are averaged over the processes,
-    whose gradients the ``DistributedDataParallel`` wrapper already averages.
+    ``"damping"``, with ``"lr"`` and ``"max_kl"``), the previous step in the per-parameter
+    state; both round-trip through :meth:`state_dict` (save the preconditioner's state as
+    well). Under ``torch.distributed`` the Fisher products and the losses of the damping rule
+    are averaged over the processes, whose gradients the ``DistributedDataParallel`` wrapper
+    already averages.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         preconditioner: KFAC | None = None,
         lr: float = 1.0,
         damping: float = 1e-2,
+        max_kl: float | None = None,
         adaptive_damping: bool = True,
         damping_adaptation_interval: int = 5,
         damping_decay: float | None = None,
@@ -194,7 +200,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
-        super().__init__(params, {"lr": positive_float("lr", lr), "damping": damping})
+        defaults = {
+            "lr": positive_float("lr", lr),
+            "damping": damping,
+            "max_kl": positive_float("max_kl", max_kl, allow_none=True),
+        }
+        super().__init__(params, defaults)
         self.likelihood = get_likelihood(likelihood)
         self.preconditioner = preconditioner
         self.adaptive_damping = bool(adaptive_damping)
@@ -262,11 +273,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
         euclidean = (stacked @ stacked.T).to(torch.float64)
         if not (torch.isfinite(linear).all() and torch.isfinite(euclidean).all()):
             return self._refuse(loss, "the gradient or the preconditioned direction is not finite")
-        curvature = self._fisher_gram(stacked) + self.damping * euclidean
+        fisher = self._fisher_gram(stacked)
+        curvature = fisher + self.damping * euclidean
         if not torch.isfinite(curvature).all():
             return self._refuse(loss, "the Fisher products are not finite")
         coefficients, _ = minimize_quadratic_model(curvature, linear)
-        coefficients *= self.param_groups[0]["lr"]
+        coefficients *= self.param_groups[0]["lr"] * self._kl_scale(fisher, coefficients)
         predicted = _model_value(curvature, linear, coefficients)
         update = coefficients.to(stacked.dtype) @ stacked
         chunks = [
@@ -284,6 +296,14 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if self.adaptive_damping and due:
             self._adapt_damping(closure, loss, predicted)
         return loss
+
+    def _kl_scale(self, fisher: Tensor, coefficients: Tensor) -> float:
+        """``min(1, sqrt(max_kl / (½ δᵀFδ)))`` for ``δ = Σ c_i d_i`` (1 without ``max_kl``)."""
+        max_kl = self.param_groups[0]["max_kl"]
+        if max_kl is None:
+            return 1.0
+        kl = 0.5 * float(coefficients @ fisher @ coefficients)
+        return math.sqrt(max_kl / kl) if kl > max_kl else 1.0
 
     def _direction(self, params: list[Tensor], gradient: Tensor) -> Tensor:
         """Flat ``Δ = −C⁻¹ g`` from the preconditioner (``−g`` without one)."""
