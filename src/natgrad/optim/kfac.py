@@ -46,6 +46,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from natgrad._validation import (
+    nonnegative_float,
+    nonnegative_int,
+    one_of,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -70,17 +78,9 @@ Schedule = float | Callable[[int], float]
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
 
 
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _schedule_value(name: str, schedule: Schedule, step: int) -> float:
     value = float(schedule(step) if callable(schedule) else schedule)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and non-negative, got {value!r} at step {step}")
-    return value
+    return nonnegative_float(f"{name} at step {step}", value)
 
 
 def _check_adaptive_damping(
@@ -91,8 +91,8 @@ def _check_adaptive_damping(
     interval: int,
 ) -> float:
     """Validate the adaptive-damping options; returns the decay ``ω``."""
-    if decay is not None and not 0 < decay < 1:
-        raise ValueError(f"damping_decay must lie in (0, 1), got {decay!r}")
+    if decay is not None:
+        decay = unit_interval("damping_decay", decay, closed_left=False)
     if not adaptive:
         return (19 / 20) ** interval if decay is None else float(decay)
     if callable(damping) or not (math.isfinite(damping) and damping > 0):
@@ -257,34 +257,21 @@ class KFAC:
         process_group: dist.ProcessGroup | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if fisher_type not in ("empirical", "mc"):
-            raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
+        fisher_type = one_of("fisher_type", fisher_type, ("empirical", "mc"))
         if fisher_type == "mc" and likelihood is None:
             raise ValueError("fisher_type='mc' needs a likelihood to sample targets from")
-        if not 0.0 <= factor_decay < 1.0:
-            raise ValueError(f"factor_decay must lie in [0, 1), got {factor_decay!r}")
-        if damping_mode not in ("eigen", "factored"):
-            raise ValueError(f"damping_mode must be 'eigen' or 'factored', got {damping_mode!r}")
-        if kl_clip is not None and not (math.isfinite(kl_clip) and kl_clip > 0):
-            raise ValueError(f"kl_clip must be a positive number, got {kl_clip!r}")
+        damping_mode = one_of("damping_mode", damping_mode, ("eigen", "factored"))
+        kl_clip = positive_float("kl_clip", kl_clip, allow_none=True)
         if kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the base optimizer's learning rate (lr=...)")
-        if inverse_placement not in ("replicated", "assigned"):
-            raise ValueError(
-                f"inverse_placement must be 'replicated' or 'assigned', got {inverse_placement!r}"
-            )
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         self.fisher_type = fisher_type
         self.likelihood = None if likelihood is None else get_likelihood(likelihood)
-        self.factor_decay = float(factor_decay)
-        self.factor_update_interval = _positive_int(
-            "factor_update_interval", factor_update_interval
-        )
-        self.inv_update_interval = _positive_int("inv_update_interval", inv_update_interval)
+        self.factor_decay = unit_interval("factor_decay", factor_decay)
+        self.factor_update_interval = positive_int("factor_update_interval", factor_update_interval)
+        self.inv_update_interval = positive_int("inv_update_interval", inv_update_interval)
         self.damping = damping
         self.adaptive_damping = bool(adaptive_damping)
-        self.damping_adaptation_interval = _positive_int(
+        self.damping_adaptation_interval = positive_int(
             "damping_adaptation_interval", damping_adaptation_interval
         )
         self.damping_decay = _check_adaptive_damping(
@@ -296,9 +283,11 @@ class KFAC:
         self.damping_mode = damping_mode
         self.kl_clip = kl_clip
         self.lr = lr
-        self.accumulation_steps = _positive_int("accumulation_steps", accumulation_steps)
-        self.start_step = start_step
-        self.inverse_placement = inverse_placement
+        self.accumulation_steps = positive_int("accumulation_steps", accumulation_steps)
+        self.start_step = nonnegative_int("start_step", start_step)
+        self.inverse_placement = one_of(
+            "inverse_placement", inverse_placement, ("replicated", "assigned")
+        )
         self.process_group = process_group
         self.generator = generator
         self.steps = 0

@@ -149,14 +149,13 @@ class QuadraticModelOptimizer(CountedOptimizer):
     -----
     One param group (the quadratic model couples all parameters). The closure must return the
     **mean** negative log-likelihood of the batch under ``likelihood`` (the scale ``F`` refers
-    to). Steps whose loss, gradient or direction is not
-    finite are refused: the parameters are left as they are, a ``RuntimeWarning`` says why and
-    ``counters["refused_steps"]`` counts it. ``λ`` lives in the param group (key
-    ``"damping"``, with ``"lr"`` and ``"max_kl"``), the previous step in the per-parameter
-    state; both round-trip through :meth:`state_dict` (save the preconditioner's state as
-    well). Under ``torch.distributed`` the Fisher products and the losses of the damping rule
-    are averaged over the processes, whose gradients the ``DistributedDataParallel`` wrapper
-    already averages.
+    to). Steps whose loss, gradient or direction is not finite are refused: the parameters are
+    left as they are, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
+    ``λ`` lives in the param group (key ``"damping"``, with ``"lr"`` and ``"max_kl"``), the
+    previous step in the per-parameter state; both round-trip through :meth:`state_dict` (save
+    the preconditioner's state as well). Under ``torch.distributed`` the Fisher products and the
+    losses of the damping rule are averaged over the processes, whose gradients the
+    ``DistributedDataParallel`` wrapper already averages.
     """
 
     def __init__(
