@@ -11,17 +11,13 @@ so that no factor has a repeated (zero) eigenvalue: EKFAC's eigenvalue estimates
 basis chosen inside a degenerate eigenspace, which round-off decides.
 """
 
-import importlib
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distributed_helpers import run_on_processes
 from natgrad.distributed import assign_owners
 from natgrad.optim import EKFAC, KFAC
 
@@ -108,50 +104,25 @@ def train_factored_adaptive(
     return [param.detach().clone() for param in model.parameters()], dampings
 
 
-def worker(rank: int, world: int, port: int, output: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        local = GLOBAL_BATCH // world
-        shard = slice(rank * local, (rank + 1) * local)
-        results = {
-            "configs": [
-                train(DistributedDataParallel(make_model()), cls, placement, shard)
-                for cls, placement in CONFIGS
-            ],
-            "factored": [
-                train_factored_adaptive(DistributedDataParallel(make_model()), placement, shard)
-                for placement in PLACEMENTS
-            ],
-        }
-        if rank == 0:
-            torch.save(results, output)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank: int, world_size: int) -> dict:
+    local = GLOBAL_BATCH // world_size
+    shard = slice(rank * local, (rank + 1) * local)
+    return {
+        "configs": [
+            train(DistributedDataParallel(make_model()), cls, placement, shard)
+            for cls, placement in CONFIGS
+        ],
+        "factored": [
+            train_factored_adaptive(DistributedDataParallel(make_model()), placement, shard)
+            for placement in PLACEMENTS
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> dict:
     """Run :func:`worker` on 2 gloo processes once; rank 0's results."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed unavailable")
-    output = str(tmp_path_factory.mktemp("ddp") / "params.pt")
-    # DistributedDataParallel imports torch._dynamo lazily, which takes seconds per process:
-    # import it once here and fork (where available) so the workers share it.
-    importlib.import_module("torch._dynamo")
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(
-        worker, args=(2, free_port(), output), nprocs=2, join=True, start_method=method
-    )
-    return torch.load(output)
+    return run_on_processes(worker, workdir=tmp_path_factory.mktemp("ddp"))[0]
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(two_process_results) -> None:

@@ -1,16 +1,11 @@
 """Data-parallel PNMF: 2 gloo processes on loopback equal one process on the same data."""
 
-import os
-import socket
-
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from distributed_helpers import run_on_processes
 from natgrad.models import PNMF
-from natgrad.models.pnmf_distributed import fit_pnmf_data_parallel
+from natgrad.models.pnmf_distributed import DataParallelFit, fit_pnmf_data_parallel
 
 SPLIT = 23  # uneven shards: rows [0, 23) on rank 0, [23, 60) on rank 1
 SETTINGS = {"mode": "lower-bound", "max_iter": 60, "tol": 0.0, "random_state": 5}
@@ -22,23 +17,9 @@ def counts() -> np.ndarray:
     return rng.poisson(rate).astype(np.float64)
 
 
-def worker(rank: int, world: int, port: int, output: str, settings: dict) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
-        fit = fit_pnmf_data_parallel(counts()[rows], 2, **settings)
-        torch.save(fit, f"{output}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def worker(rank: int, world_size: int, settings: dict) -> DataParallelFit:
+    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+    return fit_pnmf_data_parallel(counts()[rows], 2, **settings)
 
 
 @pytest.fixture(scope="module", params=["multiplicative", "adam"])
@@ -48,9 +29,8 @@ def settings(request) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_fits(tmp_path_factory, settings):
-    output = str(tmp_path_factory.mktemp("pnmf_ddp") / "fit")
-    mp.spawn(worker, args=(2, free_port(), output, settings), nprocs=2, join=True)
-    return [torch.load(f"{output}.{rank}", weights_only=False) for rank in range(2)]
+    workdir = tmp_path_factory.mktemp("pnmf_ddp")
+    return run_on_processes(worker, (settings,), workdir=workdir, start_method="spawn")
 
 
 def test_two_processes_equal_one_process(two_process_fits, settings):

@@ -1,0 +1,108 @@
+"""Run a function on several gloo processes on one machine, for tests of data-parallel code.
+
+:func:`run_on_processes` starts the processes, joins them into one default process group and
+returns what each process's function returned. Three things make it reliable when several
+pytest-xdist workers launch process groups at the same time:
+
+- **Rendezvous through a file** (``FileStore`` in a fresh directory), not a TCP port: a port
+  found free and closed again, to be handed to ``init_process_group``, can be taken by another
+  process before the store binds it.
+- **``torch._dynamo`` imported before the process group exists.** Its first import (which
+  ``torch.optim`` optimizers and ``DistributedDataParallel`` trigger lazily) keeps references to
+  an already-initialised default process group (torch 2.13), so ``destroy_process_group`` then
+  cannot free it: its gloo and store threads outlive the call and, in a ``spawn`` child, run
+  into interpreter shutdown, where one aborts the process ("terminate called without an active
+  exception", SIGABRT).
+- **Orderly teardown**: every process saves its result, waits at a barrier, then destroys the
+  process group, so no process tears its connections down while another still uses them. A
+  process whose function raises skips both and exits with the error, which
+  ``torch.multiprocessing`` reports after stopping the other processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Bounds the rendezvous and every collective: a process stuck waiting on a dead peer fails
+# instead of hanging until pytest's own timeout.
+TIMEOUT = timedelta(minutes=5)
+
+
+def default_start_method() -> str:
+    """``"fork"`` where the platform has it (the workers share the parent's imports), else
+    ``"spawn"``."""
+    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
+def run_on_processes(
+    worker: Callable[..., Any],
+    args: Sequence[Any] = (),
+    *,
+    workdir: Path,
+    world_size: int = 2,
+    start_method: str | None = None,
+) -> list[Any]:
+    """Call ``worker(rank, world_size, *args)`` on ``world_size`` gloo processes.
+
+    Parameters
+    ----------
+    worker : callable
+        Module-level function (``spawn`` pickles it by name); its return value must be
+        picklable by ``torch.save``. It runs with ``torch.distributed`` initialised
+        (default group over all processes) and one intra-op thread.
+    args : sequence
+        Further arguments of ``worker``, the same on every process.
+    workdir : Path
+        Empty directory for the rendezvous file and the results.
+    world_size : int
+    start_method : {"fork", "spawn", "forkserver"}, optional
+        Defaults to :func:`default_start_method`.
+
+    Returns
+    -------
+    list
+        ``worker``'s return value on each process, by rank.
+    """
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    importlib.import_module("torch._dynamo")  # once here, shared by forked workers
+    mp.start_processes(
+        _process_main,
+        args=(worker, tuple(args), world_size, str(workdir)),
+        nprocs=world_size,
+        join=True,
+        start_method=start_method or default_start_method(),
+    )
+    return [
+        torch.load(_result_path(workdir, rank), weights_only=False) for rank in range(world_size)
+    ]
+
+
+def _result_path(workdir: Path | str, rank: int) -> Path:
+    return Path(workdir, f"result.{rank}.pt")
+
+
+def _process_main(
+    rank: int, worker: Callable[..., Any], args: tuple, world_size: int, workdir: str
+) -> None:
+    torch.set_num_threads(1)
+    importlib.import_module("torch._dynamo")  # before the process group: see the module docstring
+    dist.init_process_group(
+        "gloo",
+        init_method=Path(workdir, "rendezvous").as_uri(),
+        rank=rank,
+        world_size=world_size,
+        timeout=TIMEOUT,
+    )
+    torch.save(worker(rank, world_size, *args), _result_path(workdir, rank))
+    dist.barrier()
+    dist.destroy_process_group()
