@@ -21,6 +21,7 @@ pytest-xdist workers launch process groups at the same time:
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -94,6 +95,8 @@ def _result_path(workdir: Path | str, rank: int) -> Path:
 def _process_main(
     rank: int, worker: Callable[..., Any], args: tuple, world_size: int, workdir: str
 ) -> None:
+    if not faulthandler.is_enabled():  # a native crash then prints every thread's Python stack
+        faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     importlib.import_module("torch._dynamo")  # before the process group: see the module docstring
     dist.init_process_group(
