@@ -7,12 +7,14 @@ pytest-xdist workers launch process groups at the same time:
 - **Rendezvous through a file** (``FileStore`` in a fresh directory), not a TCP port: a port
   found free and closed again, to be handed to ``init_process_group``, can be taken by another
   process before the store binds it.
-- **``torch._dynamo`` imported before the process group exists.** Its first import (which
-  ``torch.optim`` optimizers and ``DistributedDataParallel`` trigger lazily) keeps references to
-  an already-initialised default process group (torch 2.13), so ``destroy_process_group`` then
-  cannot free it: its gloo and store threads outlive the call and, in a ``spawn`` child, run
-  into interpreter shutdown, where one aborts the process ("terminate called without an active
-  exception", SIGABRT).
+- **``torch.distributed.nn`` imported before the process group exists.** Its functions take
+  ``group=group.WORLD`` as a default argument, evaluated at import (torch 2.13). Imported later
+  (``torch._dynamo`` imports it, and the first ``torch.optim`` optimizer or
+  ``DistributedDataParallel`` imports ``torch._dynamo``), they hold the default process group,
+  which ``destroy_process_group`` then cannot free: its gloo threads outlive the call. In a
+  ``spawn`` child they run on into interpreter shutdown, where a worker thread still finishing
+  its last collective can abort the process ("terminate called without an active exception",
+  SIGABRT).
 - **Orderly teardown**: every process saves its result, waits at a barrier, then destroys the
   process group, so no process tears its connections down while another still uses them. A
   process whose function raises skips both and exits with the error, which
@@ -75,13 +77,17 @@ def run_on_processes(
     """
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    importlib.import_module("torch._dynamo")  # once here, shared by forked workers
+    method = start_method or default_start_method()
+    if method == "fork":
+        # torch.optim and DistributedDataParallel import torch._dynamo lazily, which takes
+        # seconds per process: import it once here, for the forked workers to share.
+        importlib.import_module("torch._dynamo")
     mp.start_processes(
         _process_main,
         args=(worker, tuple(args), world_size, str(workdir)),
         nprocs=world_size,
         join=True,
-        start_method=start_method or default_start_method(),
+        start_method=method,
     )
     return [
         torch.load(_result_path(workdir, rank), weights_only=False) for rank in range(world_size)
@@ -98,7 +104,7 @@ def _process_main(
     if not faulthandler.is_enabled():  # a native crash then prints every thread's Python stack
         faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
-    importlib.import_module("torch._dynamo")  # before the process group: see the module docstring
+    importlib.import_module("torch.distributed.nn")  # before init: see the module docstring
     dist.init_process_group(
         "gloo",
         init_method=Path(workdir, "rendezvous").as_uri(),
