@@ -29,6 +29,8 @@ def settings(request) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_fits(tmp_path_factory, settings):
+    # spawn, not the default fork: keeps the launcher's spawn path (fresh interpreters that exit
+    # through interpreter shutdown) under test
     workdir = tmp_path_factory.mktemp("pnmf_ddp")
     return run_on_processes(worker, (settings,), workdir=workdir, start_method="spawn")
 
