@@ -290,17 +290,33 @@ def test_a_good_quadratic_model_lowers_the_damping_and_a_bad_one_raises_it() -> 
     assert rising.damping == pytest.approx(0.2)
 
 
-def test_couple_damping_hands_lambda_to_the_preconditioner() -> None:
+def test_couple_damping_hands_lambda_to_the_preconditioner_at_its_refreshes() -> None:
     inputs, labels = _classification()
     model = _mlp()
-    precond = KFAC(model, damping=0.3)
+    precond = KFAC(model, damping=0.3, inv_update_interval=3)
     optimizer = QuadraticModelOptimizer(
-        model, "categorical", preconditioner=precond, damping=0.02, damping_decay=0.5
+        model,
+        "categorical",
+        preconditioner=precond,
+        damping=0.02,
+        damping_decay=0.5,
+        damping_adaptation_interval=1,
     )
-    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
-    assert precond.damping == 0.02  # λ at the step
-    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
-    assert precond.damping == optimizer.damping != 0.02
+    handed = []
+    for _ in range(7):
+        damping = optimizer.damping
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+        handed.append((damping, precond.damping))
+    assert len({damping for damping, _ in handed}) > 3  # λ moves every step
+    for step, (_, precond_damping) in enumerate(handed):
+        refresh = step - step % 3  # the preconditioner refreshes at steps 0, 3, 6
+        assert precond_damping == handed[refresh][0]
+    uncoupled = KFAC(model, damping=0.3)
+    free = QuadraticModelOptimizer(
+        model, "categorical", preconditioner=uncoupled, couple_damping=False
+    )
+    free.step(_closure(model, free, inputs, labels, uncoupled))
+    assert uncoupled.damping == 0.3
 
 
 def test_damping_adaptation_does_not_record_kfac_statistics() -> None:

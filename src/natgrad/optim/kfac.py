@@ -401,6 +401,12 @@ class KFAC:
         return _schedule_value("damping", self.damping, self.steps)
 
     @property
+    def inverse_update_due(self) -> bool:
+        """Whether the next :meth:`step` refreshes the eigenbases (factored damping: the factors
+        to invert)."""
+        return self.steps % self.inv_update_interval == 0
+
+    @property
     def damping_update_due(self) -> bool:
         """Whether the last :meth:`step` waits for :meth:`update_damping`."""
         return self._damping_probe is not None
@@ -473,7 +479,7 @@ class KFAC:
         self._damping_probe = None
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
-        refresh = self.steps % self.inv_update_interval == 0
+        refresh = self.inverse_update_due
         factored = self._inverts_factors()
         stale = [
             state
@@ -611,13 +617,14 @@ class KFAC:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Step counter, per-layer factors, eigenbases (factored damping: the factors of the
-        last refresh) and pending sums (cloned tensors), and with ``adaptive_damping`` the
-        current damping."""
+        last refresh) and pending sums (cloned tensors), and the current damping unless it is a
+        schedule (it changes under ``adaptive_damping`` or when set from outside, e.g. by
+        :class:`~natgrad.optim.QuadraticModelOptimizer`)."""
         state = {
             "steps": self.steps,
             "layers": {layer.name: layer.state_dict() for layer in self.layers},
         }
-        if self.adaptive_damping:
+        if not callable(self.damping):
             state["damping"] = self.damping
         return state
 
@@ -635,7 +642,7 @@ class KFAC:
             raise ValueError(f"state_dict has layers {sorted(saved)}, expected {sorted(names)}")
         self.steps = int(state_dict["steps"])
         self._sync_hooks()
-        if self.adaptive_damping:
+        if "damping" in state_dict and not callable(self.damping):
             self.damping = float(state_dict["damping"])
         for state in self.layers:
             state.load_state_dict(saved[state.name])

@@ -136,9 +136,11 @@ class QuadraticModelOptimizer(CountedOptimizer):
         default ``ω = (19/20)^T`` with ``T`` the interval.
     damping_bounds : (float, float), default (1e-8, 1e8)
     couple_damping : bool, default True
-        Set the preconditioner's damping to ``λ`` before each of its steps (with factored
-        damping its factors are then damped by ``π√λ`` and ``√λ/π``, Martens & Grosse's
-        ``γ = √λ``). The preconditioner must not adapt its damping itself.
+        Set the preconditioner's damping to ``λ`` before each of its steps that refreshes the
+        inverses (with factored damping its factors are then damped by ``π√λ`` and ``√λ/π``,
+        Martens & Grosse's ``γ = √λ``); in between it keeps the damping of its last refresh,
+        so that a change of ``λ`` never costs an extra factorisation. The preconditioner must
+        not adapt its damping itself.
     momentum : bool, default True
         Include the previous step ``δ₀`` (``μ``); ``False`` chooses ``α`` alone.
     curvature_batch_size : int, optional
@@ -308,7 +310,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         """Flat ``Δ = −C⁻¹ g`` from the preconditioner (``−g`` without one)."""
         if self.preconditioner is None:
             return -gradient
-        if self.couple_damping:
+        if self.couple_damping and self.preconditioner.inverse_update_due:
             self.preconditioner.damping = self.damping
         self.preconditioner.step()
         return -_flat([p.grad for p in params], params)
