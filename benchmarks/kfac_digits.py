@@ -1,5 +1,6 @@
-"""K-FAC and EKFAC vs SGD-momentum and Adam on scikit-learn's digits (8×8 images), and the cost
-of a K-FAC step in natgrad and ASDL.
+"""K-FAC and EKFAC (with a tuned learning rate and momentum, or with Martens & Grosse's adaptive
+step) vs SGD-momentum and Adam on scikit-learn's digits (8×8 images), and the cost of a K-FAC
+step in natgrad and ASDL.
 
 Five tasks, same seed, same data split:
 
@@ -29,6 +30,15 @@ eigenbases (or damped inverses) updated every 10 steps (factor intervals 1, 5 an
 about as many steps on the autoencoder; 10 is the cheapest), factor EMA 0.8, KL clipping 0.01
 (which mostly binds, so that the K-FAC learning rate matters little).
 
+``kfac_qm``: the same K-FAC (no KL clipping) under :class:`natgrad.optim.QuadraticModelOptimizer`,
+Martens & Grosse's update ``α Δ + μ δ₀`` with ``α`` and ``μ`` chosen every step by the exact
+damped quadratic model (two forward-mode passes on at most ``QM_CURVATURE_BATCH`` samples) and
+Levenberg–Marquardt damping handed to K-FAC at its refreshes: no learning rate or momentum to
+tune. Its grid is the initial damping (0.001, 0.01) × damping mode × trust region (none, or
+``max_kl = 0.1``): 8 configurations. Without the trust region small initial dampings can
+overshoot on the classifiers (the exact Fisher vanishes where the softmax saturates) and never
+reach the target; those runs count as failed tuning runs.
+
 Each tuning run stops at the target; per method the configuration with the fewest steps to
 target wins, then the faster (the configurations of a method cost about the same per step, so
 this is the least time without the timing noise of a shared machine). The winners are re-run
@@ -41,7 +51,9 @@ Step cost: one full training step (forward, backward, curvature and inverse upda
 scheduled, preconditioning, SGD-momentum update) relative to an SGD-momentum step timed in the
 same round (mean over ``--cost-steps`` steps, a whole number of update cycles; median over
 ``--cost-rounds`` interleaved rounds; 20 steps and at most 3 rounds for the full-batch task)
-for natgrad's K-FAC/EKFAC (MC and empirical Fisher; factor/inverse intervals 1/1, 1/10, 10/10)
+for natgrad's K-FAC/EKFAC (MC and empirical Fisher; factor/inverse intervals 1/1, 1/10, 10/10;
+K-FAC also under the quadratic-model optimizer, MC 10/10, with its two forward-mode passes and
+the loss re-evaluation of its damping rule every 5 steps)
 and for ASDL's ``KfacGradientMaker`` (``asdfghjkl`` 0.1a5) against natgrad in the comparable
 configuration: empirical Fisher, π-damping (natgrad ``damping_mode="factored"``), same damping
 and factor EMA, no KL clipping. Before timing, the
@@ -102,7 +114,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
 from _report import environment, print_table, save_figure, save_json
-from natgrad.optim import EKFAC, KFAC
+from natgrad.optim import EKFAC, KFAC, QuadraticModelOptimizer
 
 NAME = "kfac_digits"
 
@@ -211,8 +223,12 @@ class TrainConfig:
     beta2: float | None = None
     damping: float | None = None
     damping_mode: str | None = None
+    max_kl: float | None = None
 
     def label(self) -> str:
+        if self.method == "kfac_qm":
+            bound = "" if self.max_kl is None else f", max_kl={self.max_kl:g}"
+            return f"damping={self.damping:g} ({self.damping_mode}){bound}, adaptive"
         text = f"lr={self.lr:g}, momentum={self.momentum:g}"
         if self.beta2 is not None:
             text += f", beta2={self.beta2:g}"
@@ -228,6 +244,7 @@ LR_GRIDS = {
     "adam": [3e-3, 1e-2, 3e-2],
     "kfac": [0.1, 0.3, 1.0],
     "ekfac": [0.1, 0.3, 1.0],
+    "kfac_qm": [1.0],
 }
 SECOND_GRIDS = {
     "sgd": [{"momentum": 0.9}, {"momentum": 0.8}, {"momentum": 0.95}],
@@ -246,7 +263,16 @@ SECOND_GRIDS = {
         {"momentum": 0.8, "damping": 0.1},
         {"momentum": 0.8, "damping": 0.05},
     ],
+    "kfac_qm": [
+        {"momentum": 0.0, "damping": damping, "damping_mode": mode, "max_kl": max_kl}
+        for max_kl in (None, 0.1)
+        for mode in ("factored", "eigen")
+        for damping in (1e-3, 1e-2)
+    ],
 }
+QM_CURVATURE_BATCH = 256
+"""``curvature_batch_size`` of the quadratic model: its Fisher products use at most this many
+samples of the batch (all of a batch of 64; a sixth of the full batch)."""
 
 
 def grid(method: str) -> list[TrainConfig]:
@@ -274,6 +300,8 @@ def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **override
     if config.method == "adam":
         betas = (config.momentum, config.beta2)
         return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas), None
+    if config.method == "kfac_qm":
+        return quadratic_model_optimizer(task, config, model, **overrides)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     if config.method == "sgd":
         return optimizer, None
@@ -287,6 +315,31 @@ def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **override
         likelihood="bernoulli" if task.reconstruct else "categorical",
         generator=torch.Generator().manual_seed(0),
         **(options | overrides),
+    )
+    return optimizer, precond
+
+
+def quadratic_model_optimizer(task: Task, config: TrainConfig, model: nn.Module, **overrides):
+    """K-FAC (the usual options, no KL clipping: the quadratic model sizes the step) under
+    Martens & Grosse's adaptive step size, momentum and damping."""
+    likelihood = "bernoulli" if task.reconstruct else "categorical"
+    precond = KFAC(
+        model,
+        likelihood=likelihood,
+        generator=torch.Generator().manual_seed(0),
+        **(
+            PRECONDITIONER_OPTIONS
+            | {"kl_clip": None, "damping": config.damping, "damping_mode": config.damping_mode}
+            | overrides
+        ),
+    )
+    optimizer = QuadraticModelOptimizer(
+        model,
+        likelihood,
+        preconditioner=precond,
+        damping=config.damping,
+        max_kl=config.max_kl,
+        curvature_batch_size=QM_CURVATURE_BATCH,
     )
     return optimizer, precond
 
@@ -316,6 +369,18 @@ def reached(task: Task, value: float) -> bool:
 def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets: Tensor) -> None:
     """One step: forward, (MC backward for the preconditioner), backward, precondition, update
     and, when adaptive damping asks for it, the loss of the same batch after the update."""
+    if isinstance(optimizer, QuadraticModelOptimizer):
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            precond.sample_backward(outputs)
+            loss = task.loss(outputs, targets)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return
     optimizer.zero_grad()
     outputs = model(inputs)
     if precond is not None and precond.fisher_type == "mc":
@@ -382,6 +447,7 @@ def train_run(
         "beta2": config.beta2,
         "damping": config.damping,
         "damping_mode": config.damping_mode,
+        "max_kl": config.max_kl,
         "final": values[-1],
         "best": max(values) if task.metric == "test_accuracy" else min(values),
         "time_to_target_s": time_to_target,
@@ -428,9 +494,8 @@ def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[
 
 def config_of(run: dict) -> TrainConfig:
     """The configuration a :func:`train_run` result was trained with."""
-    return TrainConfig(
-        run["method"], run["lr"], run["momentum"], run["beta2"], run["damping"], run["damping_mode"]
-    )
+    keys = ("method", "lr", "momentum", "beta2", "damping", "damping_mode", "max_kl")
+    return TrainConfig(*(run[key] for key in keys))
 
 
 def other_seeds(task: Task, best: list[dict], data, args: argparse.Namespace) -> list[dict]:
@@ -553,6 +618,7 @@ COST_CONFIGS = [
         for fisher_type in ("mc", "empirical")
         for interval in (1, 10)
     ),
+    *(CostConfig("natgrad", "kfac_qm", "mc", mode, 10, 10) for mode in ("eigen", "factored")),
 ]
 
 
@@ -572,9 +638,10 @@ def natgrad_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, ta
             task, TrainConfig(config.method, 0.01, beta2=beta2), model
         )
     else:
+        lr = 1.0 if config.method == "kfac_qm" else 0.01
         optimizer, precond = make_optimizer(
             task,
-            TrainConfig(config.method, 0.01, damping=COST_DAMPING),
+            TrainConfig(config.method, lr, damping=COST_DAMPING, damping_mode=config.damping_mode),
             model,
             fisher_type=config.fisher_type,
             damping_mode=config.damping_mode,

@@ -484,3 +484,27 @@ def test_max_kl_bounds_the_fisher_norm_of_the_step() -> None:
     assert cosine == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="max_kl must be a positive finite number or None"):
         QuadraticModelOptimizer(free, "categorical", max_kl=0.0)
+
+
+def test_default_damping_floor_holds_on_an_exact_quadratic_model() -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(20, 3, generator=generator)
+    targets = torch.randn(20, 1, generator=generator)
+    model = nn.Linear(3, 1)
+    optimizer = QuadraticModelOptimizer(
+        model, "gaussian", damping=3e-4, damping_decay=0.5, damping_adaptation_interval=1
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = 0.5 * (model(inputs) - targets).pow(2).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.last_step["ratio"] > 0.75
+    assert optimizer.damping == 1.5e-4
+    optimizer.step(closure)
+    assert optimizer.damping == 1e-4  # halved again, but not below the floor
+    with pytest.raises(ValueError, match="must satisfy low <= damping"):
+        QuadraticModelOptimizer(model, "gaussian", damping=1e-5)
