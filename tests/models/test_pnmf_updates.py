@@ -187,7 +187,7 @@ def test_multiplicative_updates_reach_the_maximum_found_by_lbfgs():
     def negative_bound(flat: np.ndarray) -> tuple[float, np.ndarray]:
         weights = torch.tensor(flat.reshape(5, 3), requires_grad=True)
         value = -elbo(data, weights, mean, variance, "lower-bound", 1)
-        return float(value), torch.autograd.grad(value, weights)[0].numpy().ravel()
+        return float(value.detach()), torch.autograd.grad(value, weights)[0].numpy().ravel()
 
     optimum = minimize(
         negative_bound,

@@ -508,3 +508,11 @@ def test_default_damping_floor_holds_on_an_exact_quadratic_model() -> None:
     assert optimizer.damping == 1e-4  # halved again, but not below the floor
     with pytest.raises(ValueError, match="must satisfy low <= damping"):
         QuadraticModelOptimizer(model, "gaussian", damping=1e-5)
+
+
+def test_one_param_group_only() -> None:
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(model, "categorical")
+    with pytest.raises(ValueError, match="exactly one param group"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    assert len(optimizer.param_groups) == 1

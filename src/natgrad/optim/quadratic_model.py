@@ -163,6 +163,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
     the preconditioner's state as well). Under ``torch.distributed`` the Fisher products and the
     losses of the damping rule are averaged over the processes, whose gradients the
     ``DistributedDataParallel`` wrapper already averages.
+
+    The Fisher products re-run the model on the captured inputs, outside the closure: BatchNorm
+    layers in training mode are refused (they couple the samples), and dropout draws other masks
+    there than in the closure's pass.
     """
 
     def __init__(
@@ -234,6 +238,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
     def _capture_inputs(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
             self._inputs = args[0].detach()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only the model's parameters, as one group (the quadratic model couples them all)."""
+        if self.param_groups:
+            raise ValueError("QuadraticModelOptimizer has exactly one param group: the model's")
+        super().add_param_group(param_group)
 
     @property
     def damping(self) -> float:
