@@ -10,11 +10,21 @@ one process on the global batch even when the local batches differ in size.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if dist.is_available():
+    # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, bound
+    # when the module is first imported. Imported after ``init_process_group`` (torch.optim
+    # optimizers import it through torch._dynamo, e.g. the Adam of ``fit_pnmf_data_parallel``),
+    # they keep the default group alive, ``destroy_process_group`` cannot free it, and its gloo
+    # threads can abort a spawned process at exit (torch 2.13). Importing it here, with natgrad,
+    # binds the defaults before any group exists.
+    importlib.import_module("torch.distributed.nn")
 
 __all__ = [
     "all_reduce_sum_",
