@@ -152,6 +152,15 @@ class QuadraticModelOptimizer(CountedOptimizer):
         Evaluate ``F``'s products on the first this-many samples of the batch only (cheaper);
         default the whole batch.
 
+    Attributes
+    ----------
+    counters : dict of str to int
+        ``"steps"`` taken and ``"refused_steps"``.
+    last_step : dict of str to float
+        Of the last step taken: ``"alpha"`` and ``"mu"`` (as applied, after ``lr`` and
+        ``max_kl``), ``"predicted_change"`` ``M(δ)`` and, where the damping was adapted,
+        ``"actual_change"`` and ``"ratio"``.
+
     Notes
     -----
     One param group (the quadratic model couples all parameters). The closure must return the
