@@ -11,7 +11,12 @@ import torch
 from torch import nn
 
 from natgrad.optim import NaturalGradient
-from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
+from natgrad.optim.trust_region import (
+    kl_clip_scale,
+    levenberg_marquardt_damping,
+    reduction_ratio,
+    trust_region_scale,
+)
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -214,3 +219,13 @@ def test_adaptive_damping_undoes_a_step_that_raises_the_loss() -> None:
     assert float(closure().detach()) == loss_before
     assert opt.counters["rejected_steps"] == 1
     assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)
+
+
+def test_reduction_ratio_and_trust_region_scale_edge_cases() -> None:
+    assert reduction_ratio(-0.5, -1.0) == 0.5
+    assert reduction_ratio(0.2, -1.0) == -0.2
+    assert reduction_ratio(-1.0, 0.0) == -math.inf  # no predicted decrease: a failed step
+    assert reduction_ratio(float("nan"), -1.0) == -math.inf
+    assert trust_region_scale(4.0, 1.0) == 0.5
+    assert trust_region_scale(0.5, 1.0) == 1.0
+    assert trust_region_scale(float("nan"), 1.0) == 1.0

@@ -70,7 +70,7 @@ from natgrad.optim.kfac_layers import (
     LayerState,
     fold_factors,
 )
-from natgrad.optim.trust_region import levenberg_marquardt_damping
+from natgrad.optim.trust_region import levenberg_marquardt_damping, reduction_ratio
 
 __all__ = ["KFAC"]
 
@@ -91,10 +91,13 @@ def _check_adaptive_damping(
     interval: int,
 ) -> float:
     """Validate the adaptive-damping options; returns the decay ``ω``."""
-    if decay is not None:
-        decay = unit_interval("damping_decay", decay, closed_left=False)
+    omega = (
+        (19 / 20) ** interval
+        if decay is None
+        else unit_interval("damping_decay", decay, closed_left=False)
+    )
     if not adaptive:
-        return (19 / 20) ** interval if decay is None else float(decay)
+        return omega
     if callable(damping) or not (math.isfinite(damping) and damping > 0):
         raise ValueError(
             f"adaptive_damping needs a positive float initial damping, got {damping!r}"
@@ -102,7 +105,7 @@ def _check_adaptive_damping(
     low, high = bounds
     if not 0 < low <= damping <= high:
         raise ValueError(f"damping_bounds {bounds!r} must satisfy 0 < low <= damping <= high")
-    return (19 / 20) ** interval if decay is None else float(decay)
+    return omega
 
 
 def _device_kl_scale(quadratic: Tensor, lr: float, kl_clip: float) -> Tensor | None:
@@ -465,7 +468,7 @@ class KFAC:
         self.last_damping_update = {
             "actual": actual,
             "predicted": predicted,
-            "ratio": actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf,
+            "ratio": reduction_ratio(actual, predicted),
             "damping_before": probe.damping,
             "damping_after": self.damping,
         }

@@ -27,12 +27,10 @@ damping ``λ`` follows the Levenberg–Marquardt rule from the ratio of the actu
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,10 +38,14 @@ from natgrad._validation import positive_float, positive_int, unit_interval
 from natgrad.curvature.jacobians import ModelFunction
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
-from natgrad.distributed.reduce import all_reduce_sum_
+from natgrad.distributed.reduce import all_reduce_sum_, world_size
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.kfac import KFAC
-from natgrad.optim.trust_region import levenberg_marquardt_damping
+from natgrad.optim.trust_region import (
+    levenberg_marquardt_damping,
+    reduction_ratio,
+    trust_region_scale,
+)
 
 __all__ = ["QuadraticModelOptimizer", "minimize_quadratic_model"]
 
@@ -327,8 +329,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         max_kl = self.param_groups[0]["max_kl"]
         if max_kl is None:
             return 1.0
-        kl = 0.5 * float(coefficients @ fisher @ coefficients)
-        return math.sqrt(max_kl / kl) if kl > max_kl else 1.0
+        return trust_region_scale(0.5 * float(coefficients @ fisher @ coefficients), max_kl)
 
     def _direction(self, params: list[Tensor], gradient: Tensor) -> Tensor:
         """Flat ``Δ = −C⁻¹ g`` from the preconditioner (``−g`` without one)."""
@@ -365,15 +366,14 @@ class QuadraticModelOptimizer(CountedOptimizer):
         with torch.enable_grad(), paused:
             new_loss = closure()
         losses = torch.stack([loss.detach(), new_loss.detach()]).to(torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            all_reduce_sum_([losses], self.process_group)
-            losses /= dist.get_world_size(self.process_group)
+        all_reduce_sum_([losses], self.process_group)
+        losses /= world_size(self.process_group)
         actual = float(losses[1] - losses[0])
         damping = levenberg_marquardt_damping(
             self.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
         )
         self.last_step.update(
             actual_change=actual,
-            ratio=actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf,
+            ratio=reduction_ratio(actual, predicted),
         )
         self.param_groups[0]["damping"] = damping

@@ -25,10 +25,23 @@ def kl_clip_scale(update: Tensor, curvature_times_update: Tensor, max_kl: float)
     float
         ``min(1, sqrt(max_kl / (½ uᵀ F u)))``; 1 when ``uᵀ F u`` is zero or not positive.
     """
-    predicted_kl = 0.5 * float(torch.dot(update, curvature_times_update))
+    return trust_region_scale(0.5 * float(torch.dot(update, curvature_times_update)), max_kl)
+
+
+def trust_region_scale(predicted_kl: float, max_kl: float) -> float:
+    """``min(1, sqrt(max_kl / predicted_kl))``: the factor ``s`` with ``s² predicted_kl ≤ max_kl``
+    for a quadratic ``predicted_kl``; 1 when it is within the bound (or zero or NaN)."""
     if not predicted_kl > max_kl:
         return 1.0
     return math.sqrt(max_kl / predicted_kl)
+
+
+def reduction_ratio(actual_change: float, predicted_change: float) -> float:
+    """``actual / predicted`` loss change; ``-inf`` (a failed step) when the model predicts no
+    decrease or the actual change is not finite."""
+    if not math.isfinite(actual_change) or predicted_change >= 0:
+        return -math.inf
+    return actual_change / predicted_change
 
 
 def levenberg_marquardt_damping(
@@ -61,10 +74,7 @@ def levenberg_marquardt_damping(
     """
     if not 0 < decay < 1:
         raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-    if not math.isfinite(actual_change) or predicted_change >= 0:
-        ratio = -math.inf
-    else:
-        ratio = actual_change / predicted_change
+    ratio = reduction_ratio(actual_change, predicted_change)
     if ratio > 0.75:
         damping *= decay
     elif ratio < 0.25:
