@@ -154,17 +154,23 @@ def _gaussian_posterior() -> tuple[float, float]:
     return precision_times_mean, -0.5 * precision
 
 
-def _gaussian_optimizer(loc: float, scale: float, lr: float, **kwargs):
-    theta = _leaves(Gaussian(_t(loc), _t(scale)))
-    optimizer = NaturalGradientDescent(theta, family=Gaussian, lr=lr, **kwargs)
+def _optimizer(q: ExponentialFamily, negative_elbo, lr: float, **kwargs):
+    """Leaves of ``q``'s natural parameters, NaturalGradientDescent over them and a closure
+    returning ``negative_elbo(*theta)``."""
+    theta = _leaves(q)
+    optimizer = NaturalGradientDescent(theta, family=type(q), lr=lr, **kwargs)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _gaussian_negative_elbo(*theta)
+        loss = negative_elbo(*theta)
         loss.backward()
         return loss
 
     return theta, optimizer, closure
+
+
+def _gaussian_optimizer(loc: float, scale: float, lr: float, **kwargs):
+    return _optimizer(Gaussian(_t(loc), _t(scale)), _gaussian_negative_elbo, lr, **kwargs)
 
 
 @SETTINGS
@@ -203,16 +209,7 @@ def _beta_posterior() -> tuple[float, float]:
 
 
 def _beta_optimizer(a: float, b: float, lr: float):
-    theta = _leaves(Beta(_t(a), _t(b)))
-    optimizer = NaturalGradientDescent(theta, family=Beta, lr=lr)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = _beta_negative_elbo(*theta)
-        loss.backward()
-        return loss
-
-    return theta, optimizer, closure
+    return _optimizer(Beta(_t(a), _t(b)), _beta_negative_elbo, lr)
 
 
 @SETTINGS
