@@ -300,48 +300,42 @@ def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **override
     if config.method == "adam":
         betas = (config.momentum, config.beta2)
         return torch.optim.Adam(model.parameters(), lr=config.lr, betas=betas), None
-    if config.method == "kfac_qm":
-        return quadratic_model_optimizer(task, config, model, **overrides)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     if config.method == "sgd":
-        return optimizer, None
-    cls = KFAC if config.method == "kfac" else EKFAC
-    options = PRECONDITIONER_OPTIONS | {"damping": config.damping}
-    if config.damping_mode is not None:
-        options["damping_mode"] = config.damping_mode
-    precond = cls(
-        model,
-        lr=config.lr,
-        likelihood="bernoulli" if task.reconstruct else "categorical",
-        generator=torch.Generator().manual_seed(0),
-        **(options | overrides),
-    )
-    return optimizer, precond
-
-
-def quadratic_model_optimizer(task: Task, config: TrainConfig, model: nn.Module, **overrides):
-    """K-FAC (the usual options, no KL clipping: the quadratic model sizes the step) under
-    Martens & Grosse's adaptive step size, momentum and damping."""
-    likelihood = "bernoulli" if task.reconstruct else "categorical"
-    precond = KFAC(
-        model,
-        likelihood=likelihood,
-        generator=torch.Generator().manual_seed(0),
-        **(
-            PRECONDITIONER_OPTIONS
-            | {"kl_clip": None, "damping": config.damping, "damping_mode": config.damping_mode}
-            | overrides
-        ),
-    )
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum), None
+    precond = make_preconditioner(task, config, model, **overrides)
+    if config.method != "kfac_qm":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        return optimizer, precond
     optimizer = QuadraticModelOptimizer(
         model,
-        likelihood,
+        likelihood_of(task),
         preconditioner=precond,
         damping=config.damping,
         max_kl=config.max_kl,
         curvature_batch_size=QM_CURVATURE_BATCH,
     )
     return optimizer, precond
+
+
+def make_preconditioner(task: Task, config: TrainConfig, model: nn.Module, **overrides) -> KFAC:
+    """K-FAC (EKFAC) with ``PRECONDITIONER_OPTIONS``, the configuration's damping (and mode) and
+    ``overrides``; under the quadratic model without KL clipping (the model sizes the step)."""
+    options = PRECONDITIONER_OPTIONS | {"damping": config.damping}
+    if config.method == "kfac_qm":
+        options["kl_clip"] = None
+    if config.damping_mode is not None:
+        options["damping_mode"] = config.damping_mode
+    return (EKFAC if config.method == "ekfac" else KFAC)(
+        model,
+        lr=config.lr,
+        likelihood=likelihood_of(task),
+        generator=torch.Generator().manual_seed(0),
+        **(options | overrides),
+    )
+
+
+def likelihood_of(task: Task) -> str:
+    return "bernoulli" if task.reconstruct else "categorical"
 
 
 def inputs_of(task: Task, features: Tensor) -> Tensor:
@@ -369,24 +363,20 @@ def reached(task: Task, value: float) -> bool:
 def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets: Tensor) -> None:
     """One step: forward, (MC backward for the preconditioner), backward, precondition, update
     and, when adaptive damping asks for it, the loss of the same batch after the update."""
-    if isinstance(optimizer, QuadraticModelOptimizer):
 
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            outputs = model(inputs)
+    def forward_backward() -> Tensor:
+        optimizer.zero_grad()
+        outputs = model(inputs)
+        if precond is not None and precond.fisher_type == "mc":
             precond.sample_backward(outputs)
-            loss = task.loss(outputs, targets)
-            loss.backward()
-            return loss
+        loss = task.loss(outputs, targets)
+        loss.backward()
+        return loss
 
-        optimizer.step(closure)
+    if isinstance(optimizer, QuadraticModelOptimizer):
+        optimizer.step(forward_backward)
         return
-    optimizer.zero_grad()
-    outputs = model(inputs)
-    if precond is not None and precond.fisher_type == "mc":
-        precond.sample_backward(outputs)
-    loss = task.loss(outputs, targets)
-    loss.backward()
+    loss = forward_backward()
     if precond is not None:
         precond.step()
     optimizer.step()
