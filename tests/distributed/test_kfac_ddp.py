@@ -120,9 +120,28 @@ def worker(rank: int, world_size: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory) -> dict:
-    """Run :func:`worker` on 2 gloo processes once; rank 0's results."""
-    return run_on_processes(worker, workdir=tmp_path_factory.mktemp("ddp"))[0]
+def results_by_rank(tmp_path_factory) -> list[dict]:
+    """Run :func:`worker` on 2 gloo processes once; the results of each rank."""
+    return run_on_processes(worker, workdir=tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def two_process_results(results_by_rank) -> dict:
+    """Rank 0's results."""
+    return results_by_rank[0]
+
+
+def test_the_replicas_stay_bitwise_identical(results_by_rank) -> None:
+    """Every process preconditions with the same tensors in the same memory layout: a layer's
+    eigenbasis or damped inverses computed on its owner (column-major, as LAPACK returns them)
+    and broadcast into another process's buffers must not make the BLAS round differently
+    there, or the replicas drift apart step by step."""
+    first, second = results_by_rank
+    runs = [*zip(first["configs"], second["configs"], strict=True)]
+    runs += [(a[0], b[0]) for a, b in zip(first["factored"], second["factored"], strict=True)]
+    for params, other in runs:
+        for a, b in zip(params, other, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(two_process_results) -> None:

@@ -167,7 +167,15 @@ def _decompose(matrices: Tensor) -> tuple[Tensor, Tensor]:
     if result is None:
         raise torch.linalg.LinAlgError("eigendecomposition failed even in float64")
     values, vectors = result
-    return values.clamp_min(0).to(working_dtype), vectors.to(working_dtype)
+    return values.clamp_min(0).to(working_dtype), _row_major(vectors.to(working_dtype))
+
+
+def _row_major(matrices: Tensor) -> Tensor:
+    """``matrices`` in contiguous (row-major) memory, as a copy where LAPACK returned them
+    column-major. Every result of this module has this one layout, so that a process that
+    receives it by broadcast into a contiguous buffer multiplies with it exactly as the
+    process that computed it: the BLAS rounds differently for other strides."""
+    return matrices.contiguous()
 
 
 def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tensor:
@@ -387,6 +395,7 @@ def _cholesky_inverses(matrices: Tensor, dampings: list[float]) -> Tensor:
     damped = matrices.to(working_dtype, copy=True)
     damped.diagonal(dim1=-2, dim2=-1).add_(shifts.unsqueeze(-1))
     inverses, failed = _cholesky_or_failures(damped)
+    inverses = _row_major(inverses)
     if not failed:
         return inverses
     retried, still_failed = _cholesky_or_failures(damped[failed].double())
