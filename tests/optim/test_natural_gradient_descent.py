@@ -177,7 +177,7 @@ def _gaussian_optimizer(loc: float, scale: float, lr: float, **kwargs):
 @given(st.floats(-5, 5), st.floats(0.05, 10))
 def test_gaussian_conjugate_step_reaches_posterior(loc: float, scale: float) -> None:
     theta, optimizer, closure = _gaussian_optimizer(loc, scale, lr=1.0)
-    start = [float(value) for value in theta]
+    start = [float(value.detach()) for value in theta]
     loss = optimizer.step(closure)
     assert loss is not None and loss.isfinite()
     expected = _gaussian_posterior()
