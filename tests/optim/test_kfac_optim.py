@@ -264,6 +264,50 @@ def test_kl_clip_scales_to_the_trust_region() -> None:
     torch.testing.assert_close(flat_grads(model), nu * direction)
 
 
+def test_kl_clip_reads_the_learning_rate_from_the_optimizer_under_a_scheduler() -> None:
+    """``lr=optimizer`` gives, step by step, the clipping of the equivalent ``lr`` schedule."""
+    torch.manual_seed(9)
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    models = [mlp(), None]
+    models[1] = copy.deepcopy(models[0])
+    unclipped_model = copy.deepcopy(models[0])  # before any hooks are attached
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in models]
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizers[0], step_size=1, gamma=0.1)
+    options = {"inv_update_interval": 1, "damping": 0.01, "kl_clip": 1e-6}
+    following = KFAC(models[0], lr=optimizers[0], **options)
+    scheduled = KFAC(models[1], lr=lambda step: 0.5 * 0.1**step, **options)
+    unclipped = KFAC(unclipped_model, inv_update_interval=1, damping=0.01)
+    for step in range(3):
+        for model, precond in zip(models, (following, scheduled), strict=True):
+            backward(model, inputs, targets)
+            precond.step()
+        torch.testing.assert_close(flat_grads(models[0]), flat_grads(models[1]), rtol=0, atol=0)
+        unclipped_model.load_state_dict(models[0].state_dict())
+        backward(unclipped_model, inputs, targets)
+        gradient = flat_grads(unclipped_model)
+        unclipped.step()
+        direction = flat_grads(unclipped_model)
+        lr = 0.5 * 0.1**step
+        nu = min(1.0, math.sqrt(1e-6 / (lr**2 * float(direction @ gradient))))
+        assert nu < 1
+        torch.testing.assert_close(flat_grads(models[0]), nu * direction)
+        for optimizer in optimizers:
+            optimizer.step()
+        scheduler.step()
+        optimizers[1].param_groups[0]["lr"] = optimizers[0].param_groups[0]["lr"]
+
+
+def test_kl_clip_refuses_an_optimizer_with_several_learning_rates() -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}], lr=0.2
+    )
+    precond = KFAC(model, kl_clip=1e-3, lr=optimizer)
+    backward(model, torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=r"\[0\.1, 0\.2\]"):
+        precond.step()
+
+
 def test_damping_schedule_and_untouched_parameters() -> None:
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DTYPE)
@@ -293,6 +337,10 @@ def test_invalid_options_raise() -> None:
         KFAC(model, fisher_type="mc")
     with pytest.raises(ValueError, match="lr"):
         KFAC(model, kl_clip=0.01)
+    with pytest.raises(ValueError, match=r"lr.*-0\.1"):
+        KFAC(model, kl_clip=0.01, lr=-0.1)
+    with pytest.raises(TypeError, match="lr"):
+        KFAC(model, kl_clip=0.01, lr="0.1")
     with pytest.raises(ValueError, match="factor_decay"):
         KFAC(model, factor_decay=1.0)
     with pytest.raises(ValueError, match="inv_update_interval"):

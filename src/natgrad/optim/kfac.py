@@ -202,8 +202,10 @@ class KFAC:
     kl_clip : float, optional
         If given, the preconditioned gradients ``d`` are scaled by
         ``ν = min(1, sqrt(kl_clip / (lr² |Σ_l d_l · g_l|)))`` (kfac-pytorch's KL clipping).
-    lr : float or callable(step) -> float, optional
-        Learning rate of the base optimizer, needed by ``kl_clip``.
+    lr : float, callable(step) -> float or torch.optim.Optimizer, optional
+        Learning rate of the base optimizer, needed by ``kl_clip``. Given the optimizer itself,
+        its current learning rate is read at every step, so LR schedulers are followed (its
+        param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding with a
         trainable weight. All other parameters keep their gradients.
@@ -252,7 +254,7 @@ class KFAC:
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
         damping_mode: str = "eigen",
         kl_clip: float | None = None,
-        lr: Schedule | None = None,
+        lr: Schedule | torch.optim.Optimizer | None = None,
         layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None = None,
         accumulation_steps: int = 1,
         start_step: int = 0,
@@ -285,7 +287,11 @@ class KFAC:
         self._damping_probe: _DampingProbe | None = None
         self.damping_mode = damping_mode
         self.kl_clip = kl_clip
-        self.lr = lr
+        self.lr = (
+            lr
+            if lr is None or callable(lr) or isinstance(lr, torch.optim.Optimizer)
+            else nonnegative_float("lr", lr)
+        )
         self.accumulation_steps = positive_int("accumulation_steps", accumulation_steps)
         self.start_step = nonnegative_int("start_step", start_step)
         self.inverse_placement = one_of(
@@ -608,7 +614,7 @@ class KFAC:
         """``ν = min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` from the per-layer products;
         ``None`` where no scaling is needed. On the CPU the sum is read back (free there); on
         an accelerator ``ν`` stays a 0-dim device tensor, so the step never waits for it."""
-        lr = _schedule_value("lr", self.lr, self.steps)
+        lr = self._learning_rate()
         quadratic = torch.stack(products).sum()
         if quadratic.device.type != "cpu":
             return _device_kl_scale(quadratic, lr, self.kl_clip)
@@ -616,6 +622,18 @@ class KFAC:
         if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
         return math.sqrt(self.kl_clip / curvature)
+
+    def _learning_rate(self) -> float:
+        """The base optimizer's learning rate at this step."""
+        if not isinstance(self.lr, torch.optim.Optimizer):
+            return _schedule_value("lr", self.lr, self.steps)
+        rates = {float(group["lr"]) for group in self.lr.param_groups}
+        if len(rates) != 1:
+            raise ValueError(
+                f"kl_clip needs one learning rate, but the optimizer's param groups have "
+                f"{sorted(rates)}; pass lr= as a float or a callable(step)"
+            )
+        return _schedule_value("lr", rates.pop(), self.steps)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
