@@ -329,6 +329,24 @@ def test_damping_schedule_and_untouched_parameters() -> None:
         assert changed == name.startswith("2.")
 
 
+def test_a_deep_copy_of_the_model_does_not_record_into_the_preconditioner() -> None:
+    """``copy.deepcopy`` copies the forward hooks too (e.g. for an EMA model or a twin run):
+    training the copy must leave the original's statistics and steps as they are."""
+    torch.manual_seed(3)
+    model = mlp()
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    reference = copy.deepcopy(model)
+    precond = KFAC(model, inv_update_interval=1, damping=0.1)
+    reference_precond = KFAC(reference, inv_update_interval=1, damping=0.1)
+    copied = copy.deepcopy(model)
+    for _ in range(2):
+        backward(copied, torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
+        for net, preconditioner in ((model, precond), (reference, reference_precond)):
+            backward(net, inputs, targets)
+            preconditioner.step()
+        torch.testing.assert_close(flat_grads(model), flat_grads(reference), rtol=0, atol=0)
+
+
 def test_invalid_options_raise() -> None:
     model = mlp()
     with pytest.raises(ValueError, match="fisher_type"):

@@ -347,7 +347,9 @@ class KFAC:
 
     def _forward_hook(self, state: LayerState):
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            if not self._recording(module):
+            # ``copy.deepcopy`` of the model copies this hook onto the copy's layer: there it
+            # must not record into this preconditioner's statistics
+            if module is not state.module or not self._recording(module):
                 return
             features = state.record_input(args[0])
             if output.requires_grad:
