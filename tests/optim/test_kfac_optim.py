@@ -206,6 +206,34 @@ def test_state_dict_round_trip_resumes_identically(cls) -> None:
             assert (value is None and other is None) or torch.equal(value, other)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_saved_on_the_cpu_resumes_on_cuda(cls) -> None:
+    """Like ``torch.optim``'s, the loaded state moves to the parameters' device."""
+    torch.manual_seed(6)
+    data = batches(10, seed=1)
+    model = mlp()
+    options = {"factor_decay": 0.8, "inv_update_interval": 3, "damping": 0.01}
+    precond = cls(model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train(model, precond, optimizer, data[:5])
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    saved_precond = copy.deepcopy(precond.state_dict())
+    train(model, precond, optimizer, data[5:])
+
+    resumed = mlp().cuda()
+    resumed.load_state_dict(saved[0])
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(saved[1])
+    resumed_precond = cls(resumed, **options)
+    resumed_precond.load_state_dict(saved_precond)
+    assert resumed_precond.layers[0].input_factor.is_cuda
+    cuda_data = [(inputs.cuda(), targets.cuda()) for inputs, targets in data[5:]]
+    train(resumed, resumed_precond, resumed_optimizer, cuda_data)
+    for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-6, atol=1e-8)
+
+
 def test_gradient_accumulation_equals_one_large_batch() -> None:
     torch.manual_seed(7)
     reference = mlp()

@@ -435,9 +435,13 @@ class LayerState:
         return {key: None if value is None else value.clone() for key, value in state.items()}
 
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        """Take over a :meth:`state_dict`, moved to the layer's device and factor dtype (as
+        ``torch.optim.Optimizer.load_state_dict`` moves its state to the parameters')."""
+        device = self.module.weight.device
+
         def get(key: str) -> Tensor | None:
             value = state.get(key)
-            return None if value is None else value.to(self.dtype).clone()
+            return None if value is None else value.to(device, self.dtype, copy=True)
 
         self.input_factor, self.output_factor = get("input_factor"), get("output_factor")
         self.eigenvalues = get("eigenvalues")
