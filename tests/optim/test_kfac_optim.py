@@ -234,6 +234,46 @@ def test_state_saved_on_the_cpu_resumes_on_cuda(cls) -> None:
         torch.testing.assert_close(actual.cpu(), expected, rtol=1e-6, atol=1e-8)
 
 
+def _train_with_loss_scaling(model, grad_scaler: str | None) -> list[torch.Tensor]:
+    """5 steps of K-FAC + SGD on a loss scaled by a ``GradScaler`` (``2¹²``, growing every
+    2 steps); the preconditioner gets the scaler, a function of its scale, or nothing."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    options = {"scaler": scaler, "function": scaler.get_scale, None: None}
+    precond = KFAC(model, inv_update_interval=1, damping=0.01, grad_scaler=options[grad_scaler])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for inputs, targets in batches(5, seed=2):
+        optimizer.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(model(inputs), targets)).backward()
+        scaler.unscale_(optimizer)
+        precond.step()
+        scaler.step(optimizer)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**14
+    return [param.detach().clone() for param in model.parameters()]
+
+
+def test_loss_scaling_with_the_grad_scaler_equals_unscaled_training() -> None:
+    """The recorded output gradients are divided by the (changing) loss scale: the run equals
+    one without loss scaling, to round-off (powers of two scale exactly)."""
+    torch.manual_seed(11)
+    reference = mlp()
+    models = {key: copy.deepcopy(reference) for key in ("scaler", "function", None)}
+    train(
+        reference,
+        KFAC(reference, inv_update_interval=1, damping=0.01),
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        batches(5, seed=2),
+    )
+    expected = list(reference.parameters())
+    for key in ("scaler", "function"):
+        for param, target in zip(_train_with_loss_scaling(models[key], key), expected, strict=True):
+            torch.testing.assert_close(param, target, rtol=1e-12, atol=1e-14)
+    unaware = _train_with_loss_scaling(models[None], None)
+    assert max((a - b).abs().max() for a, b in zip(unaware, expected, strict=True)) > 1e-3
+    with pytest.raises(TypeError, match="grad_scaler"):
+        KFAC(mlp(), grad_scaler=2.0**12)
+
+
 def test_gradient_accumulation_equals_one_large_batch() -> None:
     torch.manual_seed(7)
     reference = mlp()

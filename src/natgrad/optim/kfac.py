@@ -225,6 +225,12 @@ class KFAC:
         Group over which factors are all-reduced (default: the world).
     generator : torch.Generator, optional
         Randomness of ``fisher_type="mc"``.
+    grad_scaler : torch.amp.GradScaler or callable() -> float, optional
+        Mixed precision with loss scaling: the scaler (or a function returning the current loss
+        scale). The output gradients that ``fisher_type="empirical"`` records from the scaled
+        ``loss.backward()`` are divided by the scale, which would otherwise multiply ``G`` by
+        its square. Call ``scaler.unscale_(optimizer)`` before :meth:`step`, so that the
+        unscaled gradients are preconditioned. (``"mc"`` records its own unscaled backward.)
 
     Notes
     -----
@@ -261,6 +267,7 @@ class KFAC:
         inverse_placement: str = "replicated",
         process_group: dist.ProcessGroup | None = None,
         generator: torch.Generator | None = None,
+        grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
     ) -> None:
         fisher_type = one_of("fisher_type", fisher_type, ("empirical", "mc"))
         if fisher_type == "mc" and likelihood is None:
@@ -299,6 +306,17 @@ class KFAC:
         )
         self.process_group = process_group
         self.generator = generator
+        if not (
+            grad_scaler is None
+            or callable(grad_scaler)
+            or isinstance(grad_scaler, torch.amp.GradScaler)
+        ):
+            raise TypeError(
+                "grad_scaler must be a torch.amp.GradScaler or a callable returning the loss "
+                f"scale, got {type(grad_scaler).__name__}"
+            )
+        self.grad_scaler = grad_scaler
+        self._loss_scale: float | None = None
         self.steps = 0
         self._sampling = False
         self._paused = False
@@ -365,9 +383,24 @@ class KFAC:
             if self.fisher_type == "mc" and self._sampling:
                 state.record_output_grad(grad, 1.0, features)
             elif self.fisher_type == "empirical":
-                state.record_output_grad(grad, grad.shape[0] * self.accumulation_steps, features)
+                scale = grad.shape[0] * self.accumulation_steps / self._current_loss_scale()
+                state.record_output_grad(grad, scale, features)
 
         return hook
+
+    def _current_loss_scale(self) -> float:
+        """The loss scale of this step's backward passes (read once per step: a scaler changes
+        it only in ``update()``, after the optimizer's step)."""
+        if self._loss_scale is None:
+            scaler = self.grad_scaler
+            if scaler is None:
+                scale = 1.0
+            elif isinstance(scaler, torch.amp.GradScaler):
+                scale = float(scaler.get_scale())
+            else:
+                scale = float(scaler())
+            self._loss_scale = positive_float("loss scale of grad_scaler", scale)
+        return self._loss_scale
 
     def sample_backward(self, outputs: Tensor) -> None:
         """Record output gradients of ``Σ_n nll(f_n, y_n)`` at targets ``y_n ~ p(y | f_n)``.
@@ -488,6 +521,7 @@ class KFAC:
         gradients in place."""
         self._layer_outputs, self._output_handles = [], []
         self._damping_probe = None
+        self._loss_scale = None
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
         refresh = self.inverse_update_due
