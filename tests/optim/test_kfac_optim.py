@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -272,6 +273,28 @@ def test_loss_scaling_with_the_grad_scaler_equals_unscaled_training() -> None:
     assert max((a - b).abs().max() for a, b in zip(unaware, expected, strict=True)) > 1e-3
     with pytest.raises(TypeError, match="grad_scaler"):
         KFAC(mlp(), grad_scaler=2.0**12)
+
+
+def test_an_overflowing_loss_scale_skips_the_factor_update_without_a_warning() -> None:
+    """float16 gradients of a loss scaled by 2²⁰ overflow: the scaler skips the step and backs
+    off, K-FAC skips the factor update, and neither warns (it is routine with a scaler)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    precond = KFAC(model, damping=0.01, grad_scaler=scaler)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    with torch.autocast("cpu", dtype=torch.float16):
+        outputs = model(inputs)
+    scaler.scale(nn.functional.cross_entropy(outputs.float(), targets)).backward()
+    scaler.unscale_(optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond.step()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**19  # the scaler saw the overflow
+    assert precond.layers[0].input_factor is None  # and nothing was folded in
 
 
 def test_gradient_accumulation_equals_one_large_batch() -> None:

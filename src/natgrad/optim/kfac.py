@@ -555,12 +555,13 @@ class KFAC:
         pending = [state for state in self.layers if state.has_pending()]
         sums = [tensor for state in pending for tensor in (state.input_sum, state.output_sum)]
         if sums and not bool(torch.stack(torch._foreach_norm(sums)).isfinite().all()):
-            warnings.warn(
-                "KFAC skipped a factor update: the recorded statistics are not finite (a "
-                "diverging loss or non-finite inputs); the factors are kept as they were",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            if self.grad_scaler is None:  # with one, an overflow is routine: the scaler backs off
+                warnings.warn(
+                    "KFAC skipped a factor update: the recorded statistics are not finite (a "
+                    "diverging loss or non-finite inputs); the factors are kept as they were",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             for state in pending:
                 state.reset_sums()
             return
