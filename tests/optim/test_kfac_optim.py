@@ -297,6 +297,53 @@ def test_an_overflowing_loss_scale_skips_the_factor_update_without_a_warning() -
     assert precond.layers[0].input_factor is None  # and nothing was folded in
 
 
+class _SequenceClassifier(nn.Module):
+    """A Linear layer applied at every position of ``(N, T, 3)`` inputs, then mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Linear(3, 4).to(DTYPE)
+        self.head = nn.Linear(4, 2).to(DTYPE)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.token(inputs)).mean(1))
+
+
+def test_linear_layer_over_sequences_uses_the_per_position_factors() -> None:
+    """For ``(N, T, d)`` inputs ``A`` averages ``a aᵀ`` over samples and positions and ``G`` sums
+    ``g gᵀ`` over positions and averages over samples (as for convolutions); the step is
+    ``(G ⊗ A + λI)⁻¹ vec(∇W)``."""
+    torch.manual_seed(0)
+    model = _SequenceClassifier()
+    samples, positions, damping = 5, 6, 0.1
+    inputs = torch.randn(samples, positions, 3, dtype=DTYPE)
+    targets = torch.randint(0, 2, (samples,))
+    precond = KFAC(
+        model, layers=[model.token], factor_decay=0.0, inv_update_interval=1, damping=damping
+    )
+    backward(model, inputs, targets)
+    gradient = torch.cat([model.token.weight.grad, model.token.bias.grad[:, None]], 1)
+    precond.step()
+
+    features = torch.cat([inputs, torch.ones(samples, positions, 1, dtype=DTYPE)], -1)
+    features = features.reshape(-1, 4)
+    outputs = model.token(inputs).detach().requires_grad_()
+    logits = model.head(torch.tanh(outputs).mean(1))
+    (grads,) = torch.autograd.grad(
+        nn.functional.cross_entropy(logits, targets, reduction="sum"), outputs
+    )
+    grads = grads.reshape(-1, 4)
+    input_factor = features.T @ features / (samples * positions)
+    output_factor = grads.T @ grads / samples
+    state = precond.layers[0]
+    torch.testing.assert_close(state.input_factor, input_factor)
+    torch.testing.assert_close(state.output_factor, output_factor)
+    block = torch.kron(output_factor, input_factor) + damping * torch.eye(16, dtype=DTYPE)
+    expected = torch.linalg.solve(block, gradient.reshape(-1)).reshape(4, 4)
+    torch.testing.assert_close(model.token.weight.grad, expected[:, :3])
+    torch.testing.assert_close(model.token.bias.grad, expected[:, 3])
+
+
 def test_gradient_accumulation_equals_one_large_batch() -> None:
     torch.manual_seed(7)
     reference = mlp()
