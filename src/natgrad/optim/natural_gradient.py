@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +18,7 @@ from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.counted import CountedOptimizer
+from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
 
 _KINDS = ("exact", "mc", "empirical")
@@ -105,12 +105,7 @@ class NaturalGradient(CountedOptimizer):
         self.mc_samples = mc_samples
         self.generator = generator
         self.counters = {"steps": 0, "refused_steps": 0, "rejected_steps": 0}
-        self._inputs: Tensor | None = None
-        self._hook = model.register_forward_pre_hook(self._capture_inputs)
-
-    def _capture_inputs(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
-            self._inputs = args[0].detach()
+        self._capture = InputCapture(model)
 
     @torch.no_grad()
     def step(
@@ -139,7 +134,7 @@ class NaturalGradient(CountedOptimizer):
             )
         with torch.enable_grad():
             loss = closure()
-        if self._inputs is None:
+        if self._capture.inputs is None:
             raise RuntimeError(
                 "the closure did not run the model forward: no inputs for the Fisher"
             )
@@ -169,7 +164,7 @@ class NaturalGradient(CountedOptimizer):
         with torch.enable_grad():
             return fisher(
                 self.model,
-                self._inputs,
+                self._capture.inputs,
                 likelihood=self.likelihood,
                 kind=self.kind,
                 structure=self.structure,

@@ -40,6 +40,7 @@ from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import all_reduce_sum_, world_size
 from natgrad.optim.counted import CountedOptimizer
+from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.trust_region import (
     levenberg_marquardt_damping,
@@ -243,12 +244,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         self.process_group = None if preconditioner is None else preconditioner.process_group
         self.counters = {"steps": 0, "refused_steps": 0}
         self.last_step: dict[str, float] = {}
-        self._inputs: Tensor | None = None
-        self._hook = self.module.register_forward_pre_hook(self._capture_inputs)
-
-    def _capture_inputs(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and torch.is_grad_enabled():
-            self._inputs = args[0].detach()
+        self._capture = InputCapture(self.module, only_with_grad=True)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only the model's parameters, as one group (the quadratic model couples them all)."""
@@ -282,10 +278,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         """
         if closure is None:
             raise ValueError("QuadraticModelOptimizer.step needs a closure that returns the loss")
-        self._inputs = None
+        self._capture.inputs = None
         with torch.enable_grad():
             loss = closure()
-        if self._inputs is None:
+        if self._capture.inputs is None:
             raise RuntimeError("the closure did not run the model forward: no inputs to use")
         params = self._params()
         if not torch.isfinite(loss).all():
@@ -343,7 +339,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
     def _fisher_gram(self, directions: Tensor) -> Tensor:
         """``d_iᵀ F d_j`` (float64) for flat directions ``(k, P)``, with ``F`` the exact Fisher
         of the (sub-)batch, from one forward-mode pass per direction."""
-        inputs = self._inputs
+        inputs = self._capture.inputs
         if self.curvature_batch_size is not None:
             inputs = inputs[: self.curvature_batch_size]
         function = ModelFunction(self.module, inputs)
