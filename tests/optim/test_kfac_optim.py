@@ -344,6 +344,42 @@ def test_linear_layer_over_sequences_uses_the_per_position_factors() -> None:
     torch.testing.assert_close(model.token.bias.grad, expected[:, 3])
 
 
+def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
+    """Per-token outputs ``(N, T, C)`` go to ``sample_backward`` flattened to ``(N·T, C)``:
+    ``G`` sums the sampled tokens' ``g gᵀ`` over positions and averages over the N sequences,
+    the scale of the empirical Fisher of ``sum-over-tokens loss / N``."""
+    torch.manual_seed(0)
+    samples, positions, classes = 4, 5, 3
+    model = nn.Sequential(nn.Embedding(7, 6), nn.Tanh(), nn.Linear(6, classes)).to(DTYPE)
+    tokens = torch.randint(0, 7, (samples, positions))
+    precond = KFAC(
+        model,
+        fisher_type="mc",
+        likelihood="categorical",
+        generator=torch.Generator().manual_seed(5),
+        factor_decay=0.0,
+        inv_update_interval=1,
+    )
+    logits = model(tokens).reshape(-1, classes)
+    precond.sample_backward(logits)
+    labels = torch.randint(0, classes, (samples * positions,))
+    (nn.functional.cross_entropy(logits, labels, reduction="sum") / samples).backward()
+    precond.step()
+
+    hidden = model[1](model[0](tokens)).detach()
+    outputs = model[2](hidden).detach().requires_grad_()
+    flat = outputs.reshape(-1, classes)
+    sampled = get_likelihood("categorical").sample(flat.detach(), torch.Generator().manual_seed(5))
+    nll = nn.functional.cross_entropy(flat, sampled, reduction="sum")
+    (grads,) = torch.autograd.grad(nll, outputs)
+    grads = grads.reshape(-1, classes)
+    ones = torch.ones(samples * positions, 1, dtype=DTYPE)
+    features = torch.cat([hidden.reshape(-1, 6), ones], 1)
+    state = precond.layers[1]
+    torch.testing.assert_close(state.output_factor, grads.T @ grads / samples)
+    torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
+
+
 def test_gradient_accumulation_equals_one_large_batch() -> None:
     torch.manual_seed(7)
     reference = mlp()
