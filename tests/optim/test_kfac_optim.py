@@ -207,6 +207,45 @@ def test_state_dict_round_trip_resumes_identically(cls) -> None:
             assert (value is None and other is None) or torch.equal(value, other)
 
 
+def test_mc_state_round_trip_resumes_with_the_same_samples() -> None:
+    """The generator's state is part of the state: a resumed Monte-Carlo K-FAC draws the
+    targets that the uninterrupted run draws."""
+
+    def run(model, precond, optimizer, data) -> None:
+        for inputs, targets in data:
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            precond.sample_backward(outputs)
+            nn.functional.cross_entropy(outputs, targets).backward()
+            precond.step()
+            optimizer.step()
+
+    def build(model):
+        precond = KFAC(
+            model,
+            fisher_type="mc",
+            likelihood="categorical",
+            generator=torch.Generator().manual_seed(0),
+            inv_update_interval=2,
+            damping=0.01,
+        )
+        return precond, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    data = batches(6, seed=4)
+    model = mlp()
+    precond, optimizer = build(model)
+    run(model, precond, optimizer, data[:3])
+    saved = copy.deepcopy((model.state_dict(), precond.state_dict()))
+    run(model, precond, optimizer, data[3:])
+    resumed = mlp()
+    resumed.load_state_dict(saved[0])
+    resumed_precond, resumed_optimizer = build(resumed)
+    resumed_precond.load_state_dict(saved[1])
+    run(resumed, resumed_precond, resumed_optimizer, data[3:])
+    for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
 def test_state_saved_on_the_cpu_resumes_on_cuda(cls) -> None:

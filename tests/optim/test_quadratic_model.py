@@ -403,6 +403,90 @@ def test_state_dict_round_trip_resumes_identically() -> None:
     torch.testing.assert_close(_flat(resumed), _flat(model), rtol=0, atol=0)
 
 
+def _counted_closure(model, optimizer, inputs, labels, precond, calls: list[int]):
+    closure = _closure(model, optimizer, inputs, labels, precond)
+
+    def counted() -> Tensor:
+        calls.append(1)
+        return closure()
+
+    return counted
+
+
+def _full_batch_pair(interval: int):
+    """Twin K-FAC (MC) + quadratic-model optimizers, the second with ``full_batch=True``."""
+    pairs = []
+    for full_batch in (False, True):
+        model = _mlp()
+        precond = KFAC(
+            model,
+            fisher_type="mc",
+            likelihood="categorical",
+            generator=torch.Generator().manual_seed(3),
+            damping=0.1,
+            inv_update_interval=2,
+        )
+        optimizer = QuadraticModelOptimizer(
+            model,
+            "categorical",
+            preconditioner=precond,
+            damping=0.1,
+            damping_adaptation_interval=interval,
+            damping_decay=0.5,
+            full_batch=full_batch,
+        )
+        pairs.append((model, precond, optimizer))
+    return pairs
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_full_batch_takes_the_same_steps_with_one_closure_call_per_step(interval: int) -> None:
+    """On a fixed batch the loss after a step is the next step's closure loss: the same
+    parameters and dampings, one step later, without the extra closure calls."""
+    inputs, labels = _classification()
+    (model, precond, optimizer), (twin, twin_precond, full) = _full_batch_pair(interval)
+    calls: list[int] = []
+    full_calls: list[int] = []
+    closure = _counted_closure(model, optimizer, inputs, labels, precond, calls)
+    full_closure = _counted_closure(twin, full, inputs, labels, twin_precond, full_calls)
+    dampings, full_dampings, updates = [], [], []
+    steps = 7
+    for _ in range(steps):
+        optimizer.step(closure)
+        full.step(full_closure)
+        torch.testing.assert_close(_flat(twin), _flat(model), rtol=0, atol=0)
+        dampings.append(optimizer.damping)
+        full_dampings.append(full.damping)
+        updates.append(full.last_damping_update)
+    adapted = len(range(0, steps, interval))
+    assert len(calls) == steps + adapted and len(full_calls) == steps
+    assert full_dampings[1:] == dampings[:-1]  # each assessment comes with the next step
+    assert len(set(dampings)) > 1, "the damping never changed"
+    assert optimizer.last_damping_update["damping_after"] == dampings[-1]
+    assert updates[-1]["damping_after"] == full_dampings[-1]
+
+
+def test_full_batch_state_round_trip_keeps_the_pending_assessment() -> None:
+    inputs, labels = _classification()
+    (_, _, _), (model, precond, optimizer) = _full_batch_pair(1)
+    for _ in range(2):
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy((precond.state_dict(), optimizer.state_dict()))
+    assert saved[1]["pending_assessment"] is not None
+    (_, _, _), (resumed, resumed_precond, resumed_optimizer) = _full_batch_pair(1)
+    resumed.load_state_dict(saved_model)
+    resumed_precond.load_state_dict(saved[0])
+    resumed_optimizer.load_state_dict(saved[1])
+    for _ in range(2):
+        optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+        resumed_optimizer.step(
+            _closure(resumed, resumed_optimizer, inputs, labels, resumed_precond)
+        )
+    torch.testing.assert_close(_flat(resumed), _flat(model), rtol=0, atol=0)
+    assert resumed_optimizer.damping == optimizer.damping
+
+
 def test_bad_options_raise_naming_the_value() -> None:
     model = _mlp()
     with pytest.raises(ValueError, match="damping must be a positive finite number, got -1"):

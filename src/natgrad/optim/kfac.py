@@ -675,15 +675,18 @@ class KFAC:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Step counter, per-layer factors, eigenbases (factored damping: the factors of the
-        last refresh) and pending sums (cloned tensors), and the current damping unless it is a
+        last refresh) and pending sums (cloned tensors), the current damping unless it is a
         schedule (it changes under ``adaptive_damping`` or when set from outside, e.g. by
-        :class:`~natgrad.optim.QuadraticModelOptimizer`)."""
+        :class:`~natgrad.optim.QuadraticModelOptimizer`), and the state of ``generator`` if one
+        was given (so that ``fisher_type="mc"`` resumes with the same samples)."""
         state = {
             "steps": self.steps,
             "layers": {layer.name: layer.state_dict() for layer in self.layers},
         }
         if not callable(self.damping):
             state["damping"] = self.damping
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -702,6 +705,8 @@ class KFAC:
         self._sync_hooks()
         if "damping" in state_dict and not callable(self.damping):
             self.damping = float(state_dict["damping"])
+        if self.generator is not None and "generator_state" in state_dict:
+            self.generator.set_state(state_dict["generator_state"])
         for state in self.layers:
             state.load_state_dict(saved[state.name])
 

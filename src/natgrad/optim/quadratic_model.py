@@ -154,6 +154,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
     curvature_batch_size : int, optional
         Evaluate ``F``'s products on the first this-many samples of the batch only (cheaper);
         default the whole batch.
+    full_batch : bool, default False
+        Declare that the closure evaluates the same data at every step (full-batch training,
+        without dropout or other randomness). The damping rule then takes the loss after a step
+        from the next step's call of the closure instead of calling the closure once more: one
+        forward and backward pass fewer per adaptation, with the same steps and dampings. The
+        last step's assessment waits for the next :meth:`step`.
 
     Attributes
     ----------
@@ -162,7 +168,11 @@ class QuadraticModelOptimizer(CountedOptimizer):
     last_step : dict of str to float
         Of the last step taken: ``"alpha"`` and ``"mu"`` (as applied, after ``lr`` and
         ``max_kl``), ``"predicted_change"`` ``M(δ)`` and, where the damping was adapted,
-        ``"actual_change"`` and ``"ratio"``.
+        ``"actual_change"`` and ``"ratio"`` (not with ``full_batch``: the assessment comes
+        with the next step).
+    last_damping_update : dict of str to float or None
+        Of the last adaptation of ``λ``: ``"actual"`` and ``"predicted"`` change of the loss,
+        ``"ratio"``, ``"damping_before"`` and ``"damping_after"``.
 
     Notes
     -----
@@ -197,6 +207,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         couple_damping: bool = True,
         momentum: bool = True,
         curvature_batch_size: int | None = None,
+        full_batch: bool = False,
     ) -> None:
         damping = positive_float("damping", damping)
         interval = positive_int("damping_adaptation_interval", damping_adaptation_interval)
@@ -241,6 +252,9 @@ class QuadraticModelOptimizer(CountedOptimizer):
         self.couple_damping = bool(couple_damping)
         self.momentum = bool(momentum)
         self.curvature_batch_size = curvature_batch_size
+        self.full_batch = bool(full_batch)
+        self.last_damping_update: dict[str, float] | None = None
+        self._pending: tuple[float, float] | None = None
         self.process_group = None if preconditioner is None else preconditioner.process_group
         self.counters = {"steps": 0, "refused_steps": 0}
         self.last_step: dict[str, float] = {}
@@ -251,6 +265,20 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if self.param_groups:
             raise ValueError("QuadraticModelOptimizer has exactly one param group: the model's")
         super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state, with the counters and (``full_batch``) the step that awaits
+        its assessment."""
+        state = super().state_dict()
+        state["pending_assessment"] = self._pending
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        state = dict(state_dict)
+        pending = state.pop("pending_assessment", None)
+        super().load_state_dict(state)
+        self._pending = None if pending is None else (float(pending[0]), float(pending[1]))
 
     @property
     def damping(self) -> float:
@@ -283,6 +311,9 @@ class QuadraticModelOptimizer(CountedOptimizer):
             loss = closure()
         if self._capture.inputs is None:
             raise RuntimeError("the closure did not run the model forward: no inputs to use")
+        if self._pending is not None:  # full_batch: this loss is the last step's loss after
+            (loss_before, predicted), self._pending = self._pending, None
+            self._update_damping(loss.new_tensor(loss_before), loss, predicted)
         params = self._params()
         if not torch.isfinite(loss).all():
             return self._refuse(loss, "the loss is not finite")
@@ -317,7 +348,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         due = self.counters["steps"] % self.damping_adaptation_interval == 0
         self.counters["steps"] += 1
         if self.adaptive_damping and due:
-            self._adapt_damping(closure, loss, predicted)
+            if self.full_batch:
+                self._pending = (float(loss), predicted)
+            else:
+                self._adapt_damping(closure, loss, predicted)
         return loss
 
     def _kl_scale(self, fisher: Tensor, coefficients: Tensor) -> float:
@@ -361,15 +395,27 @@ class QuadraticModelOptimizer(CountedOptimizer):
         )
         with torch.enable_grad(), paused:
             new_loss = closure()
-        losses = torch.stack([loss.detach(), new_loss.detach()]).to(torch.float64)
+        self._update_damping(loss, new_loss, predicted)
+        self.last_step.update(
+            actual_change=self.last_damping_update["actual"],
+            ratio=self.last_damping_update["ratio"],
+        )
+
+    def _update_damping(self, loss_before: Tensor, loss_after: Tensor, predicted: float) -> None:
+        """The Levenberg–Marquardt update from the batch losses before and after a step
+        (averaged over the processes) and the change ``M(δ)`` that the model predicted."""
+        losses = torch.stack([loss_before.detach(), loss_after.detach()]).to(torch.float64)
         all_reduce_sum_([losses], self.process_group)
         losses /= world_size(self.process_group)
         actual = float(losses[1] - losses[0])
         damping = levenberg_marquardt_damping(
             self.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
         )
-        self.last_step.update(
-            actual_change=actual,
-            ratio=reduction_ratio(actual, predicted),
-        )
+        self.last_damping_update = {
+            "actual": actual,
+            "predicted": predicted,
+            "ratio": reduction_ratio(actual, predicted),
+            "damping_before": self.damping,
+            "damping_after": damping,
+        }
         self.param_groups[0]["damping"] = damping
