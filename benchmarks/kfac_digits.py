@@ -34,7 +34,9 @@ about as many steps on the autoencoder; 10 is the cheapest), factor EMA 0.8, KL 
 Martens & Grosse's update ``α Δ + μ δ₀`` with ``α`` and ``μ`` chosen every step by the exact
 damped quadratic model (two forward-mode passes on at most ``QM_CURVATURE_BATCH`` samples) and
 Levenberg–Marquardt damping handed to K-FAC at its refreshes: no learning rate or momentum to
-tune. Its grid is the initial damping (0.001, 0.01) × damping mode × trust region (none, or
+tune. At full batch it runs with ``full_batch=True``: the damping rule takes the loss after a
+step from the next step's closure (the same images, reshuffled) instead of re-running it. Its
+grid is the initial damping (0.001, 0.01) × damping mode × trust region (none, or
 ``max_kl = 0.1``): 8 configurations. Without the trust region small initial dampings can
 overshoot on the classifiers (the exact Fisher vanishes where the softmax saturates) and never
 reach the target; those runs count as failed tuning runs.
@@ -313,6 +315,7 @@ def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **override
         damping=config.damping,
         max_kl=config.max_kl,
         curvature_batch_size=QM_CURVATURE_BATCH,
+        full_batch=task.batch_size >= TRAIN_SIZE,
     )
     return optimizer, precond
 
@@ -925,7 +928,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cost-steps", type=int, default=50, help="steps per step-cost timing (default 50)"
     )
     parser.add_argument(
-        "--cost-rounds", type=int, default=5, help="interleaved step-cost rounds (default 5)"
+        "--cost-rounds", type=int, default=9, help="interleaved step-cost rounds (default 9)"
     )
     parser.add_argument(
         "--cost-only", action="store_true", help="only the cost tables (no training runs)"
