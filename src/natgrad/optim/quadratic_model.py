@@ -132,7 +132,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
         overshooting where the Fisher is near zero (e.g. saturated softmax outputs).
     adaptive_damping : bool, default True
         Adapt ``λ`` every ``damping_adaptation_interval`` steps by the Levenberg–Marquardt rule
-        (one extra evaluation of the closure, with the preconditioner's recording paused).
+        (one extra evaluation of the closure, with the preconditioner's recording paused; none
+        with ``full_batch``).
     damping_adaptation_interval : int, default 5
     damping_decay : float in (0, 1), optional
         ``λ ← ω λ`` when the reduction ratio exceeds 3/4, ``λ ← λ / ω`` when it is below 1/4;
