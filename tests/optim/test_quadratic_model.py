@@ -230,7 +230,6 @@ def test_momentum_false_chooses_the_step_size_alone() -> None:
         optimizer.step(_closure(model, optimizer, inputs, labels))
     torch.testing.assert_close(_flat(model), _flat(reference), rtol=1e-10, atol=1e-12)
     assert "mu" not in optimizer.last_step
-    assert all("previous_update" not in optimizer.state[p] for p in model.parameters())
 
 
 # -- damping ------------------------------------------------------------------------------------
@@ -327,7 +326,7 @@ def test_damping_adaptation_does_not_record_kfac_statistics() -> None:
     twin = copy.deepcopy(model)  # before any hook is attached
     precond = KFAC(model, generator=generator, **options)
     optimizer = QuadraticModelOptimizer(
-        model, "categorical", preconditioner=precond, damping_adaptation_interval=1
+        model, "categorical", preconditioner=precond, damping=1.0, damping_adaptation_interval=1
     )
     twin_precond = KFAC(twin, generator=torch.Generator().manual_seed(0), **options)
     twin_optimizer = QuadraticModelOptimizer(
@@ -338,6 +337,7 @@ def test_damping_adaptation_does_not_record_kfac_statistics() -> None:
         optimizer.step(_closure(model, optimizer, inputs, labels, precond))
         twin_optimizer.step(_closure(twin, twin_optimizer, inputs, labels, twin_precond))
         torch.testing.assert_close(_flat(twin), _flat(model), rtol=0, atol=0)
+    assert optimizer.counters["rejected_steps"] == 0
     for ours, theirs in zip(precond.layers, twin_precond.layers, strict=True):
         torch.testing.assert_close(ours.input_factor, theirs.input_factor)
         torch.testing.assert_close(ours.output_factor, theirs.output_factor)
@@ -369,7 +369,7 @@ def test_non_finite_loss_or_gradient_refuses_the_step() -> None:
     with pytest.warns(RuntimeWarning, match="gradient or the preconditioned direction"):
         optimizer.step(nan_gradient)
     torch.testing.assert_close(_flat(model), before, rtol=0, atol=0)
-    assert optimizer.counters == {"steps": 0, "refused_steps": 2}
+    assert optimizer.counters == {"steps": 0, "refused_steps": 2, "rejected_steps": 0}
 
 
 def test_state_dict_round_trip_resumes_identically() -> None:
@@ -487,6 +487,94 @@ def test_full_batch_state_round_trip_keeps_the_pending_assessment() -> None:
     assert resumed_optimizer.damping == optimizer.damping
 
 
+def _overshooting(full_batch: bool):
+    """No preconditioner and ``lr=30``: the first step overshoots and raises the loss;
+    ``reject_steps`` undoes it."""
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(
+        model,
+        "categorical",
+        lr=30.0,
+        damping=0.1,
+        damping_adaptation_interval=5,
+        damping_decay=0.5,
+        full_batch=full_batch,
+        reject_steps=True,
+    )
+    return model, optimizer
+
+
+def test_a_step_that_raises_the_loss_is_undone_and_the_next_one_assessed() -> None:
+    inputs, labels = _classification()
+    model, optimizer = _overshooting(full_batch=False)
+    closure = _closure(model, optimizer, inputs, labels)
+    start = _flat(model)
+    loss = optimizer.step(closure)
+    assert optimizer.last_step["actual_change"] > 0
+    assert optimizer.counters == {"steps": 1, "refused_steps": 0, "rejected_steps": 1}
+    torch.testing.assert_close(_flat(model), start, rtol=0, atol=1e-12)
+    assert optimizer.damping == pytest.approx(0.2)  # λ / ω
+    assert all("previous_update" not in optimizer.state[p] for p in model.parameters())
+    with torch.no_grad():
+        assert float(nn.functional.cross_entropy(model(inputs), labels)) == pytest.approx(
+            float(loss), rel=1e-12
+        )
+    optimizer.step(closure)  # step 1 is not due by the interval (5), but is assessed
+    assert "actual_change" in optimizer.last_step
+
+
+def test_full_batch_undoes_a_bad_step_like_the_re_evaluating_optimizer() -> None:
+    inputs, labels = _classification()
+    (model, optimizer), (twin, full) = _overshooting(False), _overshooting(True)
+    calls: list[int] = []
+    full_calls: list[int] = []
+    closure = _counted_closure(model, optimizer, inputs, labels, None, calls)
+    full_closure = _counted_closure(twin, full, inputs, labels, None, full_calls)
+    for _ in range(6):
+        optimizer.step(closure)
+        full.step(full_closure)
+    assert optimizer.counters["rejected_steps"] >= 1
+    full.step(full_closure)  # assesses the sixth step
+    optimizer.step(closure)
+    assert full.counters == optimizer.counters
+    torch.testing.assert_close(_flat(twin), _flat(model), rtol=0, atol=0)
+    rejected = optimizer.counters["rejected_steps"]
+    assert len(full_calls) == 7 + rejected  # one call per step, and one more per undone step
+    assert len(calls) > len(full_calls)
+
+
+def test_without_reject_steps_a_step_that_raises_the_loss_is_kept() -> None:
+    inputs, labels = _classification()
+    model, optimizer = _overshooting(full_batch=False)
+    optimizer.reject_steps = False
+    start = _flat(model)
+    optimizer.step(_closure(model, optimizer, inputs, labels))
+    assert optimizer.last_step["actual_change"] > 0
+    assert optimizer.counters["rejected_steps"] == 0
+    assert not torch.allclose(_flat(model), start)
+    assert optimizer.damping == pytest.approx(0.2)
+
+
+def test_a_non_finite_loss_after_the_step_refuses_it_and_undoes_it() -> None:
+    inputs, labels = _classification()
+    model = _mlp()
+    optimizer = QuadraticModelOptimizer(model, "categorical", damping=0.1)
+    closure = _closure(model, optimizer, inputs, labels)
+    calls: list[int] = []
+
+    def poisoned() -> Tensor:
+        calls.append(1)
+        loss = closure()
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    start = _flat(model)
+    with pytest.warns(RuntimeWarning, match="not finite; step undone"):
+        optimizer.step(poisoned)
+    assert optimizer.counters == {"steps": 1, "refused_steps": 1, "rejected_steps": 0}
+    torch.testing.assert_close(_flat(model), start, rtol=0, atol=1e-12)
+    assert optimizer.damping > 0.1
+
+
 def test_bad_options_raise_naming_the_value() -> None:
     model = _mlp()
     with pytest.raises(ValueError, match="damping must be a positive finite number, got -1"):
@@ -576,7 +664,7 @@ def test_default_damping_floor_holds_on_an_exact_quadratic_model() -> None:
     targets = torch.randn(20, 1, generator=generator)
     model = nn.Linear(3, 1)
     optimizer = QuadraticModelOptimizer(
-        model, "gaussian", damping=3e-4, damping_decay=0.5, damping_adaptation_interval=1
+        model, "gaussian", damping=3e-3, damping_decay=0.5, damping_adaptation_interval=1
     )
 
     def closure() -> Tensor:
@@ -587,11 +675,11 @@ def test_default_damping_floor_holds_on_an_exact_quadratic_model() -> None:
 
     optimizer.step(closure)
     assert optimizer.last_step["ratio"] > 0.75
-    assert optimizer.damping == 1.5e-4
+    assert optimizer.damping == 1.5e-3
     optimizer.step(closure)
-    assert optimizer.damping == 1e-4  # halved again, but not below the floor
+    assert optimizer.damping == 1e-3  # halved again, but not below the floor
     with pytest.raises(ValueError, match="must satisfy low <= damping"):
-        QuadraticModelOptimizer(model, "gaussian", damping=1e-5)
+        QuadraticModelOptimizer(model, "gaussian", damping=1e-4)
 
 
 def test_one_param_group_only() -> None:
