@@ -26,6 +26,12 @@ def backward(model, inputs, targets) -> None:
     nn.functional.cross_entropy(model(inputs), targets).backward()
 
 
+def mc_kfac(model: nn.Module, seed: int, **options) -> KFAC:
+    """K-FAC with the Monte-Carlo Fisher of a categorical likelihood, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    return KFAC(model, fisher_type="mc", likelihood="categorical", generator=generator, **options)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).to(DTYPE)
 
@@ -178,8 +184,19 @@ def test_huge_damping_with_scaled_lr_reduces_to_the_base_optimizer() -> None:
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
 
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
-def test_state_dict_round_trip_resumes_identically(cls) -> None:
+def test_state_dict_round_trip_resumes_identically(cls, device: str) -> None:
+    """Saved on the CPU, resumed on ``device``: like ``torch.optim``'s, the loaded state moves
+    to the parameters' device (exactly the same run on the CPU)."""
     torch.manual_seed(6)
     data = batches(10, seed=1, shape=(1, 3, 3) if cls is EKFAC else (3,))
     model = convnet() if cls is EKFAC else mlp()
@@ -191,16 +208,22 @@ def test_state_dict_round_trip_resumes_identically(cls) -> None:
     saved_precond = copy.deepcopy(precond.state_dict())
     train(model, precond, optimizer, data[5:])
 
-    resumed = convnet() if cls is EKFAC else mlp()
+    resumed = (convnet() if cls is EKFAC else mlp()).to(device)
     resumed.load_state_dict(saved[0])
     resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
     resumed_optimizer.load_state_dict(saved[1])
     resumed_precond = cls(resumed, **options)
     resumed_precond.load_state_dict(saved_precond)
     assert resumed_precond.steps == 5
-    train(resumed, resumed_precond, resumed_optimizer, data[5:])
+    assert resumed_precond.layers[0].input_factor.device.type == device
+    rest = [(inputs.to(device), targets.to(device)) for inputs, targets in data[5:]]
+    train(resumed, resumed_precond, resumed_optimizer, rest)
+    exact = device == "cpu"
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-6, "atol": 1e-8}
     for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
-        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+        torch.testing.assert_close(actual.cpu(), expected, **tolerance)
+    if not exact:
+        return
     for name, state in precond.state_dict()["layers"].items():
         for key, value in state.items():
             other = resumed_precond.state_dict()["layers"][name][key]
@@ -221,14 +244,7 @@ def test_mc_state_round_trip_resumes_with_the_same_samples() -> None:
             optimizer.step()
 
     def build(model):
-        precond = KFAC(
-            model,
-            fisher_type="mc",
-            likelihood="categorical",
-            generator=torch.Generator().manual_seed(0),
-            inv_update_interval=2,
-            damping=0.01,
-        )
+        precond = mc_kfac(model, seed=0, inv_update_interval=2, damping=0.01)
         return precond, torch.optim.SGD(model.parameters(), lr=0.1)
 
     data = batches(6, seed=4)
@@ -244,34 +260,6 @@ def test_mc_state_round_trip_resumes_with_the_same_samples() -> None:
     run(resumed, resumed_precond, resumed_optimizer, data[3:])
     for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cls", [KFAC, EKFAC])
-def test_state_saved_on_the_cpu_resumes_on_cuda(cls) -> None:
-    """Like ``torch.optim``'s, the loaded state moves to the parameters' device."""
-    torch.manual_seed(6)
-    data = batches(10, seed=1)
-    model = mlp()
-    options = {"factor_decay": 0.8, "inv_update_interval": 3, "damping": 0.01}
-    precond = cls(model, **options)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    train(model, precond, optimizer, data[:5])
-    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
-    saved_precond = copy.deepcopy(precond.state_dict())
-    train(model, precond, optimizer, data[5:])
-
-    resumed = mlp().cuda()
-    resumed.load_state_dict(saved[0])
-    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.05, momentum=0.9)
-    resumed_optimizer.load_state_dict(saved[1])
-    resumed_precond = cls(resumed, **options)
-    resumed_precond.load_state_dict(saved_precond)
-    assert resumed_precond.layers[0].input_factor.is_cuda
-    cuda_data = [(inputs.cuda(), targets.cuda()) for inputs, targets in data[5:]]
-    train(resumed, resumed_precond, resumed_optimizer, cuda_data)
-    for expected, actual in zip(model.parameters(), resumed.parameters(), strict=True):
-        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-6, atol=1e-8)
 
 
 def _train_with_loss_scaling(model, grad_scaler: str | None) -> list[torch.Tensor]:
@@ -391,14 +379,7 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     samples, positions, classes = 4, 5, 3
     model = nn.Sequential(nn.Embedding(7, 6), nn.Tanh(), nn.Linear(6, classes)).to(DTYPE)
     tokens = torch.randint(0, 7, (samples, positions))
-    precond = KFAC(
-        model,
-        fisher_type="mc",
-        likelihood="categorical",
-        generator=torch.Generator().manual_seed(5),
-        factor_decay=0.0,
-        inv_update_interval=1,
-    )
+    precond = mc_kfac(model, seed=5, factor_decay=0.0, inv_update_interval=1)
     logits = model(tokens).reshape(-1, classes)
     precond.sample_backward(logits)
     labels = torch.randint(0, classes, (samples * positions,))
