@@ -12,6 +12,7 @@ from torch import nn
 
 from natgrad.optim import NaturalGradient
 from natgrad.optim.trust_region import (
+    damping_update,
     kl_clip_scale,
     levenberg_marquardt_damping,
     reduction_ratio,
@@ -219,6 +220,19 @@ def test_adaptive_damping_undoes_a_step_that_raises_the_loss() -> None:
     assert float(closure().detach()) == loss_before
     assert opt.counters["rejected_steps"] == 1
     assert opt.param_groups[0]["damping"] == pytest.approx(1.5e-3)
+
+
+def test_damping_update_records_the_levenberg_marquardt_step() -> None:
+    record = damping_update(0.5, -0.9, -1.0, decay=0.5, bounds=(0.3, 10.0))
+    assert record == {
+        "actual": -0.9,
+        "predicted": -1.0,
+        "ratio": 0.9,
+        "damping_before": 0.5,
+        "damping_after": 0.3,  # halved to 0.25, then held at the floor
+    }
+    failed = damping_update(0.5, math.inf, -1.0, decay=0.5, bounds=(0.3, 10.0))
+    assert failed["ratio"] == -math.inf and failed["damping_after"] == 1.0
 
 
 def test_reduction_ratio_and_trust_region_scale_edge_cases() -> None:

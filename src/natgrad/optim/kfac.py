@@ -70,7 +70,7 @@ from natgrad.optim.kfac_layers import (
     LayerState,
     fold_factors,
 )
-from natgrad.optim.trust_region import levenberg_marquardt_damping, reduction_ratio
+from natgrad.optim.trust_region import damping_update
 
 __all__ = ["KFAC"]
 
@@ -503,16 +503,10 @@ class KFAC:
             )
         predicted = linear + 0.5 * quadratic
         actual = float(loss_after) - before
-        self.damping = levenberg_marquardt_damping(
+        self.last_damping_update = damping_update(
             probe.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
         )
-        self.last_damping_update = {
-            "actual": actual,
-            "predicted": predicted,
-            "ratio": reduction_ratio(actual, predicted),
-            "damping_before": probe.damping,
-            "damping_after": self.damping,
-        }
+        self.damping = self.last_damping_update["damping_after"]
         return self.damping
 
     @torch.no_grad()

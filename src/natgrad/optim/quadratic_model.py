@@ -43,11 +43,7 @@ from natgrad.distributed.reduce import all_reduce_sum_, world_size
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.kfac import KFAC
-from natgrad.optim.trust_region import (
-    levenberg_marquardt_damping,
-    reduction_ratio,
-    trust_region_scale,
-)
+from natgrad.optim.trust_region import damping_update, trust_region_scale
 
 __all__ = ["QuadraticModelOptimizer", "minimize_quadratic_model"]
 
@@ -453,14 +449,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         all_reduce_sum_([losses], self.process_group)
         losses /= world_size(self.process_group)
         actual = float(losses[1] - losses[0])
-        damping = levenberg_marquardt_damping(
+        self.last_damping_update = damping_update(
             self.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
         )
-        self.last_damping_update = {
-            "actual": actual,
-            "predicted": predicted,
-            "ratio": reduction_ratio(actual, predicted),
-            "damping_before": self.damping,
-            "damping_after": damping,
-        }
-        self.param_groups[0]["damping"] = damping
+        self.param_groups[0]["damping"] = self.last_damping_update["damping_after"]

@@ -81,3 +81,30 @@ def levenberg_marquardt_damping(
         damping /= decay
     low, high = bounds
     return min(max(damping, low), high)
+
+
+def damping_update(
+    damping: float,
+    actual_change: float,
+    predicted_change: float,
+    *,
+    decay: float,
+    bounds: tuple[float, float],
+) -> dict[str, float]:
+    """:func:`levenberg_marquardt_damping` with the record of the update.
+
+    Returns
+    -------
+    dict of str to float
+        ``"actual"`` and ``"predicted"`` change, ``"ratio"`` (:func:`reduction_ratio`),
+        ``"damping_before"`` and ``"damping_after"`` (the new damping).
+    """
+    return {
+        "actual": actual_change,
+        "predicted": predicted_change,
+        "ratio": reduction_ratio(actual_change, predicted_change),
+        "damping_before": damping,
+        "damping_after": levenberg_marquardt_damping(
+            damping, actual_change, predicted_change, decay=decay, bounds=bounds
+        ),
+    }
