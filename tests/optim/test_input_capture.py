@@ -75,3 +75,33 @@ def test_a_deep_copy_of_the_model_neither_records_nor_copies_the_optimizer(build
     net(inputs)
     copied(torch.randn(9, 3))
     assert same(optimizer._capture.inputs, inputs)
+
+
+@pytest.mark.parametrize("build", [_natural_gradient, _quadratic_model])
+def test_a_closure_that_skips_the_model_is_refused_after_a_regular_step(build) -> None:
+    """The previous step's inputs must not stand in for a batch the closure never ran."""
+    net = model()
+    optimizer = build(net)
+    inputs, labels = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(net(inputs), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(RuntimeError, match="did not run the model"):
+        optimizer.step(lambda: torch.tensor(1.0))
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+
+
+def test_run_returns_the_closure_loss_with_gradients_enabled() -> None:
+    net = model()
+    capture = InputCapture(net, only_with_grad=True)
+    inputs = torch.randn(4, 3)
+    with torch.no_grad():
+        loss = capture.run(lambda: net(inputs).sum())
+    assert loss.requires_grad
+    assert same(capture.inputs, inputs)

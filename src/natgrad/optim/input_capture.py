@@ -3,6 +3,7 @@ the user's closure (exact Fisher products need the batch the closure used)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,25 @@ class InputCapture:
             self.inputs = args[0].detach()
 
         self._handle = module.register_forward_pre_hook(capture)
+
+    def run(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Run ``closure`` with gradients enabled and return its loss; it must run the model.
+
+        The inputs are cleared first, so a closure that skips the model raises instead of
+        leaving an earlier batch's inputs in place.
+
+        Raises
+        ------
+        RuntimeError
+            If ``closure`` did not run a forward pass of the module (with gradients, when
+            ``only_with_grad``).
+        """
+        self.inputs = None
+        with torch.enable_grad():
+            loss = closure()
+        if self.inputs is None:
+            raise RuntimeError("the closure did not run the model forward: no inputs captured")
+        return loss
 
     def remove(self) -> None:
         """Detach the hook from the module."""

@@ -132,12 +132,7 @@ class NaturalGradient(CountedOptimizer):
             raise ValueError(
                 "kind='empirical' needs the observed targets: step(closure, targets=...)"
             )
-        with torch.enable_grad():
-            loss = closure()
-        if self._capture.inputs is None:
-            raise RuntimeError(
-                "the closure did not run the model forward: no inputs for the Fisher"
-            )
+        loss = self._capture.run(closure)
         params = self._params()
         gradient = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]

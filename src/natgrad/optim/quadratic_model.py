@@ -323,11 +323,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         """
         if closure is None:
             raise ValueError("QuadraticModelOptimizer.step needs a closure that returns the loss")
-        self._capture.inputs = None
-        with torch.enable_grad():
-            loss = closure()
-        if self._capture.inputs is None:
-            raise RuntimeError("the closure did not run the model forward: no inputs to use")
+        loss = self._capture.run(closure)
         if self._pending is not None:  # full_batch: this loss is the last step's loss after
             loss = self._assess_pending(closure, loss)
         params = self._params()
