@@ -86,12 +86,19 @@ rounding). Where the conventions differ:
 Also measured: the time to build K-FAC factors on one batch with natgrad, curvlinops, BackPACK
 (MC, one sample; it refuses non-binary targets on the autoencoder) and ASDL.
 
+Batch size (``--batch-sizes``, off by default): every method of the mini-batch tasks is tuned
+over the listed batch sizes as well, the same grid at each, within the same epoch budget, with
+evaluations after as many samples as at the task's own batch size. Within one batch size the
+fewest steps win as above; across batch sizes, where steps differ in cost, the least tuning time.
+The step costs are then measured at every listed batch size.
+
 Run ``python benchmarks/kfac_digits.py`` (12 minutes with 1 torch thread and another job on
-the second core); ``--quick`` for a smoke run (2 epochs, one configuration per method, under a
-minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train the winners
-once more with training seeds 1 … N (e.g. ``--tasks autoencoder_long --check-seeds 4``). Writes
-``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``; with a
-subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``).
+the second core); ``--quick`` for a smoke run (2 epochs, one configuration per method and batch
+size, under a minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train
+the winners once more with training seeds 1 … N (e.g. ``--tasks autoencoder_long --check-seeds
+4``). Writes ``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or
+``--cost-only``; with a subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``; with
+``--batch-sizes 64 256``, ``..._batch64-256.{json,png}``).
 """
 
 from __future__ import annotations
@@ -107,7 +114,7 @@ import statistics
 import time
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from matplotlib.figure import Figure
@@ -217,7 +224,8 @@ PRECONDITIONER_OPTIONS = {
 @dataclass(frozen=True)
 class TrainConfig:
     """One point of a tuning grid: the learning rate, the momentum (SGD's momentum, Adam's
-    ``beta1``), Adam's ``beta2`` and, for K-FAC/EKFAC, the damping and (K-FAC) its mode."""
+    ``beta1``), Adam's ``beta2`` and, for K-FAC/EKFAC, the damping and (K-FAC) its mode; the
+    batch size where ``--batch-sizes`` tunes it (``None``: the task's)."""
 
     method: str
     lr: float
@@ -226,12 +234,14 @@ class TrainConfig:
     damping: float | None = None
     damping_mode: str | None = None
     max_kl: float | None = None
+    batch_size: int | None = None
 
     def label(self) -> str:
+        batch = "" if self.batch_size is None else f"batch={self.batch_size}, "
         if self.method == "kfac_qm":
             bound = "" if self.max_kl is None else f", max_kl={self.max_kl:g}"
-            return f"damping={self.damping:g} ({self.damping_mode}){bound}, adaptive"
-        text = f"lr={self.lr:g}, momentum={self.momentum:g}"
+            return f"{batch}damping={self.damping:g} ({self.damping_mode}){bound}, adaptive"
+        text = f"{batch}lr={self.lr:g}, momentum={self.momentum:g}"
         if self.beta2 is not None:
             text += f", beta2={self.beta2:g}"
         if self.damping is not None:
@@ -277,10 +287,12 @@ QM_CURVATURE_BATCH = 256
 samples of the batch (all of a batch of 64; a sixth of the full batch)."""
 
 
-def grid(method: str) -> list[TrainConfig]:
-    """The tuning grid of ``method``: 3 learning rates × 3 settings of its other options."""
+def grid(method: str, batch_sizes: list[int | None] | None = None) -> list[TrainConfig]:
+    """The tuning grid of ``method``: 3 learning rates × 3 settings of its other options (× the
+    ``batch_sizes``; default the task's own)."""
     return [
-        TrainConfig(method, lr, **options)
+        TrainConfig(method, lr, **options, batch_size=batch_size)
+        for batch_size in batch_sizes or [None]
         for options in SECOND_GRIDS[method]
         for lr in LR_GRIDS[method]
     ]
@@ -315,7 +327,7 @@ def make_optimizer(task: Task, config: TrainConfig, model: nn.Module, **override
         damping=config.damping,
         max_kl=config.max_kl,
         curvature_batch_size=QM_CURVATURE_BATCH,
-        full_batch=task.batch_size >= TRAIN_SIZE,
+        full_batch=(config.batch_size or task.batch_size) >= TRAIN_SIZE,
     )
     return optimizer, precond
 
@@ -398,7 +410,10 @@ def train_run(
     stop_at_target: bool = False,
 ) -> dict:
     """Train for ``epochs`` epochs (or until the target, with ``stop_at_target``), evaluating
-    every ``eval_every`` steps; only the training steps are timed."""
+    every ``eval_every`` steps of the task's batch size (as many samples between evaluations at
+    the configuration's batch size); only the training steps are timed."""
+    batch_size = config.batch_size or task.batch_size
+    eval_every = max(1, round(eval_every * task.batch_size / batch_size))
     torch.manual_seed(seed)
     model = task.build()
     optimizer, precond = make_optimizer(task, config, model)
@@ -409,8 +424,8 @@ def train_run(
     diverged = False
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator)
-        for begin in range(0, len(order), task.batch_size):
-            index = order[begin : begin + task.batch_size]
+        for begin in range(0, len(order), batch_size):
+            index = order[begin : begin + batch_size]
             inputs = inputs_of(task, train_x[index])
             targets = train_x[index] if task.reconstruct else train_y[index]
             start = time.perf_counter()
@@ -441,6 +456,7 @@ def train_run(
         "damping": config.damping,
         "damping_mode": config.damping_mode,
         "max_kl": config.max_kl,
+        "batch_size": config.batch_size,
         "final": values[-1],
         "best": max(values) if task.metric == "test_accuracy" else min(values),
         "time_to_target_s": time_to_target,
@@ -453,16 +469,29 @@ def train_run(
 
 
 def pick_best(task: Task, runs: list[dict]) -> dict:
-    """Fewest steps to the target (then least time); otherwise the best metric. Within one
-    method the configurations cost about the same per step (K-FAC's factored damping is cheaper
-    than its eigenbasis damping, which the tie-break by time favours), so fewest steps is least
-    time without the timing noise of a shared machine."""
+    """Fewest steps to the target (then least time) at each batch size, and of those the
+    fastest; otherwise the best metric. At one batch size the configurations of a method cost
+    about the same per step (K-FAC's factored damping is cheaper than its eigenbasis damping,
+    which the tie-break by time favours), so fewest steps is least time without the timing
+    noise of a shared machine; steps at different batch sizes differ in cost, so there the
+    time decides."""
     hit = [run for run in runs if run["steps_to_target"] is not None]
     if hit:
-        return min(hit, key=lambda run: (run["steps_to_target"], run["time_to_target_s"]))
+        per_batch = {}
+        for run in sorted(hit, key=lambda run: (run["steps_to_target"], run["time_to_target_s"])):
+            per_batch.setdefault(run["batch_size"], run)
+        return min(per_batch.values(), key=lambda run: run["time_to_target_s"])
     sign = -1.0 if task.metric == "test_accuracy" else 1.0
     finite = [run for run in runs if math.isfinite(run["best"])] or runs
     return min(finite, key=lambda run: sign * run["best"])
+
+
+def batch_sizes(task: Task, args: argparse.Namespace) -> list[int | None]:
+    """The batch sizes to tune over: ``--batch-sizes`` for a mini-batch task, else the task's
+    own (``None``)."""
+    if not args.batch_sizes or task.batch_size >= TRAIN_SIZE:
+        return [None]
+    return list(args.batch_sizes)
 
 
 def eval_every(task: Task, args: argparse.Namespace) -> int:
@@ -471,12 +500,16 @@ def eval_every(task: Task, args: argparse.Namespace) -> int:
 
 
 def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[dict]:
-    """Every method over its grid (one configuration with ``--quick``), each run stopped at
-    the target; the runs without their curves."""
+    """Every method over its grid at every batch size (one configuration per batch size with
+    ``--quick``), each run stopped at the target; the runs without their curves."""
     epochs = 2 if args.quick else task.epochs
     runs = []
     for method in LR_GRIDS:
-        configs = grid(method)[4:5] if args.quick else grid(method)
+        configs = [
+            config
+            for batch_size in batch_sizes(task, args)
+            for config in grid(method, [batch_size])[slice(4, 5) if args.quick else slice(None)]
+        ]
         for config in configs:
             run = train_run(
                 task, config, data, args.seed, epochs, eval_every(task, args), stop_at_target=True
@@ -487,7 +520,7 @@ def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[
 
 def config_of(run: dict) -> TrainConfig:
     """The configuration a :func:`train_run` result was trained with."""
-    keys = ("method", "lr", "momentum", "beta2", "damping", "damping_mode", "max_kl")
+    keys = ("method", "lr", "momentum", "beta2", "damping", "damping_mode", "max_kl", "batch_size")
     return TrainConfig(*(run[key] for key in keys))
 
 
@@ -711,6 +744,7 @@ def step_costs(task: Task, data: dict[str, Tensor], steps: int, rounds: int) -> 
     return [
         {
             "task": task.name,
+            "batch_size": task.batch_size,
             "library": config.library,
             "method": config.method,
             "fisher_type": config.fisher_type or "",
@@ -934,12 +968,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cost-only", action="store_true", help="only the cost tables (no training runs)"
     )
     parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        help="tune every method of the mini-batch tasks over these batch sizes as well "
+        "(default: the task's own only) and measure the step costs at each",
+    )
+    parser.add_argument(
         "--check-seeds",
         type=int,
         default=0,
         help="train the winners once more with seeds 1..N (default 0: no check)",
     )
     args = parser.parse_args(argv)
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     if args.quick:
         args.repeats, args.cost_steps, args.cost_rounds = 1, 10, 1
     return args
@@ -979,6 +1022,7 @@ def print_tables(tasks: list[Task], results: dict) -> None:
         results["step_cost"],
         [
             "task",
+            "batch_size",
             "library",
             "method",
             "fisher_type",
@@ -1023,11 +1067,13 @@ def main(argv: list[str] | None = None) -> dict:
             results["other_seeds"].extend(other_seeds(task, best, data, args))
         if not task.step_cost:
             continue
-        large = task.batch_size > LARGE_BATCH
-        steps, rounds = (
-            (20, min(3, args.cost_rounds)) if large else (args.cost_steps, args.cost_rounds)
-        )
-        results["step_cost"].extend(step_costs(task, data, steps, rounds))
+        for batch_size in batch_sizes(task, args):
+            variant = replace(task, batch_size=batch_size or task.batch_size)
+            large = variant.batch_size > LARGE_BATCH
+            steps, rounds = (
+                (20, min(3, args.cost_rounds)) if large else (args.cost_steps, args.cost_rounds)
+            )
+            results["step_cost"].extend(step_costs(variant, data, steps, rounds))
         results["factor_cost"].extend(factor_cost(task, data, 3 if args.quick or large else 20))
     print_tables(tasks, results)
     payload = {
@@ -1036,6 +1082,7 @@ def main(argv: list[str] | None = None) -> dict:
             quick=args.quick,
             eval_every=args.eval_every,
             repeats=args.repeats,
+            batch_sizes=args.batch_sizes,
             preconditioner=PRECONDITIONER_OPTIONS,
             lr_grids=LR_GRIDS,
             second_grids=SECOND_GRIDS,
@@ -1046,6 +1093,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if not (args.quick or args.cost_only):
         name = NAME if len(tasks) == len(TASKS) else "_".join([NAME, *args.tasks])
+        if args.batch_sizes:
+            name += "_batch" + "-".join(str(size) for size in args.batch_sizes)
         save_json(name, payload)
         save_figure(plot(results["best"], tasks), name)
     return payload
