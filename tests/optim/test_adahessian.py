@@ -16,7 +16,12 @@ from torch.func import functional_call, hessian
 from natgrad.optim import AdaHessian
 from natgrad.optim.adahessian import hutchinson_diagonal, rademacher_like, spatial_average
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
+    # AdaHessian's documented contract: the closure calls ``backward(create_graph=True)``, about
+    # which torch warns (a parameter-gradient reference cycle, broken by ``zero_grad()``)
+    pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning"),
+]
 
 
 def _mlp_problem(seed: int = 0):
