@@ -131,10 +131,21 @@ def _supported(module: nn.Module) -> bool:
     return not (isinstance(module, nn.Conv2d) and module.groups != 1)
 
 
+def _weight_used_directly(model: nn.Module) -> set[int]:
+    """Ids of the layers whose parent uses their weight without calling their ``forward()``,
+    so that no hook sees their inputs: ``nn.MultiheadAttention.out_proj``."""
+    return {
+        id(module.out_proj)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def _select_modules(
     model: nn.Module, layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
-    named = list(model.named_modules())
+    bypassed = _weight_used_directly(model)
+    named = [(name, module) for name, module in model.named_modules() if id(module) not in bypassed]
     if layers is None:
         return [(name, module) for name, module in named if _supported(module)]
     chosen = list(layers)
@@ -150,6 +161,11 @@ def _select_modules(
     names = {id(module): name for name, module in named}
     selected = []
     for module in chosen:
+        if id(module) in bypassed:
+            raise ValueError(
+                "an nn.MultiheadAttention's out_proj cannot be preconditioned: the attention "
+                "uses its weight without calling its forward(), so no statistics reach K-FAC"
+            )
         if id(module) not in names:
             raise ValueError(f"layer {module!r} is not a submodule of the model")
         if not _supported(module):
@@ -208,7 +224,11 @@ class KFAC:
         param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding with a
-        trainable weight. All other parameters keep their gradients.
+        trainable weight, except the ``out_proj`` of an ``nn.MultiheadAttention`` (which uses
+        its weight without calling it, so no statistics could be recorded; choosing it raises).
+        All other parameters keep their gradients. A chosen layer that records nothing on a
+        recording step although its weight has a gradient (eval mode, a weight used without
+        its layer) is named in a ``RuntimeWarning``, once.
     accumulation_steps : int, default 1
         Number of backward passes per :meth:`step` (gradient accumulation); statistics of all
         of them are combined.
@@ -317,6 +337,7 @@ class KFAC:
             )
         self.grad_scaler = grad_scaler
         self._loss_scale: float | None = None
+        self._warned_silent: set[str] = set()
         self.steps = 0
         self._sampling = False
         self._paused = False
@@ -512,8 +533,15 @@ class KFAC:
     @torch.no_grad()
     def step(self) -> None:
         """Update factors/eigenbases (or damped inverses) as scheduled, then precondition the
-        gradients in place."""
-        self._layer_outputs, self._output_handles = [], []
+        gradients in place.
+
+        Raises
+        ------
+        RuntimeError
+            With ``fisher_type="mc"``, if this step's forward pass was not followed by
+            :meth:`sample_backward` (its statistics are discarded).
+        """
+        self._check_sampled()
         self._damping_probe = None
         self._loss_scale = None
         if self.steps % self.factor_update_interval == 0:
@@ -538,6 +566,46 @@ class KFAC:
         self.steps += 1
         self._sync_hooks()
 
+    def _check_sampled(self) -> None:
+        """Refuse a Monte-Carlo step whose recorded layer outputs were never sampled from:
+        without :meth:`sample_backward` no output gradient is recorded and K-FAC would silently
+        leave every gradient as it is."""
+        outputs, handles = self._layer_outputs, self._output_handles
+        self._layer_outputs, self._output_handles = [], []
+        if not outputs:
+            return
+        for handle in handles:
+            handle.remove()
+        for state in self.layers:
+            state.reset_sums()
+        raise RuntimeError(
+            "fisher_type='mc' records its statistics in precond.sample_backward(outputs), which "
+            "was not called after this step's forward pass: call it after the forward pass and "
+            "before loss.backward()"
+        )
+
+    def _warn_silent_layers(self, silent: list[LayerState]) -> None:
+        """Warn (once per layer) about layers that recorded nothing on a recording step although
+        their weight has a gradient: their gradients are passed through, which the user should
+        know."""
+        names = []
+        for state in silent:
+            grad = state.module.weight.grad
+            if state.name in self._warned_silent or grad is None or not bool(grad.any()):
+                continue
+            self._warned_silent.add(state.name)
+            names.append(state.name)
+        if names:
+            warnings.warn(
+                f"KFAC: layers {names} recorded no statistics on step {self.steps} although "
+                "their weights have gradients, so their gradients are left as they are. Either a "
+                "parent module uses their weights without calling their forward(), or they ran "
+                "in eval mode (statistics are recorded in training mode only) or while recording "
+                "was paused; call model.train(), or leave them out with layers=...",
+                RuntimeWarning,
+                stacklevel=5,  # the caller of step() (through torch.no_grad's wrapper)
+            )
+
     def _update_factors(self) -> None:
         if is_distributed(self.process_group):
             statistics = [state.statistics() for state in self.layers]
@@ -547,6 +615,10 @@ class KFAC:
             for state, group in zip(self.layers, statistics, strict=True):
                 state.set_statistics(group)
         pending = [state for state in self.layers if state.has_pending()]
+        silent = [state for state in self.layers if not state.has_pending()]
+        for state in silent:  # inputs without output gradients: this step's only
+            state.reset_sums()
+        self._warn_silent_layers(silent)
         sums = [tensor for state in pending for tensor in (state.input_sum, state.output_sum)]
         if sums and not bool(torch.stack(torch._foreach_norm(sums)).isfinite().all()):
             if self.grad_scaler is None:  # with one, an overflow is routine: the scaler backs off
@@ -554,7 +626,7 @@ class KFAC:
                     "KFAC skipped a factor update: the recorded statistics are not finite (a "
                     "diverging loss or non-finite inputs); the factors are kept as they were",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of step() (through torch.no_grad's wrapper)
                 )
             for state in pending:
                 state.reset_sums()

@@ -1,0 +1,154 @@
+"""K-FAC tells the user when a layer cannot be, or was not, preconditioned, instead of silently
+leaving gradients as they are."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from natgrad.optim import KFAC
+
+
+def classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+
+def backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    model.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+
+
+def mc_step(model: nn.Module, precond: KFAC, inputs, targets, sample: bool = True) -> None:
+    model.zero_grad()
+    outputs = model(inputs)
+    if sample:
+        precond.sample_backward(outputs)
+    nn.functional.cross_entropy(outputs, targets).backward()
+    precond.step()
+
+
+def test_attention_out_projection_is_left_out_and_cannot_be_chosen() -> None:
+    """``nn.MultiheadAttention`` multiplies by ``out_proj.weight`` without calling
+    ``out_proj``, so no hook would ever see its inputs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    precond = KFAC(layer, damping=0.1, inv_update_interval=1)
+    assert [state.name for state in precond.layers] == ["linear1", "linear2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(4, 5, 8)).square().mean().backward()
+        precond.step()
+    assert all(state.input_factor is not None for state in precond.layers)
+    with pytest.raises(ValueError, match="out_proj"):
+        KFAC(layer, layers=[layer.self_attn.out_proj])
+    assert [state.name for state in KFAC(layer, layers=[nn.Linear]).layers] == [
+        "linear1",
+        "linear2",
+    ]
+
+
+def test_a_monte_carlo_step_without_sampling_is_refused_and_leaves_no_trace() -> None:
+    """Without ``sample_backward`` no output gradient is recorded: the step raises, and the
+    inputs it recorded do not leak into the next step's factors."""
+    inputs, targets = batch()
+    model, twin = classifier(), classifier()
+    options = {"fisher_type": "mc", "likelihood": "categorical", "damping": 0.1}
+    precond = KFAC(model, generator=torch.Generator().manual_seed(5), **options)
+    reference = KFAC(twin, generator=torch.Generator().manual_seed(5), **options)
+    with pytest.raises(RuntimeError, match="sample_backward"):
+        mc_step(model, precond, *batch(1), sample=False)
+    assert precond.steps == 0
+    mc_step(model, precond, inputs, targets)
+    mc_step(twin, reference, inputs, targets)
+    for ours, theirs in zip(precond.layers, reference.layers, strict=True):
+        torch.testing.assert_close(ours.input_factor, theirs.input_factor, rtol=0, atol=0)
+        torch.testing.assert_close(ours.output_factor, theirs.output_factor, rtol=0, atol=0)
+    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+def test_layers_that_record_nothing_are_named_once() -> None:
+    model = classifier()
+    precond = KFAC(model, damping=0.1)
+    model.eval()
+    backward(model, *batch())
+    with pytest.warns(RuntimeWarning, match=r"layers \['0', '2'\] recorded no statistics"):
+        precond.step()
+    expected = [p.grad.clone() for p in model.parameters()]
+    backward(model, *batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond.step()  # warned already
+    for param, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)  # passed through
+    model.train()
+    backward(model, *batch())
+    precond.step()
+    assert all(state.input_factor is not None for state in precond.layers)
+
+
+class TiedHead(nn.Module):
+    """A decoder that multiplies by its encoder's weight, never calling the encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(3, 5, bias=False)
+        self.hidden = nn.Linear(3, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.hidden(inputs)) @ self.encoder.weight.T
+
+
+def test_a_weight_used_without_its_layer_is_named() -> None:
+    torch.manual_seed(0)
+    model = TiedHead()
+    precond = KFAC(model, damping=0.1)
+    targets = torch.randint(0, 5, (8,))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(batch()[0]), targets).backward()
+    with pytest.warns(RuntimeWarning, match=r"\['encoder'\].*without calling their forward"):
+        precond.step()
+    assert precond.layers[1].input_factor is not None
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3, 4)
+        self.first = nn.Linear(4, 3)
+        self.second = nn.Linear(4, 3)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.tanh(self.body(inputs))
+        return self.first(features), self.second(features)
+
+
+def test_inputs_without_output_gradients_do_not_carry_over() -> None:
+    """A head that ran but did not enter the loss records inputs and no output gradient; its
+    factor at the next step must hold that step's inputs only."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    precond = KFAC(model, damping=0.1, factor_decay=0.0)
+    (first_inputs, targets), (second_inputs, _) = batch(0), batch(1)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(first_inputs)[0], targets).backward()
+    precond.step()
+    assert precond.layers[2].input_factor is None
+    model.zero_grad()
+    first, second = model(second_inputs)
+    (
+        nn.functional.cross_entropy(first, targets) + nn.functional.cross_entropy(second, targets)
+    ).backward()
+    precond.step()
+    with torch.no_grad():
+        features = torch.tanh(model.body(second_inputs))
+    homogeneous = torch.cat([features, torch.ones(len(features), 1)], dim=1)
+    expected = homogeneous.T @ homogeneous / len(features)
+    torch.testing.assert_close(precond.layers[2].input_factor, expected)
