@@ -152,3 +152,39 @@ def test_inputs_without_output_gradients_do_not_carry_over() -> None:
     homogeneous = torch.cat([features, torch.ones(len(features), 1)], dim=1)
     expected = homogeneous.T @ homogeneous / len(features)
     torch.testing.assert_close(precond.layers[2].input_factor, expected)
+
+
+class TiedLanguageModel(nn.Module):
+    """Input embedding and output layer share one weight (tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 6)
+        self.hidden = nn.Linear(6, 6)
+        self.output = nn.Linear(6, 10, bias=False)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.tanh(self.hidden(self.embedding(tokens))))
+
+
+def test_layers_with_a_shared_weight_are_left_out_or_refused() -> None:
+    torch.manual_seed(0)
+    model = TiedLanguageModel()
+    tokens = torch.randint(0, 10, (8, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match=r"leaves out the layers \['embedding', 'output'\]"):
+        precond = KFAC(model, damping=0.1)
+    assert [state.name for state in precond.layers] == ["hidden"]
+    model.zero_grad()
+    logits = model(tokens)
+    nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    shared = model.embedding.weight.grad.clone()
+    precond.step()
+    torch.testing.assert_close(model.embedding.weight.grad, shared, rtol=0, atol=0)
+    precond.remove()
+    with pytest.raises(ValueError, match="share one weight"):
+        KFAC(model, layers=[model.embedding, model.output])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = KFAC(model, layers=[model.output, model.hidden])
+    assert [state.name for state in one.layers] == ["output", "hidden"]

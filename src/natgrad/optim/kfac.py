@@ -141,23 +141,54 @@ def _weight_used_directly(model: nn.Module) -> set[int]:
     }
 
 
+def _without_shared_weights(
+    selected: list[tuple[str, nn.Module]], explicit: bool
+) -> list[tuple[str, nn.Module]]:
+    """``selected`` without the layers that share their weight with another selected layer
+    (tied embeddings): the shared gradient sums both uses, which no Kronecker block of one
+    layer describes, and each layer would overwrite the other's preconditioned gradient. Left
+    out with a warning, or refused if the layers were chosen one by one."""
+    owners: dict[int, list[str]] = {}
+    for name, module in selected:
+        owners.setdefault(id(module.weight), []).append(name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if not tied:
+        return selected
+    if explicit:
+        raise ValueError(
+            f"layers {tied[0]} share one weight; precondition it through one of them at most"
+        )
+    warnings.warn(
+        f"KFAC leaves out the layers {[name for names in tied for name in names]}: they share "
+        "a weight (tied weights), whose gradient sums both uses, which a layer's Kronecker "
+        "block does not describe. Pass layers=[...] with one of them to precondition the "
+        "weight as that layer's",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of KFAC(...)
+    )
+    left_out = {name for names in tied for name in names}
+    return [(name, module) for name, module in selected if name not in left_out]
+
+
 def _select_modules(
     model: nn.Module, layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
     bypassed = _weight_used_directly(model)
     named = [(name, module) for name, module in model.named_modules() if id(module) not in bypassed]
     if layers is None:
-        return [(name, module) for name, module in named if _supported(module)]
+        selected = [(name, module) for name, module in named if _supported(module)]
+        return _without_shared_weights(selected, explicit=False)
     chosen = list(layers)
     if all(isinstance(item, type) for item in chosen):
         unknown = [item.__name__ for item in chosen if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
             raise ValueError(f"unsupported layer types {unknown}; use Linear, Conv2d, Embedding")
-        return [
+        selected = [
             (name, module)
             for name, module in named
             if isinstance(module, tuple(chosen)) and _supported(module)
         ]
+        return _without_shared_weights(selected, explicit=False)
     names = {id(module): name for name, module in named}
     selected = []
     for module in chosen:
@@ -174,7 +205,7 @@ def _select_modules(
                 "expected Linear, Conv2d (groups=1) or Embedding with a trainable weight"
             )
         selected.append((names[id(module)], module))
-    return selected
+    return _without_shared_weights(selected, explicit=True)
 
 
 class KFAC:
@@ -225,7 +256,9 @@ class KFAC:
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding with a
         trainable weight, except the ``out_proj`` of an ``nn.MultiheadAttention`` (which uses
-        its weight without calling it, so no statistics could be recorded; choosing it raises).
+        its weight without calling it, so no statistics could be recorded; choosing it raises)
+        and layers that share their weight with another (tied embeddings: left out with a
+        warning; choosing several of them raises).
         All other parameters keep their gradients. A chosen layer that records nothing on a
         recording step although its weight has a gradient (eval mode, a weight used without
         its layer) is named in a ``RuntimeWarning``, once.
