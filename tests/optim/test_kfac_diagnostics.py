@@ -188,3 +188,19 @@ def test_layers_with_a_shared_weight_are_left_out_or_refused() -> None:
         warnings.simplefilter("error")
         one = KFAC(model, layers=[model.output, model.hidden])
     assert [state.name for state in one.layers] == ["output", "hidden"]
+
+
+def test_sparse_embeddings_pass_through_and_cannot_be_chosen() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    precond = KFAC(model, damping=0.1)
+    assert [state.name for state in precond.layers] == ["2"]
+    tokens = torch.randint(0, 10, (8, 3), generator=torch.Generator().manual_seed(1))
+    model.zero_grad()
+    nn.functional.cross_entropy(model(tokens), torch.arange(8) % 3).backward()
+    sparse = model[0].weight.grad.clone()
+    precond.step()
+    assert model[0].weight.grad.is_sparse
+    torch.testing.assert_close(model[0].weight.grad.to_dense(), sparse.to_dense(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"'0' \(Embedding\).*dense gradients"):
+        KFAC(model, layers=[model[0]])

@@ -128,6 +128,8 @@ class _DampingProbe:
 def _supported(module: nn.Module) -> bool:
     if not isinstance(module, DEFAULT_LAYER_TYPES) or not module.weight.requires_grad:
         return False
+    if isinstance(module, nn.Embedding):
+        return not module.sparse
     return not (isinstance(module, nn.Conv2d) and module.groups != 1)
 
 
@@ -202,7 +204,8 @@ def _select_modules(
         if not _supported(module):
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
-                "expected Linear, Conv2d (groups=1) or Embedding with a trainable weight"
+                "expected Linear, Conv2d (groups=1) or Embedding (dense gradients) with a "
+                "trainable weight"
             )
         selected.append((names[id(module)], module))
     return _without_shared_weights(selected, explicit=True)
@@ -254,14 +257,14 @@ class KFAC:
         its current learning rate is read at every step, so LR schedulers are followed (its
         param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
-        Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding with a
-        trainable weight, except the ``out_proj`` of an ``nn.MultiheadAttention`` (which uses
-        its weight without calling it, so no statistics could be recorded; choosing it raises)
-        and layers that share their weight with another (tied embeddings: left out with a
-        warning; choosing several of them raises).
-        All other parameters keep their gradients. A chosen layer that records nothing on a
-        recording step although its weight has a gradient (eval mode, a weight used without
-        its layer) is named in a ``RuntimeWarning``, once.
+        Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding (not
+        ``sparse``) with a trainable weight, except the ``out_proj`` of an
+        ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
+        could be recorded; choosing it raises) and layers that share their weight with another
+        (tied embeddings: left out with a warning; choosing several of them raises). All other
+        parameters keep their gradients. A chosen layer that records nothing on a recording
+        step although its weight has a gradient (eval mode, a weight used without its layer)
+        is named in a ``RuntimeWarning``, once.
     accumulation_steps : int, default 1
         Number of backward passes per :meth:`step` (gradient accumulation); statistics of all
         of them are combined.

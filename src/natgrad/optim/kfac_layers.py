@@ -634,8 +634,6 @@ class EmbeddingState(LayerState):
     """
 
     def __init__(self, name: str, module: nn.Embedding, keep_pairs: bool) -> None:
-        if module.sparse:
-            raise ValueError(f"layer {name!r}: sparse embedding gradients are not supported")
         self.layer = KroneckerLayer(name, module, 0, None)
         self._columns = None
         super().__init__(name, module, keep_pairs=False)
