@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from natgrad.optim import KFAC
 
@@ -203,4 +204,20 @@ def test_sparse_embeddings_pass_through_and_cannot_be_chosen() -> None:
     assert model[0].weight.grad.is_sparse
     torch.testing.assert_close(model[0].weight.grad.to_dense(), sparse.to_dense(), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"'0' \(Embedding\).*dense gradients"):
+        KFAC(model, layers=[model[0]])
+
+
+def test_parametrized_weights_pass_through_and_cannot_be_chosen() -> None:
+    """``weight_norm`` computes ``weight`` from other parameters: it has no ``.grad`` to
+    precondition."""
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3))
+    precond = KFAC(model, damping=0.1, inv_update_interval=1)
+    assert [state.name for state in precond.layers] == ["2"]
+    backward(model, *batch())
+    original = [p.grad.clone() for p in model[0].parameters()]
+    precond.step()
+    for param, grad in zip(model[0].parameters(), original, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unparametrized"):
         KFAC(model, layers=[model[0]])

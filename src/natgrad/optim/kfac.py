@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from natgrad._validation import (
     nonnegative_float,
@@ -126,7 +127,9 @@ class _DampingProbe:
 
 
 def _supported(module: nn.Module) -> bool:
-    if not isinstance(module, DEFAULT_LAYER_TYPES) or not module.weight.requires_grad:
+    if not isinstance(module, DEFAULT_LAYER_TYPES) or is_parametrized(module, "weight"):
+        return False  # a parametrized weight (weight_norm, ...) is computed, with no .grad
+    if not module.weight.requires_grad:
         return False
     if isinstance(module, nn.Embedding):
         return not module.sparse
@@ -205,7 +208,7 @@ def _select_modules(
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
                 "expected Linear, Conv2d (groups=1) or Embedding (dense gradients) with a "
-                "trainable weight"
+                "trainable, unparametrized weight"
             )
         selected.append((names[id(module)], module))
     return _without_shared_weights(selected, explicit=True)
@@ -258,7 +261,8 @@ class KFAC:
         param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding (not
-        ``sparse``) with a trainable weight, except the ``out_proj`` of an
+        ``sparse``) with a trainable weight that is not parametrized (``weight_norm``: its
+        weight is computed and has no gradient), except the ``out_proj`` of an
         ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
         could be recorded; choosing it raises) and layers that share their weight with another
         (tied embeddings: left out with a warning; choosing several of them raises). All other
