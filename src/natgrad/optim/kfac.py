@@ -380,6 +380,7 @@ class KFAC:
         self._warned_silent: set[str] = set()
         self.steps = 0
         self._sampling = False
+        self._sampled = False
         self._paused = False
         self._layer_outputs: list[Tensor] = []
         self.layers: list[LayerState] = [
@@ -475,6 +476,7 @@ class KFAC:
         handles, self._output_handles = self._output_handles, []
         if not layer_outputs:
             return
+        self._sampled = True
         targets = self.likelihood.sample(outputs.detach(), self.generator)
         nll = self.likelihood.nll(outputs, targets).sum()
         self._sampling = True
@@ -607,15 +609,17 @@ class KFAC:
         self._sync_hooks()
 
     def _check_sampled(self) -> None:
-        """Refuse a Monte-Carlo step whose recorded layer outputs were never sampled from:
-        without :meth:`sample_backward` no output gradient is recorded and K-FAC would silently
-        leave every gradient as it is."""
-        outputs, handles = self._layer_outputs, self._output_handles
-        self._layer_outputs, self._output_handles = [], []
-        if not outputs:
-            return
-        for handle in handles:
+        """Clear the layer outputs no :meth:`sample_backward` took (those of a recomputation
+        under activation checkpointing, say), and refuse a Monte-Carlo step whose recorded
+        forward pass was never sampled from: without :meth:`sample_backward` no output gradient
+        is recorded and K-FAC would silently leave every gradient as it is."""
+        sampled, self._sampled = self._sampled, False
+        for handle in self._output_handles:
             handle.remove()
+        self._layer_outputs, self._output_handles = [], []
+        recorded = any(state.input_count > 0 for state in self.layers)
+        if self.fisher_type != "mc" or sampled or not recorded:
+            return
         for state in self.layers:
             state.reset_sums()
         raise RuntimeError(
