@@ -221,3 +221,17 @@ def test_parametrized_weights_pass_through_and_cannot_be_chosen() -> None:
         torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
     with pytest.raises(ValueError, match="unparametrized"):
         KFAC(model, layers=[model[0]])
+
+
+def test_lazy_layers_must_be_initialized_first() -> None:
+    model = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"'0' \(LazyLinear\) is not initialized yet"):
+        KFAC(model)
+    model(torch.zeros(1, 3))
+    assert [state.name for state in KFAC(model).layers] == ["0", "2"]
+
+
+def test_layers_may_be_any_iterable() -> None:
+    model = classifier()
+    chosen = (module for module in model if isinstance(module, nn.Linear))
+    assert [state.name for state in KFAC(model, layers=chosen).layers] == ["0", "2"]

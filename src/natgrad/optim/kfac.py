@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrize import is_parametrized
 
 from natgrad._validation import (
@@ -146,6 +147,17 @@ def _weight_used_directly(model: nn.Module) -> set[int]:
     }
 
 
+def _check_initialized(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``selected``, unless a lazy layer (``nn.LazyLinear``, ...) has no shapes yet."""
+    for name, module in selected:
+        if any(is_lazy(param) for param in module.parameters(recurse=False)):
+            raise ValueError(
+                f"layer {name!r} ({type(module).__name__}) is not initialized yet: run the model "
+                "on a batch before building the preconditioner"
+            )
+    return selected
+
+
 def _without_shared_weights(
     selected: list[tuple[str, nn.Module]], explicit: bool
 ) -> list[tuple[str, nn.Module]]:
@@ -178,22 +190,28 @@ def _without_shared_weights(
 def _select_modules(
     model: nn.Module, layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
+    """The ``(name, layer)`` pairs to precondition (see ``KFAC``'s ``layers``)."""
+    chosen = None if layers is None else list(layers)
+    explicit = chosen is not None and not all(isinstance(item, type) for item in chosen)
+    return _check_initialized(_without_shared_weights(_candidates(model, chosen), explicit))
+
+
+def _candidates(
+    model: nn.Module, chosen: list[nn.Module] | list[type[nn.Module]] | None
+) -> list[tuple[str, nn.Module]]:
     bypassed = _weight_used_directly(model)
     named = [(name, module) for name, module in model.named_modules() if id(module) not in bypassed]
-    if layers is None:
-        selected = [(name, module) for name, module in named if _supported(module)]
-        return _without_shared_weights(selected, explicit=False)
-    chosen = list(layers)
+    if chosen is None:
+        return [(name, module) for name, module in named if _supported(module)]
     if all(isinstance(item, type) for item in chosen):
         unknown = [item.__name__ for item in chosen if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
             raise ValueError(f"unsupported layer types {unknown}; use Linear, Conv2d, Embedding")
-        selected = [
+        return [
             (name, module)
             for name, module in named
             if isinstance(module, tuple(chosen)) and _supported(module)
         ]
-        return _without_shared_weights(selected, explicit=False)
     names = {id(module): name for name, module in named}
     selected = []
     for module in chosen:
@@ -211,7 +229,7 @@ def _select_modules(
                 "trainable, unparametrized weight"
             )
         selected.append((names[id(module)], module))
-    return _without_shared_weights(selected, explicit=True)
+    return selected
 
 
 class KFAC:
