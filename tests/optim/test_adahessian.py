@@ -235,6 +235,14 @@ def test_non_finite_gradient_refuses_the_step() -> None:
     assert len(optimizer.state[param]) == 0
 
 
+def test_sparse_gradients_are_refused_by_name() -> None:
+    embedding = nn.Embedding(5, 2, sparse=True)
+    optimizer = AdaHessian(embedding.parameters())
+    embedding(torch.tensor([1, 3])).square().sum().backward()
+    with pytest.raises(TypeError, match="AdaHessian does not support sparse gradients"):
+        optimizer.step()
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

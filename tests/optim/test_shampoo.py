@@ -291,6 +291,14 @@ def test_non_finite_gradient_refuses_the_step() -> None:
     )
 
 
+def test_sparse_gradients_are_refused_by_name() -> None:
+    embedding = nn.Embedding(5, 2, sparse=True)
+    optimizer = Shampoo(embedding.parameters())
+    embedding(torch.tensor([1, 3])).square().sum().backward()
+    with pytest.raises(TypeError, match="Shampoo does not support sparse gradients"):
+        optimizer.step()
+
+
 def test_overflowing_statistics_refuse_the_step() -> None:
     param = nn.Parameter(torch.ones(2, 2, dtype=torch.float32))
     optimizer = Shampoo([param], lr=0.1)

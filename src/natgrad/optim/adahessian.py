@@ -220,12 +220,19 @@ class AdaHessian(torch.optim.Optimizer):
         -------
         Tensor or None
             The closure's loss, if a closure was given.
+
+        Raises
+        ------
+        TypeError
+            If a gradient is sparse (``nn.Embedding(sparse=True)``).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         pending = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for _, p in pending):
+            raise TypeError("AdaHessian does not support sparse gradients")
         if not all(bool(torch.isfinite(p.grad).all()) for _, p in pending):
             return self._refuse(loss, "a gradient is not finite")
         estimates = self._hessian_estimates([p for _, p in pending])
