@@ -41,13 +41,18 @@ grid is the initial damping (0.001, 0.01) × damping mode × trust region (none,
 overshoot on the classifiers (the exact Fisher vanishes where the softmax saturates) and never
 reach the target; those runs count as failed tuning runs.
 
-Each tuning run stops at the target; per method the configuration with the fewest steps to
-target wins, then the faster (the configurations of a method cost about the same per step, so
-this is the least time without the timing noise of a shared machine). The winners are re-run
-``--repeats`` times in interleaved rounds (the first to the end of the epoch budget, for the
-curves and final metrics); their time to target is the median. Only training steps are timed:
-the evaluation every ``--eval-every`` steps (the task's own interval where it sets one; test
-accuracy, or training loss on the full training set) is excluded for all methods alike.
+Each configuration is trained with ``--tune-seeds`` training seeds (default 3: ``--seed`` and
+the next two; model initialisation and batch order), each run stopped at the target, and ranked
+by its median steps to target over the seeds (a run that misses counts as infinitely slow), so
+that a configuration that is fast on one seed and fails on the others does not win; per method
+the fewest median steps win, then the faster (the configurations of a method cost about the
+same per step, so this is the least time without the timing noise of a shared machine). The
+winners are re-run ``--repeats`` times on ``--seed`` in interleaved rounds (the first to the
+end of the epoch budget, for the curves and final metrics); their time to target is the
+median. ``--check-seeds N`` then trains them on N seeds that tuning did not use. Only
+training steps are timed: the evaluation every ``--eval-every`` steps (the task's own interval
+where it sets one; test accuracy, or training loss on the full training set) is excluded for
+all methods alike.
 
 Step cost: one full training step (forward, backward, curvature and inverse updates as
 scheduled, preconditioning, SGD-momentum update) relative to an SGD-momentum step timed in the
@@ -92,13 +97,13 @@ evaluations after as many samples as at the task's own batch size. Within one ba
 fewest steps win as above; across batch sizes, where steps differ in cost, the least tuning time.
 The step costs are then measured at every listed batch size.
 
-Run ``python benchmarks/kfac_digits.py`` (12 minutes with 1 torch thread and another job on
-the second core); ``--quick`` for a smoke run (2 epochs, one configuration per method and batch
-size, under a minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train
-the winners once more with training seeds 1 … N (e.g. ``--tasks autoencoder_long --check-seeds
-4``). Writes ``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or
-``--cost-only``; with a subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``; with
-``--batch-sizes 64 256``, ``..._batch64-256.{json,png}``).
+Run ``python benchmarks/kfac_digits.py`` (about 30 minutes with 1 torch thread); ``--quick``
+for a smoke run (2 epochs, one configuration per method and batch size, one tuning seed, under
+a minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train the winners
+once more on N held-out training seeds (e.g. ``--tasks autoencoder_long --check-seeds 4``).
+Writes ``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``;
+with a subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``; with ``--batch-sizes 64
+256``, ``..._batch64-256.{json,png}``).
 """
 
 from __future__ import annotations
@@ -469,8 +474,8 @@ def train_run(
 
 
 def pick_best(task: Task, runs: list[dict]) -> dict:
-    """Fewest steps to the target (then least time) at each batch size, and of those the
-    fastest; otherwise the best metric. At one batch size the configurations of a method cost
+    """Fewest (median) steps to the target (then least time) at each batch size, and of those
+    the fastest; otherwise the best metric. At one batch size the configurations of a method cost
     about the same per step (K-FAC's factored damping is cheaper than its eigenbasis damping,
     which the tie-break by time favours), so fewest steps is least time without the timing
     noise of a shared machine; steps at different batch sizes differ in cost, so there the
@@ -501,7 +506,8 @@ def eval_every(task: Task, args: argparse.Namespace) -> int:
 
 def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[dict]:
     """Every method over its grid at every batch size (one configuration per batch size with
-    ``--quick``), each run stopped at the target; the runs without their curves."""
+    ``--quick``), each configuration trained with the ``--tune-seeds`` training seeds and
+    stopped at the target; per configuration the median over the seeds (:func:`over_seeds`)."""
     epochs = 2 if args.quick else task.epochs
     runs = []
     for method in LR_GRIDS:
@@ -511,11 +517,42 @@ def tune(task: Task, data: dict[str, Tensor], args: argparse.Namespace) -> list[
             for config in grid(method, [batch_size])[slice(4, 5) if args.quick else slice(None)]
         ]
         for config in configs:
-            run = train_run(
-                task, config, data, args.seed, epochs, eval_every(task, args), stop_at_target=True
-            )
-            runs.append({key: value for key, value in run.items() if key != "curve"})
+            seeded = [
+                train_run(
+                    task, config, data, seed, epochs, eval_every(task, args), stop_at_target=True
+                )
+                for seed in tuning_seeds(args)
+            ]
+            runs.append(over_seeds(seeded))
     return runs
+
+
+def tuning_seeds(args: argparse.Namespace) -> range:
+    """The training seeds of the tuning runs: ``--seed`` and the next ``--tune-seeds`` − 1."""
+    return range(args.seed, args.seed + args.tune_seeds)
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """One configuration's tuning runs (one per seed) as one row: the median steps and time to
+    target over the seeds, a run that missed the target counting as infinitely slow (``None``
+    where most missed), the median best metric; the per-seed steps; diverged if any run did."""
+    steps = [run["steps_to_target"] for run in runs]
+    times = [run["time_to_target_s"] for run in runs]
+    median_steps = _median_or_none(steps)
+    return {key: value for key, value in runs[0].items() if key != "curve"} | {
+        "steps_to_target": median_steps,
+        "time_to_target_s": None if median_steps is None else _median_or_none(times),
+        "steps_per_seed": steps,
+        "best": statistics.median(run["best"] for run in runs),
+        "wall_s": sum(run["wall_s"] for run in runs),
+        "diverged": any(run["diverged"] for run in runs),
+    }
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    """Median with ``None`` as +∞; ``None`` if that is the median."""
+    median = statistics.median(math.inf if value is None else value for value in values)
+    return None if math.isinf(median) else median
 
 
 def config_of(run: dict) -> TrainConfig:
@@ -525,12 +562,13 @@ def config_of(run: dict) -> TrainConfig:
 
 
 def other_seeds(task: Task, best: list[dict], data, args: argparse.Namespace) -> list[dict]:
-    """The winners of ``task`` trained once more with training seeds ``1 … --check-seeds``
-    (model initialisation and batch order; the data split stays), each up to the target, and
-    their time to target relative to Adam's at the same seed."""
+    """The winners of ``task`` trained once more with ``--check-seeds`` training seeds not used
+    in tuning (model initialisation and batch order; the data split stays), each up to the
+    target, and their time to target relative to Adam's at the same seed."""
     epochs = 2 if args.quick else task.epochs
     rows = []
-    for seed in range(1, args.check_seeds + 1):
+    first = args.seed + args.tune_seeds
+    for seed in range(first, first + args.check_seeds):
         runs = [
             train_run(
                 task,
@@ -968,6 +1006,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cost-only", action="store_true", help="only the cost tables (no training runs)"
     )
     parser.add_argument(
+        "--tune-seeds",
+        type=int,
+        default=3,
+        help="training seeds per tuning configuration, ranked by the median (default 3)",
+    )
+    parser.add_argument(
         "--batch-sizes",
         type=int,
         nargs="+",
@@ -983,8 +1027,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_sizes and min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
+    if args.tune_seeds < 1:
+        parser.error(f"--tune-seeds must be positive, got {args.tune_seeds}")
     if args.quick:
-        args.repeats, args.cost_steps, args.cost_rounds = 1, 10, 1
+        args.repeats, args.cost_steps, args.cost_rounds, args.tune_seeds = 1, 10, 1, 1
     return args
 
 
@@ -1012,9 +1058,18 @@ def print_tables(tasks: list[Task], results: dict) -> None:
             ["task", "seed", "method", "steps_to_target", "time_to_target_s", "x_adam_time"],
         )
     print_table(
-        "Tuning runs (each stopped at the target)",
+        "Tuning runs (each stopped at the target; median over the tuning seeds)",
         results["runs"],
-        ["task", "method", "config", "steps_to_target", "time_to_target_s", "best", "diverged"],
+        [
+            "task",
+            "method",
+            "config",
+            "steps_to_target",
+            "steps_per_seed",
+            "time_to_target_s",
+            "best",
+            "diverged",
+        ],
     )
     print_table(
         "Cost of one training step (mean over whole update cycles; `intervals` = factor / "
@@ -1082,6 +1137,7 @@ def main(argv: list[str] | None = None) -> dict:
             quick=args.quick,
             eval_every=args.eval_every,
             repeats=args.repeats,
+            tune_seeds=args.tune_seeds,
             batch_sizes=args.batch_sizes,
             preconditioner=PRECONDITIONER_OPTIONS,
             lr_grids=LR_GRIDS,
