@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
 
 
@@ -29,23 +30,13 @@ def train(preconditioner, fisher_type: str, checkpointed: bool, reentrant: bool 
     torch.manual_seed(0)
     model = Checkpointed(checkpointed, reentrant)
     options = {"damping": 0.1, "inv_update_interval": 1}
-    if fisher_type == "mc":
-        generator = torch.Generator().manual_seed(1)
-        options |= {"fisher_type": "mc", "likelihood": "categorical", "generator": generator}
-    precond = preconditioner(model, **options)
+    precond = preconditioner(model, **options, **fisher_options(fisher_type, seed=1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(2)
     # the reentrant variant needs an input that requires grad to build a graph through the block
     inputs = torch.randn(8, 3, generator=generator).requires_grad_(reentrant)
     targets = torch.randint(0, 3, (8,), generator=generator)
-    for _ in range(3):
-        optimizer.zero_grad()
-        outputs = model(inputs)
-        if fisher_type == "mc":
-            precond.sample_backward(outputs)
-        nn.functional.cross_entropy(outputs, targets).backward()
-        precond.step()
-        optimizer.step()
+    train_steps(model, precond, optimizer, inputs, targets, steps=3)
     return [p.detach().clone() for p in model.parameters()], precond
 
 

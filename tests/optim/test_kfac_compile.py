@@ -11,6 +11,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
 
 
@@ -32,20 +33,10 @@ def train(preconditioner: type[KFAC], fisher_type: str, compiled: bool, steps: i
     inputs = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
     options = {"factor_update_interval": 2, "inv_update_interval": 4, "damping": 0.1}
-    if fisher_type == "mc":
-        generator = torch.Generator().manual_seed(3)
-        options |= {"fisher_type": "mc", "likelihood": "categorical", "generator": generator}
-    precond = preconditioner(model, **options)
+    precond = preconditioner(model, **options, **fisher_options(fisher_type, seed=3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     forward = torch.compile(model, backend="aot_eager") if compiled else model
-    for _ in range(steps):
-        optimizer.zero_grad()
-        outputs = forward(inputs)
-        if fisher_type == "mc":
-            precond.sample_backward(outputs)
-        nn.functional.cross_entropy(outputs, targets).backward()
-        precond.step()
-        optimizer.step()
+    train_steps(forward, precond, optimizer, inputs, targets, steps)
     return [p.detach().clone() for p in model.parameters()], precond
 
 
