@@ -413,15 +413,17 @@ def train_run(
     epochs: int,
     eval_every: int,
     stop_at_target: bool = False,
+    **preconditioner_options,
 ) -> dict:
     """Train for ``epochs`` epochs (or until the target, with ``stop_at_target``), evaluating
     every ``eval_every`` steps of the task's batch size (as many samples between evaluations at
-    the configuration's batch size); only the training steps are timed."""
+    the configuration's batch size); only the training steps are timed.
+    ``preconditioner_options`` override ``PRECONDITIONER_OPTIONS``."""
     batch_size = config.batch_size or task.batch_size
     eval_every = max(1, round(eval_every * task.batch_size / batch_size))
     torch.manual_seed(seed)
     model = task.build()
-    optimizer, precond = make_optimizer(task, config, model)
+    optimizer, precond = make_optimizer(task, config, model, **preconditioner_options)
     generator = torch.Generator().manual_seed(seed)
     train_x, train_y = data["train_x"], data["train_y"]
     wall, steps, curve = 0.0, 0, []

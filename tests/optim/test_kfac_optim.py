@@ -109,6 +109,40 @@ def test_ekfac_matches_ekfac_operator_solve() -> None:
     torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
 
 
+@pytest.mark.parametrize("restart", ["batch", "kfac"])
+def test_ekfac_eigenvalue_restart_mixes_the_kfac_and_ekfac_blocks(restart: str) -> None:
+    """At a refresh the EKFAC eigenvalues restart from the batch estimate alone, or from
+    ``ω S_K-FAC + (1 − ω) S_batch``; both blocks are diagonal in the same Kronecker eigenbasis,
+    so the step solves with ``ω K + (1 − ω) E`` built densely from the curvature operators."""
+    torch.manual_seed(2)
+    model = convnet()
+    inputs, targets = torch.randn(5, 1, 3, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
+    decay, damping = 0.6, 0.1
+    precond = EKFAC(
+        model,
+        factor_decay=decay,
+        inv_update_interval=1,
+        damping=damping,
+        eigenvalue_restart=restart,
+    )
+    backward(model, inputs, targets)
+    gradient = flat_grads(model)
+    precond.step()
+    options = {"likelihood": "categorical", "kind": "empirical", "targets": targets}
+    kfac = build_kfac(model, inputs, **options).to_dense()
+    ekfac = build_ekfac(model, inputs, **options).to_dense()
+    weight = decay if restart == "kfac" else 0.0
+    curvature = (
+        weight * kfac + (1 - weight) * ekfac + damping * torch.eye(len(gradient), dtype=DTYPE)
+    )
+    torch.testing.assert_close(flat_grads(model), torch.linalg.solve(curvature, gradient))
+
+
+def test_ekfac_rejects_an_unknown_eigenvalue_restart() -> None:
+    with pytest.raises(ValueError, match="eigenvalue_restart"):
+        EKFAC(mlp(), eigenvalue_restart="kfac-prior")
+
+
 def test_mc_fisher_matches_mc_operator_with_same_generator_seed() -> None:
     torch.manual_seed(3)
     model = mlp()

@@ -5,9 +5,11 @@ Same usage and options as :class:`natgrad.optim.KFAC`. The Kronecker eigenbases 
 eigenvalue matrix ``S_l`` is re-estimated in the current basis as the mean over the batch of
 the squared eigenbasis coordinates of the per-sample gradients
 (:func:`natgrad.curvature.ekfac.projected_second_moment`) and folded into an exponential moving
-average with ``factor_decay``. When a basis is refreshed the average restarts from the current
-batch (old coordinates belong to the old basis). Preconditioning is ``(S_l + λ)⁻¹`` in the
-eigenbasis (exact damping only). Embedding layers keep K-FAC's eigenvalues.
+average with ``factor_decay``. When a basis is refreshed the average restarts (old coordinates
+belong to the old basis): from the current batch alone, or with ``eigenvalue_restart="kfac"``
+from the K-FAC eigenvalues of the refreshed factors, which are diagonal in the new basis and
+carry the factors' history (``S ← ω S_K-FAC + (1 − ω) S_batch``). Preconditioning is
+``(S_l + λ)⁻¹`` in the eigenbasis (exact damping only). Embedding layers keep K-FAC's eigenvalues.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from natgrad._validation import one_of
 from natgrad.distributed.reduce import all_reduce_sum_
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.kfac_layers import LayerState
@@ -23,17 +26,33 @@ __all__ = ["EKFAC"]
 
 
 class EKFAC(KFAC):
-    """EKFAC preconditioner; parameters as :class:`natgrad.optim.KFAC`.
+    """EKFAC preconditioner; parameters as :class:`natgrad.optim.KFAC`, and:
+
+    Parameters
+    ----------
+    eigenvalue_restart : {"batch", "kfac"}, default "batch"
+        Where the eigenvalue average restarts when the eigenbases are refreshed: the current
+        batch's estimate alone (George et al.), or ``factor_decay`` times the refreshed
+        factors' K-FAC eigenvalues plus ``1 − factor_decay`` times that estimate. With factors
+        and bases refreshed together the ``"batch"`` estimate rests on one batch; ``"kfac"``
+        keeps the factors' average in it (on digits it removed the slow outliers of EKFAC's
+        MLP runs, see ``docs/kfac.md``).
 
     Raises
     ------
     ValueError
-        For ``damping_mode="factored"`` (EKFAC's eigenvalues are not a Kronecker product).
+        For ``damping_mode="factored"`` (EKFAC's eigenvalues are not a Kronecker product) or an
+        unknown ``eigenvalue_restart``.
     """
 
-    def __init__(self, model: torch.nn.Module, **options: object) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, eigenvalue_restart: str = "batch", **options: object
+    ) -> None:
         if options.get("damping_mode", "eigen") != "eigen":
             raise ValueError("EKFAC supports only damping_mode='eigen'")
+        self.eigenvalue_restart = one_of(
+            "eigenvalue_restart", eigenvalue_restart, ("batch", "kfac")
+        )
         super().__init__(model, **options)
 
     def _keeps_pairs(self) -> bool:
@@ -56,9 +75,9 @@ class EKFAC(KFAC):
         )
         for state, total, count in estimates:
             fresh = total / count
-            if state in refreshed or state.eigenvalues is None:
+            restart = state in refreshed or state.eigenvalues is None
+            if restart and self.eigenvalue_restart == "batch":
                 state.eigenvalues = fresh
-            else:
-                state.eigenvalues = (
-                    self.factor_decay * state.eigenvalues + (1.0 - self.factor_decay) * fresh
-                )
+                continue
+            previous = state.kfac_eigenvalues() if restart else state.eigenvalues
+            state.eigenvalues = self.factor_decay * previous + (1.0 - self.factor_decay) * fresh
