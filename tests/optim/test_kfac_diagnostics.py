@@ -235,3 +235,24 @@ def test_layers_may_be_any_iterable() -> None:
     model = classifier()
     chosen = (module for module in model if isinstance(module, nn.Linear))
     assert [state.name for state in KFAC(model, layers=chosen).layers] == ["0", "2"]
+
+
+def test_a_second_step_on_the_same_gradients_is_refused() -> None:
+    """Gradients already preconditioned must not be preconditioned again; a new backward pass
+    (new gradient tensors, or in-place accumulation after ``zero_grad(set_to_none=False)``)
+    makes the next step legal."""
+    model = classifier()
+    precond = KFAC(model, damping=0.1, inv_update_interval=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = batch()
+    for set_to_none in (True, False, False):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        precond.step()
+        optimizer.step()
+    preconditioned = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="called again without a backward pass"):
+        precond.step()
+    for param, grad in zip(model.parameters(), preconditioned, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+    assert precond.steps == 3

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,18 @@ class _DampingProbe:
 
     damping: float
     layers: list[tuple[LayerState, Tensor, Tensor]]
+
+
+def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
+    """A weak reference to a gradient and its version, to recognise it unchanged later
+    (:func:`_unchanged_since`) without keeping it alive."""
+    return weakref.ref(grad), grad._version
+
+
+def _unchanged_since(stamp: tuple[weakref.ref, int] | None, grad: Tensor) -> bool:
+    """Whether ``grad`` is the very tensor of ``stamp``, not written since. (Weak references
+    are compared through their referents, which for tensors compares values: hence ``is``.)"""
+    return stamp is not None and stamp[0]() is grad and stamp[1] == grad._version
 
 
 def _supported(module: nn.Module) -> bool:
@@ -396,6 +409,7 @@ class KFAC:
         self.grad_scaler = grad_scaler
         self._loss_scale: float | None = None
         self._warned_silent: set[str] = set()
+        self._written: dict[str, tuple[weakref.ref, int]] = {}
         self.steps = 0
         self._sampling = False
         self._sampled = False
@@ -598,9 +612,11 @@ class KFAC:
         Raises
         ------
         RuntimeError
-            With ``fisher_type="mc"``, if this step's forward pass was not followed by
-            :meth:`sample_backward` (its statistics are discarded).
+            If no backward pass ran since the last step (every gradient is the one that step
+            wrote, unchanged), or with ``fisher_type="mc"`` if this step's forward pass was not
+            followed by :meth:`sample_backward` (its statistics are discarded).
         """
+        self._check_new_gradients()
         self._check_sampled()
         self._damping_probe = None
         self._loss_scale = None
@@ -625,6 +641,23 @@ class KFAC:
             self._precondition()
         self.steps += 1
         self._sync_hooks()
+
+    def _check_new_gradients(self) -> None:
+        """Refuse a second step on the same gradients (``step()`` called twice, or beside a
+        :class:`~natgrad.optim.QuadraticModelOptimizer` that calls it): they would be
+        preconditioned twice. A gradient is the same when it is the tensor the last step wrote
+        (a weak reference, so no old gradient is kept alive) at the version it left it."""
+        grads = [(state, state.module.weight.grad) for state in self.layers]
+        grads = [(state, grad) for state, grad in grads if grad is not None]
+        if not grads or not all(
+            _unchanged_since(self._written.get(state.name), grad) for state, grad in grads
+        ):
+            return
+        raise RuntimeError(
+            "KFAC.step() was called again without a backward pass in between: the gradients "
+            "are already preconditioned. Call it once per backward pass (a "
+            "QuadraticModelOptimizer calls it itself)"
+        )
 
     def _check_sampled(self) -> None:
         """Clear the layer outputs no :meth:`sample_backward` took (those of a recomputation
@@ -774,6 +807,7 @@ class KFAC:
                 torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
         for state, _, partial, _ in updates:
             state.write_solution(partial)
+            self._written[state.name] = _stamp(state.module.weight.grad)
 
     def _kl_scale(self, products: list[Tensor]) -> float | Tensor | None:
         """``ν = min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` from the per-layer products;
