@@ -205,18 +205,20 @@ def _select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """The ``(name, layer)`` pairs to precondition (see ``KFAC``'s ``layers``)."""
     chosen = None if layers is None else list(layers)
-    explicit = chosen is not None and not all(isinstance(item, type) for item in chosen)
-    return _check_initialized(_without_shared_weights(_candidates(model, chosen), explicit))
+    by_type = chosen is None or all(isinstance(item, type) for item in chosen)
+    selected = _candidates(model, chosen, by_type)
+    return _check_initialized(_without_shared_weights(selected, explicit=not by_type))
 
 
 def _candidates(
-    model: nn.Module, chosen: list[nn.Module] | list[type[nn.Module]] | None
+    model: nn.Module, chosen: list[nn.Module] | list[type[nn.Module]] | None, by_type: bool
 ) -> list[tuple[str, nn.Module]]:
+    """Supported layers (of the ``chosen`` types), or the ``chosen`` modules, checked."""
     bypassed = _weight_used_directly(model)
     named = [(name, module) for name, module in model.named_modules() if id(module) not in bypassed]
     if chosen is None:
         return [(name, module) for name, module in named if _supported(module)]
-    if all(isinstance(item, type) for item in chosen):
+    if by_type:
         unknown = [item.__name__ for item in chosen if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
             raise ValueError(f"unsupported layer types {unknown}; use Linear, Conv2d, Embedding")
@@ -668,8 +670,9 @@ class KFAC:
         for handle in self._output_handles:
             handle.remove()
         self._layer_outputs, self._output_handles = [], []
-        recorded = any(state.input_count > 0 for state in self.layers)
-        if self.fisher_type != "mc" or sampled or not recorded:
+        if self.fisher_type != "mc" or sampled:
+            return
+        if not any(state.input_count > 0 for state in self.layers):
             return
         for state in self.layers:
             state.reset_sums()
