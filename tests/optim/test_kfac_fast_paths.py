@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import grad, vmap
 
+from kfac_training import fisher_options
 from natgrad.linalg.kron import symmetric_eigh, symmetric_eigh_batch
 from natgrad.optim import KFAC
 from natgrad.optim.kfac import _device_kl_scale
@@ -318,13 +319,7 @@ def test_mc_output_hooks_are_removed_after_sampling() -> None:
     torch.manual_seed(8)
     model = mlp()
     inputs, targets = batch(8)
-    precond = KFAC(
-        model,
-        fisher_type="mc",
-        likelihood="categorical",
-        generator=torch.Generator().manual_seed(0),
-        inv_update_interval=1,
-    )
+    precond = KFAC(model, **fisher_options("mc", seed=0), inv_update_interval=1)
     outputs = model(inputs)
     layer_outputs = list(precond._layer_outputs)
     assert len(layer_outputs) == 2 and all(t._backward_hooks for t in layer_outputs)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from kfac_training import fisher_options
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import build_kfac
 from natgrad.curvature.likelihoods import get_likelihood
@@ -28,8 +29,7 @@ def backward(model, inputs, targets) -> None:
 
 def mc_kfac(model: nn.Module, seed: int, **options) -> KFAC:
     """K-FAC with the Monte-Carlo Fisher of a categorical likelihood, seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    return KFAC(model, fisher_type="mc", likelihood="categorical", generator=generator, **options)
+    return KFAC(model, **fisher_options("mc", seed), **options)
 
 
 def mlp() -> nn.Module:
@@ -147,15 +147,7 @@ def test_mc_fisher_matches_mc_operator_with_same_generator_seed() -> None:
     torch.manual_seed(3)
     model = mlp()
     inputs, targets = torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,))
-    precond = KFAC(
-        model,
-        fisher_type="mc",
-        likelihood="categorical",
-        factor_decay=0.0,
-        inv_update_interval=1,
-        damping=0.1,
-        generator=torch.Generator().manual_seed(7),
-    )
+    precond = mc_kfac(model, 7, factor_decay=0.0, inv_update_interval=1, damping=0.1)
     model.zero_grad()
     outputs = model(inputs)
     precond.sample_backward(outputs)

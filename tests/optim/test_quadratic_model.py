@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
+from kfac_training import fisher_options
 from natgrad.optim import KFAC
 from natgrad.optim.quadratic_model import QuadraticModelOptimizer, minimize_quadratic_model
 
@@ -418,14 +419,7 @@ def _full_batch_pair(interval: int):
     pairs = []
     for full_batch in (False, True):
         model = _mlp()
-        precond = KFAC(
-            model,
-            fisher_type="mc",
-            likelihood="categorical",
-            generator=torch.Generator().manual_seed(3),
-            damping=0.1,
-            inv_update_interval=2,
-        )
+        precond = KFAC(model, **fisher_options("mc", seed=3), damping=0.1, inv_update_interval=2)
         optimizer = QuadraticModelOptimizer(
             model,
             "categorical",
