@@ -235,7 +235,8 @@ def random_psd(size: int, seed: int, dtype: torch.dtype = DTYPE) -> torch.Tensor
 
 
 def test_damped_factor_inverses_equal_numpy_inverses() -> None:
-    """Mixed sizes, dtypes and a diagonal factor: each equals ``inv(M + λI)`` in float64."""
+    """Mixed sizes, dtypes and a diagonal factor: each equals ``inv(M + λI)`` in float64, in
+    row-major memory (the one layout that broadcasts reproduce bit for bit)."""
     matrices = [
         random_psd(4, 0),
         random_psd(3, 1),
@@ -248,6 +249,7 @@ def test_damped_factor_inverses_equal_numpy_inverses() -> None:
     inverses = damped_factor_inverses(matrices, dampings)
     for matrix, damping, inverse in zip(matrices, dampings, inverses, strict=True):
         assert inverse.dtype == (torch.float32 if matrix.dtype != DTYPE else DTYPE)
+        assert inverse.is_contiguous()
         reference = matrix.double().numpy()
         if matrix.ndim == 1:
             expected = 1.0 / (reference + damping)
@@ -269,6 +271,7 @@ def test_indefinite_factor_falls_back_to_the_clamped_eigendecomposition() -> Non
     fine = random_psd(3, 6)
     for dtype in (DTYPE, torch.float32):
         inverse, other = damped_factor_inverses([indefinite.to(dtype), fine.to(dtype)], [1e-9, 0.1])
+        assert inverse.is_contiguous() and other.is_contiguous()
         reference_values, reference_vectors = np.linalg.eigh(indefinite.numpy())
         reciprocal = 1.0 / (np.maximum(reference_values, 0.0) + 1e-9)
         expected = (reference_vectors * reciprocal) @ reference_vectors.T

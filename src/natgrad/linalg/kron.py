@@ -58,13 +58,11 @@ class SymmetricEigen:
 
 
 def _all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry is finite. A finite sum of the sums proves it (a NaN or an infinity
-    would propagate) with a few small reductions; only an overflowing sum takes the exact
-    elementwise check."""
-    total = tensors[0].sum()
-    for tensor in tensors[1:]:
-        total = total + tensor.sum()
-    if bool(torch.isfinite(total)):
+    """Whether every entry is finite. Finite norms prove it (a NaN or an infinity would
+    propagate) with one fused reduction over tensors on one device; only an overflowing norm,
+    or tensors on several devices, take the exact elementwise check."""
+    one_device = len({tensor.device for tensor in tensors}) == 1
+    if one_device and bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
         return True
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
@@ -176,6 +174,14 @@ def _row_major(matrices: Tensor) -> Tensor:
     receives it by broadcast into a contiguous buffer multiplies with it exactly as the
     process that computed it: the BLAS rounds differently for other strides."""
     return matrices.contiguous()
+
+
+def _symmetric_row_major(matrices: Tensor) -> Tensor:
+    """:func:`_row_major` for matrices symmetric by construction (inverses of symmetric
+    matrices): the transpose of a column-major result is row-major without a copy, and holds
+    the same matrices."""
+    transposed = matrices.mT
+    return transposed if transposed.is_contiguous() else matrices.contiguous()
 
 
 def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tensor:
@@ -357,9 +363,13 @@ def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]
             results[index] = _diagonal_inverse(matrix, dampings[index])
         else:
             square.append(index)
-    for indices in _groups_of_equal_kind(matrices, square):
-        stacked = torch.stack([matrices[index] for index in indices])
-        inverses = _cholesky_inverses(stacked, [dampings[index] for index in indices])
+    groups = _groups_of_equal_kind(matrices, square)
+    if square and not _all_finite(*(matrices[index] for index in square)):
+        raise ValueError("cannot invert a factor with non-finite entries")
+    for indices in groups:
+        inverses = _cholesky_inverses(
+            [matrices[index] for index in indices], [dampings[index] for index in indices]
+        )
         for index, inverse in zip(indices, inverses.unbind(), strict=True):
             results[index] = inverse
     return results
@@ -376,26 +386,25 @@ def _diagonal_inverse(diagonal: Tensor, damping: float) -> Tensor:
 
 
 def _cholesky_or_failures(damped: Tensor) -> tuple[Tensor, list[int]]:
-    """Cholesky inverses of ``(B, d, d)`` and the batch positions whose factorisation failed
-    (their entries are the identity, to be overwritten)."""
+    """Cholesky inverses of ``(B, d, d)`` (row-major) and the batch positions whose
+    factorisation failed (their entries are the identity, to be overwritten)."""
     factor, info = torch.linalg.cholesky_ex(damped)
-    failed = info.nonzero().flatten().tolist()
+    failed = [position for position, code in enumerate(info.tolist()) if code]
     if failed:
         factor[failed] = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-    return torch.cholesky_inverse(factor), failed
+    return _symmetric_row_major(torch.cholesky_inverse(factor)), failed
 
 
-def _cholesky_inverses(matrices: Tensor, dampings: list[float]) -> Tensor:
-    """``(M_b + λ_b I)⁻¹`` for finite symmetric ``(B, d, d)``; failures retried in float64,
-    then by clamped eigendecomposition."""
-    if not _all_finite(matrices):
-        raise ValueError("cannot invert a factor with non-finite entries")
-    working_dtype = _working_dtype(matrices.dtype)
-    shifts = torch.tensor(dampings, dtype=working_dtype, device=matrices.device)
-    damped = matrices.to(working_dtype, copy=True)
-    damped.diagonal(dim1=-2, dim2=-1).add_(shifts.unsqueeze(-1))
+def _cholesky_inverses(matrices: list[Tensor], dampings: list[float]) -> Tensor:
+    """``(M_b + λ_b I)⁻¹`` for finite symmetric ``(d, d)`` matrices of one size, dtype and
+    device, stacked; failures retried in float64, then by clamped eigendecomposition."""
+    working_dtype = _working_dtype(matrices[0].dtype)
+    damped = torch.stack(matrices)  # a copy, damped in place
+    if damped.dtype != working_dtype:
+        damped = damped.to(working_dtype)
+    for position, damping in enumerate(dampings):
+        damped[position].diagonal().add_(damping)
     inverses, failed = _cholesky_or_failures(damped)
-    inverses = _row_major(inverses)
     if not failed:
         return inverses
     retried, still_failed = _cholesky_or_failures(damped[failed].double())

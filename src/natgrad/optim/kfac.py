@@ -83,6 +83,8 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Emb
 
 def _schedule_value(name: str, schedule: Schedule, step: int) -> float:
     value = float(schedule(step) if callable(schedule) else schedule)
+    if math.isfinite(value) and value >= 0.0:  # read every step: no message built in vain
+        return value
     return nonnegative_float(f"{name} at step {step}", value)
 
 
@@ -334,7 +336,9 @@ class KFAC:
     global batch.
 
     Statistics are recorded only by modules in training mode with gradients enabled; call
-    :meth:`remove` before running the model under ``torch.func`` transforms.
+    :meth:`remove` before running the model under ``torch.func`` transforms. Like a
+    ``torch.optim`` optimizer, the preconditioner holds the layers' parameters: build it after
+    anything that replaces them (``model.load_state_dict(..., assign=True)``).
     """
 
     def __init__(
@@ -624,13 +628,8 @@ class KFAC:
         self._loss_scale = None
         if self.steps % self.factor_update_interval == 0:
             self._update_factors()
-        refresh = self.inverse_update_due
         factored = self._inverts_factors()
-        stale = [
-            state
-            for state in self.layers
-            if state.input_factor is not None and (refresh or not state.has_curvature(factored))
-        ]
+        stale = self._stale_layers(factored)
         if factored:
             for state in stale:
                 state.refresh_inverted_factors()
@@ -638,22 +637,38 @@ class KFAC:
             self._update_eigens(stale)
         self._update_eigenvalues(stale)
         if self.steps >= self.start_step:
+            damping = self.current_damping()
             if factored:
-                self._update_factored_inverses(self.current_damping())
-            self._precondition()
+                self._update_factored_inverses(damping)
+            self._precondition(damping)
         self.steps += 1
         self._sync_hooks()
+
+    def _stale_layers(self, factored: bool) -> list[LayerState]:
+        """The layers with factors whose curvature (eigenbases; factored damping: the factors to
+        invert) is refreshed at this step: all at a scheduled refresh, else those without any."""
+        if self.inverse_update_due:
+            return [state for state in self.layers if state.input_factor is not None]
+        return [
+            state
+            for state in self.layers
+            if state.input_factor is not None and not state.has_curvature(factored)
+        ]
 
     def _check_new_gradients(self) -> None:
         """Refuse a second step on the same gradients (``step()`` called twice, or beside a
         :class:`~natgrad.optim.QuadraticModelOptimizer` that calls it): they would be
         preconditioned twice. A gradient is the same when it is the tensor the last step wrote
         (a weak reference, so no old gradient is kept alive) at the version it left it."""
-        grads = [(state, state.module.weight.grad) for state in self.layers]
-        grads = [(state, grad) for state, grad in grads if grad is not None]
-        if not grads or not all(
-            _unchanged_since(self._written.get(state.name), grad) for state, grad in grads
-        ):
+        unchanged = False
+        for state in self.layers:
+            grad = state.weight.grad
+            if grad is None:
+                continue
+            if not _unchanged_since(self._written.get(state.name), grad):
+                return
+            unchanged = True
+        if not unchanged:
             return
         raise RuntimeError(
             "KFAC.step() was called again without a backward pass in between: the gradients "
@@ -688,7 +703,7 @@ class KFAC:
         know."""
         names = []
         for state in silent:
-            grad = state.module.weight.grad
+            grad = state.weight.grad
             if state.name in self._warned_silent or grad is None or not bool(grad.any()):
                 continue
             self._warned_silent.add(state.name)
@@ -764,6 +779,8 @@ class KFAC:
             for state in self.layers
             if state.inverted_factors is not None and not state.has_factored_inverses(damping)
         ]
+        if not due:
+            return
         size = world_size(self.process_group)
         assigned = self.inverse_placement == "assigned" and size > 1
         owners = assign_owners([state.eigen_cost() for state in due], size) if assigned else []
@@ -788,8 +805,7 @@ class KFAC:
     def _update_eigenvalues(self, refreshed: list[LayerState]) -> None:
         """Hook for EKFAC's eigenvalue re-estimation; K-FAC uses ``outer(g, a)``."""
 
-    def _precondition(self) -> None:
-        damping = self.current_damping()
+    def _precondition(self, damping: float) -> None:
         factored = self.damping_mode == "factored"
         with_product = self.kl_clip is not None
         updates = []
@@ -810,7 +826,7 @@ class KFAC:
                 torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
         for state, _, partial, _ in updates:
             state.write_solution(partial)
-            self._written[state.name] = _stamp(state.module.weight.grad)
+            self._written[state.name] = _stamp(state.weight.grad)
 
     def _kl_scale(self, products: list[Tensor]) -> float | Tensor | None:
         """``ν = min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` from the per-layer products;

@@ -135,7 +135,8 @@ class _FactoredSolve:
 class _EigenSolve:
     """Exact damping in the Kronecker eigenbasis, ``Q_G [(Q_Gᵀ V Q_A) / (S + λ)] Q_Aᵀ``
     (:func:`~natgrad.linalg.kron.eigenbasis_solve`), with the transposes and the split of
-    ``Q_Aᵀ`` into weight columns and bias column kept between steps."""
+    ``Q_Aᵀ`` into weight columns and bias column kept between steps (the transposes as
+    row-major copies, which the BLAS multiplies faster than transposed views)."""
 
     def __init__(
         self,
@@ -145,12 +146,14 @@ class _EigenSolve:
         weight_columns: int | None,
     ) -> None:
         self.output_vectors = output_eigen.vectors
-        self.output_vectors_t = None if output_eigen.vectors is None else output_eigen.vectors.mT
+        self.output_vectors_t = (
+            None if output_eigen.vectors is None else output_eigen.vectors.mT.contiguous()
+        )
         self.input_vectors = input_eigen.vectors
         self.reciprocal = reciprocal
         self.right: tuple[Tensor, Tensor | None] | None = None
         if input_eigen.vectors is not None:
-            right = input_eigen.vectors.mT
+            right = input_eigen.vectors.mT.contiguous()
             bias = right[:, weight_columns] if weight_columns < right.shape[1] else None
             self.right = (right[:, :weight_columns], bias)
 
@@ -180,10 +183,12 @@ class LayerState:
 
     name: str
     module: nn.Module
+    weight: nn.Parameter
 
     def __init__(self, name: str, module: nn.Module, keep_pairs: bool) -> None:
         self.name = name
         self.module = module
+        self.weight = module.weight  # held, as a torch.optim optimizer holds its parameters
         self.dtype = factor_dtype_for(module.weight)
         self.keep_pairs = keep_pairs
         self.pairs: list[tuple[Tensor, Tensor]] = []
@@ -251,7 +256,7 @@ class LayerState:
         """Accumulated sums and ``[input count, output count]`` as tensors (zeros where nothing
         was recorded): what a distributed run all-reduces, in place, before
         :meth:`set_statistics`."""
-        device = self.module.weight.device
+        device = self.weight.device
         counts = [self.input_count, self.output_count]
         return [
             self._pending_sum(self.input_sum, self.input_count, self._input_template()),
@@ -437,7 +442,7 @@ class LayerState:
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         """Take over a :meth:`state_dict`, moved to the layer's device and factor dtype (as
         ``torch.optim.Optimizer.load_state_dict`` moves its state to the parameters')."""
-        device = self.module.weight.device
+        device = self.weight.device
 
         def get(key: str) -> Tensor | None:
             value = state.get(key)
@@ -516,6 +521,8 @@ class KroneckerLayerState(LayerState):
         bias = module.bias
         bias_index = 1 if bias is not None and bias.requires_grad else None
         self.layer = KroneckerLayer(name, module, 0, bias_index)
+        self.bias: nn.Parameter | None = None if bias_index is None else bias
+        self._rows = module.weight.shape[0]
         self._columns = module.weight[0].numel()
         self._ones: Tensor | None = None
         super().__init__(name, module, keep_pairs)
@@ -525,11 +532,11 @@ class KroneckerLayerState(LayerState):
 
     def _input_template(self) -> Tensor:
         size = self.layer.input_dim
-        return torch.empty(size, size, dtype=self.dtype, device=self.module.weight.device)
+        return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
     def _output_template(self) -> Tensor:
         size = self.layer.output_dim
-        return torch.empty(size, size, dtype=self.dtype, device=self.module.weight.device)
+        return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
     def record_input(self, layer_input: Tensor) -> Tensor:
         """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])`` if pairs are kept
@@ -575,18 +582,17 @@ class KroneckerLayerState(LayerState):
         return float(self.input_factor.shape[0] ** 3)
 
     def _params(self) -> list[Tensor]:
-        params = [self.module.weight]
-        if self.layer.bias_index is not None:
-            params.append(self.module.bias)
-        return params
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def grad_matrix(self) -> Tensor | None:
-        weight_grad = self.module.weight.grad
-        bias_grad = None if self.layer.bias_index is None else self.module.bias.grad
-        if weight_grad is None or (bias_grad is None and self.layer.bias_index is not None):
+        weight_grad = self.weight.grad
+        if weight_grad is None:
             return None
-        matrix = weight_grad.reshape(weight_grad.shape[0], -1)
-        if bias_grad is not None:
+        matrix = weight_grad.reshape(self._rows, -1)
+        if self.bias is not None:
+            bias_grad = self.bias.grad
+            if bias_grad is None:
+                return None
             matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
         return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
 
@@ -594,9 +600,9 @@ class KroneckerLayerState(LayerState):
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
 
     def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
-        weight_grad = self.module.weight.grad
-        bias_grad = None if self.layer.bias_index is None else self.module.bias.grad
-        view = _matrix_view(weight_grad, weight_grad.shape[0], left.dtype)
+        weight_grad = self.weight.grad
+        bias_grad = None if self.bias is None else self.bias.grad
+        view = _matrix_view(weight_grad, self._rows, left.dtype)
         direct = view is not None and (bias_grad is None or bias_grad.dtype == left.dtype)
         if right is None:
             weight_part = left if bias_grad is None else left[:, : self._columns]
@@ -642,17 +648,17 @@ class EmbeddingState(LayerState):
         return self.layer
 
     def _input_template(self) -> Tensor:
-        vocabulary = self.module.weight.shape[0]
-        return torch.empty(vocabulary, dtype=self.dtype, device=self.module.weight.device)
+        vocabulary = self.weight.shape[0]
+        return torch.empty(vocabulary, dtype=self.dtype, device=self.weight.device)
 
     def _output_template(self) -> Tensor:
-        size = self.module.weight.shape[1]
-        return torch.empty(size, size, dtype=self.dtype, device=self.module.weight.device)
+        size = self.weight.shape[1]
+        return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
     def record_input(self, layer_input: Tensor) -> Tensor:
         """Add the token counts; returns the indices."""
         tokens = layer_input.detach().reshape(-1)
-        counts = torch.bincount(tokens, minlength=self.module.weight.shape[0]).to(self.dtype)
+        counts = torch.bincount(tokens, minlength=self.weight.shape[0]).to(self.dtype)
         self.input_sum = counts if self.input_count == 0 else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
         return tokens
@@ -671,7 +677,7 @@ class EmbeddingState(LayerState):
         return float(self.input_factor.shape[0])
 
     def grad_matrix(self) -> Tensor | None:
-        grad = self.module.weight.grad
+        grad = self.weight.grad
         if grad is None:
             return None
         if grad.is_sparse:
@@ -679,10 +685,10 @@ class EmbeddingState(LayerState):
         return grad.mT.to(self.dtype)
 
     def param_matrix(self) -> Tensor:
-        return self.module.weight.detach().mT.to(self.dtype)
+        return self.weight.detach().mT.to(self.dtype)
 
     def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
-        self.module.weight.grad.copy_(left.mT)
+        self.weight.grad.copy_(left.mT)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         return None
