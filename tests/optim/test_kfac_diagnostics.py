@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from natgrad.optim import KFAC
+from natgrad.optim import EKFAC, KFAC, QuadraticModelOptimizer
 
 
 def classifier() -> nn.Module:
@@ -256,3 +256,35 @@ def test_a_second_step_on_the_same_gradients_is_refused() -> None:
     for param, grad in zip(model.parameters(), preconditioned, strict=True):
         torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
     assert precond.steps == 3
+
+
+def test_warnings_name_the_line_of_the_user() -> None:
+    """However deep the warning is raised (a subclass constructor, a step called by another
+    optimizer, torch.no_grad's wrapper), it is attributed to this file."""
+    with pytest.warns(RuntimeWarning, match="share") as record:
+        KFAC(TiedLanguageModel(), damping=0.1)
+    with pytest.warns(RuntimeWarning, match="share") as subclass_record:
+        EKFAC(TiedLanguageModel(), damping=0.1)
+    model = classifier()
+    precond = KFAC(model, damping=0.1)
+    model.eval()
+    backward(model, *batch())
+    with pytest.warns(RuntimeWarning, match="recorded no statistics") as step_record:
+        precond.step()
+    model = classifier()
+    precond = KFAC(model, damping=0.1)
+    optimizer = QuadraticModelOptimizer(model, "categorical", preconditioner=precond)
+    model.eval()
+    inputs, targets = batch()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="recorded no statistics") as nested_record:
+        optimizer.step(closure)
+    for warnings_raised in (record, subclass_record, step_record, nested_record):
+        ours = [item for item in warnings_raised if item.category is RuntimeWarning]
+        assert [item.filename for item in ours] == [__file__]

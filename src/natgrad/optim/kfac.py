@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from natgrad._validation import (
     positive_int,
     unit_interval,
 )
+from natgrad._warnings import warn_at_caller
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -190,13 +190,12 @@ def _without_shared_weights(
         raise ValueError(
             f"layers {tied[0]} share one weight; precondition it through one of them at most"
         )
-    warnings.warn(
+    warn_at_caller(
         f"KFAC leaves out the layers {[name for names in tied for name in names]}: they share "
         "a weight (tied weights), whose gradient sums both uses, which a layer's Kronecker "
         "block does not describe. Pass layers=[...] with one of them to precondition the "
         "weight as that layer's",
         RuntimeWarning,
-        stacklevel=4,  # the caller of KFAC(...)
     )
     left_out = {name for names in tied for name in names}
     return [(name, module) for name, module in selected if name not in left_out]
@@ -709,14 +708,13 @@ class KFAC:
             self._warned_silent.add(state.name)
             names.append(state.name)
         if names:
-            warnings.warn(
+            warn_at_caller(
                 f"KFAC: layers {names} recorded no statistics on step {self.steps} although "
                 "their weights have gradients, so their gradients are left as they are. Either a "
                 "parent module uses their weights without calling their forward(), or they ran "
                 "in eval mode (statistics are recorded in training mode only) or while recording "
                 "was paused; call model.train(), or leave them out with layers=...",
                 RuntimeWarning,
-                stacklevel=5,  # the caller of step() (through torch.no_grad's wrapper)
             )
 
     def _update_factors(self) -> None:
@@ -735,11 +733,10 @@ class KFAC:
         sums = [tensor for state in pending for tensor in (state.input_sum, state.output_sum)]
         if sums and not bool(torch.stack(torch._foreach_norm(sums)).isfinite().all()):
             if self.grad_scaler is None:  # with one, an overflow is routine: the scaler backs off
-                warnings.warn(
+                warn_at_caller(
                     "KFAC skipped a factor update: the recorded statistics are not finite (a "
                     "diverging loss or non-finite inputs); the factors are kept as they were",
                     RuntimeWarning,
-                    stacklevel=4,  # the caller of step() (through torch.no_grad's wrapper)
                 )
             for state in pending:
                 state.reset_sums()
