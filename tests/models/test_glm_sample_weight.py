@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.special import gammaln, softmax
 from sklearn.exceptions import ConvergenceWarning
@@ -169,15 +169,20 @@ def test_integer_weights_equal_repeated_rows(estimator, params, n_classes):
 
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), n_classes=st.sampled_from([2, 4]))
+@example(seed=2328, n_classes=2)  # an intercept of 0.025 that differs by 4e-11 (1.7e-9 relative)
 def test_random_integer_weights_equal_repeated_rows(seed, n_classes):
+    """The two fits round differently on their way to the optimum, so they agree to round-off
+    on the scale of the coefficients (not of each coefficient: a small one may differ by more,
+    relatively)."""
     X, y, weights = classification_data(40, n_classes, seed=seed)
     if len(np.unique(y[weights > 0])) < 2:
         return
     weighted = LogisticRegression(C=1.0).fit(X, y, sample_weight=weights)
     expanded = LogisticRegression(C=1.0).fit(*repeated(X, y, weights))
     np.testing.assert_array_equal(weighted.classes_, expanded.classes_)
+    expected = weights_and_intercept(expanded)
     np.testing.assert_allclose(
-        weights_and_intercept(weighted), weights_and_intercept(expanded), rtol=1e-9, atol=1e-11
+        weights_and_intercept(weighted), expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max()
     )
 
 
