@@ -47,9 +47,12 @@ by its median steps to target over the seeds (a run that misses counts as infini
 that a configuration that is fast on one seed and fails on the others does not win; per method
 the fewest median steps win, then the faster (the configurations of a method cost about the
 same per step, so this is the least time without the timing noise of a shared machine). The
-winners are re-run ``--repeats`` times on ``--seed`` in interleaved rounds (the first to the
-end of the epoch budget, for the curves and final metrics); their time to target is the
-median. ``--check-seeds N`` then trains them on N seeds that tuning did not use. Only
+winners are re-run ``--repeats`` times on each tuning seed in interleaved rounds (on
+``--seed`` the first to the end of the epoch budget, for the curves and final metrics); per
+seed the time to target is the median over the repeats, and a winner's row reports the medians
+over the tuning seeds of its time and of its ratio to Adam's time at the same seed (so that a
+winner is not judged on one lucky or unlucky seed). ``--check-seeds N`` then trains them on N
+seeds that tuning did not use. Only
 training steps are timed: the evaluation every ``--eval-every`` steps (the task's own interval
 where it sets one; test accuracy, or training loss on the full training set) is excluded for
 all methods alike.
@@ -601,46 +604,77 @@ def other_seeds(task: Task, best: list[dict], data, args: argparse.Namespace) ->
 
 
 def rerun_best(task: Task, tuning: list[dict], data, args: argparse.Namespace) -> list[dict]:
-    """The best configuration of every method, re-run ``args.repeats`` times in interleaved
-    rounds (the first run to the end of the epoch budget, for the curve and the final metric;
-    the others up to the target). The time to target is the median over the repeats."""
+    """The best configuration of every method, re-run on every tuning seed ``args.repeats``
+    times in interleaved rounds (on the first seed the first run goes to the end of the epoch
+    budget, for the curve and the final metric; the others stop at the target). Per seed the
+    time to target is the median over the repeats; a row reports the median over the seeds (a
+    miss counting as infinitely slow) and ``x_adam_time``, the median over the seeds of the
+    ratio to Adam's time at the same seed (:func:`_ratio_to_adam`)."""
     epochs = 2 if args.quick else task.epochs
     chosen = {}
     for method in LR_GRIDS:
         best = pick_best(task, [run for run in tuning if run["method"] == method])
         chosen[method] = config_of(best)
-    repeats: dict[str, list[dict]] = {method: [] for method in chosen}
-    for repeat in range(args.repeats):
-        for method, config in chosen.items():
-            run = train_run(
-                task,
-                config,
-                data,
-                args.seed,
-                epochs,
-                eval_every(task, args),
-                stop_at_target=repeat > 0,
+    first_runs: dict[str, dict] = {}
+    per_seed: dict[str, list[dict]] = {method: [] for method in chosen}
+    for seed in tuning_seeds(args):
+        repeats: dict[str, list[dict]] = {method: [] for method in chosen}
+        for repeat in range(args.repeats):
+            for method, config in chosen.items():
+                full = seed == args.seed and repeat == 0
+                run = train_run(
+                    task,
+                    config,
+                    data,
+                    seed,
+                    epochs,
+                    eval_every(task, args),
+                    stop_at_target=not full,
+                )
+                first_runs.setdefault(method, run)
+                repeats[method].append(run)
+        for method, runs in repeats.items():
+            times = [run["time_to_target_s"] for run in runs if run["time_to_target_s"] is not None]
+            steps = runs[0]["steps_to_target"]
+            per_seed[method].append(
+                {"steps": steps, "seconds": statistics.median(times) if times else None}
             )
-            repeats[method].append(run)
-    rows = []
-    for runs in repeats.values():
-        times = [run["time_to_target_s"] for run in runs if run["time_to_target_s"] is not None]
-        rows.append(
-            runs[0]
-            | {
-                "time_to_target_s": statistics.median(times) if times else None,
-                "repeat_times_s": times,
-            }
-        )
-    adam = next(row for row in rows if row["method"] == "adam")["time_to_target_s"]
-    for row in rows:
-        both = row["time_to_target_s"] is not None and adam is not None
-        row["x_adam_time"] = row["time_to_target_s"] / adam if both else None
-        reached_target = row["time_to_target_s"] is not None
-        row["ms_per_step"] = (
-            1e3 * row["time_to_target_s"] / row["steps_to_target"] if reached_target else None
-        )
-    return rows
+    return [_timed_row(first_runs[method], per_seed[method], per_seed["adam"]) for method in chosen]
+
+
+def _timed_row(first_run: dict, seeds: list[dict], adam: list[dict]) -> dict:
+    """The row of one winner: its first run (curve, final and best metric) with the medians
+    over the timing seeds of its steps and seconds to target and of its ratio to Adam's
+    seconds at the same seed (a miss counting as infinitely slow; a seed where both missed
+    is left out of the ratio)."""
+    seconds = [seed["seconds"] for seed in seeds]
+    ratios = [
+        _ratio_to_adam(ours["seconds"], theirs["seconds"])
+        for ours, theirs in zip(seeds, adam, strict=True)
+    ]
+    compared = [
+        ratio
+        for ratio, ours, theirs in zip(ratios, seeds, adam, strict=True)
+        if ours["seconds"] is not None or theirs["seconds"] is not None
+    ]
+    paced = [1e3 * seed["seconds"] / seed["steps"] for seed in seeds if seed["seconds"] is not None]
+    return first_run | {
+        "steps_to_target": _median_or_none([seed["steps"] for seed in seeds]),
+        "time_to_target_s": _median_or_none(seconds),
+        "x_adam_time": _median_or_none(compared) if compared else None,
+        "steps_per_seed": [seed["steps"] for seed in seeds],
+        "seconds_per_seed": seconds,
+        "x_adam_per_seed": [None if ratio is None else round(ratio, 3) for ratio in ratios],
+        "ms_per_step": statistics.median(paced) if paced else None,
+    }
+
+
+def _ratio_to_adam(seconds: float | None, adam_seconds: float | None) -> float | None:
+    """Time to target ÷ Adam's at the same seed; ``None`` where this method missed the target
+    (or both did), ``0`` where only Adam did."""
+    if seconds is None:
+        return None
+    return 0.0 if adam_seconds is None else seconds / adam_seconds
 
 
 @dataclass(frozen=True)
@@ -1038,8 +1072,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def print_tables(tasks: list[Task], results: dict) -> None:
     print_table(
-        "Best configuration per optimizer (targets: " + targets_text(tasks) + "; time to target "
-        "= median over the timed re-runs)",
+        "Best configuration per optimizer (targets: " + targets_text(tasks) + "; steps, time "
+        "and ratio to Adam's time = medians over the tuning seeds of the timed re-runs; final "
+        "and best metric of the first seed's full run)",
         results["best"],
         [
             "task",
@@ -1048,6 +1083,8 @@ def print_tables(tasks: list[Task], results: dict) -> None:
             "steps_to_target",
             "time_to_target_s",
             "x_adam_time",
+            "steps_per_seed",
+            "x_adam_per_seed",
             "ms_per_step",
             "final",
             "best",
