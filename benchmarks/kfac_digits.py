@@ -543,10 +543,10 @@ def over_seeds(runs: list[dict]) -> dict:
     where most missed), the median best metric; the per-seed steps; diverged if any run did."""
     steps = [run["steps_to_target"] for run in runs]
     times = [run["time_to_target_s"] for run in runs]
-    median_steps = _median_or_none(steps)
+    median_steps = median_or_none(steps)
     return {key: value for key, value in runs[0].items() if key != "curve"} | {
         "steps_to_target": median_steps,
-        "time_to_target_s": None if median_steps is None else _median_or_none(times),
+        "time_to_target_s": None if median_steps is None else median_or_none(times),
         "steps_per_seed": steps,
         "best": statistics.median(run["best"] for run in runs),
         "wall_s": sum(run["wall_s"] for run in runs),
@@ -554,7 +554,7 @@ def over_seeds(runs: list[dict]) -> dict:
     }
 
 
-def _median_or_none(values: list[float | None]) -> float | None:
+def median_or_none(values: list[float | None]) -> float | None:
     """Median with ``None`` as +∞; ``None`` if that is the median."""
     median = statistics.median(math.inf if value is None else value for value in values)
     return None if math.isinf(median) else median
@@ -659,9 +659,9 @@ def _timed_row(first_run: dict, seeds: list[dict], adam: list[dict]) -> dict:
     ]
     paced = [1e3 * seed["seconds"] / seed["steps"] for seed in seeds if seed["seconds"] is not None]
     return first_run | {
-        "steps_to_target": _median_or_none([seed["steps"] for seed in seeds]),
-        "time_to_target_s": _median_or_none(seconds),
-        "x_adam_time": _median_or_none(compared) if compared else None,
+        "steps_to_target": median_or_none([seed["steps"] for seed in seeds]),
+        "time_to_target_s": median_or_none(seconds),
+        "x_adam_time": median_or_none(compared) if compared else None,
         "steps_per_seed": [seed["steps"] for seed in seeds],
         "seconds_per_seed": seconds,
         "x_adam_per_seed": [None if ratio is None else round(ratio, 3) for ratio in ratios],
