@@ -9,7 +9,7 @@ clip 0.01; learning rate, momentum, damping in ``CONFIGS``) are trained with bot
 training seeds 0 … ``--seeds`` − 1, each run stopped at the target; a run that misses counts as
 infinitely slow in the median.
 
-Run ``python benchmarks/ekfac_restart.py`` (about 2 minutes with 1 torch thread). Writes
+Run ``python benchmarks/ekfac_restart.py`` (about 1 minute with 1 torch thread). Writes
 ``benchmarks/results/ekfac_restart.json``.
 """
 
