@@ -15,6 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
+from natgrad.curvature.kfac_capture import conv_patches
 from natgrad.curvature.likelihoods import get_likelihood
 
 DTYPE = torch.float64
@@ -289,6 +290,32 @@ def test_conv2d_factors_match_brute_force_unfold() -> None:
     jac = jac.reshape(3, 4, 3, locations)  # (N, C, d_out, T)
     expected_g = torch.einsum("ncot,ncd,ndpt->op", jac, hessians, jac) / 3
     torch.testing.assert_close(kfac.output_factors[0], expected_g)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    channels=st.integers(1, 3),
+    samples=st.integers(1, 3),
+)
+def test_conv_patches_equal_torch_unfold(
+    kernel, stride, dilation, padding, padding_mode, channels, samples
+) -> None:
+    """The strided-slice patches are ``functional.unfold``'s (after the layer's padding)."""
+    conv = nn.Conv2d(channels, 2, kernel, stride, padding, dilation, padding_mode=padding_mode)
+    conv = conv.to(DTYPE)
+    inputs = torch.randn(samples, channels, 6, 7, dtype=DTYPE)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    padded = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+    unfolded = nn.functional.unfold(padded, kernel, dilation=dilation, stride=stride)
+    patches = conv_patches(conv, inputs)
+    assert patches.is_contiguous()
+    torch.testing.assert_close(patches, unfolded.permute(1, 0, 2), rtol=0, atol=0)
+    assert conv(inputs).shape[2:].numel() == patches.shape[2]
 
 
 def test_conv2d_covering_whole_input_is_exact_at_batch_one() -> None:

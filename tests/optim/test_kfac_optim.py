@@ -95,6 +95,39 @@ def test_matches_kfac_operator_solve(make_model, damping_mode: str) -> None:
     torch.testing.assert_close(flat_grads(model), solve(gradient, 0.1))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_factors_equal_brute_force_unfold(bias: bool) -> None:
+    """The recorded conv input factor against ``functional.unfold`` patches (ones appended for a
+    bias), the output factor against the output gradients, both summed over two steps."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(1, 2), bias=bias)
+    conv.padding_mode = "reflect"
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).to(DTYPE)
+    batches = [torch.randn(4, 2, 5, 6, dtype=DTYPE) for _ in range(2)]
+    model(batches[0])
+    precond = KFAC(model, factor_decay=0.5, inv_update_interval=1, damping=0.1)
+    expected_inputs, expected_outputs = [], []
+    for inputs in batches:
+        model.zero_grad()
+        outputs = model[0](inputs)
+        outputs.retain_grad()
+        targets = torch.randint(0, 3, (4,))
+        nn.functional.cross_entropy(model[1:](outputs), targets).backward()
+        precond.step()
+        padded = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode="reflect")
+        patches = nn.functional.unfold(padded, (2, 3), dilation=(1, 2), stride=(2, 1))
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if bias:
+            rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=DTYPE)], dim=1)
+        expected_inputs.append(rows.T @ rows / len(rows))
+        grads = outputs.grad.flatten(2).transpose(1, 2).reshape(-1, 3) * len(inputs)
+        expected_outputs.append(grads.T @ grads / len(inputs))
+    precond.remove()
+    state = precond.layers[0]
+    torch.testing.assert_close(state.input_factor, 0.5 * sum(expected_inputs))
+    torch.testing.assert_close(state.output_factor, 0.5 * sum(expected_outputs))
+
+
 def test_ekfac_matches_ekfac_operator_solve() -> None:
     torch.manual_seed(2)
     model = convnet()
@@ -426,11 +459,13 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
 
 
-def test_gradient_accumulation_equals_one_large_batch() -> None:
+@pytest.mark.parametrize("make_model", [mlp, convnet])
+def test_gradient_accumulation_equals_one_large_batch(make_model) -> None:
     torch.manual_seed(7)
-    reference = mlp()
+    reference = make_model()
     model = copy.deepcopy(reference)
-    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    shape = (3,) if make_model is mlp else (1, 3, 3)
+    inputs, targets = torch.randn(8, *shape, dtype=DTYPE), torch.randint(0, 3, (8,))
     precond = KFAC(reference, inv_update_interval=1, damping=0.1)
     backward(reference, inputs, targets)
     precond.step()

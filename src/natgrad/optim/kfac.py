@@ -830,10 +830,9 @@ class KFAC:
         ``None`` where no scaling is needed. On the CPU the sum is read back (free there); on
         an accelerator ``ν`` stays a 0-dim device tensor, so the step never waits for it."""
         lr = self._learning_rate()
-        quadratic = torch.stack(products).sum()
-        if quadratic.device.type != "cpu":
-            return _device_kl_scale(quadratic, lr, self.kl_clip)
-        curvature = abs(float(quadratic)) * lr**2
+        if products[0].device.type != "cpu":
+            return _device_kl_scale(torch.stack(products).sum(), lr, self.kl_clip)
+        curvature = abs(sum(map(float, products))) * lr**2
         if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
         return math.sqrt(self.kl_clip / curvature)

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.curvature.ekfac import projected_second_moment
-from natgrad.curvature.kfac_capture import KroneckerLayer, input_features, output_features
+from natgrad.curvature.kfac_capture import (
+    KroneckerLayer,
+    check_conv_input,
+    conv_patches,
+    input_features,
+    output_features,
+    patch_features,
+)
 from natgrad.linalg.kron import (
     SymmetricEigen,
     damped_factor_inverses,
@@ -59,9 +66,33 @@ def _add_gram(total: Tensor | None, rows: Tensor, fresh: bool, scale: float = 1.
     return total.addmm_(rows.mT, rows, beta=0.0 if fresh else 1.0, alpha=scale)
 
 
+def _add_column_gram(total: Tensor | None, columns: Tensor, ones: bool, fresh: bool) -> Tensor:
+    """``total + X Xᵀ`` in place for feature-major ``columns`` ``(d, n)``, where ``X`` is
+    ``columns`` with, if ``ones``, a row of ones appended (a bias): the Gram matrix of
+    ``columns`` into the leading block, their row sums and ``n`` into the last row and column.
+    ``fresh`` ignores the old contents of ``total`` (allocated when ``None``)."""
+    features, count = columns.shape
+    size = features + int(ones)
+    if total is None:
+        total = columns.new_empty((size, size))
+    total[:features, :features].addmm_(columns, columns.mT, beta=0.0 if fresh else 1.0)
+    if not ones:
+        return total
+    sums = columns.sum(dim=1)
+    if fresh:
+        total[:features, features] = sums
+        total[features, :features] = sums
+        total[features, features] = count
+    else:
+        total[:features, features] += sums
+        total[features, :features] += sums
+        total[features, features] += count
+    return total
+
+
 def fold_factors(states: Sequence[LayerState], decay: float) -> None:
     """Fold the (already all-reduced) sums of ``states`` into their moving averages,
-    ``decay · F + (1 − decay) · sum / count`` in place (three ``torch._foreach`` operations for
+    ``decay · F + (1 − decay) · sum / count`` in place (two ``torch._foreach`` operations for
     all layers; ``sum / count`` for a layer without factors yet), and reset the sums."""
     running: list[tuple[Tensor, Tensor, float]] = []
     for state in states:
@@ -76,8 +107,7 @@ def fold_factors(states: Sequence[LayerState], decay: float) -> None:
         return
     averages, sums, counts = (list(column) for column in zip(*running, strict=True))
     torch._foreach_div_(sums, counts)
-    torch._foreach_mul_(averages, decay)
-    torch._foreach_add_(averages, sums, alpha=1.0 - decay)
+    torch._foreach_lerp_(averages, sums, 1.0 - decay)
 
 
 def _matrix_view(tensor: Tensor, rows: int, dtype: torch.dtype) -> Tensor | None:
@@ -466,7 +496,7 @@ class LayerState:
         self.pairs.clear()
 
     # -- for subclasses ------------------------------------------------------------------------
-    def record_input(self, layer_input: Tensor) -> Tensor:
+    def record_input(self, layer_input: Tensor) -> Tensor | None:
         raise NotImplementedError
 
     def update_eigens(self) -> None:
@@ -538,11 +568,13 @@ class KroneckerLayerState(LayerState):
         size = self.layer.output_dim
         return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
-    def record_input(self, layer_input: Tensor) -> Tensor:
+    def record_input(self, layer_input: Tensor) -> Tensor | None:
         """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])`` if pairs are kept
-        (EKFAC), else as rows ``(N T, d_in [+ 1])``."""
+        (EKFAC), else ``None``."""
         layer_input = layer_input.detach()
-        if layer_input.ndim == 2 and isinstance(self.module, nn.Linear):
+        if isinstance(self.module, nn.Conv2d):
+            return self._record_patches(layer_input)
+        if layer_input.ndim == 2:
             flat = self._with_ones_column(layer_input) if self.layer.has_bias else layer_input
         else:
             features = input_features(self.layer, layer_input)
@@ -552,8 +584,22 @@ class KroneckerLayerState(LayerState):
         self.input_sum = _add_gram(self.input_sum, flat, self.input_count == 0)
         self.input_count += flat.shape[0]
         if not self.keep_pairs:
-            return flat
+            return None
         return flat.reshape(layer_input.shape[0], -1, flat.shape[-1])
+
+    def _record_patches(self, layer_input: Tensor) -> Tensor | None:
+        """:meth:`record_input` of a convolution, from its feature-major patches
+        (:func:`~natgrad.curvature.kfac_capture.conv_patches`): the Gram matrix of the patches
+        is one product, and a bias adds their sums, with no column of ones copied in."""
+        check_conv_input(self.layer, layer_input)
+        patches = conv_patches(self.module, layer_input)
+        if patches.dtype != self.dtype:
+            patches = patches.to(self.dtype)
+        columns = patches.reshape(patches.shape[0], -1)
+        fresh = self.input_count == 0
+        self.input_sum = _add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
+        self.input_count += columns.shape[1]
+        return patch_features(patches, self.layer.has_bias) if self.keep_pairs else None
 
     def _with_ones_column(self, layer_input: Tensor) -> Tensor:
         """``[x, 1]``: :func:`~natgrad.curvature.kfac_capture.input_features` of a ``(N, d_in)``
