@@ -7,6 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import settings
+
+# The suite draws the same hypothesis examples on every run, so that CI passes or fails on the
+# code alone; ``pytest --hypothesis-profile=explore`` draws fresh examples (and replays the
+# failures saved in the local example database) to look for new counterexamples.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several xdist workers share the machine's cores: one intra-op thread each avoids
