@@ -301,14 +301,18 @@ def test_conv2d_factors_match_brute_force_unfold() -> None:
     padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
     channels=st.integers(1, 3),
     samples=st.integers(1, 3),
+    channels_last=st.booleans(),
 )
 def test_conv_patches_equal_torch_unfold(
-    kernel, stride, dilation, padding, padding_mode, channels, samples
+    kernel, stride, dilation, padding, padding_mode, channels, samples, channels_last
 ) -> None:
-    """The strided-slice patches are ``functional.unfold``'s (after the layer's padding)."""
+    """The strided-slice patches are ``functional.unfold``'s (after the layer's padding), for
+    either memory format of the input."""
     conv = nn.Conv2d(channels, 2, kernel, stride, padding, dilation, padding_mode=padding_mode)
     conv = conv.to(DTYPE)
     inputs = torch.randn(samples, channels, 6, 7, dtype=DTYPE)
+    if channels_last:
+        inputs = inputs.to(memory_format=torch.channels_last)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     padded = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
     unfolded = nn.functional.unfold(padded, kernel, dilation=dilation, stride=stride)

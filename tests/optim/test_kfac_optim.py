@@ -478,11 +478,19 @@ def test_gradient_accumulation_equals_one_large_batch(make_model) -> None:
     torch.testing.assert_close(flat_grads(model), flat_grads(reference))
 
 
-def test_autocast_keeps_float32_factors() -> None:
+@pytest.mark.parametrize("conv", [False, True])
+def test_autocast_keeps_float32_factors(conv: bool) -> None:
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    if conv:
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, 2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)
+        )
+        inputs = torch.randn(16, 1, 3, 3)
+    else:
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+        inputs = torch.randn(16, 3)
     reference = copy.deepcopy(model)
-    inputs, targets = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    targets = torch.randint(0, 3, (16,))
     precond = KFAC(model, inv_update_interval=1, damping=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = nn.functional.cross_entropy(model(inputs), targets)
