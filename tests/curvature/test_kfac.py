@@ -322,6 +322,14 @@ def test_conv_patches_equal_torch_unfold(
     assert conv(inputs).shape[2:].numel() == patches.shape[2]
 
 
+def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None:
+    conv = nn.Conv2d(2, 3, 2)
+    with pytest.raises(ValueError, match=r"layer 'features': expected a batched \(N, 2, H, W\)"):
+        conv_patches(conv, torch.randn(2, 4, 4), "features")
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 4, 4\)"):
+        conv_patches(conv, torch.randn(1, 3, 4, 4))
+
+
 def test_conv2d_covering_whole_input_is_exact_at_batch_one() -> None:
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(2, 3, kernel_size=3), nn.Flatten(), nn.Tanh(), nn.Linear(3, 2))

@@ -128,6 +128,14 @@ def test_conv_factors_equal_brute_force_unfold(bias: bool) -> None:
     torch.testing.assert_close(state.output_factor, 0.5 * sum(expected_outputs))
 
 
+def test_an_unbatched_conv_input_raises_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(0), nn.Linear(2 * 4, 3))
+    precond = KFAC(model)
+    with pytest.raises(ValueError, match=r"layer '0': expected a batched \(N, 1, H, W\) input"):
+        model(torch.randn(1, 3, 3))
+    precond.remove()
+
+
 def test_ekfac_matches_ekfac_operator_solve() -> None:
     torch.manual_seed(2)
     model = convnet()

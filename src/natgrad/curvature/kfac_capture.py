@@ -40,7 +40,6 @@ __all__ = [
     "ForwardCapture",
     "KroneckerLayer",
     "backward_vectors",
-    "check_conv_input",
     "check_fisher_kind",
     "conv_patches",
     "input_factor",
@@ -190,7 +189,7 @@ def kronecker_layers(
     return layers
 
 
-def conv_patches(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
+def conv_patches(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The unfolded input patches of a convolution, feature-major: shape ``(d_in, N, T)`` with
     ``d_in = C · k_h · k_w`` (channel-major, matching ``weight.reshape(d_out, -1)``) and
     ``T = H_out · W_out``; contiguous, so ``.reshape(d_in, -1)`` is a view.
@@ -199,7 +198,18 @@ def conv_patches(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
     ``functional.unfold`` gives, permuted, but gathered as ``k_h · k_w`` strided slices of the
     padded input, one per kernel offset, stacked in one copy: on the CPU ``unfold`` is 2–20×
     slower at the sizes of ``benchmarks/kfac_digits.py`` and ordinary image layers.
+
+    Raises
+    ------
+    ValueError
+        Unless ``layer_input`` is a batched ``(N, C_in, H, W)`` input of the layer (``name``
+        names it in the message).
     """
+    if layer_input.ndim != 4 or layer_input.shape[1] != module.in_channels:
+        raise ValueError(
+            f"layer {name!r}: expected a batched (N, {module.in_channels}, H, W) input, "
+            f"got shape {tuple(layer_input.shape)}"
+        )
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     padded = functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
     samples, channels, height, width = padded.shape
@@ -230,8 +240,7 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     """
     module = layer.module
     if isinstance(module, nn.Conv2d):
-        check_conv_input(layer, layer_input)
-        return patch_features(conv_patches(module, layer_input), layer.has_bias)
+        return patch_features(conv_patches(module, layer_input, layer.name), layer.has_bias)
     features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
     if layer.has_bias:
         features = torch.cat([features, features.new_ones(*features.shape[:2], 1)], dim=2)
@@ -245,15 +254,6 @@ def patch_features(patches: Tensor, bias: bool) -> Tensor:
     if bias:
         patches = torch.cat([patches, patches.new_ones(1, *patches.shape[1:])])
     return patches.permute(1, 2, 0)
-
-
-def check_conv_input(layer: KroneckerLayer, layer_input: Tensor) -> None:
-    """Raise ``ValueError`` unless ``layer_input`` is a batched ``(N, C, H, W)`` input."""
-    if layer_input.ndim != 4:
-        raise ValueError(
-            f"layer {layer.name!r}: expected a batched (N, C, H, W) input, "
-            f"got shape {tuple(layer_input.shape)}"
-        )
 
 
 def output_features(layer: KroneckerLayer, output_grad: Tensor) -> Tensor:

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import (
     KroneckerLayer,
-    check_conv_input,
     conv_patches,
     input_features,
     output_features,
@@ -591,8 +590,7 @@ class KroneckerLayerState(LayerState):
         """:meth:`record_input` of a convolution, from its feature-major patches
         (:func:`~natgrad.curvature.kfac_capture.conv_patches`): the Gram matrix of the patches
         is one product, and a bias adds their sums, with no column of ones copied in."""
-        check_conv_input(self.layer, layer_input)
-        patches = conv_patches(self.module, layer_input)
+        patches = conv_patches(self.module, layer_input, self.name)
         if patches.dtype != self.dtype:
             patches = patches.to(self.dtype)
         columns = patches.reshape(patches.shape[0], -1)
