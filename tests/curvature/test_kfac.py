@@ -15,7 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
-from natgrad.curvature.kfac_capture import conv_patches
+from natgrad.curvature.kfac_capture import conv_patches, patch_features
 from natgrad.curvature.likelihoods import get_likelihood
 
 DTYPE = torch.float64
@@ -328,6 +328,17 @@ def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None
         conv_patches(conv, torch.randn(2, 4, 4), "features")
     with pytest.raises(ValueError, match=r"got shape \(1, 3, 4, 4\)"):
         conv_patches(conv, torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(d_in, N, T\), got \(4, 9\)"):
+        patch_features(torch.randn(4, 9), bias=True)
+
+
+def test_patch_features_append_ones_for_the_bias() -> None:
+    patches = torch.randn(4, 2, 3)
+    features = patch_features(patches, bias=True)
+    assert features.shape == (2, 3, 5)
+    torch.testing.assert_close(features[..., :4], patches.permute(1, 2, 0))
+    torch.testing.assert_close(features[..., 4], torch.ones(2, 3))
+    torch.testing.assert_close(patch_features(patches, bias=False), patches.permute(1, 2, 0))
 
 
 def test_conv2d_covering_whole_input_is_exact_at_batch_one() -> None:

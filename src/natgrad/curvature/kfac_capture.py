@@ -250,7 +250,15 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
 def patch_features(patches: Tensor, bias: bool) -> Tensor:
     """Input features ``(N, T, d_in [+ 1])`` from feature-major :func:`conv_patches`
     ``(d_in, N, T)``: a row of ones appended for a bias (a contiguous copy), then a permuted
-    view."""
+    view.
+
+    Raises
+    ------
+    ValueError
+        If ``patches`` is not 3-D.
+    """
+    if patches.ndim != 3:
+        raise ValueError(f"expected patches of shape (d_in, N, T), got {tuple(patches.shape)}")
     if bias:
         patches = torch.cat([patches, patches.new_ones(1, *patches.shape[1:])])
     return patches.permute(1, 2, 0)
