@@ -57,6 +57,30 @@ def test_eigenvalues_equal_brute_force_projected_second_moment() -> None:
         torch.testing.assert_close(ekfac.eigenvalues[index], projected.square().sum(0) / batch)
 
 
+def test_reduce_takes_the_reduced_factors_eigenbases_and_exact_eigenvalues() -> None:
+    """With ``kfac_approx="reduce"`` the eigenbases diagonalise K-FAC-reduce's factors, and the
+    eigenvalues are still the second moments of the exact per-sample gradients in them."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 16, 3)
+    ).to(DTYPE)
+    inputs = torch.randn(5, 2, 3, 3, dtype=DTYPE)
+    likelihood = get_likelihood("categorical")
+    ekfac = build_ekfac(model, inputs, likelihood=likelihood, kfac_approx="reduce")
+    kfac = build_kfac(model, inputs, likelihood=likelihood, kfac_approx="reduce")
+    expand = build_kfac(model, inputs, likelihood=likelihood)
+    assert not torch.allclose(kfac.input_factors[0], expand.input_factors[0])
+    for index, name in enumerate(["0", "3"]):
+        bases = ekfac.eigenbases[index]
+        factors = (kfac.output_factors[index], kfac.input_factors[index])
+        for eigen, factor in zip(bases, factors, strict=True):
+            rebuilt = eigen.vectors @ torch.diag(eigen.values) @ eigen.vectors.T
+            torch.testing.assert_close(rebuilt, factor)
+        gradients, batch = layer_backward_gradients(model, inputs, likelihood, name, True)
+        projected = bases[0].vectors.T @ gradients @ bases[1].vectors
+        torch.testing.assert_close(ekfac.eigenvalues[index], projected.square().sum(0) / batch)
+
+
 def test_ekfac_is_at_least_as_close_to_exact_blocks_as_kfac() -> None:
     torch.manual_seed(1)
     model = mlp().to(DTYPE)

@@ -15,7 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
-from natgrad.curvature.kfac_capture import conv_patches, patch_features
+from natgrad.curvature.kfac_capture import conv_patch_means, conv_patches, patch_features
 from natgrad.curvature.likelihoods import get_likelihood
 
 DTYPE = torch.float64
@@ -307,7 +307,8 @@ def test_conv_patches_equal_torch_unfold(
     kernel, stride, dilation, padding, padding_mode, channels, samples, channels_last
 ) -> None:
     """The strided-slice patches are ``functional.unfold``'s (after the layer's padding), for
-    either memory format of the input."""
+    either memory format of the input; their means over the locations (K-FAC-reduce) are the
+    means of ``functional.unfold``'s."""
     conv = nn.Conv2d(channels, 2, kernel, stride, padding, dilation, padding_mode=padding_mode)
     conv = conv.to(DTYPE)
     inputs = torch.randn(samples, channels, 6, 7, dtype=DTYPE)
@@ -320,6 +321,24 @@ def test_conv_patches_equal_torch_unfold(
     assert patches.is_contiguous()
     torch.testing.assert_close(patches, unfolded.permute(1, 0, 2), rtol=0, atol=0)
     assert conv(inputs).shape[2:].numel() == patches.shape[2]
+    torch.testing.assert_close(conv_patch_means(conv, inputs), unfolded.mean(2).T)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_patches_of_asymmetric_same_padding_equal_torch_unfold(padding_mode: str) -> None:
+    """``padding="same"`` with an even kernel pads one more on the right and bottom."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, (2, 4), padding="same", dilation=(1, 2), padding_mode=padding_mode)
+    conv = conv.to(DTYPE)
+    inputs = torch.randn(3, 2, 5, 9, dtype=DTYPE)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    padded = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode=mode)
+    assert padded.shape[2:] == (6, 15)
+    unfolded = nn.functional.unfold(padded, (2, 4), dilation=(1, 2))
+    torch.testing.assert_close(conv_patches(conv, inputs), unfolded.permute(1, 0, 2))
+    torch.testing.assert_close(conv_patch_means(conv, inputs), unfolded.mean(2).T)
+    assert unfolded.shape[2] == conv(inputs).shape[2:].numel()
 
 
 def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None:
@@ -328,6 +347,8 @@ def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None
         conv_patches(conv, torch.randn(2, 4, 4), "features")
     with pytest.raises(ValueError, match=r"got shape \(1, 3, 4, 4\)"):
         conv_patches(conv, torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"layer 'features': .* got shape \(1, 3, 4, 4\)"):
+        conv_patch_means(conv, torch.randn(1, 3, 4, 4), "features")
     with pytest.raises(ValueError, match=r"\(d_in, N, T\), got \(4, 9\)"):
         patch_features(torch.randn(4, 9), bias=True)
 
@@ -349,6 +370,88 @@ def test_conv2d_covering_whole_input_is_exact_at_batch_one() -> None:
     likelihood = get_likelihood("bernoulli")
     kfac = build_kfac(model, inputs, likelihood=likelihood)
     assert_blocks_equal(model, kfac, exact_fisher(model, inputs, likelihood))
+
+
+class _PooledLinear(nn.Module):
+    """A Linear layer at each of the T locations of ``(N, T, 3)`` inputs, mean-pooled, and a
+    Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.token(inputs)).mean(1))
+
+
+def _pooled_conv() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)
+    )
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_reduce_is_exact_at_batch_one_when_the_input_repeats_over_locations(layer: str) -> None:
+    """With the same input at every location, the per-sample gradient ``Σ_t g_t aᵀ`` is
+    ``ĝ āᵀ``, so K-FAC-reduce's blocks are the exact Fisher blocks at batch size 1
+    (Eschenhagen et al. 2023); with the locations pooled, K-FAC-expand's first block is ``1/T``
+    of the exact one."""
+    torch.manual_seed(12)
+    if layer == "linear":
+        model, locations = _PooledLinear().to(DTYPE), 5
+        inputs = torch.randn(1, 1, 3, dtype=DTYPE).expand(1, locations, 3)
+    else:
+        model, locations = _pooled_conv().to(DTYPE), 3 * 4
+        inputs = torch.randn(1, 2, 1, 1, dtype=DTYPE).expand(1, 2, 4, 5)
+    likelihood = get_likelihood("categorical")
+    exact = exact_fisher(model, inputs, likelihood)
+    reduce = build_kfac(model, inputs, likelihood=likelihood, kfac_approx="reduce")
+    assert_blocks_equal(model, reduce, exact)
+    expand = build_kfac(model, inputs, likelihood=likelihood).to_dense()
+    first = block_mask(model, linear_groups(model)[:1])
+    torch.testing.assert_close(expand[first] * locations, exact[first])
+    assert not torch.allclose(expand[first], exact[first])
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize(("kind", "curvlinops_kind"), [("exact", "type-2"), ("empirical", None)])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_factors_equal_curvlinops(kfac_approx: str, kind: str, curvlinops_kind, layer) -> None:
+    """Both approximations against curvlinops' ``KFACLinearOperator`` (an independent
+    implementation of KFC and K-FAC-reduce) on a strided, padded convolution and on a Linear
+    layer over sequences."""
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(13)
+    if layer == "linear":
+        model, inputs = _PooledLinear().to(DTYPE), torch.randn(6, 5, 3, dtype=DTYPE)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6, 3)
+        ).to(DTYPE)
+        inputs = torch.randn(6, 2, 5, 4, dtype=DTYPE)
+    targets = torch.randint(0, 3, (6,))
+    options = {"targets": targets} if kind == "empirical" else {}
+    kfac = build_kfac(
+        model, inputs, likelihood="categorical", kind=kind, kfac_approx=kfac_approx, **options
+    )
+    reference = curvlinops.KFACLinearOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        [(inputs, targets)],
+        fisher_type=curvlinops_kind or kind,
+        kfac_approx=kfac_approx,
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+    )
+    reference.compute_kronecker_factors()
+    names = [layer.name for layer in kfac.layers]
+    for index, name in enumerate(names):
+        torch.testing.assert_close(kfac.input_factors[index], reference._input_covariances[name])
+        torch.testing.assert_close(
+            kfac.output_factors[index], reference._gradient_covariances[name]
+        )
 
 
 def test_model_with_other_trainable_parameters_raises_naming_them() -> None:
@@ -377,6 +480,8 @@ def test_invalid_models_and_arguments_raise() -> None:
         build_kfac(model, inputs, likelihood="gaussian", kind="mc", mc_samples=0)
     with pytest.raises(ValueError, match="unknown likelihood"):
         build_kfac(model, inputs, likelihood="cauchy")
+    with pytest.raises(ValueError, match=r"kfac_approx must be one of .*, got 'mean'"):
+        build_kfac(model, inputs, likelihood="gaussian", kfac_approx="mean")
     with pytest.raises(ValueError, match="damping"):
         build_kfac(model, inputs, likelihood="gaussian").solve(torch.zeros(8, dtype=DTYPE), -1.0)
 

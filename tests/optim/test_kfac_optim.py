@@ -75,37 +75,53 @@ def test_batch_one_preconditioned_grad_is_dense_block_natural_gradient() -> None
         torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("make_model", [mlp, convnet])
 @pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
-def test_matches_kfac_operator_solve(make_model, damping_mode: str) -> None:
+def test_matches_kfac_operator_solve(make_model, damping_mode: str, kfac_approx: str) -> None:
     torch.manual_seed(1)
     model = make_model()
     inputs = torch.randn(6, 3, dtype=DTYPE) if make_model is mlp else torch.randn(6, 1, 3, 3)
     inputs, targets = inputs.to(DTYPE), torch.randint(0, 3, (6,))
     precond = KFAC(
-        model, factor_decay=0.0, inv_update_interval=1, damping=0.1, damping_mode=damping_mode
+        model,
+        factor_decay=0.0,
+        inv_update_interval=1,
+        damping=0.1,
+        damping_mode=damping_mode,
+        kfac_approx=kfac_approx,
     )
     backward(model, inputs, targets)
     gradient = flat_grads(model)
     precond.step()
     operator = build_kfac(
-        model, inputs, likelihood="categorical", kind="empirical", targets=targets
+        model,
+        inputs,
+        likelihood="categorical",
+        kind="empirical",
+        targets=targets,
+        kfac_approx=kfac_approx,
     )
     solve = operator.solve if damping_mode == "eigen" else operator.solve_factored
     torch.testing.assert_close(flat_grads(model), solve(gradient, 0.1))
 
 
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_factors_equal_brute_force_unfold(bias: bool) -> None:
+def test_conv_factors_equal_brute_force_unfold(bias: bool, kfac_approx: str) -> None:
     """The recorded conv input factor against ``functional.unfold`` patches (ones appended for a
-    bias), the output factor against the output gradients, both summed over two steps."""
+    bias), the output factor against the output gradients, both summed over two steps; with
+    K-FAC-reduce the patches averaged and the gradients summed over each sample's locations."""
     torch.manual_seed(3)
     conv = nn.Conv2d(2, 3, (2, 3), stride=(2, 1), dilation=(1, 2), padding=(1, 2), bias=bias)
     conv.padding_mode = "reflect"
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).to(DTYPE)
     batches = [torch.randn(4, 2, 5, 6, dtype=DTYPE) for _ in range(2)]
     model(batches[0])
-    precond = KFAC(model, factor_decay=0.5, inv_update_interval=1, damping=0.1)
+    precond = KFAC(
+        model, factor_decay=0.5, inv_update_interval=1, damping=0.1, kfac_approx=kfac_approx
+    )
+    reduce = kfac_approx == "reduce"
     expected_inputs, expected_outputs = [], []
     for inputs in batches:
         model.zero_grad()
@@ -116,11 +132,13 @@ def test_conv_factors_equal_brute_force_unfold(bias: bool) -> None:
         precond.step()
         padded = nn.functional.pad(inputs, conv._reversed_padding_repeated_twice, mode="reflect")
         patches = nn.functional.unfold(padded, (2, 3), dilation=(1, 2), stride=(2, 1))
+        patches = patches.mean(2, keepdim=True) if reduce else patches
         rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
         if bias:
             rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=DTYPE)], dim=1)
         expected_inputs.append(rows.T @ rows / len(rows))
-        grads = outputs.grad.flatten(2).transpose(1, 2).reshape(-1, 3) * len(inputs)
+        grads = outputs.grad.flatten(2).transpose(1, 2) * len(inputs)
+        grads = grads.sum(1) if reduce else grads.reshape(-1, 3)
         expected_outputs.append(grads.T @ grads / len(inputs))
     precond.remove()
     state = precond.layers[0]
@@ -136,16 +154,31 @@ def test_an_unbatched_conv_input_raises_naming_the_layer() -> None:
     precond.remove()
 
 
-def test_ekfac_matches_ekfac_operator_solve() -> None:
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("sequences", [False, True])
+def test_ekfac_matches_ekfac_operator_solve(kfac_approx: str, sequences: bool) -> None:
     torch.manual_seed(2)
-    model = convnet()
-    inputs, targets = torch.randn(5, 1, 3, 3, dtype=DTYPE), torch.randint(0, 3, (5,))
-    precond = EKFAC(model, factor_decay=0.0, inv_update_interval=1, damping=0.1)
+    if sequences:
+        model, inputs = _SequenceClassifier(), torch.randn(7, 5, 3, dtype=DTYPE)
+    else:
+        # unpadded, so that the kernel offsets average different windows: otherwise reduce's A
+        # is singular and EKFAC's eigenvalues in its null space depend on the eigensolver
+        model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 9, 3))
+        model, inputs = model.to(DTYPE), torch.randn(7, 1, 4, 4, dtype=DTYPE)
+    targets = torch.randint(0, 2, (7,))
+    precond = EKFAC(
+        model, factor_decay=0.0, inv_update_interval=1, damping=0.1, kfac_approx=kfac_approx
+    )
     backward(model, inputs, targets)
     gradient = flat_grads(model)
     precond.step()
     operator = build_ekfac(
-        model, inputs, likelihood="categorical", kind="empirical", targets=targets
+        model,
+        inputs,
+        likelihood="categorical",
+        kind="empirical",
+        targets=targets,
+        kfac_approx=kfac_approx,
     )
     torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
 
@@ -438,6 +471,47 @@ def test_linear_layer_over_sequences_uses_the_per_position_factors() -> None:
     torch.testing.assert_close(model.token.bias.grad, expected[:, 3])
 
 
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_linear_layer_over_sequences_with_reduce_pools_each_sequence(fisher_type: str) -> None:
+    """K-FAC-reduce: ``A`` is the mean over sequences of ``ā āᵀ`` (``ā`` the input averaged
+    over positions), ``G`` the mean of ``ĝ ĝᵀ`` (``ĝ`` the output gradients summed over
+    positions); against brute-force output gradients of the NLL at the same targets (for
+    ``"mc"``: drawn by a generator with the preconditioner's seed)."""
+    torch.manual_seed(0)
+    model = _SequenceClassifier()
+    samples, positions = 5, 6
+    inputs = torch.randn(samples, positions, 3, dtype=DTYPE)
+    targets = torch.randint(0, 2, (samples,))
+    precond = KFAC(
+        model,
+        layers=[model.token],
+        factor_decay=0.0,
+        inv_update_interval=1,
+        kfac_approx="reduce",
+        **fisher_options(fisher_type, seed=4),
+    )
+    model.zero_grad()
+    logits = model(inputs)
+    if fisher_type == "mc":
+        precond.sample_backward(logits)
+        targets = get_likelihood("categorical").sample(
+            logits.detach(), torch.Generator().manual_seed(4)
+        )
+    nn.functional.cross_entropy(logits, targets).backward()
+    precond.step()
+
+    means = torch.cat([inputs.mean(1), torch.ones(samples, 1, dtype=DTYPE)], -1)
+    outputs = model.token(inputs).detach().requires_grad_()
+    pooled = model.head(torch.tanh(outputs).mean(1))
+    (grads,) = torch.autograd.grad(
+        nn.functional.cross_entropy(pooled, targets, reduction="sum"), outputs
+    )
+    sums = grads.sum(1)
+    state = precond.layers[0]
+    torch.testing.assert_close(state.input_factor, means.T @ means / samples)
+    torch.testing.assert_close(state.output_factor, sums.T @ sums / samples)
+
+
 def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     """Per-token outputs ``(N, T, C)`` go to ``sample_backward`` flattened to ``(N·T, C)``:
     ``G`` sums the sampled tokens' ``g gᵀ`` over positions and averages over the N sequences,
@@ -468,17 +542,19 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
 
 
 @pytest.mark.parametrize("make_model", [mlp, convnet])
-def test_gradient_accumulation_equals_one_large_batch(make_model) -> None:
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_gradient_accumulation_equals_one_large_batch(make_model, kfac_approx: str) -> None:
     torch.manual_seed(7)
     reference = make_model()
     model = copy.deepcopy(reference)
     shape = (3,) if make_model is mlp else (1, 3, 3)
     inputs, targets = torch.randn(8, *shape, dtype=DTYPE), torch.randint(0, 3, (8,))
-    precond = KFAC(reference, inv_update_interval=1, damping=0.1)
+    options = {"inv_update_interval": 1, "damping": 0.1, "kfac_approx": kfac_approx}
+    precond = KFAC(reference, **options)
     backward(reference, inputs, targets)
     precond.step()
 
-    accumulating = KFAC(model, inv_update_interval=1, damping=0.1, accumulation_steps=2)
+    accumulating = KFAC(model, **options, accumulation_steps=2)
     model.zero_grad()
     for half in (slice(0, 4), slice(4, 8)):
         (nn.functional.cross_entropy(model(inputs[half]), targets[half]) / 2).backward()
@@ -486,8 +562,10 @@ def test_gradient_accumulation_equals_one_large_batch(make_model) -> None:
     torch.testing.assert_close(flat_grads(model), flat_grads(reference))
 
 
-@pytest.mark.parametrize("conv", [False, True])
-def test_autocast_keeps_float32_factors(conv: bool) -> None:
+@pytest.mark.parametrize(
+    ("conv", "kfac_approx"), [(False, "expand"), (True, "expand"), (True, "reduce")]
+)
+def test_autocast_keeps_float32_factors(conv: bool, kfac_approx: str) -> None:
     torch.manual_seed(8)
     if conv:
         model = nn.Sequential(
@@ -499,12 +577,12 @@ def test_autocast_keeps_float32_factors(conv: bool) -> None:
         inputs = torch.randn(16, 3)
     reference = copy.deepcopy(model)
     targets = torch.randint(0, 3, (16,))
-    precond = KFAC(model, inv_update_interval=1, damping=0.1)
+    precond = KFAC(model, inv_update_interval=1, damping=0.1, kfac_approx=kfac_approx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = nn.functional.cross_entropy(model(inputs), targets)
     loss.backward()
     precond.step()
-    reference_precond = KFAC(reference, inv_update_interval=1, damping=0.1)
+    reference_precond = KFAC(reference, inv_update_interval=1, damping=0.1, kfac_approx=kfac_approx)
     backward(reference, inputs, targets)
     reference_precond.step()
     for state, expected in zip(precond.layers, reference_precond.layers, strict=True):
@@ -634,6 +712,8 @@ def test_invalid_options_raise() -> None:
         KFAC(model, factor_decay=1.0)
     with pytest.raises(ValueError, match="inv_update_interval"):
         KFAC(model, inv_update_interval=0)
+    with pytest.raises(ValueError, match=r"kfac_approx must be one of .*, got 'mean'"):
+        KFAC(model, kfac_approx="mean")
     with pytest.raises(ValueError, match="cannot be preconditioned"):
         KFAC(model, layers=[model[1]])
     with pytest.raises(ValueError, match="only damping_mode='eigen'"):

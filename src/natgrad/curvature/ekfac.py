@@ -106,12 +106,15 @@ def build_ekfac(
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    kfac_approx: str = "expand",
 ) -> EKFAC:
     """EKFAC Fisher of ``model`` on ``inputs`` (mean over the N data points).
 
     Arguments, supported models and errors are those of
     :func:`natgrad.curvature.kfac.build_kfac`; the eigenbases and the re-estimated eigenvalues
-    come from the same forward pass and backward vectors.
+    come from the same forward pass and backward vectors. ``kfac_approx`` chooses the factors
+    whose eigenbases are used; the eigenvalues are always the second moments of the exact
+    per-sample gradients ``Σ_t g_t a_tᵀ`` in that basis.
 
     Returns
     -------
@@ -126,6 +129,7 @@ def build_ekfac(
         targets=targets,
         mc_samples=mc_samples,
         generator=generator,
+        kfac_approx=kfac_approx,
     )
     eigenbases = [
         (symmetric_eigh(stats.output_factor), symmetric_eigh(stats.input_factor))

@@ -21,7 +21,15 @@ is ``Σ_t g_t a_tᵀ``. The factors are
     G = 1/N     Σ_n Σ_t g_nt g_ntᵀ        (mean over samples, sum over locations)
 
 so that ``G ⊗ A`` is the KFC approximation ``E[Σ_t g gᵀ] ⊗ E[Σ_t a aᵀ] / T`` and is exact for a
-single sample with ``T = 1``.
+single sample with ``T = 1``. This is K-FAC-*expand* in the terms of Eschenhagen et al. (2023,
+"Kronecker-Factored Approximate Curvature for Modern Neural Network Architectures").
+K-FAC-*reduce* (``kfac_approx="reduce"``) first reduces each sample over its locations,
+
+    ā_n = 1/T Σ_t a_nt,   ĝ_n = Σ_t g_nt,   A = 1/N Σ_n ā_n ā_nᵀ,   G = 1/N Σ_n ĝ_n ĝ_nᵀ
+
+(:func:`reduced_input_features`, :func:`reduced_output_features`), which is exact for a single
+sample whose inputs are the same at every location (then ``Σ_t g_t a_tᵀ = ĝ āᵀ``) and costs
+``T`` times fewer flops to build; both coincide when ``T = 1``.
 """
 
 from __future__ import annotations
@@ -36,24 +44,31 @@ from torch import Tensor, nn
 from natgrad.curvature.likelihoods import Likelihood, as_matrix
 
 __all__ = [
+    "KFAC_APPROXIMATIONS",
     "KRONECKER_LAYER_TYPES",
     "ForwardCapture",
     "KroneckerLayer",
+    "add_column_gram",
     "backward_vectors",
     "check_fisher_kind",
+    "conv_patch_means",
     "conv_patches",
     "input_factor",
     "input_features",
     "kronecker_layers",
+    "layer_input_factor",
     "output_factor",
     "output_features",
     "patch_features",
     "per_sample_gradients",
+    "reduced_input_features",
+    "reduced_output_features",
     "trainable_parameters",
 ]
 
 KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 FISHER_KINDS = ("exact", "mc", "empirical")
+KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,6 +204,24 @@ def kronecker_layers(
     return layers
 
 
+def _check_conv_input(module: nn.Conv2d, layer_input: Tensor, name: str) -> None:
+    if layer_input.ndim != 4 or layer_input.shape[1] != module.in_channels:
+        raise ValueError(
+            f"layer {name!r}: expected a batched (N, {module.in_channels}, H, W) input, "
+            f"got shape {tuple(layer_input.shape)}"
+        )
+
+
+def _padded(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
+    """The input padded as the layer pads it."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+
+
+def _output_size(padded_size: int, kernel: int, dilation: int, stride: int) -> int:
+    return (padded_size - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def conv_patches(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The unfolded input patches of a convolution, feature-major: shape ``(d_in, N, T)`` with
     ``d_in = C · k_h · k_w`` (channel-major, matching ``weight.reshape(d_out, -1)``) and
@@ -205,18 +238,12 @@ def conv_patches(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> 
         Unless ``layer_input`` is a batched ``(N, C_in, H, W)`` input of the layer (``name``
         names it in the message).
     """
-    if layer_input.ndim != 4 or layer_input.shape[1] != module.in_channels:
-        raise ValueError(
-            f"layer {name!r}: expected a batched (N, {module.in_channels}, H, W) input, "
-            f"got shape {tuple(layer_input.shape)}"
-        )
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    padded = functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
-    samples, channels, height, width = padded.shape
+    _check_conv_input(module, layer_input, name)
+    padded = _padded(module, layer_input)
     (kernel_h, kernel_w), (dilation_h, dilation_w) = module.kernel_size, module.dilation
     stride_h, stride_w = module.stride
-    out_h = (height - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
-    out_w = (width - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    out_h = _output_size(padded.shape[2], kernel_h, dilation_h, stride_h)
+    out_w = _output_size(padded.shape[3], kernel_w, dilation_w, stride_w)
     channels_first = padded.transpose(0, 1)
     offsets = [
         channels_first[
@@ -229,7 +256,61 @@ def conv_patches(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> 
         for column in range(kernel_w)
     ]
     patches = torch.stack(offsets, dim=1)  # (C, k_h k_w, N, H_out, W_out)
-    return patches.reshape(channels * kernel_h * kernel_w, samples, out_h * out_w)
+    return patches.reshape(module.weight[0].numel(), layer_input.shape[0], out_h * out_w)
+
+
+def _window_indicator(
+    kernel: int, dilation: int, stride: int, padding: tuple[int, int], size: int, like: Tensor
+) -> tuple[Tensor, int]:
+    """Along one axis of an input of ``size`` positions with ``padding`` zeros before and after
+    it: the ``(kernel, size)`` matrix whose row ``k`` marks the positions that kernel offset
+    ``k`` reads (padding is not a position), and the number of output positions."""
+    outputs = _output_size(size + sum(padding), kernel, dilation, stride)
+    offsets = torch.arange(kernel, device=like.device) * dilation - padding[0]
+    read = offsets.unsqueeze(1) + stride * torch.arange(outputs, device=like.device)
+    outside = (read < 0) | (read >= size)
+    indicator = like.new_zeros(kernel, size + 1)
+    indicator.scatter_(1, read.masked_fill(outside, size), 1.0)
+    return indicator[:, :size], outputs
+
+
+def conv_patch_means(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
+    """The mean over locations of :func:`conv_patches`, shape ``(d_in, N)``: K-FAC-reduce's
+    input features, without gathering the patches.
+
+    The sum over the locations of kernel offset ``(r, q)`` is ``Σ_{h,w} R[r,h] x[h,w] Q[q,w]``,
+    with ``R`` and ``Q`` marking the rows and columns that the offset reads: two matrix
+    products that read the input once, in its dtype (also under ``torch.autocast``). Zero
+    padding adds nothing and is left out; the other padding modes pad the input first.
+
+    Raises
+    ------
+    ValueError
+        As :func:`conv_patches`.
+    """
+    _check_conv_input(module, layer_input, name)
+    zeros = module.padding_mode == "zeros"
+    source = layer_input if zeros else _padded(module, layer_input)
+    samples, channels, height, width = source.shape
+    pads = module._reversed_padding_repeated_twice
+    paddings = ((pads[2], pads[3]), (pads[0], pads[1])) if zeros else ((0, 0), (0, 0))
+    (rows, out_h), (columns, out_w) = (
+        _window_indicator(kernel, dilation, stride, padding, size, source)
+        for kernel, dilation, stride, padding, size in zip(
+            module.kernel_size,
+            module.dilation,
+            module.stride,
+            paddings,
+            (height, width),
+            strict=True,
+        )
+    )
+    with torch.autocast(source.device.type, enabled=False):  # sums in the input's dtype
+        column_sums = source.reshape(-1, width) @ columns.mT  # (N C H, k_w)
+        by_row = column_sums.reshape(samples * channels, height, len(columns)).transpose(0, 1)
+        sums = rows @ by_row.reshape(height, samples * channels * len(columns))  # (k_h, N C k_w)
+    sums = sums.reshape(len(rows), samples, channels, len(columns)).permute(2, 0, 3, 1)
+    return sums.reshape(module.weight[0].numel(), samples) / (out_h * out_w)  # (C k_h k_w, N)
 
 
 def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
@@ -269,6 +350,61 @@ def output_features(layer: KroneckerLayer, output_grad: Tensor) -> Tensor:
     if isinstance(layer.module, nn.Conv2d):
         return output_grad.flatten(2).transpose(1, 2)
     return output_grad.reshape(output_grad.shape[0], -1, output_grad.shape[-1])
+
+
+def add_column_gram(total: Tensor | None, columns: Tensor, ones: bool, fresh: bool) -> Tensor:
+    """``total + X Xᵀ`` in place for feature-major ``columns`` ``(d, n)`` (e.g. conv patches),
+    where ``X`` is ``columns`` with, if ``ones``, a row of ones appended (a bias): the Gram
+    matrix of ``columns`` into the leading block, their row sums and ``n`` into the last row and
+    column, so no row of ones is copied in. ``fresh`` ignores the old contents of ``total``
+    (allocated when ``None``); shape ``(d [+ 1], d [+ 1])``."""
+    features, count = columns.shape
+    size = features + int(ones)
+    if total is None:
+        total = columns.new_empty((size, size))
+    total[:features, :features].addmm_(columns, columns.mT, beta=0.0 if fresh else 1.0)
+    if not ones:
+        return total
+    sums = columns.sum(dim=1)
+    if fresh:
+        total[:features, features] = sums
+        total[features, :features] = sums
+        total[features, features] = count
+    else:
+        total[:features, features] += sums
+        total[features, :features] += sums
+        total[features, features] += count
+    return total
+
+
+def layer_input_factor(layer: KroneckerLayer, layer_input: Tensor, kfac_approx: str) -> Tensor:
+    """``A`` of one batch from the layer's input, shape ``(d_in [+ 1], d_in [+ 1])``: what
+    :func:`input_factor` gives from :func:`input_features` (reduced with ``"reduce"``), but for
+    a convolution from the feature-major patches (their means over the locations with
+    ``"reduce"``, which are summed without gathering the patches)."""
+    module = layer.module
+    if not isinstance(module, nn.Conv2d):
+        features = input_features(layer, layer_input)
+        return input_factor(
+            reduced_input_features(features) if kfac_approx == "reduce" else features
+        )
+    if kfac_approx == "reduce":
+        columns = conv_patch_means(module, layer_input, layer.name)
+    else:
+        columns = conv_patches(module, layer_input, layer.name).flatten(1)
+    return add_column_gram(None, columns, layer.has_bias, fresh=True) / columns.shape[1]
+
+
+def reduced_input_features(features: Tensor) -> Tensor:
+    """K-FAC-reduce's input features ``ā_n = 1/T Σ_t a_nt``: shape ``(N, 1, d)`` from
+    ``(N, T, d)``."""
+    return features.mean(dim=1, keepdim=True)
+
+
+def reduced_output_features(features: Tensor) -> Tensor:
+    """K-FAC-reduce's output gradients ``ĝ_n = Σ_t g_nt``: shape ``(N, 1, d)`` from
+    ``(N, T, d)``."""
+    return features.sum(dim=1, keepdim=True)
 
 
 def input_factor(features: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ from natgrad._validation import (
     unit_interval,
 )
 from natgrad._warnings import warn_at_caller
+from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -315,6 +316,14 @@ class KFAC:
         ``"assigned"`` computes each layer's on one process (greedy balance of ``d³`` costs)
         and broadcasts it (less compute per process, one broadcast of ``O(d²)`` per layer and
         refresh or damping change). Both give identical results.
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        How a layer with several locations per sample (a convolution's spatial positions, a
+        ``Linear`` applied to ``(N, ..., d_in)``, e.g. a sequence) forms its factors:
+        ``"expand"`` treats every location as a sample (KFC, Grosse & Martens 2016);
+        ``"reduce"`` averages each sample's inputs and sums its output gradients over the
+        locations first (K-FAC-reduce, Eschenhagen et al. 2023), which builds the factors
+        from ``N`` rows instead of ``N·T`` (and, for a convolution, without gathering its
+        patches). Both coincide for ``(N, d_in)`` inputs; embeddings always expand.
     process_group : ProcessGroup, optional
         Group over which factors are all-reduced (default: the world).
     generator : torch.Generator, optional
@@ -361,6 +370,7 @@ class KFAC:
         accumulation_steps: int = 1,
         start_step: int = 0,
         inverse_placement: str = "replicated",
+        kfac_approx: str = "expand",
         process_group: dist.ProcessGroup | None = None,
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
@@ -400,6 +410,7 @@ class KFAC:
         self.inverse_placement = one_of(
             "inverse_placement", inverse_placement, ("replicated", "assigned")
         )
+        self.kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         self.process_group = process_group
         self.generator = generator
         if not (
@@ -434,7 +445,9 @@ class KFAC:
     def _make_state(self, name: str, module: nn.Module) -> LayerState:
         if isinstance(module, nn.Embedding):
             return EmbeddingState(name, module, keep_pairs=False)
-        return KroneckerLayerState(name, module, keep_pairs=self._keeps_pairs())
+        return KroneckerLayerState(
+            name, module, keep_pairs=self._keeps_pairs(), reduce=self.kfac_approx == "reduce"
+        )
 
     def _keeps_pairs(self) -> bool:
         return False

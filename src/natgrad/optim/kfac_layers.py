@@ -26,10 +26,14 @@ from torch import Tensor, nn
 from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import (
     KroneckerLayer,
+    add_column_gram,
+    conv_patch_means,
     conv_patches,
     input_features,
     output_features,
     patch_features,
+    reduced_input_features,
+    reduced_output_features,
 )
 from natgrad.linalg.kron import (
     SymmetricEigen,
@@ -63,30 +67,6 @@ def _add_gram(total: Tensor | None, rows: Tensor, fresh: bool, scale: float = 1.
     if total is None:
         total = rows.new_empty((rows.shape[-1], rows.shape[-1]))
     return total.addmm_(rows.mT, rows, beta=0.0 if fresh else 1.0, alpha=scale)
-
-
-def _add_column_gram(total: Tensor | None, columns: Tensor, ones: bool, fresh: bool) -> Tensor:
-    """``total + X Xᵀ`` in place for feature-major ``columns`` ``(d, n)``, where ``X`` is
-    ``columns`` with, if ``ones``, a row of ones appended (a bias): the Gram matrix of
-    ``columns`` into the leading block, their row sums and ``n`` into the last row and column.
-    ``fresh`` ignores the old contents of ``total`` (allocated when ``None``)."""
-    features, count = columns.shape
-    size = features + int(ones)
-    if total is None:
-        total = columns.new_empty((size, size))
-    total[:features, :features].addmm_(columns, columns.mT, beta=0.0 if fresh else 1.0)
-    if not ones:
-        return total
-    sums = columns.sum(dim=1)
-    if fresh:
-        total[:features, features] = sums
-        total[features, :features] = sums
-        total[features, features] = count
-    else:
-        total[:features, features] += sums
-        total[features, :features] += sums
-        total[features, features] += count
-    return total
 
 
 def fold_factors(states: Sequence[LayerState], decay: float) -> None:
@@ -206,20 +186,25 @@ class LayerState:
     """Running Kronecker factors of one layer; subclasses say how features are formed.
 
     The factors follow :mod:`natgrad.curvature.kfac_capture`: ``A`` is the mean of ``a aᵀ`` over
-    samples and locations, ``G`` the mean over samples of ``Σ_t g gᵀ``, both accumulated as
-    sums and counts until :func:`fold_factors` turns them into an exponential moving average.
+    samples and locations, ``G`` the mean over samples of ``Σ_t g gᵀ`` (with ``reduce``,
+    K-FAC-reduce: the inputs averaged and the output gradients summed over each sample's
+    locations first), both accumulated as sums and counts until :func:`fold_factors` turns them
+    into an exponential moving average.
     """
 
     name: str
     module: nn.Module
     weight: nn.Parameter
 
-    def __init__(self, name: str, module: nn.Module, keep_pairs: bool) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, keep_pairs: bool, reduce: bool = False
+    ) -> None:
         self.name = name
         self.module = module
         self.weight = module.weight  # held, as a torch.optim optimizer holds its parameters
         self.dtype = factor_dtype_for(module.weight)
         self.keep_pairs = keep_pairs
+        self.reduce = reduce
         self.pairs: list[tuple[Tensor, Tensor]] = []
         self.input_sum: Tensor | None = None
         self.output_sum: Tensor | None = None
@@ -306,19 +291,29 @@ class LayerState:
         return self.input_count > 0 and self.output_count > 0
 
     def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
-        """Add ``Σ_n Σ_t g gᵀ`` for output gradients ``scale · grad`` (per-sample gradients)."""
+        """Add ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients ``scale · grad``
+        (per-sample gradients)."""
         if grad.requires_grad:
             grad = grad.detach()
         if grad.dtype != self.dtype:
             grad = grad.to(self.dtype)
         samples = grad.shape[0]
-        rows = self._output_rows(grad)
+        rows = self._output_gram_rows(grad)
         fresh = self.output_count == 0
         self.output_sum = _add_gram(self.output_sum, rows, fresh, scale**2)
         self.output_count += samples
         if self.keep_pairs:
-            grads = rows.reshape(samples, -1, rows.shape[-1])
+            full = self._output_rows(grad) if self.reduce else rows
+            grads = full.reshape(samples, -1, full.shape[-1])
             self.pairs.append((features, grads if scale == 1.0 else grads * scale))
+
+    def _output_gram_rows(self, grad: Tensor) -> Tensor:
+        """The rows whose Gram matrix is added to ``G``: the output gradients ``(N T, d_out)``,
+        or with ``reduce`` their sums over each sample's locations ``(N, d_out)``."""
+        if self.reduce and grad.ndim > 2:
+            features = output_features(self._feature_layer(), grad)
+            return reduced_output_features(features).squeeze(1)
+        return self._output_rows(grad)
 
     def _output_rows(self, grad: Tensor) -> Tensor:
         """Output gradients as rows ``(N T, d_out)``
@@ -544,9 +539,12 @@ class LayerState:
 
 
 class KroneckerLayerState(LayerState):
-    """``nn.Linear`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded into ``A``."""
+    """``nn.Linear`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded into ``A``;
+    ``reduce`` selects K-FAC-reduce for inputs with several locations per sample."""
 
-    def __init__(self, name: str, module: nn.Module, keep_pairs: bool) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, keep_pairs: bool, reduce: bool = False
+    ) -> None:
         bias = module.bias
         bias_index = 1 if bias is not None and bias.requires_grad else None
         self.layer = KroneckerLayer(name, module, 0, bias_index)
@@ -554,7 +552,7 @@ class KroneckerLayerState(LayerState):
         self._rows = module.weight.shape[0]
         self._columns = module.weight[0].numel()
         self._ones: Tensor | None = None
-        super().__init__(name, module, keep_pairs)
+        super().__init__(name, module, keep_pairs, reduce)
 
     def _feature_layer(self) -> KroneckerLayer:
         return self.layer
@@ -568,34 +566,45 @@ class KroneckerLayerState(LayerState):
         return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
     def record_input(self, layer_input: Tensor) -> Tensor | None:
-        """Add ``Σ_n Σ_t a aᵀ``; returns the features ``(N, T, d_in [+ 1])`` if pairs are kept
-        (EKFAC), else ``None``."""
+        """Add ``Σ_n Σ_t a aᵀ`` (reduce: ``Σ_n ā āᵀ``); returns the features
+        ``(N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``."""
         layer_input = layer_input.detach()
         if isinstance(self.module, nn.Conv2d):
             return self._record_patches(layer_input)
+        features = None
         if layer_input.ndim == 2:
             flat = self._with_ones_column(layer_input) if self.layer.has_bias else layer_input
         else:
             features = input_features(self.layer, layer_input)
-            flat = features.reshape(-1, features.shape[-1])
+            rows = reduced_input_features(features) if self.reduce else features
+            flat = rows.reshape(-1, rows.shape[-1])
         if flat.dtype != self.dtype:
             flat = flat.to(self.dtype)
         self.input_sum = _add_gram(self.input_sum, flat, self.input_count == 0)
         self.input_count += flat.shape[0]
         if not self.keep_pairs:
             return None
+        if features is not None and self.reduce:
+            return features.to(self.dtype)
         return flat.reshape(layer_input.shape[0], -1, flat.shape[-1])
 
     def _record_patches(self, layer_input: Tensor) -> Tensor | None:
         """:meth:`record_input` of a convolution, from its feature-major patches
         (:func:`~natgrad.curvature.kfac_capture.conv_patches`): the Gram matrix of the patches
-        is one product, and a bias adds their sums, with no column of ones copied in."""
-        patches = conv_patches(self.module, layer_input, self.name)
-        if patches.dtype != self.dtype:
-            patches = patches.to(self.dtype)
-        columns = patches.reshape(patches.shape[0], -1)
+        is one product, and a bias adds their sums, with no column of ones copied in. With
+        ``reduce`` the Gram matrix is of the patches' means over the locations
+        (:func:`~natgrad.curvature.kfac_capture.conv_patch_means`, no patches gathered unless
+        EKFAC keeps them)."""
+        patches = None
+        if self.reduce and not self.keep_pairs:
+            columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
+        else:
+            patches = conv_patches(self.module, layer_input, self.name)
+            if patches.dtype != self.dtype:
+                patches = patches.to(self.dtype)
+            columns = patches.mean(dim=2) if self.reduce else patches.reshape(len(patches), -1)
         fresh = self.input_count == 0
-        self.input_sum = _add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
+        self.input_sum = add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
         self.input_count += columns.shape[1]
         return patch_features(patches, self.layer.has_bias) if self.keep_pairs else None
 
