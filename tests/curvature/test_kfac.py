@@ -77,7 +77,7 @@ def linear_groups(model: nn.Module) -> list[list[str]]:
     return [
         [f"{name}.{p}" for p, _ in module.named_parameters()]
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d))
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     ]
 
 
@@ -341,6 +341,77 @@ def test_conv_patches_of_asymmetric_same_padding_equal_torch_unfold(padding_mode
     assert unfolded.shape[2] == conv(inputs).shape[2:].numel()
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    channels=st.integers(1, 3),
+    samples=st.integers(1, 3),
+)
+def test_conv1d_patches_equal_sliding_windows(
+    kernel, stride, dilation, padding, padding_mode, channels, samples
+) -> None:
+    """A ``Conv1d``'s patches (and their means) against ``Tensor.unfold``'s sliding windows of
+    the padded input, every ``dilation``-th element of each."""
+    conv = nn.Conv1d(channels, 2, kernel, stride, padding, dilation, padding_mode=padding_mode)
+    inputs = torch.randn(samples, channels, 7, dtype=DTYPE)
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    padded = nn.functional.pad(inputs, (padding, padding), mode=mode)
+    windows = padded.unfold(2, dilation * (kernel - 1) + 1, stride)[..., ::dilation]
+    expected = windows.permute(1, 3, 0, 2).reshape(channels * kernel, samples, -1)
+    assert expected.shape[2] == conv.to(DTYPE)(inputs).shape[2]
+    torch.testing.assert_close(conv_patches(conv, inputs), expected, rtol=0, atol=0)
+    torch.testing.assert_close(conv_patch_means(conv, inputs), expected.mean(2))
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_conv1d_factors_equal_those_of_the_equivalent_conv2d(kfac_approx: str) -> None:
+    """A ``Conv1d`` and the ``Conv2d`` with kernel ``(1, k)`` on the inputs with a unit height
+    compute the same thing, and get the same factors."""
+    torch.manual_seed(5)
+    line = nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2, padding_mode="reflect"),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 5, 4),
+    ).to(DTYPE)
+    image = nn.Sequential(
+        nn.Conv2d(2, 3, (1, 3), stride=(1, 2), padding=(0, 2), dilation=(1, 2)),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 5, 4),
+    ).to(DTYPE)
+    image[0].padding_mode = "reflect"
+    with torch.no_grad():
+        image[0].weight.copy_(line[0].weight.unsqueeze(2))
+        image[0].bias.copy_(line[0].bias)
+        image[3].load_state_dict(line[3].state_dict())
+    inputs = torch.randn(6, 2, 9, dtype=DTYPE)
+    torch.testing.assert_close(line(inputs), image(inputs.unsqueeze(2)))
+    options = {"likelihood": "categorical", "kfac_approx": kfac_approx}
+    line_kfac = build_kfac(line, inputs, **options)
+    image_kfac = build_kfac(image, inputs.unsqueeze(2), **options)
+    for got, expected in zip(
+        line_kfac.input_factors + line_kfac.output_factors,
+        image_kfac.input_factors + image_kfac.output_factors,
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected)
+
+
+def test_conv1d_covering_whole_input_is_exact_at_batch_one() -> None:
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Conv1d(2, 3, kernel_size=4), nn.Flatten(), nn.Tanh(), nn.Linear(3, 2))
+    model = model.to(DTYPE)
+    inputs = torch.randn(1, 2, 4, dtype=DTYPE)
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+    assert_blocks_equal(model, kfac, exact_fisher(model, inputs, likelihood))
+
+
 def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None:
     conv = nn.Conv2d(2, 3, 2)
     with pytest.raises(ValueError, match=r"layer 'features': expected a batched \(N, 2, H, W\)"):
@@ -349,6 +420,8 @@ def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None
         conv_patches(conv, torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match=r"layer 'features': .* got shape \(1, 3, 4, 4\)"):
         conv_patch_means(conv, torch.randn(1, 3, 4, 4), "features")
+    with pytest.raises(ValueError, match=r"expected a batched \(N, 2, L\) input, got shape"):
+        conv_patches(nn.Conv1d(2, 3, 2), torch.randn(1, 2, 4, 4))
     with pytest.raises(ValueError, match=r"\(d_in, N, T\), got \(4, 9\)"):
         patch_features(torch.randn(4, 9), bias=True)
 

@@ -58,6 +58,19 @@ def cnn() -> nn.Module:
     ).to(DTYPE)
 
 
+def cnn_1d() -> nn.Module:
+    """Flat ``(N, 3)`` inputs as 1-channel sequences ``(N, 1, 3)`` through two ``Conv1d``."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 3)),
+        nn.Conv1d(1, 2, 2, padding=1),
+        nn.Tanh(),
+        nn.Conv1d(2, 2, 2, stride=2, padding=1, bias=False, padding_mode="circular"),
+        nn.Flatten(),
+        nn.Linear(6, OUTPUTS),
+    ).to(DTYPE)
+
+
 class Locations(nn.Module):
     """A Linear applied along a location axis (``T = 2``), then flattened."""
 
@@ -86,6 +99,7 @@ def in_place_activations() -> nn.Module:
 
 
 MODELS = {"mlp": lambda: mlp(True), "mlp_no_bias": lambda: mlp(False), "cnn": cnn}
+MODELS["cnn_1d"] = cnn_1d
 MODELS["linear_locations"] = lambda: Locations().to(DTYPE)
 MODELS["in_place_activations"] = in_place_activations
 

@@ -42,6 +42,15 @@ def convnet() -> nn.Module:
     ).to(DTYPE)
 
 
+def conv1d_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 3)
+    ).to(DTYPE)
+
+
+INPUT_SHAPES = {mlp: (3,), convnet: (1, 3, 3), conv1d_net: (2, 7)}
+
+
 def per_sample_gradients(model, inputs, targets) -> dict[str, torch.Tensor]:
     params = {name: p.detach() for name, p in model.named_parameters()}
 
@@ -76,13 +85,13 @@ def test_batch_one_preconditioned_grad_is_dense_block_natural_gradient() -> None
 
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
-@pytest.mark.parametrize("make_model", [mlp, convnet])
+@pytest.mark.parametrize("make_model", [mlp, convnet, conv1d_net])
 @pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
 def test_matches_kfac_operator_solve(make_model, damping_mode: str, kfac_approx: str) -> None:
     torch.manual_seed(1)
     model = make_model()
-    inputs = torch.randn(6, 3, dtype=DTYPE) if make_model is mlp else torch.randn(6, 1, 3, 3)
-    inputs, targets = inputs.to(DTYPE), torch.randint(0, 3, (6,))
+    inputs = torch.randn(6, *INPUT_SHAPES[make_model], dtype=DTYPE)
+    targets = torch.randint(0, 3, (6,))
     precond = KFAC(
         model,
         factor_decay=0.0,
@@ -735,6 +744,8 @@ def test_layer_types_select_layers_and_skip_grouped_convolutions() -> None:
     ).to(DTYPE)
     assert [state.name for state in KFAC(model).layers] == ["1", "3"]
     assert [state.name for state in KFAC(model, layers=[nn.Conv2d]).layers] == ["1"]
+    sequence = nn.Sequential(nn.Conv1d(2, 2, 1, groups=2), nn.Conv1d(2, 2, 1), nn.Flatten())
+    assert [state.name for state in KFAC(sequence).layers] == ["1"]
     with pytest.raises(ValueError, match="unsupported layer types"):
         KFAC(model, layers=[nn.LayerNorm])
     with pytest.raises(ValueError, match="groups=1"):

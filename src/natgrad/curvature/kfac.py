@@ -1,9 +1,9 @@
 """K-FAC: Kronecker-factored Fisher blocks ``G_l ⊗ A_l`` per layer (Martens & Grosse, 2015).
 
-The operator is block diagonal over the layers of a model, one block per ``nn.Linear`` or
-``nn.Conv2d`` (KFC, Grosse & Martens 2016), with the Fisher as the **mean** over the N data
-points. Factor conventions (row-major vectorisation, bias folded into ``A``, convolution
-patches with ``A`` averaged and ``G`` summed over spatial locations) are documented in
+The operator is block diagonal over the layers of a model, one block per ``nn.Linear``,
+``nn.Conv1d`` or ``nn.Conv2d`` (KFC, Grosse & Martens 2016), with the Fisher as the **mean**
+over the N data points. Factor conventions (row-major vectorisation, bias folded into ``A``,
+convolution patches with ``A`` averaged and ``G`` summed over spatial locations) are documented in
 :mod:`natgrad.curvature.kfac_capture` and :mod:`natgrad.linalg.kron`.
 """
 
@@ -292,7 +292,8 @@ def build_kfac(
     Parameters
     ----------
     model : nn.Module
-        Every trainable parameter must belong to an ``nn.Linear`` or ``nn.Conv2d`` (groups=1)
+        Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
+        (groups=1)
         called exactly once per forward pass.
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
@@ -321,9 +322,9 @@ def build_kfac(
     Raises
     ------
     ValueError
-        For a trainable parameter outside Linear/Conv2d layers (named in the message), an unknown
-        ``kind``, likelihood or ``kfac_approx``, missing targets, or a layer called zero or
-        several times.
+        For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), an
+        unknown ``kind``, likelihood or ``kfac_approx``, missing targets, or a layer called zero
+        or several times.
     """
     statistics = collect_statistics(
         model,

@@ -8,9 +8,10 @@ matrices, and the factors built from them. Shared by the curvature operators
 Conventions
 -----------
 A layer's weight is viewed as a matrix ``W`` of shape ``(d_out, d_in)``: ``nn.Linear`` as is,
-``nn.Conv2d`` as ``weight.reshape(d_out, C_in · k_h · k_w)``. A trainable bias is folded in as an
-extra input column (input feature constant 1), giving ``d_in + 1`` columns; in flat parameter
-vectors the weight still comes first and the bias after it, as in ``model.parameters()``.
+``nn.Conv2d`` as ``weight.reshape(d_out, C_in · k_h · k_w)`` (``nn.Conv1d``: ``C_in · k``). A
+trainable bias is folded in as an extra input column (input feature constant 1), giving
+``d_in + 1`` columns; in flat parameter vectors the weight still comes first and the bias after
+it, as in ``model.parameters()``.
 
 Features carry a "location" axis ``T``: the spatial positions of a convolution (unfolded
 patches, Grosse & Martens 2016) or the extra dimensions of a ``Linear`` input of shape
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as functional
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from natgrad.curvature.likelihoods import Likelihood, as_matrix
 
 __all__ = [
+    "CONV_TYPES",
     "KFAC_APPROXIMATIONS",
     "KRONECKER_LAYER_TYPES",
     "ForwardCapture",
@@ -66,7 +69,8 @@ __all__ = [
     "trainable_parameters",
 ]
 
-KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 FISHER_KINDS = ("exact", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -79,7 +83,7 @@ class KroneckerLayer:
     ----------
     name : str
         Qualified module name in the model.
-    module : nn.Linear or nn.Conv2d
+    module : nn.Linear, nn.Conv1d or nn.Conv2d
     weight_index : int
         Index of the weight among the trainable parameters (``model.parameters()`` order).
     bias_index : int or None
@@ -143,7 +147,7 @@ def trainable_parameters(model: nn.Module) -> list[Tensor]:
     return [param for param in model.parameters() if param.requires_grad]
 
 
-def _check_conv(name: str, module: nn.Conv2d) -> None:
+def _check_conv(name: str, module: nn.Module) -> None:
     if module.groups != 1:
         raise ValueError(
             f"layer {name!r}: Kronecker factors need groups=1 convolutions, "
@@ -162,7 +166,7 @@ def kronecker_layers(
     Parameters
     ----------
     model : nn.Module
-    layer_types : tuple of module types, default ``(nn.Linear, nn.Conv2d)``
+    layer_types : tuple of module types, default ``(nn.Linear, nn.Conv1d, nn.Conv2d)``
     strict : bool, default True
         Require every trainable parameter to belong to such a layer.
 
@@ -185,7 +189,7 @@ def kronecker_layers(
             if bias_trainable:
                 raise ValueError(f"layer {name!r}: trainable bias with a frozen weight")
             continue
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, CONV_TYPES):
             _check_conv(name, module)
         bias_index = position[id(bias)] if bias_trainable else None
         layers.append(KroneckerLayer(name, module, position[id(weight)], bias_index))
@@ -204,44 +208,72 @@ def kronecker_layers(
     return layers
 
 
-def _check_conv_input(module: nn.Conv2d, layer_input: Tensor, name: str) -> None:
-    if layer_input.ndim != 4 or layer_input.shape[1] != module.in_channels:
+class _Geometry(NamedTuple):
+    """A convolution as a 2-D one (a ``Conv1d`` has height 1): ``(h, w)`` pairs, and the pads
+    in ``functional.pad`` order ``(w_left, w_right, h_top, h_bottom)``."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    padding_mode: str
+
+
+def _as_2d(module: nn.Module, layer_input: Tensor, name: str) -> tuple[_Geometry, Tensor]:
+    """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input."""
+    one_d = isinstance(module, nn.Conv1d)
+    if layer_input.ndim != (3 if one_d else 4) or layer_input.shape[1] != module.in_channels:
+        spatial = "L" if one_d else "H, W"
         raise ValueError(
-            f"layer {name!r}: expected a batched (N, {module.in_channels}, H, W) input, "
+            f"layer {name!r}: expected a batched (N, {module.in_channels}, {spatial}) input, "
             f"got shape {tuple(layer_input.shape)}"
         )
+    pads = tuple(module._reversed_padding_repeated_twice)
+    if not one_d:
+        return _Geometry(
+            module.kernel_size, module.stride, module.dilation, pads, module.padding_mode
+        ), layer_input
+    geometry = _Geometry(
+        (1, *module.kernel_size),
+        (1, *module.stride),
+        (1, *module.dilation),
+        (*pads, 0, 0),
+        module.padding_mode,
+    )
+    return geometry, layer_input.unsqueeze(2)
 
 
-def _padded(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
-    """The input padded as the layer pads it."""
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return functional.pad(layer_input, module._reversed_padding_repeated_twice, mode=mode)
+def _padded(geometry: _Geometry, layer_input: Tensor) -> Tensor:
+    """The ``(N, C, H, W)`` input padded as the layer pads it."""
+    mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+    return functional.pad(layer_input, geometry.pads, mode=mode)
 
 
 def _output_size(padded_size: int, kernel: int, dilation: int, stride: int) -> int:
     return (padded_size - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_patches(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
-    """The unfolded input patches of a convolution, feature-major: shape ``(d_in, N, T)`` with
-    ``d_in = C · k_h · k_w`` (channel-major, matching ``weight.reshape(d_out, -1)``) and
-    ``T = H_out · W_out``; contiguous, so ``.reshape(d_in, -1)`` is a view.
+def conv_patches(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
+    """The unfolded input patches of an ``nn.Conv2d`` or ``nn.Conv1d``, feature-major: shape
+    ``(d_in, N, T)`` with ``d_in = C · k_h · k_w`` (``C · k`` for a ``Conv1d``; channel-major,
+    matching ``weight.reshape(d_out, -1)``) and ``T`` the output positions (``H_out · W_out``,
+    ``L_out``); contiguous, so ``.reshape(d_in, -1)`` is a view.
 
-    The input ``(N, C, H, W)`` is padded as the layer pads it. The patches are what
-    ``functional.unfold`` gives, permuted, but gathered as ``k_h · k_w`` strided slices of the
-    padded input, one per kernel offset, stacked in one copy: on the CPU ``unfold`` is 2–20×
-    slower at the sizes of ``benchmarks/kfac_digits.py`` and ordinary image layers.
+    The input ``(N, C, H, W)`` (``(N, C, L)``) is padded as the layer pads it. The patches are
+    what ``functional.unfold`` gives, permuted, but gathered as ``k_h · k_w`` strided slices of
+    the padded input, one per kernel offset, stacked in one copy: on the CPU ``unfold`` is
+    2–20× slower at the sizes of ``benchmarks/kfac_digits.py`` and ordinary image layers.
 
     Raises
     ------
     ValueError
-        Unless ``layer_input`` is a batched ``(N, C_in, H, W)`` input of the layer (``name``
-        names it in the message).
+        Unless ``layer_input`` is a batched input of the layer, ``(N, C_in, H, W)`` or
+        ``(N, C_in, L)`` (``name`` names it in the message).
     """
-    _check_conv_input(module, layer_input, name)
-    padded = _padded(module, layer_input)
-    (kernel_h, kernel_w), (dilation_h, dilation_w) = module.kernel_size, module.dilation
-    stride_h, stride_w = module.stride
+    geometry, layer_input = _as_2d(module, layer_input, name)
+    padded = _padded(geometry, layer_input)
+    (kernel_h, kernel_w), (dilation_h, dilation_w) = geometry.kernel, geometry.dilation
+    stride_h, stride_w = geometry.stride
     out_h = _output_size(padded.shape[2], kernel_h, dilation_h, stride_h)
     out_w = _output_size(padded.shape[3], kernel_w, dilation_w, stride_w)
     channels_first = padded.transpose(0, 1)
@@ -274,7 +306,7 @@ def _window_indicator(
     return indicator[:, :size], outputs
 
 
-def conv_patch_means(module: nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
+def conv_patch_means(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The mean over locations of :func:`conv_patches`, shape ``(d_in, N)``: K-FAC-reduce's
     input features, without gathering the patches.
 
@@ -288,18 +320,18 @@ def conv_patch_means(module: nn.Conv2d, layer_input: Tensor, name: str = "conv")
     ValueError
         As :func:`conv_patches`.
     """
-    _check_conv_input(module, layer_input, name)
-    zeros = module.padding_mode == "zeros"
-    source = layer_input if zeros else _padded(module, layer_input)
+    geometry, layer_input = _as_2d(module, layer_input, name)
+    zeros = geometry.padding_mode == "zeros"
+    source = layer_input if zeros else _padded(geometry, layer_input)
     samples, channels, height, width = source.shape
-    pads = module._reversed_padding_repeated_twice
+    pads = geometry.pads
     paddings = ((pads[2], pads[3]), (pads[0], pads[1])) if zeros else ((0, 0), (0, 0))
     (rows, out_h), (columns, out_w) = (
         _window_indicator(kernel, dilation, stride, padding, size, source)
         for kernel, dilation, stride, padding, size in zip(
-            module.kernel_size,
-            module.dilation,
-            module.stride,
+            geometry.kernel,
+            geometry.dilation,
+            geometry.stride,
             paddings,
             (height, width),
             strict=True,
@@ -317,10 +349,11 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (a trailing 1 for a bias).
 
     ``nn.Conv2d`` inputs ``(N, C, H, W)`` become their ``T = H_out · W_out`` patches of
-    ``C · k_h · k_w`` features (:func:`patch_features`, a non-contiguous view).
+    ``C · k_h · k_w`` features (:func:`patch_features`, a non-contiguous view), ``nn.Conv1d``
+    inputs ``(N, C, L)`` their ``T = L_out`` patches of ``C · k``.
     """
     module = layer.module
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONV_TYPES):
         return patch_features(conv_patches(module, layer_input, layer.name), layer.has_bias)
     features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
     if layer.has_bias:
@@ -347,7 +380,7 @@ def patch_features(patches: Tensor, bias: bool) -> Tensor:
 
 def output_features(layer: KroneckerLayer, output_grad: Tensor) -> Tensor:
     """Gradients w.r.t. the layer output (pre-activation), shape ``(N, T, d_out)``."""
-    if isinstance(layer.module, nn.Conv2d):
+    if isinstance(layer.module, CONV_TYPES):
         return output_grad.flatten(2).transpose(1, 2)
     return output_grad.reshape(output_grad.shape[0], -1, output_grad.shape[-1])
 
@@ -383,7 +416,7 @@ def layer_input_factor(layer: KroneckerLayer, layer_input: Tensor, kfac_approx: 
     a convolution from the feature-major patches (their means over the locations with
     ``"reduce"``, which are summed without gathering the patches)."""
     module = layer.module
-    if not isinstance(module, nn.Conv2d):
+    if not isinstance(module, CONV_TYPES):
         features = input_features(layer, layer_input)
         return input_factor(
             reduced_input_features(features) if kfac_approx == "reduce" else features

@@ -1,8 +1,8 @@
 """Diagonal Fisher from per-layer inputs and output gradients (BackPACK-style).
 
-For a model whose trainable parameters all sit in ``nn.Linear`` / ``nn.Conv2d`` layers, the
-Fisher diagonal needs no per-sample Jacobian: one forward pass records every layer's input
-features ``a`` and the Fisher's backward vectors (:func:`~natgrad.curvature.kfac_capture.
+For a model whose trainable parameters all sit in ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
+layers, the Fisher diagonal needs no per-sample Jacobian: one forward pass records every layer's
+input features ``a`` and the Fisher's backward vectors (:func:`~natgrad.curvature.kfac_capture.
 backward_vectors`) are back-propagated to every layer output, giving gradients ``g``. The
 per-sample gradient of the layer's weight matrix (bias folded in as a constant-1 input column,
 as in :mod:`natgrad.curvature.kfac_capture`) for backward vector ``k`` is ``Σ_t g_nkt a_ntᵀ``,
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.jacobians import check_finite_inputs
 from natgrad.curvature.kfac_capture import (
+    CONV_TYPES,
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
     KroneckerLayer,
@@ -62,8 +63,8 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
-    ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``), a trainable bias with a frozen weight, or a
-    BatchNorm layer in training mode (which couples the samples).
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``), a trainable bias with a frozen
+    weight, or a BatchNorm layer in training mode (which couples the samples).
     """
     params = trainable_parameters(model)
     if not params or _couples_samples(model):
@@ -74,7 +75,7 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
         bias = module.bias
         if bias is not None and bias.requires_grad and not module.weight.requires_grad:
             return None
-        if isinstance(module, nn.Conv2d) and module.groups != 1 and module.weight.requires_grad:
+        if isinstance(module, CONV_TYPES) and module.groups != 1 and module.weight.requires_grad:
             return None
     layers = kronecker_layers(model, strict=False)
     covered = sum(1 + layer.has_bias for layer in layers)

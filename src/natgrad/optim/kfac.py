@@ -57,7 +57,7 @@ from natgrad._validation import (
     unit_interval,
 )
 from natgrad._warnings import warn_at_caller
-from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS
+from natgrad.curvature.kfac_capture import CONV_TYPES, KFAC_APPROXIMATIONS
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -79,7 +79,7 @@ from natgrad.optim.trust_region import damping_update
 __all__ = ["KFAC"]
 
 Schedule = float | Callable[[int], float]
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES, nn.Embedding)
 
 
 def _schedule_value(name: str, schedule: Schedule, step: int) -> float:
@@ -150,7 +150,7 @@ def _supported(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.Embedding):
         return not module.sparse
-    return not (isinstance(module, nn.Conv2d) and module.groups != 1)
+    return not (isinstance(module, CONV_TYPES) and module.groups != 1)
 
 
 def _weight_used_directly(model: nn.Module) -> set[int]:
@@ -223,7 +223,9 @@ def _candidates(
     if by_type:
         unknown = [item.__name__ for item in chosen if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
-            raise ValueError(f"unsupported layer types {unknown}; use Linear, Conv2d, Embedding")
+            raise ValueError(
+                f"unsupported layer types {unknown}; use Linear, Conv1d, Conv2d, Embedding"
+            )
         return [
             (name, module)
             for name, module in named
@@ -242,15 +244,15 @@ def _candidates(
         if not _supported(module):
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
-                "expected Linear, Conv2d (groups=1) or Embedding (dense gradients) with a "
-                "trainable, unparametrized weight"
+                "expected Linear, Conv1d or Conv2d (groups=1) or Embedding (dense gradients) "
+                "with a trainable, unparametrized weight"
             )
         selected.append((names[id(module)], module))
     return selected
 
 
 class KFAC:
-    """K-FAC preconditioner: rewrites ``.grad`` of Linear/Conv2d/Embedding layers in place.
+    """K-FAC preconditioner: rewrites ``.grad`` of Linear/Conv1d/Conv2d/Embedding layers in place.
 
     Parameters
     ----------
@@ -295,8 +297,8 @@ class KFAC:
         its current learning rate is read at every step, so LR schedulers are followed (its
         param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
-        Layers to precondition; default every Linear, Conv2d (groups=1) and Embedding (not
-        ``sparse``) with a trainable weight that is not parametrized (``weight_norm``: its
+        Layers to precondition; default every Linear, Conv1d and Conv2d (groups=1) and Embedding
+        (not ``sparse``) with a trainable weight that is not parametrized (``weight_norm``: its
         weight is computed and has no gradient), except the ``out_proj`` of an
         ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
         could be recorded; choosing it raises) and layers that share their weight with another
@@ -435,7 +437,9 @@ class KFAC:
             self._make_state(name, module) for name, module in _select_modules(model, layers)
         ]
         if not self.layers:
-            raise ValueError("model has no Linear, Conv2d or Embedding layer to precondition")
+            raise ValueError(
+                "model has no Linear, Conv1d, Conv2d or Embedding layer to precondition"
+            )
         self._attached = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._output_handles: list[torch.utils.hooks.RemovableHandle] = []

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.ekfac import projected_second_moment
 from natgrad.curvature.kfac_capture import (
+    CONV_TYPES,
     KroneckerLayer,
     add_column_gram,
     conv_patch_means,
@@ -539,7 +540,8 @@ class LayerState:
 
 
 class KroneckerLayerState(LayerState):
-    """``nn.Linear`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded into ``A``;
+    """``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded
+    into ``A``;
     ``reduce`` selects K-FAC-reduce for inputs with several locations per sample."""
 
     def __init__(
@@ -569,7 +571,7 @@ class KroneckerLayerState(LayerState):
         """Add ``Σ_n Σ_t a aᵀ`` (reduce: ``Σ_n ā āᵀ``); returns the features
         ``(N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``."""
         layer_input = layer_input.detach()
-        if isinstance(self.module, nn.Conv2d):
+        if isinstance(self.module, CONV_TYPES):
             return self._record_patches(layer_input)
         features = None
         if layer_input.ndim == 2:
