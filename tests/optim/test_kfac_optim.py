@@ -51,6 +51,19 @@ def conv1d_net() -> nn.Module:
 INPUT_SHAPES = {mlp: (3,), convnet: (1, 3, 3), conv1d_net: (2, 7)}
 
 
+def empirical_operator(build, model, inputs, targets, kfac_approx: str):
+    """The curvature operator (``build_kfac`` or ``build_ekfac``) of the empirical Fisher of
+    the cross-entropy on one batch."""
+    return build(
+        model,
+        inputs,
+        likelihood="categorical",
+        kind="empirical",
+        targets=targets,
+        kfac_approx=kfac_approx,
+    )
+
+
 def per_sample_gradients(model, inputs, targets) -> dict[str, torch.Tensor]:
     params = {name: p.detach() for name, p in model.named_parameters()}
 
@@ -103,14 +116,7 @@ def test_matches_kfac_operator_solve(make_model, damping_mode: str, kfac_approx:
     backward(model, inputs, targets)
     gradient = flat_grads(model)
     precond.step()
-    operator = build_kfac(
-        model,
-        inputs,
-        likelihood="categorical",
-        kind="empirical",
-        targets=targets,
-        kfac_approx=kfac_approx,
-    )
+    operator = empirical_operator(build_kfac, model, inputs, targets, kfac_approx)
     solve = operator.solve if damping_mode == "eigen" else operator.solve_factored
     torch.testing.assert_close(flat_grads(model), solve(gradient, 0.1))
 
@@ -181,14 +187,7 @@ def test_ekfac_matches_ekfac_operator_solve(kfac_approx: str, sequences: bool) -
     backward(model, inputs, targets)
     gradient = flat_grads(model)
     precond.step()
-    operator = build_ekfac(
-        model,
-        inputs,
-        likelihood="categorical",
-        kind="empirical",
-        targets=targets,
-        kfac_approx=kfac_approx,
-    )
+    operator = empirical_operator(build_ekfac, model, inputs, targets, kfac_approx)
     torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
 
 
