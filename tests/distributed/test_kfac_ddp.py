@@ -2,13 +2,13 @@
 
 Each process trains a DistributedDataParallel copy of the model on its half of every global
 batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
-process trained on the full global batches. With factored damping the damped factor inverses
-are formed on every process (``"replicated"``) or on each layer's assigned process and
-broadcast (``"assigned"``), at each refresh and whenever the damping changes; adaptive
-(Levenberg–Marquardt) damping changes it between refreshes, with the losses averaged over the
-processes. The batch is larger than every factor's dimension
-so that no factor has a repeated (zero) eigenvalue: EKFAC's eigenvalue estimates depend on the
-basis chosen inside a degenerate eigenspace, which round-off decides.
+process trained on the full global batches (K-FAC-reduce included). With factored damping the
+damped factor inverses are formed on every process (``"replicated"``) or on each layer's
+assigned process and broadcast (``"assigned"``), at each refresh and whenever the damping
+changes; adaptive (Levenberg–Marquardt) damping changes it between refreshes, with the losses
+averaged over the processes. The batch is larger than every factor's dimension so that no
+factor has a repeated (zero) eigenvalue: EKFAC's eigenvalue estimates depend on the basis
+chosen inside a degenerate eigenspace, which round-off decides.
 """
 
 import pytest
@@ -23,7 +23,12 @@ from natgrad.optim import EKFAC, KFAC
 
 STEPS = 20
 GLOBAL_BATCH = 32
-CONFIGS = [(KFAC, "replicated"), (KFAC, "assigned"), (EKFAC, "assigned")]
+CONFIGS = [
+    (KFAC, "replicated", "expand"),
+    (KFAC, "assigned", "expand"),
+    (EKFAC, "assigned", "expand"),
+    (KFAC, "assigned", "reduce"),
+]
 PLACEMENTS = ["replicated", "assigned"]
 
 
@@ -45,7 +50,9 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train(model: nn.Module, cls, placement: str, shard: slice) -> list[torch.Tensor]:
+def train(
+    model: nn.Module, cls, placement: str, kfac_approx: str, shard: slice
+) -> list[torch.Tensor]:
     precond = cls(
         model,
         factor_decay=0.9,
@@ -54,6 +61,7 @@ def train(model: nn.Module, cls, placement: str, shard: slice) -> list[torch.Ten
         kl_clip=0.01,
         lr=0.1,
         inverse_placement=placement,
+        kfac_approx=kfac_approx,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for inputs, targets in global_batches():
@@ -109,8 +117,7 @@ def worker(rank: int, world_size: int) -> dict:
     shard = slice(rank * local, (rank + 1) * local)
     return {
         "configs": [
-            train(DistributedDataParallel(make_model()), cls, placement, shard)
-            for cls, placement in CONFIGS
+            train(DistributedDataParallel(make_model()), *config, shard) for config in CONFIGS
         ],
         "factored": [
             train_factored_adaptive(DistributedDataParallel(make_model()), placement, shard)
@@ -145,12 +152,12 @@ def test_the_replicas_stay_bitwise_identical(results_by_rank) -> None:
 
 
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(two_process_results) -> None:
-    for (cls, placement), params in zip(CONFIGS, two_process_results["configs"], strict=True):
-        single = train(make_model(), cls, placement, slice(None))
+    for config, params in zip(CONFIGS, two_process_results["configs"], strict=True):
+        single = train(make_model(), *config, slice(None))
         moved = any(
             not torch.equal(a, b) for a, b in zip(single, make_model().parameters(), strict=True)
         )
-        assert moved, f"{cls.__name__}: training did not move the parameters"
+        assert moved, f"{config}: training did not move the parameters"
         for expected, actual in zip(single, params, strict=True):
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
