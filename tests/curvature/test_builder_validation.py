@@ -25,6 +25,12 @@ def problem():
         ({"kind": "mc", "mc_samples": 0}, ValueError, "mc_samples must be at least 1"),
         ({"kind": "mc", "mc_samples": 2.0}, TypeError, "mc_samples must be an int"),
         ({"targets": torch.zeros(4, dtype=torch.long)}, ValueError, "5 entries"),
+        ({"kfac_approx": "mean"}, ValueError, r"unknown kfac_approx 'mean'.*'reduce'"),
+        (
+            {"kfac_approx": "reduce"},
+            ValueError,
+            r"kfac_approx='reduce' applies to structure='kfac' or 'ekfac', got structure='dense'",
+        ),
     ],
 )
 def test_fisher_rejects_bad_arguments(problem, arguments, error, message) -> None:

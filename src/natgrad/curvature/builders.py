@@ -31,7 +31,7 @@ from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.implicit import Implicit
 from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
-from natgrad.curvature.kfac_capture import trainable_parameters
+from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
 from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 
@@ -198,6 +198,7 @@ def _kronecker_fisher(
     targets: Tensor | None,
     mc_samples: int,
     generator: torch.Generator | None,
+    kfac_approx: str,
 ) -> CurvatureOperator:
     if structure == "kfac":
         from natgrad.curvature.kfac import build_kfac as build
@@ -211,6 +212,7 @@ def _kronecker_fisher(
         targets=targets,
         mc_samples=mc_samples,
         generator=generator,
+        kfac_approx=kfac_approx,
     )
 
 
@@ -223,6 +225,7 @@ def fisher(
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    kfac_approx: str = "expand",
 ) -> CurvatureOperator:
     """Fisher information of ``model`` on ``inputs``: the MEAN over the ``N`` inputs.
 
@@ -253,6 +256,9 @@ def fisher(
         Number of sampled targets per input for ``kind="mc"``.
     generator : torch.Generator, optional
         Source of randomness for ``kind="mc"``; the same seed gives the same Fisher.
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        For ``structure="kfac"``/``"ekfac"``: the factors of layers with several locations per
+        sample (see :func:`natgrad.curvature.kfac.build_kfac`).
 
     Returns
     -------
@@ -262,12 +268,19 @@ def fisher(
     Raises
     ------
     ValueError
-        Unknown ``likelihood``, ``kind`` or ``structure``; ``kind="empirical"`` without
+        Unknown ``likelihood``, ``kind``, ``structure`` or ``kfac_approx`` (or ``"reduce"``
+        with another structure than ``"kfac"``/``"ekfac"``); ``kind="empirical"`` without
         ``targets``; targets not one per input; ``mc_samples < 1``; non-finite inputs or
         targets; a model with no trainable parameters.
     """
     _check_choice("kind", kind, FISHER_KINDS)
     _check_choice("structure", structure, FISHER_STRUCTURES)
+    _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
+    if kfac_approx != "expand" and structure not in ("kfac", "ekfac"):
+        raise ValueError(
+            f"kfac_approx={kfac_approx!r} applies to structure='kfac' or 'ekfac', "
+            f"got structure={structure!r}"
+        )
     resolved = get_likelihood(likelihood)
     check_finite_inputs(inputs)
     _check_mc_samples(mc_samples)
@@ -277,7 +290,7 @@ def fisher(
         _check_targets(targets, _num_samples(inputs))
     if structure in ("kfac", "ekfac"):
         return _kronecker_fisher(
-            structure, model, inputs, likelihood, kind, targets, mc_samples, generator
+            structure, model, inputs, likelihood, kind, targets, mc_samples, generator, kfac_approx
         )
     if structure == "diag":
         diagonal = layer_fisher_diagonal(
