@@ -147,7 +147,7 @@ def trainable_parameters(model: nn.Module) -> list[Tensor]:
     return [param for param in model.parameters() if param.requires_grad]
 
 
-def _check_conv(name: str, module: nn.Module) -> None:
+def _check_conv(name: str, module: nn.Conv1d | nn.Conv2d) -> None:
     if module.groups != 1:
         raise ValueError(
             f"layer {name!r}: Kronecker factors need groups=1 convolutions, "
@@ -219,7 +219,9 @@ class _Geometry(NamedTuple):
     padding_mode: str
 
 
-def _as_2d(module: nn.Module, layer_input: Tensor, name: str) -> tuple[_Geometry, Tensor]:
+def _as_2d(
+    module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str
+) -> tuple[_Geometry, Tensor]:
     """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input."""
     one_d = isinstance(module, nn.Conv1d)
     if layer_input.ndim != (3 if one_d else 4) or layer_input.shape[1] != module.in_channels:
@@ -253,7 +255,7 @@ def _output_size(padded_size: int, kernel: int, dilation: int, stride: int) -> i
     return (padded_size - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_patches(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
+def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The unfolded input patches of an ``nn.Conv2d`` or ``nn.Conv1d``, feature-major: shape
     ``(d_in, N, T)`` with ``d_in = C · k_h · k_w`` (``C · k`` for a ``Conv1d``; channel-major,
     matching ``weight.reshape(d_out, -1)``) and ``T`` the output positions (``H_out · W_out``,
@@ -306,7 +308,9 @@ def _window_indicator(
     return indicator[:, :size], outputs
 
 
-def conv_patch_means(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
+def conv_patch_means(
+    module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str = "conv"
+) -> Tensor:
     """The mean over locations of :func:`conv_patches`, shape ``(d_in, N)``: K-FAC-reduce's
     input features, without gathering the patches.
 
