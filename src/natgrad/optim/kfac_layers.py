@@ -541,8 +541,7 @@ class LayerState:
 
 class KroneckerLayerState(LayerState):
     """``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded
-    into ``A``;
-    ``reduce`` selects K-FAC-reduce for inputs with several locations per sample."""
+    into ``A``; ``reduce`` selects K-FAC-reduce for inputs with several locations per sample."""
 
     def __init__(
         self, name: str, module: nn.Module, keep_pairs: bool, reduce: bool = False
