@@ -20,16 +20,22 @@ from torch import Tensor, nn
 from natgrad._validation import one_of
 from natgrad.curvature.base import CurvatureOperator, VectorLike
 from natgrad.curvature.kfac_capture import (
+    CONV_TYPES,
     KFAC_APPROXIMATIONS,
     ForwardCapture,
     KroneckerLayer,
+    add_column_gram,
     backward_vectors,
     check_fisher_kind,
+    conv_patch_means,
+    conv_patches,
+    input_factor,
     input_features,
     kronecker_layers,
-    layer_input_factor,
     output_factor,
     output_features,
+    patch_features,
+    reduced_input_features,
     reduced_output_features,
     trainable_parameters,
 )
@@ -66,15 +72,30 @@ class LayerStatistics:
     kfac_approx: str = "expand"
 
     @cached_property
+    def _patches(self) -> Tensor:
+        """A convolution's feature-major patches ``(d_in, N, T)`` (gathered once)."""
+        return conv_patches(self.layer.module, self.layer_input, self.layer.name)
+
+    @cached_property
     def inputs(self) -> Tensor:
         """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (formed on first use)."""
+        if isinstance(self.layer.module, CONV_TYPES):
+            return patch_features(self._patches, self.layer.has_bias)
         return input_features(self.layer, self.layer_input)
 
     @property
     def input_factor(self) -> Tensor:
-        """``A``, shape ``(d_in [+ 1], d_in [+ 1])``
-        (:func:`~natgrad.curvature.kfac_capture.layer_input_factor`)."""
-        return layer_input_factor(self.layer, self.layer_input, self.kfac_approx)
+        """``A``, shape ``(d_in [+ 1], d_in [+ 1])``; a convolution's from the feature-major
+        patches, or with ``"reduce"`` from their means over the locations, which are summed
+        without gathering the patches."""
+        reduce = self.kfac_approx == "reduce"
+        if not isinstance(self.layer.module, CONV_TYPES):
+            return input_factor(reduced_input_features(self.inputs) if reduce else self.inputs)
+        if reduce:
+            columns = conv_patch_means(self.layer.module, self.layer_input, self.layer.name)
+        else:
+            columns = self._patches.flatten(1)
+        return add_column_gram(None, columns, self.layer.has_bias, fresh=True) / columns.shape[1]
 
     @property
     def output_factor(self) -> Tensor:

@@ -59,7 +59,6 @@ __all__ = [
     "input_factor",
     "input_features",
     "kronecker_layers",
-    "layer_input_factor",
     "output_factor",
     "output_features",
     "patch_features",
@@ -412,24 +411,6 @@ def add_column_gram(total: Tensor | None, columns: Tensor, ones: bool, fresh: bo
         total[features, :features] += sums
         total[features, features] += count
     return total
-
-
-def layer_input_factor(layer: KroneckerLayer, layer_input: Tensor, kfac_approx: str) -> Tensor:
-    """``A`` of one batch from the layer's input, shape ``(d_in [+ 1], d_in [+ 1])``: what
-    :func:`input_factor` gives from :func:`input_features` (reduced with ``"reduce"``), but for
-    a convolution from the feature-major patches (their means over the locations with
-    ``"reduce"``, which are summed without gathering the patches)."""
-    module = layer.module
-    if not isinstance(module, CONV_TYPES):
-        features = input_features(layer, layer_input)
-        return input_factor(
-            reduced_input_features(features) if kfac_approx == "reduce" else features
-        )
-    if kfac_approx == "reduce":
-        columns = conv_patch_means(module, layer_input, layer.name)
-    else:
-        columns = conv_patches(module, layer_input, layer.name).flatten(1)
-    return add_column_gram(None, columns, layer.has_bias, fresh=True) / columns.shape[1]
 
 
 def reduced_input_features(features: Tensor) -> Tensor:
