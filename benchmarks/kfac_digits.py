@@ -62,8 +62,9 @@ scheduled, preconditioning, SGD-momentum update) relative to an SGD-momentum ste
 same round (mean over ``--cost-steps`` steps, a whole number of update cycles; median over
 ``--cost-rounds`` interleaved rounds; 20 steps and at most 3 rounds for the full-batch task)
 for natgrad's K-FAC/EKFAC (MC and empirical Fisher; factor/inverse intervals 1/1, 1/10, 10/10;
-K-FAC also under the quadratic-model optimizer, MC 10/10, with its two forward-mode passes and
-the loss re-evaluation of its damping rule every 5 steps)
+K-FAC also under the quadratic-model optimizer, MC 10/10, with its two forward-mode passes, the
+loss re-evaluation of its damping rule every 5 steps and ``max_kl`` ``COST_MAX_KL``: without a
+bound its step can run away on the one batch that the timing repeats)
 and for ASDL's ``KfacGradientMaker`` (``asdfghjkl`` 0.1a5) against natgrad in the comparable
 configuration: empirical Fisher, π-damping (natgrad ``damping_mode="factored"``), same damping
 and factor EMA, no KL clipping. Before timing, the
@@ -700,6 +701,10 @@ class CostConfig:
 
 
 COST_DAMPING = 0.1
+COST_MAX_KL = 0.1
+"""The quadratic model's ``max_kl`` in the step-cost loop: on its one repeated batch the model's
+momentum coefficient can reverse ever larger previous steps (``μ`` down to −7 with
+K-FAC-reduce on the CNN, the parameters at 1e14 within 12 steps), which the bound prevents."""
 LARGE_BATCH = 256
 """Above this batch size a step-cost timing covers 20 steps (two update cycles) and at most 3
 rounds."""
@@ -745,7 +750,13 @@ def natgrad_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, ta
         lr = 1.0 if config.method == "kfac_qm" else 0.01
         optimizer, precond = make_optimizer(
             task,
-            TrainConfig(config.method, lr, damping=COST_DAMPING, damping_mode=config.damping_mode),
+            TrainConfig(
+                config.method,
+                lr,
+                damping=COST_DAMPING,
+                damping_mode=config.damping_mode,
+                max_kl=COST_MAX_KL if config.method == "kfac_qm" else None,
+            ),
             model,
             fisher_type=config.fisher_type,
             damping_mode=config.damping_mode,
