@@ -2,7 +2,8 @@
 
 Each process trains a DistributedDataParallel copy of the model on its half of every global
 batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
-process trained on the full global batches (K-FAC-reduce included). With factored damping the
+process trained on the full global batches (K-FAC-reduce included; the model has a grouped
+convolution, whose blocks are stacked over its groups). With factored damping the
 damped factor inverses are formed on every process (``"replicated"``) or on each layer's
 assigned process and broadcast (``"assigned"``), at each refresh and whenever the damping
 changes; adaptive (Levenberg–Marquardt) damping changes it between refreshes, with the losses
@@ -35,7 +36,14 @@ PLACEMENTS = ["replicated", "assigned"]
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4, 6), nn.Tanh(), nn.Linear(6, 3)
+        nn.Conv2d(1, 2, 2),
+        nn.Tanh(),
+        nn.Conv2d(2, 4, 1, groups=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4, 6),
+        nn.Tanh(),
+        nn.Linear(6, 3),
     ).to(torch.float64)
 
 

@@ -48,7 +48,13 @@ def conv1d_net() -> nn.Module:
     ).to(DTYPE)
 
 
-INPUT_SHAPES = {mlp: (3,), convnet: (1, 3, 3), conv1d_net: (2, 7)}
+def grouped_convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 2, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    ).to(DTYPE)
+
+
+INPUT_SHAPES = {mlp: (3,), convnet: (1, 3, 3), conv1d_net: (2, 7), grouped_convnet: (2, 3, 3)}
 
 
 def empirical_operator(build, model, inputs, targets, kfac_approx: str):
@@ -549,13 +555,13 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
 
 
-@pytest.mark.parametrize("make_model", [mlp, convnet])
+@pytest.mark.parametrize("make_model", [mlp, convnet, grouped_convnet])
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 def test_gradient_accumulation_equals_one_large_batch(make_model, kfac_approx: str) -> None:
     torch.manual_seed(7)
     reference = make_model()
     model = copy.deepcopy(reference)
-    shape = (3,) if make_model is mlp else (1, 3, 3)
+    shape = INPUT_SHAPES[make_model]
     inputs, targets = torch.randn(8, *shape, dtype=DTYPE), torch.randint(0, 3, (8,))
     options = {"inv_update_interval": 1, "damping": 0.1, "kfac_approx": kfac_approx}
     precond = KFAC(reference, **options)
@@ -571,15 +577,20 @@ def test_gradient_accumulation_equals_one_large_batch(make_model, kfac_approx: s
 
 
 @pytest.mark.parametrize(
-    ("conv", "kfac_approx"), [(False, "expand"), (True, "expand"), (True, "reduce")]
+    ("conv", "kfac_approx"),
+    [(None, "expand"), (1, "expand"), (1, "reduce"), (2, "expand"), (2, "reduce")],
 )
-def test_autocast_keeps_float32_factors(conv: bool, kfac_approx: str) -> None:
+def test_autocast_keeps_float32_factors(conv: int | None, kfac_approx: str) -> None:
+    """``conv``: the groups of a convolution (2: grouped), ``None`` for an MLP."""
     torch.manual_seed(8)
     if conv:
         model = nn.Sequential(
-            nn.Conv2d(1, 2, 2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 16, 3)
+            nn.Conv2d(2, 4, 2, padding=1, groups=conv),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4 * 16, 3),
         )
-        inputs = torch.randn(16, 1, 3, 3)
+        inputs = torch.randn(16, 2, 3, 3)
     else:
         model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
         inputs = torch.randn(16, 3)
@@ -737,18 +748,20 @@ def test_invalid_options_raise() -> None:
     assert get_likelihood("categorical").name == "categorical"
 
 
-def test_layer_types_select_layers_and_skip_grouped_convolutions() -> None:
+def test_layer_types_select_layers_grouped_convolutions_included() -> None:
     model = nn.Sequential(
         nn.Conv2d(2, 2, 1, groups=2), nn.Conv2d(2, 2, 1), nn.Flatten(), nn.Linear(2, 3)
     ).to(DTYPE)
-    assert [state.name for state in KFAC(model).layers] == ["1", "3"]
-    assert [state.name for state in KFAC(model, layers=[nn.Conv2d]).layers] == ["1"]
+    assert [state.name for state in KFAC(model).layers] == ["0", "1", "3"]
+    assert [state.name for state in KFAC(model, layers=[nn.Conv2d]).layers] == ["0", "1"]
+    assert [state.name for state in KFAC(model, layers=[model[0]]).layers] == ["0"]
     sequence = nn.Sequential(nn.Conv1d(2, 2, 1, groups=2), nn.Conv1d(2, 2, 1), nn.Flatten())
-    assert [state.name for state in KFAC(sequence).layers] == ["1"]
+    assert [state.name for state in KFAC(sequence).layers] == ["0", "1"]
     with pytest.raises(ValueError, match="unsupported layer types"):
         KFAC(model, layers=[nn.LayerNorm])
-    with pytest.raises(ValueError, match="groups=1"):
-        KFAC(model, layers=[model[0]])
+    norm = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    with pytest.raises(ValueError, match="cannot be preconditioned"):
+        KFAC(norm, layers=[norm[1]])
 
 
 def unit_residual_regression(seed: int, bias: bool):

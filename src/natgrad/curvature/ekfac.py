@@ -36,17 +36,31 @@ def projected_second_moment(
 
     Parameters
     ----------
-    inputs : Tensor of shape (N, T, d_in)
-    output_grads : Tensor of shape (N, T, d_out)
+    inputs : Tensor of shape (N, T, d_in), or (g, N, T, d_in) for the groups of a grouped
+        convolution
+    output_grads : Tensor of shape (N, T, d_out), or (g, N, T, d_out)
     output_eigen, input_eigen : SymmetricEigen
-        Eigenbases of ``G`` and ``A``.
+        Eigenbases of ``G`` and ``A`` (vectors ``(g, d, d)`` with groups).
+
+    Returns
+    -------
+    Tensor of shape (d_out, d_in), or (g, d_out, d_in)
     """
-    projected_inputs = inputs @ input_eigen.vectors
-    projected_grads = output_grads @ output_eigen.vectors
-    if inputs.shape[1] == 1:
-        return projected_grads[:, 0].square().mT @ projected_inputs[:, 0].square()
-    coordinates = torch.einsum("nto,nti->noi", projected_grads, projected_inputs)
-    return coordinates.square().sum(0)
+    projected_inputs = _project(inputs, input_eigen.vectors)
+    projected_grads = _project(output_grads, output_eigen.vectors)
+    if inputs.shape[-2] == 1:
+        return projected_grads[..., 0, :].square().mT @ projected_inputs[..., 0, :].square()
+    coordinates = torch.einsum("...nto,...nti->...noi", projected_grads, projected_inputs)
+    return coordinates.square().sum(-3)
+
+
+def _project(features: Tensor, vectors: Tensor) -> Tensor:
+    """``features @ vectors`` for features ``(N, T, d)`` and a basis ``(d, d)``, or per group
+    for ``(g, N, T, d)`` and ``(g, d, d)`` (one batched product)."""
+    if vectors.ndim == 2:
+        return features @ vectors
+    rows = features.reshape(features.shape[0], -1, features.shape[-1])
+    return (rows @ vectors).reshape(*features.shape[:-1], vectors.shape[-1])
 
 
 class EKFAC(KroneckerBlockOperator):

@@ -258,7 +258,9 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str =
     """The unfolded input patches of an ``nn.Conv2d`` or ``nn.Conv1d``, feature-major: shape
     ``(d_in, N, T)`` with ``d_in = C · k_h · k_w`` (``C · k`` for a ``Conv1d``; channel-major,
     matching ``weight.reshape(d_out, -1)``) and ``T`` the output positions (``H_out · W_out``,
-    ``L_out``); contiguous, so ``.reshape(d_in, -1)`` is a view.
+    ``L_out``); contiguous, so ``.reshape(d_in, -1)`` is a view. For a grouped convolution
+    (``groups = g``) ``C`` counts all the input channels, so group ``j``'s patches are the
+    ``j``-th of ``g`` equal blocks of rows: ``.reshape(g, d_in // g, N, T)`` is a view.
 
     The input ``(N, C, H, W)`` (``(N, C, L)``) is padded as the layer pads it. The patches are
     what ``functional.unfold`` gives, permuted, but gathered as ``k_h · k_w`` strided slices of
@@ -289,7 +291,7 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str =
         for column in range(kernel_w)
     ]
     patches = torch.stack(offsets, dim=1)  # (C, k_h k_w, N, H_out, W_out)
-    return patches.reshape(module.weight[0].numel(), layer_input.shape[0], out_h * out_w)
+    return patches.reshape(-1, layer_input.shape[0], out_h * out_w)
 
 
 def _window_indicator(
@@ -345,7 +347,7 @@ def conv_patch_means(
         by_row = column_sums.reshape(samples * channels, height, len(columns)).transpose(0, 1)
         sums = rows @ by_row.reshape(height, samples * channels * len(columns))  # (k_h, N C k_w)
     sums = sums.reshape(len(rows), samples, channels, len(columns)).permute(2, 0, 3, 1)
-    return sums.reshape(module.weight[0].numel(), samples) / (out_h * out_w)  # (C k_h k_w, N)
+    return sums.reshape(-1, samples) / (out_h * out_w)  # (C k_h k_w, N)
 
 
 def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
@@ -393,23 +395,26 @@ def add_column_gram(total: Tensor | None, columns: Tensor, ones: bool, fresh: bo
     where ``X`` is ``columns`` with, if ``ones``, a row of ones appended (a bias): the Gram
     matrix of ``columns`` into the leading block, their row sums and ``n`` into the last row and
     column, so no row of ones is copied in. ``fresh`` ignores the old contents of ``total``
-    (allocated when ``None``); shape ``(d [+ 1], d [+ 1])``."""
-    features, count = columns.shape
+    (allocated when ``None``); shape ``(d [+ 1], d [+ 1])``. Columns ``(g, d, n)`` (the groups
+    of a grouped convolution) give ``g`` Gram matrices, ``(g, d [+ 1], d [+ 1])``."""
+    *groups, features, count = columns.shape
     size = features + int(ones)
     if total is None:
-        total = columns.new_empty((size, size))
-    total[:features, :features].addmm_(columns, columns.mT, beta=0.0 if fresh else 1.0)
+        total = columns.new_empty((*groups, size, size))
+    block = total[..., :features, :features]
+    add_product = block.baddbmm_ if groups else block.addmm_
+    add_product(columns, columns.mT, beta=0.0 if fresh else 1.0)
     if not ones:
         return total
-    sums = columns.sum(dim=1)
+    sums = columns.sum(dim=-1)
     if fresh:
-        total[:features, features] = sums
-        total[features, :features] = sums
-        total[features, features] = count
+        total[..., :features, features] = sums
+        total[..., features, :features] = sums
+        total[..., features, features] = count
     else:
-        total[:features, features] += sums
-        total[features, :features] += sums
-        total[features, features] += count
+        total[..., :features, features] += sums
+        total[..., features, :features] += sums
+        total[..., features, features] += count
     return total
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "factored_damping",
     "factored_damping_from_factors",
     "factored_solve",
+    "grouped_factored_damping",
     "kron_mv",
     "symmetric_eigh",
     "symmetric_eigh_batch",
@@ -245,12 +246,16 @@ def eigenbasis_mv(
 
 
 def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
-    """``1 / (S + λ)``; at ``λ = 0`` eigenvalues at round-off level are treated as zero (pinv)."""
+    """``1 / (S + λ)``; at ``λ = 0`` eigenvalues at round-off level are treated as zero (pinv),
+    relative to the largest of each ``(d_out, d_in)`` matrix of a batch ``(..., d_out, d_in)``."""
     shifted = eigenvalues + damping
     if damping > 0:
         return shifted.reciprocal()
-    largest = eigenvalues.abs().max() if eigenvalues.numel() else eigenvalues.new_tensor(0.0)
-    tolerance = max(eigenvalues.shape) * torch.finfo(eigenvalues.dtype).eps * largest
+    if eigenvalues.numel():
+        largest = eigenvalues.abs().amax(dim=(-2, -1), keepdim=True)
+    else:
+        largest = eigenvalues.new_tensor(0.0)
+    tolerance = max(eigenvalues.shape[-2:]) * torch.finfo(eigenvalues.dtype).eps * largest
     keep = shifted > tolerance
     return torch.where(keep, shifted, torch.ones_like(shifted)).reciprocal() * keep
 
@@ -316,6 +321,36 @@ def factored_damping_from_factors(
 
 def _diagonal_of(factor: Tensor) -> Tensor:
     return factor if factor.ndim == 1 else factor.diagonal()
+
+
+def grouped_factored_damping(
+    output_factors: Tensor, input_factors: Tensor, damping: float
+) -> list[tuple[float, float]]:
+    """:func:`factored_damping_from_factors` of each of ``g`` pairs of factors (the groups of
+    a grouped convolution), with one read-back for all.
+
+    Parameters
+    ----------
+    output_factors : Tensor of shape (g, d_out, d_out)
+    input_factors : Tensor of shape (g, d_in, d_in)
+    damping : float
+
+    Returns
+    -------
+    list of (float, float)
+        ``(λ_G, λ_A)`` per group.
+    """
+    means = torch.stack(
+        [
+            output_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
+            input_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
+        ]
+    )
+    outputs, inputs = means.tolist()
+    return [
+        _split_damping(mean_output, mean_input, damping)
+        for mean_output, mean_input in zip(outputs, inputs, strict=True)
+    ]
 
 
 def _split_damping(mean_output: float, mean_input: float, damping: float) -> tuple[float, float]:

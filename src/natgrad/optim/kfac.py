@@ -70,6 +70,7 @@ from natgrad.distributed.reduce import (
 from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
 from natgrad.optim.kfac_layers import (
     EmbeddingState,
+    GroupedConvState,
     KroneckerLayerState,
     LayerState,
     fold_factors,
@@ -150,7 +151,7 @@ def _supported(module: nn.Module) -> bool:
         return False
     if isinstance(module, nn.Embedding):
         return not module.sparse
-    return not (isinstance(module, CONV_TYPES) and module.groups != 1)
+    return True
 
 
 def _weight_used_directly(model: nn.Module) -> set[int]:
@@ -244,8 +245,8 @@ def _candidates(
         if not _supported(module):
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
-                "expected Linear, Conv1d or Conv2d (groups=1) or Embedding (dense gradients) "
-                "with a trainable, unparametrized weight"
+                "expected Linear, Conv1d, Conv2d or Embedding (dense gradients) with a "
+                "trainable, unparametrized weight"
             )
         selected.append((names[id(module)], module))
     return selected
@@ -297,8 +298,9 @@ class KFAC:
         its current learning rate is read at every step, so LR schedulers are followed (its
         param groups must then share one learning rate).
     layers : sequence of modules or module types, optional
-        Layers to precondition; default every Linear, Conv1d and Conv2d (groups=1) and Embedding
-        (not ``sparse``) with a trainable weight that is not parametrized (``weight_norm``: its
+        Layers to precondition; default every Linear, Conv1d and Conv2d (grouped convolutions,
+        depthwise included, with one Kronecker block per group) and Embedding (not ``sparse``)
+        with a trainable weight that is not parametrized (``weight_norm``: its
         weight is computed and has no gradient), except the ``out_proj`` of an
         ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
         could be recorded; choosing it raises) and layers that share their weight with another
@@ -449,7 +451,8 @@ class KFAC:
     def _make_state(self, name: str, module: nn.Module) -> LayerState:
         if isinstance(module, nn.Embedding):
             return EmbeddingState(name, module, keep_pairs=False)
-        return KroneckerLayerState(
+        grouped = isinstance(module, CONV_TYPES) and module.groups > 1
+        return (GroupedConvState if grouped else KroneckerLayerState)(
             name, module, keep_pairs=self._keeps_pairs(), reduce=self.kfac_approx == "reduce"
         )
 
@@ -807,8 +810,8 @@ class KFAC:
                 [value for _, dampings in requests for value in dampings],
             )
         )
-        for state in mine:
-            state.set_factored_inverses(damping, next(inverses), next(inverses))
+        for state, (matrices, _) in zip(mine, requests, strict=True):
+            state.take_factored_inverses(damping, [next(inverses) for _ in matrices])
         if not assigned:
             return
         for state, owner in zip(due, owners, strict=True):

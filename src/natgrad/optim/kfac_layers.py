@@ -42,12 +42,14 @@ from natgrad.linalg.kron import (
     eigenbasis_project,
     eigenbasis_solve,
     factored_damping_from_factors,
+    grouped_factored_damping,
     kron_mv,
     symmetric_eigh_batch,
 )
 
 __all__ = [
     "EmbeddingState",
+    "GroupedConvState",
     "KroneckerLayerState",
     "LayerState",
     "factor_dtype_for",
@@ -90,6 +92,12 @@ def fold_factors(states: Sequence[LayerState], decay: float) -> None:
     torch._foreach_lerp_(averages, sums, 1.0 - decay)
 
 
+def _cube_cost(factor: Tensor) -> float:
+    """``d³`` for a factor ``(d, d)``, ``g d³`` for ``g`` of them: the cost of inverting or
+    decomposing it, up to a constant."""
+    return float(factor[..., 0].numel() * factor.shape[-1] ** 2)
+
+
 def _matrix_view(tensor: Tensor, rows: int, dtype: torch.dtype) -> Tensor | None:
     """``tensor`` as a ``(rows, -1)`` view to write a result into, or ``None`` if it cannot
     take one (another dtype, or a layout that does not flatten to a view)."""
@@ -107,6 +115,13 @@ def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
     return eigenbasis_solve(identity_out, identity_in, eigenvalues, ones, damping)
 
 
+def _split_columns(right: Tensor, weight_columns: int) -> tuple[Tensor, Tensor | None]:
+    """The right-hand matrix of a solve ``(..., d_in [+ 1], d_in [+ 1])`` split into the columns
+    that give the weight and the column that gives the bias (``None`` without a bias)."""
+    bias = right[..., weight_columns] if weight_columns < right.shape[-1] else None
+    return right[..., :weight_columns], bias
+
+
 class _FactoredSolve:
     """Factored damping: ``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹`` with both inverses kept (the input
     one a vector for a diagonal factor), and the split of ``(A + λ_A I)⁻¹`` into weight columns
@@ -118,9 +133,8 @@ class _FactoredSolve:
         self.output_inverse = output_inverse
         self.input_inverse = input_inverse
         self.right: tuple[Tensor, Tensor | None] | None = None
-        if input_inverse.ndim == 2:
-            bias = input_inverse[:, weight_columns] if weight_columns < len(input_inverse) else None
-            self.right = (input_inverse[:, :weight_columns], bias)
+        if input_inverse.ndim >= 2:  # a matrix, or one per group (a grouped convolution)
+            self.right = _split_columns(input_inverse, weight_columns)
         self.deferred = False
 
     def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
@@ -128,13 +142,13 @@ class _FactoredSolve:
         inverse :meth:`finish` leaves to the write, or with ``with_product`` (or a diagonal
         input factor) the solution, whose inner product with ``V`` is
         ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``."""
-        left = torch.mm(self.output_inverse, matrix)
+        left = torch.matmul(self.output_inverse, matrix)
         self.deferred = self.right is not None and not with_product
         if self.deferred:
             return left, matrix
         if self.right is None:
             return left * self.input_inverse, matrix
-        return torch.mm(left, self.input_inverse), matrix
+        return torch.matmul(left, self.input_inverse), matrix
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """``(partial, split (A + λ_A I)⁻¹)`` if the last product was deferred, else
@@ -163,24 +177,23 @@ class _EigenSolve:
         self.reciprocal = reciprocal
         self.right: tuple[Tensor, Tensor | None] | None = None
         if input_eigen.vectors is not None:
-            right = input_eigen.vectors.mT.contiguous()
-            bias = right[:, weight_columns] if weight_columns < right.shape[1] else None
-            self.right = (right[:, :weight_columns], bias)
+            self.right = _split_columns(input_eigen.vectors.mT.contiguous(), weight_columns)
 
     def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
         """``(partial, coordinates)``: the scaled eigenbasis coordinates and the coordinates
         ``Q_Gᵀ V Q_A``, whose inner product is ``vec(V)ᵀ (C + λI)⁻¹ vec(V)``."""
         coordinates = matrix
         if self.output_vectors_t is not None:
-            coordinates = torch.mm(self.output_vectors_t, coordinates)
+            coordinates = torch.matmul(self.output_vectors_t, coordinates)
         if self.input_vectors is not None:
-            coordinates = torch.mm(coordinates, self.input_vectors)
+            coordinates = torch.matmul(coordinates, self.input_vectors)
         return coordinates * self.reciprocal, coordinates
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """``(Q_G partial, split Q_Aᵀ)``: the solution is their product."""
-        left = partial if self.output_vectors is None else torch.mm(self.output_vectors, partial)
-        return left, self.right
+        if self.output_vectors is None:
+            return partial, self.right
+        return torch.matmul(self.output_vectors, partial), self.right
 
 
 class LayerState:
@@ -335,17 +348,18 @@ class LayerState:
     def allocate_eigens(self) -> None:
         """Empty eigendecompositions of the right shapes, to be filled by a broadcast."""
         self.output_eigen = SymmetricEigen(
-            torch.empty_like(self.output_factor[0]), torch.empty_like(self.output_factor)
+            torch.empty_like(self.output_factor[..., 0]), torch.empty_like(self.output_factor)
         )
         self.input_eigen = self._empty_input_eigen()
 
     def eigen_cost(self) -> float:
         """Cost of :meth:`update_eigens` in flops, up to a constant."""
-        return float(self.output_factor.shape[0] ** 3 + self._input_eigen_cost())
+        return _cube_cost(self.output_factor) + self._input_eigen_cost()
 
     def kfac_eigenvalues(self) -> Tensor:
-        """``outer(g, a)``: the K-FAC block's eigenvalues, shape ``(d_out, d_in)``."""
-        return torch.outer(self.output_eigen.values, self.input_eigen.values)
+        """``outer(g, a)``: the K-FAC block's eigenvalues, shape ``(d_out, d_in)`` (one such
+        matrix per group of a grouped convolution)."""
+        return self.output_eigen.values.unsqueeze(-1) * self.input_eigen.values.unsqueeze(-2)
 
     def refresh_inverted_factors(self) -> None:
         """Factored damping: take copies of the current factors as the ones to invert (and drop
@@ -370,6 +384,16 @@ class LayerState:
         """Take ``(G + λ_G I)⁻¹`` and ``(A + λ_A I)⁻¹`` (a vector for a diagonal ``A``)."""
         solve = _FactoredSolve(output_inverse, input_inverse, self._columns)
         self._inverse = ((float(damping), True), solve)
+
+    def take_factored_inverses(self, damping: float, inverses: Sequence[Tensor]) -> None:
+        """Take the inverses of :meth:`factored_inverse_inputs`' matrices, in that order."""
+        self.set_factored_inverses(damping, *self._inverse_pair(inverses))
+
+    def _inverse_pair(self, inverses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """``((G + λ_G I)⁻¹, (A + λ_A I)⁻¹)`` from the inverses of
+        :meth:`factored_inverse_inputs`' matrices."""
+        output_inverse, input_inverse = inverses
+        return output_inverse, input_inverse
 
     def allocate_factored_inverses(self, damping: float) -> None:
         """Empty damped inverses of the right shapes, to be filled by a broadcast."""
@@ -429,7 +453,7 @@ class LayerState:
         if not damping > 0:
             raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
         inverses = damped_factor_inverses(*self.factored_inverse_inputs(damping))
-        return _FactoredSolve(*inverses, self._columns)
+        return _FactoredSolve(*self._inverse_pair(inverses), self._columns)
 
     def curvature_quadratic(self, matrix: Tensor) -> Tensor:
         """``vec(V)ᵀ C vec(V)`` for the block ``C`` that :meth:`partial_solve` inverts
@@ -629,11 +653,11 @@ class KroneckerLayerState(LayerState):
 
     def _empty_input_eigen(self) -> SymmetricEigen:
         return SymmetricEigen(
-            torch.empty_like(self.input_factor[0]), torch.empty_like(self.input_factor)
+            torch.empty_like(self.input_factor[..., 0]), torch.empty_like(self.input_factor)
         )
 
     def _input_eigen_cost(self) -> float:
-        return float(self.input_factor.shape[0] ** 3)
+        return _cube_cost(self.input_factor)
 
     def _params(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
@@ -681,9 +705,127 @@ class KroneckerLayerState(LayerState):
         count = torch.zeros((), dtype=self.dtype, device=total.device)
         for features, grads in self.pairs:
             total += projected_second_moment(features, grads, self.output_eigen, self.input_eigen)
-            count += features.shape[0]
+            count += features.shape[-3]
         self.pairs.clear()
         return total, count
+
+
+class GroupedConvState(KroneckerLayerState):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups = g > 1`` (depthwise included): ``g``
+    independent convolutions, group ``j`` mapping input channels ``j·C_in/g …`` to output
+    channels ``j·C_out/g …`` with weight rows ``j·C_out/g …``. Each group gets its own block
+    ``G_j ⊗ A_j`` (the layer's block is block diagonal over its groups, as the model's is over
+    its layers), built exactly as for an ungrouped convolution on the group's channels; the
+    factors are stacked, ``(g, d, d)``, and every product is batched over the groups."""
+
+    def __init__(
+        self, name: str, module: nn.Module, keep_pairs: bool, reduce: bool = False
+    ) -> None:
+        super().__init__(name, module, keep_pairs, reduce)
+        self.groups = module.groups
+        self._rows = module.weight.shape[0] // self.groups
+
+    def _input_template(self) -> Tensor:
+        size = self._columns + int(self.layer.has_bias)
+        return torch.empty(self.groups, size, size, dtype=self.dtype, device=self.weight.device)
+
+    def _output_template(self) -> Tensor:
+        size = self._rows
+        return torch.empty(self.groups, size, size, dtype=self.dtype, device=self.weight.device)
+
+    def record_input(self, layer_input: Tensor) -> Tensor | None:
+        """Add each group's ``Σ_n Σ_t a aᵀ`` (reduce: ``Σ_n ā āᵀ``) from its block of patch
+        rows (:func:`~natgrad.curvature.kfac_capture.conv_patches`); returns the features
+        ``(g, N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``."""
+        layer_input = layer_input.detach()
+        patches = None
+        if self.reduce and not self.keep_pairs:
+            columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
+        else:
+            patches = conv_patches(self.module, layer_input, self.name).to(self.dtype)
+            columns = patches.mean(dim=2) if self.reduce else patches.flatten(1)
+        columns = columns.reshape(self.groups, self._columns, -1)
+        fresh = self.input_count == 0
+        self.input_sum = add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
+        self.input_count += columns.shape[-1]
+        if not self.keep_pairs:
+            return None
+        grouped = patches.reshape(self.groups, self._columns, *patches.shape[1:])
+        if self.layer.has_bias:
+            grouped = torch.cat([grouped, grouped.new_ones(self.groups, 1, *patches.shape[1:])], 1)
+        return grouped.permute(0, 2, 3, 1)
+
+    def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
+        """Add each group's ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients
+        ``scale · grad`` of shape ``(N, C_out, ...)``."""
+        grad = grad.detach().to(self.dtype)
+        samples = grad.shape[0]
+        by_group = grad.reshape(samples, self.groups, self._rows, -1)  # (N, g, c, T)
+        if scale != 1.0:
+            by_group = by_group * scale
+        rows = by_group.sum(dim=3, keepdim=True) if self.reduce else by_group
+        columns = rows.permute(1, 2, 0, 3).reshape(self.groups, self._rows, -1)
+        fresh = self.output_count == 0
+        self.output_sum = add_column_gram(self.output_sum, columns, ones=False, fresh=fresh)
+        self.output_count += samples
+        if self.keep_pairs:
+            self.pairs.append((features, by_group.permute(1, 0, 3, 2)))
+
+    def eigen_inputs(self) -> list[Tensor]:
+        return [*self.output_factor.unbind(), *self.input_factor.unbind()]
+
+    def set_eigens(self, eigens: list[SymmetricEigen]) -> None:
+        self.output_eigen, self.input_eigen = (
+            SymmetricEigen(
+                torch.stack([eigen.values for eigen in side]),
+                torch.stack([eigen.vectors for eigen in side]),
+            )
+            for side in (eigens[: self.groups], eigens[self.groups :])
+        )
+
+    def factored_inverse_inputs(self, damping: float) -> tuple[list[Tensor], list[float]]:
+        """Each group's ``G_j`` then each group's ``A_j``, with each group's π damping."""
+        output_factor, input_factor = self.inverted_factors
+        dampings = grouped_factored_damping(output_factor, input_factor, damping)
+        matrices = [*output_factor.unbind(), *input_factor.unbind()]
+        return matrices, [pair[0] for pair in dampings] + [pair[1] for pair in dampings]
+
+    def _inverse_pair(self, inverses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        return torch.stack(inverses[: self.groups]), torch.stack(inverses[self.groups :])
+
+    def grad_matrix(self) -> Tensor | None:
+        weight_grad = self.weight.grad
+        if weight_grad is None:
+            return None
+        bias_grad = None if self.bias is None else self.bias.grad
+        if self.bias is not None and bias_grad is None:
+            return None
+        matrix = self._grouped([weight_grad, bias_grad])
+        return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
+
+    def param_matrix(self) -> Tensor:
+        return self._grouped([param.detach() for param in self._params()]).to(self.dtype)
+
+    def _grouped(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        """Weight (and bias) as ``(g, C_out/g, d_in [+ 1])``."""
+        matrix = tensors[0].reshape(self.groups, self._rows, -1)
+        if self.bias is None:
+            return matrix
+        return torch.cat([matrix, tensors[1].reshape(self.groups, self._rows, 1)], dim=2)
+
+    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+        bias_grad = None if self.bias is None else self.bias.grad
+        if right is None:
+            weight_part = left[..., : self._columns]
+            bias_part = None if bias_grad is None else left[..., self._columns]
+        else:
+            weight_part = torch.matmul(left, right[0])
+            bias_part = None
+            if bias_grad is not None:
+                bias_part = torch.matmul(left, right[1].unsqueeze(-1))
+        self.weight.grad.copy_(weight_part.reshape(self.weight.shape))
+        if bias_grad is not None:
+            bias_grad.copy_(bias_part.reshape(bias_grad.shape))
 
 
 class EmbeddingState(LayerState):
