@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from grouped_conv import split_twin, twin_positions
 from natgrad.curvature import fisher
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
@@ -542,9 +543,6 @@ def test_invalid_models_and_arguments_raise() -> None:
     inputs = torch.randn(2, 3, dtype=DTYPE)
     with pytest.raises(ValueError, match="more than once"):
         build_kfac(nn.Sequential(shared, shared), inputs, likelihood="gaussian")
-    grouped = nn.Conv2d(2, 2, 1, groups=2).to(DTYPE)
-    with pytest.raises(ValueError, match="groups"):
-        build_kfac(grouped, torch.randn(1, 2, 2, 2, dtype=DTYPE), likelihood="gaussian")
     model = nn.Linear(3, 2).to(DTYPE)
     with pytest.raises(ValueError, match="kind"):
         build_kfac(model, inputs, likelihood="gaussian", kind="fisher")
@@ -593,3 +591,62 @@ def test_in_place_activations_give_the_same_operator(build) -> None:
     expected = build(plain, inputs, likelihood="categorical").to_dense()
     actual = build(in_place, inputs, likelihood="categorical").to_dense()
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_conv_covering_whole_input_is_exact_at_batch_one() -> None:
+    """At batch one with one location, each group's block ``G_j ⊗ A_j`` is the exact Fisher's
+    block of that group's weights and bias; the blocks between groups are left out."""
+    torch.manual_seed(12)
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, kernel_size=3, groups=2), nn.Flatten(), nn.Tanh(), nn.Linear(4, 2)
+    ).to(DTYPE)
+    inputs = torch.randn(1, 4, 3, 3, dtype=DTYPE)
+    likelihood = get_likelihood("categorical")
+    kfac = build_kfac(model, inputs, likelihood=likelihood)
+    reference = exact_fisher(model, inputs, likelihood)
+    group_of = torch.cat(
+        [torch.arange(2).repeat_interleave(2 * 18), torch.arange(2).repeat_interleave(2)]
+    )
+    group_of = torch.cat([group_of, torch.full((2 * 5,), 2)])  # the Linear layer: one block
+    mask = group_of.unsqueeze(1) == group_of.unsqueeze(0)
+    dense = kfac.to_dense()
+    torch.testing.assert_close(dense[mask], reference[mask])
+    assert (dense[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("build", [build_kfac, build_ekfac])
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_grouped_conv_operator_is_that_of_one_conv_per_group(
+    build, kfac_approx: str, depthwise: bool
+) -> None:
+    """The operator of a grouped convolution equals that of the same network with one ordinary
+    convolution per group, the parameters permuted: dense matrix, diagonal, products and
+    solves (factored too)."""
+    torch.manual_seed(13)
+    groups = 4 if depthwise else 2
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)
+    ).to(DTYPE)
+    twin = split_twin(model)
+    positions = twin_positions(model)
+    # more samples than any factor's dimension: no repeated (zero) eigenvalue, whose basis
+    # (on which EKFAC's eigenvalues depend) round-off would choose
+    inputs = torch.randn(24, 4, 4, 4, dtype=DTYPE)
+    options = {"likelihood": "categorical", "kfac_approx": kfac_approx}
+    operator, twin_operator = build(model, inputs, **options), build(twin, inputs, **options)
+    dense = twin_operator.to_dense()
+    torch.testing.assert_close(operator.to_dense(), dense[positions][:, positions])
+    torch.testing.assert_close(operator.diag(), twin_operator.diag()[positions])
+    vector = torch.randn(len(positions), dtype=DTYPE)
+    twin_vector = torch.empty_like(vector)
+    twin_vector[positions] = vector
+    torch.testing.assert_close(operator.mv(vector), twin_operator.mv(twin_vector)[positions])
+    torch.testing.assert_close(
+        operator.solve(vector, 0.1), twin_operator.solve(twin_vector, 0.1)[positions]
+    )
+    if build is build_kfac:
+        torch.testing.assert_close(
+            operator.solve_factored(vector, 0.1),
+            twin_operator.solve_factored(twin_vector, 0.1)[positions],
+        )

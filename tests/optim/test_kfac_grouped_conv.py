@@ -16,44 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from grouped_conv import split_twin
 from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
 
 DTYPE = torch.float64
-
-
-class SplitConv(nn.Module):
-    """A grouped convolution as one ordinary convolution per group, outputs concatenated."""
-
-    def __init__(self, grouped: nn.Conv1d | nn.Conv2d) -> None:
-        super().__init__()
-        groups = grouped.groups
-        self.in_per_group = grouped.in_channels // groups
-        self.parts = nn.ModuleList()
-        for weight, bias in zip(
-            grouped.weight.detach().chunk(groups),
-            [None] * groups if grouped.bias is None else grouped.bias.detach().chunk(groups),
-            strict=True,
-        ):
-            part = type(grouped)(
-                self.in_per_group,
-                len(weight),
-                grouped.kernel_size,
-                stride=grouped.stride,
-                padding=grouped.padding,
-                dilation=grouped.dilation,
-                bias=bias is not None,
-                padding_mode=grouped.padding_mode,
-            ).to(DTYPE)
-            with torch.no_grad():
-                part.weight.copy_(weight)
-                if bias is not None:
-                    part.bias.copy_(bias)
-            self.parts.append(part)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        slices = inputs.split(self.in_per_group, dim=1)
-        return torch.cat([part(piece) for part, piece in zip(self.parts, slices, strict=True)], 1)
 
 
 def grouped_net(
@@ -63,12 +30,6 @@ def grouped_net(
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).to(DTYPE)
     model(torch.zeros(1, channels, *(size,) * (1 if conv_type is nn.Conv1d else 2), dtype=DTYPE))
     return model
-
-
-def split_twin(model: nn.Sequential) -> nn.Sequential:
-    twin = copy.deepcopy(model)
-    twin[0] = SplitConv(model[0])
-    return twin
 
 
 def train_side_by_side(

@@ -107,8 +107,17 @@ class EKFAC(KroneckerBlockOperator):
 
     def _block_dense(self, index: int) -> Tensor:
         output_eigen, input_eigen = self.eigenbases[index]
-        basis = torch.kron(output_eigen.vectors, input_eigen.vectors)
-        return basis @ torch.diag(self.eigenvalues[index].reshape(-1)) @ basis.mT
+        eigenvalues = self.eigenvalues[index]
+        if eigenvalues.ndim == 2:
+            return _eigenbasis_dense(output_eigen.vectors, input_eigen.vectors, eigenvalues)
+        groups = zip(output_eigen.vectors, input_eigen.vectors, eigenvalues, strict=True)
+        return torch.block_diag(*(_eigenbasis_dense(*group) for group in groups))
+
+
+def _eigenbasis_dense(output_vectors: Tensor, input_vectors: Tensor, eigenvalues: Tensor) -> Tensor:
+    """``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ`` as a dense matrix."""
+    basis = torch.kron(output_vectors, input_vectors)
+    return basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.mT
 
 
 def build_ekfac(
@@ -150,8 +159,11 @@ def build_ekfac(
         for stats in statistics
     ]
     eigenvalues = [
-        sum(projected_second_moment(stats.inputs, grads, *eigens) for grads in stats.output_grads)
-        / stats.inputs.shape[0]
+        sum(
+            projected_second_moment(stats.inputs, grads, *eigens)
+            for grads in stats.grouped_output_grads
+        )
+        / stats.inputs.shape[-3]
         for stats, eigens in zip(statistics, eigenbases, strict=True)
     ]
     params = trainable_parameters(model)

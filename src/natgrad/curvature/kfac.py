@@ -1,7 +1,8 @@
 """K-FAC: Kronecker-factored Fisher blocks ``G_l ⊗ A_l`` per layer (Martens & Grosse, 2015).
 
 The operator is block diagonal over the layers of a model, one block per ``nn.Linear``,
-``nn.Conv1d`` or ``nn.Conv2d`` (KFC, Grosse & Martens 2016), with the Fisher as the **mean**
+``nn.Conv1d`` or ``nn.Conv2d`` (KFC, Grosse & Martens 2016; a grouped convolution has one block
+per group, stacked as ``(g, d, d)`` factors), with the Fisher as the **mean**
 over the N data points. Factor conventions (row-major vectorisation, bias folded into ``A``,
 convolution patches with ``A`` averaged and ``G`` summed over spatial locations) are documented in
 :mod:`natgrad.curvature.kfac_capture` and :mod:`natgrad.linalg.kron`.
@@ -29,6 +30,7 @@ from natgrad.curvature.kfac_capture import (
     check_fisher_kind,
     conv_patch_means,
     conv_patches,
+    grouped_output_features,
     input_factor,
     input_features,
     kronecker_layers,
@@ -42,6 +44,7 @@ from natgrad.curvature.kfac_capture import (
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 from natgrad.linalg.kron import (
     SymmetricEigen,
+    block_diagonal_kron,
     eigenbasis_solve,
     factored_solve,
     kron_mv,
@@ -78,16 +81,27 @@ class LayerStatistics:
 
     @cached_property
     def inputs(self) -> Tensor:
-        """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (formed on first use)."""
+        """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (formed on first use); a grouped
+        convolution's per group, ``(g, N, T, d_in [+ 1])``."""
         if isinstance(self.layer.module, CONV_TYPES):
-            return patch_features(self._patches, self.layer.has_bias)
+            return patch_features(self._patches, self.layer.has_bias, self.layer.groups)
         return input_features(self.layer, self.layer_input)
 
     @property
+    def grouped_output_grads(self) -> list[Tensor]:
+        """:attr:`output_grads` per group of a grouped convolution, ``(g, N, T, d_out / g)``
+        (as they are for every other layer)."""
+        groups = self.layer.groups
+        if groups == 1:
+            return self.output_grads
+        return [grouped_output_features(grads, groups) for grads in self.output_grads]
+
+    @property
     def input_factor(self) -> Tensor:
-        """``A``, shape ``(d_in [+ 1], d_in [+ 1])``; a convolution's from the feature-major
-        patches, or with ``"reduce"`` from their means over the locations, which are summed
-        without gathering the patches."""
+        """``A``, shape ``(d_in [+ 1], d_in [+ 1])`` (a grouped convolution's per group,
+        ``(g, d_in [+ 1], d_in [+ 1])``); a convolution's from the feature-major patches, or
+        with ``"reduce"`` from their means over the locations, which are summed without
+        gathering the patches."""
         reduce = self.kfac_approx == "reduce"
         if not isinstance(self.layer.module, CONV_TYPES):
             return input_factor(reduced_input_features(self.inputs) if reduce else self.inputs)
@@ -95,15 +109,22 @@ class LayerStatistics:
             columns = conv_patch_means(self.layer.module, self.layer_input, self.layer.name)
         else:
             columns = self._patches.flatten(1)
-        return add_column_gram(None, columns, self.layer.has_bias, fresh=True) / columns.shape[1]
+        if self.layer.groups > 1:
+            columns = columns.reshape(self.layer.groups, -1, columns.shape[-1])
+        gram = add_column_gram(None, columns, self.layer.has_bias, fresh=True)
+        return gram / columns.shape[-1]
 
     @property
     def output_factor(self) -> Tensor:
         """``G = Σ_k 1/N Σ_n Σ_t g gᵀ`` (reduce: ``Σ_k 1/N Σ_n ĝ ĝᵀ``), shape
-        ``(d_out, d_out)``."""
+        ``(d_out, d_out)`` (a grouped convolution's per group, ``(g, d_out / g, d_out / g)``)."""
+        grads = self.output_grads
         if self.kfac_approx == "reduce":
-            return sum(output_factor(reduced_output_features(grads)) for grads in self.output_grads)
-        return sum(output_factor(grads) for grads in self.output_grads)
+            grads = [reduced_output_features(features) for features in grads]
+        groups = self.layer.groups
+        if groups > 1:
+            grads = [grouped_output_features(features, groups) for features in grads]
+        return sum(output_factor(features) for features in grads)
 
 
 def collect_statistics(
@@ -285,16 +306,16 @@ class KFAC(KroneckerBlockOperator):
 
     def _block_solve(self, index: int, matrix: Tensor, damping: float) -> Tensor:
         output_eigen, input_eigen = self.eigens(index)
-        eigenvalues = torch.outer(output_eigen.values, input_eigen.values)
+        eigenvalues = output_eigen.values.unsqueeze(-1) * input_eigen.values.unsqueeze(-2)
         return eigenbasis_solve(output_eigen, input_eigen, eigenvalues, matrix, damping)
 
     def _block_diag(self, index: int) -> Tensor:
-        return torch.outer(
-            self.output_factors[index].diagonal(), self.input_factors[index].diagonal()
-        )
+        output_diagonal = self.output_factors[index].diagonal(dim1=-2, dim2=-1)
+        input_diagonal = self.input_factors[index].diagonal(dim1=-2, dim2=-1)
+        return output_diagonal.unsqueeze(-1) * input_diagonal.unsqueeze(-2)
 
     def _block_dense(self, index: int) -> Tensor:
-        return torch.kron(self.output_factors[index], self.input_factors[index])
+        return block_diagonal_kron(self.output_factors[index], self.input_factors[index])
 
 
 def build_kfac(
@@ -314,8 +335,9 @@ def build_kfac(
     ----------
     model : nn.Module
         Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
-        (groups=1)
-        called exactly once per forward pass.
+        called exactly once per forward pass. A grouped convolution (``groups = g``) gets one
+        Kronecker block per group, the blocks of ``g`` separate convolutions on the groups'
+        channels.
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
         ``"categorical"``, ``"gaussian"``, ``"bernoulli"``, ``"poisson"`` or an instance.

@@ -56,6 +56,7 @@ __all__ = [
     "check_fisher_kind",
     "conv_patch_means",
     "conv_patches",
+    "grouped_output_features",
     "input_factor",
     "input_features",
     "kronecker_layers",
@@ -106,19 +107,30 @@ class KroneckerLayer:
 
     @property
     def input_dim(self) -> int:
-        """Columns of the weight matrix, plus one with a bias."""
+        """Columns of the weight matrix, plus one with a bias (of one group's, for a grouped
+        convolution: ``C_in / g · k_h · k_w [+ 1]``)."""
         return self.module.weight[0].numel() + int(self.has_bias)
+
+    @property
+    def groups(self) -> int:
+        """``g``: the groups of a grouped convolution, each with its own Kronecker block
+        (1 for every other layer)."""
+        return getattr(self.module, "groups", 1)
 
     def to_matrix(self, tensors: Sequence[Tensor]) -> Tensor:
         """Gather this layer's weight (and bias) from per-parameter ``tensors`` as a
-        ``(d_out, d_in [+ 1])`` matrix."""
+        ``(d_out, d_in [+ 1])`` matrix; for a grouped convolution one matrix per group,
+        ``(g, d_out / g, d_in [+ 1])`` (group ``j`` holds weight rows ``j · d_out / g …``)."""
         weight = tensors[self.weight_index].reshape(self.output_dim, -1)
-        if self.bias_index is None:
+        if self.bias_index is not None:
+            weight = torch.cat([weight, tensors[self.bias_index].reshape(-1, 1)], dim=1)
+        if self.groups == 1:
             return weight
-        return torch.cat([weight, tensors[self.bias_index].reshape(-1, 1)], dim=1)
+        return weight.reshape(self.groups, self.output_dim // self.groups, -1)
 
     def from_matrix(self, matrix: Tensor) -> dict[int, Tensor]:
-        """Split a ``(d_out, d_in [+ 1])`` matrix into ``{parameter index: tensor}``."""
+        """Split a matrix of :meth:`to_matrix`'s layout into ``{parameter index: tensor}``."""
+        matrix = matrix.reshape(self.output_dim, -1)
         weight_shape = self.module.weight.shape
         if self.bias_index is None:
             return {self.weight_index: matrix.reshape(weight_shape)}
@@ -146,14 +158,6 @@ def trainable_parameters(model: nn.Module) -> list[Tensor]:
     return [param for param in model.parameters() if param.requires_grad]
 
 
-def _check_conv(name: str, module: nn.Conv1d | nn.Conv2d) -> None:
-    if module.groups != 1:
-        raise ValueError(
-            f"layer {name!r}: Kronecker factors need groups=1 convolutions, "
-            f"got groups={module.groups}"
-        )
-
-
 def kronecker_layers(
     model: nn.Module,
     layer_types: tuple[type[nn.Module], ...] = KRONECKER_LAYER_TYPES,
@@ -173,7 +177,7 @@ def kronecker_layers(
     ------
     ValueError
         With ``strict``, naming a trainable parameter outside the supported layers; for a layer
-        whose bias is trainable but weight frozen; for a grouped convolution.
+        whose bias is trainable but weight frozen.
     """
     params = trainable_parameters(model)
     position = {id(param): index for index, param in enumerate(params)}
@@ -188,8 +192,6 @@ def kronecker_layers(
             if bias_trainable:
                 raise ValueError(f"layer {name!r}: trainable bias with a frozen weight")
             continue
-        if isinstance(module, CONV_TYPES):
-            _check_conv(name, module)
         bias_index = position[id(bias)] if bias_trainable else None
         layers.append(KroneckerLayer(name, module, position[id(weight)], bias_index))
     if strict:
@@ -366,10 +368,11 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     return features
 
 
-def patch_features(patches: Tensor, bias: bool) -> Tensor:
+def patch_features(patches: Tensor, bias: bool, groups: int = 1) -> Tensor:
     """Input features ``(N, T, d_in [+ 1])`` from feature-major :func:`conv_patches`
     ``(d_in, N, T)``: a row of ones appended for a bias (a contiguous copy), then a permuted
-    view.
+    view. With ``groups = g > 1`` (a grouped convolution) each group's features,
+    ``(g, N, T, d_in / g [+ 1])``.
 
     Raises
     ------
@@ -378,6 +381,12 @@ def patch_features(patches: Tensor, bias: bool) -> Tensor:
     """
     if patches.ndim != 3:
         raise ValueError(f"expected patches of shape (d_in, N, T), got {tuple(patches.shape)}")
+    if groups > 1:
+        grouped = patches.reshape(groups, -1, *patches.shape[1:])
+        if bias:
+            ones = grouped.new_ones(groups, 1, *patches.shape[1:])
+            grouped = torch.cat([grouped, ones], dim=1)
+        return grouped.permute(0, 2, 3, 1)
     if bias:
         patches = torch.cat([patches, patches.new_ones(1, *patches.shape[1:])])
     return patches.permute(1, 2, 0)
@@ -437,9 +446,18 @@ def input_factor(features: Tensor) -> Tensor:
 
 
 def output_factor(features: Tensor) -> Tensor:
-    """``G = 1/N Σ_n Σ_t g gᵀ`` from features of shape ``(N, T, d)``; shape ``(d, d)``."""
-    flat = features.reshape(-1, features.shape[-1])
-    return flat.mT @ flat / features.shape[0]
+    """``G = 1/N Σ_n Σ_t g gᵀ`` from features of shape ``(N, T, d)``; shape ``(d, d)``; from
+    grouped features ``(g, N, T, d)`` (:func:`grouped_output_features`) one per group,
+    ``(g, d, d)``."""
+    flat = features.reshape(*features.shape[:-3], -1, features.shape[-1])
+    return flat.mT @ flat / features.shape[-3]
+
+
+def grouped_output_features(features: Tensor, groups: int) -> Tensor:
+    """Output gradients ``(N, T, d_out)`` of a grouped convolution as each group's,
+    ``(g, N, T, d_out / g)`` (a permuted view)."""
+    samples, locations, outputs = features.shape
+    return features.reshape(samples, locations, groups, outputs // groups).permute(2, 0, 1, 3)
 
 
 def per_sample_gradients(inputs: Tensor, output_grads: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "SymmetricEigen",
+    "block_diagonal_kron",
     "damped_factor_inverses",
     "eigenbasis_mv",
     "eigenbasis_project",
@@ -48,6 +49,9 @@ class SymmetricEigen:
     vectors : Tensor of shape (d, d) or None
         Orthonormal eigenvectors as columns; ``None`` for a diagonal factor ``diag(values)``
         (the identity basis, never formed), as for the token factor of an embedding.
+
+    A stack of ``g`` factors (the groups of a grouped convolution) has values ``(g, d)`` and
+    vectors ``(g, d, d)``; the products of this module are batched over it.
     """
 
     def __init__(self, values: Tensor, vectors: Tensor | None) -> None:
@@ -55,7 +59,7 @@ class SymmetricEigen:
         self.vectors = vectors
 
     def __repr__(self) -> str:
-        return f"SymmetricEigen(dim={self.values.shape[0]}, dtype={self.values.dtype})"
+        return f"SymmetricEigen(dim={self.values.shape[-1]}, dtype={self.values.dtype})"
 
 
 def _all_finite(*tensors: Tensor) -> bool:
@@ -87,7 +91,7 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
 
     Parameters
     ----------
-    matrix : Tensor of shape (d, d)
+    matrix : Tensor of shape (d, d), or (g, d, d) for a stack (decomposed in one batch)
 
     Returns
     -------
@@ -100,7 +104,7 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
     torch.linalg.LinAlgError
         If the decomposition fails even in float64.
     """
-    _check_square(matrix)
+    _check_square(matrix if matrix.ndim == 2 else matrix[0])
     if not _all_finite(matrix):
         raise ValueError("cannot eigendecompose a matrix with non-finite entries")
     return SymmetricEigen(*_decompose(matrix))
@@ -202,6 +206,16 @@ def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tens
     Tensor of shape (d_out, d_in)
     """
     return output_factor @ matrix @ input_factor
+
+
+def block_diagonal_kron(output_factor: Tensor, input_factor: Tensor) -> Tensor:
+    """The dense block ``G ⊗ A``, shape ``(d_out d_in, d_out d_in)``; for stacks ``(g, d_out,
+    d_out)`` and ``(g, d_in, d_in)`` the block-diagonal matrix of the ``g`` blocks
+    ``G_j ⊗ A_j`` (in the row-major order of a ``(g, d_out, d_in)`` matrix stack)."""
+    if output_factor.ndim == 2:
+        return torch.kron(output_factor, input_factor)
+    pairs = zip(output_factor, input_factor, strict=True)
+    return torch.block_diag(*(torch.kron(output, inputs) for output, inputs in pairs))
 
 
 def eigenbasis_project(
@@ -340,13 +354,18 @@ def grouped_factored_damping(
     list of (float, float)
         ``(λ_G, λ_A)`` per group.
     """
-    means = torch.stack(
-        [
-            output_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
-            input_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
-        ]
+    return _group_dampings(
+        output_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
+        input_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
+        damping,
     )
-    outputs, inputs = means.tolist()
+
+
+def _group_dampings(
+    mean_outputs: Tensor, mean_inputs: Tensor, damping: float
+) -> list[tuple[float, float]]:
+    """``(λ_G, λ_A)`` per group from the factors' mean eigenvalues ``(g,)``, one read-back."""
+    outputs, inputs = torch.stack([mean_outputs, mean_inputs]).tolist()
     return [
         _split_damping(mean_output, mean_input, damping)
         for mean_output, mean_input in zip(outputs, inputs, strict=True)
@@ -457,7 +476,7 @@ def factored_solve(
     output_eigen: SymmetricEigen, input_eigen: SymmetricEigen, matrix: Tensor, damping: float
 ) -> Tensor:
     """Factored π-damping: ``(G + λ_G I)⁻¹ V (A + λ_A I)⁻¹`` with ``λ_G, λ_A`` from
-    :func:`factored_damping`.
+    :func:`factored_damping` (for stacked eigendecompositions, one π per group).
 
     Raises
     ------
@@ -466,9 +485,16 @@ def factored_solve(
     """
     if not damping > 0:
         raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
-    output_damping, input_damping = factored_damping(output_eigen, input_eigen, damping)
-    eigenvalues = torch.outer(
-        output_eigen.values + output_damping, input_eigen.values + input_damping
-    )
+    output_values, input_values = output_eigen.values, input_eigen.values
+    if output_values.ndim == 1:
+        output_damping, input_damping = factored_damping(output_eigen, input_eigen, damping)
+    else:
+        pairs = _group_dampings(output_values.mean(-1), input_values.mean(-1), damping)
+        output_damping, input_damping = (
+            output_values.new_tensor(side).unsqueeze(-1) for side in zip(*pairs, strict=True)
+        )
+    eigenvalues = (output_values + output_damping).unsqueeze(-1) * (
+        input_values + input_damping
+    ).unsqueeze(-2)
     coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
     return _eigenbasis_unproject(output_eigen, input_eigen, coordinates / eigenvalues)

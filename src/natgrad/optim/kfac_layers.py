@@ -750,10 +750,7 @@ class GroupedConvState(KroneckerLayerState):
         self.input_count += columns.shape[-1]
         if not self.keep_pairs:
             return None
-        grouped = patches.reshape(self.groups, self._columns, *patches.shape[1:])
-        if self.layer.has_bias:
-            grouped = torch.cat([grouped, grouped.new_ones(self.groups, 1, *patches.shape[1:])], 1)
-        return grouped.permute(0, 2, 3, 1)
+        return patch_features(patches, self.layer.has_bias, self.groups)
 
     def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
         """Add each group's ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients
