@@ -106,8 +106,12 @@ def test_a_grouped_conv_is_its_groups_as_separate_layers(
     assert_twins_agree(model, twin, grouped.layers[0], split.layers[:groups])
 
 
-@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
-def test_ekfac_on_a_grouped_conv_is_its_groups_as_separate_layers(fisher_type: str) -> None:
+@pytest.mark.parametrize(
+    ("fisher_type", "kfac_approx"), [("empirical", "expand"), ("mc", "expand"), ("mc", "reduce")]
+)
+def test_ekfac_on_a_grouped_conv_is_its_groups_as_separate_layers(
+    fisher_type: str, kfac_approx: str
+) -> None:
     torch.manual_seed(1)
     model = grouped_net(nn.Conv2d, 4, 2, True, 5, padding=1)
     twin = split_twin(model)
@@ -123,6 +127,7 @@ def test_ekfac_on_a_grouped_conv_is_its_groups_as_separate_layers(fisher_type: s
         inv_update_interval=2,
         factor_update_interval=1,
         fisher_type=fisher_type,
+        kfac_approx=kfac_approx,
     )
     assert_twins_agree(model, twin, grouped.layers[0], split.layers[:2])
     for group, state in enumerate(split.layers[:2]):
