@@ -104,6 +104,23 @@ MODELS["linear_locations"] = lambda: Locations().to(DTYPE)
 MODELS["in_place_activations"] = in_place_activations
 
 
+def grouped_cnn(groups: int) -> nn.Module:
+    """A grouped (``groups=2``) or depthwise (``groups=4``) convolution between two others."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        SpatialInputs(),
+        nn.Conv2d(1, 4, 2),
+        nn.Tanh(),
+        nn.Conv2d(4, 4, 2, padding=1, groups=groups),
+        nn.Flatten(),
+        nn.Linear(4 * 9, OUTPUTS),
+    ).to(DTYPE)
+
+
+MODELS["grouped_cnn"] = lambda: grouped_cnn(2)
+MODELS["depthwise_cnn"] = lambda: grouped_cnn(4)
+
+
 def mc_draws(model: nn.Module, inputs: torch.Tensor, likelihood: str) -> list[torch.Tensor]:
     """The targets the MC Fisher samples: ``MC_SAMPLES`` draws on the whole batch, in order."""
     generator = torch.Generator().manual_seed(SEED)
@@ -270,18 +287,11 @@ def training_batch_norm() -> nn.Module:
     return model.train()
 
 
-def grouped_convolution() -> nn.Module:
-    return nn.Sequential(
-        SpatialInputs(), nn.Conv2d(1, 2, 2), nn.Conv2d(2, 2, 2, groups=2), nn.Flatten()
-    )
-
-
 UNSUPPORTED = {
     "other_parameter": ScaledOutputs,
     "embedding": lambda: nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, OUTPUTS)),
     "frozen_weight_trainable_bias": frozen_weight_trainable_bias,
     "training_batch_norm": training_batch_norm,
-    "grouped_convolution": grouped_convolution,
     "shared_layer": SharedLayer,
     "skipped_layer": SkippedLayer,
     "sequence_first": SequenceFirst,

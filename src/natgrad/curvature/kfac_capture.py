@@ -357,11 +357,13 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
 
     ``nn.Conv2d`` inputs ``(N, C, H, W)`` become their ``T = H_out · W_out`` patches of
     ``C · k_h · k_w`` features (:func:`patch_features`, a non-contiguous view), ``nn.Conv1d``
-    inputs ``(N, C, L)`` their ``T = L_out`` patches of ``C · k``.
+    inputs ``(N, C, L)`` their ``T = L_out`` patches of ``C · k``; a grouped convolution's are
+    per group, ``(g, N, T, d_in / g [+ 1])``.
     """
     module = layer.module
     if isinstance(module, CONV_TYPES):
-        return patch_features(conv_patches(module, layer_input, layer.name), layer.has_bias)
+        patches = conv_patches(module, layer_input, layer.name)
+        return patch_features(patches, layer.has_bias, layer.groups)
     features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
     if layer.has_bias:
         features = torch.cat([features, features.new_ones(*features.shape[:2], 1)], dim=2)

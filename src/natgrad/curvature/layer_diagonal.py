@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from natgrad.curvature.jacobians import check_finite_inputs
 from natgrad.curvature.kfac_capture import (
-    CONV_TYPES,
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
     KroneckerLayer,
@@ -63,8 +62,8 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``), a trainable bias with a frozen
-    weight, or a BatchNorm layer in training mode (which couples the samples).
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a trainable bias with a frozen weight, or a
+    BatchNorm layer in training mode (which couples the samples).
     """
     params = trainable_parameters(model)
     if not params or _couples_samples(model):
@@ -74,8 +73,6 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
             continue
         bias = module.bias
         if bias is not None and bias.requires_grad and not module.weight.requires_grad:
-            return None
-        if isinstance(module, CONV_TYPES) and module.groups != 1 and module.weight.requires_grad:
             return None
     layers = kronecker_layers(model, strict=False)
     covered = sum(1 + layer.has_bias for layer in layers)
@@ -263,8 +260,22 @@ def _squared_gradient_sums(
         )
         for layer, total, a, grad in zip(layers, sums, features, grads, strict=True):
             if grad is not None:
-                total += squared_gradient_sum(a, _batched_output_features(layer, grad.detach()))
+                grads = _batched_output_features(layer, grad.detach())
+                total += _layer_squared_sum(layer, a, grads)
     return sums
+
+
+def _layer_squared_sum(layer: KroneckerLayer, features: Tensor, output_grads: Tensor) -> Tensor:
+    """:func:`squared_gradient_sum` of one layer, shape ``(d_out, d_in [+ 1])``; for a grouped
+    convolution (features ``(g, N, T, d)``) of each group's weights, their rows stacked."""
+    if layer.groups == 1:
+        return squared_gradient_sum(features, output_grads)
+    by_group = output_grads.unflatten(-1, (layer.groups, -1))
+    sums = [
+        squared_gradient_sum(group_features, by_group[..., group, :])
+        for group, group_features in enumerate(features)
+    ]
+    return torch.cat(sums)
 
 
 def _batched_output_features(layer: KroneckerLayer, grads: Tensor) -> Tensor:
