@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from _report import environment, print_table, save_json
+from _timing import interleaved_costs
 from natgrad.optim import KFAC
 
 INTERVALS = (1, 10)
@@ -163,31 +162,15 @@ def step_costs(inputs: Tensor, labels: Tensor, steps: int, rounds: int) -> list[
     for step in [sgd, *steppers.values()]:
         for _ in range(10):
             step()
-
-    def per_step(step: Callable[[], None]) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps
-
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-    ratios: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-    base = []
-    for _ in range(rounds):
-        for key, step in steppers.items():
-            reference, measured = per_step(sgd), per_step(step)
-            base.append(reference)
-            seconds[key].append(measured)
-            ratios[key].append(measured / reference)
-    rows = [{"setup": "SGD", "intervals": "", "ms_per_step": 1e3 * statistics.median(base)}]
-    rows[0]["x_sgd"] = 1.0
-    for (setup, interval), values in seconds.items():
+    base, costs = interleaved_costs(sgd, steppers, steps, rounds)
+    rows = [{"setup": "SGD", "intervals": "", "ms_per_step": 1e3 * base, "x_sgd": 1.0}]
+    for (setup, interval), (seconds, ratio) in costs.items():
         rows.append(
             {
                 "setup": f"K-FAC, {setup}",
                 "intervals": f"{interval}/{interval}",
-                "ms_per_step": 1e3 * statistics.median(values),
-                "x_sgd": statistics.median(ratios[setup, interval]),
+                "ms_per_step": 1e3 * seconds,
+                "x_sgd": ratio,
             }
         )
     return rows

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 import kfac_digits
 from _report import environment, print_table, save_json
+from _timing import interleaved_costs
 from natgrad.curvature.kfac import build_kfac
 from natgrad.optim import KFAC
 
@@ -154,39 +155,18 @@ def step_costs(name: str, build, inputs: Tensor, labels: Tensor, steps: int, rou
     sgd = stepper(build, inputs, labels, None, 1)
     keys = [(approx, interval) for interval in INTERVALS for approx in APPROXIMATIONS]
     steppers = {key: stepper(build, inputs, labels, *key) for key in keys}
-
-    def per_step(step: Callable[[], None]) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return (time.perf_counter() - start) / steps
-
-    seconds: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-    ratios: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-    base = []
-    for _ in range(rounds):
-        for key, step in steppers.items():
-            reference, measured = per_step(sgd), per_step(step)
-            base.append(reference)
-            seconds[key].append(measured)
-            ratios[key].append(measured / reference)
+    base, costs = interleaved_costs(sgd, steppers, steps, rounds)
     rows = [
-        {
-            "model": name,
-            "method": "sgd",
-            "intervals": "",
-            "ms_per_step": 1e3 * statistics.median(base),
-            "x_sgd": 1.0,
-        }
+        {"model": name, "method": "sgd", "intervals": "", "ms_per_step": 1e3 * base, "x_sgd": 1.0}
     ]
-    for (approx, interval), values in seconds.items():
+    for (approx, interval), (seconds, ratio) in costs.items():
         rows.append(
             {
                 "model": name,
                 "method": f"kfac {approx}",
                 "intervals": f"{interval}/{interval}",
-                "ms_per_step": 1e3 * statistics.median(values),
-                "x_sgd": statistics.median(ratios[approx, interval]),
+                "ms_per_step": 1e3 * seconds,
+                "x_sgd": ratio,
             }
         )
     return rows
