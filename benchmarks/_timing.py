@@ -38,3 +38,16 @@ def interleaved_costs(
         key: (statistics.median(seconds[key]), statistics.median(ratios[key])) for key in steppers
     }
     return statistics.median(base), costs
+
+
+def cost_rows(
+    base: float,
+    costs: dict[Hashable, tuple[float, float]],
+    describe: Callable[[Hashable | None], dict],
+) -> list[dict]:
+    """Table rows of :func:`interleaved_costs`' results: the reference's (``describe(None)``)
+    and each stepper's (``describe(key)``), with milliseconds per step and the ratio."""
+    rows = [describe(None) | {"ms_per_step": 1e3 * base, "x_sgd": 1.0}]
+    for key, (seconds, ratio) in costs.items():
+        rows.append(describe(key) | {"ms_per_step": 1e3 * seconds, "x_sgd": ratio})
+    return rows

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from _report import environment, print_table, save_json
-from _timing import interleaved_costs
-from natgrad.optim import KFAC
+from _timing import cost_rows, interleaved_costs
+from kfac_reduce import kfac_step
 
 INTERVALS = (1, 10)
 SETUPS = ("grouped", "grouped, reduce", "one layer per group", "grouped layers left out")
@@ -112,28 +112,10 @@ def make_step(
     model = separable_cnn()
     if setup == "one layer per group":
         model = per_group(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    precond = None
-    if setup is not None:
-        layers = ungrouped_layers(model) if setup == "grouped layers left out" else None
-        precond = KFAC(
-            model,
-            damping=0.03,
-            damping_mode="factored",
-            factor_decay=0.8,
-            factor_update_interval=interval,
-            inv_update_interval=interval,
-            layers=layers,
-            kfac_approx="reduce" if setup == "grouped, reduce" else "expand",
-        )
-
-    def step() -> None:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs), labels).backward()
-        if precond is not None:
-            precond.step()
-        optimizer.step()
-
+    options = {"kfac_approx": "reduce" if setup == "grouped, reduce" else "expand"}
+    if setup == "grouped layers left out":
+        options["layers"] = ungrouped_layers(model)
+    step = kfac_step(model, inputs, labels, None if setup is None else interval, **options)
     return step, model
 
 
@@ -163,17 +145,14 @@ def step_costs(inputs: Tensor, labels: Tensor, steps: int, rounds: int) -> list[
         for _ in range(10):
             step()
     base, costs = interleaved_costs(sgd, steppers, steps, rounds)
-    rows = [{"setup": "SGD", "intervals": "", "ms_per_step": 1e3 * base, "x_sgd": 1.0}]
-    for (setup, interval), (seconds, ratio) in costs.items():
-        rows.append(
-            {
-                "setup": f"K-FAC, {setup}",
-                "intervals": f"{interval}/{interval}",
-                "ms_per_step": 1e3 * seconds,
-                "x_sgd": ratio,
-            }
-        )
-    return rows
+
+    def describe(key: tuple[str, int] | None) -> dict:
+        if key is None:
+            return {"setup": "SGD", "intervals": ""}
+        setup, interval = key
+        return {"setup": f"K-FAC, {setup}", "intervals": f"{interval}/{interval}"}
+
+    return cost_rows(base, costs, describe)
 
 
 def main() -> None:
