@@ -6,6 +6,8 @@ Fisher at any batch size (output gradients do not depend on the input). Elsewher
 are checked against brute-force expectations.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -616,23 +618,26 @@ def test_grouped_conv_covering_whole_input_is_exact_at_batch_one() -> None:
 
 @pytest.mark.parametrize("build", [build_kfac, build_ekfac])
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
-@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize(("conv_type", "groups"), [(nn.Conv2d, 2), (nn.Conv2d, 4), (nn.Conv1d, 2)])
 def test_grouped_conv_operator_is_that_of_one_conv_per_group(
-    build, kfac_approx: str, depthwise: bool
+    build, kfac_approx: str, conv_type: type, groups: int
 ) -> None:
-    """The operator of a grouped convolution equals that of the same network with one ordinary
-    convolution per group, the parameters permuted: dense matrix, diagonal, products and
-    solves (factored too)."""
+    """The operator of a grouped (``groups = 4``: depthwise) convolution equals that of the
+    same network with one ordinary convolution per group, the parameters permuted: dense
+    matrix, diagonal, products and solves (factored too)."""
     torch.manual_seed(13)
-    groups = 4 if depthwise else 2
+    spatial = (4,) if conv_type is nn.Conv1d else (4, 4)
     model = nn.Sequential(
-        nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3)
+        conv_type(4, 4, 3, padding=1, groups=groups),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * math.prod(spatial), 3),
     ).to(DTYPE)
     twin = split_twin(model)
     positions = twin_positions(model)
     # more samples than any factor's dimension: no repeated (zero) eigenvalue, whose basis
     # (on which EKFAC's eigenvalues depend) round-off would choose
-    inputs = torch.randn(24, 4, 4, 4, dtype=DTYPE)
+    inputs = torch.randn(24, 4, *spatial, dtype=DTYPE)
     options = {"likelihood": "categorical", "kfac_approx": kfac_approx}
     operator, twin_operator = build(model, inputs, **options), build(twin, inputs, **options)
     dense = twin_operator.to_dense()
