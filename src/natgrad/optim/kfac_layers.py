@@ -797,18 +797,8 @@ class GroupedConvState(KroneckerLayerState):
         bias_grad = None if self.bias is None else self.bias.grad
         if self.bias is not None and bias_grad is None:
             return None
-        matrix = self._grouped([weight_grad, bias_grad])
+        matrix = self.layer.to_matrix([weight_grad, bias_grad])  # (g, C_out / g, d_in [+ 1])
         return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
-
-    def param_matrix(self) -> Tensor:
-        return self._grouped([param.detach() for param in self._params()]).to(self.dtype)
-
-    def _grouped(self, tensors: Sequence[Tensor | None]) -> Tensor:
-        """Weight (and bias) as ``(g, C_out/g, d_in [+ 1])``."""
-        matrix = tensors[0].reshape(self.groups, self._rows, -1)
-        if self.bias is None:
-            return matrix
-        return torch.cat([matrix, tensors[1].reshape(self.groups, self._rows, 1)], dim=2)
 
     def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
         bias_grad = None if self.bias is None else self.bias.grad
