@@ -19,7 +19,12 @@ from grouped_conv import split_twin, twin_positions
 from natgrad.curvature import fisher
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import KFAC, build_kfac
-from natgrad.curvature.kfac_capture import conv_patch_means, conv_patches, patch_features
+from natgrad.curvature.kfac_capture import (
+    conv_patch_means,
+    conv_patches,
+    grouped_output_features,
+    patch_features,
+)
 from natgrad.curvature.likelihoods import get_likelihood
 
 DTYPE = torch.float64
@@ -428,6 +433,12 @@ def test_conv_patches_refuse_an_input_that_is_not_a_batch_of_the_layer() -> None
         conv_patches(nn.Conv1d(2, 3, 2), torch.randn(1, 2, 4, 4))
     with pytest.raises(ValueError, match=r"\(d_in, N, T\), got \(4, 9\)"):
         patch_features(torch.randn(4, 9), bias=True)
+    with pytest.raises(ValueError, match="4 features do not split into groups=3"):
+        patch_features(torch.randn(4, 2, 9), bias=True, groups=3)
+    with pytest.raises(ValueError, match="6 features do not split into groups=4"):
+        grouped_output_features(torch.randn(2, 3, 6), 4)
+    with pytest.raises(ValueError, match=r"\(N, T, d_out\), got \(2, 6\)"):
+        grouped_output_features(torch.randn(2, 6), 2)
 
 
 def test_patch_features_append_ones_for_the_bias() -> None:

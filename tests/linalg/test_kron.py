@@ -8,10 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natgrad.linalg.kron import (
+    block_diagonal_kron,
     eigenbasis_mv,
     eigenbasis_solve,
     factored_damping,
+    factored_damping_from_factors,
     factored_solve,
+    grouped_factored_damping,
     kron_mv,
     symmetric_eigh,
 )
@@ -116,3 +119,44 @@ def test_symmetric_eigh_rejects_bad_input() -> None:
         symmetric_eigh(torch.ones(2, 3))
     with pytest.raises(ValueError, match="non-finite"):
         symmetric_eigh(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+def test_stacked_factors_are_their_groups_one_by_one() -> None:
+    """A stack of ``g`` factor pairs (a grouped convolution's): the block-diagonal dense
+    matrix, the eigendecomposition, the factored solve (one π per group) and the per-group
+    dampings equal the single-pair functions applied group by group."""
+    generator = torch.Generator().manual_seed(4)
+    outputs = torch.stack([random_psd(2, generator) for _ in range(3)])
+    inputs = torch.stack([random_psd(4, generator, rank=2) for _ in range(3)])
+    inputs[1] *= 10.0  # a different π in each group
+    matrices = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    dense = block_diagonal_kron(outputs, inputs)
+    torch.testing.assert_close(
+        dense, torch.block_diag(*(torch.kron(g, a) for g, a in zip(outputs, inputs, strict=True)))
+    )
+    torch.testing.assert_close(
+        dense @ matrices.reshape(-1),
+        torch.stack(
+            [kron_mv(g, a, v) for g, a, v in zip(outputs, inputs, matrices, strict=True)]
+        ).reshape(-1),
+    )
+    stacked_output, stacked_input = symmetric_eigh(outputs), symmetric_eigh(inputs)
+    solved = factored_solve(stacked_output, stacked_input, matrices, 0.3)
+    for group in range(3):
+        output_eigen, input_eigen = symmetric_eigh(outputs[group]), symmetric_eigh(inputs[group])
+        torch.testing.assert_close(stacked_output.values[group], output_eigen.values)
+        expected = factored_solve(output_eigen, input_eigen, matrices[group], 0.3)
+        torch.testing.assert_close(solved[group], expected)
+    pairs = grouped_factored_damping(outputs, inputs, 0.3)
+    for pair, output, inputs_group in zip(pairs, outputs, inputs, strict=True):
+        assert pair == pytest.approx(factored_damping_from_factors(output, inputs_group, 0.3))
+
+
+def test_stacked_factor_helpers_reject_mismatched_stacks() -> None:
+    mismatched = r"as many matrices, got shapes \(2, 3, 3\) and \(3, 2, 2\)"
+    with pytest.raises(ValueError, match=mismatched):
+        block_diagonal_kron(torch.eye(3).expand(2, 3, 3), torch.eye(2).expand(3, 2, 2))
+    with pytest.raises(ValueError, match=r"square factors .* got shape \(2, 3\)"):
+        block_diagonal_kron(torch.ones(2, 3), torch.eye(2))
+    with pytest.raises(ValueError, match=r"stacks \(g, d, d\), got shape \(3, 3\)"):
+        grouped_factored_damping(torch.eye(3), torch.eye(2), 0.1)

@@ -370,6 +370,11 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     return features
 
 
+def _check_groups(size: int, groups: int) -> None:
+    if groups < 1 or size % groups:
+        raise ValueError(f"{size} features do not split into groups={groups}")
+
+
 def patch_features(patches: Tensor, bias: bool, groups: int = 1) -> Tensor:
     """Input features ``(N, T, d_in [+ 1])`` from feature-major :func:`conv_patches`
     ``(d_in, N, T)``: a row of ones appended for a bias (a contiguous copy), then a permuted
@@ -379,10 +384,11 @@ def patch_features(patches: Tensor, bias: bool, groups: int = 1) -> Tensor:
     Raises
     ------
     ValueError
-        If ``patches`` is not 3-D.
+        If ``patches`` is not 3-D, or its rows do not split into ``groups``.
     """
     if patches.ndim != 3:
         raise ValueError(f"expected patches of shape (d_in, N, T), got {tuple(patches.shape)}")
+    _check_groups(patches.shape[0], groups)
     if groups > 1:
         grouped = patches.reshape(groups, -1, *patches.shape[1:])
         if bias:
@@ -457,7 +463,16 @@ def output_factor(features: Tensor) -> Tensor:
 
 def grouped_output_features(features: Tensor, groups: int) -> Tensor:
     """Output gradients ``(N, T, d_out)`` of a grouped convolution as each group's,
-    ``(g, N, T, d_out / g)`` (a permuted view)."""
+    ``(g, N, T, d_out / g)`` (a permuted view).
+
+    Raises
+    ------
+    ValueError
+        If ``features`` is not 3-D or ``d_out`` does not split into ``groups``.
+    """
+    if features.ndim != 3:
+        raise ValueError(f"expected features of shape (N, T, d_out), got {tuple(features.shape)}")
+    _check_groups(features.shape[-1], groups)
     samples, locations, outputs = features.shape
     return features.reshape(samples, locations, groups, outputs // groups).permute(2, 0, 1, 3)
 

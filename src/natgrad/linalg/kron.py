@@ -211,7 +211,14 @@ def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tens
 def block_diagonal_kron(output_factor: Tensor, input_factor: Tensor) -> Tensor:
     """The dense block ``G ⊗ A``, shape ``(d_out d_in, d_out d_in)``; for stacks ``(g, d_out,
     d_out)`` and ``(g, d_in, d_in)`` the block-diagonal matrix of the ``g`` blocks
-    ``G_j ⊗ A_j`` (in the row-major order of a ``(g, d_out, d_in)`` matrix stack)."""
+    ``G_j ⊗ A_j`` (in the row-major order of a ``(g, d_out, d_in)`` matrix stack).
+
+    Raises
+    ------
+    ValueError
+        If the factors are not both matrices or both stacks of as many matrices.
+    """
+    _check_stacks(output_factor, input_factor)
     if output_factor.ndim == 2:
         return torch.kron(output_factor, input_factor)
     pairs = zip(output_factor, input_factor, strict=True)
@@ -353,12 +360,35 @@ def grouped_factored_damping(
     -------
     list of (float, float)
         ``(λ_G, λ_A)`` per group.
+
+    Raises
+    ------
+    ValueError
+        If the factors are not stacks of as many matrices.
     """
+    _check_stacks(output_factors, input_factors)
+    if output_factors.ndim != 3:
+        raise ValueError(f"expected stacks (g, d, d), got shape {tuple(output_factors.shape)}")
     return _group_dampings(
         output_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
         input_factors.diagonal(dim1=-2, dim2=-1).mean(-1),
         damping,
     )
+
+
+def _check_stacks(output_factor: Tensor, input_factor: Tensor) -> None:
+    """Both factors square matrices, or both stacks ``(g, d, d)`` of the same ``g``."""
+    for factor in (output_factor, input_factor):
+        if factor.ndim not in (2, 3) or factor.shape[-1] != factor.shape[-2]:
+            raise ValueError(
+                f"expected square factors (d, d) or stacks (g, d, d), got shape "
+                f"{tuple(factor.shape)}"
+            )
+    if output_factor.shape[:-2] != input_factor.shape[:-2]:
+        raise ValueError(
+            f"the factors must stack as many matrices, got shapes {tuple(output_factor.shape)} "
+            f"and {tuple(input_factor.shape)}"
+        )
 
 
 def _group_dampings(
