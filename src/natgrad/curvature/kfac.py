@@ -89,8 +89,8 @@ class LayerStatistics:
 
     @property
     def grouped_output_grads(self) -> list[Tensor]:
-        """:attr:`output_grads` per group of a grouped convolution, ``(g, N, T, d_out / g)``
-        (as they are for every other layer)."""
+        """:attr:`output_grads`, each as ``(g, N, T, d_out / g)`` for a grouped convolution;
+        unchanged for every other layer."""
         groups = self.layer.groups
         if groups == 1:
             return self.output_grads
