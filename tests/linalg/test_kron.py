@@ -117,6 +117,8 @@ def test_symmetric_eigh_reconstructs_and_clamps() -> None:
 def test_symmetric_eigh_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="square"):
         symmetric_eigh(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"square matrix \(d, d\) or a stack .* got shape \(3,\)"):
+        symmetric_eigh(torch.ones(3))
     with pytest.raises(ValueError, match="non-finite"):
         symmetric_eigh(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
 
@@ -156,7 +158,7 @@ def test_stacked_factor_helpers_reject_mismatched_stacks() -> None:
     mismatched = r"as many matrices, got shapes \(2, 3, 3\) and \(3, 2, 2\)"
     with pytest.raises(ValueError, match=mismatched):
         block_diagonal_kron(torch.eye(3).expand(2, 3, 3), torch.eye(2).expand(3, 2, 2))
-    with pytest.raises(ValueError, match=r"square factors .* got shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"square matrix .* got shape \(2, 3\)"):
         block_diagonal_kron(torch.ones(2, 3), torch.eye(2))
     with pytest.raises(ValueError, match=r"stacks \(g, d, d\), got shape \(3, 3\)"):
         grouped_factored_damping(torch.eye(3), torch.eye(2), 0.1)

@@ -104,7 +104,7 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
     torch.linalg.LinAlgError
         If the decomposition fails even in float64.
     """
-    _check_square(matrix if matrix.ndim == 2 else matrix[0])
+    _check_square_or_stack(matrix)
     if not _all_finite(matrix):
         raise ValueError("cannot eigendecompose a matrix with non-finite entries")
     return SymmetricEigen(*_decompose(matrix))
@@ -152,6 +152,14 @@ def _groups_of_equal_kind(matrices: Sequence[Tensor], indices: Iterable[int]) ->
         _check_square(matrix)
         groups.setdefault((matrix.shape[0], matrix.dtype, matrix.device), []).append(index)
     return list(groups.values())
+
+
+def _check_square_or_stack(matrix: Tensor) -> None:
+    """A square matrix ``(d, d)`` or a stack of them ``(g, d, d)``."""
+    if matrix.ndim not in (2, 3) or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"expected a square matrix (d, d) or a stack (g, d, d), got shape {tuple(matrix.shape)}"
+        )
 
 
 def _check_square(matrix: Tensor) -> None:
@@ -378,12 +386,8 @@ def grouped_factored_damping(
 
 def _check_stacks(output_factor: Tensor, input_factor: Tensor) -> None:
     """Both factors square matrices, or both stacks ``(g, d, d)`` of the same ``g``."""
-    for factor in (output_factor, input_factor):
-        if factor.ndim not in (2, 3) or factor.shape[-1] != factor.shape[-2]:
-            raise ValueError(
-                f"expected square factors (d, d) or stacks (g, d, d), got shape "
-                f"{tuple(factor.shape)}"
-            )
+    _check_square_or_stack(output_factor)
+    _check_square_or_stack(input_factor)
     if output_factor.shape[:-2] != input_factor.shape[:-2]:
         raise ValueError(
             f"the factors must stack as many matrices, got shapes {tuple(output_factor.shape)} "
