@@ -304,7 +304,10 @@ class KFAC:
         weight is computed and has no gradient), except the ``out_proj`` of an
         ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
         could be recorded; choosing it raises) and layers that share their weight with another
-        (tied embeddings: left out with a warning; choosing several of them raises). All other
+        (tied embeddings: left out with a warning; choosing several of them raises). A layer
+        called several times in one forward pass (a siamese branch, an unrolled cell) pools
+        the locations of its calls as those of one call (K-FAC-expand over the calls; with
+        ``"reduce"``, each call reduced over its own locations). All other
         parameters keep their gradients. A chosen layer that records nothing on a recording
         step although its weight has a gradient (eval mode, a weight used without its layer)
         is named in a ``RuntimeWarning``, once.
@@ -488,22 +491,23 @@ class KFAC:
             # must not record into this preconditioner's statistics
             if module is not state.module or not self._recording(module):
                 return
+            call_pass = state.begin_call()
             features = state.record_input(args[0])
             if output.requires_grad:
-                handle = output.register_hook(self._output_grad_hook(state, features))
+                handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
                 if self.fisher_type == "mc":
                     self._layer_outputs.append(output)
                     self._output_handles.append(handle)
 
         return hook
 
-    def _output_grad_hook(self, state: LayerState, features: Tensor):
+    def _output_grad_hook(self, state: LayerState, features: Tensor, call_pass: int):
         def hook(grad: Tensor) -> None:
             if self.fisher_type == "mc" and self._sampling:
-                state.record_output_grad(grad, 1.0, features)
+                state.record_output_grad(grad, 1.0, features, call_pass)
             elif self.fisher_type == "empirical":
                 scale = grad.shape[0] * self.accumulation_steps / self._current_loss_scale()
-                state.record_output_grad(grad, scale, features)
+                state.record_output_grad(grad, scale, features, call_pass)
 
         return hook
 

@@ -204,6 +204,14 @@ class LayerState:
     K-FAC-reduce: the inputs averaged and the output gradients summed over each sample's
     locations first), both accumulated as sums and counts until :func:`fold_factors` turns them
     into an exponential moving average.
+
+    A layer called several times in one forward pass (weight sharing across calls: a siamese
+    branch, an unrolled recurrent cell) applies its weight at the locations of every call, so
+    the calls' locations are pooled as one sample's: every call adds its rows to ``A``, and the
+    output gradients of all calls of one pass add to ``G`` with the samples counted once (a
+    pass is the calls before the backward pass that records them; calls after it start the
+    next, as with gradient accumulation). With ``reduce`` each call is reduced over its own
+    locations, and the calls pooled as in expand.
     """
 
     name: str
@@ -229,6 +237,9 @@ class LayerState:
         self._eigenvalues: Tensor | None = None
         self._inverted_factors: tuple[Tensor, Tensor] | None = None
         self._inverse: tuple[tuple[float, bool], _EigenSolve | _FactoredSolve] | None = None
+        self._call_pass = 0
+        self._recorded_since_call = False
+        self._counted_pass: tuple[int, int] | None = None
         self.reset_sums()
 
     # -- eigen attributes: setting one drops the cached damped inverse ----------------------
@@ -304,9 +315,41 @@ class LayerState:
     def has_pending(self) -> bool:
         return self.input_count > 0 and self.output_count > 0
 
-    def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
+    def begin_call(self) -> int:
+        """Number the forward pass that a call of the layer belongs to: calls share one until
+        output gradients are recorded; the first call after that starts the next."""
+        if self._recorded_since_call:
+            self._call_pass += 1
+            self._recorded_since_call = False
+        return self._call_pass
+
+    def _count_samples(
+        self, samples: int, call_pass: int, pair: tuple[Tensor, Tensor] | None
+    ) -> None:
+        """Count the ``samples`` of output gradients from a call of pass ``call_pass`` unless
+        another call of that pass, on as many samples, counted them (the same samples at more
+        locations); an EKFAC pair ``(features, gradients)`` of such a call joins that call's
+        along the locations, so that a sample's gradient sums over all its calls."""
+        self._recorded_since_call = True
+        key = (call_pass, samples)
+        if key != self._counted_pass:
+            self._counted_pass = key
+            self.output_count += samples
+            if pair is not None:
+                self.pairs.append(pair)
+            return
+        if pair is not None:
+            (kept_features, kept_grads), (features, grads) = self.pairs[-1], pair
+            self.pairs[-1] = (
+                torch.cat([kept_features, features], dim=-2),
+                torch.cat([kept_grads, grads], dim=-2),
+            )
+
+    def record_output_grad(
+        self, grad: Tensor, scale: float, features: Tensor, call_pass: int
+    ) -> None:
         """Add ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients ``scale · grad``
-        (per-sample gradients)."""
+        (per-sample gradients) of a call of forward pass ``call_pass`` (:meth:`begin_call`)."""
         if grad.requires_grad:
             grad = grad.detach()
         if grad.dtype != self.dtype:
@@ -315,11 +358,12 @@ class LayerState:
         rows = self._output_gram_rows(grad)
         fresh = self.output_count == 0
         self.output_sum = _add_gram(self.output_sum, rows, fresh, scale**2)
-        self.output_count += samples
+        pair = None
         if self.keep_pairs:
             full = self._output_rows(grad) if self.reduce else rows
             grads = full.reshape(samples, -1, full.shape[-1])
-            self.pairs.append((features, grads if scale == 1.0 else grads * scale))
+            pair = (features, grads if scale == 1.0 else grads * scale)
+        self._count_samples(samples, call_pass, pair)
 
     def _output_gram_rows(self, grad: Tensor) -> Tensor:
         """The rows whose Gram matrix is added to ``G``: the output gradients ``(N T, d_out)``,
@@ -752,9 +796,11 @@ class GroupedConvState(KroneckerLayerState):
             return None
         return patch_features(patches, self.layer.has_bias, self.groups)
 
-    def record_output_grad(self, grad: Tensor, scale: float, features: Tensor) -> None:
+    def record_output_grad(
+        self, grad: Tensor, scale: float, features: Tensor, call_pass: int
+    ) -> None:
         """Add each group's ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients
-        ``scale · grad`` of shape ``(N, C_out, ...)``."""
+        ``scale · grad`` of shape ``(N, C_out, ...)`` of a call of forward pass ``call_pass``."""
         grad = grad.detach().to(self.dtype)
         samples = grad.shape[0]
         by_group = grad.reshape(samples, self.groups, self._rows, -1)  # (N, g, c, T)
@@ -764,9 +810,8 @@ class GroupedConvState(KroneckerLayerState):
         columns = rows.permute(1, 2, 0, 3).reshape(self.groups, self._rows, -1)
         fresh = self.output_count == 0
         self.output_sum = add_column_gram(self.output_sum, columns, ones=False, fresh=fresh)
-        self.output_count += samples
-        if self.keep_pairs:
-            self.pairs.append((features, by_group.permute(1, 0, 3, 2)))
+        pair = (features, by_group.permute(1, 0, 3, 2)) if self.keep_pairs else None
+        self._count_samples(samples, call_pass, pair)
 
     def eigen_inputs(self) -> list[Tensor]:
         return [*self.output_factor.unbind(), *self.input_factor.unbind()]
