@@ -1,5 +1,6 @@
-"""K-FAC/EKFAC on a layer called several times in one forward pass (weight sharing across
-calls): the calls' locations are pooled as one sample's.
+"""The K-FAC/EKFAC preconditioners on a layer called several times in one forward pass (weight
+sharing across calls; models in ``tests/repeated_calls.py``): the calls' locations are pooled
+as one call's.
 
 Oracles:
 
@@ -11,7 +12,7 @@ Oracles:
   gradients of each call) and its EKFAC eigenvalues against per-sample weight gradients from
   ``torch.func``;
 - a depthwise convolution called twice against the same network with one ordinary
-  convolution per group (:func:`grouped_conv.split_twin`), called twice too;
+  convolution per group (:class:`grouped_conv.SplitConv`), called twice too;
 - gradient accumulation: two micro-batches of the siamese network equal one batch.
 """
 
@@ -25,40 +26,15 @@ from torch.func import functional_call, grad, vmap
 from grouped_conv import SplitConv
 from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
-
-DTYPE = torch.float64
-
-
-class Siamese(nn.Module):
-    """``head(tanh(lin(x₁)) + tanh(lin(x₂)))`` for inputs ``(N, 2, d)``: ``lin`` called twice
-    (``stacked=False``), or once on the stack (``stacked=True``, the oracle)."""
-
-    def __init__(self, features: int = 3, hidden: int = 4, classes: int = 3) -> None:
-        super().__init__()
-        self.lin = nn.Linear(features, hidden)
-        self.head = nn.Linear(hidden, classes)
-        self.stacked = False
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.stacked:
-            hidden = torch.tanh(self.lin(inputs)).sum(1)
-        else:
-            hidden = torch.tanh(self.lin(inputs[:, 0])) + torch.tanh(self.lin(inputs[:, 1]))
-        return self.head(hidden)
-
-
-def siamese_pair(seed: int = 0) -> tuple[Siamese, Siamese]:
-    torch.manual_seed(seed)
-    model = Siamese().to(DTYPE)
-    twin = copy.deepcopy(model)
-    twin.stacked = True
-    return model, twin
-
-
-def siamese_batch(samples: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(samples, 2, 3, generator=generator, dtype=DTYPE)
-    return inputs, torch.randint(0, 3, (samples,), generator=generator)
+from repeated_calls import (
+    DTYPE,
+    TwiceConv,
+    Unrolled,
+    segments_pair,
+    siamese_batch,
+    siamese_pair,
+    unrolled_calls,
+)
 
 
 def train_pair(model, twin, cls, fisher_type, steps=3, twin_options=None, **options):
@@ -96,6 +72,21 @@ def test_calls_pool_like_locations_of_one_call(cls, mode: dict, fisher_type: str
         assert_states_agree(state, twin_state)
     for param, twin_param in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(param, twin_param)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_calls_with_different_numbers_of_locations_pool_them(cls) -> None:
+    """2 and 3 tokens per call pool as one call on 5."""
+    model, twin, inputs, targets = segments_pair()
+    preconds = []
+    for network in (model, twin):
+        precond = cls(network, inv_update_interval=1, damping=0.1)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+        train_steps(network, precond, optimizer, inputs, targets, 3)
+        preconds.append(precond)
+    for state, twin_state in zip(*(precond.layers for precond in preconds), strict=True):
+        assert_states_agree(state, twin_state)
+    torch.testing.assert_close(model.lin.weight, twin.lin.weight)
 
 
 def test_reduce_reduces_within_each_call_and_pools_the_calls() -> None:
@@ -138,33 +129,6 @@ def test_accumulated_micro_batches_of_repeated_calls_equal_one_batch() -> None:
         torch.testing.assert_close(param.grad, reference_param.grad)
 
 
-class Unrolled(nn.Module):
-    """``head(tanh(cell(tanh(cell(x)))))``: the cell called twice, the second call on the
-    first's output."""
-
-    def __init__(self, width: int = 3, classes: int = 3) -> None:
-        super().__init__()
-        self.cell = nn.Linear(width, width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.cell(torch.tanh(self.cell(inputs)))))
-
-
-def unrolled_calls(model: Unrolled, inputs: torch.Tensor, targets: torch.Tensor):
-    """The cell's input features ``[a, 1]`` of each call, ``(N, 2, d + 1)``, and the per-sample
-    output gradients of the mean loss, ``N ∂L/∂o`` of each call, ``(N, 2, d)``."""
-    cell = model.cell
-    first = cell(inputs)
-    hidden = torch.tanh(first)
-    second = cell(hidden)
-    loss = nn.functional.cross_entropy(model.head(torch.tanh(second)), targets)
-    grads = torch.autograd.grad(loss, [first, second])
-    ones = torch.ones(len(inputs), 1, dtype=DTYPE)
-    features = torch.stack([torch.cat([inputs, ones], 1), torch.cat([hidden, ones], 1)], 1)
-    return features.detach(), torch.stack(grads, 1) * len(inputs)
-
-
 def test_unrolled_cell_factors_against_brute_force() -> None:
     torch.manual_seed(1)
     model = Unrolled().to(DTYPE)
@@ -201,19 +165,6 @@ def test_unrolled_cell_ekfac_eigenvalues_from_per_sample_gradients() -> None:
     state = precond.layers[0]
     coordinates = state.output_eigen.vectors.T @ gradients @ state.input_eigen.vectors
     torch.testing.assert_close(state.eigenvalues, coordinates.square().mean(0))
-
-
-class TwiceConv(nn.Module):
-    """``conv(tanh(conv(x)))`` (channels in = channels out), then a linear head."""
-
-    def __init__(self, conv: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.conv = conv
-        self.head = head
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(self.conv(torch.tanh(self.conv(inputs))))
-        return self.head(hidden.flatten(1))
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])

@@ -51,7 +51,14 @@ from natgrad.linalg.kron import (
     symmetric_eigh,
 )
 
-__all__ = ["KFAC", "KroneckerBlockOperator", "LayerStatistics", "build_kfac", "collect_statistics"]
+__all__ = [
+    "KFAC",
+    "KroneckerBlockOperator",
+    "LayerCalls",
+    "LayerStatistics",
+    "build_kfac",
+    "collect_statistics",
+]
 
 
 @dataclass
@@ -126,6 +133,74 @@ class LayerStatistics:
             grads = [grouped_output_features(features, groups) for features in grads]
         return sum(output_factor(features) for features in grads)
 
+    @property
+    def input_rows(self) -> int:
+        """The number of rows that :attr:`input_factor` averages: samples × locations (reduce:
+        samples)."""
+        samples = self.layer_input.shape[0]
+        return samples if self.kfac_approx == "reduce" else samples * self.output_grads[0].shape[1]
+
+
+@dataclass
+class LayerCalls:
+    """A layer's statistics from all its calls in one forward pass, as one call's.
+
+    One call gives its :class:`LayerStatistics` unchanged. A layer called several times
+    (weight sharing across calls) applies its weight at the locations of every call, which are
+    pooled (:mod:`natgrad.curvature.kfac_capture`): ``A`` averages the rows of all calls, ``G``
+    sums the calls' terms, and the features join along the locations, so that the per-sample
+    gradient ``Σ_t g_t a_tᵀ`` sums over the calls.
+
+    Raises
+    ------
+    ValueError
+        If the calls see different numbers of samples.
+    """
+
+    calls: list[LayerStatistics]
+
+    def __post_init__(self) -> None:
+        samples = {call.layer_input.shape[0] for call in self.calls}
+        if len(samples) > 1:
+            raise ValueError(
+                f"layer {self.layer.name!r} was called on inputs with {sorted(samples)} samples "
+                "in one forward pass; the calls of a layer must share the samples"
+            )
+
+    @property
+    def layer(self) -> KroneckerLayer:
+        return self.calls[0].layer
+
+    @property
+    def inputs(self) -> Tensor:
+        """Input features of all calls joined along the locations, ``(N, T, d_in [+ 1])``
+        (``(g, N, T, d_in [+ 1])`` per group)."""
+        return _join_locations([call.inputs for call in self.calls])
+
+    @property
+    def grouped_output_grads(self) -> list[Tensor]:
+        """Per backward vector, the output gradients of all calls joined along the locations."""
+        per_call = [call.grouped_output_grads for call in self.calls]
+        return [_join_locations(list(grads)) for grads in zip(*per_call, strict=True)]
+
+    @property
+    def input_factor(self) -> Tensor:
+        """``A`` over the rows of all calls."""
+        if len(self.calls) == 1:
+            return self.calls[0].input_factor
+        rows = [call.input_rows for call in self.calls]
+        total = sum(call.input_factor * count for call, count in zip(self.calls, rows, strict=True))
+        return total / sum(rows)
+
+    @property
+    def output_factor(self) -> Tensor:
+        """``G``: the sum of the calls' terms."""
+        return sum(call.output_factor for call in self.calls)
+
+
+def _join_locations(features: list[Tensor]) -> Tensor:
+    return features[0] if len(features) == 1 else torch.cat(features, dim=-2)
+
 
 def collect_statistics(
     model: nn.Module,
@@ -137,11 +212,11 @@ def collect_statistics(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     kfac_approx: str = "expand",
-) -> list[LayerStatistics]:
+) -> list[LayerCalls]:
     """Run ``model(inputs)`` once and back-propagate the Fisher's vectors to every layer output.
 
-    Arguments are those of :func:`build_kfac`. Returns one :class:`LayerStatistics` per layer,
-    in module order.
+    Arguments are those of :func:`build_kfac`. Returns one :class:`LayerCalls` per layer, in
+    module order.
     """
     likelihood = get_likelihood(likelihood)
     check_fisher_kind(kind, targets, mc_samples)
@@ -156,19 +231,23 @@ def collect_statistics(
     capture.check_all_called()
     matrix = as_matrix(outputs)
     vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
-    statistics = [
-        LayerStatistics(layer, capture.inputs[layer.name], kfac_approx=kfac_approx)
+    calls = [
+        (LayerStatistics(layer, layer_input, kfac_approx=kfac_approx), layer_output)
         for layer in layers
+        for layer_input, layer_output in capture.calls[layer.name]
     ]
-    layer_outputs = [capture.outputs[layer.name] for layer in layers]
+    layer_outputs = [layer_output for _, layer_output in calls]
     for vector in vectors:
         grads = torch.autograd.grad(
             matrix, layer_outputs, grad_outputs=vector, retain_graph=True, allow_unused=True
         )
-        for stats, grad, layer_output in zip(statistics, grads, layer_outputs, strict=True):
+        for (stats, layer_output), grad in zip(calls, grads, strict=True):
             grad = torch.zeros_like(layer_output) if grad is None else grad
             stats.output_grads.append(output_features(stats.layer, grad.detach()))
-    return statistics
+    by_layer: dict[str, list[LayerStatistics]] = {layer.name: [] for layer in layers}
+    for stats, _ in calls:
+        by_layer[stats.layer.name].append(stats)
+    return [LayerCalls(by_layer[layer.name]) for layer in layers]
 
 
 class KroneckerBlockOperator(CurvatureOperator):
@@ -335,9 +414,10 @@ def build_kfac(
     ----------
     model : nn.Module
         Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
-        called exactly once per forward pass. A grouped convolution (``groups = g``) gets one
+        called in the forward pass. A grouped convolution (``groups = g``) gets one
         Kronecker block per group, the blocks of ``g`` separate convolutions on the groups'
-        channels.
+        channels. A layer called several times (on the same samples) pools the locations of
+        its calls as one call's (:mod:`natgrad.curvature.kfac_capture`).
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
         ``"categorical"``, ``"gaussian"``, ``"bernoulli"``, ``"poisson"`` or an instance.
@@ -366,8 +446,8 @@ def build_kfac(
     ------
     ValueError
         For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), an
-        unknown ``kind``, likelihood or ``kfac_approx``, missing targets, or a layer called zero
-        or several times.
+        unknown ``kind``, likelihood or ``kfac_approx``, missing targets, a layer not called, or
+        called on different numbers of samples.
     """
     statistics = collect_statistics(
         model,

@@ -31,6 +31,12 @@ K-FAC-*reduce* (``kfac_approx="reduce"``) first reduces each sample over its loc
 (:func:`reduced_input_features`, :func:`reduced_output_features`), which is exact for a single
 sample whose inputs are the same at every location (then ``Σ_t g_t a_tᵀ = ĝ āᵀ``) and costs
 ``T`` times fewer flops to build; both coincide when ``T = 1``.
+
+A layer called several times in one forward pass (weight sharing across calls: a siamese
+branch, an unrolled cell) applies its weight at the locations of all its calls, which are
+pooled as one call's: ``A`` averages the rows of every call, ``G`` sums every call's terms
+(the per-sample gradient sums over the calls). With reduce, each call is reduced over its own
+locations and the calls are pooled as in expand.
 """
 
 from __future__ import annotations
@@ -534,36 +540,30 @@ def check_fisher_kind(
 
 
 class ForwardCapture:
-    """Context manager recording each layer's input and output during one forward pass.
+    """Context manager recording each layer's inputs and outputs during one forward pass.
 
     Attributes
     ----------
-    inputs : dict[str, Tensor]
-        Layer name → input (detached).
-    outputs : dict[str, Tensor]
-        Layer name → output (attached to the graph, for back-propagating vectors).
-
-    Raises
-    ------
-    ValueError
-        If a layer is called more than once (weight sharing has no Kronecker block here).
+    calls : dict[str, list[tuple[Tensor, Tensor]]]
+        Layer name → ``(input, output)`` of each of its calls, in order: the input detached,
+        the output attached to the graph (for back-propagating vectors).
+    inputs, outputs : dict[str, Tensor]
+        Layer name → input and output of its first call.
     """
 
     def __init__(self, layers: Sequence[KroneckerLayer]) -> None:
         self.layers = list(layers)
+        self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            if name in self.inputs:
-                raise ValueError(
-                    f"layer {name!r} was called more than once in the forward pass; shared "
-                    "layers are not supported by Kronecker-factored curvature"
-                )
-            self.inputs[name] = args[0].detach()
-            self.outputs[name] = output
+            layer_input = args[0].detach()
+            self.calls.setdefault(name, []).append((layer_input, output))
+            self.inputs.setdefault(name, layer_input)
+            self.outputs.setdefault(name, output)
             # Pass a copy on: an in-place op downstream (ReLU(inplace=True)) would otherwise
             # rewrite the recorded output and its place in the graph.
             return output.clone()
