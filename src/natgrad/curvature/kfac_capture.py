@@ -484,8 +484,10 @@ def grouped_output_features(features: Tensor, groups: int) -> Tensor:
 
 
 def per_sample_gradients(inputs: Tensor, output_grads: Tensor) -> Tensor:
-    """Per-sample weight-matrix gradients ``Σ_t g_t a_tᵀ``, shape ``(N, d_out, d_in)``."""
-    return torch.einsum("nto,nti->noi", output_grads, inputs)
+    """Per-sample weight-matrix gradients ``Σ_t g_t a_tᵀ``, shape ``(..., N, d_out, d_in)``
+    from inputs ``(..., N, T, d_in)`` and output gradients ``(..., N, T, d_out)`` (leading
+    dimensions: e.g. the groups of a grouped convolution)."""
+    return torch.einsum("...nto,...nti->...noi", output_grads, inputs)
 
 
 def backward_vectors(

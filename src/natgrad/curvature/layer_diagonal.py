@@ -127,25 +127,28 @@ def _batch_first(layers: Sequence[KroneckerLayer], capture: ForwardCapture, samp
 
 
 def squared_gradient_sum(features: Tensor, output_grads: Tensor) -> Tensor:
-    """``Σ_k Σ_n (Σ_t g_knt a_ntᵀ)²`` (entrywise square), shape ``(d_out, d_in [+ 1])``.
+    """``Σ_k Σ_n (Σ_t g_knt a_ntᵀ)²`` (entrywise square), shape ``(..., d_out, d_in [+ 1])``.
 
     Parameters
     ----------
-    features : Tensor of shape (N, T, d_in [+ 1])
-        Input features ``a``.
-    output_grads : Tensor of shape (K, N, T, d_out)
+    features : Tensor of shape (..., N, T, d_in [+ 1])
+        Input features ``a``; leading dimensions (e.g. the groups of a grouped convolution)
+        are batched over.
+    output_grads : Tensor of shape (..., K, N, T, d_out)
         Output gradients ``g``, one slice per backward vector ``k``.
     """
-    vectors, samples, locations, outputs = output_grads.shape
+    *_, vectors, samples, locations, outputs = output_grads.shape
+    inputs = features.shape[-1]
     if locations == 1:
-        return output_grads[:, :, 0].square().sum(0).T @ features[:, 0].square()
-    stacked = output_grads.permute(1, 2, 0, 3).reshape(samples, locations, vectors * outputs)
-    chunk = max(1, PER_SAMPLE_GRADIENT_BUDGET // (vectors * outputs * features.shape[-1]))
-    total = features.new_zeros(outputs, features.shape[-1])
+        return output_grads[..., 0, :].square().sum(-3).mT @ features[..., 0, :].square()
+    stacked = output_grads.movedim(-4, -2).flatten(-2)  # (..., N, T, K d_out)
+    batch = features.shape[:-3].numel()
+    chunk = max(1, PER_SAMPLE_GRADIENT_BUDGET // (batch * vectors * outputs * inputs))
+    total = features.new_zeros(*features.shape[:-3], outputs, inputs)
     for start in range(0, samples, chunk):
         rows = slice(start, start + chunk)
-        gradients = per_sample_gradients(features[rows], stacked[rows]).square()
-        total += gradients.reshape(-1, outputs, features.shape[-1]).sum(0)
+        gradients = per_sample_gradients(features[..., rows, :, :], stacked[..., rows, :, :])
+        total += gradients.square().unflatten(-2, (vectors, outputs)).sum((-4, -3))
     return total
 
 
@@ -270,12 +273,8 @@ def _layer_squared_sum(layer: KroneckerLayer, features: Tensor, output_grads: Te
     convolution (features ``(g, N, T, d)``) of each group's weights, their rows stacked."""
     if layer.groups == 1:
         return squared_gradient_sum(features, output_grads)
-    by_group = output_grads.unflatten(-1, (layer.groups, -1))
-    sums = [
-        squared_gradient_sum(group_features, by_group[..., group, :])
-        for group, group_features in enumerate(features)
-    ]
-    return torch.cat(sums)
+    by_group = output_grads.unflatten(-1, (layer.groups, -1)).movedim(-2, 0)  # (g, K, N, T, c)
+    return squared_gradient_sum(features, by_group).flatten(0, 1)
 
 
 def _batched_output_features(layer: KroneckerLayer, grads: Tensor) -> Tensor:
