@@ -334,3 +334,43 @@ def test_invalid_arguments_raise() -> None:
         layer_fisher_diagonal(model, inputs, likelihood="cauchy")
     with pytest.raises(ValueError, match="NaN"):
         layer_fisher_diagonal(model, inputs * torch.nan, likelihood="categorical")
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    groups=st.integers(1, 3),
+    vectors=st.integers(1, 2),
+    samples=st.integers(1, 4),
+    locations=st.integers(1, 3),
+    seed=st.integers(0, 99),
+)
+def test_squared_gradient_sum_batches_leading_dimensions(
+    groups: int, vectors: int, samples: int, locations: int, seed: int
+) -> None:
+    """Leading dimensions (a grouped convolution's groups) against each slice's sum, itself
+    against the per-sample gradients written out as loops."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(groups, samples, locations, 3, generator=generator, dtype=DTYPE)
+    grads = torch.randn(groups, vectors, samples, locations, 2, generator=generator, dtype=DTYPE)
+    total = layer_diagonal.squared_gradient_sum(features, grads)
+    for group in range(groups):
+        expected = torch.zeros(2, 3, dtype=DTYPE)
+        for vector in range(vectors):
+            for sample in range(samples):
+                gradient = sum(
+                    torch.outer(grads[group, vector, sample, t], features[group, sample, t])
+                    for t in range(locations)
+                )
+                expected += gradient.square()
+        torch.testing.assert_close(total[group], expected)
+        single = layer_diagonal.squared_gradient_sum(features[group], grads[group])
+        torch.testing.assert_close(single, expected)
+
+
+def test_squared_gradient_sum_in_chunks_of_samples(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 5, 3, 4, generator=generator, dtype=DTYPE)
+    grads = torch.randn(2, 3, 5, 3, 2, generator=generator, dtype=DTYPE)
+    whole = layer_diagonal.squared_gradient_sum(features, grads)
+    monkeypatch.setattr(layer_diagonal, "PER_SAMPLE_GRADIENT_BUDGET", 2 * 3 * 2 * 4 * 2)
+    torch.testing.assert_close(layer_diagonal.squared_gradient_sum(features, grads), whole)
