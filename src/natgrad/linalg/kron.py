@@ -520,13 +520,12 @@ def factored_solve(
     if not damping > 0:
         raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
     output_values, input_values = output_eigen.values, input_eigen.values
-    if output_values.ndim == 1:
-        output_damping, input_damping = factored_damping(output_eigen, input_eigen, damping)
-    else:
-        pairs = _group_dampings(output_values.mean(-1), input_values.mean(-1), damping)
-        output_damping, input_damping = (
-            output_values.new_tensor(side).unsqueeze(-1) for side in zip(*pairs, strict=True)
-        )
+    means = (values.mean(-1).reshape(-1) for values in (output_values, input_values))
+    pairs = _group_dampings(*means, damping)
+    shape = (*output_values.shape[:-1], 1)  # one π per group, broadcast over the eigenvalues
+    output_damping, input_damping = (
+        output_values.new_tensor(side).reshape(shape) for side in zip(*pairs, strict=True)
+    )
     eigenvalues = (output_values + output_damping).unsqueeze(-1) * (
         input_values + input_damping
     ).unsqueeze(-2)
