@@ -288,3 +288,39 @@ def test_warnings_name_the_line_of_the_user() -> None:
     for warnings_raised in (record, subclass_record, step_record, nested_record):
         ours = [item for item in warnings_raised if item.category is RuntimeWarning]
         assert [item.filename for item in ours] == [__file__]
+
+
+class SequenceModel(nn.Module):
+    """A token layer on ``(T, N, d)`` (``batch_first=False``) or ``(N, T, d)`` inputs, mean
+    over the tokens, then a head on ``(N, d)``."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 3)
+        self.batch_first = batch_first
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` of shape (N, T, 3)."""
+        if self.batch_first:
+            return self.head(torch.tanh(self.tokens(inputs)).mean(1))
+        return self.head(torch.tanh(self.tokens(inputs.transpose(0, 1))).mean(0))
+
+
+def test_layers_that_count_different_samples_are_named_once() -> None:
+    """A layer that sees the batch in dim 1 counts the tokens as samples."""
+    inputs, targets = torch.randn(8, 5, 3), torch.randint(0, 3, (8,))
+    model = SequenceModel(batch_first=False)
+    precond = KFAC(model)
+    with pytest.warns(RuntimeWarning, match=r"\{5: \['tokens'\], 8: \['head'\]\}.*batch_first"):
+        backward(model, inputs, targets)
+        precond.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backward(model, inputs, targets)
+        precond.step()
+        model = SequenceModel(batch_first=True)
+        precond = KFAC(model)
+        backward(model, inputs, targets)
+        precond.step()

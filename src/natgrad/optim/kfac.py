@@ -432,6 +432,7 @@ class KFAC:
         self.grad_scaler = grad_scaler
         self._loss_scale: float | None = None
         self._warned_silent: set[str] = set()
+        self._warned_samples = False
         self._written: dict[str, tuple[weakref.ref, int]] = {}
         self.steps = 0
         self._sampling = False
@@ -741,6 +742,27 @@ class KFAC:
                 RuntimeWarning,
             )
 
+    def _warn_unequal_samples(self, pending: list[LayerState]) -> None:
+        """Warn (once) if the layers of one step counted different numbers of samples. K-FAC
+        reads dim 0 of each layer's input and output as the samples; a layer that sees them
+        elsewhere (a sequence-first transformer) gets a ``G`` scaled by the wrong count."""
+        if self._warned_samples:
+            return
+        by_count: dict[int, list[str]] = {}
+        for state in pending:
+            by_count.setdefault(round(state.output_count), []).append(state.name)
+        if len(by_count) < 2:
+            return
+        self._warned_samples = True
+        warn_at_caller(
+            f"KFAC: the layers counted different numbers of samples on step {self.steps} "
+            f"(samples: layers {by_count}). K-FAC takes dim 0 of every layer's input and output "
+            "as the samples: give sequence models their batch first (batch_first=True for "
+            "nn.Transformer, nn.MultiheadAttention and RNNs), or the layers whose dim 0 is not "
+            "the batch get their output factor scaled by the wrong count",
+            RuntimeWarning,
+        )
+
     def _update_factors(self) -> None:
         if is_distributed(self.process_group):
             statistics = [state.statistics() for state in self.layers]
@@ -754,6 +776,7 @@ class KFAC:
         for state in silent:  # inputs without output gradients: this step's only
             state.reset_sums()
         self._warn_silent_layers(silent)
+        self._warn_unequal_samples(pending)
         sums = [tensor for state in pending for tensor in (state.input_sum, state.output_sum)]
         if sums and not bool(torch.stack(torch._foreach_norm(sums)).isfinite().all()):
             if self.grad_scaler is None:  # with one, an overflow is routine: the scaler backs off
