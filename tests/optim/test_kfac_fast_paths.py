@@ -344,17 +344,26 @@ def test_eigh_finiteness_checks_accept_finite_matrices_whose_sums_overflow() -> 
         symmetric_eigh_batch([infinite])
 
 
-@pytest.mark.parametrize("quadratic", [0.0, 1e-9, 2.5, -40.0, 1e30])
-@pytest.mark.parametrize("lr", [0.0, 0.3])
-def test_device_kl_scale_is_the_clipping_formula_without_host_sync(quadratic, lr) -> None:
-    """The accelerator path: ``min(1, sqrt(kl_clip / (lr² |q|)))`` as a 0-dim tensor (1 for
-    ``q = 0``), nothing to scale at ``lr = 0``; evaluated here on CPU tensors."""
+@pytest.mark.parametrize("products", [[0.0], [1e-9], [2.5, -40.0], [1e30, 3.0, 0.5]])
+@pytest.mark.parametrize("rates", ["zero", "shared", "per-layer"])
+def test_device_kl_scale_is_the_clipping_formula_without_host_sync(products, rates) -> None:
+    """The accelerator path: ``min(1, sqrt(kl_clip / |Σ_l lr_l² p_l|))`` as a 0-dim tensor
+    (1 where the sum is 0), nothing to scale where every ``lr_l = 0``; evaluated here on CPU
+    tensors."""
     kl_clip = 1e-2
-    scale = _device_kl_scale(torch.tensor(quadratic, dtype=DTYPE), lr, kl_clip)
-    if lr == 0.0:
+    squares = {
+        "zero": [0.0] * len(products),
+        "shared": [0.09] * len(products),
+        "per-layer": [0.09 * (index + 1) for index in range(len(products))],
+    }[rates]
+    tensors = [torch.tensor(product, dtype=DTYPE) for product in products]
+    scale = _device_kl_scale(tensors, squares, kl_clip)
+    if rates == "zero":
         assert scale is None
         return
-    curvature = abs(quadratic) * lr**2
+    curvature = abs(
+        sum(product * square for product, square in zip(products, squares, strict=True))
+    )
     expected = 1.0 if curvature == 0 else min(1.0, (kl_clip / curvature) ** 0.5)
     assert scale.ndim == 0
     torch.testing.assert_close(scale, torch.tensor(expected, dtype=DTYPE))

@@ -665,14 +665,46 @@ def test_kl_clip_reads_the_learning_rate_from_the_optimizer_under_a_scheduler() 
         optimizers[1].param_groups[0]["lr"] = optimizers[0].param_groups[0]["lr"]
 
 
-def test_kl_clip_refuses_an_optimizer_with_several_learning_rates() -> None:
+def test_kl_clip_weighs_each_layer_by_the_learning_rate_of_its_param_group() -> None:
+    """``ν = sqrt(kl_clip / Σ_l lr_l² d_l · g_l)`` with each layer's rate from its group (a
+    frozen bias, in no group, is not asked for one)."""
+    torch.manual_seed(9)
+    model = mlp()
+    model[0].bias.requires_grad_(False)
+    inputs, targets = torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,))
+    unclipped_model = copy.deepcopy(model)
+    unclipped = KFAC(unclipped_model, inv_update_interval=1, damping=0.01)
+    backward(unclipped_model, inputs, targets)
+    gradients = [unclipped_model[index].weight.grad.flatten().clone() for index in (0, 2)]
+    unclipped.step()
+    directions = [unclipped_model[index].weight.grad.flatten() for index in (0, 2)]
+    rates, kl_clip = (0.1, 0.5), 1e-6
+    optimizer = torch.optim.SGD(
+        [{"params": [model[0].weight], "lr": rates[0]}, {"params": [model[2].weight]}],
+        lr=rates[1],
+    )
+    clipped = KFAC(model, inv_update_interval=1, damping=0.01, kl_clip=kl_clip, lr=optimizer)
+    backward(model, inputs, targets)
+    clipped.step()
+    quadratic = sum(
+        rate**2 * float(direction @ gradient)
+        for rate, direction, gradient in zip(rates, directions, gradients, strict=True)
+    )
+    nu = math.sqrt(kl_clip / quadratic)
+    assert nu < 1
+    for index, direction in zip((0, 2), directions, strict=True):
+        torch.testing.assert_close(model[index].weight.grad.flatten(), nu * direction)
+
+
+def test_kl_clip_refuses_a_layer_split_across_learning_rates() -> None:
     model = mlp()
     optimizer = torch.optim.SGD(
-        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}], lr=0.2
+        [{"params": [model[0].weight, model[2].weight], "lr": 0.1}, {"params": [model[0].bias]}],
+        lr=0.2,
     )
     precond = KFAC(model, kl_clip=1e-3, lr=optimizer)
     backward(model, torch.randn(4, 3, dtype=DTYPE), torch.randint(0, 3, (4,)))
-    with pytest.raises(ValueError, match=r"\[0\.1, 0\.2\]"):
+    with pytest.raises(ValueError, match=r"layer '0'.*\[0\.1, 0\.2\]"):
         precond.step()
 
 

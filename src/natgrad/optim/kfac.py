@@ -115,12 +115,18 @@ def _check_adaptive_damping(
     return omega
 
 
-def _device_kl_scale(quadratic: Tensor, lr: float, kl_clip: float) -> Tensor | None:
-    """``min(1, sqrt(kl_clip / (lr² |quadratic|)))`` as a 0-dim tensor without a host sync
-    (``1`` where ``lr² |quadratic| = 0``); ``None`` at ``lr = 0``."""
-    if lr == 0.0:
+def _device_kl_scale(
+    products: list[Tensor], squared_rates: list[float], kl_clip: float
+) -> Tensor | None:
+    """``min(1, sqrt(kl_clip / |Σ_l lr_l² p_l|))`` as a 0-dim tensor without a host sync (``1``
+    where the sum is 0); ``None`` where every ``lr_l = 0`` (nothing to scale)."""
+    if not any(squared_rates):
         return None
-    return quadratic.abs().mul_(lr**2 / kl_clip).rsqrt_().clamp_(max=1.0)
+    if len(set(squared_rates)) == 1:
+        quadratic = torch.stack(products).sum().mul_(squared_rates[0])
+    else:
+        quadratic = torch.stack(products) @ products[0].new_tensor(squared_rates)
+    return quadratic.abs_().mul_(1 / kl_clip).rsqrt_().clamp_(max=1.0)
 
 
 @dataclass
@@ -292,11 +298,13 @@ class KFAC:
         changes.
     kl_clip : float, optional
         If given, the preconditioned gradients ``d`` are scaled by
-        ``ν = min(1, sqrt(kl_clip / (lr² |Σ_l d_l · g_l|)))`` (kfac-pytorch's KL clipping).
+        ``ν = min(1, sqrt(kl_clip / |Σ_l lr_l² d_l · g_l|))`` (kfac-pytorch's KL clipping),
+        ``lr_l`` the learning rate that layer ``l``'s step is taken with.
     lr : float, callable(step) -> float or torch.optim.Optimizer, optional
         Learning rate of the base optimizer, needed by ``kl_clip``. Given the optimizer itself,
-        its current learning rate is read at every step, so LR schedulers are followed (its
-        param groups must then share one learning rate).
+        its current learning rates are read at every step, so LR schedulers are followed, each
+        layer's from the param group holding its weight (its bias, if any, must be in a group
+        with the same learning rate).
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv1d and Conv2d (grouped convolutions,
         depthwise included, with one Kronecker block per group) and Embedding (not ``sparse``)
@@ -865,36 +873,55 @@ class KFAC:
             ]
             self._damping_probe = _DampingProbe(damping, probes)
         if with_product and updates:
-            scale = self._kl_scale([product for _, _, _, product in updates])
+            scale = self._kl_scale([(state, product) for state, _, _, product in updates])
             if scale is not None:
                 torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
         for state, _, partial, _ in updates:
             state.write_solution(partial)
             self._written[state.name] = _stamp(state.weight.grad)
 
-    def _kl_scale(self, products: list[Tensor]) -> float | Tensor | None:
-        """``ν = min(1, sqrt(kl_clip / (lr² |Σ_l g_l · d_l|)))`` from the per-layer products;
+    def _kl_scale(self, products: list[tuple[LayerState, Tensor]]) -> float | Tensor | None:
+        """``ν = min(1, sqrt(kl_clip / |Σ_l lr_l² g_l · d_l|))`` from the per-layer products;
         ``None`` where no scaling is needed. On the CPU the sum is read back (free there); on
         an accelerator ``ν`` stays a 0-dim device tensor, so the step never waits for it."""
-        lr = self._learning_rate()
-        if products[0].device.type != "cpu":
-            return _device_kl_scale(torch.stack(products).sum(), lr, self.kl_clip)
-        curvature = abs(sum(map(float, products))) * lr**2
+        squares = [rate**2 for rate in self._learning_rates([state for state, _ in products])]
+        values = [product for _, product in products]
+        if values[0].device.type != "cpu":
+            return _device_kl_scale(values, squares, self.kl_clip)
+        curvature = abs(
+            sum(float(value) * square for value, square in zip(values, squares, strict=True))
+        )
         if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
         return math.sqrt(self.kl_clip / curvature)
 
-    def _learning_rate(self) -> float:
-        """The base optimizer's learning rate at this step."""
+    def _learning_rates(self, states: list[LayerState]) -> list[float]:
+        """The base optimizer's learning rate at this step for each of ``states``: the one
+        ``lr``, or from an optimizer the rate of the param group that holds the layer."""
         if not isinstance(self.lr, torch.optim.Optimizer):
-            return _schedule_value("lr", self.lr, self.steps)
-        rates = {float(group["lr"]) for group in self.lr.param_groups}
-        if len(rates) != 1:
+            return [_schedule_value("lr", self.lr, self.steps)] * len(states)
+        groups = self.lr.param_groups
+        if len(groups) == 1 or len({group["lr"] for group in groups}) == 1:
+            return [_schedule_value("lr", groups[0]["lr"], self.steps)] * len(states)
+        rates = {id(param): group["lr"] for group in groups for param in group["params"]}
+        return [
+            _schedule_value("lr", self._layer_rate(state, rates), self.steps) for state in states
+        ]
+
+    @staticmethod
+    def _layer_rate(state: LayerState, rates: dict[int, float]) -> float:
+        """The learning rate of the param group holding ``state``'s weight and bias."""
+        params = [state.weight, getattr(state.module, "bias", None)]
+        found = {
+            rates.get(id(param)) for param in params if param is not None and param.requires_grad
+        }
+        if len(found) > 1 or None in found:
             raise ValueError(
-                f"kl_clip needs one learning rate, but the optimizer's param groups have "
-                f"{sorted(rates)}; pass lr= as a float or a callable(step)"
+                f"kl_clip: the parameters of layer {state.name!r} are in param groups with "
+                f"learning rates {sorted(found, key=str)} (None: in no group of the optimizer); "
+                "a layer's weight and bias must share one learning rate"
             )
-        return _schedule_value("lr", rates.pop(), self.steps)
+        return found.pop()
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
