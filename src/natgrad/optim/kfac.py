@@ -123,10 +123,11 @@ def _device_kl_scale(
     if not any(squared_rates):
         return None
     if len(set(squared_rates)) == 1:
-        quadratic = torch.stack(products).sum().mul_(squared_rates[0])
+        quadratic, factor = torch.stack(products).sum(), squared_rates[0] / kl_clip
     else:
         quadratic = torch.stack(products) @ products[0].new_tensor(squared_rates)
-    return quadratic.abs_().mul_(1 / kl_clip).rsqrt_().clamp_(max=1.0)
+        factor = 1 / kl_clip
+    return quadratic.abs_().mul_(factor).rsqrt_().clamp_(max=1.0)
 
 
 @dataclass
@@ -884,13 +885,15 @@ class KFAC:
         """``ν = min(1, sqrt(kl_clip / |Σ_l lr_l² g_l · d_l|))`` from the per-layer products;
         ``None`` where no scaling is needed. On the CPU the sum is read back (free there); on
         an accelerator ``ν`` stays a 0-dim device tensor, so the step never waits for it."""
-        squares = [rate**2 for rate in self._learning_rates([state for state, _ in products])]
+        rates = self._learning_rates([state for state, _ in products])
         values = [product for _, product in products]
         if values[0].device.type != "cpu":
-            return _device_kl_scale(values, squares, self.kl_clip)
-        curvature = abs(
-            sum(float(value) * square for value, square in zip(values, squares, strict=True))
-        )
+            return _device_kl_scale(values, [rate**2 for rate in rates], self.kl_clip)
+        if len(set(rates)) == 1:  # the sum first, as with one learning rate
+            curvature = abs(sum(map(float, values))) * rates[0] ** 2
+        else:
+            pairs = zip(values, rates, strict=True)
+            curvature = abs(sum(float(value) * rate**2 for value, rate in pairs))
         if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
         return math.sqrt(self.kl_clip / curvature)
