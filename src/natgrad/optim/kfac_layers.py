@@ -207,7 +207,7 @@ class LayerState:
 
     A layer called several times in one forward pass (weight sharing across calls: a siamese
     branch, an unrolled recurrent cell) applies its weight at the locations of every call, so
-    the calls' locations are pooled as one sample's: every call adds its rows to ``A``, and the
+    the calls' locations are pooled as one call's: every call adds its rows to ``A``, and the
     output gradients of all calls of one pass add to ``G`` with the samples counted once (a
     pass is the calls before the backward pass that records them; calls after it start the
     next, as with gradient accumulation). With ``reduce`` each call is reduced over its own
