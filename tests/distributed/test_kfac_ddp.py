@@ -34,7 +34,9 @@ PLACEMENTS = ["replicated", "assigned"]
 
 
 def make_model() -> nn.Module:
+    """A grouped convolution, and a Linear layer called twice per forward pass."""
     torch.manual_seed(0)
+    repeated = nn.Linear(6, 6)
     return nn.Sequential(
         nn.Conv2d(1, 2, 2),
         nn.Tanh(),
@@ -42,6 +44,10 @@ def make_model() -> nn.Module:
         nn.Tanh(),
         nn.Flatten(),
         nn.Linear(4 * 4, 6),
+        nn.Tanh(),
+        repeated,
+        nn.Tanh(),
+        repeated,
         nn.Tanh(),
         nn.Linear(6, 3),
     ).to(torch.float64)
