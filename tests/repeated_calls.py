@@ -5,6 +5,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 DTYPE = torch.float64
 
@@ -97,6 +98,28 @@ def unrolled_calls(
     ones = torch.ones(len(inputs), 1, dtype=inputs.dtype)
     features = torch.stack([torch.cat([inputs, ones], 1), torch.cat([hidden, ones], 1)], 1)
     return features.detach(), torch.stack(grads, 1) * len(inputs)
+
+
+def unrolled_batch(seed: int) -> tuple[Unrolled, torch.Tensor, torch.Tensor]:
+    """An :class:`Unrolled` cell in float64 and a batch of 7 samples."""
+    torch.manual_seed(seed)
+    model = Unrolled().to(DTYPE)
+    return model, torch.randn(7, 3, dtype=DTYPE), torch.randint(0, 3, (7,))
+
+
+def unrolled_cell_gradients(
+    model: Unrolled, inputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample gradients ``[∇W, ∇b]`` of the cell (summed over its two calls by autograd)
+    from ``torch.func``, shape ``(N, d, d + 1)``."""
+    params = {name: param.detach() for name, param in model.named_parameters()}
+
+    def sample_loss(values, sample, target):
+        logits = functional_call(model, values, (sample.unsqueeze(0),))
+        return nn.functional.cross_entropy(logits, target.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    return torch.cat([per_sample["cell.weight"], per_sample["cell.bias"].unsqueeze(-1)], -1)
 
 
 class TwiceConv(nn.Module):

@@ -11,7 +11,6 @@ eigenvalues against per-sample gradients from ``torch.func``; the preconditioner
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import build_kfac
@@ -19,11 +18,12 @@ from natgrad.optim import EKFAC, KFAC
 from repeated_calls import (
     DTYPE,
     TwiceConv,
-    Unrolled,
     segments_pair,
     siamese_batch,
     siamese_pair,
+    unrolled_batch,
     unrolled_calls,
+    unrolled_cell_gradients,
 )
 
 BUILDERS = [pytest.param(build_kfac, id="kfac"), pytest.param(build_ekfac, id="ekfac")]
@@ -71,12 +71,6 @@ def test_reduce_reduces_within_each_call_and_pools_the_calls(build) -> None:
     assert not torch.allclose(reduced, stack_reduced)
 
 
-def unrolled_batch(seed: int) -> tuple[Unrolled, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = Unrolled().to(DTYPE)
-    return model, torch.randn(7, 3, dtype=DTYPE), torch.randint(0, 3, (7,))
-
-
 def test_unrolled_cell_factors_against_brute_force() -> None:
     model, inputs, targets = unrolled_batch(1)
     features, grads = unrolled_calls(model, inputs, targets)
@@ -88,14 +82,7 @@ def test_unrolled_cell_factors_against_brute_force() -> None:
 
 def test_unrolled_cell_ekfac_eigenvalues_from_per_sample_gradients() -> None:
     model, inputs, targets = unrolled_batch(2)
-    params = {name: param.detach() for name, param in model.named_parameters()}
-
-    def sample_loss(values, sample, target):
-        logits = functional_call(model, values, (sample.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, target.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
-    gradients = torch.cat([per_sample["cell.weight"], per_sample["cell.bias"].unsqueeze(-1)], -1)
+    gradients = unrolled_cell_gradients(model, inputs, targets)
     operator = build_ekfac(model, inputs, **fisher_options("empirical", targets))
     output_eigen, input_eigen = operator.eigenbases[0]
     coordinates = output_eigen.vectors.T @ gradients @ input_eigen.vectors

@@ -21,7 +21,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from grouped_conv import SplitConv
 from kfac_training import fisher_options, train_steps
@@ -29,11 +28,12 @@ from natgrad.optim import EKFAC, KFAC
 from repeated_calls import (
     DTYPE,
     TwiceConv,
-    Unrolled,
     segments_pair,
     siamese_batch,
     siamese_pair,
+    unrolled_batch,
     unrolled_calls,
+    unrolled_cell_gradients,
 )
 
 
@@ -130,10 +130,7 @@ def test_accumulated_micro_batches_of_repeated_calls_equal_one_batch() -> None:
 
 
 def test_unrolled_cell_factors_against_brute_force() -> None:
-    torch.manual_seed(1)
-    model = Unrolled().to(DTYPE)
-    inputs = torch.randn(7, 3, dtype=DTYPE)
-    targets = torch.randint(0, 3, (7,))
+    model, inputs, targets = unrolled_batch(1)
     features, grads = unrolled_calls(model, inputs, targets)
     precond = KFAC(model, inv_update_interval=1, damping=0.1)
     nn.functional.cross_entropy(model(inputs), targets).backward()
@@ -147,18 +144,8 @@ def test_unrolled_cell_factors_against_brute_force() -> None:
 def test_unrolled_cell_ekfac_eigenvalues_from_per_sample_gradients() -> None:
     """EKFAC's eigenvalues are the mean over samples of the squared eigenbasis coordinates of
     each sample's gradient, which sums both calls' contributions (from ``torch.func``)."""
-    torch.manual_seed(2)
-    model = Unrolled().to(DTYPE)
-    inputs = torch.randn(7, 3, dtype=DTYPE)
-    targets = torch.randint(0, 3, (7,))
-    params = {name: param.detach() for name, param in model.named_parameters()}
-
-    def sample_loss(values, sample, target):
-        logits = functional_call(model, values, (sample.unsqueeze(0),))
-        return nn.functional.cross_entropy(logits, target.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
-    gradients = torch.cat([per_sample["cell.weight"], per_sample["cell.bias"].unsqueeze(-1)], -1)
+    model, inputs, targets = unrolled_batch(2)
+    gradients = unrolled_cell_gradients(model, inputs, targets)
     precond = EKFAC(model, inv_update_interval=1, damping=0.1, eigenvalue_restart="batch")
     nn.functional.cross_entropy(model(inputs), targets).backward()
     precond.step()
