@@ -117,6 +117,46 @@ def grouped_cnn(groups: int) -> nn.Module:
     ).to(DTYPE)
 
 
+class SharedLayer(nn.Module):
+    """One Linear layer called twice, the second time on the first call's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(inputs)))
+
+
+class TwiceConv(nn.Module):
+    """One convolution called twice, on 3×3 then 4×4 images (16 and 25 locations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spatial = SpatialInputs()
+        self.conv = nn.Conv2d(1, 1, 2, padding=1)
+        self.head = nn.Linear(25, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv(torch.tanh(self.conv(self.spatial(inputs)))))
+        return self.head(hidden.flatten(1))
+
+
+class DiscardedCall(nn.Module):
+    """One Linear layer called twice, the first call's output discarded (no gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.layer(inputs.flip(1))
+        return self.layer(inputs)
+
+
+MODELS["repeated_linear"] = lambda: SharedLayer().to(DTYPE)
+MODELS["repeated_linear_discarded_call"] = lambda: DiscardedCall().to(DTYPE)
+MODELS["repeated_conv"] = lambda: TwiceConv().to(DTYPE)
 MODELS["grouped_cnn"] = lambda: grouped_cnn(2)
 MODELS["depthwise_cnn"] = lambda: grouped_cnn(4)
 
@@ -235,15 +275,6 @@ def test_chunking_gives_the_same_diagonal(monkeypatch, budget) -> None:
     torch.testing.assert_close(chunked, whole, rtol=RTOL, atol=ATOL)
 
 
-class SharedLayer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = nn.Linear(3, 3)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.layer(torch.tanh(self.layer(inputs)))
-
-
 class SkippedLayer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -292,7 +323,6 @@ UNSUPPORTED = {
     "embedding": lambda: nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, OUTPUTS)),
     "frozen_weight_trainable_bias": frozen_weight_trainable_bias,
     "training_batch_norm": training_batch_norm,
-    "shared_layer": SharedLayer,
     "skipped_layer": SkippedLayer,
     "sequence_first": SequenceFirst,
 }

@@ -33,6 +33,7 @@ from natgrad.curvature.kfac_capture import (
     grouped_output_features,
     input_factor,
     input_features,
+    join_calls,
     kronecker_layers,
     output_factor,
     output_features,
@@ -175,13 +176,13 @@ class LayerCalls:
     def inputs(self) -> Tensor:
         """Input features of all calls joined along the locations, ``(N, T, d_in [+ 1])``
         (``(g, N, T, d_in [+ 1])`` per group)."""
-        return _join_locations([call.inputs for call in self.calls])
+        return join_calls([call.inputs for call in self.calls])
 
     @property
     def grouped_output_grads(self) -> list[Tensor]:
         """Per backward vector, the output gradients of all calls joined along the locations."""
         per_call = [call.grouped_output_grads for call in self.calls]
-        return [_join_locations(list(grads)) for grads in zip(*per_call, strict=True)]
+        return [join_calls(grads) for grads in zip(*per_call, strict=True)]
 
     @property
     def input_factor(self) -> Tensor:
@@ -196,10 +197,6 @@ class LayerCalls:
     def output_factor(self) -> Tensor:
         """``G``: the sum of the calls' terms."""
         return sum(call.output_factor for call in self.calls)
-
-
-def _join_locations(features: list[Tensor]) -> Tensor:
-    return features[0] if len(features) == 1 else torch.cat(features, dim=-2)
 
 
 def collect_statistics(

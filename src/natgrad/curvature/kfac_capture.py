@@ -65,6 +65,7 @@ __all__ = [
     "grouped_output_features",
     "input_factor",
     "input_features",
+    "join_calls",
     "kronecker_layers",
     "output_factor",
     "output_features",
@@ -481,6 +482,13 @@ def grouped_output_features(features: Tensor, groups: int) -> Tensor:
     _check_groups(features.shape[-1], groups)
     samples, locations, outputs = features.shape
     return features.reshape(samples, locations, groups, outputs // groups).permute(2, 0, 1, 3)
+
+
+def join_calls(features: Sequence[Tensor]) -> Tensor:
+    """Features ``(..., N, T_i, d)`` of a layer's calls in one forward pass joined along the
+    locations, ``(..., N, Σ T_i, d)`` (one call's unchanged): the calls' locations pooled as
+    one call's."""
+    return features[0] if len(features) == 1 else torch.cat(list(features), dim=-2)
 
 
 def per_sample_gradients(inputs: Tensor, output_grads: Tensor) -> Tensor:

@@ -16,13 +16,14 @@ back-propagated together, in one batched backward pass (``is_grads_batched``) pe
 
 The model's forward pass must treat the samples of a batch independently (as the generic
 per-sample path of :func:`natgrad.curvature.fisher` assumes), and each supported layer's input
-must have the batch along dim 0 (checked on the shape).
+must have the batch along dim 0 (checked on the shape). A layer called several times in the
+forward pass (weight sharing across calls) has a per-sample gradient summed over its calls:
+the calls' features and output gradients are joined along the locations ``t``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,7 @@ from natgrad.curvature.kfac_capture import (
     backward_vectors,
     check_fisher_kind,
     input_features,
+    join_calls,
     kronecker_layers,
     output_features,
     per_sample_gradients,
@@ -86,42 +88,12 @@ def _couples_samples(model: nn.Module) -> bool:
     )
 
 
-class _RepeatedCall(Exception):
-    """A supported layer was called twice in one forward pass (weight sharing)."""
-
-
-@contextmanager
-def _guarded_calls(layers: Sequence[KroneckerLayer]) -> Iterator[None]:
-    """Hooks that make the capture of a :class:`ForwardCapture` entered before them safe.
-
-    A layer entered a second time raises :class:`_RepeatedCall` before it runs. (In-place
-    operations downstream are made safe by :class:`ForwardCapture`, which passes a copy of each
-    layer's output on.)
-    """
-    calls: set[str] = set()
-
-    def guard(name: str):
-        def check(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if name in calls:
-                raise _RepeatedCall(name)
-            calls.add(name)
-
-        return check
-
-    handles = []
-    for layer in layers:
-        handles.append(layer.module.register_forward_pre_hook(guard(layer.name)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _batch_first(layers: Sequence[KroneckerLayer], capture: ForwardCapture, samples: int) -> bool:
-    """Whether every layer was called once, on inputs whose dim 0 runs over the ``samples``."""
+    """Whether every layer was called, each time on inputs whose dim 0 runs over the
+    ``samples``."""
     return all(
-        layer.name in capture.inputs and capture.inputs[layer.name].shape[0] == samples
+        layer.name in capture.calls
+        and all(layer_input.shape[0] == samples for layer_input, _ in capture.calls[layer.name])
         for layer in layers
     )
 
@@ -190,9 +162,11 @@ def layer_fisher_diagonal(
     Tensor of shape (P,) or None
         The diagonal over the trainable parameters in ``model.parameters()`` order, in their
         dtype. ``None`` (nothing computed, no random draw made) when :func:`supported_layers`
-        gives ``None``; ``None`` after the forward pass when a supported layer is called more
-        than once or not at all, or on an input whose dim 0 is not the batch (a sequence-first
-        or batch-flattened Linear input). The caller then uses a general method.
+        gives ``None``; ``None`` after the forward pass when a supported layer is not called, or
+        on an input whose dim 0 is not the batch (a sequence-first or batch-flattened Linear
+        input). The caller then uses a general method. A layer called several times (weight
+        sharing across calls) has per-sample gradients summed over its calls, its calls'
+        locations joined (:func:`~natgrad.curvature.kfac_capture.join_calls`).
 
     Raises
     ------
@@ -213,11 +187,8 @@ def layer_fisher_diagonal(
     params = trainable_parameters(model)
     if inputs.is_floating_point():
         inputs = inputs.to(params[0].dtype)
-    try:
-        with torch.enable_grad(), ForwardCapture(layers) as capture, _guarded_calls(layers):
-            outputs = model(inputs)
-    except _RepeatedCall:
-        return None
+    with torch.enable_grad(), ForwardCapture(layers) as capture:
+        outputs = model(inputs)
     if not _batch_first(layers, capture, inputs.shape[0]):
         return None
     squared_sums = _squared_gradient_sums(
@@ -244,8 +215,12 @@ def _squared_gradient_sums(
     The vectors are back-propagated together (``is_grads_batched``), as many at once as
     :data:`OUTPUT_GRADIENT_BUDGET` allows.
     """
-    features = [input_features(layer, capture.inputs[layer.name]) for layer in layers]
-    layer_outputs = [capture.outputs[layer.name] for layer in layers]
+    calls = [capture.calls[layer.name] for layer in layers]
+    features = [
+        join_calls([input_features(layer, layer_input) for layer_input, _ in layer_calls])
+        for layer, layer_calls in zip(layers, calls, strict=True)
+    ]
+    layer_outputs = [output for layer_calls in calls for _, output in layer_calls]
     sums = [
         a.new_zeros(layer.output_dim, layer.input_dim)
         for a, layer in zip(features, layers, strict=True)
@@ -253,19 +228,36 @@ def _squared_gradient_sums(
     vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
     group = max(1, OUTPUT_GRADIENT_BUDGET // sum(output.numel() for output in layer_outputs))
     for vector_group in vectors.split(group):
-        grads = torch.autograd.grad(
-            outputs,
-            layer_outputs,
-            grad_outputs=vector_group,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
+        grads = iter(
+            torch.autograd.grad(
+                outputs,
+                layer_outputs,
+                grad_outputs=vector_group,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
         )
-        for layer, total, a, grad in zip(layers, sums, features, grads, strict=True):
-            if grad is not None:
-                grads = _batched_output_features(layer, grad.detach())
-                total += _layer_squared_sum(layer, a, grads)
+        for layer, layer_calls, total, a in zip(layers, calls, sums, features, strict=True):
+            call_grads = [next(grads) for _ in layer_calls]
+            if all(grad is None for grad in call_grads):
+                continue
+            joined = join_calls(
+                [
+                    _batched_output_features(layer, _or_zeros(grad, output, len(vector_group)))
+                    for grad, (_, output) in zip(call_grads, layer_calls, strict=True)
+                ]
+            )
+            total += _layer_squared_sum(layer, a, joined)
     return sums
+
+
+def _or_zeros(grad: Tensor | None, output: Tensor, vectors: int) -> Tensor:
+    """A call's batched output gradient ``(K, N, ...)``, detached; zeros where its output did
+    not reach the model's (another call's did)."""
+    if grad is None:
+        return output.new_zeros(vectors, *output.shape)
+    return grad.detach()
 
 
 def _layer_squared_sum(layer: KroneckerLayer, features: Tensor, output_grads: Tensor) -> Tensor:
