@@ -23,7 +23,7 @@ from natgrad.curvature.kfac_capture import KroneckerLayer, trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, symmetric_eigh
 
-__all__ = ["EKFAC", "build_ekfac", "projected_second_moment"]
+__all__ = ["EKFAC", "build_ekfac", "embedding_second_moment", "projected_second_moment"]
 
 
 def projected_second_moment(
@@ -52,6 +52,47 @@ def projected_second_moment(
         return projected_grads[..., 0, :].square().mT @ projected_inputs[..., 0, :].square()
     coordinates = torch.einsum("...nto,...nti->...noi", projected_grads, projected_inputs)
     return coordinates.square().sum(-3)
+
+
+def embedding_second_moment(
+    tokens: Tensor,
+    output_grads: Tensor,
+    output_vectors: Tensor,
+    vocabulary: int,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """:func:`projected_second_moment` of an embedding: ``Σ_n (Q_Gᵀ Σ_t g_nt e_{x_nt}ᵀ)²``, the
+    SUM over samples; shape ``(d, vocabulary)``.
+
+    The weight gradient of sample ``n`` (transposed, ``(d, vocabulary)``) has in column ``v``
+    the sum of the output gradients at the positions holding token ``v``; ``A`` is diagonal, so
+    its eigenbasis is the standard one and only ``Q_G`` projects. Positions are summed per
+    (sample, token) pair by index, so no ``(N, vocabulary, d)`` tensor is formed.
+
+    Parameters
+    ----------
+    tokens : Tensor of shape (N, T, 1), integer
+        Token indices ``x_nt``.
+    output_grads : Tensor of shape (N, T, d)
+        Per-sample output gradients ``g_nt``.
+    output_vectors : Tensor of shape (d, d)
+        Eigenvectors ``Q_G`` of ``G``.
+    vocabulary : int
+    padding_idx : int, optional
+        A token whose embedding gets no gradient (``nn.Embedding``'s ``padding_idx``).
+    """
+    samples, locations = tokens.shape[:2]
+    ids = tokens.reshape(-1)
+    projected = (output_grads @ output_vectors).reshape(samples * locations, -1)
+    rows = torch.arange(samples, device=ids.device).repeat_interleave(locations)
+    if padding_idx is not None:
+        kept = ids != padding_idx
+        ids, rows, projected = ids[kept], rows[kept], projected[kept]
+    pairs, pair_of_position = torch.unique(rows * vocabulary + ids, return_inverse=True)
+    per_pair = projected.new_zeros(len(pairs), projected.shape[-1])
+    per_pair.index_add_(0, pair_of_position, projected)
+    moment = projected.new_zeros(vocabulary, projected.shape[-1])
+    return moment.index_add_(0, pairs % vocabulary, per_pair.square()).mT
 
 
 def _project(features: Tensor, vectors: Tensor) -> Tensor:

@@ -9,8 +9,9 @@ average with ``factor_decay``. When a basis is refreshed the average restarts (o
 belong to the old basis): by default from the K-FAC eigenvalues of the refreshed factors, which
 are diagonal in the new basis and carry the factors' history (``S ← ω S_K-FAC + (1 − ω)
 S_batch``), or with ``eigenvalue_restart="batch"`` from the current batch alone, as George et
-al. do. Preconditioning is ``(S_l + λ)⁻¹`` in the eigenbasis (exact damping only). Embedding
-layers keep K-FAC's eigenvalues.
+al. do. Preconditioning is ``(S_l + λ)⁻¹`` in the eigenbasis (exact damping only). An
+embedding's eigenvalues come from its tokens and output gradients (its input factor is
+diagonal: :func:`natgrad.curvature.ekfac.embedding_second_moment`).
 """
 
 from __future__ import annotations

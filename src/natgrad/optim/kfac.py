@@ -463,7 +463,7 @@ class KFAC:
     # -- construction ----------------------------------------------------------------------
     def _make_state(self, name: str, module: nn.Module) -> LayerState:
         if isinstance(module, nn.Embedding):
-            return EmbeddingState(name, module, keep_pairs=False)
+            return EmbeddingState(name, module, keep_pairs=self._keeps_pairs())
         grouped = isinstance(module, CONV_TYPES) and module.groups > 1
         return (GroupedConvState if grouped else KroneckerLayerState)(
             name, module, keep_pairs=self._keeps_pairs(), reduce=self.kfac_approx == "reduce"

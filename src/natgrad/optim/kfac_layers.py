@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.ekfac import projected_second_moment
+from natgrad.curvature.ekfac import embedding_second_moment, projected_second_moment
 from natgrad.curvature.kfac_capture import (
     CONV_TYPES,
     KroneckerLayer,
@@ -863,14 +863,15 @@ class GroupedConvState(KroneckerLayerState):
 class EmbeddingState(LayerState):
     """``nn.Embedding``: the weight gradient transposed, ``(d_embedding, vocabulary)``, has
     block ``G ⊗ diag(a)`` with ``a`` the token frequencies (mean over samples and positions) and
-    ``G`` the output-gradient factor. EKFAC re-estimation is not applied to embeddings (they
-    keep the K-FAC eigenvalues ``outer(g, a)``).
+    ``G`` the output-gradient factor. Its eigenbasis is ``Q_G`` and the standard basis (``A`` is
+    diagonal); EKFAC re-estimates the eigenvalues from the tokens and output gradients
+    (:func:`~natgrad.curvature.ekfac.embedding_second_moment`).
     """
 
     def __init__(self, name: str, module: nn.Embedding, keep_pairs: bool) -> None:
         self.layer = KroneckerLayer(name, module, 0, None)
         self._columns = None
-        super().__init__(name, module, keep_pairs=False)
+        super().__init__(name, module, keep_pairs)
 
     def _feature_layer(self) -> KroneckerLayer:
         return self.layer
@@ -883,13 +884,15 @@ class EmbeddingState(LayerState):
         size = self.weight.shape[1]
         return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
-    def record_input(self, layer_input: Tensor) -> Tensor:
-        """Add the token counts; returns the indices."""
-        tokens = layer_input.detach().reshape(-1)
-        counts = torch.bincount(tokens, minlength=self.weight.shape[0]).to(self.dtype)
+    def record_input(self, layer_input: Tensor) -> Tensor | None:
+        """Add the token counts; returns the tokens ``(N, T, 1)`` if pairs are kept (EKFAC),
+        else ``None``."""
+        tokens = layer_input.detach()
+        counts = torch.bincount(tokens.reshape(-1), minlength=self.weight.shape[0])
+        counts = counts.to(self.dtype)
         self.input_sum = counts if self.input_count == 0 else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
-        return tokens
+        return tokens.reshape(tokens.shape[0], -1, 1) if self.keep_pairs else None
 
     def eigen_inputs(self) -> list[Tensor]:
         return [self.output_factor]
@@ -919,4 +922,13 @@ class EmbeddingState(LayerState):
         self.weight.grad.copy_(left.mT)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
-        return None
+        vocabulary = self.weight.shape[0]
+        padding_idx = self.module.padding_idx
+        total = torch.zeros_like(self.kfac_eigenvalues())
+        count = torch.zeros((), dtype=self.dtype, device=total.device)
+        for tokens, grads in self.pairs:
+            vectors = self.output_eigen.vectors
+            total += embedding_second_moment(tokens, grads, vectors, vocabulary, padding_idx)
+            count += tokens.shape[0]
+        self.pairs.clear()
+        return total, count
