@@ -67,8 +67,8 @@ def test_models_without_trainable_parameters_are_rejected(problem) -> None:
 def test_loss_builders_reject_bad_arguments(problem, build) -> None:
     model, inputs, targets = problem
     loss_fn = nn.CrossEntropyLoss()
-    with pytest.raises(ValueError, match=r"unknown structure 'kfac'.*'implicit'"):
-        build(model, inputs, loss_fn, targets, structure="kfac")
+    with pytest.raises(ValueError, match=r"unknown structure 'trace'.*'implicit'"):
+        build(model, inputs, loss_fn, targets, structure="trace")
     with pytest.raises(ValueError, match="5 entries"):
         build(model, inputs, loss_fn, targets[:3])
     with pytest.raises(ValueError, match="scalar"):

@@ -11,7 +11,10 @@ per-sample ``P × P`` matrix is formed, and ``"diag"``/``"block"`` never form th
 The Fisher diagonal of models whose trainable parameters all belong to ``nn.Linear`` /
 ``nn.Conv2d`` layers is taken per layer from captured layer inputs and output gradients
 (:func:`~natgrad.curvature.layer_diagonal.layer_fisher_diagonal`, as BackPACK does), which is
-much cheaper than the per-sample rows; other models take the generic path.
+much cheaper than the per-sample rows; other models take the generic path. The K-FAC and
+EKFAC structures of the Fisher and of the GGN share the capture of
+:func:`~natgrad.curvature.kfac.statistics_for_vectors`, which back-propagates the Fisher's
+backward vectors or the square roots of the loss's per-sample output Hessians.
 """
 
 from __future__ import annotations
@@ -29,8 +32,15 @@ from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.block import BlockDiagonal
 from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
+from natgrad.curvature.ekfac import ekfac_from_statistics
 from natgrad.curvature.implicit import Implicit
 from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
+from natgrad.curvature.kfac import (
+    LayerCalls,
+    collect_statistics,
+    kfac_from_statistics,
+    statistics_for_vectors,
+)
 from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
 from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
@@ -40,6 +50,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 FISHER_KINDS = ("exact", "mc", "empirical")
 FISHER_STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
 LOSS_STRUCTURES = ("dense", "diag", "block", "implicit")
+GGN_STRUCTURES = (*LOSS_STRUCTURES, "kfac", "ekfac")
 ROW_BUDGET = 2**22
 """Entries of per-sample rows ``Wₙ`` held at once while the Fisher is assembled (chunking)."""
 
@@ -67,6 +78,15 @@ def _check_mc_samples(mc_samples: int) -> None:
         raise TypeError(f"mc_samples must be an int, got {type(mc_samples).__name__}")
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be at least 1, got {mc_samples}")
+
+
+def _check_kfac_approx(kfac_approx: str, structure: str) -> None:
+    _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
+    if kfac_approx != "expand" and structure not in ("kfac", "ekfac"):
+        raise ValueError(
+            f"kfac_approx={kfac_approx!r} applies to structure='kfac' or 'ekfac', "
+            f"got structure={structure!r}"
+        )
 
 
 def _num_samples(inputs: Tensor) -> int:
@@ -189,6 +209,14 @@ def _implicit_fisher(function: ModelFunction, factors: Tensor) -> Implicit:
     return Implicit(fisher_vector_product, function.param_shapes, function.dtype, function.device)
 
 
+def _kronecker_operator(
+    structure: str, model: nn.Module, statistics: list[LayerCalls]
+) -> CurvatureOperator:
+    if structure == "kfac":
+        return kfac_from_statistics(model, statistics)
+    return ekfac_from_statistics(model, statistics)
+
+
 def _kronecker_fisher(
     structure: str,
     model: nn.Module,
@@ -200,11 +228,7 @@ def _kronecker_fisher(
     generator: torch.Generator | None,
     kfac_approx: str,
 ) -> CurvatureOperator:
-    if structure == "kfac":
-        from natgrad.curvature.kfac import build_kfac as build
-    else:
-        from natgrad.curvature.ekfac import build_ekfac as build
-    return build(
+    statistics = collect_statistics(
         model,
         inputs,
         likelihood=likelihood,
@@ -214,6 +238,7 @@ def _kronecker_fisher(
         generator=generator,
         kfac_approx=kfac_approx,
     )
+    return _kronecker_operator(structure, model, statistics)
 
 
 def fisher(
@@ -275,12 +300,7 @@ def fisher(
     """
     _check_choice("kind", kind, FISHER_KINDS)
     _check_choice("structure", structure, FISHER_STRUCTURES)
-    _check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
-    if kfac_approx != "expand" and structure not in ("kfac", "ekfac"):
-        raise ValueError(
-            f"kfac_approx={kfac_approx!r} applies to structure='kfac' or 'ekfac', "
-            f"got structure={structure!r}"
-        )
+    _check_kfac_approx(kfac_approx, structure)
     resolved = get_likelihood(likelihood)
     check_finite_inputs(inputs)
     _check_mc_samples(mc_samples)
@@ -315,9 +335,14 @@ def fisher(
 
 # -- GGN and Hessian ------------------------------------------------------------------------------
 def _loss_setup(
-    model: nn.Module, inputs: Tensor, loss_fn: LossFn, targets: Tensor, structure: str
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: LossFn,
+    targets: Tensor,
+    structure: str,
+    structures: tuple[str, ...] = LOSS_STRUCTURES,
 ) -> ModelFunction:
-    _check_choice("structure", structure, LOSS_STRUCTURES)
+    _check_choice("structure", structure, structures)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_targets(targets, _num_samples(inputs))
@@ -338,6 +363,7 @@ def ggn(
     targets: Tensor,
     structure: str = "dense",
     separable: bool | str | None = None,
+    kfac_approx: str = "expand",
 ) -> CurvatureOperator:
     """Generalised Gauss-Newton ``G = Jᵀ (∇²_f L) J`` of ``L = loss_fn(model(inputs), targets)``.
 
@@ -363,9 +389,12 @@ def ggn(
         ``loss_fn(outputs, targets)`` returning a scalar tensor, twice differentiable in
         ``outputs`` (e.g. ``nn.CrossEntropyLoss()``, ``nn.MSELoss()``).
     targets : Tensor with N entries along dim 0
-    structure : {"dense", "diag", "block", "implicit"}, default "dense"
+    structure : {"dense", "diag", "block", "kfac", "ekfac", "implicit"}, default "dense"
         ``"implicit"`` uses one jvp, one output-space Hessian-vector product and one vjp per
-        product and never forms a matrix.
+        product and never forms a matrix. ``"kfac"``/``"ekfac"``: Kronecker factors as for
+        :func:`fisher`, from the per-sample output Hessians' square roots ``Qₙ Λₙ^{1/2}``
+        back-propagated to every layer (the models and options of ``structure="kfac"`` there);
+        they need a separable loss convex in the outputs.
     separable : {None, True, False, "mean", "sum"}, default None
         Whether ``L`` is ``s Σₙ ℓ(fₙ, yₙ)`` as above. ``None``: detected, for the torch losses
         in ``SEPARABLE_LOSSES`` with reduction ``"mean"``, ``"sum"`` or ``"batchmean"`` whose
@@ -378,15 +407,24 @@ def ggn(
     -------
     CurvatureOperator of shape (P, P), symmetric; PSD when the loss is convex in the outputs.
 
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        For ``structure="kfac"``/``"ekfac"``, as in :func:`fisher`.
+
     Raises
     ------
     ValueError
         Unknown structure or ``separable``, targets not one per input, a non-scalar or
         non-finite loss, non-finite inputs, a model with no trainable parameters, a loss
-        declared separable whose value is not ``s Σₙ ℓ(fₙ, yₙ)``.
+        declared separable whose value is not ``s Σₙ ℓ(fₙ, yₙ)``; for ``"kfac"``/``"ekfac"``
+        a loss that is not separable or whose per-sample output Hessians are not PSD.
     """
-    function = _loss_setup(model, inputs, loss_fn, targets, structure)
+    function = _loss_setup(model, inputs, loss_fn, targets, structure, GGN_STRUCTURES)
+    _check_kfac_approx(kfac_approx, structure)
     scale = _declared_scale(loss_fn, separable, function.num_samples)
+    if structure in ("kfac", "ekfac"):
+        vectors = _hessian_root_vectors(loss_fn, targets, scale, separable is None)
+        statistics = statistics_for_vectors(model, inputs, vectors, kfac_approx)
+        return _kronecker_operator(structure, model, statistics)
     outputs = function.outputs()
 
     def loss_of_outputs(values: Tensor) -> Tensor:
@@ -418,6 +456,9 @@ SEPARABLE_LOSSES = (
 """Torch losses :func:`ggn` treats as per-sample separable when their value confirms it."""
 _REDUCTION_PER_SAMPLE = {"mean": True, "batchmean": True, "sum": False}
 SEPARABLE_CHECK_RTOL = 64.0
+KRONECKER_PSD_RTOL = 1024.0
+"""A per-sample output Hessian eigenvalue below ``-KRONECKER_PSD_RTOL · eps · max |λ|`` makes
+``ggn(structure="kfac"/"ekfac")`` refuse the loss as not convex (rounding stays above it)."""
 """Tolerance of the separability check on the loss value, in units of ``N · eps(dtype)``."""
 
 
@@ -441,6 +482,36 @@ def _declared_scale(loss_fn: LossFn, separable: object, num_samples: int) -> flo
     else:
         raise ValueError(f"separable must be None, True, False, 'mean' or 'sum', got {separable!r}")
     return 1.0 / num_samples if _REDUCTION_PER_SAMPLE[reduction] else 1.0
+
+
+def _hessian_root_vectors(
+    loss_fn: LossFn, targets: Tensor, scale: float | None, detected: bool
+) -> Callable[[Tensor], Tensor]:
+    """The backward vectors of ``s Σₙ Jₙᵀ ∇²ℓ(fₙ) Jₙ`` as a mean over the ``N`` samples: the
+    columns of ``(s N ∇²ℓ(fₙ))^{1/2} = Qₙ (s N Λₙ)^{1/2}``, shape ``(D, N, D)``, from the
+    model's outputs."""
+
+    def vectors(outputs: Tensor) -> Tensor:
+        outputs = outputs.detach()
+        hessians = None
+        if scale is not None:
+            hessians = _per_sample_output_hessians(loss_fn, outputs, targets, scale, detected)
+        if hessians is None:
+            raise ValueError(
+                "structure='kfac'/'ekfac' needs a loss that is a sum or mean of per-sample "
+                "terms (see separable)"
+            )
+        values, bases = torch.linalg.eigh(hessians)
+        floor = KRONECKER_PSD_RTOL * torch.finfo(values.dtype).eps * values.abs().max()
+        if bool((values < -floor).any()):
+            raise ValueError(
+                "structure='kfac'/'ekfac' needs a loss convex in the outputs: its per-sample "
+                f"output Hessians have eigenvalues down to {float(values.min()):.3g}"
+            )
+        roots = (values.clamp_min(0) * (scale * len(outputs))).sqrt()
+        return (bases * roots.unsqueeze(-2)).permute(2, 0, 1)
+
+    return vectors
 
 
 def _per_sample_output_hessians(

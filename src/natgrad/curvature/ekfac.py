@@ -18,12 +18,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.kfac import KroneckerBlockOperator, collect_statistics
+from natgrad.curvature.kfac import KroneckerBlockOperator, LayerCalls, collect_statistics
 from natgrad.curvature.kfac_capture import KroneckerLayer, trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, symmetric_eigh
 
-__all__ = ["EKFAC", "build_ekfac", "embedding_second_moment", "projected_second_moment"]
+__all__ = [
+    "EKFAC",
+    "build_ekfac",
+    "ekfac_from_statistics",
+    "embedding_second_moment",
+    "projected_second_moment",
+]
 
 
 def projected_second_moment(
@@ -195,6 +201,13 @@ def build_ekfac(
         generator=generator,
         kfac_approx=kfac_approx,
     )
+    return ekfac_from_statistics(model, statistics)
+
+
+def ekfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> EKFAC:
+    """The EKFAC operator of ``model`` from its layers' statistics
+    (:func:`~natgrad.curvature.kfac.collect_statistics`,
+    :func:`~natgrad.curvature.kfac.statistics_for_vectors`)."""
     eigenbases = [
         (symmetric_eigh(stats.output_factor), symmetric_eigh(stats.input_factor))
         for stats in statistics

@@ -11,7 +11,7 @@ convolution patches with ``A`` averaged and ``G`` summed over spatial locations)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -42,7 +42,7 @@ from natgrad.curvature.kfac_capture import (
     reduced_output_features,
     trainable_parameters,
 )
-from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.linalg.kron import (
     SymmetricEigen,
     block_diagonal_kron,
@@ -59,6 +59,8 @@ __all__ = [
     "LayerStatistics",
     "build_kfac",
     "collect_statistics",
+    "kfac_from_statistics",
+    "statistics_for_vectors",
 ]
 
 
@@ -217,6 +219,36 @@ def collect_statistics(
     """
     likelihood = get_likelihood(likelihood)
     check_fisher_kind(kind, targets, mc_samples)
+
+    def vectors(outputs: Tensor) -> Tensor:
+        return backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
+
+    return statistics_for_vectors(model, inputs, vectors, kfac_approx)
+
+
+def statistics_for_vectors(
+    model: nn.Module,
+    inputs: Tensor,
+    vectors_of: Callable[[Tensor], Tensor],
+    kfac_approx: str = "expand",
+) -> list[LayerCalls]:
+    """Run ``model(inputs)`` once and back-propagate ``vectors_of(outputs)`` to every layer
+    output: the statistics of the curvature ``1/N Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n``.
+
+    Parameters
+    ----------
+    model, inputs, kfac_approx
+        As in :func:`build_kfac`.
+    vectors_of : callable
+        Maps the model's outputs ``(N, ...)`` to the backward vectors ``(K, N, D)``, ``D`` the
+        size of one sample's outputs (the Fisher's: :func:`~natgrad.curvature.kfac_capture.
+        backward_vectors`).
+
+    Returns
+    -------
+    list of LayerCalls
+        One per layer, in module order.
+    """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError("inputs must be a tensor with a non-empty leading batch dimension")
@@ -226,8 +258,8 @@ def collect_statistics(
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
-    matrix = as_matrix(outputs)
-    vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
+    vectors = vectors_of(outputs)
+    matrix = outputs.reshape(len(outputs), -1)
     calls = [
         (LayerStatistics(layer, layer_input, kfac_approx=kfac_approx), layer_output)
         for layer in layers
@@ -456,6 +488,12 @@ def build_kfac(
         generator=generator,
         kfac_approx=kfac_approx,
     )
+    return kfac_from_statistics(model, statistics)
+
+
+def kfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> KFAC:
+    """The K-FAC operator of ``model`` from its layers' statistics
+    (:func:`collect_statistics`, :func:`statistics_for_vectors`)."""
     params = trainable_parameters(model)
     return KFAC(
         [stats.layer for stats in statistics],
