@@ -42,7 +42,7 @@ from natgrad.curvature.kfac import (
     statistics_for_vectors,
 )
 from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
-from natgrad.curvature.layer_diagonal import layer_fisher_diagonal
+from natgrad.curvature.layer_diagonal import layer_diagonal_for_vectors, layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -425,6 +425,11 @@ def ggn(
         vectors = _hessian_root_vectors(loss_fn, targets, scale, separable is None)
         statistics = statistics_for_vectors(model, inputs, vectors, kfac_approx)
         return _kronecker_operator(structure, model, statistics)
+    if structure == "diag" and scale is not None:
+        vectors = _hessian_root_vectors(loss_fn, targets, scale, separable is None, strict=False)
+        diagonal = layer_diagonal_for_vectors(model, inputs, vectors)
+        if diagonal is not None:
+            return Diagonal(diagonal, function.param_shapes)
     outputs = function.outputs()
 
     def loss_of_outputs(values: Tensor) -> Tensor:
@@ -485,28 +490,30 @@ def _declared_scale(loss_fn: LossFn, separable: object, num_samples: int) -> flo
 
 
 def _hessian_root_vectors(
-    loss_fn: LossFn, targets: Tensor, scale: float | None, detected: bool
-) -> Callable[[Tensor], Tensor]:
+    loss_fn: LossFn, targets: Tensor, scale: float | None, detected: bool, strict: bool = True
+) -> Callable[[Tensor], Tensor | None]:
     """The backward vectors of ``s Σₙ Jₙᵀ ∇²ℓ(fₙ) Jₙ`` as a mean over the ``N`` samples: the
     columns of ``(s N ∇²ℓ(fₙ))^{1/2} = Qₙ (s N Λₙ)^{1/2}``, shape ``(D, N, D)``, from the
-    model's outputs."""
+    model's outputs. A loss that is not separable, or not convex in the outputs, raises
+    (``strict``) or gives ``None``."""
 
-    def vectors(outputs: Tensor) -> Tensor:
+    def refuse(message: str) -> None:
+        if strict:
+            raise ValueError(f"structure='kfac'/'ekfac' needs a loss {message}")
+
+    def vectors(outputs: Tensor) -> Tensor | None:
         outputs = outputs.detach()
         hessians = None
         if scale is not None:
             hessians = _per_sample_output_hessians(loss_fn, outputs, targets, scale, detected)
         if hessians is None:
-            raise ValueError(
-                "structure='kfac'/'ekfac' needs a loss that is a sum or mean of per-sample "
-                "terms (see separable)"
-            )
+            return refuse("that is a sum or mean of per-sample terms (see separable)")
         values, bases = torch.linalg.eigh(hessians)
         floor = KRONECKER_PSD_RTOL * torch.finfo(values.dtype).eps * values.abs().max()
         if bool((values < -floor).any()):
-            raise ValueError(
-                "structure='kfac'/'ekfac' needs a loss convex in the outputs: its per-sample "
-                f"output Hessians have eigenvalues down to {float(values.min()):.3g}"
+            return refuse(
+                "convex in the outputs: its per-sample output Hessians have eigenvalues down "
+                f"to {float(values.min()):.3g}"
             )
         roots = (values.clamp_min(0) * (scale * len(outputs))).sqrt()
         return (bases * roots.unsqueeze(-2)).permute(2, 0, 1)

@@ -23,7 +23,7 @@ the calls' features and output gradients are joined along the locations ``t``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +42,12 @@ from natgrad.curvature.kfac_capture import (
     per_sample_gradients,
     trainable_parameters,
 )
-from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 
 __all__ = [
     "OUTPUT_GRADIENT_BUDGET",
     "PER_SAMPLE_GRADIENT_BUDGET",
+    "layer_diagonal_for_vectors",
     "layer_fisher_diagonal",
     "squared_gradient_sum",
     "supported_layers",
@@ -176,10 +177,39 @@ def layer_fisher_diagonal(
         Unknown ``kind`` or likelihood, ``kind="empirical"`` without targets, ``mc_samples < 1``,
         non-finite or empty inputs.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolved = get_likelihood(likelihood)
     check_fisher_kind(kind, targets, mc_samples)
+
+    def vectors(outputs: Tensor) -> Tensor:
+        return backward_vectors(outputs, resolved, kind, targets, mc_samples, generator)
+
+    return layer_diagonal_for_vectors(model, inputs, vectors)
+
+
+def layer_diagonal_for_vectors(
+    model: nn.Module, inputs: Tensor, vectors_of: Callable[[Tensor], Tensor | None]
+) -> Tensor | None:
+    """Diagonal of ``1/N Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n`` from one forward pass, or ``None``.
+
+    :func:`layer_fisher_diagonal` with the backward vectors of any curvature of that form (the
+    GGN's: the square roots of the loss's per-sample output Hessians).
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor of shape (N, ...)
+    vectors_of : callable
+        Maps the model's outputs ``(N, ...)`` to the vectors ``(K, N, D)``, ``D`` the size of
+        one sample's outputs, or to ``None`` (the caller then uses a general method). Called
+        only once the model is known to be supported.
+
+    Returns
+    -------
+    Tensor of shape (P,) or None
+        As for :func:`layer_fisher_diagonal`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_finite_inputs(inputs)
     layers = supported_layers(model)
     if layers is None:
@@ -191,9 +221,11 @@ def layer_fisher_diagonal(
         outputs = model(inputs)
     if not _batch_first(layers, capture, inputs.shape[0]):
         return None
-    squared_sums = _squared_gradient_sums(
-        layers, capture, as_matrix(outputs), resolved, kind, targets, mc_samples, generator
-    )
+    vectors = vectors_of(outputs)
+    if vectors is None:
+        return None
+    matrix = outputs.reshape(len(outputs), -1)
+    squared_sums = _squared_gradient_sums(layers, capture, matrix, vectors)
     pieces: dict[int, Tensor] = {}
     for layer, squared_sum in zip(layers, squared_sums, strict=True):
         pieces.update(layer.from_matrix(squared_sum / inputs.shape[0]))
@@ -201,14 +233,7 @@ def layer_fisher_diagonal(
 
 
 def _squared_gradient_sums(
-    layers: Sequence[KroneckerLayer],
-    capture: ForwardCapture,
-    outputs: Tensor,
-    likelihood: Likelihood,
-    kind: str,
-    targets: Tensor | None,
-    mc_samples: int,
-    generator: torch.Generator | None,
+    layers: Sequence[KroneckerLayer], capture: ForwardCapture, outputs: Tensor, vectors: Tensor
 ) -> list[Tensor]:
     """Per layer, ``Σ_k Σ_n (Σ_t g_knt a_ntᵀ)²`` over the backward vectors ``k``.
 
@@ -225,7 +250,6 @@ def _squared_gradient_sums(
         a.new_zeros(layer.output_dim, layer.input_dim)
         for a, layer in zip(features, layers, strict=True)
     ]
-    vectors = backward_vectors(outputs, likelihood, kind, targets, mc_samples, generator)
     group = max(1, OUTPUT_GRADIENT_BUDGET // sum(output.numel() for output in layer_outputs))
     for vector_group in vectors.split(group):
         grads = iter(

@@ -1,18 +1,20 @@
-"""``ggn(..., structure="kfac"/"ekfac")``: Kronecker factors of the generalised Gauss-Newton
-matrix from the square roots of the per-sample output Hessians of the loss.
+"""``ggn(..., structure="kfac"/"ekfac"/"diag")`` from the square roots of the per-sample output
+Hessians of the loss, back-propagated to every layer: Kronecker factors of the generalised
+Gauss-Newton matrix, and its diagonal without per-sample Jacobians.
 
 Oracles: for losses that are negative log-likelihoods the GGN is the exact Fisher, so the
 operators equal ``fisher(structure="kfac"/"ekfac")`` (built from the likelihood's closed-form
 ``∇²A``, not from ``torch.func`` Hessians of the loss); at batch size one K-FAC and EKFAC are
 exact on each layer's block of a network without weight sharing, checked against the dense
-GGN from per-sample Jacobians for the Huber loss, which is no likelihood.
+GGN from per-sample Jacobians for the Huber loss, which is no likelihood; the diagonal against
+the dense GGN's.
 """
 
 import pytest
 import torch
 from torch import nn
 
-from natgrad.curvature import fisher, ggn, hessian
+from natgrad.curvature import builders, fisher, ggn, hessian
 
 DTYPE = torch.float64
 STRUCTURES = ["kfac", "ekfac"]
@@ -115,3 +117,48 @@ def test_kfac_needs_a_separable_convex_loss() -> None:
         hessian(model, inputs, nn.MSELoss(), targets, structure="kfac")
     with pytest.raises(ValueError, match="kfac_approx='reduce' applies"):
         ggn(model, inputs, nn.MSELoss(), targets, kfac_approx="reduce")
+
+
+DIAGONAL_LOSSES = {
+    "cross_entropy": (nn.CrossEntropyLoss(), lambda n: torch.randint(0, 3, (n,))),
+    "squared_error_sum": (nn.MSELoss(reduction="sum"), lambda n: torch.randn(n, 3, dtype=DTYPE)),
+    "huber": (nn.HuberLoss(delta=0.3), lambda n: torch.randn(n, 3, dtype=DTYPE)),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(DIAGONAL_LOSSES))
+@pytest.mark.parametrize("make_model", [mlp, cnn])
+def test_diagonal_from_the_layers_equals_the_dense_diagonal(
+    loss_name, make_model, monkeypatch
+) -> None:
+    """``structure="diag"`` of a separable convex loss takes the per-layer path (the generic
+    assembly from per-sample rows is disabled here) and gives the dense GGN's diagonal."""
+    model = make_model()
+    inputs = inputs_for(model)
+    loss_fn, make_targets = DIAGONAL_LOSSES[loss_name]
+    targets = make_targets(len(inputs))
+    dense = ggn(model, inputs, loss_fn, targets).to_dense().diagonal()
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic assembly ran")
+
+    monkeypatch.setattr(builders, "_assembled_sum", generic)
+    diagonal = ggn(model, inputs, loss_fn, targets, structure="diag").diag()
+    torch.testing.assert_close(diagonal, dense)
+    assert dense.abs().max() > 1e-3
+
+
+def test_a_loss_not_convex_in_the_outputs_takes_the_generic_diagonal() -> None:
+    model = mlp()
+    inputs = inputs_for(model)
+    targets = torch.randn(len(inputs), 3, dtype=DTYPE)
+
+    def mixed(outputs, values):  # convex in one output, concave in another
+        residuals = outputs - values
+        return (residuals[:, 0].square() - residuals[:, 1].square() + residuals[:, 2]).mean()
+
+    options = {"separable": "mean"}
+    diagonal = ggn(model, inputs, mixed, targets, structure="diag", **options).diag()
+    dense = ggn(model, inputs, mixed, targets, **options).to_dense().diagonal()
+    torch.testing.assert_close(diagonal, dense)
+    assert (diagonal < 0).any()
