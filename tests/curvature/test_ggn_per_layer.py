@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from natgrad.curvature import builders, fisher, ggn, hessian
+from natgrad.curvature.kfac import statistics_for_vectors
+from natgrad.curvature.layer_diagonal import layer_diagonal_for_vectors
 
 DTYPE = torch.float64
 STRUCTURES = ["kfac", "ekfac"]
@@ -162,3 +164,16 @@ def test_a_loss_not_convex_in_the_outputs_takes_the_generic_diagonal() -> None:
     dense = ggn(model, inputs, mixed, targets, **options).to_dense().diagonal()
     torch.testing.assert_close(diagonal, dense)
     assert (diagonal < 0).any()
+
+
+def test_backward_vectors_of_the_wrong_shape_are_named() -> None:
+    model = mlp()
+    inputs = inputs_for(model, samples=7)
+
+    def vectors(outputs):
+        return torch.zeros(2, len(outputs), 4, dtype=DTYPE)
+
+    with pytest.raises(ValueError, match=r"\(K, 7, 3\).*got \(2, 7, 4\)"):
+        statistics_for_vectors(model, inputs, vectors)
+    with pytest.raises(ValueError, match=r"\(K, 7, 3\).*got \(2, 7, 4\)"):
+        layer_diagonal_for_vectors(model, inputs, vectors)

@@ -104,3 +104,17 @@ def test_calls_on_parts_of_the_tokens_pool_as_one_call() -> None:
     parts = ekfac_step(Bag(split=True), tokens, targets).layers[0]
     torch.testing.assert_close(parts.output_factor, whole.output_factor)
     torch.testing.assert_close(parts.eigenvalues, whole.eigenvalues)
+
+
+def test_second_moment_rejects_mismatched_inputs() -> None:
+    tokens = torch.zeros(2, 3, 1, dtype=torch.long)
+    grads = torch.zeros(2, 3, 4, dtype=DTYPE)
+    vectors = torch.eye(4, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"tokens \(2, 3, 1\), output_grads \(2, 2, 4\)"):
+        embedding_second_moment(tokens, grads[:, :2], vectors, VOCABULARY)
+    with pytest.raises(ValueError, match=r"output_vectors \(3, 3\)"):
+        embedding_second_moment(tokens, grads, vectors[:3, :3], VOCABULARY)
+    with pytest.raises(ValueError, match="integer indices"):
+        embedding_second_moment(tokens.to(DTYPE), grads, vectors, VOCABULARY)
+    with pytest.raises(ValueError, match=r"\[0, 6\), got \[0, 6\]"):
+        embedding_second_moment(tokens + torch.tensor([[[0]], [[6]]]), grads, vectors, VOCABULARY)

@@ -86,7 +86,14 @@ def embedding_second_moment(
     vocabulary : int
     padding_idx : int, optional
         A token whose embedding gets no gradient (``nn.Embedding``'s ``padding_idx``).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit together (named), non-integer tokens, or (on the CPU) tokens
+        outside ``[0, vocabulary)``.
     """
+    _check_embedding_pairs(tokens, output_grads, output_vectors, vocabulary)
     samples, locations = tokens.shape[:2]
     ids = tokens.reshape(-1)
     projected = (output_grads @ output_vectors).reshape(samples * locations, -1)
@@ -99,6 +106,31 @@ def embedding_second_moment(
     per_pair.index_add_(0, pair_of_position, projected)
     moment = projected.new_zeros(vocabulary, projected.shape[-1])
     return moment.index_add_(0, pairs % vocabulary, per_pair.square()).mT
+
+
+def _check_embedding_pairs(
+    tokens: Tensor, output_grads: Tensor, output_vectors: Tensor, vocabulary: int
+) -> None:
+    shapes = f"tokens {tuple(tokens.shape)}, output_grads {tuple(output_grads.shape)}"
+    width = output_grads.shape[-1] if output_grads.ndim == 3 else None
+    if (
+        tokens.ndim != 3
+        or tokens.shape[-1] != 1
+        or output_grads.shape[:2] != tokens.shape[:2]
+        or output_vectors.shape != (width, width)
+    ):
+        raise ValueError(
+            f"expected tokens (N, T, 1), output_grads (N, T, d) and output_vectors (d, d), got "
+            f"{shapes} and output_vectors {tuple(output_vectors.shape)}"
+        )
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer indices, got dtype {tokens.dtype}")
+    if tokens.device.type != "cpu" or not tokens.numel():
+        return  # on an accelerator a range check would wait for the device
+    if not (0 <= int(tokens.min()) and int(tokens.max()) < vocabulary):
+        raise ValueError(
+            f"tokens must lie in [0, {vocabulary}), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
 
 
 def _project(features: Tensor, vectors: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from natgrad.curvature.kfac_capture import (
     KroneckerLayer,
     add_column_gram,
     backward_vectors,
+    check_backward_vectors,
     check_fisher_kind,
     conv_patch_means,
     conv_patches,
@@ -248,6 +249,12 @@ def statistics_for_vectors(
     -------
     list of LayerCalls
         One per layer, in module order.
+
+    Raises
+    ------
+    ValueError
+        Empty inputs, a model without trainable parameters, a layer not called (or called on
+        different numbers of samples), vectors of the wrong shape (both shapes named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
@@ -260,6 +267,7 @@ def statistics_for_vectors(
     capture.check_all_called()
     vectors = vectors_of(outputs)
     matrix = outputs.reshape(len(outputs), -1)
+    check_backward_vectors(vectors, matrix)
     calls = [
         (LayerStatistics(layer, layer_input, kfac_approx=kfac_approx), layer_output)
         for layer in layers

@@ -59,6 +59,7 @@ __all__ = [
     "KroneckerLayer",
     "add_column_gram",
     "backward_vectors",
+    "check_backward_vectors",
     "check_fisher_kind",
     "conv_patch_means",
     "conv_patches",
@@ -482,6 +483,23 @@ def grouped_output_features(features: Tensor, groups: int) -> Tensor:
     _check_groups(features.shape[-1], groups)
     samples, locations, outputs = features.shape
     return features.reshape(samples, locations, groups, outputs // groups).permute(2, 0, 1, 3)
+
+
+def check_backward_vectors(vectors: Tensor, outputs: Tensor) -> None:
+    """Backward vectors ``(K, N, D)`` for model outputs ``(N, D)`` (flattened per sample).
+
+    Raises
+    ------
+    ValueError
+        Naming both shapes, if ``vectors`` is not ``(K, N, D)``.
+    """
+    if not isinstance(vectors, Tensor) or vectors.ndim != 3 or vectors.shape[1:] != outputs.shape:
+        shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+        samples, size = outputs.shape
+        raise ValueError(
+            f"backward vectors must have shape (K, N, D) = (K, {samples}, {size}) for the "
+            f"model's {samples} samples of {size} outputs each, got {shape}"
+        )
 
 
 def join_calls(features: Sequence[Tensor]) -> Tensor:

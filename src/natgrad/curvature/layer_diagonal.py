@@ -34,6 +34,7 @@ from natgrad.curvature.kfac_capture import (
     ForwardCapture,
     KroneckerLayer,
     backward_vectors,
+    check_backward_vectors,
     check_fisher_kind,
     input_features,
     join_calls,
@@ -207,6 +208,13 @@ def layer_diagonal_for_vectors(
     -------
     Tensor of shape (P,) or None
         As for :func:`layer_fisher_diagonal`.
+
+    Raises
+    ------
+    TypeError
+        ``model`` not an ``nn.Module``.
+    ValueError
+        Non-finite or empty inputs, vectors of the wrong shape (both shapes named).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,6 +233,7 @@ def layer_diagonal_for_vectors(
     if vectors is None:
         return None
     matrix = outputs.reshape(len(outputs), -1)
+    check_backward_vectors(vectors, matrix)
     squared_sums = _squared_gradient_sums(layers, capture, matrix, vectors)
     pieces: dict[int, Tensor] = {}
     for layer, squared_sum in zip(layers, squared_sums, strict=True):
