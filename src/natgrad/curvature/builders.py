@@ -394,7 +394,9 @@ def ggn(
         product and never forms a matrix. ``"kfac"``/``"ekfac"``: Kronecker factors as for
         :func:`fisher`, from the per-sample output Hessians' square roots ``Qₙ Λₙ^{1/2}``
         back-propagated to every layer (the models and options of ``structure="kfac"`` there);
-        they need a separable loss convex in the outputs.
+        they need a separable loss convex in the outputs. ``"diag"`` of such a loss, for a
+        model whose trainable parameters all sit in Linear/Conv layers, is built per layer from
+        the same vectors, as the Fisher's, without per-sample Jacobians.
     separable : {None, True, False, "mean", "sum"}, default None
         Whether ``L`` is ``s Σₙ ℓ(fₙ, yₙ)`` as above. ``None``: detected, for the torch losses
         in ``SEPARABLE_LOSSES`` with reduction ``"mean"``, ``"sum"`` or ``"batchmean"`` whose
@@ -402,13 +404,12 @@ def ggn(
         selects the general path). ``"mean"``/``"sum"``: declared by the caller, with that
         ``s``. ``True``: declared, ``s`` read from ``loss_fn.reduction``. ``False``: always the
         general path. A declared decomposition is checked on the loss value.
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        For ``structure="kfac"``/``"ekfac"``, as in :func:`fisher`.
 
     Returns
     -------
     CurvatureOperator of shape (P, P), symmetric; PSD when the loss is convex in the outputs.
-
-    kfac_approx : {"expand", "reduce"}, default "expand"
-        For ``structure="kfac"``/``"ekfac"``, as in :func:`fisher`.
 
     Raises
     ------
@@ -461,10 +462,10 @@ SEPARABLE_LOSSES = (
 """Torch losses :func:`ggn` treats as per-sample separable when their value confirms it."""
 _REDUCTION_PER_SAMPLE = {"mean": True, "batchmean": True, "sum": False}
 SEPARABLE_CHECK_RTOL = 64.0
+"""Tolerance of the separability check on the loss value, in units of ``N · eps(dtype)``."""
 KRONECKER_PSD_RTOL = 1024.0
 """A per-sample output Hessian eigenvalue below ``-KRONECKER_PSD_RTOL · eps · max |λ|`` makes
 ``ggn(structure="kfac"/"ekfac")`` refuse the loss as not convex (rounding stays above it)."""
-"""Tolerance of the separability check on the loss value, in units of ``N · eps(dtype)``."""
 
 
 def _declared_scale(loss_fn: LossFn, separable: object, num_samples: int) -> float | None:
