@@ -120,7 +120,9 @@ def test_preconditioner_step_solves_with_the_operator(cls, build, make, kfac_app
     torch.testing.assert_close(step, operator.solve(gradient, 0.1))
 
 
-def test_calls_on_different_samples_raise_naming_the_layer() -> None:
+def test_calls_off_the_batch_raise_naming_the_layer() -> None:
+    """A call on part of the batch, or on a sequence-first input, is refused."""
+
     class Halves(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -129,6 +131,15 @@ def test_calls_on_different_samples_raise_naming_the_layer() -> None:
         def forward(self, inputs: torch.Tensor) -> torch.Tensor:
             return self.lin(inputs) + self.lin(inputs.flip(0)[:1]).expand(len(inputs), 2)
 
-    inputs = torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"'lin'.*\[1, 4\] samples"):
-        build_kfac(Halves(), inputs, likelihood="gaussian")
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # (N, T, 3)
+            return self.lin(inputs.transpose(0, 1)).mean(0)
+
+    with pytest.raises(ValueError, match=r"'lin'.*shape \(1, 3\).*batch's 4 samples"):
+        build_kfac(Halves(), torch.randn(4, 3), likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"'lin'.*shape \(5, 4, 3\).*batch_first"):
+        build_ekfac(SequenceFirst(), torch.randn(4, 5, 3), likelihood="gaussian")

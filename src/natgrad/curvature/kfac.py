@@ -155,21 +155,9 @@ class LayerCalls:
     sums the calls' terms, and the features join along the locations, so that the per-sample
     gradient ``Σ_t g_t a_tᵀ`` sums over the calls.
 
-    Raises
-    ------
-    ValueError
-        If the calls see different numbers of samples.
     """
 
     calls: list[LayerStatistics]
-
-    def __post_init__(self) -> None:
-        samples = {call.layer_input.shape[0] for call in self.calls}
-        if len(samples) > 1:
-            raise ValueError(
-                f"layer {self.layer.name!r} was called on inputs with {sorted(samples)} samples "
-                "in one forward pass; the calls of a layer must share the samples"
-            )
 
     @property
     def layer(self) -> KroneckerLayer:
@@ -253,8 +241,9 @@ def statistics_for_vectors(
     Raises
     ------
     ValueError
-        Empty inputs, a model without trainable parameters, a layer not called (or called on
-        different numbers of samples), vectors of the wrong shape (both shapes named).
+        Empty inputs, a model without trainable parameters, a layer not called, or called on
+        an input whose dim 0 is not the batch (named), vectors of the wrong shape (both shapes
+        named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
@@ -265,6 +254,7 @@ def statistics_for_vectors(
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
+    _check_batch_first(capture, len(inputs))
     vectors = vectors_of(outputs)
     matrix = outputs.reshape(len(outputs), -1)
     check_backward_vectors(vectors, matrix)
@@ -453,7 +443,7 @@ def build_kfac(
         Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
         called in the forward pass. A grouped convolution (``groups = g``) gets one
         Kronecker block per group, the blocks of ``g`` separate convolutions on the groups'
-        channels. A layer called several times (on the same samples) pools the locations of
+        channels. A layer called several times pools the locations of
         its calls as one call's (:mod:`natgrad.curvature.kfac_capture`).
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
@@ -484,7 +474,7 @@ def build_kfac(
     ValueError
         For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), an
         unknown ``kind``, likelihood or ``kfac_approx``, missing targets, a layer not called, or
-        called on different numbers of samples.
+        called on an input whose dim 0 is not the batch.
     """
     statistics = collect_statistics(
         model,
@@ -497,6 +487,20 @@ def build_kfac(
         kfac_approx=kfac_approx,
     )
     return kfac_from_statistics(model, statistics)
+
+
+def _check_batch_first(capture: ForwardCapture, samples: int) -> None:
+    """Every call of every layer must see the batch's samples along dim 0 of its input: the
+    factors average over that dim as the samples."""
+    for name, calls in capture.calls.items():
+        for layer_input, _ in calls:
+            if layer_input.shape[0] != samples:
+                raise ValueError(
+                    f"layer {name!r} was called on an input of shape {tuple(layer_input.shape)}, "
+                    f"whose dim 0 is not the batch's {samples} samples; Kronecker factors need "
+                    "the samples along dim 0 of every layer's input (batch_first=True for "
+                    "sequence models, (N, T, d) rather than (N T, d) inputs)"
+                )
 
 
 def kfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> KFAC:
