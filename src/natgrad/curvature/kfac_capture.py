@@ -575,23 +575,16 @@ class ForwardCapture:
     calls : dict[str, list[tuple[Tensor, Tensor]]]
         Layer name → ``(input, output)`` of each of its calls, in order: the input detached,
         the output attached to the graph (for back-propagating vectors).
-    inputs, outputs : dict[str, Tensor]
-        Layer name → input and output of its first call.
     """
 
     def __init__(self, layers: Sequence[KroneckerLayer]) -> None:
         self.layers = list(layers)
         self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            layer_input = args[0].detach()
-            self.calls.setdefault(name, []).append((layer_input, output))
-            self.inputs.setdefault(name, layer_input)
-            self.outputs.setdefault(name, output)
+            self.calls.setdefault(name, []).append((args[0].detach(), output))
             # Pass a copy on: an in-place op downstream (ReLU(inplace=True)) would otherwise
             # rewrite the recorded output and its place in the graph.
             return output.clone()
@@ -610,6 +603,6 @@ class ForwardCapture:
 
     def check_all_called(self) -> None:
         """Raise ``ValueError`` naming any layer that the forward pass did not call."""
-        missing = [layer.name for layer in self.layers if layer.name not in self.inputs]
+        missing = [layer.name for layer in self.layers if layer.name not in self.calls]
         if missing:
             raise ValueError(f"layer(s) {missing} were not called in the forward pass")
