@@ -31,6 +31,7 @@ from natgrad.curvature.kfac_capture import (
     conv_patch_means,
     conv_patches,
     input_features,
+    join_calls,
     output_features,
     patch_features,
     reduced_input_features,
@@ -339,11 +340,8 @@ class LayerState:
                 self.pairs.append(pair)
             return
         if pair is not None:
-            (kept_features, kept_grads), (features, grads) = self.pairs[-1], pair
-            self.pairs[-1] = (
-                torch.cat([kept_features, features], dim=-2),
-                torch.cat([kept_grads, grads], dim=-2),
-            )
+            kept = self.pairs[-1]
+            self.pairs[-1] = (join_calls([kept[0], pair[0]]), join_calls([kept[1], pair[1]]))
 
     def record_output_grad(
         self, grad: Tensor, scale: float, features: Tensor, call_pass: int
