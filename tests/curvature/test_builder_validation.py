@@ -94,3 +94,43 @@ def test_batch_norm_in_training_mode_is_rejected(problem) -> None:
         fisher(model, inputs)
     model.eval()
     assert fisher(model, inputs).shape == (39, 39)
+
+
+def token_model(scale_grad_by_freq: bool) -> nn.Module:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(6, 3, scale_grad_by_freq=scale_grad_by_freq)
+    return nn.Sequential(embedding, nn.Flatten(), nn.Linear(12, 4)).double()
+
+
+TOKENS = torch.tensor([[1, 1, 2, 3], [0, 4, 4, 4], [5, 1, 1, 2]])
+TOKEN_TARGETS = torch.tensor([0, 1, 3])
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda model, structure: fisher(model, TOKENS, structure=structure),
+        lambda model, structure: ggn(
+            model, TOKENS, nn.functional.cross_entropy, TOKEN_TARGETS, structure=structure
+        ),
+        lambda model, structure: hessian(
+            model, TOKENS, nn.functional.cross_entropy, TOKEN_TARGETS, structure=structure
+        ),
+    ],
+    ids=["fisher", "ggn", "hessian"],
+)
+@pytest.mark.parametrize("structure", ["dense", "diag", "block", "implicit"])
+def test_frequency_scaled_embeddings_are_rejected(build, structure) -> None:
+    """Autograd divides the gradient of a ``scale_grad_by_freq`` embedding by the tokens'
+    counts, so its backward pass is not the model's derivative: the builders' per-sample
+    Jacobians (counts of one sample) and Hessians would differ from those of the same function
+    with the flag off (by up to 0.1 here) without notice. Frozen, the embedding is no
+    parameter, and the curvature equals the unscaled model's."""
+    with pytest.raises(ValueError, match=r"embeddings \['0'\] have scale_grad_by_freq=True"):
+        build(token_model(True), structure)
+    frozen, reference = token_model(True), token_model(False)
+    for model in (frozen, reference):
+        model[0].weight.requires_grad_(False)
+    torch.testing.assert_close(
+        build(frozen, structure).to_dense(), build(reference, structure).to_dense()
+    )

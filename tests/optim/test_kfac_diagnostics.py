@@ -324,3 +324,46 @@ def test_layers_that_count_different_samples_are_named_once() -> None:
         precond = KFAC(model)
         backward(model, inputs, targets)
         precond.step()
+
+
+def frequency_scaled_model() -> nn.Module:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 4, scale_grad_by_freq=True)
+    return nn.Sequential(embedding, nn.Flatten(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_frequency_scaled_embeddings_pass_through_and_cannot_be_chosen(preconditioner) -> None:
+    """Autograd divides the gradient of a ``scale_grad_by_freq`` embedding by the tokens'
+    counts, which ``A`` (their frequencies) would divide again: such an embedding is left out
+    with a warning, its gradient kept as autograd gave it."""
+    model = frequency_scaled_model()
+    with pytest.warns(RuntimeWarning, match=r"leaves out the embeddings \['0'\]"):
+        precond = preconditioner(model, damping=0.1)
+    assert [state.name for state in precond.layers] == ["2"]
+    tokens = torch.randint(0, 10, (8, 3), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    backward(model, tokens, targets)
+    plain = [param.grad.clone() for param in model.parameters()]
+    precond.step()
+    torch.testing.assert_close(model[0].weight.grad, plain[0], rtol=0, atol=0)
+    assert not torch.equal(model[2].weight.grad, plain[1])
+    precond.remove()
+    with pytest.raises(ValueError, match=r"embeddings \['0'\] cannot be preconditioned"):
+        preconditioner(model, layers=[model[0], model[2]])
+    with pytest.warns(RuntimeWarning, match="leaves out"), pytest.raises(ValueError, match="no "):
+        preconditioner(model, layers=[nn.Embedding])
+    model[0].scale_grad_by_freq = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(preconditioner(model, damping=0.1).layers) == 2
+
+
+def test_the_quadratic_model_refuses_frequency_scaled_embeddings() -> None:
+    """The quadratic model's linear term needs the derivative, which autograd does not give
+    for a ``scale_grad_by_freq`` embedding: refused when the optimizer is built."""
+    model = frequency_scaled_model()
+    with pytest.raises(ValueError, match=r"embeddings \['0'\] have scale_grad_by_freq=True"):
+        QuadraticModelOptimizer(model, "categorical")
+    model[0].weight.requires_grad_(False)
+    QuadraticModelOptimizer(model, "categorical")

@@ -39,6 +39,32 @@ def _check_no_training_batch_norm(model: nn.Module) -> None:
             )
 
 
+def frequency_scaled_embeddings(model: nn.Module) -> list[str]:
+    """Names of the embeddings of ``model`` with a trainable weight and
+    ``scale_grad_by_freq=True``: autograd divides their gradient by the tokens' counts in the
+    batch, so their backward pass is not the derivative of the model."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
+        and module.scale_grad_by_freq
+        and module.weight.requires_grad
+    ]
+
+
+def check_no_frequency_scaling(model: nn.Module) -> None:
+    """Refuse a model whose backward pass is not its derivative (see
+    :func:`frequency_scaled_embeddings`): no curvature of the model matches it."""
+    names = frequency_scaled_embeddings(model)
+    if names:
+        raise ValueError(
+            f"embeddings {names} have scale_grad_by_freq=True: autograd divides their gradient "
+            "by the tokens' counts in the batch, so the backward pass is not the derivative of "
+            "the model and gives none of its curvatures; set scale_grad_by_freq=False on them "
+            "(the forward pass is the same) or freeze their weights"
+        )
+
+
 class ModelFunction:
     """``θ ↦ model(inputs; θ)`` over the flat vector ``θ`` of a model's trainable parameters.
 
@@ -47,7 +73,8 @@ class ModelFunction:
     model : nn.Module
         Must have at least one parameter with ``requires_grad=True``. Its forward pass must treat
         the samples of a batch independently for the per-sample Jacobians to be those of the
-        batched model; BatchNorm layers in training mode are rejected.
+        batched model; BatchNorm layers in training mode are rejected, and so are embeddings
+        with ``scale_grad_by_freq=True`` (their backward pass is not the derivative).
     inputs : Tensor of shape (N, ...)
         Floating-point inputs are cast to the dtype of the model's parameters.
 
@@ -67,6 +94,7 @@ class ModelFunction:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_finite_inputs(inputs)
         _check_no_training_batch_norm(model)
+        check_no_frequency_scaling(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")

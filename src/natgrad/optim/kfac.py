@@ -210,6 +210,33 @@ def _without_shared_weights(
     return [(name, module) for name, module in selected if name not in left_out]
 
 
+def _without_frequency_scaled(
+    selected: list[tuple[str, nn.Module]], explicit: bool
+) -> list[tuple[str, nn.Module]]:
+    """``selected`` without the embeddings with ``scale_grad_by_freq=True``: autograd divides
+    their gradient by the tokens' counts in the batch, which ``A`` (the tokens' frequencies)
+    would divide again. Left out with a warning, or refused if chosen one by one."""
+    scaled = [
+        name
+        for name, module in selected
+        if isinstance(module, nn.Embedding) and module.scale_grad_by_freq
+    ]
+    if not scaled:
+        return selected
+    reason = (
+        "scale_grad_by_freq=True: autograd divides their gradient by the tokens' counts in the "
+        "batch, which K-FAC's input factor (the tokens' frequencies) would divide again"
+    )
+    if explicit:
+        raise ValueError(f"embeddings {scaled} cannot be preconditioned: they have {reason}")
+    warn_at_caller(
+        f"KFAC leaves out the embeddings {scaled}, whose gradients keep their values: they have "
+        f"{reason}. Set scale_grad_by_freq=False on them to precondition them",
+        RuntimeWarning,
+    )
+    return [(name, module) for name, module in selected if name not in scaled]
+
+
 def _select_modules(
     model: nn.Module, layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None
 ) -> list[tuple[str, nn.Module]]:
@@ -217,6 +244,7 @@ def _select_modules(
     chosen = None if layers is None else list(layers)
     by_type = chosen is None or all(isinstance(item, type) for item in chosen)
     selected = _candidates(model, chosen, by_type)
+    selected = _without_frequency_scaled(selected, explicit=not by_type)
     return _check_initialized(_without_shared_weights(selected, explicit=not by_type))
 
 
@@ -312,8 +340,11 @@ class KFAC:
         with a trainable weight that is not parametrized (``weight_norm``: its
         weight is computed and has no gradient), except the ``out_proj`` of an
         ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
-        could be recorded; choosing it raises) and layers that share their weight with another
-        (tied embeddings: left out with a warning; choosing several of them raises). A layer
+        could be recorded; choosing it raises), embeddings with ``scale_grad_by_freq=True``
+        (their gradient is divided by the tokens' counts, which ``A`` would divide again: left
+        out with a warning; choosing one raises) and layers that share their weight with
+        another (tied embeddings: left out with a warning; choosing several of them raises). A
+        layer
         called several times in one forward pass (a siamese branch, an unrolled cell) pools
         the locations of its calls as those of one call (K-FAC-expand over the calls; with
         ``"reduce"``, each call reduced over its own locations). All other

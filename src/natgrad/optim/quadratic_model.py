@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from natgrad._validation import positive_float, positive_int, unit_interval
-from natgrad.curvature.jacobians import ModelFunction
+from natgrad.curvature.jacobians import ModelFunction, check_no_frequency_scaling
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import all_reduce_sum_, world_size
@@ -200,7 +200,9 @@ class QuadraticModelOptimizer(CountedOptimizer):
 
     The Fisher products re-run the model on the captured inputs, outside the closure: BatchNorm
     layers in training mode are refused (they couple the samples), and dropout draws other masks
-    there than in the closure's pass.
+    there than in the closure's pass. Embeddings with ``scale_grad_by_freq=True`` and a
+    trainable weight are refused when the optimizer is built: their gradient, divided by the
+    tokens' counts in the batch, is not the derivative that the quadratic model needs.
     """
 
     def __init__(
@@ -243,6 +245,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if curvature_batch_size is not None:
             curvature_batch_size = positive_int("curvature_batch_size", curvature_batch_size)
         self.module = model.module if isinstance(model, DistributedDataParallel) else model
+        check_no_frequency_scaling(self.module)
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
