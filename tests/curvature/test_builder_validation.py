@@ -87,13 +87,64 @@ def test_loss_builders_reject_a_non_finite_loss(problem) -> None:
         ggn(model, inputs, lambda f, y: f.sum() / 0.0, targets)
 
 
-def test_batch_norm_in_training_mode_is_rejected(problem) -> None:
-    _, inputs, _ = problem
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
-    with pytest.raises(ValueError, match="BatchNorm layer in training mode"):
-        fisher(model, inputs)
-    model.eval()
-    assert fisher(model, inputs).shape == (39, 39)
+STRUCTURES = ["dense", "diag", "block", "kfac", "ekfac", "implicit"]
+
+
+def builders(structure: str) -> list:
+    """``fisher``, ``ggn`` and (where it has ``structure``) ``hessian`` of a classifier."""
+    made = [
+        lambda model, inputs, targets: fisher(model, inputs, structure=structure),
+        lambda model, inputs, targets: ggn(
+            model,
+            inputs,
+            nn.functional.cross_entropy,
+            targets,
+            structure=structure,
+            separable="mean",
+        ),
+    ]
+    if structure not in ("kfac", "ekfac"):
+        made.append(
+            lambda model, inputs, targets: hessian(
+                model, inputs, nn.functional.cross_entropy, targets, structure=structure
+            )
+        )
+    return made
+
+
+def middle_layer_model(middle: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), middle, nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_batch_norm_in_training_mode_is_rejected(problem, structure) -> None:
+    """Also without affine parameters, where the model is otherwise one K-FAC and the
+    per-layer diagonal cover (they accepted it before)."""
+    _, inputs, targets = problem
+    for build in builders(structure):
+        model = middle_layer_model(nn.BatchNorm1d(4, affine=False))
+        with pytest.raises(ValueError, match="BatchNorm layer in training mode"):
+            build(model, inputs, targets)
+        model.eval()
+        assert build(model, inputs, targets).shape == (31, 31)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_dropout_in_training_mode_is_rejected(problem, structure) -> None:
+    """Dropout draws its masks from the global random state: the dense builders failed inside
+    ``vmap``, K-FAC and the per-layer diagonal returned one random sub-network's curvature.
+    In eval mode the curvature is the model's without the dropout layer."""
+    _, inputs, targets = problem
+    for build in builders(structure):
+        model = middle_layer_model(nn.Dropout(0.5))
+        with pytest.raises(ValueError, match=r"modules \['1'\] are dropout layers in training"):
+            build(model, inputs, targets)
+        model.eval()
+        torch.testing.assert_close(
+            build(model, inputs, targets).to_dense(),
+            build(middle_layer_model(nn.Identity()), inputs, targets).to_dense(),
+        )
 
 
 def token_model(scale_grad_by_freq: bool) -> nn.Module:

@@ -323,6 +323,9 @@ UNSUPPORTED = {
     "embedding": lambda: nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, OUTPUTS)),
     "frozen_weight_trainable_bias": frozen_weight_trainable_bias,
     "training_batch_norm": training_batch_norm,
+    "training_dropout": lambda: nn.Sequential(
+        nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, OUTPUTS)
+    ).train(),
     "skipped_layer": SkippedLayer,
     "sequence_first": SequenceFirst,
 }

@@ -34,7 +34,11 @@ from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.ekfac import ekfac_from_statistics
 from natgrad.curvature.implicit import Implicit
-from natgrad.curvature.jacobians import ModelFunction, check_finite_inputs
+from natgrad.curvature.jacobians import (
+    ModelFunction,
+    check_curvature_model,
+    check_finite_inputs,
+)
 from natgrad.curvature.kfac import (
     LayerCalls,
     collect_statistics,
@@ -302,6 +306,7 @@ def fisher(
     _check_choice("structure", structure, FISHER_STRUCTURES)
     _check_kfac_approx(kfac_approx, structure)
     resolved = get_likelihood(likelihood)
+    check_curvature_model(model)
     check_finite_inputs(inputs)
     _check_mc_samples(mc_samples)
     if kind == "empirical" and targets is None:
@@ -346,6 +351,7 @@ def _loss_setup(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_targets(targets, _num_samples(inputs))
+    check_curvature_model(model)
     function = ModelFunction(model, inputs)
     with torch.no_grad():
         loss = loss_fn(function.outputs(), targets)

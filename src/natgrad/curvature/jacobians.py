@@ -39,6 +39,34 @@ def _check_no_training_batch_norm(model: nn.Module) -> None:
             )
 
 
+def training_dropouts(model: nn.Module) -> list[str]:
+    """Names of the dropout layers of ``model`` in training mode with ``p > 0``: they draw
+    random masks, so the model is a random function."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+    ]
+
+
+def check_curvature_model(model: nn.Module) -> None:
+    """Refuse a model that has no curvature of one deterministic function of independent
+    samples: a BatchNorm layer in training mode (couples the samples), dropout in training
+    mode (random masks, drawn from the global random state), or an embedding whose backward
+    pass is not its derivative (:func:`frequency_scaled_embeddings`)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_no_training_batch_norm(model)
+    dropouts = training_dropouts(model)
+    if dropouts:
+        raise ValueError(
+            f"modules {dropouts} are dropout layers in training mode, which draw random masks: "
+            "the curvature would be that of one random sub-network; call model.eval() before "
+            "building the curvature"
+        )
+    check_no_frequency_scaling(model)
+
+
 def frequency_scaled_embeddings(model: nn.Module) -> list[str]:
     """Names of the embeddings of ``model`` with a trainable weight and
     ``scale_grad_by_freq=True``: autograd divides their gradient by the tokens' counts in the

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.jacobians import check_finite_inputs
+from natgrad.curvature.jacobians import check_finite_inputs, training_dropouts
 from natgrad.curvature.kfac_capture import (
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
@@ -66,11 +66,12 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a trainable bias with a frozen weight, or a
-    BatchNorm layer in training mode (which couples the samples).
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a trainable bias with a frozen weight, a
+    BatchNorm layer in training mode (which couples the samples) or dropout in training mode
+    (which makes the model random).
     """
     params = trainable_parameters(model)
-    if not params or _couples_samples(model):
+    if not params or _random_or_coupled(model):
         return None
     for module in model.modules():
         if not isinstance(module, KRONECKER_LAYER_TYPES):
@@ -83,8 +84,8 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     return layers if covered == len(params) else None
 
 
-def _couples_samples(model: nn.Module) -> bool:
-    return any(
+def _random_or_coupled(model: nn.Module) -> bool:
+    return bool(training_dropouts(model)) or any(
         isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
         for module in model.modules()
     )

@@ -69,6 +69,10 @@ class NaturalGradient(CountedOptimizer):
     unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it. With
     ``adaptive_damping`` a step that does not decrease the loss of the closure's batch is
     undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt.
+
+    The Fisher is that of one deterministic function of independent samples: :func:`fisher`
+    refuses a model with BatchNorm or dropout layers in training mode (train it in eval mode,
+    or with layers that do neither) and embeddings with ``scale_grad_by_freq=True``.
     """
 
     def __init__(
