@@ -185,3 +185,27 @@ def test_frequency_scaled_embeddings_are_rejected(build, structure) -> None:
     torch.testing.assert_close(
         build(frozen, structure).to_dense(), build(reference, structure).to_dense()
     )
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("structure", ["dense", "diag", "block", "implicit"])
+def test_embeddings_with_a_max_norm_are_rejected_before_the_model_runs(structure, frozen) -> None:
+    """The forward pass of an embedding with ``max_norm`` renormalises its weight in place,
+    which failed inside ``vmap`` (frozen or not) after changing the weight."""
+    model = token_model(False)
+    model[0].max_norm = 0.5
+    model[0].weight.requires_grad_(not frozen)
+    weight = model[0].weight.detach().clone()
+    for build in (
+        lambda: fisher(model, TOKENS, structure=structure),
+        lambda: ggn(model, TOKENS, nn.functional.cross_entropy, TOKEN_TARGETS, structure=structure),
+        lambda: hessian(
+            model, TOKENS, nn.functional.cross_entropy, TOKEN_TARGETS, structure=structure
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"embeddings \['0'\] have a max_norm"):
+            build()
+    assert torch.equal(model[0].weight, weight)
+    model[0].max_norm = None
+    parameters = 12 * 4 + 4 + (0 if frozen else 6 * 3)
+    assert fisher(model, TOKENS, structure=structure).shape == (parameters, parameters)

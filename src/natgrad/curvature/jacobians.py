@@ -39,21 +39,31 @@ def _check_no_training_batch_norm(model: nn.Module) -> None:
             )
 
 
+def _names_of(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> list[str]:
+    return [name for name, module in model.named_modules() if predicate(module)]
+
+
+def _is_training_dropout(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding | nn.EmbeddingBag)
+
+
 def training_dropouts(model: nn.Module) -> list[str]:
     """Names of the dropout layers of ``model`` in training mode with ``p > 0``: they draw
     random masks, so the model is a random function."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
-    ]
+    return _names_of(model, _is_training_dropout)
 
 
 def check_curvature_model(model: nn.Module) -> None:
-    """Refuse a model that has no curvature of one deterministic function of independent
-    samples: a BatchNorm layer in training mode (couples the samples), dropout in training
-    mode (random masks, drawn from the global random state), or an embedding whose backward
-    pass is not its derivative (:func:`frequency_scaled_embeddings`)."""
+    """Refuse a model that is not one deterministic, differentiable function of independent
+    samples: BatchNorm in training mode (couples the samples), dropout in training mode
+    (random masks, drawn from the global random state), an embedding with ``max_norm``
+    (renormalises its weight in place in the forward pass, which ``torch.func`` cannot trace)
+    or one whose backward pass is not its derivative (:func:`check_no_frequency_scaling`).
+    Called before the model runs."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_no_training_batch_norm(model)
@@ -64,26 +74,29 @@ def check_curvature_model(model: nn.Module) -> None:
             "the curvature would be that of one random sub-network; call model.eval() before "
             "building the curvature"
         )
+    renormed = _names_of(
+        model, lambda module: _is_embedding(module) and module.max_norm is not None
+    )
+    if renormed:
+        raise ValueError(
+            f"embeddings {renormed} have a max_norm: their forward pass renormalises the weight "
+            "in place, which the per-sample derivatives (torch.func) cannot trace; set "
+            "max_norm=None on them while building the curvature (the forward pass then differs "
+            "only in rows whose norm exceeds max_norm)"
+        )
     check_no_frequency_scaling(model)
 
 
-def frequency_scaled_embeddings(model: nn.Module) -> list[str]:
-    """Names of the embeddings of ``model`` with a trainable weight and
-    ``scale_grad_by_freq=True``: autograd divides their gradient by the tokens' counts in the
-    batch, so their backward pass is not the derivative of the model."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag)
-        and module.scale_grad_by_freq
-        and module.weight.requires_grad
-    ]
-
-
 def check_no_frequency_scaling(model: nn.Module) -> None:
-    """Refuse a model whose backward pass is not its derivative (see
-    :func:`frequency_scaled_embeddings`): no curvature of the model matches it."""
-    names = frequency_scaled_embeddings(model)
+    """Refuse embeddings with a trainable weight and ``scale_grad_by_freq=True``: autograd
+    divides their gradient by the tokens' counts in the batch, so the backward pass is not the
+    derivative of the model and no curvature of the model matches it."""
+    names = _names_of(
+        model,
+        lambda module: (
+            _is_embedding(module) and module.scale_grad_by_freq and module.weight.requires_grad
+        ),
+    )
     if names:
         raise ValueError(
             f"embeddings {names} have scale_grad_by_freq=True: autograd divides their gradient "
