@@ -555,6 +555,14 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
 
 
+def test_mc_sampling_refuses_unflattened_outputs_per_position() -> None:
+    """The likelihoods take ``(N, C)`` outputs; ``(N, T, C)`` ones get told to flatten."""
+    model = nn.Sequential(nn.Embedding(7, 6), nn.Linear(6, 3))
+    precond = mc_kfac(model, seed=0)
+    with pytest.raises(ValueError, match=r"got \(4, 5, 3\).*outputs.flatten\(0, -2\)"):
+        precond.sample_backward(model(torch.randint(0, 7, (4, 5))))
+
+
 @pytest.mark.parametrize("make_model", [mlp, convnet, grouped_convnet])
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
 def test_gradient_accumulation_equals_one_large_batch(make_model, kfac_approx: str) -> None:

@@ -571,9 +571,23 @@ class KFAC:
 
         For ``fisher_type="mc"``: call after the forward pass that produced ``outputs`` and before
         ``loss.backward()``. Parameter gradients are not touched.
+
+        Parameters
+        ----------
+        outputs : Tensor of shape (N, C) or (N,)
+            The natural parameters of ``likelihood`` (logits, means, ...). Outputs per position
+            ``(N, T, C)`` are passed flattened to ``(N·T, C)``: each position draws its own
+            target, and ``G`` sums over the positions of a sample.
         """
         if self.fisher_type != "mc":
             raise ValueError("sample_backward is only used with fisher_type='mc'")
+        if outputs.ndim > 2:
+            raise ValueError(
+                f"sample_backward takes outputs of shape (N, C) or (N,), got "
+                f"{tuple(outputs.shape)}; for an output per position, (N, T, C), pass them "
+                "flattened, outputs.flatten(0, -2): G then sums over the positions (see "
+                "docs/kfac.md)"
+            )
         layer_outputs, self._layer_outputs = self._layer_outputs, []
         handles, self._output_handles = self._output_handles, []
         if not layer_outputs:
