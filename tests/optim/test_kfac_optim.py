@@ -555,6 +555,35 @@ def test_mc_fisher_of_a_sequence_model_from_flattened_outputs() -> None:
     torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
 
 
+def test_mc_fisher_leaves_out_the_positions_indexed_out_of_the_outputs() -> None:
+    """Padding positions are left out of ``G`` by passing ``outputs[mask]``: only the kept
+    positions draw targets; ``A`` still holds every position's inputs."""
+    torch.manual_seed(0)
+    samples, positions, classes = 4, 5, 3
+    model = nn.Sequential(nn.Embedding(7, 6), nn.Linear(6, classes)).to(DTYPE)
+    tokens = torch.randint(0, 7, (samples, positions))
+    mask = tokens != 0
+    precond = mc_kfac(model, seed=5, factor_decay=0.0, inv_update_interval=1)
+    logits = model(tokens)
+    precond.sample_backward(logits[mask])
+    model.zero_grad()
+    nn.functional.cross_entropy(logits[mask], tokens[mask] % classes).backward()
+    precond.step()
+
+    hidden = model[0](tokens).detach()
+    kept = model[1](hidden[mask]).detach().requires_grad_()
+    sampled = get_likelihood("categorical").sample(kept.detach(), torch.Generator().manual_seed(5))
+    (grads,) = torch.autograd.grad(
+        nn.functional.cross_entropy(kept, sampled, reduction="sum"), kept
+    )
+    ones = torch.ones(samples * positions, 1, dtype=DTYPE)
+    features = torch.cat([hidden.reshape(-1, 6), ones], 1)
+    state = precond.layers[1]
+    assert 0 < int(mask.sum()) < samples * positions
+    torch.testing.assert_close(state.output_factor, grads.T @ grads / samples)
+    torch.testing.assert_close(state.input_factor, features.T @ features / (samples * positions))
+
+
 def test_mc_sampling_refuses_unflattened_outputs_per_position() -> None:
     """The likelihoods take ``(N, C)`` outputs; ``(N, T, C)`` ones get told to flatten."""
     model = nn.Sequential(nn.Embedding(7, 6), nn.Linear(6, 3))
