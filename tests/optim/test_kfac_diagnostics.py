@@ -1,6 +1,7 @@
 """K-FAC tells the user when a layer cannot be, or was not, preconditioned, instead of silently
 leaving gradients as they are."""
 
+import copy
 import warnings
 
 import pytest
@@ -367,3 +368,62 @@ def test_the_quadratic_model_refuses_frequency_scaled_embeddings() -> None:
         QuadraticModelOptimizer(model, "categorical")
     model[0].weight.requires_grad_(False)
     QuadraticModelOptimizer(model, "categorical")
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_a_layer_frozen_after_building_records_nothing_until_unfrozen(
+    preconditioner, frozen
+) -> None:
+    """Frozen for a while (staged fine-tuning), a layer records no statistics (the head's
+    output gradients would reach it) and its inverses are not refreshed; unfrozen, it is
+    preconditioned as by a preconditioner built then (factors of the current batch only: no
+    decay, inverses every step)."""
+    model = classifier()
+    options = {"damping": 0.1, "factor_decay": 0.0, "inv_update_interval": 1}
+    precond = preconditioner(model, **options)
+    backward(model, *batch(0))
+    precond.step()
+    state = precond.layers[frozen // 2]
+    factors = state.input_factor.clone(), state.output_factor.clone()
+    model[frozen].requires_grad_(False)
+    weight = model[frozen].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in (1, 2):
+            backward(model, *batch(seed))
+            precond.step()
+    assert model[frozen].weight.grad is None
+    torch.testing.assert_close(state.input_factor, factors[0], rtol=0, atol=0)
+    torch.testing.assert_close(state.output_factor, factors[1], rtol=0, atol=0)
+    assert [stale.name for stale in precond._stale_layers(factored=False)] == [str(2 - frozen)]
+    torch.testing.assert_close(model[frozen].weight, weight, rtol=0, atol=0)
+
+    model[frozen].requires_grad_(True)
+    twin = copy.deepcopy(model)
+    fresh = preconditioner(twin, **options)
+    for network, conditioner in ((model, precond), (twin, fresh)):
+        backward(network, *batch(3))
+        conditioner.step()
+    for param, reference in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(param.grad, reference.grad)
+
+
+def test_layers_frozen_when_built_are_left_out_with_a_warning_once_unfrozen() -> None:
+    model = classifier()
+    model[0].requires_grad_(False)
+    precond = KFAC(model, damping=0.1)
+    assert [state.name for state in precond.layers] == ["2"]
+    model[0].requires_grad_(True)
+    backward(model, *batch())
+    plain = model[0].weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match=r"layers \['0'\] have gradients but were frozen"):
+        precond.step()
+    torch.testing.assert_close(model[0].weight.grad, plain, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backward(model, *batch(1))
+        precond.step()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"those of \['0', '2'\] are frozen"):
+        KFAC(model)

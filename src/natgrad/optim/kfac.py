@@ -151,14 +151,15 @@ def _unchanged_since(stamp: tuple[weakref.ref, int] | None, grad: Tensor) -> boo
     return stamp is not None and stamp[0]() is grad and stamp[1] == grad._version
 
 
-def _supported(module: nn.Module) -> bool:
+def _preconditionable(module: nn.Module) -> bool:
+    """A layer type K-FAC covers, with a dense gradient of its own weight."""
     if not isinstance(module, DEFAULT_LAYER_TYPES) or is_parametrized(module, "weight"):
         return False  # a parametrized weight (weight_norm, ...) is computed, with no .grad
-    if not module.weight.requires_grad:
-        return False
-    if isinstance(module, nn.Embedding):
-        return not module.sparse
-    return True
+    return not (isinstance(module, nn.Embedding) and module.sparse)
+
+
+def _supported(module: nn.Module) -> bool:
+    return _preconditionable(module) and module.weight.requires_grad
 
 
 def _weight_used_directly(model: nn.Module) -> set[int]:
@@ -239,25 +240,29 @@ def _without_frequency_scaled(
 
 def _select_modules(
     model: nn.Module, layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None
-) -> list[tuple[str, nn.Module]]:
-    """The ``(name, layer)`` pairs to precondition (see ``KFAC``'s ``layers``)."""
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """The ``(name, layer)`` pairs to precondition (see ``KFAC``'s ``layers``), and those that
+    a selection by type leaves out only because their weight is frozen."""
     chosen = None if layers is None else list(layers)
     by_type = chosen is None or all(isinstance(item, type) for item in chosen)
-    selected = _candidates(model, chosen, by_type)
+    candidates = _candidates(model, chosen, by_type)
+    frozen = [(name, module) for name, module in candidates if not module.weight.requires_grad]
+    selected = [(name, module) for name, module in candidates if module.weight.requires_grad]
     selected = _without_frequency_scaled(selected, explicit=not by_type)
-    return _check_initialized(_without_shared_weights(selected, explicit=not by_type))
+    selected = _check_initialized(_without_shared_weights(selected, explicit=not by_type))
+    return selected, frozen
 
 
 def _candidates(
     model: nn.Module, chosen: list[nn.Module] | list[type[nn.Module]] | None, by_type: bool
 ) -> list[tuple[str, nn.Module]]:
-    """Supported layers (of the ``chosen`` types), or the ``chosen`` modules, checked."""
+    """Layers of the ``chosen`` types (default: all K-FAC covers), frozen ones included, or
+    the ``chosen`` modules, checked."""
     bypassed = _weight_used_directly(model)
     named = [(name, module) for name, module in model.named_modules() if id(module) not in bypassed]
-    if chosen is None:
-        return [(name, module) for name, module in named if _supported(module)]
     if by_type:
-        unknown = [item.__name__ for item in chosen if not issubclass(item, DEFAULT_LAYER_TYPES)]
+        types = DEFAULT_LAYER_TYPES if chosen is None else tuple(chosen)
+        unknown = [item.__name__ for item in types if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
             raise ValueError(
                 f"unsupported layer types {unknown}; use Linear, Conv1d, Conv2d, Embedding"
@@ -265,7 +270,7 @@ def _candidates(
         return [
             (name, module)
             for name, module in named
-            if isinstance(module, tuple(chosen)) and _supported(module)
+            if isinstance(module, types) and _preconditionable(module)
         ]
     names = {id(module): name for name, module in named}
     selected = []
@@ -344,13 +349,15 @@ class KFAC:
         (their gradient is divided by the tokens' counts, which ``A`` would divide again: left
         out with a warning; choosing one raises) and layers that share their weight with
         another (tied embeddings: left out with a warning; choosing several of them raises). A
-        layer
-        called several times in one forward pass (a siamese branch, an unrolled cell) pools
+        layer called several times in one forward pass (a siamese branch, an unrolled cell) pools
         the locations of its calls as those of one call (K-FAC-expand over the calls; with
         ``"reduce"``, each call reduced over its own locations). All other
         parameters keep their gradients. A chosen layer that records nothing on a recording
         step although its weight has a gradient (eval mode, a weight used without its layer)
-        is named in a ``RuntimeWarning``, once.
+        is named in a ``RuntimeWarning``, once. Layers frozen when the preconditioner is
+        built are left out (named in a ``RuntimeWarning`` if they get gradients later); layers
+        frozen afterwards record nothing while frozen and are preconditioned again once
+        unfrozen (staged fine-tuning: build it with every layer trainable).
     accumulation_steps : int, default 1
         Number of backward passes per :meth:`step` (gradient accumulation); statistics of all
         of them are combined.
@@ -479,12 +486,15 @@ class KFAC:
         self._sampled = False
         self._paused = False
         self._layer_outputs: list[Tensor] = []
+        selected, self._frozen_layers = _select_modules(model, layers)
         self.layers: list[LayerState] = [
-            self._make_state(name, module) for name, module in _select_modules(model, layers)
+            self._make_state(name, module) for name, module in selected
         ]
         if not self.layers:
+            frozen = [name for name, _ in self._frozen_layers]
             raise ValueError(
                 "model has no Linear, Conv1d, Conv2d or Embedding layer to precondition"
+                + (f": those of {frozen} are frozen" if frozen else "")
             )
         self._attached = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -530,7 +540,11 @@ class KFAC:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
             # ``copy.deepcopy`` of the model copies this hook onto the copy's layer: there it
             # must not record into this preconditioner's statistics
-            if module is not state.module or not self._recording(module):
+            if (
+                module is not state.module
+                or not self._recording(module)
+                or not state.weight.requires_grad  # frozen after the preconditioner was built
+            ):
                 return
             call_pass = state.begin_call()
             features = state.record_input(args[0])
@@ -702,6 +716,7 @@ class KFAC:
         """
         self._check_new_gradients()
         self._check_sampled()
+        self._warn_unfrozen()
         self._damping_probe = None
         self._loss_scale = None
         if self.steps % self.factor_update_interval == 0:
@@ -725,13 +740,14 @@ class KFAC:
     def _stale_layers(self, factored: bool) -> list[LayerState]:
         """The layers with factors whose curvature (eigenbases; factored damping: the factors to
         invert) is refreshed at this step: all at a scheduled refresh, else those without any."""
-        if self.inverse_update_due:
-            return [state for state in self.layers if state.input_factor is not None]
-        return [
+        with_factors = [
             state
             for state in self.layers
-            if state.input_factor is not None and not state.has_curvature(factored)
+            if state.input_factor is not None and state.weight.requires_grad
         ]
+        if self.inverse_update_due:
+            return with_factors
+        return [state for state in with_factors if not state.has_curvature(factored)]
 
     def _check_new_gradients(self) -> None:
         """Refuse a second step on the same gradients (``step()`` called twice, or beside a
@@ -773,6 +789,21 @@ class KFAC:
             "fisher_type='mc' records its statistics in precond.sample_backward(outputs), which "
             "was not called after this step's forward pass: call it after the forward pass and "
             "before loss.backward()"
+        )
+
+    def _warn_unfrozen(self) -> None:
+        """Warn (once per layer) about layers left out because their weight was frozen when the
+        preconditioner was built, once they have gradients: those pass through."""
+        unfrozen = [name for name, module in self._frozen_layers if module.weight.grad is not None]
+        if not unfrozen:
+            return
+        self._frozen_layers = [pair for pair in self._frozen_layers if pair[0] not in unfrozen]
+        warn_at_caller(
+            f"KFAC: layers {unfrozen} have gradients but were frozen when the preconditioner "
+            "was built, so their gradients are left as they are. Build it while they are "
+            "trainable and freeze them afterwards: frozen layers record nothing and are "
+            "preconditioned again once unfrozen",
+            RuntimeWarning,
         )
 
     def _warn_silent_layers(self, silent: list[LayerState]) -> None:
