@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrize import is_parametrized
 
@@ -485,7 +486,7 @@ class KFAC:
         self._sampling = False
         self._sampled = False
         self._paused = False
-        self._layer_outputs: list[Tensor] = []
+        self._layer_outputs: list[GradientEdge] = []
         selected, self._frozen_layers = _select_modules(model, layers)
         self.layers: list[LayerState] = [
             self._make_state(name, module) for name, module in selected
@@ -550,8 +551,8 @@ class KFAC:
             features = state.record_input(args[0])
             if output.requires_grad:
                 handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
-                if self.fisher_type == "mc":
-                    self._layer_outputs.append(output)
+                if self.fisher_type == "mc":  # the edge: an in-place op may rewrite `output`
+                    self._layer_outputs.append(get_gradient_edge(output))
                     self._output_handles.append(handle)
 
         return hook
