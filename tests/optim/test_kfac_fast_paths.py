@@ -320,8 +320,10 @@ def test_mc_output_hooks_are_removed_after_sampling() -> None:
     model = mlp()
     inputs, targets = batch(8)
     precond = KFAC(model, **fisher_options("mc", seed=0), inv_update_interval=1)
+    layer_outputs = []
+    for state in precond.layers:  # hooks after K-FAC's: they see its gradient hooks
+        state.module.register_forward_hook(lambda _, __, output: layer_outputs.append(output))
     outputs = model(inputs)
-    layer_outputs = list(precond._layer_outputs)
     assert len(layer_outputs) == 2 and all(t._backward_hooks for t in layer_outputs)
     precond.sample_backward(outputs)
     assert not any(t._backward_hooks for t in layer_outputs)
