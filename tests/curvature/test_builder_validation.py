@@ -209,3 +209,64 @@ def test_embeddings_with_a_max_norm_are_rejected_before_the_model_runs(structure
     model[0].max_norm = None
     parameters = 12 * 4 + 4 + (0 if frozen else 6 * 3)
     assert fisher(model, TOKENS, structure=structure).shape == (parameters, parameters)
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer(inputs), inputs
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_a_model_returning_several_tensors_is_rejected(problem, structure) -> None:
+    _, inputs, _ = problem
+    with pytest.raises(TypeError, match=r"must return one tensor of outputs, .*got tuple"):
+        fisher(TwoOutputs().double(), inputs, structure=structure)
+
+
+OUT_OF_SUPPORT = [
+    ("categorical", torch.tensor([0, 1, 2, 3, 1]), r"class indices in \[0, 3\), got values 0 to 3"),
+    (
+        "categorical",
+        torch.tensor([0, -1, 2, 0, 1]),
+        r"class indices in \[0, 3\), got values -1 to 2",
+    ),
+    (
+        "categorical",
+        torch.tensor([0.0, 1.5, 2.0, 0.0, 1.0]),
+        "class indices, got values such as 1.5",
+    ),
+    ("bernoulli", torch.full((5, 3), 2.0), r"lie in \[0, 1\], got values 2 to 2"),
+    ("poisson", -torch.ones(5, 3), "non-negative counts, got a minimum of -1"),
+]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize(("likelihood", "targets", "message"), OUT_OF_SUPPORT)
+def test_observed_targets_outside_the_support_are_rejected(
+    problem, structure, likelihood, targets, message
+) -> None:
+    """The empirical Fisher's gradients at impossible targets (a class the model does not
+    have, a negative count) were computed, or failed inside an indexing kernel."""
+    model, inputs, _ = problem
+    with pytest.raises(ValueError, match=f"{likelihood} likelihood: targets must .*{message}"):
+        fisher(
+            model,
+            inputs,
+            likelihood=likelihood,
+            kind="empirical",
+            targets=targets.to(torch.float64) if targets.is_floating_point() else targets,
+            structure=structure,
+        )
+    valid = {"categorical": targets.clamp(0, 2).round(), "bernoulli": targets.clamp(0, 1)}
+    fisher(
+        model,
+        inputs,
+        likelihood=likelihood,
+        kind="empirical",
+        targets=valid.get(likelihood, targets.clamp_min(0)),
+        structure=structure,
+    )

@@ -78,6 +78,11 @@ def test_bad_vectors_and_damping_raise(kind: str) -> None:
         operator.mv([torch.zeros(6, dtype=DTYPE)])
     with pytest.raises(ValueError, match="damping"):
         operator.solve(torch.zeros(SIZE, dtype=DTYPE), damping=-1.0)
+    for value in (float("nan"), float("inf")):
+        broken = torch.zeros(SIZE, dtype=DTYPE)
+        broken[3] = value
+        with pytest.raises(ValueError, match="vector must not contain infs or NaNs"):
+            operator.solve(broken, damping=0.1)
 
 
 def test_constructors_validate_shapes() -> None:

@@ -116,6 +116,8 @@ class CurvatureOperator(abc.ABC):
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
         flat, was_list = self.flatten(vector)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("vector must not contain infs or NaNs")
         return self._as_input_form(self._solve_flat(flat.to(self.dtype), float(damping)), was_list)
 
     def diag(self) -> Tensor:

@@ -171,6 +171,7 @@ def output_factors(
     if kind == "exact":
         return likelihood.natural_hessian_sqrt(outputs)
     if kind == "empirical":
+        likelihood.check_observed(outputs, targets)
         return likelihood.nll_gradient(outputs, targets).unsqueeze(-1)
     draws = [
         likelihood.nll_gradient(outputs, likelihood.sample(outputs, generator))
@@ -299,8 +300,13 @@ def fisher(
     ValueError
         Unknown ``likelihood``, ``kind``, ``structure`` or ``kfac_approx`` (or ``"reduce"``
         with another structure than ``"kfac"``/``"ekfac"``); ``kind="empirical"`` without
-        ``targets``; targets not one per input; ``mc_samples < 1``; non-finite inputs or
-        targets; a model with no trainable parameters.
+        ``targets``; targets not one per input, or outside the likelihood's support (a class
+        index out of range, a negative count); ``mc_samples < 1``; non-finite inputs or
+        targets; a model with no trainable parameters, or one that is not a deterministic
+        function of independent samples (BatchNorm or dropout in training mode, embeddings
+        with ``max_norm`` or ``scale_grad_by_freq``; see ``docs/curvature.md``).
+    TypeError
+        A model that does not return one tensor of outputs.
     """
     _check_choice("kind", kind, FISHER_KINDS)
     _check_choice("structure", structure, FISHER_STRUCTURES)

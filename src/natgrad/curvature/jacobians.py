@@ -176,6 +176,10 @@ class ModelFunction:
         """Model outputs at the current parameters, detached, shape ``(N, ...)``."""
         with torch.no_grad():
             outputs = self.forward(self.params)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                f"the model must return one tensor of outputs, got {type(outputs).__name__}"
+            )
         if outputs.ndim == 0 or outputs.shape[0] != self.num_samples:
             raise ValueError(
                 f"model outputs must have shape (N, ...) with N = {self.num_samples}, "

@@ -537,6 +537,7 @@ def backward_vectors(
     if kind == "exact":
         return likelihood.natural_hessian_sqrt(matrix).permute(2, 0, 1)
     if kind == "empirical":
+        likelihood.check_observed(matrix, targets)
         return _nll_gradient(likelihood, matrix, targets).unsqueeze(0)
     scale = mc_samples**-0.5
     samples = [

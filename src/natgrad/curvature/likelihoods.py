@@ -26,6 +26,11 @@ from torch import Tensor
 
 def as_matrix(outputs: Tensor) -> Tensor:
     """View model outputs as ``(N, C)``; a 1-d ``(N,)`` tensor becomes ``(N, 1)``."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"the model must return one tensor of outputs, (N, C) or (N,), got "
+            f"{type(outputs).__name__}"
+        )
     if outputs.ndim == 1:
         return outputs.unsqueeze(-1)
     if outputs.ndim != 2:
@@ -87,6 +92,23 @@ class Likelihood(abc.ABC):
             (gradient,) = torch.autograd.grad(self.nll(leaf, targets).sum(), leaf)
         return gradient
 
+    def check_observed(self, outputs: Tensor, targets: Tensor) -> None:
+        """Raise unless ``targets`` lie in the support of ``p(y | f)`` for ``outputs``: for
+        targets that come from the user (sampled ones always do).
+
+        Raises
+        ------
+        ValueError
+            Naming the likelihood, its support and the offending values.
+        """
+        problem = self._support_problem(as_matrix(outputs), targets)
+        if problem is not None:
+            raise ValueError(f"{self.name} likelihood: {problem}")
+
+    def _support_problem(self, outputs: Tensor, targets: Tensor) -> str | None:
+        """Why ``targets`` are not observations for ``outputs``, or ``None``."""
+        return None
+
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Targets reshaped like ``as_matrix(outputs)``; raises on a shape mismatch."""
         matrix = as_matrix(outputs)
@@ -113,6 +135,16 @@ class CategoricalLikelihood(Likelihood):
         gradient = torch.softmax(logits, dim=-1)
         gradient[torch.arange(len(logits), device=logits.device), labels] -= 1.0
         return gradient
+
+    def _support_problem(self, outputs: Tensor, targets: Tensor) -> str | None:
+        classes = outputs.shape[-1]
+        fractional = targets[targets != targets.round()] if targets.is_floating_point() else None
+        if fractional is not None and fractional.numel():
+            return f"targets must be class indices, got values such as {float(fractional[0]):g}"
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= classes:
+            return f"targets must be class indices in [0, {classes}), got values {low} to {high}"
+        return None
 
     @staticmethod
     def _labels(logits: Tensor, targets: Tensor) -> Tensor:
@@ -185,6 +217,12 @@ class BernoulliLikelihood(Likelihood):
 
     name = "bernoulli"
 
+    def _support_problem(self, outputs: Tensor, targets: Tensor) -> str | None:
+        low, high = float(targets.min()), float(targets.max())
+        if low < 0 or high > 1:
+            return f"targets must lie in [0, 1], got values {low:g} to {high:g}"
+        return None
+
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         logits = as_matrix(outputs)
         labels = self.check_targets(outputs, targets)
@@ -215,6 +253,12 @@ class PoissonLikelihood(Likelihood):
     """Poisson counts with log-rate ``f``: ``y ~ Poisson(exp f)``; ``∇²A = diag(exp f)``."""
 
     name = "poisson"
+
+    def _support_problem(self, outputs: Tensor, targets: Tensor) -> str | None:
+        low = float(targets.min())
+        if low < 0:
+            return f"targets must be non-negative counts, got a minimum of {low:g}"
+        return None
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         log_rate = as_matrix(outputs)
