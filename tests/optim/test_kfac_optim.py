@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from kfac_training import fisher_options
+from natgrad.curvature import fisher
 from natgrad.curvature.ekfac import build_ekfac
 from natgrad.curvature.kfac import build_kfac
 from natgrad.curvature.likelihoods import get_likelihood
@@ -173,6 +174,19 @@ def test_an_unbatched_conv_input_raises_naming_the_layer() -> None:
     with pytest.raises(ValueError, match=r"layer '0': expected a batched \(N, 1, H, W\) input"):
         model(torch.randn(1, 3, 3))
     precond.remove()
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_an_unbatched_linear_input_raises_naming_the_layer(kfac_approx: str) -> None:
+    """A 1-d input reached an unrelated reshape error inside the preconditioner's hook."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    message = r"layer '0': expected a batched \(N, \.\.\., 5\) input, got shape \(5,\)"
+    precond = KFAC(model, kfac_approx=kfac_approx)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(5))
+    precond.remove()
+    with pytest.raises(ValueError, match=r"layer '\d'.* input"):
+        fisher(model, torch.randn(5), likelihood="categorical", structure="kfac")
 
 
 @pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])

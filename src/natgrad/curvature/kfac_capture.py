@@ -372,6 +372,11 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     if isinstance(module, CONV_TYPES):
         patches = conv_patches(module, layer_input, layer.name)
         return patch_features(patches, layer.has_bias, layer.groups)
+    if layer_input.ndim < 2:
+        raise ValueError(
+            f"layer {layer.name!r}: expected a batched (N, ..., {module.in_features}) input, "
+            f"got shape {tuple(layer_input.shape)}"
+        )
     features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
     if layer.has_bias:
         features = torch.cat([features, features.new_ones(*features.shape[:2], 1)], dim=2)
