@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
+from natgrad.curvature.evaluation_scope import curvature_evaluation
+
 ParamDict = dict[str, Tensor]
 
 
@@ -170,7 +172,8 @@ class ModelFunction:
     def forward(self, params: ParamDict, inputs: Tensor | None = None) -> Tensor:
         """Model outputs at ``params`` on ``inputs`` (the stored inputs by default)."""
         batch = self.inputs if inputs is None else inputs
-        return functional_call(self.model, params, (batch,))
+        with curvature_evaluation():
+            return functional_call(self.model, params, (batch,))
 
     def outputs(self) -> Tensor:
         """Model outputs at the current parameters, detached, shape ``(N, ...)``."""

@@ -41,6 +41,7 @@ locations and the calls are pooled as in expand.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor, nn
 
+from natgrad.curvature.evaluation_scope import curvature_evaluation
 from natgrad.curvature.likelihoods import Likelihood, as_matrix
 
 __all__ = [
@@ -586,7 +588,7 @@ class ForwardCapture:
     def __init__(self, layers: Sequence[KroneckerLayer]) -> None:
         self.layers = list(layers)
         self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._exit_stack = contextlib.ExitStack()
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
@@ -598,14 +600,16 @@ class ForwardCapture:
         return record
 
     def __enter__(self) -> ForwardCapture:
+        """Attach the hooks; the model runs inside count as a curvature evaluation
+        (:mod:`~natgrad.curvature.evaluation_scope`): preconditioners record none of them."""
+        self._exit_stack.enter_context(curvature_evaluation())
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook(layer.name)))
+            handle = layer.module.register_forward_hook(self._hook(layer.name))
+            self._exit_stack.callback(handle.remove)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._exit_stack.close()
 
     def check_all_called(self) -> None:
         """Raise ``ValueError`` naming any layer that the forward pass did not call."""

@@ -58,6 +58,7 @@ from natgrad._validation import (
     unit_interval,
 )
 from natgrad._warnings import warn_at_caller
+from natgrad.curvature.evaluation_scope import in_curvature_evaluation
 from natgrad.curvature.kfac_capture import CONV_TYPES, KFAC_APPROXIMATIONS
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
@@ -398,8 +399,10 @@ class KFAC:
     the statistics and the sample counts are all-reduced, so N processes equal one process on the
     global batch.
 
-    Statistics are recorded only by modules in training mode with gradients enabled; call
-    :meth:`remove` before running the model under ``torch.func`` transforms. Like a
+    Statistics are recorded only by modules in training mode with gradients enabled, and not
+    while natgrad's curvature builders (``natgrad.fisher``, ``ggn``, ``hessian``, and the
+    optimizers built on them) run the model; call :meth:`remove` before running it under
+    ``torch.func`` transforms of your own. Like a
     ``torch.optim`` optimizer, the preconditioner holds the layers' parameters: build it after
     anything that replaces them (``model.load_state_dict(..., assign=True)``).
     """
@@ -535,6 +538,7 @@ class KFAC:
             and module.training
             and torch.is_grad_enabled()
             and self.steps % self.factor_update_interval == 0
+            and not in_curvature_evaluation()  # natgrad.fisher & co. running the model
         )
 
     def _forward_hook(self, state: LayerState):

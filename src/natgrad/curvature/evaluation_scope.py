@@ -1,0 +1,36 @@
+"""Whether natgrad is running a model to evaluate its curvature.
+
+The curvature builders run the model again, under ``torch.func`` transforms (per-sample
+Jacobians, Hessians, forward-mode products) or with hooks of their own (Kronecker factors,
+layer diagonals). Hooks that a preconditioner keeps on the model's layers
+(:class:`natgrad.optim.KFAC`) must not record those runs: inside a transform their in-place
+sums would fail, and outside one they would add the builder's vectors to the training
+statistics. They ask :func:`in_curvature_evaluation`.
+
+The flag is per thread: the builders run the model's forward pass in the calling thread, where
+the preconditioners' forward hooks decide whether to record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def curvature_evaluation() -> Iterator[None]:
+    """Mark the model runs inside this block as natgrad's own curvature evaluation."""
+    previous = in_curvature_evaluation()
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = previous
+
+
+def in_curvature_evaluation() -> bool:
+    """Whether the current thread is inside :func:`curvature_evaluation`."""
+    return getattr(_state, "active", False)
