@@ -681,6 +681,18 @@ def test_kl_clip_scales_to_the_trust_region() -> None:
     nu = math.sqrt(kl_clip / (lr**2 * float(direction @ gradient)))
     assert nu < 1
     torch.testing.assert_close(flat_grads(model), nu * direction)
+    assert unclipped.last_kl_scale is None
+    assert clipped.last_kl_scale == pytest.approx(nu, rel=1e-12)
+
+
+def test_last_kl_scale_is_one_where_the_clip_does_not_bind() -> None:
+    torch.manual_seed(9)
+    model = mlp()
+    precond = KFAC(model, inv_update_interval=1, damping=0.01, kl_clip=1e6, lr=0.5)
+    assert precond.last_kl_scale is None
+    backward(model, torch.randn(8, 3, dtype=DTYPE), torch.randint(0, 3, (8,)))
+    precond.step()
+    assert precond.last_kl_scale == 1.0
 
 
 def test_kl_clip_reads_the_learning_rate_from_the_optimizer_under_a_scheduler() -> None:

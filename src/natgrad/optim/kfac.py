@@ -391,6 +391,21 @@ class KFAC:
         its square. Call ``scaler.unscale_(optimizer)`` before :meth:`step`, so that the
         unscaled gradients are preconditioned. (``"mc"`` records its own unscaled backward.)
 
+    Attributes
+    ----------
+    layers : list of LayerState
+        The preconditioned layers, in module order (``.name``, ``.input_factor``,
+        ``.output_factor``, ...).
+    steps : int
+        Calls of :meth:`step` so far.
+    last_kl_scale : float, Tensor or None
+        With ``kl_clip``: the factor ``ν`` of the last step that preconditioned gradients, 1.0
+        where the clip did not bind (a 0-dim tensor on an accelerator, which reading
+        synchronises); ``None`` before such a step and without ``kl_clip``. How often the clip
+        binds tells whether ``kl_clip`` or the learning rate sizes the steps.
+    last_damping_update : dict of str to float or None
+        With ``adaptive_damping``: the last :meth:`update_damping`'s record.
+
     Notes
     -----
     Factors follow :mod:`natgrad.curvature.kfac_capture` (mean over samples; convolutions
@@ -455,6 +470,7 @@ class KFAC:
         )
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
         self.last_damping_update: dict[str, float] | None = None
+        self.last_kl_scale: float | Tensor | None = None
         self._damping_probe: _DampingProbe | None = None
         self.damping_mode = damping_mode
         self.kl_clip = kl_clip
@@ -956,6 +972,7 @@ class KFAC:
             self._damping_probe = _DampingProbe(damping, probes)
         if with_product and updates:
             scale = self._kl_scale([(state, product) for state, _, _, product in updates])
+            self.last_kl_scale = 1.0 if scale is None else scale
             if scale is not None:
                 torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
         for state, _, partial, _ in updates:
