@@ -32,17 +32,26 @@ def check_finite_inputs(inputs: Tensor) -> None:
         raise ValueError("inputs must not contain infs or NaNs")
 
 
-def _check_no_training_batch_norm(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
-                f"module {name!r} is a BatchNorm layer in training mode, which couples the samples "
-                "of a batch; call model.eval() before building the curvature"
-            )
-
-
 def _names_of(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> list[str]:
     return [name for name, module in model.named_modules() if predicate(module)]
+
+
+def training_batch_norms(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers of ``model`` in training mode: they couple the samples
+    of a batch."""
+    return _names_of(
+        model,
+        lambda module: isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training,
+    )
+
+
+def _check_no_training_batch_norm(model: nn.Module) -> None:
+    names = training_batch_norms(model)
+    if names:
+        raise ValueError(
+            f"module {names[0]!r} is a BatchNorm layer in training mode, which couples the "
+            "samples of a batch; call model.eval() before building the curvature"
+        )
 
 
 def _is_training_dropout(module: nn.Module) -> bool:

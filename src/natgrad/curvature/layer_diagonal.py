@@ -28,7 +28,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.jacobians import check_finite_inputs, training_dropouts
+from natgrad.curvature.jacobians import (
+    check_finite_inputs,
+    training_batch_norms,
+    training_dropouts,
+)
 from natgrad.curvature.kfac_capture import (
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
@@ -85,10 +89,7 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
 
 
 def _random_or_coupled(model: nn.Module) -> bool:
-    return bool(training_dropouts(model)) or any(
-        isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
-        for module in model.modules()
-    )
+    return bool(training_dropouts(model) or training_batch_norms(model))
 
 
 def _batch_first(layers: Sequence[KroneckerLayer], capture: ForwardCapture, samples: int) -> bool:
