@@ -505,7 +505,7 @@ class KFAC:
         self._sampling = False
         self._sampled = False
         self._paused = False
-        self._layer_outputs: list[GradientEdge] = []
+        self._output_edges: list[GradientEdge] = []
         selected, self._frozen_layers = _select_modules(model, layers)
         self.layers: list[LayerState] = [
             self._make_state(name, module) for name, module in selected
@@ -572,7 +572,7 @@ class KFAC:
             if output.requires_grad:
                 handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
                 if self.fisher_type == "mc":  # the edge: an in-place op may rewrite `output`
-                    self._layer_outputs.append(get_gradient_edge(output))
+                    self._output_edges.append(get_gradient_edge(output))
                     self._output_handles.append(handle)
 
         return hook
@@ -623,16 +623,16 @@ class KFAC:
                 "flattened, outputs.flatten(0, -2): G then sums over the positions (see "
                 "docs/kfac.md)"
             )
-        layer_outputs, self._layer_outputs = self._layer_outputs, []
+        edges, self._output_edges = self._output_edges, []
         handles, self._output_handles = self._output_handles, []
-        if not layer_outputs:
+        if not edges:
             return
         self._sampled = True
         targets = self.likelihood.sample(outputs.detach(), self.generator)
         nll = self.likelihood.nll(outputs, targets).sum()
         self._sampling = True
         try:
-            torch.autograd.grad(nll, layer_outputs, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(nll, edges, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
             for handle in handles:  # the loss backward has nothing to record
@@ -799,7 +799,7 @@ class KFAC:
         sampled, self._sampled = self._sampled, False
         for handle in self._output_handles:
             handle.remove()
-        self._layer_outputs, self._output_handles = [], []
+        self._output_edges, self._output_handles = [], []
         if self.fisher_type != "mc" or sampled:
             return
         if not any(state.input_count > 0 for state in self.layers):
