@@ -427,3 +427,49 @@ def test_layers_frozen_when_built_are_left_out_with_a_warning_once_unfrozen() ->
     model.requires_grad_(False)
     with pytest.raises(ValueError, match=r"those of \['0', '2'\] are frozen"):
         KFAC(model)
+
+
+class PositionalLM(nn.Module):
+    """Token plus positional embeddings, a per-position head; the positions either shared by
+    the batch (``torch.arange(T)``, broadcast) or expanded to it."""
+
+    def __init__(self, expand: bool) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(11, 8), nn.Embedding(6, 8)
+        self.head = nn.Linear(8, 11)
+        self.expand = expand
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1])
+        if self.expand:
+            positions = positions.expand_as(tokens)
+        return self.head(torch.tanh(self.tokens(tokens) + self.positions(positions)))
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_positional_embeddings_see_the_batch_once_their_positions_are_expanded(expand) -> None:
+    """Shared positions make the positional embedding count ``T`` samples, which the warning
+    names with the remedy; expanded, its ``G`` equals the token embedding's (their outputs are
+    added, so they get the same output gradients) and ``A`` the positions' frequencies."""
+    torch.manual_seed(0)
+    model = PositionalLM(expand)
+    tokens = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(1))
+    precond = KFAC(model, damping=0.1)
+    model.zero_grad()
+    logits = model(tokens)
+    nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum").div(
+        4
+    ).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precond.step()
+    messages = [str(warning.message) for warning in caught]
+    token_state, position_state, _ = precond.layers
+    if not expand:
+        assert len(messages) == 1
+        assert "{4: ['tokens', 'head'], 6: ['positions']}" in messages[0]
+        assert "torch.arange(T).expand(N, T)" in messages[0]
+        return
+    assert messages == []
+    torch.testing.assert_close(position_state.output_factor, token_state.output_factor)
+    torch.testing.assert_close(position_state.input_factor, torch.full((6,), 1 / 6))

@@ -851,7 +851,9 @@ class KFAC:
     def _warn_unequal_samples(self, pending: list[LayerState]) -> None:
         """Warn (once) if the layers of one step counted different numbers of samples. K-FAC
         reads dim 0 of each layer's input and output as the samples; a layer that sees them
-        elsewhere (a sequence-first transformer) gets a ``G`` scaled by the wrong count."""
+        elsewhere (a sequence-first transformer), or not at all (an input shared by the batch,
+        such as the positions of a positional embedding), gets a ``G`` scaled by the wrong
+        count."""
         if self._warned_samples:
             return
         by_count: dict[int, list[str]] = {}
@@ -864,8 +866,10 @@ class KFAC:
             f"KFAC: the layers counted different numbers of samples on step {self.steps} "
             f"(samples: layers {by_count}). K-FAC takes dim 0 of every layer's input and output "
             "as the samples: give sequence models their batch first (batch_first=True for "
-            "nn.Transformer, nn.MultiheadAttention and RNNs), or the layers whose dim 0 is not "
-            "the batch get their output factor scaled by the wrong count",
+            "nn.Transformer, nn.MultiheadAttention and RNNs), and expand an input that all "
+            "samples share to the batch (a positional embedding's "
+            "torch.arange(T).expand(N, T), not torch.arange(T)), or the layers whose dim 0 is "
+            "not the batch get their output factor scaled by the wrong count",
             RuntimeWarning,
         )
 
