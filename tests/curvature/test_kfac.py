@@ -551,6 +551,24 @@ def test_model_with_other_trainable_parameters_raises_naming_them() -> None:
     assert kfac.shape == (4 * 4 + 2 * 5, 4 * 4 + 2 * 5)
 
 
+def test_layers_sharing_a_weight_raise_naming_them() -> None:
+    """Two layers with one weight (tied): its curvature sums both uses, and the per-layer
+    blocks were off by as much as the block itself even at batch one, where K-FAC is exact
+    for untied layers. The per-layer diagonal falls back to the general method."""
+    torch.manual_seed(3)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    tied = tied.to(DTYPE)
+    tied[2].weight = tied[0].weight
+    inputs = torch.randn(6, 4, dtype=DTYPE)
+    message = r"layers \['0', '2'\] share one weight"
+    for structure in ("kfac", "ekfac"):
+        with pytest.raises(ValueError, match=message):
+            fisher(tied, inputs, likelihood="categorical", structure=structure)
+    diagonal = fisher(tied, inputs, likelihood="categorical", structure="diag").diag()
+    dense = fisher(tied, inputs, likelihood="categorical", structure="dense").diag()
+    torch.testing.assert_close(diagonal, dense)
+
+
 def test_invalid_models_and_arguments_raise() -> None:
     inputs = torch.randn(2, 3, dtype=DTYPE)
     model = nn.Linear(3, 2).to(DTYPE)

@@ -306,6 +306,20 @@ class SequenceFirst(nn.Module):
         return self.layer(torch.stack([inputs, inputs.flip(1)])).mean(0)
 
 
+class TiedWithScale(nn.Module):
+    """Two Linear layers sharing one weight, and an output scale outside any layer: the
+    shared weight counted twice once made the layer count match the parameter count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(3, OUTPUTS)
+        self.second.weight = self.first.weight
+        self.scale = nn.Parameter(torch.ones(OUTPUTS))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(inputs))) * self.scale
+
+
 def frozen_weight_trainable_bias() -> nn.Module:
     model = mlp(True)
     model[0].weight.requires_grad_(False)
@@ -327,6 +341,7 @@ UNSUPPORTED = {
         nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, OUTPUTS)
     ).train(),
     "skipped_layer": SkippedLayer,
+    "tied_with_scale": TiedWithScale,
     "sequence_first": SequenceFirst,
 }
 

@@ -76,6 +76,7 @@ __all__ = [
     "per_sample_gradients",
     "reduced_input_features",
     "reduced_output_features",
+    "shared_weights",
     "trainable_parameters",
 ]
 
@@ -205,6 +206,7 @@ def kronecker_layers(
         bias_index = position[id(bias)] if bias_trainable else None
         layers.append(KroneckerLayer(name, module, position[id(weight)], bias_index))
     if strict:
+        _check_unshared(layers)
         covered = {layer.weight_index for layer in layers}
         covered |= {layer.bias_index for layer in layers if layer.bias_index is not None}
         names = [name for name, param in model.named_parameters() if param.requires_grad]
@@ -217,6 +219,24 @@ def kronecker_layers(
                 "structure)"
             )
     return layers
+
+
+def shared_weights(layers: Sequence[KroneckerLayer]) -> list[list[str]]:
+    """The names of layers that share one weight (tied weights), grouped by weight."""
+    owners: dict[int, list[str]] = {}
+    for layer in layers:
+        owners.setdefault(layer.weight_index, []).append(layer.name)
+    return [names for names in owners.values() if len(names) > 1]
+
+
+def _check_unshared(layers: Sequence[KroneckerLayer]) -> None:
+    tied = shared_weights(layers)
+    if tied:
+        raise ValueError(
+            f"layers {tied[0]} share one weight, whose curvature sums both layers' uses: no "
+            "Kronecker block of one layer describes it; use another structure, or call one "
+            "layer several times (its calls are pooled)"
+        )
 
 
 class _Geometry(NamedTuple):

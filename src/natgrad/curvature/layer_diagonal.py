@@ -45,6 +45,7 @@ from natgrad.curvature.kfac_capture import (
     kronecker_layers,
     output_features,
     per_sample_gradients,
+    shared_weights,
     trainable_parameters,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
@@ -84,6 +85,8 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
         if bias is not None and bias.requires_grad and not module.weight.requires_grad:
             return None
     layers = kronecker_layers(model, strict=False)
+    if shared_weights(layers):
+        return None
     covered = sum(1 + layer.has_bias for layer in layers)
     return layers if covered == len(params) else None
 
