@@ -1,6 +1,7 @@
 """K-FAC/EKFAC preconditioners against dense natural gradients and the curvature operators."""
 
 import copy
+import io
 import math
 import warnings
 
@@ -808,6 +809,23 @@ def test_a_deep_copy_of_the_model_does_not_record_into_the_preconditioner() -> N
             backward(net, inputs, targets)
             preconditioner.step()
         torch.testing.assert_close(flat_grads(model), flat_grads(reference), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_a_model_with_a_preconditioner_saves_whole_without_it(fisher_type: str) -> None:
+    """``torch.save(model)`` pickles the layers' forward hooks: they were closures, which
+    pickle refuses. They pickle to inert hooks: the loaded model trains without recording."""
+    torch.manual_seed(3)
+    model = mlp()
+    precond = KFAC(model, fisher_type=fisher_type, likelihood="categorical", damping=0.1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    backward(loaded, torch.randn(5, 3, dtype=DTYPE), torch.randint(0, 3, (5,)))
+    assert all(state.input_count == state.output_count == 0 for state in precond.layers)
+    for param, saved in zip(model.parameters(), loaded.parameters(), strict=True):
+        torch.testing.assert_close(saved, param, rtol=0, atol=0)
 
 
 def test_invalid_options_raise() -> None:

@@ -294,6 +294,25 @@ def _candidates(
     return selected
 
 
+class _LayerHook:
+    """The forward hook of a preconditioned layer. It holds its preconditioner weakly (one
+    that is dropped records nothing), and pickles and deep-copies to an inert hook: a model
+    saved whole (``torch.save(model)``) or copied carries no preconditioner along, and a copy
+    records nothing into this one's statistics."""
+
+    def __init__(self, precond: KFAC | None, state: LayerState | None) -> None:
+        self._precond = None if precond is None else weakref.ref(precond)
+        self._state = state
+
+    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        precond = None if self._precond is None else self._precond()
+        if precond is not None:
+            precond._record_call(self._state, module, args[0], output)
+
+    def __reduce__(self) -> tuple[type[_LayerHook], tuple[None, None]]:
+        return _LayerHook, (None, None)
+
+
 class KFAC:
     """K-FAC preconditioner: rewrites ``.grad`` of Linear/Conv1d/Conv2d/Embedding layers in place.
 
@@ -540,8 +559,7 @@ class KFAC:
         wanted = self._attached and self.steps % self.factor_update_interval == 0
         if wanted and not self._handles:
             self._handles = [
-                state.module.register_forward_hook(self._forward_hook(state))
-                for state in self.layers
+                state.module.register_forward_hook(_LayerHook(self, state)) for state in self.layers
             ]
         elif not wanted:
             for handle in self._handles:
@@ -557,25 +575,20 @@ class KFAC:
             and not in_curvature_evaluation()  # natgrad.fisher & co. running the model
         )
 
-    def _forward_hook(self, state: LayerState):
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-            # ``copy.deepcopy`` of the model copies this hook onto the copy's layer: there it
-            # must not record into this preconditioner's statistics
-            if (
-                module is not state.module
-                or not self._recording(module)
-                or not state.weight.requires_grad  # frozen after the preconditioner was built
-            ):
-                return
-            call_pass = state.begin_call()
-            features = state.record_input(args[0])
-            if output.requires_grad:
-                handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
-                if self.fisher_type == "mc":  # the edge: an in-place op may rewrite `output`
-                    self._output_edges.append(get_gradient_edge(output))
-                    self._output_handles.append(handle)
-
-        return hook
+    def _record_call(
+        self, state: LayerState, module: nn.Module, layer_input: Tensor, output: Tensor
+    ) -> None:
+        """A call of ``state``'s layer (its forward hook): record its input, and hook its
+        output for the output gradients."""
+        if not self._recording(module) or not state.weight.requires_grad:  # frozen after build
+            return
+        call_pass = state.begin_call()
+        features = state.record_input(layer_input)
+        if output.requires_grad:
+            handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
+            if self.fisher_type == "mc":  # the edge: an in-place op may rewrite `output`
+                self._output_edges.append(get_gradient_edge(output))
+                self._output_handles.append(handle)
 
     def _output_grad_hook(self, state: LayerState, features: Tensor, call_pass: int):
         def hook(grad: Tensor) -> None:
