@@ -320,14 +320,17 @@ class KFAC:
     ----------
     model : nn.Module
         The model (or its ``DistributedDataParallel`` wrapper).
-    fisher_type : {"empirical", "mc"}, default "empirical"
+    fisher_type : {"empirical", "mc", "exact"}, default "empirical"
         ``"empirical"``: output gradients from ``loss.backward()`` (the loss must be the MEAN
         over the batch, divided by ``accumulation_steps`` when accumulating). ``"mc"``: output
         gradients of the NLL at targets sampled from the model, recorded by
         :meth:`sample_backward`, which must be called after the forward pass and before
-        ``loss.backward()``; needs ``likelihood``.
+        ``loss.backward()``; needs ``likelihood``. ``"exact"``: the same, with the ``C``
+        columns of ``∇²A(f)^{1/2}`` back-propagated in turn instead of one sampled gradient
+        (the expectation over the targets, with no sampling noise, for ``C`` backward passes
+        per recording step: for models with few outputs).
     likelihood : str or Likelihood, optional
-        For ``fisher_type="mc"``.
+        For ``fisher_type="mc"`` and ``"exact"``.
     factor_decay : float in [0, 1), default 0.95
         Exponential-moving-average weight of the old factors (0 keeps only the last batch).
     factor_update_interval, inv_update_interval : int, default 1 and 10
@@ -467,9 +470,11 @@ class KFAC:
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | Callable[[], float] | None = None,
     ) -> None:
-        fisher_type = one_of("fisher_type", fisher_type, ("empirical", "mc"))
-        if fisher_type == "mc" and likelihood is None:
-            raise ValueError("fisher_type='mc' needs a likelihood to sample targets from")
+        fisher_type = one_of("fisher_type", fisher_type, ("empirical", "mc", "exact"))
+        if fisher_type != "empirical" and likelihood is None:
+            raise ValueError(
+                f"fisher_type={fisher_type!r} needs a likelihood (its targets or ∇²A come from it)"
+            )
         damping_mode = one_of("damping_mode", damping_mode, ("eigen", "factored"))
         kl_clip = positive_float("kl_clip", kl_clip, allow_none=True)
         if kl_clip is not None and lr is None:
@@ -522,6 +527,7 @@ class KFAC:
         self._written: dict[str, tuple[weakref.ref, int]] = {}
         self.steps = 0
         self._sampling = False
+        self._vector = 0
         self._sampled = False
         self._paused = False
         self._output_edges: list[GradientEdge] = []
@@ -586,14 +592,14 @@ class KFAC:
         features = state.record_input(layer_input)
         if output.requires_grad:
             handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
-            if self.fisher_type == "mc":  # the edge: an in-place op may rewrite `output`
+            if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
                 self._output_edges.append(get_gradient_edge(output))
                 self._output_handles.append(handle)
 
     def _output_grad_hook(self, state: LayerState, features: Tensor, call_pass: int):
         def hook(grad: Tensor) -> None:
-            if self.fisher_type == "mc" and self._sampling:
-                state.record_output_grad(grad, 1.0, features, call_pass)
+            if self._sampling:
+                state.record_output_grad(grad, 1.0, features, call_pass, self._vector)
             elif self.fisher_type == "empirical":
                 scale = grad.shape[0] * self.accumulation_steps / self._current_loss_scale()
                 state.record_output_grad(grad, scale, features, call_pass)
@@ -615,10 +621,12 @@ class KFAC:
         return self._loss_scale
 
     def sample_backward(self, outputs: Tensor) -> None:
-        """Record output gradients of ``Σ_n nll(f_n, y_n)`` at targets ``y_n ~ p(y | f_n)``.
+        """Record output gradients of ``Σ_n nll(f_n, y_n)`` at targets ``y_n ~ p(y | f_n)``
+        (``fisher_type="mc"``), or of ``Σ_n s_nc · f_n`` for each column ``s_c`` of
+        ``∇²A(f_n)^{1/2}`` in turn (``"exact"``).
 
-        For ``fisher_type="mc"``: call after the forward pass that produced ``outputs`` and before
-        ``loss.backward()``. Parameter gradients are not touched.
+        Call after the forward pass that produced ``outputs`` and before ``loss.backward()``.
+        Parameter gradients are not touched.
 
         Parameters
         ----------
@@ -627,8 +635,8 @@ class KFAC:
             ``(N, T, C)`` are passed flattened to ``(N·T, C)``: each position draws its own
             target, and ``G`` sums over the positions of a sample.
         """
-        if self.fisher_type != "mc":
-            raise ValueError("sample_backward is only used with fisher_type='mc'")
+        if self.fisher_type == "empirical":
+            raise ValueError("sample_backward is used with fisher_type='mc' or 'exact'")
         if outputs.ndim > 2:
             raise ValueError(
                 f"sample_backward takes outputs of shape (N, C) or (N,), got "
@@ -641,15 +649,28 @@ class KFAC:
         if not edges:
             return
         self._sampled = True
-        targets = self.likelihood.sample(outputs.detach(), self.generator)
-        nll = self.likelihood.nll(outputs, targets).sum()
         self._sampling = True
         try:
-            torch.autograd.grad(nll, edges, retain_graph=True, allow_unused=True)
+            for index, (source, vector) in enumerate(self._backward_vectors(outputs)):
+                self._vector = index
+                torch.autograd.grad(source, edges, vector, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
+            self._vector = 0
             for handle in handles:  # the loss backward has nothing to record
                 handle.remove()
+
+    def _backward_vectors(self, outputs: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """``(tensor, vector)`` pairs whose ``vector``-Jacobian products reach the layer
+        outputs: the sampled NLL (``"mc"``), or the outputs with each column of the square
+        roots of ``∇²A`` (``"exact"``)."""
+        if self.fisher_type == "mc":
+            targets = self.likelihood.sample(outputs.detach(), self.generator)
+            yield self.likelihood.nll(outputs, targets).sum(), None
+            return
+        roots = self.likelihood.natural_hessian_sqrt(outputs.detach())
+        for column in roots.unbind(dim=-1):
+            yield outputs, column.reshape(outputs.shape)
 
     @contextlib.contextmanager
     def recording_paused(self) -> Iterator[None]:
@@ -813,16 +834,16 @@ class KFAC:
         for handle in self._output_handles:
             handle.remove()
         self._output_edges, self._output_handles = [], []
-        if self.fisher_type != "mc" or sampled:
+        if self.fisher_type == "empirical" or sampled:
             return
         if not any(state.input_count > 0 for state in self.layers):
             return
         for state in self.layers:
             state.reset_sums()
         raise RuntimeError(
-            "fisher_type='mc' records its statistics in precond.sample_backward(outputs), which "
-            "was not called after this step's forward pass: call it after the forward pass and "
-            "before loss.backward()"
+            f"fisher_type={self.fisher_type!r} records its statistics in "
+            "precond.sample_backward(outputs), which was not called after this step's forward "
+            "pass: call it after the forward pass and before loss.backward()"
         )
 
     def _warn_unfrozen(self) -> None:

@@ -228,7 +228,7 @@ class LayerState:
         self.dtype = factor_dtype_for(module.weight)
         self.keep_pairs = keep_pairs
         self.reduce = reduce
-        self.pairs: list[tuple[Tensor, Tensor]] = []
+        self.pairs: list[tuple[Tensor, Tensor, int]] = []  # features, gradients, samples
         self.input_sum: Tensor | None = None
         self.output_sum: Tensor | None = None
         self.input_factor: Tensor | None = None
@@ -241,6 +241,7 @@ class LayerState:
         self._call_pass = 0
         self._recorded_since_call = False
         self._counted_pass: tuple[int, int] | None = None
+        self._paired_key: tuple[int, int, int] | None = None
         self.reset_sums()
 
     # -- eigen attributes: setting one drops the cached damped inverse ----------------------
@@ -325,29 +326,40 @@ class LayerState:
         return self._call_pass
 
     def _count_samples(
-        self, samples: int, call_pass: int, pair: tuple[Tensor, Tensor] | None
+        self,
+        samples: int,
+        call_pass: int,
+        pair: tuple[Tensor, Tensor] | None,
+        vector: int = 0,
     ) -> None:
         """Count the ``samples`` of output gradients from a call of pass ``call_pass`` unless
         another call of that pass, on as many samples, counted them (the same samples at more
-        locations); an EKFAC pair ``(features, gradients)`` of such a call joins that call's
-        along the locations, so that a sample's gradient sums over all its calls."""
+        locations), or they back-propagate a pass's ``vector``-th vector after its first (the
+        exact Fisher's columns: the same samples again). An EKFAC pair ``(features,
+        gradients)`` of such a call of the same vector joins that call's along the locations,
+        so that a sample's gradient sums over all its calls; each vector's pairs stay apart
+        (their squares add), counting the samples with the first vector's."""
         self._recorded_since_call = True
-        key = (call_pass, samples)
-        if key != self._counted_pass:
-            self._counted_pass = key
+        counted = (call_pass, samples)
+        if vector == 0 and counted != self._counted_pass:
+            self._counted_pass = counted
             self.output_count += samples
-            if pair is not None:
-                self.pairs.append(pair)
+        if pair is None:
             return
-        if pair is not None:
-            kept = self.pairs[-1]
-            self.pairs[-1] = (join_calls([kept[0], pair[0]]), join_calls([kept[1], pair[1]]))
+        key = (call_pass, samples, vector)
+        if key != self._paired_key:
+            self._paired_key = key
+            self.pairs.append((*pair, samples if vector == 0 else 0))
+            return
+        features, grads, count = self.pairs[-1]
+        self.pairs[-1] = (join_calls([features, pair[0]]), join_calls([grads, pair[1]]), count)
 
     def record_output_grad(
-        self, grad: Tensor, scale: float, features: Tensor, call_pass: int
+        self, grad: Tensor, scale: float, features: Tensor, call_pass: int, vector: int = 0
     ) -> None:
         """Add ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients ``scale · grad``
-        (per-sample gradients) of a call of forward pass ``call_pass`` (:meth:`begin_call`)."""
+        (per-sample gradients) of a call of forward pass ``call_pass`` (:meth:`begin_call`),
+        back-propagated from the pass's ``vector``-th backward vector."""
         if grad.requires_grad:
             grad = grad.detach()
         if grad.dtype != self.dtype:
@@ -361,7 +373,7 @@ class LayerState:
             full = self._output_rows(grad) if self.reduce else rows
             grads = full.reshape(samples, -1, full.shape[-1])
             pair = (features, grads if scale == 1.0 else grads * scale)
-        self._count_samples(samples, call_pass, pair)
+        self._count_samples(samples, call_pass, pair, vector)
 
     def _output_gram_rows(self, grad: Tensor) -> Tensor:
         """The rows whose Gram matrix is added to ``G``: the output gradients ``(N T, d_out)``,
@@ -745,9 +757,9 @@ class KroneckerLayerState(LayerState):
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
         count = torch.zeros((), dtype=self.dtype, device=total.device)
-        for features, grads in self.pairs:
+        for features, grads, samples in self.pairs:
             total += projected_second_moment(features, grads, self.output_eigen, self.input_eigen)
-            count += features.shape[-3]
+            count += samples
         self.pairs.clear()
         return total, count
 
@@ -795,10 +807,11 @@ class GroupedConvState(KroneckerLayerState):
         return patch_features(patches, self.layer.has_bias, self.groups)
 
     def record_output_grad(
-        self, grad: Tensor, scale: float, features: Tensor, call_pass: int
+        self, grad: Tensor, scale: float, features: Tensor, call_pass: int, vector: int = 0
     ) -> None:
         """Add each group's ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients
-        ``scale · grad`` of shape ``(N, C_out, ...)`` of a call of forward pass ``call_pass``."""
+        ``scale · grad`` of shape ``(N, C_out, ...)`` of a call of forward pass ``call_pass``,
+        from its ``vector``-th backward vector."""
         grad = grad.detach().to(self.dtype)
         samples = grad.shape[0]
         by_group = grad.reshape(samples, self.groups, self._rows, -1)  # (N, g, c, T)
@@ -809,7 +822,7 @@ class GroupedConvState(KroneckerLayerState):
         fresh = self.output_count == 0
         self.output_sum = add_column_gram(self.output_sum, columns, ones=False, fresh=fresh)
         pair = (features, by_group.permute(1, 0, 3, 2)) if self.keep_pairs else None
-        self._count_samples(samples, call_pass, pair)
+        self._count_samples(samples, call_pass, pair, vector)
 
     def eigen_inputs(self) -> list[Tensor]:
         return [*self.output_factor.unbind(), *self.input_factor.unbind()]
@@ -924,9 +937,9 @@ class EmbeddingState(LayerState):
         padding_idx = self.module.padding_idx
         total = torch.zeros_like(self.kfac_eigenvalues())
         count = torch.zeros((), dtype=self.dtype, device=total.device)
-        for tokens, grads in self.pairs:
+        for tokens, grads, samples in self.pairs:
             vectors = self.output_eigen.vectors
             total += embedding_second_moment(tokens, grads, vectors, vocabulary, padding_idx)
-            count += tokens.shape[0]
+            count += samples
         self.pairs.clear()
         return total, count
