@@ -1,7 +1,8 @@
-"""``fisher_type="exact"``: the preconditioners back-propagate the ``C`` columns of
-``∇²A(f)^{1/2}``, as the curvature operators' ``kind="exact"`` does; their steps must equal
-the operators' solves, also where a layer is called several times (the columns' pairs stay
-apart in EKFAC, the samples counted once) and for every likelihood."""
+"""``fisher_type="exact"`` and ``mc_samples``: the preconditioners back-propagate the ``C``
+columns of ``∇²A(f)^{1/2}`` (or several sampled gradients) in turn, as the curvature operators'
+``kind="exact"`` (``"mc"``) does; their steps must equal the operators' solves, also where a
+layer is called several times (the vectors' pairs stay apart in EKFAC, the samples counted
+once) and for every likelihood."""
 
 import pytest
 import torch
@@ -132,3 +133,40 @@ def test_a_step_without_the_exact_backward_is_refused() -> None:
         precond.step()
     with pytest.raises(ValueError, match="needs a likelihood"):
         KFAC(mlp(), fisher_type="exact")
+
+
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_several_monte_carlo_draws_equal_the_operator_with_as_many(preconditioner) -> None:
+    """``mc_samples`` draws per recording step, in the operators' order (one draw for the whole
+    batch after another, from the same generator): the step is the operator's solve."""
+    torch.manual_seed(4)
+    model = mlp()
+    inputs, targets = torch.randn(6, 3, dtype=DTYPE), targets_for("categorical", 6)
+    precond = preconditioner(
+        model,
+        fisher_type="mc",
+        likelihood="categorical",
+        mc_samples=3,
+        generator=torch.Generator().manual_seed(9),
+        factor_decay=0.0,
+        inv_update_interval=1,
+        damping=0.1,
+    )
+    model.zero_grad()
+    outputs = model(inputs)
+    precond.sample_backward(outputs)
+    nn.functional.cross_entropy(outputs, targets).backward()
+    gradient = flat_grads(model)
+    precond.step()
+    build = build_ekfac if preconditioner is EKFAC else build_kfac
+    operator = build(
+        model,
+        inputs,
+        likelihood="categorical",
+        kind="mc",
+        mc_samples=3,
+        generator=torch.Generator().manual_seed(9),
+    )
+    torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
+    with pytest.raises(ValueError, match="mc_samples"):
+        KFAC(mlp(), fisher_type="mc", likelihood="categorical", mc_samples=0)

@@ -331,6 +331,9 @@ class KFAC:
         per recording step: for models with few outputs).
     likelihood : str or Likelihood, optional
         For ``fisher_type="mc"`` and ``"exact"``.
+    mc_samples : int, default 1
+        ``fisher_type="mc"``: targets drawn per sample on a recording step, one backward pass
+        each, their outer products averaged (less noise in ``G`` for more backward passes).
     factor_decay : float in [0, 1), default 0.95
         Exponential-moving-average weight of the old factors (0 keeps only the last batch).
     factor_update_interval, inv_update_interval : int, default 1 and 10
@@ -450,6 +453,7 @@ class KFAC:
         *,
         fisher_type: str = "empirical",
         likelihood: str | Likelihood | None = None,
+        mc_samples: int = 1,
         factor_decay: float = 0.95,
         factor_update_interval: int = 1,
         inv_update_interval: int = 10,
@@ -511,6 +515,7 @@ class KFAC:
         self.kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         self.process_group = process_group
         self.generator = generator
+        self.mc_samples = positive_int("mc_samples", mc_samples)
         if not (
             grad_scaler is None
             or callable(grad_scaler)
@@ -665,8 +670,10 @@ class KFAC:
         outputs: the sampled NLL (``"mc"``), or the outputs with each column of the square
         roots of ``∇²A`` (``"exact"``)."""
         if self.fisher_type == "mc":
-            targets = self.likelihood.sample(outputs.detach(), self.generator)
-            yield self.likelihood.nll(outputs, targets).sum(), None
+            scale = self.mc_samples**-0.5  # the draws' outer products are averaged
+            for _ in range(self.mc_samples):
+                targets = self.likelihood.sample(outputs.detach(), self.generator)
+                yield self.likelihood.nll(outputs, targets).sum() * scale, None
             return
         roots = self.likelihood.natural_hessian_sqrt(outputs.detach())
         for column in roots.unbind(dim=-1):
