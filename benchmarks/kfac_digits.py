@@ -395,7 +395,7 @@ def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets
     def forward_backward() -> Tensor:
         optimizer.zero_grad()
         outputs = model(inputs)
-        if precond is not None and precond.fisher_type == "mc":
+        if precond is not None and precond.fisher_type != "empirical":
             precond.sample_backward(outputs)
         loss = task.loss(outputs, targets)
         loss.backward()
