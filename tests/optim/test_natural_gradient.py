@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from natgrad import fisher
 from natgrad.optim import NaturalGradient
 from natgrad.optim.trust_region import (
     damping_update,
@@ -243,3 +244,36 @@ def test_reduction_ratio_and_trust_region_scale_edge_cases() -> None:
     assert trust_region_scale(4.0, 1.0) == 0.5
     assert trust_region_scale(0.5, 1.0) == 1.0
     assert trust_region_scale(float("nan"), 1.0) == 1.0
+
+
+def _classifier_with_dropout() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3))
+
+
+def test_a_model_with_dropout_takes_the_fisher_of_the_averaged_network() -> None:
+    """The closure's gradient keeps its dropout mask; the Fisher is built with dropout off (the
+    builders refuse dropout in training mode, whose masks would make it random)."""
+    inputs = torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(2))
+    model = _classifier_with_dropout()
+    reference = copy.deepcopy(model)
+    opt = NaturalGradient(model, "categorical", lr=0.5, damping=0.1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    torch.manual_seed(7)
+    opt.step(closure)
+    assert model.training and model[2].training
+    torch.manual_seed(7)
+    nn.functional.cross_entropy(reference(inputs), labels).backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    curvature = fisher(reference.eval(), inputs, likelihood="categorical")
+    expected = torch.nn.utils.parameters_to_vector(reference.parameters()) - 0.5 * (
+        curvature.solve(gradient, damping=0.1)
+    )
+    torch.testing.assert_close(torch.nn.utils.parameters_to_vector(model.parameters()), expected)

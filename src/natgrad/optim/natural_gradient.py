@@ -6,8 +6,9 @@ One step is ``g = ∇L(θ)``, ``d = (F(θ) + λI)⁻¹ g``, ``θ ← θ − α d
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -70,9 +71,10 @@ class NaturalGradient(CountedOptimizer):
     ``adaptive_damping`` a step that does not decrease the loss of the closure's batch is
     undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt.
 
-    The Fisher is that of one deterministic function of independent samples: :func:`fisher`
-    refuses a model with BatchNorm or dropout layers in training mode (train it in eval mode,
-    or with layers that do neither) and embeddings with ``scale_grad_by_freq=True``.
+    The Fisher is that of one deterministic function of independent samples: it is built with
+    the model's dropout layers in eval mode (the network that dropout averages; the closure's
+    gradient keeps its dropout), and :func:`fisher` refuses BatchNorm layers in training mode
+    (train such a model in eval mode) and embeddings with ``scale_grad_by_freq=True``.
     """
 
     def __init__(
@@ -143,16 +145,18 @@ class NaturalGradient(CountedOptimizer):
         )
         if not (torch.isfinite(loss).all() and torch.isfinite(gradient).all()):
             return self._refuse(loss, "the loss or its gradient is not finite")
-        curvature = self._curvature(targets)
-        group_damping = self.param_groups[0]["damping"]
-        direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
-        if not torch.isfinite(direction).all():
-            return self._refuse(loss, "the natural-gradient direction is not finite")
-        update = self._scaled_update(curvature, direction)
+        with _dropout_off(self.model):  # the curvature at the current parameters
+            curvature = self._curvature(targets)
+            group_damping = self.param_groups[0]["damping"]
+            direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
+            if not torch.isfinite(direction).all():
+                return self._refuse(loss, "the natural-gradient direction is not finite")
+            update = self._scaled_update(curvature, direction)
+            curved = float(update @ curvature.mv(update)) if self.adaptive_damping else 0.0
         previous = [p.detach().clone() for p in params] if self.adaptive_damping else []
         self._subtract(params, update)
         if self.adaptive_damping:
-            self._adapt_damping(closure, loss, gradient, curvature, update, params, previous)
+            self._adapt_damping(closure, loss, gradient, curved, update, params, previous)
         self.counters["steps"] += 1
         return loss
 
@@ -200,19 +204,20 @@ class NaturalGradient(CountedOptimizer):
         closure: Callable[[], Tensor],
         loss: Tensor,
         gradient: Tensor,
-        curvature: CurvatureOperator,
+        curved: float,
         update: Tensor,
         params: list[Tensor],
         previous: list[Tensor],
     ) -> None:
-        """Levenberg–Marquardt: compare the actual loss change with the quadratic model's.
+        """Levenberg–Marquardt: compare the actual loss change with the quadratic model's
+        (``curved = δᵀFδ``, formed with dropout off: an implicit ``F`` runs the model).
 
         A step that does not decrease the loss is undone by restoring ``previous`` exactly.
         """
         with torch.enable_grad():
             new_loss = closure()
         damping = self.param_groups[0]["damping"]
-        quadratic = update @ curvature.mv(update) + damping * update @ update
+        quadratic = curved + damping * float(update @ update)
         predicted = float(-(gradient.to(update.dtype) @ update) + 0.5 * quadratic)
         actual = float(new_loss - loss)
         if not math.isfinite(actual):
@@ -224,6 +229,24 @@ class NaturalGradient(CountedOptimizer):
         new_damping = levenberg_marquardt_damping(damping, actual, predicted)
         for group in self.param_groups:
             group["damping"] = new_damping
+
+
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module) -> Iterator[None]:
+    """The model's dropout layers in eval mode within the block: the Fisher is that of the
+    network that dropout averages, which is deterministic."""
+    switched = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training
+    ]
+    for module in switched:
+        module.train(False)
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.train(True)
 
 
 def _restore(params: list[Tensor], previous: list[Tensor]) -> None:
