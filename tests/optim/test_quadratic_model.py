@@ -682,3 +682,25 @@ def test_one_param_group_only() -> None:
     with pytest.raises(ValueError, match="exactly one param group"):
         optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
     assert len(optimizer.param_groups) == 1
+
+
+def test_with_dropout_the_fisher_is_that_of_the_averaged_network() -> None:
+    """The closure's gradient keeps its dropout mask; the Fisher products run with dropout off
+    (before, each product drew masks of its own)."""
+    inputs, labels = _classification()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Dropout(0.5), nn.Linear(5, 3))
+    reference = copy.deepcopy(model)
+    damping = 0.05
+    optimizer = QuadraticModelOptimizer(
+        model, "categorical", damping=damping, adaptive_damping=False
+    )
+    torch.manual_seed(7)
+    optimizer.step(_closure(model, optimizer, inputs, labels))
+    assert model[2].training
+    torch.manual_seed(7)
+    gradient = _gradient(reference, inputs, labels)
+    fisher = _dense_fisher(reference.eval(), inputs)
+    coefficients = _oracle_coefficients(fisher, damping, gradient, [-gradient])
+    expected = _flat(reference) - coefficients[0] * gradient
+    torch.testing.assert_close(_flat(model), expected, rtol=1e-10, atol=1e-12)

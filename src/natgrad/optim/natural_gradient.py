@@ -6,9 +6,8 @@ One step is ``g = ∇L(θ)``, ``d = (F(θ) + λI)⁻¹ g``, ``θ ← θ − α d
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from natgrad._validation import nonnegative_float, one_of, positive_float, positive_int
 from natgrad.curvature import fisher
 from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.evaluation_scope import dropout_off
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.counted import CountedOptimizer
@@ -145,7 +145,7 @@ class NaturalGradient(CountedOptimizer):
         )
         if not (torch.isfinite(loss).all() and torch.isfinite(gradient).all()):
             return self._refuse(loss, "the loss or its gradient is not finite")
-        with _dropout_off(self.model):  # the curvature at the current parameters
+        with dropout_off(self.model):  # the curvature at the current parameters
             curvature = self._curvature(targets)
             group_damping = self.param_groups[0]["damping"]
             direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
@@ -229,24 +229,6 @@ class NaturalGradient(CountedOptimizer):
         new_damping = levenberg_marquardt_damping(damping, actual, predicted)
         for group in self.param_groups:
             group["damping"] = new_damping
-
-
-@contextlib.contextmanager
-def _dropout_off(model: nn.Module) -> Iterator[None]:
-    """The model's dropout layers in eval mode within the block: the Fisher is that of the
-    network that dropout averages, which is deterministic."""
-    switched = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training
-    ]
-    for module in switched:
-        module.train(False)
-    try:
-        yield
-    finally:
-        for module in switched:
-            module.train(True)
 
 
 def _restore(params: list[Tensor], previous: list[Tensor]) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from natgrad._validation import positive_float, positive_int, unit_interval
+from natgrad.curvature.evaluation_scope import dropout_off
 from natgrad.curvature.jacobians import ModelFunction, check_no_frequency_scaling
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
@@ -199,8 +200,9 @@ class QuadraticModelOptimizer(CountedOptimizer):
     at the restored parameters (with the preconditioner's recording paused).
 
     The Fisher products re-run the model on the captured inputs, outside the closure: BatchNorm
-    layers in training mode are refused (they couple the samples), and dropout draws other masks
-    there than in the closure's pass. Embeddings with ``scale_grad_by_freq=True`` and a
+    layers in training mode are refused (they couple the samples), and dropout layers are
+    switched off there (the Fisher of the network that dropout averages; the closure's gradient
+    keeps its masks). Embeddings with ``scale_grad_by_freq=True`` and a
     trainable weight are refused when the optimizer is built: their gradient, divided by the
     tokens' counts in the batch, is not the derivative that the quadratic model needs.
     """
@@ -392,7 +394,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if self.curvature_batch_size is not None:
             inputs = inputs[: self.curvature_batch_size]
         function = ModelFunction(self.module, inputs)
-        outputs, tangents = function.output_tangents([function.unflatten(d) for d in directions])
+        with dropout_off(self.module):
+            outputs, tangents = function.output_tangents(
+                [function.unflatten(d) for d in directions]
+            )
         stacked = torch.stack(tangents)
         products = self.likelihood.natural_hessian_product(outputs, stacked)
         count = len(directions)
