@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from natgrad.curvature.ekfac import embedding_second_moment
+from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.optim import EKFAC
 
 DTYPE = torch.float64
@@ -96,6 +97,40 @@ def test_eigenvalues_and_step_from_per_sample_gradients(padding_idx: int | None)
     mean_gradient = gradients.mean(0)
     step = vectors @ ((vectors.T @ mean_gradient) / (eigenvalues + 0.1))
     torch.testing.assert_close(model.embedding.weight.grad, step.T)
+
+
+def test_exact_eigenvalues_add_each_columns_squares() -> None:
+    """``fisher_type="exact"``: the eigenvalues are ``Σ_c mean_n (Q_Gᵀ g_nc)²`` over the
+    per-sample gradients of ``s_nc · f_n``, ``s_c`` the columns of ``∇²A(f_n)^{1/2}``."""
+    model = Bag(0).to(DTYPE)
+    tokens, targets = bag_batch()
+    params = {name: param.detach() for name, param in model.named_parameters()}
+    with torch.no_grad():
+        roots = get_likelihood("categorical").natural_hessian_sqrt(model(tokens))
+
+    def column_product(values, sample, column):
+        return (functional_call(model, values, (sample.unsqueeze(0),))[0] * column).sum()
+
+    per_column = vmap(grad(column_product), in_dims=(None, 0, 0))
+    gradients = torch.stack(
+        [per_column(params, tokens, roots[..., c])["embedding.weight"].mT for c in range(3)]
+    )  # (C, N, d, V)
+    precond = EKFAC(
+        model,
+        fisher_type="exact",
+        likelihood="categorical",
+        inv_update_interval=1,
+        damping=0.1,
+        eigenvalue_restart="batch",
+    )
+    outputs = model(tokens)
+    precond.sample_backward(outputs)
+    nn.functional.cross_entropy(outputs, targets).backward()
+    precond.step()
+    state = precond.layers[0]
+    vectors = state.output_eigen.vectors
+    eigenvalues = (vectors.T @ gradients).square().mean(1).sum(0)
+    torch.testing.assert_close(state.eigenvalues, eigenvalues)
 
 
 def test_calls_on_parts_of_the_tokens_pool_as_one_call() -> None:
