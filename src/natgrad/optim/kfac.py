@@ -773,8 +773,9 @@ class KFAC:
         ------
         RuntimeError
             If no backward pass ran since the last step (every gradient is the one that step
-            wrote, unchanged), or with ``fisher_type="mc"`` if this step's forward pass was not
-            followed by :meth:`sample_backward` (its statistics are discarded).
+            wrote, unchanged), or with ``fisher_type="mc"`` or ``"exact"`` if this step's
+            forward pass was not followed by :meth:`sample_backward` (its statistics are
+            discarded).
         """
         self._check_new_gradients()
         self._check_sampled()

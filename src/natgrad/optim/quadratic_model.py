@@ -17,7 +17,7 @@ damping ``λ`` follows the Levenberg–Marquardt rule from the ratio of the actu
         def closure():
             optimizer.zero_grad()
             outputs = model(inputs)
-            precond.sample_backward(outputs)   # for fisher_type="mc"
+            precond.sample_backward(outputs)   # for fisher_type="mc" or "exact"
             loss = loss_fn(outputs, targets)   # the MEAN negative log-likelihood
             loss.backward()
             return loss
@@ -317,8 +317,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
         Parameters
         ----------
         closure : callable
-            Zeroes the gradients, runs the model forward on a batch (and, for a Monte-Carlo
-            K-FAC, ``precond.sample_backward(outputs)``), computes the mean negative
+            Zeroes the gradients, runs the model forward on a batch (and, for a Monte-Carlo or
+            exact-Fisher K-FAC, ``precond.sample_backward(outputs)``), computes the mean negative
             log-likelihood, calls ``backward()`` and returns it. Required.
 
         Returns
