@@ -569,6 +569,26 @@ def test_layers_sharing_a_weight_raise_naming_them() -> None:
     torch.testing.assert_close(diagonal, dense)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap fallback
+@pytest.mark.parametrize("computed", ["pruned", "weight_norm"])
+def test_layers_with_a_computed_weight_are_no_kronecker_layers(computed: str) -> None:
+    """A pruned or parametrized weight is a tensor computed from other parameters: the
+    operators looked it up among the parameters (a KeyError). Now its parameters are named as
+    outside the Kronecker layers; the per-layer diagonal falls back to the general method."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
+    if computed == "pruned":
+        nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    else:
+        model[0] = nn.utils.parametrizations.weight_norm(model[0])
+    inputs = torch.randn(5, 3, dtype=DTYPE)
+    with pytest.raises(ValueError, match=r"trainable parameter\(s\) \['0\.bias', '0\."):
+        fisher(model, inputs, likelihood="categorical", structure="kfac")
+    diagonal = fisher(model, inputs, likelihood="categorical", structure="diag").diag()
+    dense = fisher(model, inputs, likelihood="categorical", structure="dense").diag()
+    torch.testing.assert_close(diagonal, dense)
+
+
 def test_invalid_models_and_arguments_raise() -> None:
     inputs = torch.randn(2, 3, dtype=DTYPE)
     model = nn.Linear(3, 2).to(DTYPE)

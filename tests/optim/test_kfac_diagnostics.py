@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torch.nn.utils.parametrizations import weight_norm
 
 from natgrad.optim import EKFAC, KFAC, QuadraticModelOptimizer
@@ -220,7 +221,27 @@ def test_parametrized_weights_pass_through_and_cannot_be_chosen() -> None:
     precond.step()
     for param, grad in zip(model[0].parameters(), original, strict=True):
         torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="unparametrized"):
+    with pytest.raises(ValueError, match="not one computed, by a parametrization or pruning"):
+        KFAC(model, layers=[model[0]])
+
+
+def test_pruned_weights_pass_through_and_cannot_be_chosen() -> None:
+    """``torch.nn.utils.prune`` computes ``weight = weight_orig · mask`` in a forward pre-hook:
+    the layer was selected, its step read the ``.grad`` of that non-leaf tensor (a warning at
+    every step) and preconditioned nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond = KFAC(model, damping=0.1, inv_update_interval=1)
+        assert [state.name for state in precond.layers] == ["2"]
+        backward(model, *batch())
+        original = [p.grad.clone() for p in model[0].parameters()]
+        precond.step()
+    for param, grad in zip(model[0].parameters(), original, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="by a parametrization or pruning"):
         KFAC(model, layers=[model[0]])
 
 

@@ -194,8 +194,8 @@ def kronecker_layers(
     position = {id(param): index for index, param in enumerate(params)}
     layers: list[KroneckerLayer] = []
     for name, module in model.named_modules():
-        if not isinstance(module, layer_types):
-            continue
+        if not isinstance(module, layer_types) or not isinstance(module.weight, nn.Parameter):
+            continue  # a computed weight (parametrized, pruned): its parameters are elsewhere
         weight = module.weight
         bias = getattr(module, "bias", None)
         bias_trainable = bias is not None and bias.requires_grad

@@ -157,6 +157,8 @@ def _preconditionable(module: nn.Module) -> bool:
     """A layer type K-FAC covers, with a dense gradient of its own weight."""
     if not isinstance(module, DEFAULT_LAYER_TYPES) or is_parametrized(module, "weight"):
         return False  # a parametrized weight (weight_norm, ...) is computed, with no .grad
+    if not isinstance(module.weight, nn.Parameter):
+        return False  # computed by a forward pre-hook (pruning: weight_orig · mask)
     return not (isinstance(module, nn.Embedding) and module.sparse)
 
 
@@ -288,7 +290,7 @@ def _candidates(
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
                 "expected Linear, Conv1d, Conv2d or Embedding (dense gradients) with a "
-                "trainable, unparametrized weight"
+                "trainable weight parameter (not one computed, by a parametrization or pruning)"
             )
         selected.append((names[id(module)], module))
     return selected
@@ -369,22 +371,23 @@ class KFAC:
     layers : sequence of modules or module types, optional
         Layers to precondition; default every Linear, Conv1d and Conv2d (grouped convolutions,
         depthwise included, with one Kronecker block per group) and Embedding (not ``sparse``)
-        with a trainable weight that is not parametrized (``weight_norm``: its
-        weight is computed and has no gradient), except the ``out_proj`` of an
-        ``nn.MultiheadAttention`` (which uses its weight without calling it, so no statistics
-        could be recorded; choosing it raises), embeddings with ``scale_grad_by_freq=True``
-        (their gradient is divided by the tokens' counts, which ``A`` would divide again: left
-        out with a warning; choosing one raises) and layers that share their weight with
-        another (tied embeddings: left out with a warning; choosing several of them raises). A
-        layer called several times in one forward pass (a siamese branch, an unrolled cell) pools
-        the locations of its calls as those of one call (K-FAC-expand over the calls; with
-        ``"reduce"``, each call reduced over its own locations). All other
-        parameters keep their gradients. A chosen layer that records nothing on a recording
-        step although its weight has a gradient (eval mode, a weight used without its layer)
-        is named in a ``RuntimeWarning``, once. Layers frozen when the preconditioner is
-        built are left out (named in a ``RuntimeWarning`` if they get gradients later); layers
-        frozen afterwards record nothing while frozen and are preconditioned again once
-        unfrozen (staged fine-tuning: build it with every layer trainable).
+        with a trainable weight that is not computed (parametrized by ``weight_norm``, or
+        pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own),
+        except the ``out_proj`` of an ``nn.MultiheadAttention`` (which uses its weight
+        without calling it, so no statistics could be recorded; choosing it raises),
+        embeddings with ``scale_grad_by_freq=True`` (their gradient is divided by the
+        tokens' counts, which ``A`` would divide again: left out with a warning; choosing
+        one raises) and layers that share their weight with another (tied embeddings: left
+        out with a warning; choosing several of them raises). A layer called several times
+        in one forward pass (a siamese branch, an unrolled cell) pools the locations of its
+        calls as those of one call (K-FAC-expand over the calls; with ``"reduce"``, each
+        call reduced over its own locations). All other parameters keep their gradients. A
+        chosen layer that records nothing on a recording step although its weight has a
+        gradient (eval mode, a weight used without its layer) is named in a
+        ``RuntimeWarning``, once. Layers frozen when the preconditioner is built are left
+        out (named in a ``RuntimeWarning`` if they get gradients later); layers frozen
+        afterwards record nothing while frozen and are preconditioned again once unfrozen
+        (staged fine-tuning: build it with every layer trainable).
     accumulation_steps : int, default 1
         Number of backward passes per :meth:`step` (gradient accumulation); statistics of all
         of them are combined.
