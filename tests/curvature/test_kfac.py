@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+from torch.nn.utils import prune
+from torch.nn.utils.parametrizations import weight_norm
 
 from grouped_conv import split_twin, twin_positions
 from natgrad.curvature import fisher
@@ -578,9 +580,9 @@ def test_layers_with_a_computed_weight_are_no_kronecker_layers(computed: str) ->
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
     if computed == "pruned":
-        nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
     else:
-        model[0] = nn.utils.parametrizations.weight_norm(model[0])
+        model[0] = weight_norm(model[0])
     inputs = torch.randn(5, 3, dtype=DTYPE)
     with pytest.raises(ValueError, match=r"trainable parameter\(s\) \['0\.bias', '0\."):
         fisher(model, inputs, likelihood="categorical", structure="kfac")
