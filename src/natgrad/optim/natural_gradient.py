@@ -145,7 +145,7 @@ class NaturalGradient(CountedOptimizer):
         )
         if not (torch.isfinite(loss).all() and torch.isfinite(gradient).all()):
             return self._refuse(loss, "the loss or its gradient is not finite")
-        with dropout_off(self.model):  # the curvature at the current parameters
+        with dropout_off(self.model):  # the Fisher of the network that dropout averages
             curvature = self._curvature(targets)
             group_damping = self.param_groups[0]["damping"]
             direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
