@@ -10,7 +10,10 @@ from natgrad.optim import KFAC
 
 
 def fisher_options(fisher_type: str, seed: int) -> dict:
-    """Constructor options of a K-FAC with ``fisher_type`` (the MC one categorical and seeded)."""
+    """Constructor options of a K-FAC with ``fisher_type`` (the MC and exact ones categorical,
+    the MC one seeded)."""
+    if fisher_type == "exact":
+        return {"fisher_type": "exact", "likelihood": "categorical"}
     if fisher_type != "mc":
         return {"fisher_type": fisher_type}
     generator = torch.Generator().manual_seed(seed)
@@ -29,7 +32,7 @@ def train_steps(
     for _ in range(steps):
         optimizer.zero_grad()
         outputs = forward(inputs)
-        if precond.fisher_type == "mc":
+        if precond.fisher_type != "empirical":
             precond.sample_backward(outputs)
         nn.functional.cross_entropy(outputs, targets).backward()
         precond.step()

@@ -46,8 +46,10 @@ def train(preconditioner, fisher_type: str, checkpointed: bool, reentrant: bool 
         (KFAC, "empirical", False),
         (KFAC, "empirical", True),
         (KFAC, "mc", False),
+        (KFAC, "exact", False),
         (EKFAC, "empirical", False),
         (EKFAC, "mc", False),
+        (EKFAC, "exact", False),
     ],
 )
 def test_checkpointed_training_equals_plain_training(preconditioner, fisher_type, reentrant):

@@ -41,7 +41,7 @@ def train(preconditioner: type[KFAC], fisher_type: str, compiled: bool, steps: i
 
 
 @pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
-@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc", "exact"])
 def test_a_compiled_model_trains_as_the_eager_one(preconditioner, fisher_type) -> None:
     torch._dynamo.reset()
     eager, eager_precond = train(preconditioner, fisher_type, compiled=False)

@@ -55,7 +55,7 @@ def assert_states_agree(state, twin_state) -> None:
         torch.testing.assert_close(state.eigenvalues, twin_state.eigenvalues)
 
 
-@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc", "exact"])
 @pytest.mark.parametrize(
     ("cls", "mode"),
     [
