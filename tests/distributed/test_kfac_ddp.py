@@ -2,8 +2,9 @@
 
 Each process trains a DistributedDataParallel copy of the model on its half of every global
 batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
-process trained on the full global batches (K-FAC-reduce included; the model has a grouped
-convolution, whose blocks are stacked over its groups). With factored damping the
+process trained on the full global batches (K-FAC-reduce included, and EKFAC with the exact
+Fisher, whose columns' backward passes run on each process's DistributedDataParallel graph; the
+model has a grouped convolution, whose blocks are stacked over its groups). With factored damping the
 damped factor inverses are formed on every process (``"replicated"``) or on each layer's
 assigned process and broadcast (``"assigned"``), at each refresh and whenever the damping
 changes; adaptive (Levenberg–Marquardt) damping changes it between refreshes, with the losses
@@ -25,10 +26,11 @@ from natgrad.optim import EKFAC, KFAC
 STEPS = 20
 GLOBAL_BATCH = 32
 CONFIGS = [
-    (KFAC, "replicated", "expand"),
-    (KFAC, "assigned", "expand"),
-    (EKFAC, "assigned", "expand"),
-    (KFAC, "assigned", "reduce"),
+    (KFAC, "replicated", "expand", "empirical"),
+    (KFAC, "assigned", "expand", "empirical"),
+    (EKFAC, "assigned", "expand", "empirical"),
+    (KFAC, "assigned", "reduce", "empirical"),
+    (EKFAC, "replicated", "expand", "exact"),  # C backward passes, the samples counted once
 ]
 PLACEMENTS = ["replicated", "assigned"]
 
@@ -65,10 +67,13 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def train(
-    model: nn.Module, cls, placement: str, kfac_approx: str, shard: slice
+    model: nn.Module, cls, placement: str, kfac_approx: str, fisher_type: str, shard: slice
 ) -> list[torch.Tensor]:
+    likelihood = None if fisher_type == "empirical" else "categorical"
     precond = cls(
         model,
+        fisher_type=fisher_type,
+        likelihood=likelihood,
         factor_decay=0.9,
         inv_update_interval=3,
         damping=0.01,
@@ -80,7 +85,10 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for inputs, targets in global_batches():
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(inputs[shard]), targets[shard]).backward()
+        outputs = model(inputs[shard])
+        if likelihood is not None:
+            precond.sample_backward(outputs)
+        nn.functional.cross_entropy(outputs, targets[shard]).backward()
         precond.step()
         optimizer.step()
     precond.remove()
