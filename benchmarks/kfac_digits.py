@@ -25,7 +25,8 @@ about 420 to 230 with ``beta1 = 0.8, beta2 = 0.9``, K-FAC's from about 205 to 13
 steps (MLP 55, CNN 50 against 75 and 65-75 with eigenbasis damping) and is the cheaper per step,
 on the autoencoder eigenbasis damping needs fewer (270 against 355 steps to loss 16.5). Fixed
 K-FAC/EKFAC options: Monte-Carlo Fisher (one extra backward pass at targets sampled from the
-model; with the empirical Fisher K-FAC does not reach the autoencoder target), factors and
+model; with the empirical Fisher K-FAC does not reach the autoencoder target; ``--fisher-type``
+trains with another, see ``kfac_fisher_type.py`` and BENCHMARKS.md), factors and
 eigenbases (or damped inverses) updated every 10 steps (factor intervals 1, 5 and 10 needed
 about as many steps on the autoencoder; 10 is the cheapest), factor EMA 0.8, KL clipping 0.01
 (which mostly binds, so that the K-FAC learning rate matters little).
@@ -1078,6 +1079,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="natgrad K-FAC/EKFAC factors of the convolutions: KFC (default) or K-FAC-reduce",
     )
     parser.add_argument(
+        "--fisher-type",
+        choices=["mc", "empirical", "exact"],
+        default="mc",
+        help="the Fisher of natgrad's K-FAC/EKFAC in the training runs (default mc)",
+    )
+    parser.add_argument(
         "--check-seeds",
         type=int,
         default=0,
@@ -1166,6 +1173,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     PRECONDITIONER_OPTIONS["kfac_approx"] = args.kfac_approx
+    PRECONDITIONER_OPTIONS["fisher_type"] = args.fisher_type
     data = load_data(args.seed)
     tasks = [task for task in TASKS if task.name in args.tasks]
     results: dict[str, list[dict]] = {
@@ -1216,6 +1224,8 @@ def main(argv: list[str] | None = None) -> dict:
             name += "_batch" + "-".join(str(size) for size in args.batch_sizes)
         if args.kfac_approx != "expand":
             name += "_" + args.kfac_approx
+        if args.fisher_type != "mc":
+            name += "_" + args.fisher_type
         save_json(name, payload)
         save_figure(plot(results["best"], tasks), name)
     return payload

@@ -3,9 +3,9 @@
 Each process trains a DistributedDataParallel copy of the model on its half of every global
 batch; factor statistics are all-reduced. After 20 steps the parameters must equal a single
 process trained on the full global batches (K-FAC-reduce included, and EKFAC with the exact
-Fisher, whose columns' backward passes run on each process's DistributedDataParallel graph; the
-model has a grouped convolution, whose blocks are stacked over its groups). With factored damping the
-damped factor inverses are formed on every process (``"replicated"``) or on each layer's
+Fisher, whose columns' backward passes run on each process's DistributedDataParallel graph;
+the model has a grouped convolution, whose blocks are stacked over its groups). With factored
+damping the damped factor inverses are formed on every process (``"replicated"``) or on each layer's
 assigned process and broadcast (``"assigned"``), at each refresh and whenever the damping
 changes; adaptive (Levenberg–Marquardt) damping changes it between refreshes, with the losses
 averaged over the processes. The batch is larger than every factor's dimension so that no
