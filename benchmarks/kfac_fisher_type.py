@@ -21,48 +21,10 @@ import torch
 
 import kfac_digits
 from _report import environment, print_table, save_json
+from kfac_grid_check import fewest_steps
 
 FISHER_TYPES = ["empirical", "mc", "exact"]
 TASKS = ["mlp", "cnn"]
-
-
-def fewest_steps(task_name: str, fisher_type: str, seeds: int, data: dict) -> dict:
-    """K-FAC's grid with ``fisher_type``: the configuration with the fewest median steps."""
-    task = next(task for task in kfac_digits.TASKS if task.name == task_name)
-    best = None
-    for config in kfac_digits.grid("kfac"):
-        runs = [
-            kfac_digits.train_run(
-                task,
-                config,
-                data,
-                seed,
-                task.epochs,
-                5,
-                stop_at_target=True,
-                fisher_type=fisher_type,
-            )
-            for seed in range(seeds)
-        ]
-        steps = [run["steps_to_target"] for run in runs]
-        median = kfac_digits.median_or_none(steps)
-        row = {
-            "task": task_name,
-            "fisher_type": fisher_type,
-            "median_steps": median,
-            "steps_per_seed": steps,
-            "ms_per_step": 1e3
-            * sum(run["wall_s"] for run in runs)
-            / sum(run["steps"] for run in runs),
-            "best_config": config.label(),
-        }
-        if best is None or _rank(row) < _rank(best):
-            best = row
-    return best
-
-
-def _rank(row: dict) -> float:
-    return float("inf") if row["median_steps"] is None else row["median_steps"]
 
 
 def main() -> None:
@@ -71,8 +33,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = kfac_digits.load_data(0)
+    configs = kfac_digits.grid("kfac")
     rows = [
-        fewest_steps(task, fisher_type, args.seeds, data)
+        {"fisher_type": fisher_type}
+        | fewest_steps(task, configs, args.seeds, data, fisher_type=fisher_type)
         for task in TASKS
         for fisher_type in FISHER_TYPES
     ]
