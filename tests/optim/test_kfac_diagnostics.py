@@ -209,29 +209,23 @@ def test_sparse_embeddings_pass_through_and_cannot_be_chosen() -> None:
         KFAC(model, layers=[model[0]])
 
 
-def test_parametrized_weights_pass_through_and_cannot_be_chosen() -> None:
-    """``weight_norm`` computes ``weight`` from other parameters: it has no ``.grad`` to
-    precondition."""
-    torch.manual_seed(0)
-    model = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 3))
-    precond = KFAC(model, damping=0.1, inv_update_interval=1)
-    assert [state.name for state in precond.layers] == ["2"]
-    backward(model, *batch())
-    original = [p.grad.clone() for p in model[0].parameters()]
-    precond.step()
-    for param, grad in zip(model[0].parameters(), original, strict=True):
-        torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="not one computed, by a parametrization or pruning"):
-        KFAC(model, layers=[model[0]])
-
-
-def test_pruned_weights_pass_through_and_cannot_be_chosen() -> None:
-    """``torch.nn.utils.prune`` computes ``weight = weight_orig · mask`` in a forward pre-hook:
-    the layer was selected, its step read the ``.grad`` of that non-leaf tensor (a warning at
-    every step) and preconditioned nothing."""
+def computed_weight_model(computed: str) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
-    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    if computed == "weight_norm":
+        model[0] = weight_norm(model[0])
+    else:
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+    return model
+
+
+@pytest.mark.parametrize("computed", ["weight_norm", "pruned"])
+def test_computed_weights_pass_through_and_cannot_be_chosen(computed: str) -> None:
+    """``weight_norm`` computes ``weight`` from other parameters, ``torch.nn.utils.prune`` as
+    ``weight_orig · mask`` in a forward pre-hook: it has no ``.grad`` to precondition. A pruned
+    layer was selected, its step read the ``.grad`` of that non-leaf tensor (a warning at every
+    step) and preconditioned nothing."""
+    model = computed_weight_model(computed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         precond = KFAC(model, damping=0.1, inv_update_interval=1)
@@ -241,7 +235,7 @@ def test_pruned_weights_pass_through_and_cannot_be_chosen() -> None:
         precond.step()
     for param, grad in zip(model[0].parameters(), original, strict=True):
         torch.testing.assert_close(param.grad, grad, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="by a parametrization or pruning"):
+    with pytest.raises(ValueError, match="not one computed, by a parametrization or pruning"):
         KFAC(model, layers=[model[0]])
 
 

@@ -36,17 +36,11 @@ LOSSES = {
 }
 
 
-def exact_step(preconditioner, model, inputs, targets, likelihood: str, **options) -> tuple:
-    """One step with the exact Fisher on one batch: the gradient before, and the preconditioner."""
-    precond = preconditioner(
-        model,
-        fisher_type="exact",
-        likelihood=likelihood,
-        factor_decay=0.0,
-        inv_update_interval=1,
-        damping=0.1,
-        **options,
-    )
+def one_batch_step(preconditioner, model, inputs, targets, likelihood: str, **options) -> tuple:
+    """One step (by default with the exact Fisher) on one batch, with the factors of that batch
+    alone and fresh inverses: the gradient before, and the preconditioner."""
+    options = {"fisher_type": "exact", "factor_decay": 0.0, "inv_update_interval": 1} | options
+    precond = preconditioner(model, likelihood=likelihood, damping=0.1, **options)
     model.zero_grad()
     outputs = model(inputs)
     precond.sample_backward(outputs)
@@ -73,7 +67,9 @@ def test_kfac_step_is_the_exact_operator_solve(make_model, damping_mode, likelih
     model = make_model()
     inputs = torch.randn(6, *INPUT_SHAPES[make_model], dtype=DTYPE)
     targets = targets_for(likelihood, 6)
-    gradient, _ = exact_step(KFAC, model, inputs, targets, likelihood, damping_mode=damping_mode)
+    gradient, _ = one_batch_step(
+        KFAC, model, inputs, targets, likelihood, damping_mode=damping_mode
+    )
     operator = build_kfac(model, inputs, likelihood=likelihood, kind="exact")
     solve = operator.solve if damping_mode == "eigen" else operator.solve_factored
     torch.testing.assert_close(flat_grads(model), solve(gradient, 0.1))
@@ -98,7 +94,7 @@ def test_ekfac_step_is_the_exact_operator_solve(make_model, kfac_approx: str) ->
     inputs = torch.randn(7, *EKFAC_INPUTS[make_model], dtype=DTYPE)
     targets = targets_for("categorical", 7) % 2  # the sequence classifier has two classes
     options = {"kfac_approx": kfac_approx}
-    gradient, _ = exact_step(EKFAC, model, inputs, targets, "categorical", **options)
+    gradient, _ = one_batch_step(EKFAC, model, inputs, targets, "categorical", **options)
     operator = build_ekfac(model, inputs, likelihood="categorical", kind="exact", **options)
     torch.testing.assert_close(flat_grads(model), operator.solve(gradient, 0.1))
 
@@ -110,7 +106,7 @@ def test_a_layer_called_twice_pools_its_calls_per_column(preconditioner) -> None
     model, twin = siamese_pair(3)
     inputs, targets = siamese_batch(seed=3)
     steps = [
-        exact_step(preconditioner, network, inputs, targets, "categorical")
+        one_batch_step(preconditioner, network, inputs, targets, "categorical")
         for network in (model, twin)
     ]
     for _, precond in steps:  # the factors took the statistics: none are pending
@@ -142,22 +138,8 @@ def test_several_monte_carlo_draws_equal_the_operator_with_as_many(preconditione
     torch.manual_seed(4)
     model = mlp()
     inputs, targets = torch.randn(6, 3, dtype=DTYPE), targets_for("categorical", 6)
-    precond = preconditioner(
-        model,
-        fisher_type="mc",
-        likelihood="categorical",
-        mc_samples=3,
-        generator=torch.Generator().manual_seed(9),
-        factor_decay=0.0,
-        inv_update_interval=1,
-        damping=0.1,
-    )
-    model.zero_grad()
-    outputs = model(inputs)
-    precond.sample_backward(outputs)
-    nn.functional.cross_entropy(outputs, targets).backward()
-    gradient = flat_grads(model)
-    precond.step()
+    sampling = {"fisher_type": "mc", "mc_samples": 3, "generator": torch.Generator().manual_seed(9)}
+    gradient, _ = one_batch_step(preconditioner, model, inputs, targets, "categorical", **sampling)
     build = build_ekfac if preconditioner is EKFAC else build_kfac
     operator = build(
         model,
