@@ -43,15 +43,16 @@ def in_curvature_evaluation() -> bool:
     return getattr(_state, "active", False)
 
 
+def is_training_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` is a dropout layer that draws masks (training mode, ``p > 0``)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+
+
 @contextlib.contextmanager
 def dropout_off(model: nn.Module) -> Iterator[None]:
     """The model's dropout layers in eval mode within the block (those in training mode are
     switched back on after it)."""
-    switched = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training
-    ]
+    switched = [module for module in model.modules() if is_training_dropout(module)]
     for module in switched:
         module.train(False)
     try:

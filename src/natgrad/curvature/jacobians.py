@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from natgrad.curvature.evaluation_scope import curvature_evaluation
+from natgrad.curvature.evaluation_scope import curvature_evaluation, is_training_dropout
 
 ParamDict = dict[str, Tensor]
 
@@ -54,10 +54,6 @@ def _check_no_training_batch_norm(model: nn.Module) -> None:
         )
 
 
-def _is_training_dropout(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
-
-
 def _is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding | nn.EmbeddingBag)
 
@@ -65,7 +61,7 @@ def _is_embedding(module: nn.Module) -> bool:
 def training_dropouts(model: nn.Module) -> list[str]:
     """Names of the dropout layers of ``model`` in training mode with ``p > 0``: they draw
     random masks, so the model is a random function."""
-    return _names_of(model, _is_training_dropout)
+    return _names_of(model, is_training_dropout)
 
 
 def check_curvature_model(model: nn.Module) -> None:
@@ -125,8 +121,8 @@ class ModelFunction:
     model : nn.Module
         Must have at least one parameter with ``requires_grad=True``. Its forward pass must treat
         the samples of a batch independently for the per-sample Jacobians to be those of the
-        batched model; BatchNorm layers in training mode are rejected, and so are embeddings
-        with ``scale_grad_by_freq=True`` (their backward pass is not the derivative).
+        batched model; BatchNorm layers in training mode are rejected (the builders check the
+        rest of :func:`check_curvature_model` before they build one).
     inputs : Tensor of shape (N, ...)
         Floating-point inputs are cast to the dtype of the model's parameters.
 
@@ -146,7 +142,6 @@ class ModelFunction:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_finite_inputs(inputs)
         _check_no_training_batch_norm(model)
-        check_no_frequency_scaling(model)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters (all have requires_grad=False)")
