@@ -59,7 +59,7 @@ from natgrad._validation import (
 )
 from natgrad._warnings import warn_at_caller
 from natgrad.curvature.evaluation_scope import in_curvature_evaluation
-from natgrad.curvature.kfac_capture import CONV_TYPES, KFAC_APPROXIMATIONS
+from natgrad.curvature.kfac_capture import CONV_TYPES, KFAC_APPROXIMATIONS, backward_vectors
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -657,30 +657,20 @@ class KFAC:
         if not edges:
             return
         self._sampled = True
+        vectors = backward_vectors(
+            outputs, self.likelihood, self.fisher_type, None, self.mc_samples, self.generator
+        )
         self._sampling = True
         try:
-            for index, (source, vector) in enumerate(self._backward_vectors(outputs)):
+            for index, vector in enumerate(vectors):
                 self._vector = index
-                torch.autograd.grad(source, edges, vector, retain_graph=True, allow_unused=True)
+                vector = vector.reshape(outputs.shape)
+                torch.autograd.grad(outputs, edges, vector, retain_graph=True, allow_unused=True)
         finally:
             self._sampling = False
             self._vector = 0
             for handle in handles:  # the loss backward has nothing to record
                 handle.remove()
-
-    def _backward_vectors(self, outputs: Tensor) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """``(tensor, vector)`` pairs whose ``vector``-Jacobian products reach the layer
-        outputs: the sampled NLL (``"mc"``), or the outputs with each column of the square
-        roots of ``∇²A`` (``"exact"``)."""
-        if self.fisher_type == "mc":
-            scale = self.mc_samples**-0.5  # the draws' outer products are averaged
-            for _ in range(self.mc_samples):
-                targets = self.likelihood.sample(outputs.detach(), self.generator)
-                yield self.likelihood.nll(outputs, targets).sum() * scale, None
-            return
-        roots = self.likelihood.natural_hessian_sqrt(outputs.detach())
-        for column in roots.unbind(dim=-1):
-            yield outputs, column.reshape(outputs.shape)
 
     @contextlib.contextmanager
     def recording_paused(self) -> Iterator[None]:
