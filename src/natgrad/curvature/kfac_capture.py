@@ -63,6 +63,7 @@ __all__ = [
     "backward_vectors",
     "check_backward_vectors",
     "check_fisher_kind",
+    "check_layer_input",
     "conv_patch_means",
     "conv_patches",
     "grouped_output_features",
@@ -239,6 +240,26 @@ def _check_unshared(layers: Sequence[KroneckerLayer]) -> None:
         )
 
 
+def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming layer ``name`` if the input of an ``nn.Linear`` has no
+    batch dimension, or that of a convolution is not ``(N, C, H, W)`` (``(N, C, L)``) with the
+    layer's ``C``: K-FAC reads dim 0 as the samples."""
+    if isinstance(module, CONV_TYPES):
+        one_d = isinstance(module, nn.Conv1d)
+        if layer_input.ndim == (3 if one_d else 4) and layer_input.shape[1] == module.in_channels:
+            return
+        spatial = "L" if one_d else "H, W"
+        raise ValueError(
+            f"layer {name!r}: expected a batched (N, {module.in_channels}, {spatial}) input, "
+            f"got shape {tuple(layer_input.shape)}"
+        )
+    if isinstance(module, nn.Linear) and layer_input.ndim < 2:
+        raise ValueError(
+            f"layer {name!r}: expected a batched (N, ..., {module.in_features}) input, "
+            f"got shape {tuple(layer_input.shape)}"
+        )
+
+
 class _Geometry(NamedTuple):
     """A convolution as a 2-D one (a ``Conv1d`` has height 1): ``(h, w)`` pairs, and the pads
     in ``functional.pad`` order ``(w_left, w_right, h_top, h_bottom)``."""
@@ -254,13 +275,8 @@ def _as_2d(
     module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str
 ) -> tuple[_Geometry, Tensor]:
     """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input."""
+    check_layer_input(module, layer_input, name)
     one_d = isinstance(module, nn.Conv1d)
-    if layer_input.ndim != (3 if one_d else 4) or layer_input.shape[1] != module.in_channels:
-        spatial = "L" if one_d else "H, W"
-        raise ValueError(
-            f"layer {name!r}: expected a batched (N, {module.in_channels}, {spatial}) input, "
-            f"got shape {tuple(layer_input.shape)}"
-        )
     pads = tuple(module._reversed_padding_repeated_twice)
     if not one_d:
         return _Geometry(
@@ -394,11 +410,7 @@ def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     if isinstance(module, CONV_TYPES):
         patches = conv_patches(module, layer_input, layer.name)
         return patch_features(patches, layer.has_bias, layer.groups)
-    if layer_input.ndim < 2:
-        raise ValueError(
-            f"layer {layer.name!r}: expected a batched (N, ..., {module.in_features}) input, "
-            f"got shape {tuple(layer_input.shape)}"
-        )
+    check_layer_input(module, layer_input, layer.name)
     features = layer_input.reshape(layer_input.shape[0], -1, layer_input.shape[-1])
     if layer.has_bias:
         features = torch.cat([features, features.new_ones(*features.shape[:2], 1)], dim=2)

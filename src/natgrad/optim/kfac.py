@@ -59,7 +59,12 @@ from natgrad._validation import (
 )
 from natgrad._warnings import warn_at_caller
 from natgrad.curvature.evaluation_scope import in_curvature_evaluation
-from natgrad.curvature.kfac_capture import CONV_TYPES, KFAC_APPROXIMATIONS, backward_vectors
+from natgrad.curvature.kfac_capture import (
+    CONV_TYPES,
+    KFAC_APPROXIMATIONS,
+    backward_vectors,
+    check_layer_input,
+)
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
@@ -313,6 +318,33 @@ class _LayerHook:
 
     def __reduce__(self) -> tuple[type[_LayerHook], tuple[None, None]]:
         return _LayerHook, (None, None)
+
+
+class _CallRecorder:
+    """The output-gradient hook of one call of a preconditioned layer: on the first output
+    gradient it records the call's input, then each output gradient (one per backward vector
+    of the exact Fisher)."""
+
+    def __init__(self, precond: KFAC, state: LayerState, layer_input: Tensor, call_pass: int):
+        self._precond = precond
+        self._state = state
+        self._layer_input: Tensor | None = layer_input
+        self._features: Tensor | None = None
+        self._call_pass = call_pass
+
+    def __call__(self, grad: Tensor) -> None:
+        precond = self._precond
+        if precond._sampling:
+            self._record(grad, 1.0, precond._vector)
+        elif precond.fisher_type == "empirical":
+            scale = grad.shape[0] * precond.accumulation_steps / precond._current_loss_scale()
+            self._record(grad, scale, 0)
+
+    def _record(self, grad: Tensor, scale: float, vector: int) -> None:
+        if self._layer_input is not None:
+            self._features = self._state.record_input(self._layer_input)
+            self._layer_input = None
+        self._state.record_output_grad(grad, scale, self._features, self._call_pass, vector)
 
 
 class KFAC:
@@ -592,27 +624,23 @@ class KFAC:
     def _record_call(
         self, state: LayerState, module: nn.Module, layer_input: Tensor, output: Tensor
     ) -> None:
-        """A call of ``state``'s layer (its forward hook): record its input, and hook its
-        output for the output gradients."""
+        """A call of ``state``'s layer (its forward hook): hook its output, so that the call
+        is recorded (its input and output gradients) when the output gradient arrives.
+
+        A call whose output is never back-propagated (a forward pass with gradients enabled
+        for a metric, say) records nothing: its inputs would add rows to ``A`` without any
+        output gradient in ``G``."""
         if not self._recording(module) or not state.weight.requires_grad:  # frozen after build
             return
+        check_layer_input(module, layer_input, state.name)
+        if not output.requires_grad:
+            return
         call_pass = state.begin_call()
-        features = state.record_input(layer_input)
-        if output.requires_grad:
-            handle = output.register_hook(self._output_grad_hook(state, features, call_pass))
-            if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
-                self._output_edges.append(get_gradient_edge(output))
-                self._output_handles.append(handle)
-
-    def _output_grad_hook(self, state: LayerState, features: Tensor, call_pass: int):
-        def hook(grad: Tensor) -> None:
-            if self._sampling:
-                state.record_output_grad(grad, 1.0, features, call_pass, self._vector)
-            elif self.fisher_type == "empirical":
-                scale = grad.shape[0] * self.accumulation_steps / self._current_loss_scale()
-                state.record_output_grad(grad, scale, features, call_pass)
-
-        return hook
+        hook = _CallRecorder(self, state, layer_input.detach(), call_pass)
+        handle = output.register_hook(hook)
+        if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
+            self._output_edges.append(get_gradient_edge(output))
+            self._output_handles.append(handle)
 
     def _current_loss_scale(self) -> float:
         """The loss scale of this step's backward passes (read once per step: a scaler changes
@@ -832,15 +860,12 @@ class KFAC:
         forward pass was never sampled from: without :meth:`sample_backward` no output gradient
         is recorded and K-FAC would silently leave every gradient as it is."""
         sampled, self._sampled = self._sampled, False
+        recorded = bool(self._output_edges)
         for handle in self._output_handles:
             handle.remove()
         self._output_edges, self._output_handles = [], []
-        if self.fisher_type == "empirical" or sampled:
+        if self.fisher_type == "empirical" or sampled or not recorded:
             return
-        if not any(state.input_count > 0 for state in self.layers):
-            return
-        for state in self.layers:
-            state.reset_sums()
         raise RuntimeError(
             f"fisher_type={self.fisher_type!r} records its statistics in "
             "precond.sample_backward(outputs), which was not called after this step's forward "
