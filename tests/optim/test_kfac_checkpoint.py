@@ -53,8 +53,10 @@ def train(preconditioner, fisher_type: str, checkpointed: bool, reentrant: bool 
     ],
 )
 def test_checkpointed_training_equals_plain_training(preconditioner, fisher_type, reentrant):
-    """The recomputation records the inputs a second time, which leaves the mean ``A`` as it
-    is, and its outputs take no part in the Monte-Carlo backward."""
+    """Each checkpointed call is recorded once: non-reentrant checkpointing back-propagates
+    through the first forward's outputs (the recomputation's take no part in any backward
+    pass), reentrant checkpointing through the recomputation's (its first forward runs without
+    gradients)."""
     expected, expected_precond = train(preconditioner, fisher_type, checkpointed=False)
     got, got_precond = train(preconditioner, fisher_type, checkpointed=True, reentrant=reentrant)
     for ours, theirs in zip(got, expected, strict=True):
