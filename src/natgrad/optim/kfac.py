@@ -563,6 +563,7 @@ class KFAC:
         self.grad_scaler = grad_scaler
         self._loss_scale: float | None = None
         self._warned_silent: set[str] = set()
+        self._warned_biases: set[str] = set()
         self._warned_samples = False
         self._written: dict[str, tuple[weakref.ref, int]] = {}
         self.steps = 0
@@ -800,7 +801,10 @@ class KFAC:
         """
         self._check_new_gradients()
         self._check_sampled()
+        for state in self.layers:
+            state.drop_frozen_bias()
         self._warn_unfrozen()
+        self._warn_unfrozen_biases()
         self._damping_probe = None
         self._loss_scale = None
         if self.steps % self.factor_update_interval == 0:
@@ -884,6 +888,25 @@ class KFAC:
             "was built, so their gradients are left as they are. Build it while they are "
             "trainable and freeze them afterwards: frozen layers record nothing and are "
             "preconditioned again once unfrozen",
+            RuntimeWarning,
+        )
+
+    def _warn_unfrozen_biases(self) -> None:
+        """Warn (once per layer) about biases left out because they were frozen when the
+        preconditioner was built (or frozen since), once they have gradients."""
+        names = [
+            state.name
+            for state in self.layers
+            if state.name not in self._warned_biases and state.bias_passed_through()
+        ]
+        if not names:
+            return
+        self._warned_biases.update(names)
+        warn_at_caller(
+            f"KFAC: the biases of layers {names} have gradients but were frozen when the "
+            "preconditioner was built (or frozen since), so their gradients are left as they "
+            "are and the weights are preconditioned without them. Build the preconditioner "
+            "while they are trainable to precondition them with their weights",
             RuntimeWarning,
         )
 

@@ -569,6 +569,15 @@ class LayerState:
         self.pairs.clear()
 
     # -- for subclasses ------------------------------------------------------------------------
+    def drop_frozen_bias(self) -> None:
+        """Continue without the bias if it was frozen after the preconditioner was built (a
+        layer type with a bias overrides this)."""
+
+    def bias_passed_through(self) -> bool:
+        """Whether the layer has a bias with a gradient that it leaves out (frozen when the
+        preconditioner was built, or since)."""
+        return False
+
     def record_input(self, layer_input: Tensor) -> Tensor | None:
         raise NotImplementedError
 
@@ -635,6 +644,28 @@ class KroneckerLayerState(LayerState):
 
     def _feature_layer(self) -> KroneckerLayer:
         return self.layer
+
+    def drop_frozen_bias(self) -> None:
+        """If the bias was frozen after the preconditioner was built, continue with the weight
+        alone: its ``A`` is the current one without the bias row and column (what a bias-free
+        layer would have recorded, history included), the curvature is refreshed from it at
+        this step, and the bias is left out from now on. Otherwise the layer would wait for a
+        bias gradient that never comes and pass the weight's gradient through. (A layer frozen
+        whole keeps its bias: it records nothing until unfrozen.)"""
+        if self.bias is None or self.bias.requires_grad or not self.weight.requires_grad:
+            return
+        self.bias = None
+        self.layer = KroneckerLayer(self.name, self.module, 0, None)
+        if self.input_factor is not None:
+            self.input_factor = self.input_factor[..., :-1, :-1].clone()
+        pending = self.input_count > 0
+        self.input_sum = self.input_sum[..., :-1, :-1].clone() if pending else None
+        self.pairs = [(features[..., :-1], grads, count) for features, grads, count in self.pairs]
+        self.output_eigen = self.input_eigen = self.inverted_factors = self.eigenvalues = None
+
+    def bias_passed_through(self) -> bool:
+        bias = self.module.bias
+        return self.bias is None and bias is not None and bias.grad is not None
 
     def _input_template(self) -> Tensor:
         size = self.layer.input_dim
