@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -72,17 +74,55 @@ def test_float32_input_returns_float32_and_matches_float64() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"root": 0}, "root"),
-        ({"root": 1.5}, "root"),
-        ({"root": 2, "damping": -1.0}, "damping"),
-        ({"root": 2, "damping": float("nan")}, "damping"),
+        ({"root": 0}, ValueError, "root"),
+        ({"root": 1.5}, TypeError, "root"),
+        ({"root": True}, TypeError, "root"),
+        ({"root": 2, "damping": -1.0}, ValueError, "damping"),
+        ({"root": 2, "damping": float("nan")}, ValueError, "damping"),
+        ({"root": 2, "damping": "small"}, TypeError, "damping"),
+        ({"root": 2, "eigen_floor": 0.0}, ValueError, "eigen_floor"),
     ],
 )
-def test_bad_options_raise(kwargs: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_options_raise(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
         inverse_pth_root(torch.eye(3, dtype=torch.float64), **kwargs)
+
+
+def test_numpy_integer_root_is_accepted() -> None:
+    matrix = _random_psd(4, 4, 5) + 0.1 * np.eye(4)
+    result = inverse_pth_root(torch.from_numpy(matrix), np.int64(4)).numpy()
+    expected = np.real(fractional_matrix_power(matrix, -0.25))
+    np.testing.assert_allclose(result, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_nonnegative_powers_of_a_singular_matrix_are_not_floored() -> None:
+    """A¹ = A, (A^½)² = A and 0^½ = 0 for a rank-2 PSD A; a floor would add √ε·λ_max."""
+    singular = _random_psd(5, 2, 3)
+    matrix = torch.from_numpy(singular)
+    np.testing.assert_allclose(psd_matrix_power(matrix, 1.0).numpy(), singular, atol=1e-13)
+    root = psd_matrix_power(matrix, 0.5).numpy()
+    np.testing.assert_allclose(root @ root, singular, atol=1e-12)
+    eigenvalues, eigenvectors = np.linalg.eigh(singular)
+    expected = (eigenvectors * np.sqrt(eigenvalues.clip(min=0.0))) @ eigenvectors.T
+    np.testing.assert_allclose(root, expected, atol=1e-6)
+    zero = torch.zeros(3, 3, dtype=torch.float64)
+    assert torch.equal(psd_matrix_power(zero, 0.5), zero)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.int64])
+def test_non_real_floating_matrices_raise(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match=re.escape(str(dtype))):
+        psd_matrix_power(torch.eye(3, dtype=dtype), -0.5)
+
+
+@pytest.mark.parametrize(("scale", "exponent"), [(1e-40, -1.0), (1e30, 2.0)])
+def test_overflowing_float32_power_raises(scale: float, exponent: float) -> None:
+    """(s I)^e overflows float32 (s^e > 3.4e38): raise, never return infs."""
+    assert abs(exponent * np.log10(scale)) > 38.6
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        psd_matrix_power(scale * torch.eye(2, dtype=torch.float32), exponent)
 
 
 def test_bad_matrices_raise() -> None:

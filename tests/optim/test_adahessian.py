@@ -231,7 +231,7 @@ def test_non_finite_gradient_refuses_the_step() -> None:
     with pytest.warns(RuntimeWarning, match="not finite"):
         optimizer.step()
     assert torch.equal(param.detach(), torch.ones(3))
-    assert optimizer.refused_steps == 1
+    assert optimizer.counters["refused_steps"] == 1
     assert len(optimizer.state[param]) == 0
 
 

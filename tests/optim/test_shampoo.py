@@ -284,7 +284,7 @@ def test_non_finite_gradient_refuses_the_step() -> None:
         with pytest.warns(RuntimeWarning, match="not finite"):
             optimizer.step()
         assert torch.equal(param.detach(), before)
-    assert optimizer.refused_steps == 2
+    assert optimizer.counters["refused_steps"] == 2
     assert optimizer.state[param]["step"] == state_before["state"][0]["step"] == 1
     torch.testing.assert_close(
         optimizer.state[param]["statistics"][0], state_before["state"][0]["statistics"][0]

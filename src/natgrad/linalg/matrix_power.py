@@ -1,18 +1,19 @@
 """Real powers of symmetric positive semi-definite matrices, inverse p-th roots in particular.
 
-``(A + εI)^s`` is computed from the eigendecomposition of :func:`natgrad.linalg.psd_eigh`
-(float64, eigenvalues clamped from below at ``eigen_floor × λ_max``), so a singular or slightly
-indefinite ``A`` (rounding noise in accumulated statistics) never produces infs or NaNs. The
-inverse p-th root ``(A + εI)^{-1/p}`` is the preconditioner of Shampoo (Gupta et al., 2018).
+``(A + εI)^s`` is computed from a float64 eigendecomposition. For a negative ``s`` the
+eigenvalues are those of :func:`natgrad.linalg.psd_eigh` (clamped from below at
+``eigen_floor × λ_max``), so a singular or slightly indefinite ``A`` (rounding noise in
+accumulated statistics) never produces infs or NaNs; for ``s >= 0`` they are only clamped at
+zero, so that ``A^1 = A`` and ``(A^{1/2})² = A`` hold for a singular ``A`` too. The inverse
+p-th root ``(A + εI)^{-1/p}`` is the preconditioner of Shampoo (Gupta et al., 2018).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from natgrad._validation import finite_float, nonnegative_float, positive_int
 from natgrad.linalg.solve import add_damping, psd_eigh
 
 
@@ -24,14 +25,16 @@ def psd_matrix_power(
     Parameters
     ----------
     matrix : Tensor of shape (..., P, P)
-        Symmetric PSD, batched over leading dimensions; only its symmetric part is used.
+        Real floating point, symmetric PSD, batched over leading dimensions; only its
+        symmetric part is used.
     exponent : float
-        Any finite real power; negative powers act on the floored eigenvalues.
+        Any finite real power; negative powers act on the floored eigenvalues, non-negative
+        powers on the eigenvalues clamped at zero.
     damping : float, default 0.0
         Non-negative ``ε`` added to the diagonal before the power.
     eigen_floor : float, optional
-        Relative eigenvalue floor in ``(0, 1]`` (see :func:`natgrad.linalg.psd_eigh`); the
-        square root of the machine epsilon of ``matrix.dtype`` by default.
+        Relative eigenvalue floor in ``(0, 1]`` (see :func:`natgrad.linalg.psd_eigh`) of a
+        negative power; the square root of the machine epsilon of ``matrix.dtype`` by default.
 
     Returns
     -------
@@ -39,24 +42,44 @@ def psd_matrix_power(
 
     Raises
     ------
+    TypeError
+        If ``exponent`` or ``damping`` is not a real number, or ``matrix`` is not of a real
+        floating point dtype.
     ValueError
-        If ``exponent`` or ``damping`` is not finite, ``damping`` is negative, or ``matrix``
-        is not square or contains infs or NaNs.
+        If ``exponent`` or ``damping`` is not finite, ``damping`` is negative, ``eigen_floor``
+        is outside ``(0, 1]``, ``matrix`` is not square or contains infs or NaNs, or the
+        result overflows ``matrix.dtype``.
     torch.linalg.LinAlgError
-        If ``matrix + damping · I`` has no positive eigenvalue.
+        If ``exponent < 0`` and ``matrix + damping · I`` has no positive eigenvalue.
     """
-    if not math.isfinite(exponent):
-        raise ValueError(f"exponent must be finite, got {exponent!r}")
-    if not (damping >= 0.0 and math.isfinite(damping)):
-        raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
+    exponent = finite_float("exponent", exponent)
+    damping = nonnegative_float("damping", damping)
     if matrix.ndim < 2 or matrix.shape[-1] != matrix.shape[-2]:
         raise ValueError(f"matrix must have shape (..., P, P), got {tuple(matrix.shape)}")
+    if not matrix.dtype.is_floating_point:
+        raise TypeError(f"matrix must have a real floating point dtype, got {matrix.dtype}")
     if eigen_floor is None:
         eigen_floor = torch.finfo(matrix.dtype).eps ** 0.5
-    wide = add_damping(matrix.to(torch.float64), float(damping))
-    eigenvalues, eigenvectors = psd_eigh(wide, eigen_floor)
+    if not 0.0 < eigen_floor <= 1.0:
+        raise ValueError(f"eigen_floor must lie in (0, 1], got {eigen_floor!r}")
+    wide = add_damping(matrix.to(torch.float64), damping)
+    if exponent < 0:
+        eigenvalues, eigenvectors = psd_eigh(wide, eigen_floor)
+    else:
+        eigenvalues, eigenvectors = _clamped_eigh(wide)
     powered = (eigenvectors * eigenvalues.pow(exponent).unsqueeze(-2)) @ eigenvectors.mT
-    return (0.5 * (powered + powered.mT)).to(matrix.dtype)
+    result = (0.5 * (powered + powered.mT)).to(matrix.dtype)
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(f"the power overflows {matrix.dtype}: compute it in a wider dtype")
+    return result
+
+
+def _clamped_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the symmetric part of a finite ``matrix``, eigenvalues ``>= 0``."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("matrix must not contain infs or NaNs")
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    return eigenvalues.clamp(min=0.0), eigenvectors
 
 
 def inverse_pth_root(
@@ -69,7 +92,7 @@ def inverse_pth_root(
     matrix : Tensor of shape (..., P, P)
         Symmetric PSD, batched over leading dimensions.
     root : int
-        Positive integer ``p``; Shampoo uses ``p = 2k`` for an order-``k`` tensor.
+        Positive integer ``p`` (Python or NumPy); Shampoo uses ``p = 2k`` for an order-``k`` tensor.
     damping, eigen_floor
         As in :func:`psd_matrix_power`.
 
@@ -79,9 +102,10 @@ def inverse_pth_root(
 
     Raises
     ------
+    TypeError
+        If ``root`` is not an integer, or as in :func:`psd_matrix_power`.
     ValueError
-        If ``root`` is not a positive integer, or as in :func:`psd_matrix_power`.
+        If ``root < 1``, or as in :func:`psd_matrix_power`.
     """
-    if isinstance(root, bool) or not isinstance(root, int) or root < 1:
-        raise ValueError(f"root must be a positive integer, got {root!r}")
+    root = positive_int("root", root)
     return psd_matrix_power(matrix, -1.0 / root, damping, eigen_floor=eigen_floor)

@@ -9,7 +9,6 @@ The maths lives in the pure functions :func:`rademacher_like`, :func:`hutchinson
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from natgrad._validation import (
     unit_interval,
     unit_interval_pair,
 )
+from natgrad.optim.counted import CountedOptimizer
 
 
 def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -63,9 +63,16 @@ def hutchinson_diagonal(
 
     Raises
     ------
+    ValueError
+        If ``grads`` and ``params`` differ in length, or ``n_samples < 1``.
+    TypeError
+        If ``n_samples`` is not an integer.
     RuntimeError
         If no gradient carries a graph (``backward`` was called without ``create_graph=True``).
     """
+    n_samples = positive_int("n_samples", n_samples)
+    if len(grads) != len(params):
+        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
     differentiable = [i for i, grad in enumerate(grads) if grad.requires_grad]
     if not differentiable:
         raise RuntimeError(
@@ -114,7 +121,7 @@ def adahessian_direction(
     return first / (second.pow(hessian_power / 2.0) + eps)
 
 
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(CountedOptimizer):
     """AdaHessian: ``θ ← θ − lr · m̂ / (v̂^{k/2} + eps)`` with ``v`` the EMA of ``D²``.
 
     Per parameter, with ``D`` the Hutchinson estimate of the Hessian diagonal (spatially
@@ -154,7 +161,7 @@ class AdaHessian(torch.optim.Optimizer):
     that ``backward(create_graph=True)`` makes a reference cycle between a parameter and its
     gradient; ``zero_grad()`` after each step breaks it. A step whose
     gradient or Hessian estimate is not finite is refused: parameters and state are left
-    unchanged, a ``RuntimeWarning`` says why and ``refused_steps`` counts it.
+    unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
     """
 
     def __init__(
@@ -184,7 +191,7 @@ class AdaHessian(torch.optim.Optimizer):
         self.n_samples = n_samples
         self.update_each = update_each
         self.generator = generator
-        self.refused_steps = 0
+        self.counters = {"refused_steps": 0}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see the class parameters)."""
@@ -224,15 +231,15 @@ class AdaHessian(torch.optim.Optimizer):
         Raises
         ------
         TypeError
-            If a gradient is sparse (``nn.Embedding(sparse=True)``).
+            If a gradient is sparse (``nn.Embedding(sparse=True)``) or complex.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         pending = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if any(p.grad.is_sparse for _, p in pending):
-            raise TypeError("AdaHessian does not support sparse gradients")
+        for _, param in pending:
+            self._check_gradient(param.grad)
         if not all(bool(torch.isfinite(p.grad).all()) for _, p in pending):
             return self._refuse(loss, "a gradient is not finite")
         estimates = self._hessian_estimates([p for _, p in pending])
@@ -252,13 +259,6 @@ class AdaHessian(torch.optim.Optimizer):
             return {}
         diagonals = hutchinson_diagonal([p.grad for p in due], due, self.n_samples, self.generator)
         return {p: spatial_average(d) for p, d in zip(due, diagonals, strict=True)}
-
-    def _refuse(self, loss: Tensor | None, reason: str) -> Tensor | None:
-        self.refused_steps += 1
-        warnings.warn(
-            f"AdaHessian step refused, parameters unchanged: {reason}", RuntimeWarning, stacklevel=3
-        )
-        return loss
 
 
 def _apply_update(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

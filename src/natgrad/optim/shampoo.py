@@ -14,7 +14,6 @@ wires them together and keeps their state.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from natgrad._validation import (
     unit_interval_pair,
 )
 from natgrad.linalg.matrix_power import inverse_pth_root
+from natgrad.optim.counted import CountedOptimizer
 
 _GRAFTINGS = ("sgd", "adagrad", "adam", None)
 
@@ -132,7 +132,7 @@ def adam_direction(
     return first / (exp_avg_sq.sqrt() / math.sqrt(1.0 - betas[1] ** step) + eps)
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(CountedOptimizer):
     """Shampoo: Kronecker-factored full-matrix AdaGrad over each parameter's tensor modes.
 
     One step, per parameter ``θ`` of order ``k`` (scalars are treated as vectors of length 1):
@@ -184,7 +184,8 @@ class Shampoo(torch.optim.Optimizer):
     in float64 with eigenvalues floored at ``√ε_dtype · λ_max`` (a cap on the condition number
     that float32 statistics need). A step whose gradient, statistics or direction is not finite
     is refused as a whole: parameters and state are left unchanged, a ``RuntimeWarning`` says
-    why and ``refused_steps`` counts it. Sparse gradients are not supported.
+    why and ``counters["refused_steps"]`` counts it. Sparse and complex gradients raise
+    ``TypeError``.
     """
 
     def __init__(
@@ -216,7 +217,7 @@ class Shampoo(torch.optim.Optimizer):
             "grafting_eps": grafting_eps,
         }
         super().__init__(params, _checked_options(defaults))
-        self.refused_steps = 0
+        self.counters = {"refused_steps": 0}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group after checking its options (see the class parameters)."""
@@ -246,8 +247,7 @@ class Shampoo(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                if param.grad.is_sparse:
-                    raise TypeError("Shampoo does not support sparse gradients")
+                self._check_gradient(param.grad)
                 if not bool(torch.isfinite(param.grad).all()):
                     return self._refuse(loss, "a gradient is not finite")
                 pending.append((group, param))
@@ -263,13 +263,6 @@ class Shampoo(torch.optim.Optimizer):
         for group, param, new_state, direction in updates:
             self.state[param].update(new_state)
             param.add_(direction, alpha=-group["lr"])
-        return loss
-
-    def _refuse(self, loss: Tensor | None, reason: str) -> Tensor | None:
-        self.refused_steps += 1
-        warnings.warn(
-            f"Shampoo step refused, parameters unchanged: {reason}", RuntimeWarning, stacklevel=3
-        )
         return loss
 
 
@@ -297,7 +290,7 @@ def _parameter_update(
     grafted, source = _grafting_direction(grad, state, group, step, new_state)
     start = group["start_preconditioning_step"]
     if step >= start:
-        if (step - start) % group["update_freq"] == 0:
+        if (step - start) % group["update_freq"] == 0 or "preconditioners" not in state:
             preconditioners = [
                 mode_preconditioner(s, len(tensor_shape), group["epsilon"]) for s in statistics
             ]
@@ -312,6 +305,8 @@ def _parameter_update(
     if group["momentum"] != 0.0:
         if "momentum_buffer" in state:
             direction = group["momentum"] * state["momentum_buffer"] + direction
+        else:
+            direction = direction.clone()  # may be ``param.grad`` itself, which callers modify
         new_state["momentum_buffer"] = direction
     return new_state, direction
 
