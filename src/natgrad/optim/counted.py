@@ -1,7 +1,10 @@
 """A ``torch.optim.Optimizer`` base with step counters and refused steps.
 
 Optimizers that may refuse a step (non-finite loss, gradient or direction) leave the parameters
-as they are, warn, and count it; the counters round-trip through ``state_dict()``.
+as they are, warn, and count it; the counters round-trip through ``state_dict()``. A copy
+(``copy.deepcopy``, ``pickle``) keeps every attribute of the optimizer, where
+``torch.optim.Optimizer`` keeps only its defaults, state and parameter groups, and a copied
+optimizer with options of its own would fail at its next step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,24 @@ class CountedOptimizer(torch.optim.Optimizer):
 
     counters: dict[str, int]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute but torch's hook registries (which ``__setstate__`` makes anew)."""
+        attributes = {
+            name: value for name, value in vars(self).items() if not _is_hook_registry(name)
+        }
+        return {**attributes, **super().__getstate__()}
+
+    def _check_gradient(self, grad: Tensor) -> None:
+        """Raise ``TypeError`` for a sparse or complex gradient, which these optimizers'
+        statistics (squares, outer products) do not support."""
+        name = type(self).__name__
+        if grad.layout != torch.strided:
+            raise TypeError(f"{name} does not support sparse gradients, got layout {grad.layout}")
+        if not grad.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} supports real floating point gradients only, got dtype {grad.dtype}"
+            )
+
     def _refuse(self, loss: Tensor, why: str) -> Tensor:
         """Count a refused step, warn with ``why`` and return ``loss``."""
         self.counters["refused_steps"] += 1
@@ -37,3 +58,9 @@ class CountedOptimizer(torch.optim.Optimizer):
         state = dict(state_dict)
         self.counters = dict(state.pop("counters", self.counters))
         super().load_state_dict(state)
+
+
+def _is_hook_registry(name: str) -> bool:
+    """``_optimizer_step_pre_hooks`` and the like: callables registered on the optimizer, which
+    ``torch.optim.Optimizer`` leaves out of its pickled state."""
+    return name.startswith("_optimizer_") and name.endswith("_hooks")

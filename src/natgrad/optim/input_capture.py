@@ -3,22 +3,43 @@ the user's closure (exact Fisher products need the batch the closure used)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from natgrad.curvature.evaluation_scope import in_curvature_evaluation
+
 __all__ = ["InputCapture"]
+
+
+class _CaptureHook:
+    """The forward pre-hook of an :class:`InputCapture`. It holds the capture weakly, and
+    pickles and deep-copies to an inert hook: ``copy.deepcopy`` of a model copies its hooks onto
+    the copy (an EMA model, a twin run), where the hook must neither record the copy's inputs
+    nor drag a copy of the optimizer along, and ``torch.save(model)`` must not fail on it."""
+
+    def __init__(self, capture: InputCapture | None) -> None:
+        self._capture = None if capture is None else weakref.ref(capture)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        capture = None if self._capture is None else self._capture()
+        if capture is not None:
+            capture.record(args)
+
+    def __reduce__(self) -> tuple[type[_CaptureHook], tuple[None]]:
+        return _CaptureHook, (None,)
 
 
 class InputCapture:
     """The first positional input (detached) of ``module``'s latest forward pass.
 
-    A forward pre-hook records it. The hook is a closure that ignores every module but
-    ``module``: ``copy.deepcopy`` of a model copies its hooks onto the copy (an EMA model, a
-    twin run), and there the hook must neither record the copy's inputs nor, as a bound method
-    would, drag a deep copy of its optimizer (state, preconditioner and all) along.
+    A forward pre-hook records it, except in the passes of natgrad's curvature builders
+    (:func:`~natgrad.curvature.evaluation_scope.curvature_evaluation`). A copy of the capture
+    (``copy.deepcopy`` or ``pickle`` of its optimizer) hooks the copy of ``module``; a copy of
+    the module alone carries an inert hook.
 
     Parameters
     ----------
@@ -33,16 +54,24 @@ class InputCapture:
     """
 
     def __init__(self, module: nn.Module, *, only_with_grad: bool = False) -> None:
+        self.module = module
+        self.only_with_grad = only_with_grad
         self.inputs: Tensor | None = None
+        self._handle = module.register_forward_pre_hook(_CaptureHook(self))
 
-        def capture(called: nn.Module, args: tuple[Any, ...]) -> None:
-            if called is not module or not args or not isinstance(args[0], Tensor):
-                return
-            if only_with_grad and not torch.is_grad_enabled():
-                return
-            self.inputs = args[0].detach()
+    def __getstate__(self) -> dict[str, Any]:
+        return {"module": self.module, "only_with_grad": self.only_with_grad}
 
-        self._handle = module.register_forward_pre_hook(capture)
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["module"], only_with_grad=state["only_with_grad"])
+
+    def record(self, args: tuple[Any, ...]) -> None:
+        """Keep the first positional argument of a forward pass of the module."""
+        if not args or not isinstance(args[0], Tensor) or in_curvature_evaluation():
+            return
+        if self.only_with_grad and not torch.is_grad_enabled():
+            return
+        self.inputs = args[0].detach()
 
     def run(self, closure: Callable[[], Tensor]) -> Tensor:
         """Run ``closure`` with gradients enabled and return its loss; it must run the model.

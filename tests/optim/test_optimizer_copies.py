@@ -1,0 +1,62 @@
+"""natgrad's optimizers with options of their own (a model, a likelihood, a generator, step
+counters) survive ``copy.deepcopy`` and ``pickle``: ``torch.optim.Optimizer`` keeps only its
+defaults, state and parameter groups in a copy, and the copies failed at their next step."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from natgrad.optim import AdaHessian, NaturalGradient, QuadraticModelOptimizer, Shampoo
+
+OPTIMIZERS = ["NaturalGradient", "QuadraticModelOptimizer", "Shampoo", "AdaHessian"]
+
+
+def _make(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    if name == "NaturalGradient":
+        return NaturalGradient(model, "categorical", lr=0.5, damping=0.1)
+    if name == "QuadraticModelOptimizer":
+        return QuadraticModelOptimizer(model, "categorical", damping_adaptation_interval=2)
+    if name == "Shampoo":
+        return Shampoo(model.parameters(), lr=0.1, update_freq=2)
+    generator = torch.Generator().manual_seed(7)
+    return AdaHessian(model.parameters(), lr=0.05, n_samples=2, generator=generator)
+
+
+def _train(name: str, model: nn.Module, optimizer, steps: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(12, 3, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (12,), generator=generator)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward(create_graph=name == "AdaHessian")
+        return loss
+
+    for _ in range(steps):
+        if name in ("Shampoo", "AdaHessian"):
+            closure()
+            optimizer.step()
+        else:
+            optimizer.step(closure)
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_copied_model_and_optimizer_continue_as_the_originals(name: str, copier: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    optimizer = _make(name, model)
+    _train(name, model, optimizer, steps=2)
+    pair = (model, optimizer)
+    twin_model, twin = (
+        copy.deepcopy(pair) if copier == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    )
+    _train(name, model, optimizer, steps=3)
+    _train(name, twin_model, twin, steps=3)
+    for param, copied in zip(model.parameters(), twin_model.parameters(), strict=True):
+        torch.testing.assert_close(copied, param, rtol=0, atol=0)
+    assert twin.counters == optimizer.counters
