@@ -136,6 +136,35 @@ def test_trpo_backtracks_when_the_full_step_violates_the_kl_bound():
     assert torch_kl(policy, observations, old_outputs) <= 0.5
 
 
+def test_trpo_refuses_when_no_backtracked_step_satisfies_the_kl_bound():
+    """Same batch as above, one try only: the full step's exact KL exceeds δ, so nothing is
+    accepted and the parameters are restored bit for bit."""
+    policy = categorical_policy(seed=3)
+    observations, actions, advantages = batch(policy, seed=4)
+    start = flat(policy)
+    agent = TRPO(policy, value_function(), max_kl=0.5, cg_iters=20, max_backtracks=1)
+    stats = agent.policy_step(observations, actions, advantages)
+    assert stats == {
+        "kl": 0.0,
+        "accepted": 0.0,
+        "step_fraction": 0.0,
+        "surrogate": float(advantages.mean()),
+    }
+    assert torch.equal(flat(policy), start)
+
+
+@pytest.mark.parametrize("agent_class", [NPG, TRPO, VanillaPolicyGradient])
+def test_a_column_of_advantages_is_refused_and_the_policy_left_alone(agent_class):
+    """``(T, 1)`` advantages would broadcast to a ``(T, T)`` objective and a wrong step."""
+    policy = categorical_policy(seed=7)
+    observations, actions, advantages = batch(policy, seed=8)
+    before = flat(policy)
+    agent = agent_class(policy, value_function())
+    with pytest.raises(ValueError, match=rf"advantages must have shape \({NUM_STATES},\)"):
+        agent.policy_step(observations, actions, advantages[:, None])
+    assert torch.equal(flat(policy), before)
+
+
 @pytest.mark.parametrize("agent_class", [NPG, TRPO])
 def test_zero_advantages_refuse_the_step(agent_class):
     policy = categorical_policy(seed=5)

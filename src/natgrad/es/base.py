@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -18,16 +19,18 @@ def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
         return random_state
     if random_state is None:
         return torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
-    if isinstance(random_state, bool) or not isinstance(random_state, int):
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
         raise TypeError(
             f"random_state must be an int, a torch.Generator or None, got {random_state!r}"
         )
-    return torch.Generator().manual_seed(random_state)
+    return torch.Generator().manual_seed(int(random_state))
 
 
 def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
-    """``x0`` as a finite 1-d tensor of ``dtype``."""
-    point = torch.as_tensor(x0, dtype=dtype).clone()
+    """``x0`` as a finite 1-d tensor of ``dtype`` (a floating-point type), detached, copied."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    point = torch.as_tensor(x0, dtype=dtype).detach().clone()
     if point.ndim != 1 or point.numel() < 1:
         raise ValueError(f"x0 must be a non-empty 1-d vector, got shape {tuple(point.shape)}")
     if not bool(torch.isfinite(point).all()):
@@ -78,6 +81,7 @@ class NaturalEvolutionStrategy(abc.ABC):
     random_state : int, torch.Generator or None
         Source of the samples (a generator is used, and advanced, as is).
     dtype : torch.dtype, default torch.float64
+        A floating-point type, of the samples and the distribution's parameters.
 
     Notes
     -----
@@ -116,7 +120,8 @@ class NaturalEvolutionStrategy(abc.ABC):
     def tell(self, samples: Tensor, fitness: Tensor) -> None:
         """Update the distribution from ``samples`` (``(λ, d)``) and their values (``(λ,)``).
 
-        Samples not drawn by the last :meth:`ask` are allowed (their noise is recomputed).
+        Samples not drawn by the last :meth:`ask` are allowed (their noise is recomputed);
+        so are samples told before, whose noise is recomputed under the moved distribution.
 
         Raises
         ------
@@ -124,8 +129,8 @@ class NaturalEvolutionStrategy(abc.ABC):
             If the shapes do not match ``(λ, d)`` and ``(λ,)``, a sample is not finite, or a
             fitness value is NaN (``+inf`` is allowed and ranks last).
         """
-        samples = torch.as_tensor(samples, dtype=self.dtype)
-        fitness = torch.as_tensor(fitness, dtype=self.dtype)
+        samples = torch.as_tensor(samples, dtype=self.dtype).detach()
+        fitness = torch.as_tensor(fitness, dtype=self.dtype).detach()
         expected = (self.population_size, self.dim)
         if samples.shape != expected:
             raise ValueError(f"samples must have shape {expected}, got {tuple(samples.shape)}")
@@ -137,10 +142,12 @@ class NaturalEvolutionStrategy(abc.ABC):
             raise ValueError("samples must be finite")
         if bool(torch.isnan(fitness).any()):
             raise ValueError(f"fitness must not contain NaN, got {fitness.tolist()}")
-        self._update(self._noise_of(samples), shaped_fitness(fitness))
+        noise = self._noise_of(samples)
+        self._asked = None
+        self._update(noise, shaped_fitness(fitness))
 
     def _noise_of(self, samples: Tensor) -> Tensor:
-        """The stored noise if ``samples`` are the last ones asked, else recomputed from them.
+        """Noise of ``samples``: kept from an untold :meth:`ask` if they match, else recomputed.
 
         Recomputing ``z = A⁻¹(x − μ)`` loses precision once ``σ ≪ |μ|``, so the exact noise of
         :meth:`ask` is reused whenever possible.

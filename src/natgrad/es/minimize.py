@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from natgrad._validation import one_of, positive_int
+from natgrad._validation import nonnegative_float, one_of, positive_int
 from natgrad.es.base import ESResult, NaturalEvolutionStrategy
 from natgrad.es.snes import SNES
 from natgrad.es.xnes import XNES
@@ -66,9 +66,16 @@ def minimize(
     Returns
     -------
     ESResult
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is unknown, ``max_evaluations`` is not positive, ``target`` is NaN,
+        ``min_sigma`` is negative or not finite, or ``f`` returns a NaN or the wrong shape.
     """
     one_of("method", method, METHODS)
     positive_int("max_evaluations", max_evaluations)
+    nonnegative_float("min_sigma", min_sigma)
     if target is not None and math.isnan(target):
         raise ValueError("target must not be NaN")
     strategy = METHODS[method](x0, sigma0, random_state=random_state, **options)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad._validation import positive_float
+from natgrad._validation import positive_float, positive_int
 from natgrad.es.base import NaturalEvolutionStrategy
 
 
@@ -34,6 +34,7 @@ def snes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tenso
 
 def default_snes_rates(dim: int) -> tuple[float, float]:
     """``(η_μ, η_σ) = (1, (3 + ln d) / (5 √d))`` from Schaul et al. 2011."""
+    dim = positive_int("dim", dim)
     return 1.0, (3.0 + math.log(dim)) / (5.0 * math.sqrt(dim))
 
 

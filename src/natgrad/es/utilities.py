@@ -7,12 +7,12 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad._validation import int_at_least
+from natgrad._validation import int_at_least, positive_int
 
 
 def default_population_size(dim: int) -> int:
-    """``λ = 4 + ⌊3 ln d⌋`` (Glasmachers et al. 2010; Schaul et al. 2011)."""
-    return 4 + math.floor(3.0 * math.log(dim))
+    """``λ = 4 + ⌊3 ln d⌋`` (Glasmachers et al. 2010; Schaul et al. 2011) for ``d ≥ 1``."""
+    return 4 + math.floor(3.0 * math.log(positive_int("dim", dim)))
 
 
 def rank_utilities(population_size: int, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from natgrad._validation import positive_float
+from natgrad._validation import positive_float, positive_int
 from natgrad.es.base import NaturalEvolutionStrategy
 
 
@@ -43,6 +43,7 @@ def xnes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tenso
 
 def default_xnes_rates(dim: int) -> tuple[float, float, float]:
     """``(η_μ, η_σ, η_B) = (1, 3(3 + ln d) / (5 d √d), same)`` from Glasmachers et al. 2010."""
+    dim = positive_int("dim", dim)
     rate = 3.0 * (3.0 + math.log(dim)) / (5.0 * dim * math.sqrt(dim))
     return 1.0, rate, rate
 

@@ -17,7 +17,7 @@ from natgrad.rl.policy_fisher import (
     set_flat_parameters,
     trainable_parameters,
 )
-from natgrad.rl.policy_gradient import PolicyGradient, surrogate
+from natgrad.rl.policy_gradient import PolicyGradient, check_advantages, surrogate
 from natgrad.rl.value import ValueFunction
 
 
@@ -42,6 +42,11 @@ class NPG(PolicyGradient):
     **kwargs
         Passed to :class:`~natgrad.rl.PolicyGradient` (``gamma``, ``gae_lambda``, ...).
 
+    Raises
+    ------
+    ValueError
+        If an option is out of range (see also :class:`~natgrad.rl.PolicyGradient`).
+
     Notes
     -----
     A step is refused (parameters unchanged, ``accepted = 0``) when the gradient or the
@@ -64,7 +69,15 @@ class NPG(PolicyGradient):
         self.cg_damping = nonnegative_float("cg_damping", cg_damping)
 
     def policy_gradient(self, observations: Tensor, actions: Tensor, advantages: Tensor) -> Tensor:
-        """``g = 1/T Σₜ ∇ log π(aₜ|sₜ) Âₜ`` as a flat vector of shape ``(P,)``."""
+        """``g = 1/T Σₜ ∇ log π(aₜ|sₜ) Âₜ`` as a flat vector of shape ``(P,)``.
+
+        Raises
+        ------
+        ValueError
+            If ``advantages`` is not of shape ``(T,)`` or ``actions`` not of the shape that
+            :meth:`Policy.sample` gives.
+        """
+        check_advantages(observations, advantages)
         objective = (self.policy.log_prob(observations, actions) * advantages).mean()
         gradients = torch.autograd.grad(objective, list(trainable_parameters(self.policy).values()))
         return torch.cat([g.reshape(-1) for g in gradients])

@@ -92,8 +92,24 @@ class Policy(nn.Module, abc.ABC):
         return self.distribution_from(self(observations))
 
     def log_prob(self, observations: Tensor, actions: Tensor) -> Tensor:
-        """``log π(aₙ | sₙ)``, shape ``(N,)``."""
-        return self.distribution(observations).log_prob(actions)
+        """``log π(aₙ | sₙ)``, shape ``(N,)``.
+
+        Parameters
+        ----------
+        observations : Tensor of shape (N, obs_dim)
+        actions : Tensor of shape (N,) (categorical) or (N, action_dim) (Gaussian)
+            As :meth:`sample` returns them.
+
+        Raises
+        ------
+        ValueError
+            If ``actions`` has another shape (it would broadcast to a wrong result).
+        """
+        distribution = self.distribution(observations)
+        expected = tuple(distribution.batch_shape + distribution.event_shape)
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"actions must have shape {expected}, got {tuple(actions.shape)}")
+        return distribution.log_prob(actions)
 
     def _check_observations(self, observations: Tensor) -> None:
         if observations.ndim != 2 or observations.shape[1] != self.obs_dim:

@@ -20,8 +20,19 @@ from natgrad.rl.policies import Policy
 
 
 def trainable_parameters(policy: Policy) -> dict[str, Tensor]:
-    """The policy's parameters with ``requires_grad=True``, by name, in ``parameters()`` order."""
-    return {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    """The policy's parameters with ``requires_grad=True``, by name, in ``parameters()`` order.
+
+    Raises
+    ------
+    ValueError
+        If every parameter of ``policy`` is frozen (``requires_grad=False``).
+    """
+    trainable = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            f"{type(policy).__name__} has no trainable parameters (all have requires_grad=False)"
+        )
+    return trainable
 
 
 def flat_parameters(policy: Policy) -> Tensor:
@@ -83,7 +94,8 @@ def policy_kl_fisher(
     TypeError
         If ``policy`` is not a :class:`Policy`.
     ValueError
-        If ``observations`` is not finite or has the wrong shape.
+        If ``observations`` is not finite or has the wrong shape, or no parameter of
+        ``policy`` is trainable.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a natgrad.rl.Policy, got {type(policy).__name__}")

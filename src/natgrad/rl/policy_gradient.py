@@ -10,6 +10,7 @@ from torch import Tensor
 from natgrad._validation import positive_float, positive_int, unit_interval
 from natgrad.rl.advantages import gae_advantages
 from natgrad.rl.policies import Policy
+from natgrad.rl.policy_fisher import trainable_parameters
 from natgrad.rl.rollouts import RolloutBatch
 from natgrad.rl.value import ValueFunction, fit_value_function
 
@@ -34,6 +35,13 @@ class PolicyGradient(abc.ABC):
     value_steps : int, default 50
     value_lr : float, default 1e-2
 
+    Raises
+    ------
+    TypeError
+        If ``policy`` or ``value_function`` is of the wrong type.
+    ValueError
+        If an option is out of range or every parameter of ``policy`` is frozen.
+
     Notes
     -----
     Subclasses implement :meth:`policy_step` on the batch's states, actions and normalised
@@ -56,6 +64,7 @@ class PolicyGradient(abc.ABC):
             raise TypeError(
                 f"value_function must be a ValueFunction, got {type(value_function).__name__}"
             )
+        trainable_parameters(policy)
         self.policy = policy
         self.value_function = value_function
         self.gamma = unit_interval("gamma", gamma, closed_right=True)
@@ -82,7 +91,15 @@ class PolicyGradient(abc.ABC):
         return advantages, advantages + values
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """Improve the policy and the baseline on one batch; returns the step's statistics."""
+        """Improve the policy and the baseline on one batch; returns the step's statistics.
+
+        Raises
+        ------
+        ValueError
+            If the batch holds a non-finite reward or observation (it would poison the
+            value function's parameters with NaN).
+        """
+        check_finite_batch(batch)
         advantages, returns = self.advantages(batch)
         stats = self.policy_step(batch.observations, batch.actions, normalized(advantages))
         stats["value_loss"] = fit_value_function(
@@ -95,6 +112,27 @@ class PolicyGradient(abc.ABC):
         self, observations: Tensor, actions: Tensor, advantages: Tensor
     ) -> dict[str, float]:
         """Update the policy parameters in place from ``(T, ·)`` states, actions, advantages."""
+
+
+def check_finite_batch(batch: RolloutBatch) -> None:
+    """Raise ``ValueError`` naming the steps where a reward or an observation is not finite."""
+    for name in ("rewards", "observations", "next_observations"):
+        values = getattr(batch, name)
+        bad = ~torch.isfinite(values.reshape(len(batch), -1)).all(dim=1)
+        if bool(bad.any()):
+            steps = torch.nonzero(bad).flatten().tolist()
+            raise ValueError(f"batch.{name} is not finite at steps {steps}")
+
+
+def check_advantages(observations: Tensor, advantages: Tensor) -> None:
+    """Raise ``ValueError`` unless ``advantages`` has shape ``(T,)`` for ``(T, obs_dim)`` states.
+
+    A ``(T, 1)`` column would broadcast against the ``(T,)`` log-probabilities into a wrong
+    ``(T, T)`` objective.
+    """
+    expected = (observations.shape[0],)
+    if tuple(advantages.shape) != expected:
+        raise ValueError(f"advantages must have shape {expected}, got {tuple(advantages.shape)}")
 
 
 def surrogate(
@@ -127,6 +165,7 @@ class VanillaPolicyGradient(PolicyGradient):
     def policy_step(
         self, observations: Tensor, actions: Tensor, advantages: Tensor
     ) -> dict[str, float]:
+        check_advantages(observations, advantages)
         with torch.no_grad():
             old_outputs = self.policy(observations)
         self.policy_optimizer.zero_grad()

@@ -24,7 +24,8 @@ class RolloutBatch:
         ``sₜ`` and the observation ``sₜ₊₁`` the step led to (the final one when the episode
         ended there).
     actions : Tensor of shape (T,) or (T, action_dim)
-        Actions as sampled (before clipping to a ``Box`` action space).
+        Actions as sampled by the policy: before clipping to a ``Box`` action space, and
+        for a ``Discrete(n, start)`` space the index ``0..n-1`` (the env got ``start + index``).
     rewards : Tensor of shape (T,)
     terminated : bool Tensor of shape (T,)
         The step reached a terminal state.
@@ -98,7 +99,7 @@ class RolloutCollector:
     def _env_action(self, action: Tensor) -> np.ndarray | int:
         space = self.env.action_space
         if isinstance(space, gym.spaces.Discrete):
-            return int(action)
+            return int(space.start) + int(action)
         return np.clip(action.numpy().astype(space.dtype), space.low, space.high)
 
     def collect(self, policy: Policy, num_steps: int) -> RolloutBatch:
@@ -107,23 +108,26 @@ class RolloutCollector:
         Raises
         ------
         TypeError
-            If ``num_steps`` is not an integer.
+            If ``policy`` is not a :class:`Policy` or ``num_steps`` is not an integer.
         ValueError
             If ``num_steps`` is not positive.
         """
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a natgrad.rl.Policy, got {type(policy).__name__}")
         positive_int("num_steps", num_steps)
         dtype = next(policy.parameters()).dtype
         records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
         finished: list[float] = []
         for _ in range(num_steps):
-            observation = torch.as_tensor(self._observation, dtype=dtype).unsqueeze(0)
+            # torch.tensor copies: an environment may return one buffer that it mutates in place
+            observation = torch.tensor(self._observation, dtype=dtype).unsqueeze(0)
             action = policy.sample(observation, self.generator)[0]
             next_observation, reward, terminated, truncated, _ = self.env.step(
                 self._env_action(action)
             )
             self._episode_return += float(reward)
             records["obs"].append(observation[0])
-            records["next"].append(torch.as_tensor(next_observation, dtype=dtype))
+            records["next"].append(torch.tensor(next_observation, dtype=dtype))
             records["act"].append(action)
             records["rew"].append(float(reward))
             records["term"].append(bool(terminated))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from natgrad._validation import positive_int
 from natgrad.rl.policies import mlp
 
 
@@ -28,7 +29,7 @@ class ValueFunction(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        self.obs_dim = obs_dim
+        self.obs_dim = positive_int("obs_dim", obs_dim)
         self.net = mlp(obs_dim, 1, hidden_sizes, generator, output_gain=1.0)
 
     def forward(self, observations: Tensor) -> Tensor:
@@ -59,7 +60,16 @@ def fit_value_function(
     -------
     float
         The mean squared error after the last step.
+
+    Raises
+    ------
+    ValueError
+        If ``targets`` is not of shape ``(N,)`` (a ``(N, 1)`` column would broadcast into a
+        wrong ``(N, N)`` error).
     """
+    expected = (observations.shape[0],)
+    if tuple(targets.shape) != expected:
+        raise ValueError(f"targets must have shape {expected}, got {tuple(targets.shape)}")
     for _ in range(steps):
         optimizer.zero_grad()
         loss = (value_function(observations) - targets).square().mean()
