@@ -9,8 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from natgrad.optim import AdaHessian, NaturalGradient, QuadraticModelOptimizer, Shampoo
+from natgrad.expfam import Gaussian
+from natgrad.optim import (
+    AdaHessian,
+    NaturalGradient,
+    NaturalGradientDescent,
+    QuadraticModelOptimizer,
+    Shampoo,
+)
 
+DTYPE = torch.float64
 OPTIMIZERS = ["NaturalGradient", "QuadraticModelOptimizer", "Shampoo", "AdaHessian"]
 
 
@@ -59,4 +67,32 @@ def test_a_copied_model_and_optimizer_continue_as_the_originals(name: str, copie
     _train(name, twin_model, twin, steps=3)
     for param, copied in zip(model.parameters(), twin_model.parameters(), strict=True):
         torch.testing.assert_close(copied, param, rtol=0, atol=0)
+    assert twin.counters == optimizer.counters
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_a_copied_natural_gradient_descent_continues_as_the_original(copier: str) -> None:
+    """Exponential-family parameters fitted to a target Gaussian by KL: the copy (with its
+    parameters) takes the original's steps and keeps its counters."""
+    target = Gaussian(
+        torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    )
+    start = Gaussian(torch.tensor(0.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    theta = [param.detach().clone().requires_grad_(True) for param in start.natural_params]
+    optimizer = NaturalGradientDescent(theta, family=Gaussian, lr=0.3)
+
+    def train(optimizer: NaturalGradientDescent, steps: int) -> list[torch.Tensor]:
+        params = optimizer.param_groups[0]["params"]
+        for _ in range(steps):
+            optimizer.zero_grad()
+            Gaussian.from_natural(*params).kl(target).backward()
+            optimizer.step()
+        return params
+
+    train(optimizer, steps=2)
+    twin = (
+        copy.deepcopy(optimizer) if copier == "deepcopy" else pickle.loads(pickle.dumps(optimizer))
+    )
+    for ours, theirs in zip(train(twin, 3), train(optimizer, 3), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert twin.counters == optimizer.counters

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from natgrad._validation import nonnegative_int, positive_float
 from natgrad.expfam.base import ExponentialFamily, Params
+from natgrad.optim.counted import CountedOptimizer
 
 
 def natural_gradient_direction(
@@ -75,7 +76,7 @@ def natural_gradient_direction(
     )
 
 
-class NaturalGradientDescent(torch.optim.Optimizer):
+class NaturalGradientDescent(CountedOptimizer):
     """Natural-gradient descent ``θ ← θ − lr · F(θ)⁻¹ ∇_θ L`` on exponential-family parameters.
 
     Parameters
@@ -209,17 +210,17 @@ class NaturalGradientDescent(torch.optim.Optimizer):
             return None
         grads = tuple(torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params)
         if not all(bool(g.isfinite().all()) for g in grads):
-            return self._refuse(index, "the gradient is not finite")
+            return self._refuse_group(index, "the gradient is not finite")
         theta = tuple(p.detach() for p in params)
         try:
             direction = natural_gradient_direction(group["family"], theta, grads)
         except torch.linalg.LinAlgError as error:
-            return self._refuse(index, f"the Fisher solve failed ({error})")
+            return self._refuse_group(index, f"the Fisher solve failed ({error})")
         if not all(bool(d.isfinite().all()) for d in direction):
-            return self._refuse(index, "the natural-gradient direction is not finite")
+            return self._refuse_group(index, "the natural-gradient direction is not finite")
         proposal = self._backtrack(group, theta, direction)
         if proposal is None:
-            return self._refuse(
+            return self._refuse_group(
                 index,
                 f"no step inside the natural parameter space ({group['family'].natural_domain}) "
                 f"after {group['max_halvings']} halvings of lr = {group['lr']}",
@@ -240,7 +241,7 @@ class NaturalGradientDescent(torch.optim.Optimizer):
                 return proposal
         return None
 
-    def _refuse(self, index: int, why: str) -> None:
+    def _refuse_group(self, index: int, why: str) -> None:
         """Count and warn about a refused group step (returns ``None``: no proposal)."""
         self.counters["refused_steps"] += 1
         warnings.warn(
