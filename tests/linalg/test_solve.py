@@ -143,3 +143,16 @@ def test_matrix_without_positive_eigenvalue_asks_for_damping() -> None:
     torch.testing.assert_close(
         damped_solve(torch.zeros(3, 3), torch.ones(3), 2.0), torch.full((3,), 0.5)
     )
+
+
+def test_only_the_symmetric_part_is_used_on_every_path() -> None:
+    """Cholesky alone would read the lower triangle; the eigendecomposition the symmetric part."""
+    matrix = torch.tensor([[2.0, 5.0], [0.0, 2.0]], dtype=torch.float64)
+    rhs = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    symmetric = 0.5 * (matrix.numpy() + matrix.numpy().T)
+    for damping in (0.0, 2.0):
+        # damping 0: the symmetric part is indefinite, so the clamped eigendecomposition answers.
+        expected = clamped_eigh_solve(symmetric, rhs.numpy(), damping)
+        np.testing.assert_allclose(damped_solve(matrix, rhs, damping).numpy(), expected)
+    expected = scipy.linalg.solve(symmetric + 3.0 * np.eye(2), rhs.numpy(), assume_a="pos")
+    np.testing.assert_allclose(damped_solve(matrix, rhs, 3.0).numpy(), expected)

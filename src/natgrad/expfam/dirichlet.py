@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,7 +61,8 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
       base measure ``h = 1``.
     - ``A(θ) = Σ_k log Γ(α_k) − log Γ(α₀)`` with ``α₀ = Σ_k α_k``.
     - Mean parameters ``η = ψ(α) − ψ(α₀)``; the mean space is ``Σ_k exp(η_k) < 1``.
-    - ``F(θ) = diag(ψ′(α)) − ψ′(α₀) 11ᵀ``.
+    - ``F(θ) = diag(ψ′(α)) − ψ′(α₀) 11ᵀ``; solves with it (the Newton steps of ``from_mean``
+      and the backward pass of ``θ(η)``) use Sherman–Morrison, ``O(K)`` per event.
     - ``from_mean`` has no closed form: it uses the guarded Newton iteration of
       :mod:`natgrad.expfam.newton`.
     """
@@ -105,6 +108,28 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
         total = concentration.sum(-1)
         diagonal = torch.diag_embed(torch.polygamma(1, concentration))
         return diagonal - torch.polygamma(1, total)[..., None, None]
+
+    @classmethod
+    def _fisher_solve(cls, theta: Params, rhs: Tensor) -> Tensor:
+        """``F⁻¹r`` in ``O(K)`` by Sherman–Morrison on ``F = D − c 11ᵀ``, ``D = diag(ψ′(α))``,
+        ``c = ψ′(α₀)``: ``F⁻¹r = D⁻¹r + D⁻¹1 · c 1ᵀD⁻¹r / (1 − c 1ᵀD⁻¹1)``.
+
+        Rows where the denominator is not positive (singular to working precision) are NaN.
+        """
+        concentration = theta[0] + 1.0
+        inverse_diagonal = 1.0 / torch.polygamma(1, concentration)
+        total = torch.polygamma(1, concentration.sum(-1, keepdim=True))
+        denominator = 1.0 - total * inverse_diagonal.sum(-1, keepdim=True)
+        scaled = inverse_diagonal * rhs
+        correction = total * scaled.sum(-1, keepdim=True) / denominator
+        solution = scaled + inverse_diagonal * correction
+        return torch.where(denominator > 0, solution, math.nan)
+
+    @classmethod
+    def _fisher_diagonal(cls, theta: Params) -> Tensor:
+        concentration = theta[0] + 1.0
+        total = concentration.sum(-1, keepdim=True)
+        return torch.polygamma(1, concentration) - torch.polygamma(1, total)
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:

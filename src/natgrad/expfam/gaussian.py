@@ -35,6 +35,9 @@ class Gaussian(ExponentialFamily):
     - Mean parameters ``η = (η₁, η₂) = (μ, μ² + σ²)``, with ``η₂ > η₁²``.
     - ``A(θ) = −θ₁²/(4θ₂) − ½ log(−2θ₂) + ½ log 2π`` (base measure ``h = 1``).
     - ``F(θ) = Cov[(x, x²)] = [[σ², 2μσ²], [2μσ², 4μ²σ² + 2σ⁴]]``.
+    - ``kl``, ``entropy`` and ``log_prob`` use the closed forms in ``(μ, 1/σ²)``: the generic
+      forms through ``A(θ)`` cancel terms of size ``μ²/σ²`` and lose all digits when ``|μ|/σ``
+      is large (about ``10⁴`` in float32, ``10⁸`` in float64).
     """
 
     natural_event_ndims = (0, 0)
@@ -108,6 +111,23 @@ class Gaussian(ExponentialFamily):
         """Precisions ``1/σ² = −2θ₂``, shape ``batch_shape``."""
         return -2.0 * self._natural[1]
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x) = −(x − μ)²/(2σ²) − log σ − ½ log 2π``, shape ``x``'s leading shape."""
+        loc, precision = _loc_and_precision(self._natural)
+        return 0.5 * (torch.log(precision) - precision * (x - loc).square()) - _HALF_LOG_TWO_PI
+
+    def entropy(self) -> Tensor:
+        """``H = ½ log(2πeσ²)``, shape ``batch_shape``."""
+        return 0.5 - 0.5 * torch.log(self.precision) + _HALF_LOG_TWO_PI
+
+    def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
+        """``½ (r − 1 − log r) + (μ_p − μ_q)²/(2σ_q²)`` with ``r = σ_p²/σ_q²``."""
+        loc, precision = _loc_and_precision(self._natural)
+        other_loc, other_precision = _loc_and_precision(other.natural_params)
+        excess = (other_precision - precision) / precision
+        shift = other_precision * (loc - other_loc).square()
+        return 0.5 * (excess - torch.log1p(excess) + shift)
+
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (x, x²)``, each of ``x``'s shape."""
         return x, x.square()
@@ -115,3 +135,9 @@ class Gaussian(ExponentialFamily):
     def to_torch(self) -> torch.distributions.Normal:
         """``torch.distributions.Normal(loc, scale)``."""
         return torch.distributions.Normal(self.loc, self.scale, validate_args=False)
+
+
+def _loc_and_precision(natural: Params) -> tuple[Tensor, Tensor]:
+    """``(μ, 1/σ²)`` from the natural parameters ``(μ/σ², −1/(2σ²))``."""
+    precision = -2.0 * natural[1]
+    return natural[0] / precision, precision

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
 
+_LOG_TWO_PI = math.log(2.0 * math.pi)
+
 
 def _symmetric_part(matrix: Tensor) -> Tensor:
     return 0.5 * (matrix + matrix.transpose(-1, -2))
@@ -55,6 +57,9 @@ class MultivariateGaussian(ExponentialFamily):
       row-major): ``Cov[(x, vec xxᵀ)]``. It is singular along antisymmetric changes of ``θ₂``
       (which do not change the distribution): use a pseudo-inverse or restrict to symmetric
       directions to invert it.
+    - ``kl``, ``entropy`` and ``log_prob`` use the closed forms in ``(μ, Σ⁻¹)`` through a
+      Cholesky factor of the precision: the generic forms through ``A(θ)`` cancel terms of size
+      ``μᵀΣ⁻¹μ`` and lose all digits when that is large.
     """
 
     natural_event_ndims = (1, 2)
@@ -162,6 +167,28 @@ class MultivariateGaussian(ExponentialFamily):
         """Precisions ``Σ⁻¹ = −2θ₂``, shape ``batch_shape + (d, d)``."""
         return -2.0 * _symmetric_part(self._natural[1])
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``−½ (x − μ)ᵀΣ⁻¹(x − μ) − ½ log det(2πΣ)`` for ``x`` of shape ``leading + (d,)``."""
+        loc, cholesky = _loc_and_precision_cholesky(self._natural)
+        whitened = (cholesky.mT @ (x - loc).unsqueeze(-1)).squeeze(-1)
+        half_log_det = _half_log_det(cholesky)
+        return half_log_det - 0.5 * whitened.square().sum(-1) - 0.5 * self.dim * _LOG_TWO_PI
+
+    def entropy(self) -> Tensor:
+        """``H = ½ log det(2πeΣ)``, shape ``batch_shape``."""
+        _, cholesky = _loc_and_precision_cholesky(self._natural)
+        return 0.5 * self.dim * (1.0 + _LOG_TWO_PI) - _half_log_det(cholesky)
+
+    def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
+        """``½ [tr(Σ_q⁻¹Σ_p) − d − log det(Σ_q⁻¹Σ_p) + (μ_p − μ_q)ᵀΣ_q⁻¹(μ_p − μ_q)]``."""
+        loc, cholesky = _loc_and_precision_cholesky(self._natural)
+        other_loc, other_cholesky = _loc_and_precision_cholesky(other.natural_params)
+        ratio = torch.linalg.solve_triangular(cholesky, other_cholesky, upper=False)
+        shift = (other_cholesky.mT @ (loc - other_loc).unsqueeze(-1)).squeeze(-1)
+        log_det = 2.0 * (_half_log_det(other_cholesky) - _half_log_det(cholesky))
+        trace = ratio.square().sum((-2, -1))
+        return 0.5 * (trace - self.dim - log_det + shift.square().sum(-1))
+
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (x, xxᵀ)`` for ``x`` of shape ``leading + (d,)``."""
         return x, x.unsqueeze(-1) * x.unsqueeze(-2)
@@ -172,6 +199,18 @@ class MultivariateGaussian(ExponentialFamily):
         return torch.distributions.MultivariateNormal(
             loc, covariance_matrix=covariance, validate_args=False
         )
+
+
+def _loc_and_precision_cholesky(natural: Params) -> tuple[Tensor, Tensor]:
+    """``(μ, L)`` with ``LLᵀ = Σ⁻¹ = −2θ₂`` (lower triangular)."""
+    cholesky = torch.linalg.cholesky(-2.0 * _symmetric_part(natural[1]))
+    loc = torch.cholesky_solve(natural[0].unsqueeze(-1), cholesky).squeeze(-1)
+    return loc, cholesky
+
+
+def _half_log_det(cholesky: Tensor) -> Tensor:
+    """``½ log det(LLᵀ)`` for a Cholesky factor ``L``."""
+    return torch.log(torch.diagonal(cholesky, dim1=-2, dim2=-1)).sum(-1)
 
 
 def _check_square(vector: Tensor, matrix: Tensor, vector_name: str, matrix_name: str) -> None:

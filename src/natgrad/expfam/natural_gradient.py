@@ -10,7 +10,8 @@ rule ``∇_θ L = F(θ) ∇_η L`` and the natural gradient is
 the loss through the map ``η → θ`` and lets autograd return ``∂L/∂η``. For the families whose
 inverse map has a closed form (Gaussian, multivariate Gaussian, Bernoulli, Categorical,
 Poisson) this is exact autograd through that formula; for Gamma, Beta and Dirichlet the map is
-implicit and its backward pass solves one small ``d × d`` system with ``F(θ)`` per event.
+implicit and its backward pass solves one system with ``F(θ)`` per event (``O(K)`` for the
+Dirichlet, whose Fisher is diagonal plus rank one).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ How well ``η`` determines ``θ`` depends on the conditioning: e.g. a Gamma with
 ``log η₂ − η₁ ≈ 1/(2α)``, so rounding in ``η`` alone limits ``α`` to about 1e-8 relative.
 
 Derivatives: ``∂θ/∂η = F(θ)⁻¹`` (implicit-function theorem on ``∇A(θ) = η``), so the backward
-pass maps an incoming ``∂L/∂θ`` to ``∂L/∂η = F(θ)⁻¹ ∂L/∂θ`` with one small dense solve per event.
+pass maps an incoming ``∂L/∂θ`` to ``∂L/∂η = F(θ)⁻¹ ∂L/∂θ`` with one solve per event (dense
+``d × d`` for Gamma and Beta, ``O(K)`` by Sherman–Morrison for the Dirichlet).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def solve_natural_from_mean(
             if polished:
                 break
             _raise_not_converged(family, residual, target, batch_shape)
-        step = _newton_step(family._fisher_from_natural(*unflat(theta)), residual)
+        step = _newton_step(family, unflat(theta), residual)
         theta = _line_search(family, theta, step, residual, objective, residual_of, unflat)
     return tuple(
         s.reshape((*batch_shape, *s.shape[1:])).to(e.device, e.dtype)
@@ -110,13 +111,11 @@ def _dim(params: Params, ndims: tuple[int, ...]) -> int:
     return sum(math.prod(p.shape[p.ndim - n :]) for p, n in zip(params, ndims, strict=True))
 
 
-def _newton_step(fisher: Tensor, residual: Tensor) -> Tensor:
+def _newton_step(family: type[ExponentialFamily], theta: Params, residual: Tensor) -> Tensor:
     """``F⁻¹ r`` per row; rows whose ``F`` is numerically singular take ``r / diag(F)``."""
-    solution, info = torch.linalg.solve_ex(fisher, residual.unsqueeze(-1))
-    diagonal_step = residual / fisher.diagonal(dim1=-2, dim2=-1)
-    newton = solution.squeeze(-1)
-    usable = (info == 0) & newton.isfinite().all(-1)
-    return torch.where(usable[:, None], newton, diagonal_step)
+    newton = family._fisher_solve(theta, residual)
+    diagonal_step = residual / family._fisher_diagonal(theta)
+    return torch.where(newton.isfinite().all(-1, keepdim=True), newton, diagonal_step)
 
 
 def _line_search(family, theta, step, residual, objective, residual_of, unflat) -> Tensor:
@@ -173,8 +172,12 @@ class _ImplicitNaturalFromMean(torch.autograd.Function):
         theta = ctx.saved_tensors
         ndims = family.natural_event_ndims
         flat_grad = flatten_event(grad_theta, ndims)
-        fisher = family._fisher_from_natural(*theta)
-        flat_grad_eta = torch.linalg.solve(fisher, flat_grad.unsqueeze(-1)).squeeze(-1)
+        flat_grad_eta = family._fisher_solve(theta, flat_grad)
+        if bool((flat_grad.isfinite() & ~flat_grad_eta.isfinite()).any()):
+            raise RuntimeError(
+                f"{family.__name__}: the Fisher F(θ) is singular to working precision, so the "
+                "derivative of θ(η) = F(θ)⁻¹ is undefined there; use float64 or less extreme η"
+            )
         grad_eta = unflatten_event(flat_grad_eta, theta, ndims)
         return (None, None, *grad_eta, *(None for _ in theta))
 

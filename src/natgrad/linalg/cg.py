@@ -18,9 +18,11 @@ class CGInfo:
     Attributes
     ----------
     iterations : int
-        Number of matrix-vector products with ``A`` after the initial residual.
+        Number of CG steps, one product with ``A`` each. Recomputing the true residual
+        (for ``x0``, and after each run of steps) costs one more product, not counted here.
     residual_norm : float
-        ``‖b − A x‖₂`` of the returned ``x`` (the recursively updated residual).
+        ``‖b − A x‖₂`` of the returned ``x``, recomputed as ``b − A x`` (the recursively
+        updated residual of CG drifts from it in finite precision).
     converged : bool
         Whether ``residual_norm <= max(rtol · ‖b‖₂, atol)``.
     """
@@ -35,8 +37,71 @@ def _check_tolerances(rtol: float, atol: float, max_iter: int | None) -> None:
         raise ValueError(f"rtol must be non-negative, got {rtol!r}")
     if not atol >= 0.0:
         raise ValueError(f"atol must be non-negative, got {atol!r}")
-    if max_iter is not None and max_iter < 0:
-        raise ValueError(f"max_iter must be non-negative, got {max_iter!r}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 0):
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+
+
+def _check_vectors(b: Tensor, x0: Tensor | None) -> None:
+    if b.ndim != 1:
+        raise ValueError(f"b must be a 1-d tensor, got shape {tuple(b.shape)}")
+    if not b.is_floating_point():
+        raise ValueError(f"b must be a floating-point tensor, got dtype {b.dtype}")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("b must not contain infs or NaNs")
+    if x0 is not None and (x0.shape != b.shape or not bool(torch.isfinite(x0).all())):
+        raise ValueError(f"x0 must be a finite tensor of shape {tuple(b.shape)}")
+
+
+def _apply(name: str, operator: MatVec, vector: Tensor) -> Tensor:
+    """``operator(vector)``, refused unless it keeps the shape and dtype of ``vector``."""
+    product = operator(vector)
+    if not isinstance(product, Tensor) or (product.shape, product.dtype) != (
+        vector.shape,
+        vector.dtype,
+    ):
+        got = (
+            f"shape {tuple(product.shape)}, dtype {product.dtype}"
+            if isinstance(product, Tensor)
+            else type(product).__name__
+        )
+        raise ValueError(
+            f"{name} must map a tensor of shape {tuple(vector.shape)} and dtype {vector.dtype} "
+            f"to one of the same shape and dtype, got {got}"
+        )
+    return product
+
+
+def _iterate(
+    mv: MatVec,
+    preconditioner: MatVec,
+    x: Tensor,
+    residual: Tensor,
+    threshold: float,
+    budget: int,
+) -> tuple[Tensor, Tensor, int, bool]:
+    """At most ``budget`` CG steps from ``(x, residual)``; returns ``x``, the recursive
+    residual, the number of steps and whether CG broke down (``pᵀAp <= 0`` or ``rᵀM⁻¹r <= 0``).
+    """
+    preconditioned = _apply("preconditioner", preconditioner, residual)
+    direction = preconditioned.clone()
+    rho = torch.dot(residual, preconditioned)
+    steps = 0
+    while float(torch.linalg.vector_norm(residual)) > threshold and steps < budget:
+        if not bool(rho > 0):
+            return x, residual, steps, True
+        product = _apply("mv", mv, direction)
+        curvature = torch.dot(direction, product)
+        if not bool(curvature > 0) or not bool(torch.isfinite(curvature)):
+            return x, residual, steps, True
+        step = rho / curvature
+        x = x + step * direction
+        residual = residual - step * product
+        steps += 1
+        preconditioned = _apply("preconditioner", preconditioner, residual)
+        rho_next = torch.dot(residual, preconditioned)
+        direction = preconditioned + (rho_next / rho) * direction
+        rho = rho_next
+    return x, residual, steps, False
 
 
 def cg(
@@ -54,61 +119,55 @@ def cg(
     Parameters
     ----------
     mv : callable
-        ``v ↦ A v`` for a symmetric positive definite ``A``; maps ``(P,)`` to ``(P,)``.
+        ``v ↦ A v`` for a symmetric positive definite ``A``; maps ``(P,)`` to ``(P,)`` in the
+        dtype of ``b``.
     b : Tensor of shape (P,)
-        Right-hand side.
+        Right-hand side (floating point). A zero ``b`` returns the exact solution ``0`` at
+        once (``x0`` is then ignored).
     x0 : Tensor of shape (P,), optional
         Initial guess (zeros by default).
     preconditioner : callable, optional
         ``r ↦ M⁻¹ r`` for a symmetric positive definite ``M ≈ A``.
     rtol, atol : float
-        Stop once ``‖b − A x‖₂ <= max(rtol · ‖b‖₂, atol)``.
+        Stop once ``‖b − A x‖₂ <= max(rtol · ‖b‖₂, atol)``. CG tracks the residual
+        recursively; when that estimate meets the tolerance, or CG stops, the true residual
+        ``b − A x`` is computed (one more product with ``A``); if it misses the tolerance and
+        steps are left, CG restarts from it.
     max_iter : int, optional
-        Maximum number of iterations; ``10 · P`` by default.
+        Maximum number of CG steps; ``10 · P`` by default.
 
     Returns
     -------
     x : Tensor of shape (P,)
     info : CGInfo
         Iterations, final residual norm, and whether the tolerance was met. CG also stops
-        (unconverged) if it meets a direction of non-positive curvature ``pᵀ A p <= 0``.
+        (unconverged) if it meets a direction of non-positive curvature ``pᵀ A p <= 0`` or a
+        residual with ``rᵀ M⁻¹ r <= 0`` (a preconditioner that is not positive definite).
 
     Raises
     ------
     ValueError
-        If ``b`` or ``x0`` is not a finite 1-d tensor of matching length, or a tolerance is
-        negative.
+        If ``b`` or ``x0`` is not a finite floating-point 1-d tensor of matching length, a
+        tolerance is negative, or ``mv`` or ``preconditioner`` changes the shape or dtype.
     """
-    if b.ndim != 1:
-        raise ValueError(f"b must be a 1-d tensor, got shape {tuple(b.shape)}")
-    if not bool(torch.isfinite(b).all()):
-        raise ValueError("b must not contain infs or NaNs")
+    _check_vectors(b, x0)
     _check_tolerances(rtol, atol, max_iter)
-    if x0 is not None and (x0.shape != b.shape or not bool(torch.isfinite(x0).all())):
-        raise ValueError(f"x0 must be a finite tensor of shape {tuple(b.shape)}")
+    if not bool(b.any()):
+        return torch.zeros_like(b), CGInfo(0, 0.0, True)
     limit = 10 * b.numel() if max_iter is None else max_iter
     threshold = max(rtol * float(torch.linalg.vector_norm(b)), atol)
     apply_preconditioner = preconditioner if preconditioner is not None else (lambda r: r)
-
     x = torch.zeros_like(b) if x0 is None else x0.clone()
-    residual = b - mv(x) if x0 is not None else b.clone()
-    residual_norm = float(torch.linalg.vector_norm(residual))
-    preconditioned = apply_preconditioner(residual)
-    direction = preconditioned.clone()
-    rho = torch.dot(residual, preconditioned)
+    residual = b.clone() if x0 is None else b - _apply("mv", mv, x)
     iterations = 0
-    while residual_norm > threshold and iterations < limit:
-        product = mv(direction)
-        curvature = torch.dot(direction, product)
-        if not bool(curvature > 0) or not bool(torch.isfinite(curvature)):
-            break
-        step = rho / curvature
-        x = x + step * direction
-        residual = residual - step * product
+    while True:
+        x, residual, steps, broke_down = _iterate(
+            mv, apply_preconditioner, x, residual, threshold, limit - iterations
+        )
+        iterations += steps
+        if steps:
+            residual = b - _apply("mv", mv, x)
         residual_norm = float(torch.linalg.vector_norm(residual))
-        iterations += 1
-        preconditioned = apply_preconditioner(residual)
-        rho_next = torch.dot(residual, preconditioned)
-        direction = preconditioned + (rho_next / rho) * direction
-        rho = rho_next
+        if residual_norm <= threshold or broke_down or steps == 0 or iterations >= limit:
+            break
     return x, CGInfo(iterations, residual_norm, residual_norm <= threshold)

@@ -119,15 +119,18 @@ def damped_solve(
 ) -> Tensor:
     """Solve ``(matrix + damping · I) x = rhs`` for a symmetric PSD ``matrix``.
 
-    Tries, in order: Cholesky in the input dtype; Cholesky in float64; an eigendecomposition
-    in float64 with eigenvalues of ``matrix + damping · I`` clamped from below at
-    ``eigen_floor × λ_max`` (see :func:`psd_eigh`). The last step turns a singular system
-    into a well-posed one, so the result is always finite.
+    Only the symmetric part ``(M + Mᵀ) / 2`` of ``matrix`` is used, on every path (a
+    Cholesky factorisation alone would read just the lower triangle). Tries, in order:
+    Cholesky in the input dtype; Cholesky in float64; an eigendecomposition in float64 with
+    eigenvalues of ``matrix + damping · I`` clamped from below at ``eigen_floor × λ_max`` (see
+    :func:`psd_eigh`). The last step turns a singular system into a well-posed one, so the
+    result is always finite.
 
     Parameters
     ----------
     matrix : Tensor of shape (..., P, P)
-        Symmetric positive semi-definite, batched over leading dimensions.
+        Symmetric positive semi-definite (its symmetric part is used), batched over leading
+        dimensions.
     rhs : Tensor of shape (..., P) or (..., P, K)
         Right-hand side(s); a tensor with one dimension fewer than ``matrix`` is a vector.
     damping : float, default 0.0
@@ -154,7 +157,7 @@ def damped_solve(
     columns, is_vector = _as_columns(matrix, rhs)
     _check_finite("matrix", matrix)
     _check_finite("rhs", rhs)
-    damped = add_damping(matrix, float(damping))
+    damped = add_damping(0.5 * (matrix + matrix.transpose(-1, -2)), float(damping))
     solution = _cholesky_solve(damped, columns.to(damped.dtype))
     if solution is None and damped.dtype != torch.float64:
         solution = _cholesky_solve(damped.to(torch.float64), columns.to(torch.float64))
