@@ -636,6 +636,7 @@ class KFAC:
         check_layer_input(module, layer_input, state.name)
         if not output.requires_grad:
             return
+        state.follow_weight()
         call_pass = state.begin_call()
         hook = _CallRecorder(self, state, layer_input.detach(), call_pass)
         handle = output.register_hook(hook)
@@ -802,6 +803,7 @@ class KFAC:
         self._check_new_gradients()
         self._check_sampled()
         for state in self.layers:
+            state.follow_weight()
             state.drop_frozen_bias()
         self._warn_unfrozen()
         self._warn_unfrozen_biases()

@@ -226,6 +226,7 @@ class LayerState:
         self.module = module
         self.weight = module.weight  # held, as a torch.optim optimizer holds its parameters
         self.dtype = factor_dtype_for(module.weight)
+        self.device = module.weight.device
         self.keep_pairs = keep_pairs
         self.reduce = reduce
         self.pairs: list[tuple[Tensor, Tensor, int]] = []  # features, gradients, samples
@@ -545,7 +546,8 @@ class LayerState:
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         """Take over a :meth:`state_dict`, moved to the layer's device and factor dtype (as
         ``torch.optim.Optimizer.load_state_dict`` moves its state to the parameters')."""
-        device = self.weight.device
+        self.dtype, self.device = factor_dtype_for(self.weight), self.weight.device
+        device = self.device
 
         def get(key: str) -> Tensor | None:
             value = state.get(key)
@@ -567,6 +569,14 @@ class LayerState:
         inverted = (get("inverted_output_factor"), get("inverted_input_factor"))
         self.inverted_factors = None if inverted[0] is None else inverted
         self.pairs.clear()
+
+    def follow_weight(self) -> None:
+        """Move the statistics to the weight's device and factor dtype if the model was moved
+        or converted (``model.to(device)``, ``model.double()``) since they were stored, as
+        :meth:`load_state_dict` moves a saved state."""
+        weight = self.weight
+        if weight.device != self.device or factor_dtype_for(weight) != self.dtype:
+            self.load_state_dict(self.state_dict())
 
     # -- for subclasses ------------------------------------------------------------------------
     def drop_frozen_bias(self) -> None:
