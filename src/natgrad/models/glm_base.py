@@ -35,17 +35,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from scipy import sparse
+from scipy.linalg import lapack
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
+from natgrad._warnings import warn_at_caller
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg import damped_solve
 from natgrad.models.glm_objective import PenalisedGLMObjective, SparseDesign
@@ -58,6 +59,11 @@ ArrayOrSparse = np.ndarray | sparse.sparray | sparse.spmatrix
 """Features ``X``: a dense array or a SciPy sparse matrix or array."""
 SPARSE_FORMATS = ["csr", "csc"]
 """The SciPy sparse formats ``X`` is accepted in without conversion (others become CSR)."""
+MIN_RECIPROCAL_CONDITION = 1e-14
+"""Smallest ``1 / κ₁`` of the summed Fisher at unit diagonal for which ``covariance_`` is computed
+without a warning. Below it (about 50 ε) the Fisher is singular to working precision: exactly
+collinear, constant or all-zero columns give 1e-16 or a failed Cholesky factor, while columns
+correlated to 1 − 1e-12 still give about 1e-13 and standard errors accurate to about 1e-3."""
 TRANSPOSE_BLOCK = 512
 """Rows of ``X`` transposed at a time into the design (about 1.4 times faster than at once)."""
 
@@ -162,7 +168,8 @@ class GLMEstimator(BaseEstimator):
             Coefficients of each output, followed by its intercept when one is fitted.
         """
         inverse_C, first_step = self._check_hyperparameters()
-        weights = None if sample_weight is None else torch.from_numpy(sample_weight)
+        # a copy: the user's array may be read-only (a pandas Series), which torch warns about
+        weights = None if sample_weight is None else torch.tensor(sample_weight)
         objective = PenalisedGLMObjective(
             self._design(X),
             targets,
@@ -218,15 +225,14 @@ class GLMEstimator(BaseEstimator):
     def _warn_on(self, result: SolverResult) -> None:
         summary = (
             f"{type(self).__name__}(solver={self.solver!r}): gradient norm "
-            f"{result.gradient_norm:.3g} > tol={self.tol:g} after {result.n_iter} iterations"
+            f"{result.stopping_norm:.3g} > tol={self.tol:g} after {result.n_iter} iterations"
         )
         if result.status == "max_iter":
-            warnings.warn(f"{summary}; increase max_iter", ConvergenceWarning, stacklevel=3)
+            warn_at_caller(f"{summary}; increase max_iter", ConvergenceWarning)
         elif result.status == "line_search_failed":
-            warnings.warn(
+            warn_at_caller(
                 f"{summary}: step halving found no decrease of the penalised loss; stopping",
                 ConvergenceWarning,
-                stacklevel=3,
             )
 
 
@@ -242,11 +248,24 @@ def weight_covariance(
     a Cholesky factor, or :func:`natgrad.linalg.damped_solve` (eigenvalue clamping) when the
     Fisher is numerically singular.
 
+    Warns with a ``RuntimeWarning`` where the Fisher is singular to working precision (see
+    ``MIN_RECIPROCAL_CONDITION``).
+
     Returns
     -------
     ndarray of shape (C·D, C·D)
     """
     summed_fisher = objective.total_weight * objective.fisher(params, outputs)
+    reciprocal_condition = unit_diagonal_reciprocal_condition(summed_fisher.numpy())
+    if not reciprocal_condition >= MIN_RECIPROCAL_CONDITION:
+        warn_at_caller(
+            "the Fisher at the fitted weights is singular to working precision (reciprocal "
+            f"condition number {reciprocal_condition:.2g} at unit diagonal): a column is "
+            "constant, all zero or a combination of others, or the fit diverges. Standard "
+            "errors along its null space are not meaningful (set by eigenvalue clamping); "
+            "drop such columns or use penalty='l2'",
+            RuntimeWarning,
+        )
     factor, info = torch.linalg.cholesky_ex(summed_fisher)
     param_covariance = torch.cholesky_inverse(factor) if int(info) == 0 else None
     if param_covariance is None or not bool(torch.isfinite(param_covariance).all()):
@@ -260,6 +279,22 @@ def weight_covariance(
     by_output = ((by_row @ basis_t).permute(0, 2, 3, 1) @ basis_t).permute(3, 0, 2, 1)
     size = n_rows * basis_t.shape[1]
     return by_output.reshape(size, size).numpy()
+
+
+def unit_diagonal_reciprocal_condition(matrix: np.ndarray) -> float:
+    """LAPACK's estimate of ``1 / κ₁`` of a symmetric ``matrix`` ``(P, P)`` scaled to unit
+    diagonal; ``0.0`` where it is not positive definite to working precision."""
+    diagonal = matrix.diagonal()
+    if not (diagonal.min() > 0.0 and np.isfinite(diagonal).all()):
+        return 0.0
+    scale = 1.0 / np.sqrt(diagonal)
+    unit_diagonal = matrix * scale[:, None] * scale
+    lower, info = lapack.dpotrf(unit_diagonal, lower=1, clean=1)
+    if info != 0:
+        return 0.0
+    one_norm = float(np.abs(unit_diagonal).sum(0).max())
+    reciprocal_condition, info = lapack.dpocon(lower, one_norm, uplo="L")
+    return float(reciprocal_condition) if info == 0 else 0.0
 
 
 def check_sample_weight(sample_weight: object, n_samples: int) -> np.ndarray | None:

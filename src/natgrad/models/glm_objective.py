@@ -303,6 +303,7 @@ class PenalisedGLMObjective:
             self._mean_log_factorial = mean_log_factorial(counts, self._mean_weights)
         self._unit_design_t: np.ndarray | None = None  # float32 copy, built on first use
         self._column_norms: np.ndarray | None = None
+        self._stopping_scale = self._small_column_scale()
 
     def _check_sample_weight(self, sample_weight: Tensor | None) -> tuple[float, np.ndarray | None]:
         """``(S, s / S)``; the second is ``None`` without weights or when they are all equal."""
@@ -322,6 +323,44 @@ class PenalisedGLMObjective:
         if values.min() == values.max():
             return total, None
         return total, values / total
+
+    def _small_column_scale(self) -> np.ndarray | None:
+        """``1 / rmsⱼ`` for the columns of ``X̃`` whose (weighted) root mean square is in
+        ``(0, 1)``, else ``1``, repeated over the ``P`` parameter columns, shape ``(D·P,)``;
+        ``None`` where no column has such a scale."""
+        mean_weights = self._mean_weights
+        if mean_weights is None:
+            mean_weights = np.full(self.n_samples, 1.0 / self.n_samples)
+        if self._sparse_design is not None:
+            design_t = self._sparse_design.features_t
+            mean_squares = np.asarray(design_t.multiply(design_t) @ mean_weights).reshape(-1)
+            if self._sparse_design.fit_intercept:
+                mean_squares = np.append(mean_squares, 1.0)
+        else:
+            design_t = self._design_t_array
+            mean_squares = np.einsum("ij,ij,j->i", design_t, design_t, mean_weights)
+        small = (mean_squares > 0.0) & (mean_squares < 1.0)
+        if not small.any():
+            return None
+        scale = np.where(small, 1.0 / np.sqrt(np.where(small, mean_squares, 1.0)), 1.0)
+        return np.repeat(scale, self.n_columns)
+
+    @property
+    def stopping_scale(self) -> Tensor | None:
+        """The factors of :meth:`stopping_norm`, shape ``(D·P,)``; ``None`` where all are one."""
+        if self._stopping_scale is None:
+            return None
+        return torch.from_numpy(self._stopping_scale)
+
+    def stopping_norm(self, gradient: Tensor) -> float:
+        """``‖g‖₂`` with ``gⱼ`` divided by the root mean square of its column of ``X̃`` where
+        that is below one: the gradient norm the fit would have with such columns rescaled to
+        a root mean square of one, at least ``‖g‖₂``; the same whatever units such columns are
+        measured in."""
+        values = gradient.detach().numpy()
+        if self._stopping_scale is not None:
+            values = values * self._stopping_scale
+        return float(np.linalg.norm(values))
 
     @property
     def n_params(self) -> int:

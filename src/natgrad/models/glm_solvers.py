@@ -19,7 +19,8 @@ Cholesky (with :func:`natgrad.linalg.damped_solve`'s eigenvalue clamping where i
 scalar likelihoods, and for the softmax by conjugate gradients with Fisher-vector products
 and a Kronecker preconditioner (the ``(D·P)²`` Fisher is never formed), to a relative residual
 ``min(CG_FORCING, ‖∇L‖^½)`` (an inexact Newton method of order 1.5) or an absolute residual
-of ``CG_ATOL_FRACTION · tol``; the dense solve is the fallback where CG does not converge.
+of ``CG_ATOL_FRACTION · tol``, in the norm of the stopping test below; the dense solve is the
+fallback where CG does not converge.
 
 **Mixed precision** (scalar likelihoods with a dense design, on unless
 ``mixed_precision=False``; a sparse design always uses the float64 Fisher): the Fisher for
@@ -37,7 +38,11 @@ and decreases sufficiently (Armijo), so a step never writes a non-finite value i
 outputs of a trial point are ``f(Θ) − t · X̃ d Bᵀ``, so each trial costs one loss evaluation
 and no product with ``X̃``; the gradient is computed only at the accepted point. Iteration
 stops when ``‖∇L‖₂ ≤ tol``, after ``max_iter`` steps, when the line search fails, or when
-``stop_early(f)`` says so (used for perfect separation).
+``stop_early(f)`` says so (used for perfect separation). The gradient's components of a column
+of ``X̃`` with root mean square ``r < 1`` are divided by ``r`` in this test
+(:meth:`~natgrad.models.glm_objective.PenalisedGLMObjective.stopping_norm`): such a column's
+gradient is ``r`` times that of the same column in units of root mean square one, so features
+measured in small units (1e-8 say) would otherwise meet ``tol`` at the starting point.
 """
 
 from __future__ import annotations
@@ -99,6 +104,8 @@ class SolverResult:
     n_fisher : int
         Number of Fisher systems set up: dense Fishers formed, or CG solves for the softmax
         (``0`` for ``"gd"``; fewer than ``n_iter`` for ``"fisher-chord"`` where it reuses).
+    stopping_norm : float
+        The norm compared with ``tol``: ``objective.stopping_norm(∇L)`` at ``params``.
     """
 
     params: Tensor
@@ -108,6 +115,7 @@ class SolverResult:
     gradient_norm: float
     status: str
     n_fisher: int
+    stopping_norm: float
 
 
 @dataclass
@@ -192,7 +200,8 @@ def natural_direction(
     """``F(Θ)⁻¹ ∇L(Θ)`` with the mean penalised Fisher at ``point``, shape ``(D·P,)``.
 
     For the softmax, by CG to a residual ``max(min(CG_FORCING, ‖∇L‖^½) · ‖∇L‖,
-    CG_ATOL_FRACTION · tol)`` (``tol`` the solver's gradient tolerance). ``low_precision``:
+    CG_ATOL_FRACTION · tol)`` (``tol`` the solver's gradient tolerance; both norms those of
+    the stopping test, see :func:`cg_direction`). ``low_precision``:
     try :func:`low_precision_factor` first (scalar likelihoods).
     """
     return natural_direction_and_factor(objective, point, gradient, tol, low_precision)[0]
@@ -211,15 +220,8 @@ def natural_direction_and_factor(
     its ``low_precision`` says whether the float32 Gram was used.
     """
     if objective.n_columns > 1:
-        direction, info = cg(
-            objective.fisher_product(point.outputs),
-            gradient,
-            preconditioner=objective.kronecker_preconditioner(point.outputs),
-            rtol=min(CG_FORCING, math.sqrt(float(torch.linalg.vector_norm(gradient)))),
-            atol=CG_ATOL_FRACTION * tol,
-            max_iter=objective.n_params,
-        )
-        if info.converged:
+        direction = cg_direction(objective, point, gradient, tol)
+        if direction is not None:
             return direction, None
     if low_precision:
         factor = low_precision_factor(objective, point)
@@ -232,6 +234,41 @@ def natural_direction_and_factor(
     if direction is None:
         return damped_solve(fisher, gradient, damping=0.0), None
     return direction, factor
+
+
+def cg_direction(
+    objective: PenalisedGLMObjective, point: GLMPoint, gradient: Tensor, tol: float
+) -> Tensor | None:
+    """``F⁻¹ ∇L`` of the softmax by preconditioned CG; ``None`` where CG does not converge.
+
+    CG runs on the system scaled by ``S = objective.stopping_scale`` (``S F S z = S ∇L``,
+    ``d = S z``), so its residual is measured in the norm of the stopping test: unscaled, the
+    components of a column in small units would hardly count in it.
+    """
+    product = objective.fisher_product(point.outputs)
+    preconditioner = objective.kronecker_preconditioner(point.outputs)
+    scale = objective.stopping_scale
+    if scale is not None:
+        unscaled_product, unscaled_preconditioner = product, preconditioner
+
+        def product(vector: Tensor) -> Tensor:
+            return scale * unscaled_product(scale * vector)
+
+        def preconditioner(residual: Tensor) -> Tensor:
+            return unscaled_preconditioner(residual / scale) / scale
+
+        gradient = scale * gradient
+    direction, info = cg(
+        product,
+        gradient,
+        preconditioner=preconditioner,
+        rtol=min(CG_FORCING, math.sqrt(float(torch.linalg.vector_norm(gradient)))),
+        atol=CG_ATOL_FRACTION * tol,
+        max_iter=objective.n_params,
+    )
+    if not info.converged:
+        return None
+    return direction if scale is None else scale * direction
 
 
 def backtrack(
@@ -302,7 +339,9 @@ def minimise(
     learning_rate : float
         First trial step of each iteration (``1`` for Fisher scoring).
     tol : float
-        Stop when the gradient norm of the mean penalised loss is at most ``tol``.
+        Stop when ``objective.stopping_norm(∇L)`` is at most ``tol``: the gradient norm of the
+        mean penalised loss, with the components of columns of root mean square below one
+        divided by it (so it is at least ``‖∇L‖₂``).
     max_iter : int
         Maximum number of steps.
     stop_early : callable, optional
@@ -321,7 +360,8 @@ def minimise(
     low_precision = mixed_precision and objective.n_columns == 1
     while True:
         gradient_norm = float(torch.linalg.vector_norm(gradient))
-        if gradient_norm <= tol:
+        stopping_norm = objective.stopping_norm(gradient)
+        if stopping_norm <= tol:
             status = "converged"
             break
         if n_iter >= max_iter:
@@ -347,8 +387,16 @@ def minimise(
         n_iter += 1
         if stop_early is not None and stop_early(point.outputs):
             gradient_norm = float(torch.linalg.vector_norm(gradient))
+            stopping_norm = objective.stopping_norm(gradient)
             status = "stopped_early"
             break
     return SolverResult(
-        point.params, point.outputs, n_iter, point.loss, gradient_norm, status, n_fisher
+        point.params,
+        point.outputs,
+        n_iter,
+        point.loss,
+        gradient_norm,
+        status,
+        n_fisher,
+        stopping_norm,
     )

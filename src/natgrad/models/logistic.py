@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 from scipy.special import expit, softmax
@@ -14,6 +12,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
+from natgrad._warnings import warn_at_caller
 from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.models.glm_base import (
     DTYPE,
@@ -81,7 +80,10 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         First trial step size; default 1 for ``"fisher"`` and ``"fisher-chord"`` (the only
         value they accept), 0.5 for ``"ngd"`` (which needs ``(0, 1]``) and 1 for ``"gd"``.
     tol : float, default=1e-8
-        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``.
+        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``,
+        the components of a feature with root mean square ``r < 1`` divided by ``r`` (its
+        gradient in units where ``r = 1``): features in small units (1e-8, say) otherwise
+        meet ``tol`` at the start, and the fit depends on their units.
     max_iter : int, default=100
         Maximum number of steps.
 
@@ -119,6 +121,10 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         exist; the fit stops at the first separating weights). Quasi-complete separation is
         not detected: some coefficients then grow until the gradient norm reaches ``tol``, with
         very large standard errors.
+    RuntimeWarning
+        On first access of ``covariance_`` or the standard errors, when the Fisher at the
+        fitted weights is singular to working precision (exactly collinear, constant or
+        all-zero columns without a penalty): the errors along its null space are arbitrary.
     """
 
     def fit(
@@ -206,12 +212,11 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
                 others = logits.scatter(1, label_tensor.unsqueeze(1), -torch.inf)
                 if not bool((observed[:, 0] > others.max(dim=1).values).all()):
                     return False
-            warnings.warn(
+            warn_at_caller(
                 "LogisticRegression(penalty=None): the classes are perfectly separated, so the "
                 "maximum-likelihood estimate does not exist; stopping at separating weights. "
                 "Use penalty='l2' for a finite optimum.",
                 ConvergenceWarning,
-                stacklevel=5,
             )
             return True
 
@@ -256,9 +261,9 @@ def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if y.dtype.kind not in "iu" or len(y) == 0:
         return np.unique(y, return_inverse=True)
     low, high = int(y.min()), int(y.max())
-    if high - low > len(y):
+    if high - low > len(y) or high > np.iinfo(np.intp).max:
         return np.unique(y, return_inverse=True)
-    offsets = (y - low).astype(np.intp, copy=False)
+    offsets = y.astype(np.intp) - low  # not y - low: int8 labels -100 and 100 would overflow
     present = np.bincount(offsets, minlength=high - low + 1) > 0
     classes = (np.flatnonzero(present) + low).astype(y.dtype)
     if len(classes) == high - low + 1:  # every value in the range occurs

@@ -7,9 +7,11 @@ import math
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import d2_tweedie_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from natgrad._warnings import warn_at_caller
 from natgrad.curvature.likelihoods import get_likelihood
 from natgrad.models.glm_base import (
     DTYPE,
@@ -53,7 +55,10 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
     learning_rate : float, optional
         As in :class:`~natgrad.models.LogisticRegression`.
     tol : float, default=1e-8
-        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``.
+        Stop when the Euclidean norm of the gradient of the mean penalised loss is ``<= tol``,
+        the components of a feature with root mean square ``r < 1`` divided by ``r`` (its
+        gradient in units where ``r = 1``): features in small units (1e-8, say) otherwise
+        meet ``tol`` at the start, and the fit depends on their units.
     max_iter : int, default=100
 
     Attributes
@@ -80,7 +85,15 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
     Warns
     -----
     ConvergenceWarning
-        When ``max_iter`` is reached or step halving finds no decrease.
+        When ``max_iter`` is reached, when step halving finds no decrease, or when every count
+        is zero and an intercept is fitted (its optimum is ``-inf``, penalty or not: the fit
+        stops where the gradient norm reaches ``tol``). Not detected: a combination of the
+        columns that is zero wherever the count is positive and non-negative elsewhere; the
+        coefficients along it then grow until the gradient norm reaches ``tol``.
+    RuntimeWarning
+        On first access of ``covariance_`` or the standard errors, when the Fisher at the
+        fitted weights is singular to working precision (exactly collinear, constant or
+        all-zero columns without a penalty): the errors along its null space are arbitrary.
     """
 
     def __sklearn_tags__(self):
@@ -122,6 +135,13 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
         n_features = X.shape[1]
         self.coef_ = fitted[:n_features]
         self.intercept_ = float(fitted[n_features]) if self.fit_intercept else 0.0
+        if self.fit_intercept and not y.any():
+            warn_at_caller(
+                "PoissonRegression: every count y is zero, so the optimal intercept is -inf; "
+                "stopping where the gradient norm reached tol, at intercept_ "
+                f"{self.intercept_:.3g}",
+                ConvergenceWarning,
+            )
         return self
 
     @property
