@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_training import fisher_options
+from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
 
 LAYERS = ["linear", "conv", "grouped conv"]
@@ -55,15 +55,6 @@ def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def _gradient_step(model: nn.Module, precond: KFAC, inputs, targets, sample: bool) -> None:
-    model.zero_grad()
-    outputs = model(inputs)
-    if sample:
-        precond.sample_backward(outputs)
-    nn.functional.cross_entropy(outputs, targets).backward()
-    precond.step()
-
-
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
 @pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
@@ -79,8 +70,7 @@ def test_a_bias_frozen_after_building_gives_the_steps_of_a_bias_free_layer(
             _first(model).bias.requires_grad_(False)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
         for inputs, targets in _batches(3):
-            _gradient_step(model, precond, inputs, targets, fisher_type != "empirical")
-            optimizer.step()
+            train_steps(model, precond, optimizer, inputs, targets, steps=1)
         results.append(torch.cat([p.detach().flatten() for p in _without_bias(model)]))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 

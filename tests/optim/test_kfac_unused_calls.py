@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from kfac_training import fisher_options
 from natgrad.optim import EKFAC, KFAC
 
 EXTRA_PASSES = ["before the training forward", "after the backward", "of a layer alone"]
@@ -16,15 +17,8 @@ def _train(preconditioner, fisher_type: str, extra_pass: str | None) -> torch.Te
     enabled that nothing back-propagates. Returns the parameters after the steps."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    precond = preconditioner(
-        model,
-        damping=0.1,
-        fisher_type=fisher_type,
-        likelihood="categorical",
-        generator=torch.Generator().manual_seed(3),
-        factor_update_interval=1,
-        inv_update_interval=1,
-    )
+    options = fisher_options(fisher_type, seed=3)
+    precond = preconditioner(model, damping=0.1, inv_update_interval=1, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(1)
     for _ in range(4):
