@@ -3,6 +3,8 @@ fine-tuning recipe does for all biases) leaves the layer's weight preconditioned
 block: ``G ⊗ A`` with ``A`` of the inputs alone. The layer used to wait for a bias gradient
 that never came and passed the weight's gradient through unpreconditioned."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,34 @@ def test_a_bias_unfrozen_after_building_is_named_and_passed_through() -> None:
     torch.testing.assert_close(layer.bias.grad, bias_gradient, rtol=0, atol=0)
     for ours, theirs in zip(_without_bias(with_bias), without_bias.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_the_state_of_a_layer_without_its_bias_loads_only_where_it_fits(preconditioner) -> None:
+    """Saved after the bias was frozen, the state loads into a preconditioner built with the
+    bias frozen (and resumes identically), and is refused, naming the layer and leaving the
+    preconditioner as it was, by one built with the bias trainable: it used to load silently
+    and fail at the next step with a broadcasting error."""
+    model, _ = _twins("linear")
+    precond = preconditioner(model, damping=0.1)
+    _first(model).bias.requires_grad_(False)
+    batches = _batches(3)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2)
+    train_steps(model, precond, optimizer, *batches[0], steps=1)
+    saved = precond.state_dict()
+
+    trainable_bias, _ = _twins("linear")
+    unfitting = preconditioner(trainable_bias, damping=0.1)
+    before = unfitting.state_dict()
+    with pytest.raises(ValueError, match=r"layer '0.1': the saved input_factor has shape"):
+        unfitting.load_state_dict(saved)
+    assert unfitting.state_dict()["steps"] == before["steps"]
+
+    twin = copy.deepcopy(model)
+    resumed = preconditioner(twin, damping=0.1)
+    resumed.load_state_dict(saved)
+    twin_optimizer = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.2)
+    train_steps(model, precond, optimizer, *batches[1], steps=2)
+    train_steps(twin, resumed, twin_optimizer, *batches[1], steps=2)
+    for ours, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -1136,12 +1136,15 @@ class KFAC:
         Raises
         ------
         ValueError
-            If the saved layers differ from this preconditioner's.
+            If the saved layers differ from this preconditioner's, by name or by shape (the
+            preconditioner is then left as it was).
         """
         saved = state_dict["layers"]
         names = [state.name for state in self.layers]
         if sorted(saved) != sorted(names):
             raise ValueError(f"state_dict has layers {sorted(saved)}, expected {sorted(names)}")
+        for state in self.layers:
+            state.check_state(saved[state.name])
         self.steps = int(state_dict["steps"])
         self._sync_hooks()
         if "damping" in state_dict and not callable(self.damping):

@@ -543,6 +543,29 @@ class LayerState:
         state["inverted_output_factor"], state["inverted_input_factor"] = inverted
         return {key: None if value is None else value.clone() for key, value in state.items()}
 
+    def check_state(self, state: dict[str, Tensor | None]) -> None:
+        """Raise a ``ValueError`` naming the layer and the entry if a saved :meth:`state_dict`
+        does not fit this layer's shapes (a state of another architecture, or of the layer
+        with a bias it no longer has)."""
+        input_shape = tuple(self._input_template().shape)
+        output_shape = tuple(self._output_template().shape)
+        expected = dict.fromkeys(
+            ("input_factor", "input_sum", "inverted_input_factor", "input_eigenvectors"),
+            input_shape,
+        )
+        expected |= dict.fromkeys(
+            ("output_factor", "output_sum", "inverted_output_factor", "output_eigenvectors"),
+            output_shape,
+        )
+        expected["eigenvalues"] = output_shape[:-1] + input_shape[-1:]
+        for key, shape in expected.items():
+            value = state.get(key)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"layer {self.name!r}: the saved {key} has shape {tuple(value.shape)}, "
+                    f"this layer's has {shape}"
+                )
+
     def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
         """Take over a :meth:`state_dict`, moved to the layer's device and factor dtype (as
         ``torch.optim.Optimizer.load_state_dict`` moves its state to the parameters')."""
