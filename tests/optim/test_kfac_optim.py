@@ -872,6 +872,14 @@ def test_layer_types_select_layers_grouped_convolutions_included() -> None:
     assert [state.name for state in KFAC(sequence).layers] == ["0", "1"]
     with pytest.raises(ValueError, match="unsupported layer types"):
         KFAC(model, layers=[nn.LayerNorm])
+    with pytest.raises(ValueError, match="model has no Embedding layer"):
+        KFAC(model, layers=[nn.Embedding])
+    with pytest.raises(TypeError, match="not a mix"):
+        KFAC(model, layers=[nn.Conv2d, model[3]])
+    with pytest.raises(TypeError, match=r"got \['3'\] \(for a layer's name"):
+        KFAC(model, layers=["3"])
+    with pytest.raises(TypeError, match="a sequence of modules or module types"):
+        KFAC(model, layers=model[3])
     norm = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
     with pytest.raises(ValueError, match="cannot be preconditioned"):
         KFAC(norm, layers=[norm[1]])
@@ -994,6 +1002,11 @@ def test_adaptive_damping_bad_input_raises() -> None:
         KFAC(model, adaptive_damping=True, damping_decay=1.5)
     with pytest.raises(ValueError, match="damping_bounds"):
         KFAC(model, adaptive_damping=True, damping=1.0, damping_bounds=(2.0, 3.0))
+    with pytest.raises(ValueError, match=r"damping_bounds \(1.0, 0.1\) must satisfy"):
+        KFAC(model, damping_bounds=(1.0, 0.1))
+    for damping in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="damping must be a non-negative finite number"):
+            KFAC(model, damping=damping)
     precond = KFAC(model, inv_update_interval=1)
     backward(model, torch.randn(2, 3, dtype=DTYPE), torch.tensor([0, 1]))
     precond.step()

@@ -110,14 +110,16 @@ def _check_adaptive_damping(
         if decay is None
         else unit_interval("damping_decay", decay, closed_left=False)
     )
+    low, high = bounds
+    if not 0 < low <= high < math.inf:
+        raise ValueError(f"damping_bounds {bounds!r} must satisfy 0 < low <= high < inf")
     if not adaptive:
         return omega
     if callable(damping) or not (math.isfinite(damping) and damping > 0):
         raise ValueError(
             f"adaptive_damping needs a positive float initial damping, got {damping!r}"
         )
-    low, high = bounds
-    if not 0 < low <= damping <= high:
+    if not low <= damping <= high:
         raise ValueError(f"damping_bounds {bounds!r} must satisfy 0 < low <= damping <= high")
     return omega
 
@@ -252,7 +254,7 @@ def _select_modules(
 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     """The ``(name, layer)`` pairs to precondition (see ``KFAC``'s ``layers``), and those that
     a selection by type leaves out only because their weight is frozen."""
-    chosen = None if layers is None else list(layers)
+    chosen = _chosen_layers(layers)
     by_type = chosen is None or all(isinstance(item, type) for item in chosen)
     candidates = _candidates(model, chosen, by_type)
     frozen = [(name, module) for name, module in candidates if not module.weight.requires_grad]
@@ -260,6 +262,30 @@ def _select_modules(
     selected = _without_frequency_scaled(selected, explicit=not by_type)
     selected = _check_initialized(_without_shared_weights(selected, explicit=not by_type))
     return selected, frozen
+
+
+def _chosen_layers(
+    layers: Sequence[nn.Module] | Sequence[type[nn.Module]] | None,
+) -> list[nn.Module] | list[type[nn.Module]] | None:
+    """``layers`` as a list, checked to be all module types or all modules."""
+    if layers is None:
+        return None
+    if isinstance(layers, nn.Module | type):
+        raise TypeError(f"layers must be a sequence of modules or module types, got {layers!r}")
+    chosen = list(layers)
+    others = [item for item in chosen if not isinstance(item, nn.Module | type)]
+    if others:
+        raise TypeError(
+            f"layers must hold modules or module types, got {others!r} (for a layer's name, "
+            "pass model.get_submodule(name))"
+        )
+    kinds = {isinstance(item, type) for item in chosen}
+    if len(kinds) > 1:
+        raise TypeError(
+            "layers must be all module types (nn.Linear, ...) or all modules of the model, "
+            f"not a mix: got {chosen!r}"
+        )
+    return chosen
 
 
 def _candidates(
@@ -523,7 +549,7 @@ class KFAC:
         self.factor_decay = unit_interval("factor_decay", factor_decay)
         self.factor_update_interval = positive_int("factor_update_interval", factor_update_interval)
         self.inv_update_interval = positive_int("inv_update_interval", inv_update_interval)
-        self.damping = damping
+        self.damping = damping if callable(damping) else nonnegative_float("damping", damping)
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_adaptation_interval = positive_int(
             "damping_adaptation_interval", damping_adaptation_interval
@@ -578,8 +604,11 @@ class KFAC:
         ]
         if not self.layers:
             frozen = [name for name, _ in self._frozen_layers]
+            kinds = "Linear, Conv1d, Conv2d or Embedding"
+            if layers is not None and all(isinstance(item, type) for item in layers):
+                kinds = " or ".join(item.__name__ for item in layers) or kinds
             raise ValueError(
-                "model has no Linear, Conv1d, Conv2d or Embedding layer to precondition"
+                f"model has no {kinds} layer to precondition"
                 + (f": those of {frozen} are frozen" if frozen else "")
             )
         self._attached = True
