@@ -198,21 +198,6 @@ class AdaHessian(CountedOptimizer):
         param_group.update(_checked_options({**self.defaults, **param_group}))
         super().add_param_group(param_group)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, plus the generator's state under ``"generator_state"``."""
-        state = super().state_dict()
-        if self.generator is not None:
-            state["generator_state"] = self.generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`, restoring the generator's state when both have one."""
-        state_dict = dict(state_dict)
-        generator_state = state_dict.pop("generator_state", None)
-        super().load_state_dict(state_dict)
-        if generator_state is not None and self.generator is not None:
-            self.generator.set_state(generator_state)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Take one AdaHessian step.

@@ -18,10 +18,11 @@ from torch import Tensor
 
 class CountedOptimizer(torch.optim.Optimizer):
     """Base class: ``self.counters`` (a dict of ints, set by the subclass, with at least
-    ``"refused_steps"``) is saved by :meth:`state_dict` and restored by
-    :meth:`load_state_dict`."""
+    ``"refused_steps"``) and the state of ``self.generator`` (if the subclass sets one) are
+    saved by :meth:`state_dict` and restored by :meth:`load_state_dict`."""
 
     counters: dict[str, int]
+    generator: torch.Generator | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute but torch's hook registries (which ``__setstate__`` makes anew)."""
@@ -48,16 +49,23 @@ class CountedOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state, with the step counters."""
+        """The optimizer state, with the step counters and, for an optimizer that samples with
+        a ``generator``, its state under ``"generator_state"`` (a resumed run draws the same
+        samples)."""
         state = super().state_dict()
         state["counters"] = dict(self.counters)
+        if self.generator is not None:
+            state["generator_state"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`."""
+        """Restore a state from :meth:`state_dict` (the generator's state where both have one)."""
         state = dict(state_dict)
         self.counters = dict(state.pop("counters", self.counters))
+        generator_state = state.pop("generator_state", None)
         super().load_state_dict(state)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state)
 
 
 def _is_hook_registry(name: str) -> bool:

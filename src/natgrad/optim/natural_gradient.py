@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,18 +58,21 @@ class NaturalGradient(CountedOptimizer):
     mc_samples : int, default 1
         Sampled targets per input for ``kind="mc"``.
     generator : torch.Generator, optional
-        Random source for ``kind="mc"``.
+        Random source for ``kind="mc"``; its state round-trips through ``state_dict()``.
 
     Notes
     -----
-    ``lr`` may differ between param groups. ``damping`` and ``max_kl`` belong to the whole step
-    (the Fisher couples all groups): they are stored in every param group, so that they
-    round-trip through ``state_dict()`` and can be changed by a scheduler, and the first group's
-    values are used.
+    Each step updates the model's parameters that require gradients at that step, in
+    ``model.parameters()`` order (the order of the Fisher): a parameter frozen after
+    construction is left alone, and one unfrozen later must be added with
+    :meth:`add_param_group` (a step raises otherwise). ``lr`` may differ between param groups.
+    ``damping`` and ``max_kl`` belong to the whole step (the Fisher couples all groups): they
+    are stored in every param group, so that they round-trip through ``state_dict()`` and can
+    be changed by a scheduler, and the first group's values are used.
 
     A step whose loss, gradient or direction is non-finite is refused: the parameters are left
     unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it. With
-    ``adaptive_damping`` a step that does not decrease the loss of the closure's batch is
+    ``adaptive_damping`` a step that raises the loss of the closure's batch is
     undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt.
 
     The Fisher is that of one deterministic function of independent samples: it is built with
@@ -91,19 +95,16 @@ class NaturalGradient(CountedOptimizer):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> None:
-        defaults = {
-            "lr": positive_float("lr", lr),
-            "damping": nonnegative_float("damping", damping),
-            "max_kl": positive_float("max_kl", max_kl, allow_none=True),
-        }
+        defaults = _checked_options({"lr": lr, "damping": damping, "max_kl": max_kl})
         kind = one_of("kind", kind, _KINDS)
         structure = one_of("structure", structure, _STRUCTURES)
         mc_samples = positive_int("mc_samples", mc_samples)
+        _check_types(model, adaptive_damping, generator)
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
+        self.model = model  # before the base class adds the first group (add_param_group)
         super().__init__(params, defaults)
-        self.model = model
         self.likelihood = get_likelihood(likelihood)
         self.kind = kind
         self.structure = structure
@@ -139,7 +140,7 @@ class NaturalGradient(CountedOptimizer):
                 "kind='empirical' needs the observed targets: step(closure, targets=...)"
             )
         loss = self._capture.run(closure)
-        params = self._params()
+        params, lrs = self._step_parameters()
         gradient = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         )
@@ -151,7 +152,7 @@ class NaturalGradient(CountedOptimizer):
             direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
             if not torch.isfinite(direction).all():
                 return self._refuse(loss, "the natural-gradient direction is not finite")
-            update = self._scaled_update(curvature, direction)
+            update = self._scaled_update(curvature, direction, lrs)
             curved = float(update @ curvature.mv(update)) if self.adaptive_damping else 0.0
         previous = [p.detach().clone() for p in params] if self.adaptive_damping else []
         self._subtract(params, update)
@@ -160,8 +161,50 @@ class NaturalGradient(CountedOptimizer):
         self.counters["steps"] += 1
         return loss
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group of parameters of the model (e.g. ones unfrozen after construction).
+
+        Parameters
+        ----------
+        param_group : dict
+            ``"params"`` (a tensor or an iterable of tensors) and optionally ``"lr"``,
+            ``"damping"``, ``"max_kl"``; missing options take the constructor's values.
+
+        Raises
+        ------
+        ValueError
+            If a parameter is not one of the model's, or an option is out of range.
+        TypeError
+            If an option is not a real number (``max_kl``: nor ``None``).
+        """
+        super().add_param_group({**param_group, **_checked_options(param_group)})
+        own = {id(p) for p in self.model.parameters()}
+        foreign = [tuple(p.shape) for p in self.param_groups[-1]["params"] if id(p) not in own]
+        if foreign:
+            self.param_groups.pop()
+            raise ValueError(
+                f"NaturalGradient optimizes parameters of its model only; got parameters of "
+                f"shapes {foreign} that are not in model.parameters()"
+            )
+
+    def _step_parameters(self) -> tuple[list[Tensor], list[float]]:
+        """The model's trainable parameters, in the Fisher's order, and each one's group ``lr``.
+
+        Raises
+        ------
+        ValueError
+            If a trainable parameter is in no param group.
+        """
+        lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        params = trainable_parameters(self.model)
+        missing = [names[id(p)] for p in params if id(p) not in lr_of]
+        if missing:
+            raise ValueError(
+                f"parameters {missing} require gradients but are in no param group of this "
+                "NaturalGradient: add them with add_param_group or set requires_grad=False"
+            )
+        return params, [lr_of[id(p)] for p in params]
 
     def _curvature(self, targets: Tensor | None) -> CurvatureOperator:
         with torch.enable_grad():
@@ -176,16 +219,17 @@ class NaturalGradient(CountedOptimizer):
                 generator=self.generator,
             )
 
-    def _scaled_update(self, curvature: CurvatureOperator, direction: Tensor) -> Tensor:
-        """Per-group ``lr · d``, shrunk as a whole by KL clipping where ``max_kl`` is set."""
-        lrs = torch.cat(
+    def _scaled_update(
+        self, curvature: CurvatureOperator, direction: Tensor, lrs: list[float]
+    ) -> Tensor:
+        """Per-parameter ``lr · d``, shrunk as a whole by KL clipping where ``max_kl`` is set."""
+        scales = torch.cat(
             [
-                direction.new_full((p.numel(),), group["lr"])
-                for group in self.param_groups
-                for p in group["params"]
+                direction.new_full((count,), lr)
+                for count, lr in zip(curvature.param_numels, lrs, strict=True)
             ]
         )
-        update = lrs * direction
+        update = scales * direction
         max_kl = self.param_groups[0]["max_kl"]
         if max_kl is not None:
             update = update * kl_clip_scale(update, curvature.mv(update), max_kl)
@@ -229,6 +273,36 @@ class NaturalGradient(CountedOptimizer):
         new_damping = levenberg_marquardt_damping(damping, actual, predicted)
         for group in self.param_groups:
             group["damping"] = new_damping
+
+
+_OPTION_CHECKS: dict[str, Callable[[object], float | None]] = {
+    "lr": lambda value: positive_float("lr", value),
+    "damping": lambda value: nonnegative_float("damping", value),
+    "max_kl": lambda value: positive_float("max_kl", value, allow_none=True),
+}
+"""Validation of the per-group step options (see :class:`NaturalGradient`)."""
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The step options among ``options``, validated; other entries are left out."""
+    return {
+        name: _OPTION_CHECKS[name](value)
+        for name, value in options.items()
+        if name in _OPTION_CHECKS
+    }
+
+
+def _check_types(model: object, adaptive_damping: object, generator: object) -> None:
+    """Raise ``TypeError`` for a ``model`` that is not a module, an ``adaptive_damping`` that is
+    not a bool, or a ``generator`` that is neither ``None`` nor a ``torch.Generator``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(adaptive_damping, bool):
+        raise TypeError(f"adaptive_damping must be a bool, got {adaptive_damping!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
 
 
 def _restore(params: list[Tensor], previous: list[Tensor]) -> None:
