@@ -12,6 +12,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from natgrad.models import PNMF
 
+# Short fits stop at max_iter on purpose; that ConvergenceWarning is tested in
+# test_pnmf_user_traps.py.
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 
 def poisson_data(n_samples=60, n_features=12, n_components=2, seed=0):
     rng = np.random.default_rng(seed)

@@ -7,6 +7,10 @@ from distributed_helpers import run_on_processes
 from natgrad.models import PNMF
 from natgrad.models.pnmf_distributed import DataParallelFit, fit_pnmf_data_parallel
 
+# Short fits stop at max_iter on purpose; that ConvergenceWarning is tested in
+# test_pnmf_user_traps.py.
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 SPLIT = 23  # uneven shards: rows [0, 23) on rank 0, [23, 60) on rank 1
 SETTINGS = {"mode": "lower-bound", "max_iter": 60, "tol": 0.0, "random_state": 5}
 

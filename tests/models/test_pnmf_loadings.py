@@ -18,6 +18,10 @@ from natgrad.models.pnmf_training import FitSettings, FitState, fit_natural
 
 CPU = torch.device("cpu")
 
+# Short fits stop at max_iter on purpose; that ConvergenceWarning is tested in
+# test_pnmf_user_traps.py.
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 
 def poisson_data(n_samples=60, n_features=12, n_components=2, seed=0):
     rng = np.random.default_rng(seed)

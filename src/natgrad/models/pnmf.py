@@ -9,10 +9,12 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils import check_random_state
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
+from natgrad._warnings import warn_at_caller
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix, count_matrix
 from natgrad.models.pnmf_elbo import ELBO_MODES, elbo, expected_exp_factors
@@ -73,7 +75,7 @@ def initial_posterior(
     return gaussian_from_moments(mean, variance)
 
 
-class PNMF(TransformerMixin, BaseEstimator):
+class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Poisson NMF with a Gaussian variational posterior over log-activations.
 
     Model: ``y_ij ~ Poisson(Σ_l W_jl exp(F_il))``, ``W ≥ 0`` of shape
@@ -120,7 +122,7 @@ class PNMF(TransformerMixin, BaseEstimator):
     random_state : int, RandomState or None, default=None
         Seed of the initialisation and of the Monte-Carlo draws.
     device : str, default="auto"
-        Torch device; ``"auto"`` picks CUDA, then MPS, then CPU.
+        Torch device; ``"auto"`` picks CUDA, then MPS, then CPU. An unavailable device raises.
     verbose : bool, default=False
         Print the ELBO every 100 iterations.
 
@@ -136,9 +138,11 @@ class PNMF(TransformerMixin, BaseEstimator):
     n_iter_ : int
         Iterations (epochs) run.
     converged_ : bool
-        Whether the stopping rule held before ``max_iter``.
+        Whether the stopping rule held before ``max_iter``; a ``ConvergenceWarning`` is issued
+        when it did not (by ``transform`` and ``score`` too, for their fit of ``q(F)``).
     n_features_in_ : int
     n_components_ : int
+        The fitted number of components (``transform`` uses it, even after ``set_params``).
     learning_rate_ : float
         The Adam learning rate or natural step ``ρ`` actually used.
     n_refused_steps_ : int
@@ -186,14 +190,16 @@ class PNMF(TransformerMixin, BaseEstimator):
         tags.non_deterministic = False
         return tags
 
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
     # -- validation ------------------------------------------------------------------------
     def _check_params(self) -> None:
-        if isinstance(self.n_components, bool) or not isinstance(
-            self.n_components, numbers.Integral
-        ):
-            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
-        if self.n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {self.n_components!r}")
+        self._check_choices()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
         if self.training_mode not in TRAINING_MODES:
             raise ValueError(
                 f"training_mode must be one of {TRAINING_MODES}, got {self.training_mode!r}"
@@ -204,20 +210,29 @@ class PNMF(TransformerMixin, BaseEstimator):
             )
         if self.mode not in ELBO_MODES:
             raise ValueError(f"mode must be one of {ELBO_MODES}, got {self.mode!r}")
+
+    def _check_numbers(self) -> None:
+        if not _is_integer(self.n_components):
+            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {self.n_components!r}")
         for name in ("E", "max_iter"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or value < 1:
+            if not _is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.tol, numbers.Real) or not self.tol >= 0:
+        if not _is_real(self.tol) or not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
+        if self.learning_rate is not None and not _is_real(self.learning_rate):
+            raise ValueError(
+                f"learning_rate must be None or a number > 0, got {self.learning_rate!r}"
+            )
         rate = self._learning_rate()
         if not np.isfinite(rate) or rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.training_mode == "natural" and rate > 1:
             raise ValueError(f"learning_rate (natural step) must be in (0, 1], got {rate!r}")
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, numbers.Integral) or self.batch_size < 1
-        ):
+        batch_size = self.batch_size
+        if batch_size is not None and (not _is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}")
 
     def _learning_rate(self) -> float:
@@ -235,6 +250,11 @@ class PNMF(TransformerMixin, BaseEstimator):
             dtype=(np.float64, np.float32),
             reset=reset,
         )
+        if sp.issparse(X):  # sum duplicate entries before judging the counts they make up
+            X = X.tocsr()
+            if not X.has_canonical_format:
+                X = X.copy()  # sum_duplicates works in place: leave the caller's matrix alone
+                X.sum_duplicates()
         check_non_negative(X, f"{type(self).__name__} (counts)")
         stored = X.data if sp.issparse(X) else X
         fractional = stored != np.round(stored)
@@ -251,11 +271,14 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _torch_device(self) -> torch.device:
         if self.device != "auto":
             try:
-                return torch.device(self.device)
+                device = torch.device(self.device)
             except (RuntimeError, TypeError) as error:
                 raise ValueError(
                     f"device must be 'auto' or a torch device, got {self.device!r}"
                 ) from error
+            if not _is_available(device):
+                raise ValueError(f"device {self.device!r} is not available on this machine")
+            return device
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
@@ -275,9 +298,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         return generator
 
     # -- fitting ---------------------------------------------------------------------------
-    def _initial_posterior(self, counts: CountMatrix, generator: torch.Generator) -> Gaussian:
+    def _initial_posterior(
+        self, counts: CountMatrix, n_components: int, generator: torch.Generator
+    ) -> Gaussian:
         return initial_posterior(
-            counts.n_samples, self.n_components, generator, counts.dtype, counts.device
+            counts.n_samples, n_components, generator, counts.dtype, counts.device
         )
 
     def _initial_loadings(self, counts: CountMatrix, generator: torch.Generator) -> torch.Tensor:
@@ -299,11 +324,11 @@ class PNMF(TransformerMixin, BaseEstimator):
 
         return FitSettings(
             mode=self.mode,
-            n_draws=self.E,
+            n_draws=int(self.E),
             step_size=self._learning_rate(),
-            max_iter=self.max_iter,
+            max_iter=int(self.max_iter),
             tol=self.tol,
-            batch_size=self.batch_size,
+            batch_size=None if self.batch_size is None else int(self.batch_size),
             update_loadings=update_loadings,
             generator=generator,
             loadings_update=self.loadings_update,
@@ -311,9 +336,16 @@ class PNMF(TransformerMixin, BaseEstimator):
         )
 
     def _run(self, counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
-        if self.training_mode == "natural":
-            return fit_natural(counts, state, settings)
-        return fit_standard(counts, state, settings)
+        fit = fit_natural if self.training_mode == "natural" else fit_standard
+        state = fit(counts, state, settings)
+        if not state.converged:
+            fitted = "W and q(F)" if settings.update_loadings else "q(F) with W fixed"
+            warn_at_caller(
+                f"PNMF fitting {fitted} stopped at max_iter={self.max_iter} before the ELBO "
+                f"stopping rule (tol={self.tol:g}) held; increase max_iter",
+                ConvergenceWarning,
+            )
+        return state
 
     def fit(
         self, X, y=None, *, callback: Callable[[int, float, FitState], None] | None = None
@@ -338,11 +370,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         counts = self._counts(X)
         state = FitState(
             loadings=self._initial_loadings(counts, generator),
-            posterior=self._initial_posterior(counts, generator),
+            posterior=self._initial_posterior(counts, self.n_components, generator),
         )
         settings = self._settings(generator, update_loadings=True, callback=callback)
         state = self._run(counts, state, settings)
-        self._loadings = state.loadings
         self.components_ = state.loadings.T.cpu().numpy()
         self.variational_mean_ = state.posterior.loc.cpu().numpy()
         self.variational_variance_ = state.posterior.variance.cpu().numpy()
@@ -364,7 +395,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         generator = self._generator(rng)
         counts = self._counts(X)
         loadings = torch.as_tensor(self.components_.T, dtype=counts.dtype, device=counts.device)
-        state = FitState(loadings=loadings, posterior=self._initial_posterior(counts, generator))
+        posterior = self._initial_posterior(counts, self.n_components_, generator)
+        state = FitState(loadings=loadings, posterior=posterior)
         state = self._run(counts, state, self._settings(generator, update_loadings=False))
         return counts, state.posterior, generator
 
@@ -420,21 +452,45 @@ class PNMF(TransformerMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_components)
+        X : array-like or scipy.sparse matrix of shape (n_samples, n_components_)
+            Non-negative, finite activations.
 
         Returns
         -------
         ndarray of shape (n_samples, n_features)
         """
         check_is_fitted(self)
-        activations = np.asarray(X, dtype=self.components_.dtype)
-        if activations.ndim != 2 or activations.shape[1] != self.n_components:
+        activations = check_array(
+            X, accept_sparse=("csr", "csc"), dtype=self.components_.dtype, input_name="X"
+        )
+        check_non_negative(activations, f"{type(self).__name__}.inverse_transform (activations)")
+        if activations.shape[1] != self.n_components_:
             raise ValueError(
-                f"X must have shape (n_samples, {self.n_components}), got {activations.shape}"
+                f"X must have shape (n_samples, {self.n_components_}), got {activations.shape}"
             )
-        return activations @ self.components_
+        return np.asarray(activations @ self.components_)
 
     def score(self, X, y=None) -> float:
         """Mean ELBO per sample of ``X`` (``q(F)`` fitted with ``W`` fixed; held-out data too)."""
         counts, posterior, generator = self._fit_posterior(X)
         return self._evaluate_elbo(counts, posterior, generator) / counts.n_samples
+
+
+def _is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or NumPy), ``bool`` excluded."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (Python or NumPy), ``bool`` excluded."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _is_available(device: torch.device) -> bool:
+    """Whether torch can allocate on ``device`` here (CUDA and MPS need their backends)."""
+    if device.type == "cuda":
+        index = 0 if device.index is None else device.index
+        return torch.cuda.is_available() and index < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True

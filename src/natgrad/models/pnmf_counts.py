@@ -117,7 +117,8 @@ def count_matrix(
     Parameters
     ----------
     counts : ndarray or scipy.sparse matrix of shape (n_samples, n_features)
-        Non-negative, finite counts (validated by the caller).
+        Non-negative, finite counts (validated by the caller); duplicate sparse entries are
+        summed and stored zeros dropped, in a copy (``counts`` is never modified).
     dtype, device
         Floating dtype and device of the stored tensors.
     """
@@ -129,8 +130,10 @@ def count_matrix(
         dense = torch.as_tensor(array, dtype=dtype, device=device)
         return CountMatrix(n_samples, n_features, _log_factorial(dense), dense=dense)
     csr = sp.csr_matrix(counts)
-    csr.eliminate_zeros()
-    csr.sort_indices()
+    if not csr.has_canonical_format or np.count_nonzero(csr.data) != csr.nnz:
+        csr = csr.copy()  # canonicalise a copy: the caller's arrays are left as they are
+        csr.sum_duplicates()
+        csr.eliminate_zeros()
     row_ptr = torch.as_tensor(csr.indptr.astype(np.int64), device=device)
     lengths = row_ptr[1:] - row_ptr[:-1]
     rows = torch.repeat_interleave(torch.arange(n_samples, device=device), lengths)
