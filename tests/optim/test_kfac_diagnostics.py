@@ -37,26 +37,6 @@ def mc_step(model: nn.Module, precond: KFAC, inputs, targets, sample: bool = Tru
     precond.step()
 
 
-def test_attention_out_projection_is_left_out_and_cannot_be_chosen() -> None:
-    """``nn.MultiheadAttention`` multiplies by ``out_proj.weight`` without calling
-    ``out_proj``, so no hook would ever see its inputs."""
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    precond = KFAC(layer, damping=0.1, inv_update_interval=1)
-    assert [state.name for state in precond.layers] == ["linear1", "linear2"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        layer(torch.randn(4, 5, 8)).square().mean().backward()
-        precond.step()
-    assert all(state.input_factor is not None for state in precond.layers)
-    with pytest.raises(ValueError, match="out_proj"):
-        KFAC(layer, layers=[layer.self_attn.out_proj])
-    assert [state.name for state in KFAC(layer, layers=[nn.Linear]).layers] == [
-        "linear1",
-        "linear2",
-    ]
-
-
 def test_a_monte_carlo_step_without_sampling_is_refused_and_leaves_no_trace() -> None:
     """Without ``sample_backward`` no output gradient is recorded: the step raises, and the
     inputs it recorded do not leak into the next step's factors."""

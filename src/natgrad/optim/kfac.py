@@ -75,6 +75,7 @@ from natgrad.distributed.reduce import (
     world_size,
 )
 from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
+from natgrad.optim.kfac_attention import AttentionHooks, AttentionLayers, attention_projections
 from natgrad.optim.kfac_layers import (
     EmbeddingState,
     GroupedConvState,
@@ -175,7 +176,8 @@ def _supported(module: nn.Module) -> bool:
 
 def _weight_used_directly(model: nn.Module) -> set[int]:
     """Ids of the layers whose parent uses their weight without calling their ``forward()``,
-    so that no hook sees their inputs: ``nn.MultiheadAttention.out_proj``."""
+    so that no layer hook sees their inputs: ``nn.MultiheadAttention.out_proj`` (recorded with
+    its attention instead, :mod:`natgrad.optim.kfac_attention`)."""
     return {
         id(module.out_proj)
         for module in model.modules()
@@ -302,21 +304,26 @@ def _candidates(
             raise ValueError(
                 f"unsupported layer types {unknown}; use Linear, Conv1d, Conv2d, Embedding"
             )
-        return [
-            (name, module)
-            for name, module in named
-            if isinstance(module, types) and _preconditionable(module)
-        ]
+        layers = []
+        for name, module in named:
+            if isinstance(module, nn.MultiheadAttention) and nn.Linear in types:
+                layers += attention_projections(name, module)
+            elif isinstance(module, types) and _preconditionable(module):
+                layers.append((name, module))
+        return layers
     names = {id(module): name for name, module in named}
     selected = []
     for module in chosen:
         if id(module) in bypassed:
             raise ValueError(
-                "an nn.MultiheadAttention's out_proj cannot be preconditioned: the attention "
-                "uses its weight without calling its forward(), so no statistics reach K-FAC"
+                "an nn.MultiheadAttention's out_proj is chosen with its attention: pass the "
+                "nn.MultiheadAttention module (both its projections are preconditioned)"
             )
         if id(module) not in names:
             raise ValueError(f"layer {module!r} is not a submodule of the model")
+        if isinstance(module, nn.MultiheadAttention):
+            selected += _supported_projections(names[id(module)], module)
+            continue
         if not _supported(module):
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
@@ -325,6 +332,18 @@ def _candidates(
             )
         selected.append((names[id(module)], module))
     return selected
+
+
+def _supported_projections(name: str, attention: nn.MultiheadAttention) -> list:
+    """The projections of an attention chosen by ``layers=``, refused if none can be
+    preconditioned."""
+    projections = [pair for pair in attention_projections(name, attention) if _supported(pair[1])]
+    if not projections:
+        raise ValueError(
+            f"attention {name!r} cannot be preconditioned: K-FAC covers the packed input "
+            "projection and out_proj of an attention without kdim/vdim, with trainable weights"
+        )
+    return projections
 
 
 class _LayerHook:
@@ -430,9 +449,11 @@ class KFAC:
         Layers to precondition; default every Linear, Conv1d and Conv2d (grouped convolutions,
         depthwise included, with one Kronecker block per group) and Embedding (not ``sparse``)
         with a trainable weight that is not computed (parametrized by ``weight_norm``, or
-        pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own),
-        except the ``out_proj`` of an ``nn.MultiheadAttention`` (which uses its weight
-        without calling it, so no statistics could be recorded; choosing it raises),
+        pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own), the
+        packed input projection (``"{name}.in_proj"``) and ``out_proj`` of every
+        ``nn.MultiheadAttention`` without ``kdim``/``vdim`` (the input projection on
+        self-attention calls only; see :mod:`natgrad.optim.kfac_attention`; choose an
+        attention's projections by passing the attention module), except
         embeddings with ``scale_grad_by_freq=True`` (their gradient is divided by the
         tokens' counts, which ``A`` would divide again: left out with a warning; choosing
         one raises) and layers that share their weight with another (tied embeddings: left
@@ -611,6 +632,7 @@ class KFAC:
                 f"model has no {kinds} layer to precondition"
                 + (f": those of {frozen} are frozen" if frozen else "")
             )
+        self._attention = self._attention_layers(model)
         self._attached = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._output_handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -628,6 +650,19 @@ class KFAC:
     def _keeps_pairs(self) -> bool:
         return False
 
+    def _attention_layers(self, model: nn.Module) -> list[AttentionLayers]:
+        """The attentions with a preconditioned projection, and their projections' states."""
+        by_name = {state.name: state for state in self.layers}
+        found = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                prefix = f"{name}." if name else ""
+                input_state = by_name.get(f"{prefix}in_proj")
+                output_state = by_name.get(f"{prefix}out_proj")
+                if input_state is not None or output_state is not None:
+                    found.append(AttentionLayers(module, input_state, output_state))
+        return found
+
     # -- hooks ---------------------------------------------------------------------------------
     def _sync_hooks(self) -> None:
         """Forward hooks are on the layers only for steps that record statistics, so that the
@@ -637,6 +672,8 @@ class KFAC:
             self._handles = [
                 state.module.register_forward_hook(_LayerHook(self, state)) for state in self.layers
             ]
+            for layers in self._attention:
+                self._handles += AttentionHooks(self, layers).register(layers.attention)
         elif not wanted:
             for handle in self._handles:
                 handle.remove()
