@@ -334,7 +334,9 @@ def _candidates(
     return selected
 
 
-def _supported_projections(name: str, attention: nn.MultiheadAttention) -> list:
+def _supported_projections(
+    name: str, attention: nn.MultiheadAttention
+) -> list[tuple[str, nn.Module]]:
     """The projections of an attention chosen by ``layers=``, refused if none can be
     preconditioned."""
     projections = [pair for pair in attention_projections(name, attention) if _supported(pair[1])]

@@ -118,7 +118,9 @@ class AttentionRecording(TorchFunctionMode):
         output = self._project(self._layers.output_state, attended, out_weight, out_bias)
         return output, weights
 
-    def _project(self, state: LayerState, rows: Tensor, weight: Tensor, bias: Tensor | None):
+    def _project(
+        self, state: LayerState, rows: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
         """``rows @ weightᵀ + bias`` for sequence-first rows ``(T, N, d)`` (unbatched:
         ``(T, d)``), computed batch-first and recorded as a call of ``state``'s layer."""
         batch_first = rows.transpose(0, 1) if rows.ndim == 3 else rows.unsqueeze(0)
