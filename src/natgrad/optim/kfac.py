@@ -358,6 +358,7 @@ class _LayerHook:
         self._precond = None if precond is None else weakref.ref(precond)
         self._state = state
 
+    @torch.compiler.disable  # bookkeeping: under torch.compile it runs eagerly, uncompiled
     def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
         precond = None if self._precond is None else self._precond()
         if precond is not None:
