@@ -149,3 +149,52 @@ def test_choosing_an_attention_selects_both_projections() -> None:
     separate = nn.MultiheadAttention(EMBED, HEADS, kdim=3, vdim=3)
     with pytest.raises(ValueError, match="cannot be preconditioned"):
         KFAC(nn.Sequential(separate), layers=[separate])
+
+
+MODULE_OPTIONS = {
+    "default": {},
+    "no bias": {"bias": False},
+    "bias_kv": {"add_bias_kv": True},
+    "zero_attn": {"add_zero_attn": True},
+}
+CALLS = {
+    "weights": {},
+    "no weights": {"need_weights": False},
+    "padding mask": {"key_padding_mask": torch.tensor([[False] * (TOKENS - 1) + [True]] * 5)},
+    "causal": {
+        "attn_mask": torch.triu(torch.full((TOKENS, TOKENS), -math.inf), 1).double(),
+        "is_causal": True,
+        "need_weights": False,
+    },
+    "per-head weights": {"average_attn_weights": False},
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("options", MODULE_OPTIONS)
+def test_every_attention_option_records_the_plain_values_and_gradients(
+    options: str, call: str
+) -> None:
+    """The recording forward runs the attention's own code with identity projections, so its
+    options (biases on keys and values, a zero attention slot, masks, causal attention,
+    attention weights) keep their effect: outputs, weights and gradients are the plain
+    forward's, and both projections record."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(EMBED, HEADS, batch_first=True, **MODULE_OPTIONS[options])
+    attention = attention.double()
+    plain = copy.deepcopy(attention)
+    precond = KFAC(attention, damping=0.1)
+    inputs, _ = batch(0)
+    results = []
+    for module in (attention, plain):
+        outputs, weights = module(inputs, inputs, inputs, **CALLS[call])
+        outputs.square().sum().backward()
+        results.append((outputs, weights))
+    (outputs, weights), (plain_outputs, plain_weights) = results
+    torch.testing.assert_close(outputs, plain_outputs)
+    if weights is not None:
+        torch.testing.assert_close(weights, plain_weights)
+    for ours, theirs in zip(attention.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, theirs.grad)
+    precond.step()
+    assert all(state.input_factor is not None for state in precond.layers)
