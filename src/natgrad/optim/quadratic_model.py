@@ -125,9 +125,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
     damping : float, default 1e-2
         Initial ``λ`` (a positive number).
     max_kl : float, optional
-        Trust region: shrink the step so that ``½ δᵀFδ ≤ max_kl`` (the second-order KL of the
-        batch's predictive distribution), which keeps early steps with a small ``λ`` from
-        overshooting where the Fisher is near zero (e.g. saturated softmax outputs).
+        Trust region: shrink the step ``δ`` (``lr`` included) so that ``½ δᵀFδ ≤ max_kl`` (the
+        second-order KL of the batch's predictive distribution), which keeps early steps with a
+        small ``λ`` from overshooting where the Fisher is near zero (e.g. saturated softmax
+        outputs).
     adaptive_damping : bool, default True
         Adapt ``λ`` every ``damping_adaptation_interval`` steps by the Levenberg–Marquardt rule
         (one extra evaluation of the closure, with the preconditioner's recording paused; none
@@ -182,10 +183,13 @@ class QuadraticModelOptimizer(CountedOptimizer):
 
     Notes
     -----
-    One param group (the quadratic model couples all parameters). The closure must return the
-    **mean** negative log-likelihood of the batch under ``likelihood`` (the scale ``F`` refers
-    to). Steps whose loss, gradient or direction is not finite are refused: the parameters are
-    left as they are, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
+    One param group (the quadratic model couples all parameters): each step moves the model's
+    parameters that require gradients at that step, so one frozen after construction is left
+    alone, and one unfrozen after construction (in no group) makes :meth:`step` raise, naming
+    it. The closure must return the **mean** negative log-likelihood of the batch under
+    ``likelihood`` (the scale ``F`` refers to). Steps whose loss, gradient or direction is not
+    finite are refused: the parameters are left as they are, a ``RuntimeWarning`` says why and
+    ``counters["refused_steps"]`` counts it.
     ``λ`` lives in the param group (key ``"damping"``, with ``"lr"`` and ``"max_kl"``), the
     previous step in the per-parameter state; both round-trip through :meth:`state_dict` (save
     the preconditioner's state as well). Under ``torch.distributed`` the Fisher products and the
@@ -308,7 +312,31 @@ class QuadraticModelOptimizer(CountedOptimizer):
         return self.param_groups[0]["damping"]
 
     def _params(self) -> list[Tensor]:
-        return self.param_groups[0]["params"]
+        """The model's parameters that require gradients now, in ``model.parameters()`` order
+        (that of the Fisher products): one frozen after construction is left alone.
+
+        Raises
+        ------
+        ValueError
+            If one of them is not in the param group (unfrozen after construction), or if
+            there is none.
+        """
+        grouped = {id(p) for p in self.param_groups[0]["params"]}
+        missing = [
+            name
+            for name, p in self.module.named_parameters()
+            if p.requires_grad and id(p) not in grouped
+        ]
+        if missing:
+            raise ValueError(
+                f"parameters {missing} require gradients but were frozen when this "
+                "QuadraticModelOptimizer was built: build a new one (the quadratic model couples "
+                "all parameters in its one param group) or set requires_grad=False on them"
+            )
+        params = trainable_parameters(self.module)
+        if not params:
+            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
+        return params
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
@@ -328,10 +356,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         """
         if closure is None:
             raise ValueError("QuadraticModelOptimizer.step needs a closure that returns the loss")
+        params = self._params()
         loss = self._capture.run(closure)
         if self._pending is not None:  # full_batch: this loss is the last step's loss after
             loss = self._assess_pending(closure, loss)
-        params = self._params()
         if not torch.isfinite(loss).all():
             return self._refuse(loss, "the loss is not finite")
         gradient = _flat([p.grad for p in params], params)
@@ -349,13 +377,16 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if not torch.isfinite(curvature).all():
             return self._refuse(loss, "the Fisher products are not finite")
         coefficients, _ = minimize_quadratic_model(curvature, linear)
-        coefficients *= self.param_groups[0]["lr"] * self._kl_scale(fisher, coefficients)
+        coefficients *= self.param_groups[0]["lr"]
+        coefficients *= self._kl_scale(fisher, coefficients)
         predicted = _model_value(curvature, linear, coefficients)
         update = coefficients.to(stacked.dtype) @ stacked
         chunks = [
             chunk.view_as(p) for chunk, p in zip(update.split(_numels(params)), params, strict=True)
         ]
         torch._foreach_add_(params, chunks)
+        for p in self.param_groups[0]["params"]:  # frozen ones took no part in this step
+            self.state[p].pop("previous_update", None)
         for p, chunk in zip(params, chunks, strict=True):  # to undo, and as momentum
             self.state[p]["previous_update"] = chunk
         self.last_step = {"alpha": float(coefficients[0]), "predicted_change": predicted}
@@ -437,8 +468,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
         actual = self.last_damping_update["actual"]
         if actual <= 0 or (math.isfinite(actual) and not self.reject_steps):
             return False
-        params = self._params()
-        torch._foreach_sub_(params, [self.state[p].pop("previous_update") for p in params])
+        stepped = [p for p in self.param_groups[0]["params"] if "previous_update" in self.state[p]]
+        torch._foreach_sub_(stepped, [self.state[p].pop("previous_update") for p in stepped])
         self._assess_next = True
         if math.isfinite(actual):
             self.counters["rejected_steps"] += 1
