@@ -4,13 +4,17 @@ defaults, state and parameter groups in a copy, and the copies failed at their n
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from kfac_training import fisher_options, train_steps
 from natgrad.expfam import Gaussian
 from natgrad.optim import (
+    EKFAC,
+    KFAC,
     AdaHessian,
     NaturalGradient,
     NaturalGradientDescent,
@@ -96,3 +100,37 @@ def test_a_copied_natural_gradient_descent_continues_as_the_original(copier: str
     for ours, theirs in zip(train(twin, 3), train(optimizer, 3), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert twin.counters == optimizer.counters
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_a_copied_model_preconditioner_and_optimizer_continue_as_the_originals(
+    preconditioner, fisher_type: str, copier: str
+) -> None:
+    """The copy's preconditioner hooks the copied layers (attention included) and takes the
+    original's steps; the copy used to carry only inert hooks, record nothing and pass its
+    gradients through (with a warning), and pickling failed on weak references."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(12, 3),
+    ).double()
+    options = fisher_options(fisher_type, seed=3)
+    precond = preconditioner(model, damping=0.1, inv_update_interval=2, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(8, 3, 4, generator=generator, dtype=DTYPE)
+    targets = torch.randint(0, 3, (8,), generator=generator)
+    train_steps(model, precond, optimizer, inputs, targets, steps=3)
+    trio = (model, precond, optimizer)
+    twin_model, twin_precond, twin_optimizer = (
+        copy.deepcopy(trio) if copier == "deepcopy" else pickle.loads(pickle.dumps(trio))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, precond, optimizer, inputs, targets, steps=3)
+        train_steps(twin_model, twin_precond, twin_optimizer, inputs, targets, steps=3)
+    for param, copied in zip(model.parameters(), twin_model.parameters(), strict=True):
+        torch.testing.assert_close(copied, param, rtol=0, atol=0)

@@ -41,6 +41,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -784,6 +785,19 @@ class KFAC:
     def remove(self) -> None:
         """Detach the hooks from the model."""
         self._attached = False
+        self._sync_hooks()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``copy.deepcopy`` / ``pickle`` state: everything but the hook handles, the layer
+        outputs of a pass not yet sampled and the stamps of written gradients (weak
+        references). Copied with its model (``copy.deepcopy((model, precond, optimizer))``),
+        the copy hooks the copied layers and continues as the original would."""
+        state = dict(self.__dict__)
+        state.update(_handles=[], _output_edges=[], _output_handles=[], _written={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._sync_hooks()
 
     # -- the step ------------------------------------------------------------------------------
