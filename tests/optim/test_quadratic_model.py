@@ -704,3 +704,51 @@ def test_with_dropout_the_fisher_is_that_of_the_averaged_network() -> None:
     coefficients = _oracle_coefficients(fisher, damping, gradient, [-gradient])
     expected = _flat(reference) - coefficients[0] * gradient
     torch.testing.assert_close(_flat(model), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_full_batch_records_the_restored_parameters_after_an_undone_step(
+    fisher_type: str,
+) -> None:
+    """With a preconditioner, ``full_batch`` used to fold the statistics of the closure run at
+    the undone parameters (0.44 off the re-evaluating optimizer's factors after two steps):
+    they are discarded, and the closure run at the restored parameters records, with the same
+    Monte-Carlo draws as the re-evaluating optimizer's next step."""
+    inputs, labels = _classification()
+    runs = []
+    for full_batch in (False, True):
+        model = _mlp()
+        options = {"likelihood": "categorical"} if fisher_type == "mc" else {}
+        precond = KFAC(
+            model,
+            fisher_type=fisher_type,
+            generator=torch.Generator().manual_seed(5),
+            factor_decay=0.5,
+            inv_update_interval=1,
+            damping=0.1,
+            **options,
+        )
+        optimizer = QuadraticModelOptimizer(
+            model,
+            "categorical",
+            preconditioner=precond,
+            lr=5.0,
+            damping=0.1,
+            damping_adaptation_interval=5,
+            damping_decay=0.5,
+            full_batch=full_batch,
+            reject_steps=True,
+        )
+        closure = _closure(model, optimizer, inputs, labels, precond)
+        for _ in range(6):
+            optimizer.step(closure)
+        runs.append((model, precond, optimizer))
+    (model, precond, optimizer), (twin, twin_precond, full) = runs
+    assert optimizer.counters["rejected_steps"] >= 1
+    full.step(_closure(twin, full, inputs, labels, twin_precond))  # assesses the sixth step
+    optimizer.step(_closure(model, optimizer, inputs, labels, precond))
+    assert full.counters == optimizer.counters
+    for ours, theirs in zip(twin_precond.layers, precond.layers, strict=True):
+        torch.testing.assert_close(ours.input_factor, theirs.input_factor)
+        torch.testing.assert_close(ours.output_factor, theirs.output_factor)
+    torch.testing.assert_close(_flat(twin), _flat(model))

@@ -782,6 +782,19 @@ class KFAC:
         finally:
             self._paused = paused
 
+    def discard_statistics(self) -> None:
+        """Drop what has been recorded since the last :meth:`step` (the sums of the forward and
+        backward passes so far, and the layer outputs awaiting :meth:`sample_backward`); the
+        factors are kept. For a caller that undoes the parameters those passes ran at (a
+        rejected step) and runs its closure again."""
+        for state in self.layers:
+            state.reset_sums()
+            state.pairs.clear()
+        for handle in self._output_handles:
+            handle.remove()
+        self._output_edges, self._output_handles = [], []
+        self._sampled = False
+
     def remove(self) -> None:
         """Detach the hooks from the model."""
         self._attached = False

@@ -357,9 +357,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
         if closure is None:
             raise ValueError("QuadraticModelOptimizer.step needs a closure that returns the loss")
         params = self._params()
+        generator_state = self._generator_state()
         loss = self._capture.run(closure)
         if self._pending is not None:  # full_batch: this loss is the last step's loss after
-            loss = self._assess_pending(closure, loss)
+            loss = self._assess_pending(closure, loss, generator_state)
         if not torch.isfinite(loss).all():
             return self._refuse(loss, "the loss is not finite")
         gradient = _flat([p.grad for p in params], params)
@@ -447,13 +448,29 @@ class QuadraticModelOptimizer(CountedOptimizer):
             ratio=self.last_damping_update["ratio"],
         )
 
-    def _assess_pending(self, closure: Callable[[], Tensor], loss: Tensor) -> Tensor:
+    def _generator_state(self) -> Tensor | None:
+        """``full_batch``: the state of the preconditioner's generator before this step's
+        closure, to draw its Monte-Carlo targets again if the last step is undone."""
+        precond = self.preconditioner
+        if self._pending is None or precond is None or precond.generator is None:
+            return None
+        return precond.generator.get_state()
+
+    def _assess_pending(
+        self, closure: Callable[[], Tensor], loss: Tensor, generator_state: Tensor | None
+    ) -> Tensor:
         """``full_batch``: judge the last step by ``loss``, the closure's loss after it; if
-        the step is undone, the closure's loss (and gradients) at the restored parameters."""
+        the step is undone, the closure's loss (and gradients) at the restored parameters,
+        whose passes the preconditioner records instead of those at the undone ones (with the
+        same Monte-Carlo draws), as the re-evaluating optimizer's next step would."""
         (loss_before, predicted), self._pending = self._pending, None
         if not self._judge_step(loss.new_tensor(loss_before), loss, predicted):
             return loss
-        with torch.enable_grad(), self._recording_paused():
+        if self.preconditioner is not None:
+            self.preconditioner.discard_statistics()
+            if generator_state is not None:
+                self.preconditioner.generator.set_state(generator_state)
+        with torch.enable_grad():
             return closure()
 
     def _recording_paused(self) -> contextlib.AbstractContextManager:
