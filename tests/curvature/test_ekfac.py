@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from natgrad.curvature.ekfac import build_ekfac
+from natgrad.curvature.ekfac import build_ekfac, embedding_second_moment
 from natgrad.curvature.kfac import build_kfac
 from natgrad.curvature.likelihoods import get_likelihood
 
@@ -158,3 +158,37 @@ def test_empirical_ekfac_matches_observed_gradient_moment() -> None:
     output_eigen, input_eigen = ekfac.eigenbases[0]
     projected = output_eigen.vectors.T @ gradients @ input_eigen.vectors
     torch.testing.assert_close(ekfac.eigenvalues[0], projected.square().mean(0))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2, -1])
+def test_embedding_second_moment_equals_projected_per_sample_gradients(padding_idx) -> None:
+    """Against ``nn.Embedding``'s own per-sample weight gradients (which skip ``padding_idx``,
+    a negative one counted from the end): a negative index used to be matched against the
+    tokens as is, so the padding token's gradients were counted."""
+    vocabulary, width = 5, 3
+    generator = torch.Generator().manual_seed(8)
+    embedding = nn.Embedding(vocabulary, width, padding_idx=padding_idx).to(DTYPE)
+    tokens = torch.tensor([[4, 4, 1, 2], [2, 0, 4, 3], [1, 1, 1, 4]])
+    output_grads = torch.randn(3, 4, width, generator=generator, dtype=DTYPE)
+    basis, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=DTYPE))
+
+    def pulled_back(weight, sample_tokens, sample_grads):
+        outputs = functional_call(embedding, {"weight": weight}, (sample_tokens,))
+        return (outputs * sample_grads).sum()
+
+    weight = embedding.weight.detach()
+    gradients = vmap(torch.func.grad(pulled_back), in_dims=(None, 0, 0))(
+        weight, tokens, output_grads
+    )
+    expected = (gradients @ basis).square().sum(0).T
+    moment = embedding_second_moment(
+        tokens.unsqueeze(-1), output_grads, basis, vocabulary, padding_idx
+    )
+    torch.testing.assert_close(moment, expected)
+
+
+def test_embedding_second_moment_rejects_a_padding_idx_outside_the_vocabulary() -> None:
+    with pytest.raises(ValueError, match=r"padding_idx must lie in \[-3, 3\), got 3"):
+        embedding_second_moment(
+            torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 2), torch.eye(2), 3, 3
+        )

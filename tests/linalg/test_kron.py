@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from natgrad.linalg.kron import (
     block_diagonal_kron,
+    damped_factor_inverses,
     eigenbasis_mv,
     eigenbasis_solve,
     factored_damping,
@@ -17,6 +18,7 @@ from natgrad.linalg.kron import (
     grouped_factored_damping,
     kron_mv,
     symmetric_eigh,
+    symmetric_eigh_batch,
 )
 
 DIMS = st.integers(min_value=1, max_value=5)
@@ -162,3 +164,48 @@ def test_stacked_factor_helpers_reject_mismatched_stacks() -> None:
         block_diagonal_kron(torch.ones(2, 3), torch.eye(2))
     with pytest.raises(ValueError, match=r"stacks \(g, d, d\), got shape \(3, 3\)"):
         grouped_factored_damping(torch.eye(3), torch.eye(2), 0.1)
+
+
+@pytest.mark.parametrize("damping", [1e-4, 1e-5, 1e-6])
+def test_damped_inverse_of_singular_float32_factor_equals_float64_inverse(damping: float) -> None:
+    """A rank-2 factor of size 6, exact in float32, with a damping near float32 round-off of
+    the factor: Cholesky succeeds in float32 but its inverse is off by up to 15%; the inverse
+    must be the float64 ``inv(M + λI)`` (the factorisation is redone in float64, damped there)."""
+    root = torch.tensor([[1.0, 2, 0, -1, 3, 1], [2, -1, 1, 0, 1, -2]], dtype=torch.float64).T
+    matrix = root @ root.T
+    expected = torch.linalg.inv(matrix + damping * torch.eye(6, dtype=torch.float64))
+    (inverse,) = damped_factor_inverses([matrix.float()], [damping])
+    assert inverse.dtype == torch.float32
+    error = (inverse.double() - expected).norm() / expected.norm()
+    assert error < 1e-6, f"relative error {float(error):.2e}"
+
+
+@pytest.mark.parametrize("damping", [float("nan"), float("inf"), -1.0])
+def test_damping_helpers_reject_non_finite_or_negative_damping(damping: float) -> None:
+    """A NaN damping used to give a zero solve, an infinite one zero dampings or solves."""
+    generator = torch.Generator().manual_seed(7)
+    output_eigen = symmetric_eigh(random_psd(2, generator))
+    input_eigen = symmetric_eigh(random_psd(3, generator))
+    eigenvalues = output_eigen.values.unsqueeze(-1) * input_eigen.values.unsqueeze(-2)
+    matrix = torch.ones(2, 3, dtype=torch.float64)
+    text = f"got {damping!r}"
+    with pytest.raises(ValueError, match=text):
+        eigenbasis_solve(output_eigen, input_eigen, eigenvalues, matrix, damping)
+    with pytest.raises(ValueError, match=text):
+        factored_solve(output_eigen, input_eigen, matrix, damping)
+    with pytest.raises(ValueError, match=text):
+        factored_damping(output_eigen, input_eigen, damping)
+    with pytest.raises(ValueError, match=text):
+        factored_damping_from_factors(torch.eye(2), torch.eye(3), damping)
+
+
+def test_integer_factors_are_decomposed_and_inverted_in_float32() -> None:
+    """Integer matrices used to crash in the finiteness check (no norm for integers)."""
+    matrix = torch.tensor([[2, 1], [1, 2]])
+    for eigen in (symmetric_eigh(matrix), symmetric_eigh_batch([matrix])[0]):
+        assert eigen.values.dtype == torch.float32
+        torch.testing.assert_close(eigen.values, torch.tensor([1.0, 3.0]))
+    inverse, diagonal = damped_factor_inverses([matrix, torch.tensor([1, 3])], [1.0, 1.0])
+    expected = torch.linalg.inv(torch.tensor([[3.0, 1.0], [1.0, 3.0]]))
+    torch.testing.assert_close(inverse, expected)
+    torch.testing.assert_close(diagonal, torch.tensor([0.5, 0.25]))

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from natgrad.curvature.kfac import KroneckerBlockOperator, LayerCalls, collect_statistics
+from natgrad.curvature.kfac import (
+    KroneckerBlockOperator,
+    LayerCalls,
+    collect_statistics,
+    finite_factors,
+    in_eigen_dtype,
+)
 from natgrad.curvature.kfac_capture import KroneckerLayer, trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, symmetric_eigh
@@ -85,15 +91,22 @@ def embedding_second_moment(
         Eigenvectors ``Q_G`` of ``G``.
     vocabulary : int
     padding_idx : int, optional
-        A token whose embedding gets no gradient (``nn.Embedding``'s ``padding_idx``).
+        A token whose embedding gets no gradient (``nn.Embedding``'s ``padding_idx``; a
+        negative one counts from the end of the vocabulary, as there).
 
     Raises
     ------
     ValueError
-        Shapes that do not fit together (named), non-integer tokens, or (on the CPU) tokens
-        outside ``[0, vocabulary)``.
+        Shapes that do not fit together (named), non-integer tokens, (on the CPU) tokens
+        outside ``[0, vocabulary)``, or ``padding_idx`` outside ``[-vocabulary, vocabulary)``.
     """
     _check_embedding_pairs(tokens, output_grads, output_vectors, vocabulary)
+    if padding_idx is not None:
+        if not -vocabulary <= padding_idx < vocabulary:
+            raise ValueError(
+                f"padding_idx must lie in [-{vocabulary}, {vocabulary}), got {padding_idx}"
+            )
+        padding_idx %= vocabulary
     samples, locations = tokens.shape[:2]
     ids = tokens.reshape(-1)
     projected = (output_grads @ output_vectors).reshape(samples * locations, -1)
@@ -154,7 +167,8 @@ class EKFAC(KroneckerBlockOperator):
     eigenbases : list of (SymmetricEigen, SymmetricEigen)
         Eigendecompositions of ``(G_l, A_l)``.
     eigenvalues : list of Tensor
-        ``S_l``, shape ``(d_out, d_in [+ 1])``.
+        ``S_l``, shape ``(d_out, d_in [+ 1])``, in the eigenbases' dtype (float32 for a
+        float16/bfloat16 model, whose products and solves run in float32 and are cast back).
     """
 
     def __init__(
@@ -171,10 +185,15 @@ class EKFAC(KroneckerBlockOperator):
         self.eigenvalues = list(eigenvalues)
 
     def _block_mv(self, index: int, matrix: Tensor) -> Tensor:
-        return eigenbasis_mv(*self.eigenbases[index], self.eigenvalues[index], matrix)
+        eigens = self.eigenbases[index]
+        working = in_eigen_dtype(matrix, eigens)
+        return eigenbasis_mv(*eigens, self.eigenvalues[index], working).to(matrix.dtype)
 
     def _block_solve(self, index: int, matrix: Tensor, damping: float) -> Tensor:
-        return eigenbasis_solve(*self.eigenbases[index], self.eigenvalues[index], matrix, damping)
+        eigens = self.eigenbases[index]
+        working = in_eigen_dtype(matrix, eigens)
+        solution = eigenbasis_solve(*eigens, self.eigenvalues[index], working, damping)
+        return solution.to(matrix.dtype)
 
     def _block_diag(self, index: int) -> Tensor:
         output_eigen, input_eigen = self.eigenbases[index]
@@ -236,20 +255,34 @@ def build_ekfac(
     return ekfac_from_statistics(model, statistics)
 
 
+def _refit_eigenvalues(stats: LayerCalls, eigens: tuple[SymmetricEigen, SymmetricEigen]) -> Tensor:
+    """``S`` of one layer, ``(d_out, d_in [+ 1])`` (per group ``(g, ...)``): the mean over the
+    samples of :func:`projected_second_moment`, in the eigenbases' dtype (float32 for a
+    float16/bfloat16 model)."""
+    inputs = in_eigen_dtype(stats.inputs, eigens)
+    moments = (
+        projected_second_moment(inputs, in_eigen_dtype(grads, eigens), *eigens)
+        for grads in stats.grouped_output_grads
+    )
+    return sum(moments) / inputs.shape[-3]
+
+
 def ekfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> EKFAC:
     """The EKFAC operator of ``model`` from its layers' statistics
     (:func:`~natgrad.curvature.kfac.collect_statistics`,
-    :func:`~natgrad.curvature.kfac.statistics_for_vectors`)."""
+    :func:`~natgrad.curvature.kfac.statistics_for_vectors`).
+
+    Raises
+    ------
+    ValueError
+        If a layer's factors are not finite (:func:`~natgrad.curvature.kfac.finite_factors`).
+    """
     eigenbases = [
-        (symmetric_eigh(stats.output_factor), symmetric_eigh(stats.input_factor))
-        for stats in statistics
+        (symmetric_eigh(output_factor), symmetric_eigh(input_factor))
+        for output_factor, input_factor in finite_factors(statistics)
     ]
     eigenvalues = [
-        sum(
-            projected_second_moment(stats.inputs, grads, *eigens)
-            for grads in stats.grouped_output_grads
-        )
-        / stats.inputs.shape[-3]
+        _refit_eigenvalues(stats, eigens)
         for stats, eigens in zip(statistics, eigenbases, strict=True)
     ]
     params = trainable_parameters(model)

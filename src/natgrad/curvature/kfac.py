@@ -60,8 +60,11 @@ __all__ = [
     "LayerStatistics",
     "build_kfac",
     "collect_statistics",
+    "finite_factors",
+    "in_eigen_dtype",
     "kfac_from_statistics",
     "statistics_for_vectors",
+    "tied_parameters",
 ]
 
 
@@ -241,9 +244,9 @@ def statistics_for_vectors(
     Raises
     ------
     ValueError
-        Empty inputs, a model without trainable parameters, a layer not called, or called on
-        an input whose dim 0 is not the batch (named), vectors of the wrong shape (both shapes
-        named).
+        Empty inputs, a model without trainable parameters, a layer's parameter tied to another
+        module's (both named), a layer not called, or called on an input whose dim 0 is not the
+        batch (named), vectors of the wrong shape (both shapes named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
@@ -251,6 +254,7 @@ def statistics_for_vectors(
     layers = kronecker_layers(model)
     if not layers:
         raise ValueError("model has no trainable parameters")
+    _check_untied(model, layers)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
@@ -275,6 +279,38 @@ def statistics_for_vectors(
     for stats, _ in calls:
         by_layer[stats.layer.name].append(stats)
     return [LayerCalls(by_layer[layer.name]) for layer in layers]
+
+
+def tied_parameters(model: nn.Module, layers: Sequence[KroneckerLayer]) -> list[list[str]]:
+    """The parameters of ``layers`` that other modules of ``model`` hold too (tied weights: an
+    embedding and an output layer, two layers' biases), each as the qualified names of its
+    holders. A module registered under several names holds its parameters once."""
+    params = trainable_parameters(model)
+    indices = [(layer.weight_index, layer.bias_index) for layer in layers]
+    owned = {id(params[index]) for pair in indices for index in pair if index is not None}
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=module_name, recurse=False):
+            if id(param) in owned:
+                holders.setdefault(id(param), []).append(name)
+    return [names for names in holders.values() if len(names) > 1]
+
+
+def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
+    tied = tied_parameters(model, layers)
+    if tied:
+        raise ValueError(
+            f"parameters {tied[0]} are one tied parameter, whose curvature sums the uses of "
+            "every module holding it: no Kronecker block of one layer describes it; untie them "
+            "or use another structure"
+        )
+
+
+def in_eigen_dtype(matrix: Tensor, eigens: tuple[SymmetricEigen, SymmetricEigen]) -> Tensor:
+    """``matrix`` in the dtype of the eigendecompositions ``eigens``: float32 for the factors
+    of a float16/bfloat16 model (:func:`~natgrad.linalg.kron.symmetric_eigh`), whose
+    eigenbasis products and solves run in float32 and are cast back."""
+    return matrix.to(eigens[0].values.dtype)
 
 
 class KroneckerBlockOperator(CurvatureOperator):
@@ -324,14 +360,16 @@ class KroneckerBlockOperator(CurvatureOperator):
     def _diag_flat(self) -> Tensor:
         diagonal = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         for index, layer in enumerate(self.layers):
-            diagonal[layer.flat_indices(self.offsets)] = self._block_diag(index).reshape(-1)
+            block = self._block_diag(index).reshape(-1)
+            diagonal[layer.flat_indices(self.offsets)] = block.to(self.dtype)
         return diagonal
 
     def _to_dense(self) -> Tensor:
         dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         for index, layer in enumerate(self.layers):
             positions = layer.flat_indices(self.offsets)
-            dense[positions.unsqueeze(1), positions.unsqueeze(0)] = self._block_dense(index)
+            block = self._block_dense(index).to(self.dtype)
+            dense[positions.unsqueeze(1), positions.unsqueeze(0)] = block
         return dense
 
     def _block_mv(self, index: int, matrix: Tensor) -> Tensor:
@@ -352,7 +390,8 @@ class KFAC(KroneckerBlockOperator):
 
     Build it with :func:`build_kfac`. ``solve(g, damping)`` applies exact eigenbasis damping
     ``(G ⊗ A + λI)⁻¹`` per block (at ``damping=0`` the pseudo-inverse, eigenvalues at round-off
-    level treated as zero); :meth:`solve_factored` applies factored π-damping instead.
+    level treated as zero); :meth:`solve_factored` applies factored π-damping instead. The
+    solves of a float16/bfloat16 model run in float32 and are cast back.
 
     Attributes
     ----------
@@ -403,7 +442,9 @@ class KFAC(KroneckerBlockOperator):
         flat, was_list = self.flatten(vector)
 
         def block_solve(index: int, matrix: Tensor) -> Tensor:
-            return factored_solve(*self.eigens(index), matrix, float(damping))
+            eigens = self.eigens(index)
+            solution = factored_solve(*eigens, in_eigen_dtype(matrix, eigens), float(damping))
+            return solution.to(matrix.dtype)
 
         return self._as_input_form(self._map_blocks(flat.to(self.dtype), block_solve), was_list)
 
@@ -413,7 +454,9 @@ class KFAC(KroneckerBlockOperator):
     def _block_solve(self, index: int, matrix: Tensor, damping: float) -> Tensor:
         output_eigen, input_eigen = self.eigens(index)
         eigenvalues = output_eigen.values.unsqueeze(-1) * input_eigen.values.unsqueeze(-2)
-        return eigenbasis_solve(output_eigen, input_eigen, eigenvalues, matrix, damping)
+        working = in_eigen_dtype(matrix, (output_eigen, input_eigen))
+        solution = eigenbasis_solve(output_eigen, input_eigen, eigenvalues, working, damping)
+        return solution.to(matrix.dtype)
 
     def _block_diag(self, index: int) -> Tensor:
         output_diagonal = self.output_factors[index].diagonal(dim1=-2, dim2=-1)
@@ -472,7 +515,8 @@ def build_kfac(
     Raises
     ------
     ValueError
-        For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), an
+        For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), a
+        layer's parameter tied to another module's (an embedding's, another layer's bias), an
         unknown ``kind``, likelihood or ``kfac_approx``, missing targets, a layer not called, or
         called on an input whose dim 0 is not the batch.
     """
@@ -503,14 +547,42 @@ def _check_batch_first(capture: ForwardCapture, samples: int) -> None:
                 )
 
 
+def finite_factors(statistics: Sequence[LayerCalls]) -> list[tuple[Tensor, Tensor]]:
+    """``(G_l, A_l)`` of each layer's statistics, checked finite (one read-back for all).
+
+    Raises
+    ------
+    ValueError
+        Naming the first layer with a non-finite factor (NaN or infinite model outputs or
+        layer inputs, or an overflow in the model's dtype).
+    """
+    factors = [(stats.output_factor, stats.input_factor) for stats in statistics]
+    finite = torch.stack([torch.isfinite(factor).all() for pair in factors for factor in pair])
+    if not bool(finite.all()):
+        stats = statistics[int((~finite).nonzero()[0]) // 2]
+        raise ValueError(
+            f"the Kronecker factors of layer {stats.layer.name!r} are not finite: NaN or "
+            "infinite model outputs or layer inputs, or an overflow in "
+            f"{stats.layer.module.weight.dtype}"
+        )
+    return factors
+
+
 def kfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> KFAC:
     """The K-FAC operator of ``model`` from its layers' statistics
-    (:func:`collect_statistics`, :func:`statistics_for_vectors`)."""
+    (:func:`collect_statistics`, :func:`statistics_for_vectors`).
+
+    Raises
+    ------
+    ValueError
+        If a layer's factors are not finite (:func:`finite_factors`).
+    """
     params = trainable_parameters(model)
+    factors = finite_factors(statistics)
     return KFAC(
         [stats.layer for stats in statistics],
-        [stats.output_factor for stats in statistics],
-        [stats.input_factor for stats in statistics],
+        [output_factor for output_factor, _ in factors],
+        [input_factor for _, input_factor in factors],
         [param.shape for param in params],
         params[0].dtype,
         params[0].device,

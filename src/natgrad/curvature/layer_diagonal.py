@@ -33,6 +33,7 @@ from natgrad.curvature.jacobians import (
     training_batch_norms,
     training_dropouts,
 )
+from natgrad.curvature.kfac import tied_parameters
 from natgrad.curvature.kfac_capture import (
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
@@ -71,7 +72,9 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``, a trainable bias with a frozen weight, a
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` or also held by another module (tied
+    weights, :func:`~natgrad.curvature.kfac.tied_parameters`), a trainable bias with a frozen
+    weight, a
     BatchNorm layer in training mode (which couples the samples) or dropout in training mode
     (which makes the model random).
     """
@@ -85,7 +88,7 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
         if bias is not None and bias.requires_grad and not module.weight.requires_grad:
             return None
     layers = kronecker_layers(model, strict=False)
-    if shared_weights(layers):
+    if shared_weights(layers) or tied_parameters(model, layers):
         return None
     covered = sum(1 + layer.has_bias for layer in layers)
     return layers if covered == len(params) else None

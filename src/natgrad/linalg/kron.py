@@ -65,7 +65,11 @@ class SymmetricEigen:
 def _all_finite(*tensors: Tensor) -> bool:
     """Whether every entry is finite. Finite norms prove it (a NaN or an infinity would
     propagate) with one fused reduction over tensors on one device; only an overflowing norm,
-    or tensors on several devices, take the exact elementwise check."""
+    or tensors on several devices, take the exact elementwise check. Integer tensors are
+    finite (and have no norm)."""
+    tensors = tuple(tensor for tensor in tensors if tensor.is_floating_point())
+    if not tensors:
+        return True
     one_device = len({tensor.device for tensor in tensors}) == 1
     if one_device and bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
         return True
@@ -85,9 +89,10 @@ def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
 def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
     """Eigendecomposition of a symmetric PSD matrix, retried in float64 on failure.
 
-    The matrix is symmetrised (``(M + Mᵀ) / 2``) first; low-precision inputs (float16/bfloat16)
-    are decomposed in float32. Negative eigenvalues (round-off of a PSD matrix) are clamped to
-    zero. Results are returned in the working dtype (float32 for low-precision inputs).
+    The matrix is symmetrised (``(M + Mᵀ) / 2``) first; low-precision (float16/bfloat16) and
+    integer inputs are decomposed in float32. Negative eigenvalues (round-off of a PSD matrix)
+    are clamped to zero. Results are returned in the working dtype (float32 for low-precision
+    and integer inputs).
 
     Parameters
     ----------
@@ -304,7 +309,14 @@ def eigenbasis_solve(
     Returns
     -------
     Tensor of shape (d_out, d_in)
+
+    Raises
+    ------
+    ValueError
+        If ``damping`` is negative or not finite.
     """
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be finite and non-negative, got {damping!r}")
     coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
     scaled = coordinates * _damped_reciprocal(eigenvalues, damping)
     return _eigenbasis_unproject(output_eigen, input_eigen, scaled)
@@ -317,6 +329,11 @@ def factored_damping(
 
     ``π = sqrt((tr A / d_in) / (tr G / d_out))``; ``π = 1`` if either trace vanishes.
     ``(G + λ_G I) ⊗ (A + λ_A I)`` then approximates ``G ⊗ A + λ I``.
+
+    Raises
+    ------
+    ValueError
+        If ``damping`` is negative or not finite (also in the functions below that split it).
     """
     return _split_damping(
         float(output_eigen.values.mean()), float(input_eigen.values.mean()), damping
@@ -407,6 +424,8 @@ def _group_dampings(
 
 
 def _split_damping(mean_output: float, mean_input: float, damping: float) -> tuple[float, float]:
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be finite and non-negative, got {damping!r}")
     pi = math.sqrt(mean_input / mean_output) if mean_input > 0 and mean_output > 0 else 1.0
     root = math.sqrt(damping)
     return root / pi, root * pi
@@ -417,11 +436,13 @@ def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]
 
     One batched ``torch.linalg.cholesky_ex`` and ``torch.cholesky_inverse`` per group of equal
     size, dtype and device. Matrices whose Cholesky fails (a damped factor that round-off made
-    indefinite, e.g. a singular factor with a tiny ``λ_i``) are retried in float64, and if that
-    fails too, inverted in their eigenbasis with eigenvalues clamped at zero,
-    ``Q diag(1 / (max(s, 0) + λ_i)) Qᵀ`` (what :func:`symmetric_eigh` gives). Low-precision
-    inputs are inverted in float32. A 1-D tensor is a diagonal factor: its inverse is the
-    vector ``1 / (max(m, 0) + λ_i)``.
+    indefinite, e.g. a singular factor with a tiny ``λ_i``) or cannot be trusted (``λ_i`` below
+    100 · eps · ``tr(M_i)``, where round-off rivals the damping) are damped anew and inverted in
+    float64, and if that fails too (or ``λ_i`` is below that bound in float64), inverted in
+    their eigenbasis with eigenvalues clamped at zero, ``Q diag(1 / (max(s, 0) + λ_i)) Qᵀ``
+    (what :func:`symmetric_eigh` gives). Low-precision and integer inputs are inverted in
+    float32. A 1-D tensor is a diagonal factor: its inverse is the vector
+    ``1 / (max(m, 0) + λ_i)``.
 
     Parameters
     ----------
@@ -473,29 +494,54 @@ def _diagonal_inverse(diagonal: Tensor, damping: float) -> Tensor:
     return (diagonal.to(_working_dtype(diagonal.dtype)).clamp_min(0) + damping).reciprocal()
 
 
-def _cholesky_or_failures(damped: Tensor) -> tuple[Tensor, list[int]]:
+def _cholesky_or_failures(
+    damped: Tensor, too_little_damped: list[bool]
+) -> tuple[Tensor, list[int]]:
     """Cholesky inverses of ``(B, d, d)`` (row-major) and the batch positions whose
-    factorisation failed (their entries are the identity, to be overwritten)."""
+    factorisation failed or cannot be trusted (their entries are the identity or round-off,
+    to be overwritten).
+
+    A factorisation that succeeds is still untrusted where ``too_little_damped``
+    (:func:`_below_round_off`): its round-off then rivals the damping, and the inverse of a
+    singular factor comes out wrong by orders of magnitude, even indefinite.
+    """
     factor, info = torch.linalg.cholesky_ex(damped)
-    failed = [position for position, code in enumerate(info.tolist()) if code]
+    statuses = zip(info.tolist(), too_little_damped, strict=True)
+    failed = [position for position, (code, low) in enumerate(statuses) if code or low]
     if failed:
         factor[failed] = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
     return _symmetric_row_major(torch.cholesky_inverse(factor)), failed
 
 
+_ROUND_OFF_MARGIN = 100.0
+"""How far the damping must exceed ``eps · tr(M)`` (which bounds Cholesky's round-off, of
+order ``eps ‖M‖₂``, for a PSD ``M``) for a Cholesky inverse to be trusted: 100 keeps the
+float32 inverses of singular factors within about 0.3% of the float64 ones."""
+
+
+def _below_round_off(matrices: Tensor, dampings: list[float]) -> list[bool]:
+    """Whether each damping of the undamped ``(B, d, d)`` ``matrices`` lies below
+    ``_ROUND_OFF_MARGIN · eps · tr(M_b)`` in their dtype (a diagonal sum, read back with the
+    factorisation's status: the check costs little beside the factorisation)."""
+    scale = _ROUND_OFF_MARGIN * torch.finfo(matrices.dtype).eps
+    traces = matrices.diagonal(dim1=-2, dim2=-1).sum(dim=-1).tolist()
+    return [damping < scale * trace for damping, trace in zip(dampings, traces, strict=True)]
+
+
 def _cholesky_inverses(matrices: list[Tensor], dampings: list[float]) -> Tensor:
     """``(M_b + λ_b I)⁻¹`` for finite symmetric ``(d, d)`` matrices of one size, dtype and
-    device, stacked; failures retried in float64, then by clamped eigendecomposition."""
+    device, stacked; failures (and dampings too small for the working dtype's round-off)
+    retried in float64, damped anew there, then by clamped eigendecomposition."""
     working_dtype = _working_dtype(matrices[0].dtype)
     damped = torch.stack(matrices)  # a copy, damped in place
     if damped.dtype != working_dtype:
         damped = damped.to(working_dtype)
-    for position, damping in enumerate(dampings):
-        damped[position].diagonal().add_(damping)
-    inverses, failed = _cholesky_or_failures(damped)
+    inverses, failed = _cholesky_or_failures(*_damped_in_place(damped, dampings))
     if not failed:
         return inverses
-    retried, still_failed = _cholesky_or_failures(damped[failed].double())
+    retry_dampings = [dampings[index] for index in failed]
+    retry = torch.stack([matrices[index] for index in failed]).double()
+    retried, still_failed = _cholesky_or_failures(*_damped_in_place(retry, retry_dampings))
     for position, index in enumerate(failed):
         if position not in still_failed:
             inverses[index] = retried[position].to(working_dtype)
@@ -504,6 +550,15 @@ def _cholesky_inverses(matrices: list[Tensor], dampings: list[float]) -> Tensor:
         inverse = (vectors / (values + dampings[index])) @ vectors.mT
         inverses[index] = inverse.to(working_dtype)
     return inverses
+
+
+def _damped_in_place(matrices: Tensor, dampings: list[float]) -> tuple[Tensor, list[bool]]:
+    """``M_b + λ_b I`` of ``(B, d, d)`` matrices, in place, and which dampings lie below their
+    round-off (:func:`_below_round_off`, judged before damping)."""
+    too_little_damped = _below_round_off(matrices, dampings)
+    for position, damping in enumerate(dampings):
+        matrices[position].diagonal().add_(damping)
+    return matrices, too_little_damped
 
 
 def factored_solve(
@@ -515,9 +570,10 @@ def factored_solve(
     Raises
     ------
     ValueError
-        If ``damping`` is not positive (the factored form needs it to be invertible).
+        If ``damping`` is not positive and finite (the factored form needs it to be
+        invertible).
     """
-    if not damping > 0:
+    if not (math.isfinite(damping) and damping > 0):
         raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
     output_values, input_values = output_eigen.values, input_eigen.values
     means = (values.mean(-1).reshape(-1) for values in (output_values, input_values))
