@@ -18,7 +18,7 @@ class BlockDiagonal(CurvatureOperator):
     ----------
     blocks : sequence of Tensor
         ``blocks[i]`` has shape ``(p_i, p_i)`` with ``p_i`` the size of parameter ``i``; each is
-        symmetric positive semi-definite (a Fisher block: the MEAN over data points).
+        symmetric positive semi-definite (a Fisher block: the MEAN over data points), finite.
     param_shapes : sequence of torch.Size
         Parameter shapes, in flat-vector order.
 
@@ -41,6 +41,8 @@ class BlockDiagonal(CurvatureOperator):
                 raise ValueError(
                     f"block {index} must have shape ({size}, {size}), got {tuple(block.shape)}"
                 )
+            if not bool(torch.isfinite(block).all()):
+                raise ValueError(f"block {index} must not contain infs or NaNs")
         self.blocks = blocks
 
     def _split(self, vector: Tensor) -> tuple[Tensor, ...]:

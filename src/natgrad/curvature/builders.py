@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.func import hessian as func_hessian
 
 from natgrad.curvature.base import CurvatureOperator
@@ -167,17 +167,40 @@ def output_factors(
     Returns
     -------
     Tensor of shape (N, C, K)
+
+    Raises
+    ------
+    ValueError
+        If a factor is not finite (outputs outside the likelihood's domain, e.g. NaN, or an
+        overflow in the outputs' dtype); the message names the first such sample.
     """
     if kind == "exact":
-        return likelihood.natural_hessian_sqrt(outputs)
-    if kind == "empirical":
+        factors = likelihood.natural_hessian_sqrt(outputs)
+    elif kind == "empirical":
         likelihood.check_observed(outputs, targets)
-        return likelihood.nll_gradient(outputs, targets).unsqueeze(-1)
-    draws = [
-        likelihood.nll_gradient(outputs, likelihood.sample(outputs, generator))
-        for _ in range(mc_samples)
-    ]
-    return torch.stack(draws, dim=-1) / math.sqrt(mc_samples)
+        factors = likelihood.nll_gradient(outputs, targets).unsqueeze(-1)
+    else:
+        draws = [
+            likelihood.nll_gradient(outputs, likelihood.sample(outputs, generator))
+            for _ in range(mc_samples)
+        ]
+        factors = torch.stack(draws, dim=-1) / math.sqrt(mc_samples)
+    _check_finite_factors(factors, outputs, likelihood, kind)
+    return factors
+
+
+def _check_finite_factors(
+    factors: Tensor, outputs: Tensor, likelihood: Likelihood, kind: str
+) -> None:
+    """Raise, naming the first sample and its outputs, unless every factor is finite."""
+    finite = torch.isfinite(factors).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        sample = int((~finite).nonzero()[0])
+        raise ValueError(
+            f"the {kind} Fisher of the {likelihood.name} likelihood is not finite at sample "
+            f"{sample}, model outputs {as_matrix(outputs)[sample].tolist()} (NaN, infinite, or "
+            f"overflowing in {outputs.dtype})"
+        )
 
 
 def _assembled_sum(
@@ -304,7 +327,9 @@ def fisher(
         index out of range, a negative count); ``mc_samples < 1``; non-finite inputs or
         targets; a model with no trainable parameters, or one that is not a deterministic
         function of independent samples (BatchNorm or dropout in training mode, embeddings
-        with ``max_norm`` or ``scale_grad_by_freq``; see ``docs/curvature.md``).
+        with ``max_norm`` or ``scale_grad_by_freq``; see ``docs/curvature.md``); model
+        outputs at which the Fisher is not finite (NaN, or overflowing the dtype), or with a
+        single logit for ``"categorical"``.
     TypeError
         A model that does not return one tensor of outputs.
     """
@@ -578,11 +603,10 @@ def _coupled_ggn(
     products), so the ``N·D × N·D`` output Hessian is never held.
     """
     jacobian = function.per_sample_jacobians(function.inputs).flatten(0, 1)
-    output_gradient = grad(loss_of_outputs)
+    curvature = _HessianProduct(loss_of_outputs)
 
     def output_hessian_product(column: Tensor) -> Tensor:
-        _, curved = jvp(output_gradient, (outputs,), (column.reshape(outputs.shape),))
-        return curved.reshape(-1)
+        return curvature(outputs, column.reshape(outputs.shape)).reshape(-1)
 
     products = vmap(output_hessian_product, in_dims=1, out_dims=1)
     total = _ColumnSum(structure, function, jacobian)
@@ -635,14 +659,31 @@ class _ColumnSum:
         return BlockDiagonal([_symmetrised(block) for block in self.total], shapes)
 
 
+class _HessianProduct:
+    """``(x, t) ↦ ∇²φ(x) t`` for a scalar function ``φ``, by forward-over-reverse
+    differentiation; reverse-over-reverse (a vjp of ``∇φ``, equal since ``∇²φ`` is symmetric)
+    once an operation turns out to have no forward-mode derivative in torch (``HuberLoss``)."""
+
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
+        self.gradient = grad(function)
+        self.forward_mode = True
+
+    def __call__(self, point: Tensor, tangent: Tensor) -> Tensor:
+        if self.forward_mode:
+            try:
+                return jvp(self.gradient, (point,), (tangent,))[1]
+            except NotImplementedError:
+                self.forward_mode = False
+        _, pullback = vjp(self.gradient, point)
+        return pullback(tangent)[0]
+
+
 def _implicit_ggn(function: ModelFunction, loss_of_outputs: Callable[[Tensor], Tensor]) -> Implicit:
     outputs, transpose_product = function.vjp_function()
-    output_gradient = grad(loss_of_outputs)
+    curvature = _HessianProduct(loss_of_outputs)
 
     def ggn_vector_product(vector: Tensor) -> Tensor:
-        tangent = function.jvp(vector)
-        _, curved = jvp(output_gradient, (outputs,), (tangent,))
-        return transpose_product(curved)
+        return transpose_product(curvature(outputs, function.jvp(vector)))
 
     return Implicit(ggn_vector_product, function.param_shapes, function.dtype, function.device)
 
@@ -673,7 +714,8 @@ def hessian(
         ``"dense"``: ``torch.func.hessian`` over the flat parameters. ``"block"``: one
         ``torch.func.hessian`` per parameter tensor, cross-parameter terms dropped.
         ``"diag"``: the diagonals of those blocks (each block is formed, one at a time).
-        ``"implicit"``: Hessian-vector products by forward-over-reverse differentiation.
+        ``"implicit"``: Hessian-vector products by forward-over-reverse differentiation
+        (reverse-over-reverse for losses without forward-mode derivatives, e.g. ``HuberLoss``).
 
     Returns
     -------
@@ -689,10 +731,10 @@ def hessian(
     flat = function.flat_params()
     shapes = function.param_shapes
     if structure == "implicit":
-        gradient = grad(loss_of_flat)
+        curvature = _HessianProduct(loss_of_flat)
 
         def hessian_vector_product(vector: Tensor) -> Tensor:
-            return jvp(gradient, (flat,), (vector,))[1]
+            return curvature(flat, vector)
 
         return Implicit(hessian_vector_product, shapes, function.dtype, function.device)
     if structure == "dense":

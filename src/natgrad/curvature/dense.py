@@ -17,7 +17,7 @@ class Dense(CurvatureOperator):
     Parameters
     ----------
     matrix : Tensor of shape (P, P)
-        Symmetric positive semi-definite (a Fisher: the MEAN over data points).
+        Symmetric positive semi-definite (a Fisher: the MEAN over data points), finite.
     param_shapes : sequence of torch.Size
         Parameter shapes, in flat-vector order; their sizes must add up to ``P``.
 
@@ -35,6 +35,8 @@ class Dense(CurvatureOperator):
                 f"matrix must have shape ({size}, {size}) for these parameters, "
                 f"got {tuple(matrix.shape)}"
             )
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("matrix must not contain infs or NaNs")
         self.matrix = matrix
 
     def _mv_flat(self, vector: Tensor) -> Tensor:

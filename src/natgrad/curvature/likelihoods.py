@@ -109,6 +109,16 @@ class Likelihood(abc.ABC):
         """Why ``targets`` are not observations for ``outputs``, or ``None``."""
         return None
 
+    def _sampling_parameters(self, values: Tensor, what: str) -> Tensor:
+        """``values`` (the ``what`` of p(y | f) computed from the outputs), checked to be finite
+        before targets are drawn from them."""
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(
+                f"{self.name} likelihood: cannot sample targets, the {what} computed from the "
+                "model's outputs contain infs or NaNs"
+            )
+        return values
+
     def check_targets(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Targets reshaped like ``as_matrix(outputs)``; raises on a shape mismatch."""
         matrix = as_matrix(outputs)
@@ -121,16 +131,22 @@ class Likelihood(abc.ABC):
 
 
 class CategoricalLikelihood(Likelihood):
-    """Softmax over logits ``f`` of shape ``(N, C)``; targets are class indices ``(N,)``."""
+    """Softmax over logits ``f`` of shape ``(N, C)``, ``C >= 2``; targets are class indices
+    ``(N,)``.
+
+    ``∇²A(f) = diag(p) − p pᵀ`` is formed with the diagonal ``p_k (1 − p_k)`` taken as
+    ``p_k Σ_{j≠k} p_j``, so it keeps its relative accuracy (and stays PSD) at extreme logits,
+    where ``1 − p_k`` would round to zero for the most probable class.
+    """
 
     name = "categorical"
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        logits = as_matrix(outputs)
+        logits = _class_logits(outputs)
         return functional.cross_entropy(logits, self._labels(logits, targets), reduction="none")
 
     def nll_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        logits = as_matrix(outputs).detach()
+        logits = _class_logits(outputs).detach()
         labels = self._labels(logits, targets)
         gradient = torch.softmax(logits, dim=-1)
         gradient[torch.arange(len(logits), device=logits.device), labels] -= 1.0
@@ -158,31 +174,94 @@ class CategoricalLikelihood(Likelihood):
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One class index per row, shape ``(N,)``, by inversion of the softmax CDF.
 
-        With ``u ~ U(0, 1]`` the draw is the number of cumulative probabilities below ``u``:
-        class ``k`` is drawn with probability ``p_k``, and never where ``p_k = 0``. Cheaper than
-        ``torch.multinomial`` on small batches (called once per Monte-Carlo Fisher step).
+        With ``u ~ U(0, 1]`` the draw is the number of cumulative probabilities below ``u s``,
+        ``s`` the last cumulative probability (1 up to rounding): class ``k`` is drawn with
+        probability ``p_k``, and never where ``p_k = 0``, even where rounding leaves ``s < 1``.
+        Cheaper than ``torch.multinomial`` on small batches (called once per Monte-Carlo Fisher
+        step).
+
+        Raises
+        ------
+        ValueError
+            If the probabilities are not finite (NaN or ``+inf`` logits, or a row of ``-inf``).
         """
-        probs = torch.softmax(as_matrix(outputs).detach(), dim=-1)
+        probs = torch.softmax(_class_logits(outputs).detach(), dim=-1)
+        self._sampling_parameters(probs, "class probabilities")
         uniform = 1.0 - torch.rand(
             (probs.shape[0], 1), generator=generator, dtype=probs.dtype, device=probs.device
         )
         below = (probs.cumsum(dim=-1) < uniform).sum(dim=-1)
-        return below.clamp_max_(probs.shape[-1] - 1)
+        classes = probs.shape[-1]
+        # u beyond a total that rounding left below 1: the last class with probability > 0
+        last_possible = classes - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
+        return torch.where(below < classes, below, last_possible)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
-        probs = torch.softmax(as_matrix(outputs), dim=-1)
+        probs, complements = _probabilities_and_complements(_class_logits(outputs))
         root_probs = probs.sqrt()
-        return torch.diag_embed(root_probs) - probs.unsqueeze(-1) * root_probs.unsqueeze(-2)
+        return _with_diagonal(
+            root_probs * complements, -probs.unsqueeze(-1) * root_probs.unsqueeze(-2)
+        )
 
     def natural_hessian(self, outputs: Tensor) -> Tensor:
-        probs = torch.softmax(as_matrix(outputs), dim=-1)
-        return torch.diag_embed(probs) - probs.unsqueeze(-1) * probs.unsqueeze(-2)
+        probs, complements = _probabilities_and_complements(_class_logits(outputs))
+        return _with_diagonal(probs * complements, -probs.unsqueeze(-1) * probs.unsqueeze(-2))
 
     def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
-        probs = torch.softmax(as_matrix(outputs), dim=-1)
+        probs, complements = _probabilities_and_complements(_class_logits(outputs))
         columns = tangents.reshape(*tangents.shape[: tangents.ndim - outputs.ndim], *probs.shape)
-        product = probs * (columns - (probs * columns).sum(-1, keepdim=True))
-        return product.reshape(tangents.shape)
+        return (probs * (complements * columns - _sums_of_the_others(probs, columns))).reshape(
+            tangents.shape
+        )
+
+
+def _class_logits(outputs: Tensor) -> Tensor:
+    """``as_matrix(outputs)``, refusing fewer than two classes (the Fisher would be zero)."""
+    logits = as_matrix(outputs)
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            f"categorical likelihood: outputs must hold C >= 2 logits per sample, shape (N, C), "
+            f"got shape {tuple(outputs.shape)}; for one logit per sample use "
+            "likelihood='bernoulli'"
+        )
+    return logits
+
+
+def _most_probable(probs: Tensor) -> Tensor:
+    """Boolean mask ``(N, C)`` of each row's most probable class (one per row)."""
+    top = probs.argmax(dim=-1, keepdim=True)
+    return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def _probabilities_and_complements(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities ``p`` and ``1 − p_k = Σ_{j≠k} p_j``, both ``(N, C)``.
+
+    ``1 − p_k`` loses its relative accuracy only where ``p_k`` is close to 1, which can happen
+    for a row's most probable class alone; its complement is summed from the others.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    top = _most_probable(probs)
+    others = torch.where(top, 0.0, probs).sum(dim=-1, keepdim=True)
+    return probs, torch.where(top, others, 1.0 - probs)
+
+
+def _sums_of_the_others(probs: Tensor, columns: Tensor) -> Tensor:
+    """``Σ_{j≠k} p_j t_j`` for every class ``k``, shape of ``columns`` ``(..., N, C)``.
+
+    Summed without the most probable class's term for that class itself, so that the sum
+    keeps its relative accuracy where that class's probability is close to 1.
+    """
+    top = _most_probable(probs)
+    weighted = probs * columns
+    rest = torch.where(top, 0.0, weighted).sum(dim=-1, keepdim=True)
+    top_term = torch.where(top, weighted, 0.0).sum(dim=-1, keepdim=True)
+    return torch.where(top, rest, rest + top_term - weighted)
+
+
+def _with_diagonal(diagonal: Tensor, matrices: Tensor) -> Tensor:
+    """``matrices`` ``(N, C, C)`` with their diagonals replaced by ``diagonal`` ``(N, C)``."""
+    eye = torch.eye(matrices.shape[-1], dtype=torch.bool, device=matrices.device)
+    return torch.where(eye, torch.diag_embed(diagonal), matrices)
 
 
 class GaussianLikelihood(Likelihood):
@@ -199,7 +278,7 @@ class GaussianLikelihood(Likelihood):
         return as_matrix(outputs).detach() - self.check_targets(outputs, targets)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mean = outputs.detach()
+        mean = self._sampling_parameters(outputs.detach(), "means")
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         return mean + noise
 
@@ -213,7 +292,11 @@ class GaussianLikelihood(Likelihood):
 
 
 class BernoulliLikelihood(Likelihood):
-    """Independent Bernoulli outputs with logits ``f``; targets in {0, 1}, same shape."""
+    """Independent Bernoulli outputs with logits ``f``; targets in {0, 1}, same shape.
+
+    ``∇²A(f) = diag(σ(f) σ(−f))``: the variance ``p (1 − p)`` with ``1 − p = σ(−f)``, accurate
+    at extreme logits where ``1 − σ(f)`` would round to zero.
+    """
 
     name = "bernoulli"
 
@@ -234,19 +317,22 @@ class BernoulliLikelihood(Likelihood):
         return probs - self.check_targets(outputs, targets)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.bernoulli(torch.sigmoid(outputs.detach()), generator=generator)
+        probs = self._sampling_parameters(torch.sigmoid(outputs.detach()), "probabilities")
+        return torch.bernoulli(probs, generator=generator)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
-        probs = torch.sigmoid(as_matrix(outputs))
-        return torch.diag_embed((probs * (1 - probs)).sqrt())
+        return torch.diag_embed(_bernoulli_variance(as_matrix(outputs)).sqrt())
 
     def natural_hessian(self, outputs: Tensor) -> Tensor:
-        probs = torch.sigmoid(as_matrix(outputs))
-        return torch.diag_embed(probs * (1 - probs))
+        return torch.diag_embed(_bernoulli_variance(as_matrix(outputs)))
 
     def natural_hessian_product(self, outputs: Tensor, tangents: Tensor) -> Tensor:
-        probs = torch.sigmoid(outputs)
-        return probs * (1 - probs) * tangents
+        return _bernoulli_variance(outputs) * tangents
+
+
+def _bernoulli_variance(logits: Tensor) -> Tensor:
+    """``σ(f) (1 − σ(f))`` as ``σ(f) σ(−f)``, without cancellation at extreme logits."""
+    return torch.sigmoid(logits) * torch.sigmoid(-logits)
 
 
 class PoissonLikelihood(Likelihood):
@@ -270,7 +356,8 @@ class PoissonLikelihood(Likelihood):
         return rates - self.check_targets(outputs, targets)
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return torch.poisson(outputs.detach().exp(), generator=generator)
+        rates = self._sampling_parameters(outputs.detach().exp(), "rates")
+        return torch.poisson(rates, generator=generator)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
         return torch.diag_embed((0.5 * as_matrix(outputs)).exp())
