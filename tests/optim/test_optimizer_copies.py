@@ -22,6 +22,11 @@ from natgrad.optim import (
     Shampoo,
 )
 
+# AdaHessian needs backward(create_graph=True), about which torch warns (a parameter-gradient
+# reference cycle, broken by zero_grad())
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Using backward\\(\\) with create_graph=True:UserWarning"
+)
 DTYPE = torch.float64
 OPTIMIZERS = ["NaturalGradient", "QuadraticModelOptimizer", "Shampoo", "AdaHessian"]
 
