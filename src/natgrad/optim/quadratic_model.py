@@ -187,9 +187,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
     parameters that require gradients at that step, so one frozen after construction is left
     alone, and one unfrozen after construction (in no group) makes :meth:`step` raise, naming
     it. The closure must return the **mean** negative log-likelihood of the batch under
-    ``likelihood`` (the scale ``F`` refers to). Steps whose loss, gradient or direction is not
-    finite are refused: the parameters are left as they are, a ``RuntimeWarning`` says why and
-    ``counters["refused_steps"]`` counts it.
+    ``likelihood`` (the scale ``F`` refers to): the mean over the ``N`` samples, so for
+    outputs per position ``(N, T, C)`` the positions' losses summed per sample
+    (``cross_entropy(..., reduction="sum") / N``, not the default mean over ``N·T``, which
+    would make the quadratic model ``T`` times too curved). Steps whose loss, gradient or
+    direction is not finite are refused: the parameters are left as they are, a
+    ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
     ``λ`` lives in the param group (key ``"damping"``, with ``"lr"`` and ``"max_kl"``), the
     previous step in the per-parameter state; both round-trip through :meth:`state_dict` (save
     the preconditioner's state as well). Under ``torch.distributed`` the Fisher products and the
