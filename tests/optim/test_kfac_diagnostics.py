@@ -165,12 +165,29 @@ def test_layers_with_a_shared_weight_are_left_out_or_refused() -> None:
     precond.step()
     torch.testing.assert_close(model.embedding.weight.grad, shared, rtol=0, atol=0)
     precond.remove()
-    with pytest.raises(ValueError, match="share one weight"):
+    with pytest.raises(ValueError, match="share one parameter"):
         KFAC(model, layers=[model.embedding, model.output])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         one = KFAC(model, layers=[model.output, model.hidden])
     assert [state.name for state in one.layers] == ["output", "hidden"]
+
+
+def test_layers_with_a_shared_bias_are_left_out() -> None:
+    """Two layers holding one bias wrote their preconditioned bias gradients in turn, the
+    second overwriting the first's; like a shared weight, they now pass through (named in a
+    warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[2].bias = model[0].bias
+    with pytest.warns(RuntimeWarning, match=r"leaves out the layers \['0', '2'\]"):
+        precond = KFAC(model, damping=0.1)
+    assert [state.name for state in precond.layers] == ["4"]
+    model(torch.randn(6, 4)).square().sum().backward()
+    plain = [param.grad.clone() for param in model[:3].parameters()]
+    precond.step()
+    for param, gradient in zip(model[:3].parameters(), plain, strict=True):
+        torch.testing.assert_close(param.grad, gradient, rtol=0, atol=0)
 
 
 def test_sparse_embeddings_pass_through_and_cannot_be_chosen() -> None:

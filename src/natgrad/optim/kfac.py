@@ -200,25 +200,28 @@ def _check_initialized(selected: list[tuple[str, nn.Module]]) -> list[tuple[str,
 def _without_shared_weights(
     selected: list[tuple[str, nn.Module]], explicit: bool
 ) -> list[tuple[str, nn.Module]]:
-    """``selected`` without the layers that share their weight with another selected layer
-    (tied embeddings): the shared gradient sums both uses, which no Kronecker block of one
-    layer describes, and each layer would overwrite the other's preconditioned gradient. Left
-    out with a warning, or refused if the layers were chosen one by one."""
+    """``selected`` without the layers that share their weight (tied embeddings) or their
+    trainable bias with another selected layer: the shared gradient sums both uses, which no
+    Kronecker block of one layer describes, and each layer would overwrite the other's
+    preconditioned gradient. Left out with a warning, or refused if the layers were chosen one
+    by one."""
     owners: dict[int, list[str]] = {}
     for name, module in selected:
-        owners.setdefault(id(module.weight), []).append(name)
+        for param in (module.weight, getattr(module, "bias", None)):
+            if param is not None and param.requires_grad:
+                owners.setdefault(id(param), []).append(name)
     tied = [names for names in owners.values() if len(names) > 1]
     if not tied:
         return selected
     if explicit:
         raise ValueError(
-            f"layers {tied[0]} share one weight; precondition it through one of them at most"
+            f"layers {tied[0]} share one parameter; precondition it through one of them at most"
         )
     warn_at_caller(
         f"KFAC leaves out the layers {[name for names in tied for name in names]}: they share "
-        "a weight (tied weights), whose gradient sums both uses, which a layer's Kronecker "
-        "block does not describe. Pass layers=[...] with one of them to precondition the "
-        "weight as that layer's",
+        "a parameter (tied weights or biases), whose gradient sums both uses, which a layer's "
+        "Kronecker block does not describe. Pass layers=[...] with one of them to precondition "
+        "the parameter as that layer's",
         RuntimeWarning,
     )
     left_out = {name for names in tied for name in names}
