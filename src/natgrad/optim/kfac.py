@@ -1011,6 +1011,19 @@ class KFAC:
             RuntimeWarning,
         )
 
+    def _warn_cross_attention(self, state: LayerState) -> None:
+        """Warn (once per attention) that a cross-attention call leaves the packed input
+        projection ``state`` unrecorded (in place of the generic silent-layer warning)."""
+        if state.name in self._warned_silent:
+            return
+        self._warned_silent.add(state.name)
+        warn_at_caller(
+            f"KFAC: {state.name!r} records nothing on cross-attention calls (query is not key "
+            "and value): its rows act on different inputs, which no Kronecker block of one "
+            "layer describes, so its gradient is left as it is; out_proj is preconditioned",
+            RuntimeWarning,
+        )
+
     def _warn_silent_layers(self, silent: list[LayerState]) -> None:
         """Warn (once per layer) about layers that recorded nothing on a recording step although
         their weight has a gradient: their gradients are passed through, which the user should

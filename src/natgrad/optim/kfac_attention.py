@@ -105,11 +105,14 @@ class AttentionRecording(TorchFunctionMode):
         query, key, value, *rest = args
         in_weight, in_bias, out_weight, out_bias = rest[2], rest[3], rest[8], rest[9]
         embed_dim = out_weight.shape[0]
-        if self._layers.input_state is not None and query is key and key is value:
-            projected = self._project(self._layers.input_state, query, in_weight, in_bias)
+        input_state = self._layers.input_state
+        if input_state is not None and query is key and key is value:
+            projected = self._project(input_state, query, in_weight, in_bias)
             query, key, value = projected.chunk(3, dim=-1)
             rest[2] = torch.eye(embed_dim, dtype=query.dtype, device=query.device).repeat(3, 1)
             rest[3] = None if in_bias is None else torch.zeros_like(in_bias)
+        elif input_state is not None:
+            self._precond._warn_cross_attention(input_state)
         if self._layers.output_state is None:
             return func(query, key, value, *rest, **kwargs)
         rest[8] = torch.eye(embed_dim, dtype=out_weight.dtype, device=out_weight.device)
