@@ -21,6 +21,7 @@ from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
+from natgrad.optim.step_parameters import step_parameters
 from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
 
 _KINDS = ("exact", "mc", "empirical")
@@ -188,22 +189,14 @@ class NaturalGradient(CountedOptimizer):
             )
 
     def _step_parameters(self) -> tuple[list[Tensor], list[float]]:
-        """The model's trainable parameters, in the Fisher's order, and each one's group ``lr``.
-
-        Raises
-        ------
-        ValueError
-            If a trainable parameter is in no param group.
-        """
+        """The model's trainable parameters, in the Fisher's order
+        (:func:`~natgrad.optim.step_parameters.step_parameters`), and each one's group ``lr``."""
+        params = step_parameters(
+            self.model,
+            self.param_groups,
+            "add them with add_param_group or set requires_grad=False",
+        )
         lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        params = trainable_parameters(self.model)
-        missing = [names[id(p)] for p in params if id(p) not in lr_of]
-        if missing:
-            raise ValueError(
-                f"parameters {missing} require gradients but are in no param group of this "
-                "NaturalGradient: add them with add_param_group or set requires_grad=False"
-            )
         return params, [lr_of[id(p)] for p in params]
 
     def _curvature(self, targets: Tensor | None) -> CurvatureOperator:

@@ -44,6 +44,7 @@ from natgrad.distributed.reduce import all_reduce_sum_, world_size
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.kfac import KFAC
+from natgrad.optim.step_parameters import step_parameters
 from natgrad.optim.trust_region import damping_update, trust_region_scale
 
 __all__ = ["QuadraticModelOptimizer", "minimize_quadratic_model"]
@@ -316,30 +317,15 @@ class QuadraticModelOptimizer(CountedOptimizer):
 
     def _params(self) -> list[Tensor]:
         """The model's parameters that require gradients now, in ``model.parameters()`` order
-        (that of the Fisher products): one frozen after construction is left alone.
-
-        Raises
-        ------
-        ValueError
-            If one of them is not in the param group (unfrozen after construction), or if
-            there is none.
-        """
-        grouped = {id(p) for p in self.param_groups[0]["params"]}
-        missing = [
-            name
-            for name, p in self.module.named_parameters()
-            if p.requires_grad and id(p) not in grouped
-        ]
-        if missing:
-            raise ValueError(
-                f"parameters {missing} require gradients but were frozen when this "
-                "QuadraticModelOptimizer was built: build a new one (the quadratic model couples "
-                "all parameters in its one param group) or set requires_grad=False on them"
-            )
-        params = trainable_parameters(self.module)
-        if not params:
-            raise ValueError("model has no trainable parameters (all have requires_grad=False)")
-        return params
+        (that of the Fisher products; :func:`~natgrad.optim.step_parameters.step_parameters`):
+        one frozen after construction is left alone, one unfrozen since is refused."""
+        return step_parameters(
+            self.module,
+            self.param_groups,
+            "they were frozen when this QuadraticModelOptimizer was built; build a new one (the "
+            "quadratic model couples all parameters in its one param group) or set "
+            "requires_grad=False on them",
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
