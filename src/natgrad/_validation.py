@@ -23,6 +23,18 @@ from typing import Literal, TypeVar, overload
 _Choice = TypeVar("_Choice")
 
 
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (``numbers.Real``: Python and NumPy), not a ``bool``:
+    the kind :func:`real_number` accepts, for callers that raise errors of their own."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (``numbers.Integral``: Python and NumPy), not a ``bool``:
+    the kind :func:`integer` accepts."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def real_number(name: str, value: object) -> float:
     """``value`` as a Python ``float``; any real number, NaN and infinities included.
 
@@ -31,7 +43,7 @@ def real_number(name: str, value: object) -> float:
     TypeError
         If ``value`` is a ``bool`` or not a ``numbers.Real``.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(
             f"{name} must be a real number, got {value!r} of type {type(value).__name__}"
         )
@@ -161,7 +173,7 @@ def integer(name: str, value: object) -> int:
     TypeError
         If ``value`` is a ``bool`` or not an integer (``2.0`` is not one).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
     return int(value)
 

@@ -34,7 +34,6 @@ directions always use the float64 Fisher (the float32 Gram of dense designs is n
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import numpy as np
@@ -46,6 +45,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
+from natgrad._validation import is_integer, is_real
 from natgrad._warnings import warn_at_caller
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg import damped_solve
@@ -100,8 +100,7 @@ class GLMEstimator(BaseEstimator):
             raise ValueError(f"C must be a positive number (np.inf for no penalty), got {self.C!r}")
         if not _is_real(self.tol) or not 0 <= self.tol < math.inf:
             raise ValueError(f"tol must be a finite non-negative number, got {self.tol!r}")
-        is_int = isinstance(self.max_iter, numbers.Integral) and not isinstance(self.max_iter, bool)
-        if not is_int or self.max_iter < 1:
+        if not is_integer(self.max_iter) or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not isinstance(self.fit_intercept, bool | np.bool_):
             raise TypeError(f"fit_intercept must be a bool, got {self.fit_intercept!r}")
@@ -351,4 +350,5 @@ def standard_errors(covariance: np.ndarray, shape: tuple[int, int]) -> np.ndarra
 
 
 def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value
+    """A real number (:func:`natgrad._validation.is_real`) that is not NaN."""
+    return is_real(value) and value == value

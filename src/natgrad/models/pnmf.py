@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable
 
@@ -14,6 +13,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
+from natgrad._validation import is_integer, is_real
 from natgrad._warnings import warn_at_caller
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix, count_matrix
@@ -212,17 +212,17 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"mode must be one of {ELBO_MODES}, got {self.mode!r}")
 
     def _check_numbers(self) -> None:
-        if not _is_integer(self.n_components):
+        if not is_integer(self.n_components):
             raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
         if self.n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {self.n_components!r}")
         for name in ("E", "max_iter"):
             value = getattr(self, name)
-            if not _is_integer(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not _is_real(self.tol) or not self.tol >= 0:
+        if not is_real(self.tol) or not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol!r}")
-        if self.learning_rate is not None and not _is_real(self.learning_rate):
+        if self.learning_rate is not None and not is_real(self.learning_rate):
             raise ValueError(
                 f"learning_rate must be None or a number > 0, got {self.learning_rate!r}"
             )
@@ -232,7 +232,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if self.training_mode == "natural" and rate > 1:
             raise ValueError(f"learning_rate (natural step) must be in (0, 1], got {rate!r}")
         batch_size = self.batch_size
-        if batch_size is not None and (not _is_integer(batch_size) or batch_size < 1):
+        if batch_size is not None and (not is_integer(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}")
 
     def _learning_rate(self) -> float:
@@ -474,16 +474,6 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """Mean ELBO per sample of ``X`` (``q(F)`` fitted with ``W`` fixed; held-out data too)."""
         counts, posterior, generator = self._fit_posterior(X)
         return self._evaluate_elbo(counts, posterior, generator) / counts.n_samples
-
-
-def _is_integer(value: object) -> bool:
-    """Whether ``value`` is an integer (Python or NumPy), ``bool`` excluded."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
-def _is_real(value: object) -> bool:
-    """Whether ``value`` is a real number (Python or NumPy), ``bool`` excluded."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def _is_available(device: torch.device) -> bool:
