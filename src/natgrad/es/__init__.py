@@ -3,7 +3,8 @@
 A Gaussian search distribution is moved along the natural gradient of the expected shaped
 fitness, estimated from its own samples: :class:`XNES` (full covariance, exponential
 parameterisation) and :class:`SNES` (diagonal covariance), with ``ask``/``tell`` and
-:func:`minimize`. Test functions are in :mod:`natgrad.es.objectives`.
+:func:`minimize`. A NaN objective value ranks last, as ``+inf`` does, with a warning; a
+generation of NaN values only raises. Test functions are in :mod:`natgrad.es.objectives`.
 """
 
 from natgrad.es.base import ESResult, NaturalEvolutionStrategy

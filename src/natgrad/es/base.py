@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,14 @@ def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
             f"random_state must be an int, a torch.Generator or None, got {random_state!r}"
         )
     return torch.Generator().manual_seed(int(random_state))
+
+
+def as_fitness(fitness: Tensor | list[float]) -> Tensor:
+    """``fitness`` as a detached tensor: a floating-point tensor keeps its dtype, anything else
+    (lists, NumPy arrays, integer tensors) becomes float64, so that no rounding merges ranks."""
+    if not isinstance(fitness, Tensor) or not fitness.dtype.is_floating_point:
+        fitness = torch.as_tensor(fitness, dtype=torch.float64)
+    return fitness.detach()
 
 
 def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
@@ -56,6 +65,8 @@ class ESResult:
         Final mean of the search distribution.
     history : list of float
         Best objective value seen after each generation.
+    nan_evaluations : int
+        Evaluations that returned NaN (ranked last, as ``+inf``).
     """
 
     x: Tensor
@@ -65,6 +76,7 @@ class ESResult:
     success: bool
     mean: Tensor
     history: list[float]
+    nan_evaluations: int = 0
 
 
 class NaturalEvolutionStrategy(abc.ABC):
@@ -82,6 +94,11 @@ class NaturalEvolutionStrategy(abc.ABC):
         Source of the samples (a generator is used, and advanced, as is).
     dtype : torch.dtype, default torch.float64
         A floating-point type, of the samples and the distribution's parameters.
+
+    Attributes
+    ----------
+    generation : int
+        Number of generations told so far.
 
     Notes
     -----
@@ -106,6 +123,7 @@ class NaturalEvolutionStrategy(abc.ABC):
         self.population_size = int_at_least("population_size", population_size, 2)
         self.generator = as_generator(random_state)
         self.dtype = dtype
+        self.generation = 0
         self._asked: tuple[Tensor, Tensor] | None = None
 
     def ask(self) -> Tensor:
@@ -122,15 +140,29 @@ class NaturalEvolutionStrategy(abc.ABC):
 
         Samples not drawn by the last :meth:`ask` are allowed (their noise is recomputed);
         so are samples told before, whose noise is recomputed under the moved distribution.
+        The values are ranked in their own precision (float64 unless given as a floating-point
+        tensor), not in ``dtype``. A NaN value (an objective undefined there) ranks last, as
+        ``+inf`` does, with a ``RuntimeWarning``.
 
         Raises
         ------
         ValueError
-            If the shapes do not match ``(λ, d)`` and ``(λ,)``, a sample is not finite, or a
-            fitness value is NaN (``+inf`` is allowed and ranks last).
+            If the shapes do not match ``(λ, d)`` and ``(λ,)``, a sample is not finite, or
+            every fitness value is NaN (the message names the generation).
         """
+        nan_count = self._tell(samples, fitness)
+        if nan_count:
+            warnings.warn(
+                f"{nan_count} of {self.population_size} fitness values of generation "
+                f"{self.generation} are NaN: those samples rank last, as +inf",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _tell(self, samples: Tensor, fitness: Tensor) -> int:
+        """:meth:`tell` without its warning; returns the number of NaN fitness values."""
         samples = torch.as_tensor(samples, dtype=self.dtype).detach()
-        fitness = torch.as_tensor(fitness, dtype=self.dtype).detach()
+        fitness = as_fitness(fitness)
         expected = (self.population_size, self.dim)
         if samples.shape != expected:
             raise ValueError(f"samples must have shape {expected}, got {tuple(samples.shape)}")
@@ -140,11 +172,17 @@ class NaturalEvolutionStrategy(abc.ABC):
             )
         if not bool(torch.isfinite(samples).all()):
             raise ValueError("samples must be finite")
-        if bool(torch.isnan(fitness).any()):
-            raise ValueError(f"fitness must not contain NaN, got {fitness.tolist()}")
+        nan_count = int(torch.isnan(fitness).sum())
+        if nan_count == self.population_size:
+            raise ValueError(
+                f"all {nan_count} fitness values of generation {self.generation + 1} are NaN: "
+                "no sample can be ranked (is the objective defined near the mean?)"
+            )
         noise = self._noise_of(samples)
         self._asked = None
-        self._update(noise, shaped_fitness(fitness))
+        self._update(noise, shaped_fitness(fitness).to(self.dtype))
+        self.generation += 1
+        return nan_count
 
     def _noise_of(self, samples: Tensor) -> Tensor:
         """Noise of ``samples``: kept from an untold :meth:`ask` if they match, else recomputed.

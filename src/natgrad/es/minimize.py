@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from natgrad._validation import nonnegative_float, one_of, positive_int
-from natgrad.es.base import ESResult, NaturalEvolutionStrategy
+from natgrad.es.base import ESResult, NaturalEvolutionStrategy, as_fitness
 from natgrad.es.snes import SNES
 from natgrad.es.xnes import XNES
 
@@ -17,15 +18,23 @@ METHODS: dict[str, type[NaturalEvolutionStrategy]] = {"xnes": XNES, "snes": SNES
 
 
 def _evaluate(f: Callable, samples: Tensor, vectorized: bool) -> Tensor:
+    """``f`` at each sample, shape ``(λ,)``: float64, or the floating dtype ``f`` returns."""
     if vectorized:
-        values = torch.as_tensor(f(samples), dtype=samples.dtype)
+        values = as_fitness(f(samples))
     else:
-        values = torch.tensor([float(f(sample)) for sample in samples], dtype=samples.dtype)
+        values = torch.tensor([float(f(sample)) for sample in samples], dtype=torch.float64)
     if values.shape != (samples.shape[0],):
         raise ValueError(
             f"f must return one value per sample ({samples.shape[0]}), got {tuple(values.shape)}"
         )
     return values
+
+
+def _best(samples: Tensor, values: Tensor) -> tuple[Tensor, float]:
+    """The sample with the lowest value, NaN values ignored (``+inf`` if all are NaN)."""
+    ranked = torch.where(torch.isnan(values), torch.inf, values)
+    index = int(torch.argmin(ranked))
+    return samples[index], float(ranked[index])
 
 
 def minimize(
@@ -47,6 +56,10 @@ def minimize(
     ----------
     f : callable
         ``x`` of shape ``(d,)`` to a float, or with ``vectorized=True`` ``(λ, d)`` to ``(λ,)``.
+        Where ``f`` is undefined it may return NaN: such samples rank last (as ``+inf``), are
+        counted in ``ESResult.nan_evaluations``, and one ``RuntimeWarning`` at the end says
+        how many there were. Values are ranked in float64 (or the floating dtype a vectorized
+        ``f`` returns), whatever the strategy's ``dtype``.
     x0 : Tensor or sequence of float, shape (d,)
         Initial mean.
     method : {"xnes", "snes"}
@@ -71,7 +84,8 @@ def minimize(
     ------
     ValueError
         If ``method`` is unknown, ``max_evaluations`` is not positive, ``target`` is NaN,
-        ``min_sigma`` is negative or not finite, or ``f`` returns a NaN or the wrong shape.
+        ``min_sigma`` is negative or not finite, ``f`` returns the wrong shape, or ``f`` is
+        NaN at every sample of a generation (the message names the generation).
     """
     one_of("method", method, METHODS)
     positive_int("max_evaluations", max_evaluations)
@@ -80,21 +94,35 @@ def minimize(
         raise ValueError("target must not be NaN")
     strategy = METHODS[method](x0, sigma0, random_state=random_state, **options)
     best_x, best_value = strategy.mean.clone(), math.inf
-    evaluations, history = 0, []
+    evaluations, nan_evaluations, history = 0, 0, []
     while evaluations < max_evaluations:
         samples = strategy.ask()
         values = _evaluate(f, samples, vectorized)
         evaluations += samples.shape[0]
-        strategy.tell(samples, values)
-        index = int(torch.argmin(values))
-        if float(values[index]) < best_value:
-            best_x, best_value = samples[index].clone(), float(values[index])
+        nan_evaluations += strategy._tell(samples, values)
+        candidate, value = _best(samples, values)
+        if value < best_value:
+            best_x, best_value = candidate.clone(), value
         history.append(best_value)
         if target is not None and best_value <= target:
             break
         if float(strategy.covariance.diagonal().max()) < min_sigma**2:
             break
+    if nan_evaluations:
+        warnings.warn(
+            f"f returned NaN for {nan_evaluations} of {evaluations} evaluations: those samples "
+            "ranked last, as +inf",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     success = target is not None and best_value <= target
     return ESResult(
-        best_x, best_value, evaluations, len(history), success, strategy.mean.clone(), history
+        best_x,
+        best_value,
+        evaluations,
+        len(history),
+        success,
+        strategy.mean.clone(),
+        history,
+        nan_evaluations,
     )

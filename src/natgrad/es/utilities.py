@@ -42,14 +42,16 @@ def shaped_fitness(fitness: Tensor) -> Tensor:
     Parameters
     ----------
     fitness : Tensor of shape (λ,)
-        Objective values (``+inf`` allowed; ties are broken by sample order).
+        Objective values. ``+inf`` ranks last; NaN ranks as ``+inf`` does (a sample where the
+        objective is undefined counts as the worst); ties are broken by sample order.
 
     Returns
     -------
     Tensor of shape (λ,)
-        The utility of each sample, in the samples' order.
+        The utility of each sample, in the samples' order, in the dtype of ``fitness``.
     """
-    order = torch.argsort(fitness, stable=True)
+    ranked = torch.where(torch.isnan(fitness), torch.inf, fitness)
+    order = torch.argsort(ranked, stable=True)
     utilities = torch.empty_like(fitness)
     utilities[order] = rank_utilities(fitness.shape[0], fitness.dtype)
     return utilities

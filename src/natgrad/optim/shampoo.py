@@ -4,7 +4,9 @@ For a parameter of order ``k`` with gradient ``G``, mode ``i`` keeps the statist
 ``Sᵢ = Σ_t G_(i) G_(i)ᵀ`` (``G_(i)`` the mode-``i`` unfolding, shape ``(dᵢ, Π_{j≠i} dⱼ)``) and the
 preconditioned gradient is ``G ×₁ P₁ ×₂ … ×_k P_k`` with ``Pᵢ = (Sᵢ + εI)^{-1/(2k)}``. For a
 matrix ``W`` this is ``W ← W − lr L^{-1/4} G R^{-1/4}``. A mode longer than
-``max_preconditioner_dim`` keeps only the diagonal of ``Sᵢ`` (AdaGrad along that mode).
+``max_preconditioner_dim`` keeps only the diagonal of ``Sᵢ`` (AdaGrad along that mode). Modes
+of size 1 are left out and do not count in ``k`` (:func:`preconditioned_shape`): a ``(1, n)``
+parameter is preconditioned as an ``(n,)`` one.
 
 The maths lives in the small pure functions of this module (:func:`mode_statistics`,
 :func:`mode_preconditioner`, :func:`precondition`, :func:`graft`, ...); :class:`Shampoo` only
@@ -32,6 +34,43 @@ from natgrad.linalg.matrix_power import inverse_pth_root
 from natgrad.optim.counted import CountedOptimizer
 
 _GRAFTINGS = ("sgd", "adagrad", "adam", None)
+_GRAFTING_STATE = {
+    None: (),
+    "sgd": (),
+    "adagrad": ("grafting_sum",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+}
+
+
+def preconditioned_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The modes Shampoo preconditions: ``shape`` without its size-1 modes (``(1,)`` if none).
+
+    A size-1 mode's "preconditioner" is the scalar ``(‖G‖² + ε)^{-1/(2k)}``, which only
+    rescales the step and raises the order ``k`` of the other roots; like the reference
+    implementations (Anil et al. 2020, whose ``merge_small_dims`` drops them) such modes are
+    left out, so a ``(1, n)`` or ``(n, 1)`` parameter is preconditioned as an ``(n,)`` one and
+    an ``(n, 1, 1, m)`` one as ``(n, m)``. Scalars and all-ones shapes are length-1 vectors.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The parameter's shape ``(d₁, ..., d_k)``, possibly empty.
+
+    Returns
+    -------
+    tuple of int
+        The sizes ``dᵢ > 1`` in order, or ``(1,)``.
+    """
+    return tuple(size for size in shape if size > 1) or (1,)
+
+
+def statistics_shapes(shape: Sequence[int], max_preconditioner_dim: int) -> list[tuple[int, ...]]:
+    """Shapes of the mode statistics of a parameter of ``shape``: ``(d, d)`` per preconditioned
+    mode, ``(d,)`` (the diagonal) for a mode longer than ``max_preconditioner_dim``."""
+    return [
+        (size,) if size > max_preconditioner_dim else (size, size)
+        for size in preconditioned_shape(shape)
+    ]
 
 
 def mode_statistics(grad: Tensor, mode: int, diagonal: bool = False) -> Tensor:
@@ -77,10 +116,18 @@ def mode_preconditioner(statistics: Tensor, order: int, epsilon: float) -> Tenso
     Returns
     -------
     Tensor with the shape of ``statistics``.
+
+    Notes
+    -----
+    The eigenvalues of ``S + εI`` are floored at ``d · ε_dtype · λ_max`` (``ε_dtype`` the
+    machine epsilon of the statistics' dtype), the tolerance below which NumPy's
+    ``matrix_rank`` counts an eigenvalue as zero: smaller ones are rounding noise of the
+    accumulated statistics. A float32 run thus follows the float64 run up to rounding.
     """
     if statistics.ndim == 1:
         return (statistics + epsilon).pow(-1.0 / (2 * order))
-    return inverse_pth_root(statistics, 2 * order, epsilon)
+    floor = min(1.0, statistics.shape[-1] * torch.finfo(statistics.dtype).eps)
+    return inverse_pth_root(statistics, 2 * order, epsilon, eigen_floor=floor)
 
 
 def precondition_mode(tensor: Tensor, preconditioner: Tensor, mode: int) -> Tensor:
@@ -135,7 +182,8 @@ def adam_direction(
 class Shampoo(CountedOptimizer):
     """Shampoo: Kronecker-factored full-matrix AdaGrad over each parameter's tensor modes.
 
-    One step, per parameter ``θ`` of order ``k`` (scalars are treated as vectors of length 1):
+    One step, per parameter ``θ`` whose ``k`` modes of size > 1 are preconditioned (size-1
+    modes are dropped, see :func:`preconditioned_shape`; scalars are vectors of length 1):
 
     1. ``g ← ∇θ + weight_decay · θ``; mode statistics ``Sᵢ ← Sᵢ + G_(i) G_(i)ᵀ`` (or
        ``β₂ Sᵢ + (1 − β₂) G_(i) G_(i)ᵀ`` when ``beta2 < 1``), accumulated from the first step on.
@@ -181,11 +229,13 @@ class Shampoo(CountedOptimizer):
     Notes
     -----
     Statistics and preconditioners are stored in the parameter's dtype; the roots are computed
-    in float64 with eigenvalues floored at ``√ε_dtype · λ_max`` (a cap on the condition number
-    that float32 statistics need). A step whose gradient, statistics or direction is not finite
-    is refused as a whole: parameters and state are left unchanged, a ``RuntimeWarning`` says
-    why and ``counters["refused_steps"]`` counts it. Sparse and complex gradients raise
-    ``TypeError``.
+    in float64 with eigenvalues floored at ``d · ε_dtype · λ_max`` (below it they are rounding
+    noise of the statistics, see :func:`mode_preconditioner`). A step whose gradient,
+    statistics or direction is not finite is refused as a whole: parameters and state are left
+    unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
+    Sparse and complex gradients raise ``TypeError``. ``max_preconditioner_dim`` and
+    ``grafting`` shape the state: changed in a param group mid-run, the next step raises
+    ``ValueError`` (other options, ``lr`` and ``update_freq`` say, may be scheduled).
     """
 
     def __init__(
@@ -237,6 +287,14 @@ class Shampoo(CountedOptimizer):
         -------
         Tensor or None
             The closure's loss, if a closure was given.
+
+        Raises
+        ------
+        TypeError
+            If a gradient is sparse or complex.
+        ValueError
+            If a parameter's state was built under another ``max_preconditioner_dim`` or
+            ``grafting`` than its group now has (nothing is changed).
         """
         loss = None
         if closure is not None:
@@ -248,6 +306,7 @@ class Shampoo(CountedOptimizer):
                 if param.grad is None:
                     continue
                 self._check_gradient(param.grad)
+                _check_structure(param, self.state[param], group)
                 if not bool(torch.isfinite(param.grad).all()):
                     return self._refuse(loss, "a gradient is not finite")
                 pending.append((group, param))
@@ -266,6 +325,36 @@ class Shampoo(CountedOptimizer):
         return loss
 
 
+def _check_structure(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """Raise ``ValueError`` if ``state`` was built under options that shape it differently:
+    ``max_preconditioner_dim`` (full or diagonal statistics) or ``grafting`` (its moments)."""
+    if "statistics" not in state:
+        return
+    where = (
+        f"Shampoo's state of a parameter of shape {tuple(param.shape)} (after step {state['step']})"
+    )
+    remedy = (
+        "Changing it mid-run would mix statistics of two structures: build a new Shampoo, or "
+        "clear the state (optimizer.state.clear())"
+    )
+    found = [tuple(statistics.shape) for statistics in state["statistics"]]
+    limit = group["max_preconditioner_dim"]
+    expected = statistics_shapes(param.shape, limit)
+    if found != expected:
+        raise ValueError(
+            f"{where} holds mode statistics of shapes {found}, but max_preconditioner_dim="
+            f"{limit} needs {expected}: the option was changed, or a state_dict of another "
+            f"configuration (or one that preconditioned size-1 modes) was loaded. {remedy}."
+        )
+    held = sorted(key for keys in _GRAFTING_STATE.values() for key in keys if key in state)
+    needed = sorted(_GRAFTING_STATE[group["grafting"]])
+    if held != needed:
+        raise ValueError(
+            f"{where} holds the grafting state {held}, but grafting={group['grafting']!r} "
+            f"needs {needed}: the option was changed. {remedy}."
+        )
+
+
 def _parameter_update(
     param: Tensor, state: dict[str, Any], group: dict[str, Any]
 ) -> tuple[dict[str, Any], Tensor]:
@@ -274,7 +363,7 @@ def _parameter_update(
     grad = param.grad
     if group["weight_decay"] != 0.0:
         grad = grad + group["weight_decay"] * param
-    tensor_shape = grad.shape if grad.ndim > 0 else torch.Size([1])
+    tensor_shape = preconditioned_shape(grad.shape)
     shaped = grad.reshape(tensor_shape)
     statistics = [
         accumulate(
