@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as functional
 from brute_force import (
     DTYPE,
     LIKELIHOOD_NAMES,
@@ -332,17 +333,35 @@ def training_batch_norm() -> nn.Module:
     return model.train()
 
 
+class ReusedOutsideItsCall(nn.Module):
+    """A Linear whose weight is also applied by ``F.linear``, outside the layer's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 3)
+        self.head = nn.Linear(3, OUTPUTS)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(
+            torch.tanh(self.layer(inputs) + functional.linear(inputs, self.layer.weight))
+        )
+
+
 UNSUPPORTED = {
     "other_parameter": ScaledOutputs,
     "embedding": lambda: nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, OUTPUTS)),
     "frozen_weight_trainable_bias": frozen_weight_trainable_bias,
-    "training_batch_norm": training_batch_norm,
-    "training_dropout": lambda: nn.Sequential(
-        nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, OUTPUTS)
-    ).train(),
     "skipped_layer": SkippedLayer,
     "tied_with_scale": TiedWithScale,
     "sequence_first": SequenceFirst,
+    "reused_outside_its_call": ReusedOutsideItsCall,
+}
+REFUSED = {
+    "training_batch_norm": (training_batch_norm, "BatchNorm"),
+    "training_dropout": (
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, OUTPUTS)).train(),
+        "dropout",
+    ),
 }
 
 
@@ -358,6 +377,29 @@ def test_unsupported_models_give_none_without_drawing(name) -> None:
     )
     assert result is None
     assert torch.equal(generator.get_state(), state)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_models_that_are_no_function_of_independent_samples_are_refused(name: str) -> None:
+    """As by every builder (``check_curvature_model``), not answered with ``None``."""
+    build, cause = REFUSED[name]
+    generator = torch.Generator().manual_seed(SEED)
+    state = generator.get_state()
+    with pytest.raises(ValueError, match=cause):
+        layer_fisher_diagonal(
+            build().to(DTYPE), tiny_data("gaussian")[0], likelihood="gaussian", generator=generator
+        )
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_a_weight_reused_outside_its_call_takes_the_general_path() -> None:
+    """``fisher(structure="diag")`` of such a model equals the brute-force diagonal (the
+    per-layer path would miss the ``F.linear`` use: 37–50 % off before it was detected)."""
+    model = ReusedOutsideItsCall().to(DTYPE)
+    inputs, _ = tiny_data("categorical")
+    expected = exact_fisher(model, inputs, "categorical").diagonal()
+    diagonal = fisher(model, inputs, likelihood="categorical", structure="diag").diag()
+    torch.testing.assert_close(diagonal, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_supported_layers_names_the_covering_layers() -> None:

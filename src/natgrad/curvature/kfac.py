@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from natgrad._validation import one_of
 from natgrad.curvature.base import CurvatureOperator, VectorLike
+from natgrad.curvature.jacobians import check_curvature_model
 from natgrad.curvature.kfac_capture import (
     CONV_TYPES,
     KFAC_APPROXIMATIONS,
@@ -41,9 +42,11 @@ from natgrad.curvature.kfac_capture import (
     patch_features,
     reduced_input_features,
     reduced_output_features,
+    tied_parameters,
     trainable_parameters,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.curvature.weight_locality import check_local_weights
 from natgrad.linalg.kron import (
     SymmetricEigen,
     block_diagonal_kron,
@@ -244,21 +247,26 @@ def statistics_for_vectors(
     Raises
     ------
     ValueError
-        Empty inputs, a model without trainable parameters, a layer's parameter tied to another
-        module's (both named), a layer not called, or called on an input whose dim 0 is not the
-        batch (named), vectors of the wrong shape (both shapes named).
+        A model that is not one deterministic function of independent samples
+        (:func:`~natgrad.curvature.jacobians.check_curvature_model`: BatchNorm or dropout in
+        training mode, ...), empty inputs, a model without trainable parameters, a layer's
+        parameter tied to another module's (both named), a layer not called, or called on an
+        input whose dim 0 is not the batch (named), a layer whose weight or bias is also used
+        outside its calls (named; :func:`~natgrad.curvature.weight_locality.
+        check_local_weights`), vectors of the wrong shape (both shapes named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
+    check_curvature_model(model)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError("inputs must be a tensor with a non-empty leading batch dimension")
     layers = kronecker_layers(model)
     if not layers:
         raise ValueError("model has no trainable parameters")
-    _check_untied(model, layers)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
     _check_batch_first(capture, len(inputs))
+    check_local_weights(layers, capture.calls, outputs)
     vectors = vectors_of(outputs)
     matrix = outputs.reshape(len(outputs), -1)
     check_backward_vectors(vectors, matrix)
@@ -279,31 +287,6 @@ def statistics_for_vectors(
     for stats, _ in calls:
         by_layer[stats.layer.name].append(stats)
     return [LayerCalls(by_layer[layer.name]) for layer in layers]
-
-
-def tied_parameters(model: nn.Module, layers: Sequence[KroneckerLayer]) -> list[list[str]]:
-    """The parameters of ``layers`` that other modules of ``model`` hold too (tied weights: an
-    embedding and an output layer, two layers' biases), each as the qualified names of its
-    holders. A module registered under several names holds its parameters once."""
-    params = trainable_parameters(model)
-    indices = [(layer.weight_index, layer.bias_index) for layer in layers]
-    owned = {id(params[index]) for pair in indices for index in pair if index is not None}
-    holders: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(prefix=module_name, recurse=False):
-            if id(param) in owned:
-                holders.setdefault(id(param), []).append(name)
-    return [names for names in holders.values() if len(names) > 1]
-
-
-def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
-    tied = tied_parameters(model, layers)
-    if tied:
-        raise ValueError(
-            f"parameters {tied[0]} are one tied parameter, whose curvature sums the uses of "
-            "every module holding it: no Kronecker block of one layer describes it; untie them "
-            "or use another structure"
-        )
 
 
 def in_eigen_dtype(matrix: Tensor, eigens: tuple[SymmetricEigen, SymmetricEigen]) -> Tensor:
@@ -516,9 +499,13 @@ def build_kfac(
     ------
     ValueError
         For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), a
-        layer's parameter tied to another module's (an embedding's, another layer's bias), an
-        unknown ``kind``, likelihood or ``kfac_approx``, missing targets, a layer not called, or
-        called on an input whose dim 0 is not the batch.
+        layer's parameter tied to another module's (an embedding's, another layer's bias), a
+        model refused by :func:`~natgrad.curvature.jacobians.check_curvature_model` (BatchNorm
+        or dropout in training mode, ...), an unknown ``kind``, likelihood or ``kfac_approx``,
+        missing targets, a layer not called, or called on an input whose dim 0 is not the
+        batch, a layer whose weight or bias is also used outside its calls (``F.linear(x,
+        layer.weight)``, a decoder applying an encoder's weight: the hooks on the layer do not
+        see that use).
     """
     statistics = collect_statistics(
         model,

@@ -64,6 +64,7 @@ __all__ = [
     "check_backward_vectors",
     "check_fisher_kind",
     "check_layer_input",
+    "conv_as_2d",
     "conv_patch_means",
     "conv_patches",
     "grouped_output_features",
@@ -73,11 +74,13 @@ __all__ = [
     "kronecker_layers",
     "output_factor",
     "output_features",
+    "padded_conv_input",
     "patch_features",
     "per_sample_gradients",
     "reduced_input_features",
     "reduced_output_features",
     "shared_weights",
+    "tied_parameters",
     "trainable_parameters",
 ]
 
@@ -183,13 +186,15 @@ def kronecker_layers(
     model : nn.Module
     layer_types : tuple of module types, default ``(nn.Linear, nn.Conv1d, nn.Conv2d)``
     strict : bool, default True
-        Require every trainable parameter to belong to such a layer.
+        Require every trainable parameter to belong to exactly one such layer: none outside
+        them, none shared by two layers or tied to another module (:func:`tied_parameters`).
 
     Raises
     ------
     ValueError
-        With ``strict``, naming a trainable parameter outside the supported layers; for a layer
-        whose bias is trainable but weight frozen.
+        With ``strict``, naming a trainable parameter outside the supported layers, or the
+        layers or modules that share a parameter; for a layer whose bias is trainable but
+        weight frozen.
     """
     params = trainable_parameters(model)
     position = {id(param): index for index, param in enumerate(params)}
@@ -219,6 +224,7 @@ def kronecker_layers(
                 f"parameter(s) {missing} belong to other modules (freeze them or use another "
                 "structure)"
             )
+        _check_untied(model, layers)
     return layers
 
 
@@ -237,6 +243,31 @@ def _check_unshared(layers: Sequence[KroneckerLayer]) -> None:
             f"layers {tied[0]} share one weight, whose curvature sums both layers' uses: no "
             "Kronecker block of one layer describes it; use another structure, or call one "
             "layer several times (its calls are pooled)"
+        )
+
+
+def tied_parameters(model: nn.Module, layers: Sequence[KroneckerLayer]) -> list[list[str]]:
+    """The parameters of ``layers`` that other modules of ``model`` hold too (tied weights: an
+    embedding and an output layer, two layers' biases), each as the qualified names of its
+    holders. A module registered under several names holds its parameters once."""
+    params = trainable_parameters(model)
+    indices = [(layer.weight_index, layer.bias_index) for layer in layers]
+    owned = {id(params[index]) for pair in indices for index in pair if index is not None}
+    holders: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=module_name, recurse=False):
+            if id(param) in owned:
+                holders.setdefault(id(param), []).append(name)
+    return [names for names in holders.values() if len(names) > 1]
+
+
+def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
+    tied = tied_parameters(model, layers)
+    if tied:
+        raise ValueError(
+            f"parameters {tied[0]} are one tied parameter, whose curvature sums the uses of "
+            "every module holding it: no Kronecker block of one layer describes it; untie them "
+            "or use another structure"
         )
 
 
@@ -260,7 +291,7 @@ def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None
         )
 
 
-class _Geometry(NamedTuple):
+class ConvGeometry(NamedTuple):
     """A convolution as a 2-D one (a ``Conv1d`` has height 1): ``(h, w)`` pairs, and the pads
     in ``functional.pad`` order ``(w_left, w_right, h_top, h_bottom)``."""
 
@@ -271,18 +302,18 @@ class _Geometry(NamedTuple):
     padding_mode: str
 
 
-def _as_2d(
+def conv_as_2d(
     module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str
-) -> tuple[_Geometry, Tensor]:
+) -> tuple[ConvGeometry, Tensor]:
     """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input."""
     check_layer_input(module, layer_input, name)
     one_d = isinstance(module, nn.Conv1d)
     pads = tuple(module._reversed_padding_repeated_twice)
     if not one_d:
-        return _Geometry(
+        return ConvGeometry(
             module.kernel_size, module.stride, module.dilation, pads, module.padding_mode
         ), layer_input
-    geometry = _Geometry(
+    geometry = ConvGeometry(
         (1, *module.kernel_size),
         (1, *module.stride),
         (1, *module.dilation),
@@ -292,7 +323,7 @@ def _as_2d(
     return geometry, layer_input.unsqueeze(2)
 
 
-def _padded(geometry: _Geometry, layer_input: Tensor) -> Tensor:
+def padded_conv_input(geometry: ConvGeometry, layer_input: Tensor) -> Tensor:
     """The ``(N, C, H, W)`` input padded as the layer pads it."""
     mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
     return functional.pad(layer_input, geometry.pads, mode=mode)
@@ -321,8 +352,8 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str =
         Unless ``layer_input`` is a batched input of the layer, ``(N, C_in, H, W)`` or
         ``(N, C_in, L)`` (``name`` names it in the message).
     """
-    geometry, layer_input = _as_2d(module, layer_input, name)
-    padded = _padded(geometry, layer_input)
+    geometry, layer_input = conv_as_2d(module, layer_input, name)
+    padded = padded_conv_input(geometry, layer_input)
     (kernel_h, kernel_w), (dilation_h, dilation_w) = geometry.kernel, geometry.dilation
     stride_h, stride_w = geometry.stride
     out_h = _output_size(padded.shape[2], kernel_h, dilation_h, stride_h)
@@ -373,9 +404,9 @@ def conv_patch_means(
     ValueError
         As :func:`conv_patches`.
     """
-    geometry, layer_input = _as_2d(module, layer_input, name)
+    geometry, layer_input = conv_as_2d(module, layer_input, name)
     zeros = geometry.padding_mode == "zeros"
-    source = layer_input if zeros else _padded(geometry, layer_input)
+    source = layer_input if zeros else padded_conv_input(geometry, layer_input)
     samples, channels, height, width = source.shape
     pads = geometry.pads
     paddings = ((pads[2], pads[3]), (pads[0], pads[1])) if zeros else ((0, 0), (0, 0))

@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.curvature.jacobians import (
+    check_curvature_model,
     check_finite_inputs,
     training_batch_norms,
     training_dropouts,
 )
-from natgrad.curvature.kfac import tied_parameters
 from natgrad.curvature.kfac_capture import (
     KRONECKER_LAYER_TYPES,
     ForwardCapture,
@@ -47,9 +47,11 @@ from natgrad.curvature.kfac_capture import (
     output_features,
     per_sample_gradients,
     shared_weights,
+    tied_parameters,
     trainable_parameters,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.curvature.weight_locality import foreign_weight_uses
 
 __all__ = [
     "OUTPUT_GRADIENT_BUDGET",
@@ -73,10 +75,9 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
     ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` or also held by another module (tied
-    weights, :func:`~natgrad.curvature.kfac.tied_parameters`), a trainable bias with a frozen
-    weight, a
-    BatchNorm layer in training mode (which couples the samples) or dropout in training mode
-    (which makes the model random).
+    weights, :func:`~natgrad.curvature.kfac_capture.tied_parameters`), a trainable bias with a
+    frozen weight, a BatchNorm layer in training mode (which couples the samples) or dropout in
+    training mode (which makes the model random).
     """
     params = trainable_parameters(model)
     if not params or _random_or_coupled(model):
@@ -174,9 +175,11 @@ def layer_fisher_diagonal(
         dtype. ``None`` (nothing computed, no random draw made) when :func:`supported_layers`
         gives ``None``; ``None`` after the forward pass when a supported layer is not called, or
         on an input whose dim 0 is not the batch (a sequence-first or batch-flattened Linear
-        input). The caller then uses a general method. A layer called several times (weight
-        sharing across calls) has per-sample gradients summed over its calls, its calls'
-        locations joined (:func:`~natgrad.curvature.kfac_capture.join_calls`).
+        input), or when a layer's weight or bias is also used outside its calls (detected
+        before any random draw: :func:`~natgrad.curvature.weight_locality.
+        foreign_weight_uses`). The caller then uses a general method. A layer called several
+        times (weight sharing across calls) has per-sample gradients summed over its calls,
+        its calls' locations joined (:func:`~natgrad.curvature.kfac_capture.join_calls`).
 
     Raises
     ------
@@ -184,7 +187,9 @@ def layer_fisher_diagonal(
         ``model`` not an ``nn.Module``, ``inputs`` not a tensor, ``mc_samples`` not an int.
     ValueError
         Unknown ``kind`` or likelihood, ``kind="empirical"`` without targets, ``mc_samples < 1``,
-        non-finite or empty inputs.
+        non-finite or empty inputs, a model refused by
+        :func:`~natgrad.curvature.jacobians.check_curvature_model` (BatchNorm or dropout in
+        training mode, ...).
     """
     resolved = get_likelihood(likelihood)
     check_fisher_kind(kind, targets, mc_samples)
@@ -222,10 +227,10 @@ def layer_diagonal_for_vectors(
     TypeError
         ``model`` not an ``nn.Module``.
     ValueError
-        Non-finite or empty inputs, vectors of the wrong shape (both shapes named).
+        Non-finite or empty inputs, vectors of the wrong shape (both shapes named), a model
+        refused by :func:`~natgrad.curvature.jacobians.check_curvature_model`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_curvature_model(model)
     check_finite_inputs(inputs)
     layers = supported_layers(model)
     if layers is None:
@@ -236,6 +241,8 @@ def layer_diagonal_for_vectors(
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     if not _batch_first(layers, capture, inputs.shape[0]):
+        return None
+    if foreign_weight_uses(layers, capture.calls, outputs):
         return None
     vectors = vectors_of(outputs)
     if vectors is None:
