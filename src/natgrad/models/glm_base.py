@@ -23,7 +23,18 @@ the penalty is).
 **Sample weights** are frequency weights, as in scikit-learn: the objective is
 ``Σₙ sₙ nll(yₙ | xₙ) + ½‖w‖² / C`` (solved divided by ``S = Σₙ sₙ``), so weight ``k`` is row
 repeated ``k`` times and weight ``0`` a dropped row (such rows are removed before fitting), and
-the covariance is ``(Σₙ sₙ Fₙ + penalty)⁻¹ = (S · F(Θ̂))⁻¹`` (statsmodels' ``freq_weights``).
+the covariance is ``(Σₙ sₙ Fₙ + penalty)⁻¹ = (S · F(Θ̂))⁻¹``. Fractional weights are read the
+same way: the data count as ``S`` observations. For the Binomial and Poisson families, whose
+dispersion is fixed at one, this is statsmodels' ``GLM(..., freq_weights=s)`` and equally
+``GLM(..., var_weights=s)``: the two kinds give the same estimates and standard errors and
+differ only in the residual degrees of freedom, which these estimators do not report. So
+multiplying every weight by ``c`` leaves an unpenalised fit unchanged and divides the standard
+errors by ``√c``; with ``penalty="l2"`` it equals multiplying ``C`` by ``c`` (as in
+scikit-learn's ``LogisticRegression``). The standard errors mean something only when the
+weights are on the scale of observation counts: weights normalised to sum to one, or
+importance weights of arbitrary scale, must first be rescaled to sum to the number of
+observations they stand for (which changes an l2 fit unless ``C`` is divided by the same
+factor). Design-based (survey) standard errors need a sandwich estimator, not computed here.
 
 **Sparse X** (SciPy CSR or CSC; other formats are converted to CSR) is held as a
 :class:`~natgrad.models.glm_objective.SparseDesign`, never made dense: the outputs and gradients

@@ -53,7 +53,13 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
     ``LogisticRegression(C=C).fit(X, y, sample_weight=s)`` has the same optimum): weight ``k``
     equals the row repeated ``k`` times, weight ``0`` a dropped row (such rows are removed, and
     ``classes_`` are those of the remaining rows), and ``covariance_`` is
-    ``(Σₙ sₙ Fₙ + penalty)⁻¹``, statsmodels' ``GLM(..., freq_weights=s)``.
+    ``(Σₙ sₙ Fₙ + penalty)⁻¹``, statsmodels' ``GLM(..., freq_weights=s)`` and, with the
+    Binomial's dispersion fixed at one, equally ``GLM(..., var_weights=s)``. Fractional weights
+    too count the data as ``S = Σₙ sₙ`` observations: multiplying every weight by ``c`` leaves
+    an unpenalised fit unchanged and divides the standard errors by ``√c``, and with
+    ``penalty="l2"`` equals multiplying ``C`` by ``c`` (as in scikit-learn). Rescale weights
+    of arbitrary scale to sum to the number of observations they stand for before reading the
+    standard errors (see :mod:`natgrad.models.glm_base`).
 
     Parameters
     ----------

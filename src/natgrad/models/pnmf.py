@@ -24,6 +24,7 @@ from natgrad.models.pnmf_training import (
     FitState,
     fit_natural,
     fit_standard,
+    warn_if_refused,
 )
 from natgrad.models.pnmf_updates import gaussian_from_moments
 
@@ -33,6 +34,8 @@ DEFAULT_NATURAL_STEP = {"lower-bound": 1.0, "expanded": 0.3, "simple": 0.3}
 EVALUATION_DRAWS = 100
 INITIAL_VARIANCE = 0.1
 EVALUATION_CHUNK_ENTRIES = 2_000_000
+INITIAL_DRAW_DTYPE = torch.float64
+"""The dtype of the initialisation's random draws, whatever the dtype of the counts."""
 
 
 def column_sums(counts: CountMatrix) -> torch.Tensor:
@@ -49,13 +52,15 @@ def initial_loadings(
     """``W_jl = (ȳ_j + 10⁻³) e^{−σ₀²/2} / L · u_jl``, ``u ~ U(0.5, 1.5)``, shape ``(D, L)``.
 
     With ``μ ≈ 0`` and ``σ² = σ₀²`` this makes the initial expected rate match the column means.
+    ``u`` is drawn in float64 whatever the counts' dtype (float32 and float64 draws of one
+    generator differ), so float32 and float64 counts start from the same point.
     """
     jitter = torch.rand(
         (len(column_means), n_components),
         generator=generator,
-        dtype=column_means.dtype,
+        dtype=INITIAL_DRAW_DTYPE,
         device=generator.device,
-    ).to(column_means.device)
+    ).to(column_means.device, column_means.dtype)
     scale = np.exp(-0.5 * INITIAL_VARIANCE) / n_components
     return (column_means + 1e-3)[:, None] * scale * (0.5 + jitter)
 
@@ -67,10 +72,15 @@ def initial_posterior(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Gaussian:
-    """``q(F) = N(0.1 ε, σ₀²)`` with ``ε ~ N(0, 1)``, batch shape ``(n_samples, n_components)``."""
+    """``q(F) = N(0.1 ε, σ₀²)`` with ``ε ~ N(0, 1)``, batch shape ``(n_samples, n_components)``.
+
+    ``ε`` is drawn in float64 and then cast to ``dtype``, as in :func:`initial_loadings`.
+    """
     shape = (n_samples, n_components)
-    noise = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device)
-    mean = (0.1 * noise).to(device)
+    noise = torch.randn(
+        shape, generator=generator, dtype=INITIAL_DRAW_DTYPE, device=generator.device
+    )
+    mean = (0.1 * noise).to(device, dtype)
     variance = torch.full(shape, INITIAL_VARIANCE, dtype=dtype, device=device)
     return gaussian_from_moments(mean, variance)
 
@@ -120,7 +130,11 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     batch_size : int or None, default=None
         Minibatch size over samples (stochastic VI); ``None`` uses all samples.
     random_state : int, RandomState or None, default=None
-        Seed of the initialisation and of the Monte-Carlo draws.
+        Seed of the initialisation and of the Monte-Carlo draws. The initialisation is drawn
+        in float64 whatever the dtype of ``X``, so float32 and float64 counts start from the
+        same point (and in ``"lower-bound"`` mode fit alike up to float32 round-off); the
+        Monte-Carlo draws are made in the dtype of ``X``, so in the other modes float32 and
+        float64 fits agree in distribution only.
     device : str, default="auto"
         Torch device; ``"auto"`` picks CUDA, then MPS, then CPU. An unavailable device raises.
     verbose : bool, default=False
@@ -146,7 +160,10 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     learning_rate_ : float
         The Adam learning rate or natural step ``ρ`` actually used.
     n_refused_steps_ : int
-        Entries whose natural step was refused as non-finite, over the whole fit.
+        Entries whose natural step was refused as non-finite, over the whole fit (those
+        entries keep their previous values); when it is positive a
+        :class:`~natgrad.models.RefusedStepWarning` says so, once per fit (and once per
+        ``transform`` or ``score``, for their fit of ``q(F)``).
     n_restarts_ : int
         Extrapolated points rejected in full-batch ``"lower-bound"`` natural training (see
         :mod:`natgrad.models.pnmf_extrapolation`); 0 otherwise.
@@ -338,8 +355,9 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def _run(self, counts: CountMatrix, state: FitState, settings: FitSettings) -> FitState:
         fit = fit_natural if self.training_mode == "natural" else fit_standard
         state = fit(counts, state, settings)
+        fitted = "W and q(F)" if settings.update_loadings else "q(F) with W fixed"
+        warn_if_refused(state, f"PNMF fitting {fitted}")
         if not state.converged:
-            fitted = "W and q(F)" if settings.update_loadings else "q(F) with W fixed"
             warn_at_caller(
                 f"PNMF fitting {fitted} stopped at max_iter={self.max_iter} before the ELBO "
                 f"stopping rule (tol={self.tol:g}) held; increase max_iter",

@@ -34,7 +34,13 @@ from natgrad.models.pnmf import (
 )
 from natgrad.models.pnmf_counts import count_matrix
 from natgrad.models.pnmf_elbo import ELBO_MODES
-from natgrad.models.pnmf_training import LOADINGS_UPDATES, FitSettings, FitState, fit_natural
+from natgrad.models.pnmf_training import (
+    LOADINGS_UPDATES,
+    FitSettings,
+    FitState,
+    fit_natural,
+    warn_if_refused,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ class DataParallelFit:
     converged : bool
     row_offset : int
         Index of this process's first row in the global sample order (ranks in order).
+    n_refused : int
+        Entries of this process's ``q(F)`` whose natural step was refused as non-finite (a
+        :class:`~natgrad.models.RefusedStepWarning` on this process says so).
     """
 
     components: np.ndarray
@@ -62,6 +71,7 @@ class DataParallelFit:
     n_iter: int
     converged: bool
     row_offset: int
+    n_refused: int = 0
 
 
 def _summing(group: dist.ProcessGroup | None):
@@ -152,6 +162,7 @@ def fit_pnmf_data_parallel(
         loadings_update=loadings_update,
     )
     state = fit_natural(counts, FitState(loadings=loadings, posterior=posterior), settings)
+    warn_if_refused(state, f"fit_pnmf_data_parallel (rank {rank(group)})")
     return DataParallelFit(
         components=state.loadings.T.numpy(),
         variational_mean=state.posterior.loc.numpy(),
@@ -160,4 +171,5 @@ def fit_pnmf_data_parallel(
         n_iter=state.n_iter,
         converged=state.converged,
         row_offset=offset,
+        n_refused=state.n_refused,
     )

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor
 
+from natgrad._warnings import warn_at_caller
 from natgrad.expfam import Gaussian
 from natgrad.models.pnmf_counts import CountMatrix
 from natgrad.models.pnmf_elbo import ElboMode
@@ -44,6 +45,14 @@ WARMUP_STEPS = 3
 CONVERGENCE_WINDOW = 20
 LOADINGS_UPDATES = ("multiplicative", "adam")
 LOADINGS_ADAM_LEARNING_RATE = 0.01
+
+
+class RefusedStepWarning(RuntimeWarning):
+    """Natural steps of some entries of ``q(F)`` were refused as non-finite during a fit.
+
+    Those entries kept their previous mean and precision, so the fitted ``q(F)`` (and ``W``)
+    may be far from the optimum. Issued once per fit, naming how many steps were refused.
+    """
 
 
 class ConvergenceMonitor:
@@ -89,6 +98,23 @@ class FitState:
     converged: bool = False
     n_refused: int = 0
     n_restarts: int = 0
+
+
+def warn_if_refused(state: FitState, what: str) -> None:
+    """Issue one :class:`RefusedStepWarning` for ``state.n_refused`` refused steps, if any.
+
+    ``what`` names the fit in the message (e.g. ``"PNMF fitting W and q(F)"``).
+    """
+    if not state.n_refused:
+        return
+    warn_at_caller(
+        f"{what} refused {state.n_refused} natural-gradient steps of single entries of q(F) "
+        f"over {state.n_iter} iterations: the new mean or precision was not finite (or the "
+        "precision not positive), so those entries kept their previous values and the fit may "
+        "be far from the optimum. This is floating-point overflow, typically of float32 input "
+        "with very large counts: try float64 input or a smaller learning_rate",
+        RefusedStepWarning,
+    )
 
 
 @dataclass(frozen=True)
