@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
-from natgrad.expfam.dirichlet import initial_concentration
+from natgrad.expfam.dirichlet import dirichlet_entropy, dirichlet_kl, initial_concentration
 from natgrad.expfam.newton import NewtonMeanInversion
+from natgrad.expfam.special import trigamma
 
 
 class Beta(NewtonMeanInversion, ExponentialFamily):
@@ -34,6 +35,9 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
     - ``F(θ) = [[ψ′(a) − ψ′(a+b), −ψ′(a+b)], [−ψ′(a+b), ψ′(b) − ψ′(a+b)]]``.
     - ``from_mean`` has no closed form: it uses the guarded Newton iteration of
       :mod:`natgrad.expfam.newton`.
+    - ``ψ′`` is :func:`natgrad.expfam.special.trigamma`; ``kl`` and ``entropy`` are those of
+      the two-class Dirichlet (:func:`~natgrad.expfam.dirichlet.dirichlet_kl`,
+      :func:`~natgrad.expfam.dirichlet.dirichlet_entropy`), free of cancellation.
     """
 
     natural_event_ndims = (0, 0)
@@ -69,10 +73,10 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
     @classmethod
     def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
         a, b = theta[0] + 1.0, theta[1] + 1.0
-        trigamma_total = torch.polygamma(1, a + b)
+        trigamma_total = trigamma(a + b)
         rows = (
-            torch.stack((torch.polygamma(1, a) - trigamma_total, -trigamma_total), -1),
-            torch.stack((-trigamma_total, torch.polygamma(1, b) - trigamma_total), -1),
+            torch.stack((trigamma(a) - trigamma_total, -trigamma_total), -1),
+            torch.stack((-trigamma_total, trigamma(b) - trigamma_total), -1),
         )
         return torch.stack(rows, -2)
 
@@ -93,6 +97,16 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
     def b(self) -> Tensor:
         """Second concentration ``b = θ₂ + 1``, shape ``batch_shape``."""
         return self._natural[1] + 1.0
+
+    def entropy(self) -> Tensor:
+        """Entropy, shape ``batch_shape`` (that of ``Dirichlet((a, b))``)."""
+        return dirichlet_entropy(torch.stack((self.a, self.b), -1))
+
+    def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
+        """``KL(Beta(a, b) ‖ Beta(a′, b′)) = KL(Dir((a, b)) ‖ Dir((a′, b′)))``."""
+        theta = torch.stack(self._natural, -1)
+        other_theta = torch.stack(other.natural_params, -1)
+        return dirichlet_kl(theta + 1.0, other_theta + 1.0, other_theta - theta)
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (log x, log(1 − x))``, each of ``x``'s shape."""

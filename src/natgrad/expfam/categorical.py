@@ -116,6 +116,15 @@ class Categorical(ExponentialFamily):
         """Class probabilities ``p``, shape ``batch_shape + (K,)``."""
         return torch.softmax(functional.pad(self._natural[0], (0, 1)), -1)
 
+    def entropy(self) -> Tensor:
+        """``H = −Σ_k p_k log p_k`` from the log-probabilities, shape ``batch_shape``.
+
+        The generic form ``A(θ) − ⟨θ, η⟩`` cancels terms of size ``|θ|`` and was off by 5e-9
+        relative for a class of probability ``1 − 10⁻⁹``.
+        """
+        log_probs = self.logits
+        return -(log_probs.exp() * log_probs).sum(-1)
+
     def sufficient_statistics(self, x: Tensor) -> Params:
         """One-hot of the class indices ``x`` without the last class, ``x.shape + (K − 1,)``."""
         if x.is_floating_point():

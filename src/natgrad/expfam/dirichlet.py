@@ -15,8 +15,15 @@ from natgrad.expfam.base import (
     require_finite,
 )
 from natgrad.expfam.newton import NewtonMeanInversion
+from natgrad.expfam.special import (
+    stirling_remainder,
+    stirling_remainder_bregman,
+    trigamma,
+    x_minus_log1p,
+)
 
 _EULER_GAMMA = 0.5772156649015329
+_HALF_LOG_TWO_PI_E = 0.5 * (1.0 + math.log(2.0 * math.pi))
 _INVERSE_DIGAMMA_STEPS = 5
 
 
@@ -29,8 +36,82 @@ def inverse_digamma(value: Tensor) -> Tensor:
     )
     result = start
     for _ in range(_INVERSE_DIGAMMA_STEPS):
-        result = result - (torch.digamma(result) - value) / torch.polygamma(1, result)
+        result = result - (torch.digamma(result) - value) / trigamma(result)
     return result
+
+
+def dirichlet_kl(concentration: Tensor, other_concentration: Tensor, step: Tensor) -> Tensor:
+    """``KL(Dir(α) ‖ Dir(β))`` without cancellation; last dimension = the ``K`` classes.
+
+    With ``s = (β − α)/α``, ``s₀ = (β₀ − α₀)/α₀`` and ``w = (s₀ − s) α/β`` (``β₀ = Σ β``),
+    ``KL = Σ β φ(w) + ½ (Σ φ(s) − φ(s₀)) + Σ D_μ(β, α) − D_μ(β₀, α₀)``, where
+    ``φ(x) = x − log(1 + x)`` and ``D_μ`` is the Bregman divergence of Stirling's remainder
+    (:mod:`natgrad.expfam.special`). The first sum is ``β₀`` times the KL between the mean
+    vectors, the second is non-negative by Jensen; the ``D_μ`` terms are ``O(1/α)`` smaller.
+
+    Parameters
+    ----------
+    concentration, other_concentration : Tensor
+        ``α`` and ``β``, shape ``batch_shape + (K,)``.
+    step : Tensor
+        ``β − α`` formed from the natural parameters (exact for nearby distributions).
+
+    Returns
+    -------
+    Tensor
+        Shape ``batch_shape``.
+    """
+    total, total_step = concentration.sum(-1), step.sum(-1)
+    other_total = other_concentration.sum(-1)
+    change, total_change = step / concentration, total_step / total
+    total_ratio = other_total / total
+    mean_ratio = (concentration / other_concentration) * total_ratio[..., None]
+    mean_change = torch.where(
+        change.abs() + total_change.abs()[..., None] <= 1.0,
+        (total_change[..., None] - change) * concentration / other_concentration,
+        mean_ratio - 1.0,
+    )
+    mean_term = (other_concentration * x_minus_log1p(mean_change, mean_ratio)).sum(-1)
+    spread = x_minus_log1p(change, other_concentration / concentration).sum(-1)
+    spread_term = 0.5 * (spread - x_minus_log1p(total_change, total_ratio))
+    remainders = stirling_remainder_bregman(concentration, other_concentration, step).sum(-1)
+    return (
+        mean_term
+        + spread_term
+        + remainders
+        - stirling_remainder_bregman(total, other_total, total_step)
+    )
+
+
+def dirichlet_entropy(concentration: Tensor) -> Tensor:
+    """Entropy of ``Dir(α)`` through Stirling's formula; last dimension = the ``K`` classes.
+
+    ``H = ½ Σ log(α/α₀) − ½(K − 1) log α₀ + (K − 1)·½(1 + log 2π) + K/(2α₀) − ½ Σ 1/α
+    + Σ (μ(α) + (1 − α) μ′(α)) − μ(α₀) − (K − α₀) μ′(α₀)``, which is
+    ``Σ log Γ(α) − log Γ(α₀) + (α₀ − K) ψ(α₀) − Σ (α − 1) ψ(α)`` without its cancellation
+    of terms of size ``α log α``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``batch_shape``.
+    """
+    count = concentration.shape[-1]
+    total = concentration.sum(-1)
+    logs = 0.5 * torch.log(concentration / total[..., None]).sum(-1)
+    reciprocals = 0.5 * count / total - 0.5 * concentration.reciprocal().sum(-1)
+    classes = stirling_remainder(concentration) + (1.0 - concentration) * stirling_remainder(
+        concentration, derivative=1
+    )
+    whole = stirling_remainder(total) + (count - total) * stirling_remainder(total, derivative=1)
+    return (
+        logs
+        - 0.5 * (count - 1) * torch.log(total)
+        + (count - 1) * _HALF_LOG_TWO_PI_E
+        + reciprocals
+        + classes.sum(-1)
+        - whole
+    )
 
 
 def initial_concentration(mean_log: Tensor) -> Tensor:
@@ -65,6 +146,9 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
       and the backward pass of ``θ(η)``) use Sherman–Morrison, ``O(K)`` per event.
     - ``from_mean`` has no closed form: it uses the guarded Newton iteration of
       :mod:`natgrad.expfam.newton`.
+    - ``ψ′`` is :func:`natgrad.expfam.special.trigamma`; ``kl`` and ``entropy`` are
+      :func:`dirichlet_kl` and :func:`dirichlet_entropy`, which avoid the cancellation of
+      terms of size ``α log α`` in the generic forms through ``A(θ)``.
     """
 
     natural_event_ndims = (1,)
@@ -106,8 +190,8 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
         concentration = theta[0] + 1.0
         total = concentration.sum(-1)
-        diagonal = torch.diag_embed(torch.polygamma(1, concentration))
-        return diagonal - torch.polygamma(1, total)[..., None, None]
+        diagonal = torch.diag_embed(trigamma(concentration))
+        return diagonal - trigamma(total)[..., None, None]
 
     @classmethod
     def _fisher_solve(cls, theta: Params, rhs: Tensor) -> Tensor:
@@ -117,8 +201,8 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
         Rows where the denominator is not positive (singular to working precision) are NaN.
         """
         concentration = theta[0] + 1.0
-        inverse_diagonal = 1.0 / torch.polygamma(1, concentration)
-        total = torch.polygamma(1, concentration.sum(-1, keepdim=True))
+        inverse_diagonal = 1.0 / trigamma(concentration)
+        total = trigamma(concentration.sum(-1, keepdim=True))
         denominator = 1.0 - total * inverse_diagonal.sum(-1, keepdim=True)
         scaled = inverse_diagonal * rhs
         correction = total * scaled.sum(-1, keepdim=True) / denominator
@@ -129,7 +213,7 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     def _fisher_diagonal(cls, theta: Params) -> Tensor:
         concentration = theta[0] + 1.0
         total = concentration.sum(-1, keepdim=True)
-        return torch.polygamma(1, concentration) - torch.polygamma(1, total)
+        return trigamma(concentration) - trigamma(total)
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
@@ -145,6 +229,20 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     def concentration(self) -> Tensor:
         """Concentrations ``α = θ + 1``, shape ``batch_shape + (K,)``."""
         return self._natural[0] + 1.0
+
+    def entropy(self) -> Tensor:
+        """Entropy, shape ``batch_shape`` (see :func:`dirichlet_entropy`)."""
+        return dirichlet_entropy(self.concentration)
+
+    def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
+        """See :func:`dirichlet_kl`."""
+        if other.natural_params[0].shape[-1] != self._natural[0].shape[-1]:
+            raise ValueError(
+                "kl needs two Dirichlet distributions with the same number of classes, got "
+                f"{self._natural[0].shape[-1]} and {other.natural_params[0].shape[-1]}"
+            )
+        step = other.natural_params[0] - self._natural[0]
+        return dirichlet_kl(self.concentration, other.natural_params[0] + 1.0, step)
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = log x``, ``x``'s shape (points of the simplex, last dimension ``K``)."""
