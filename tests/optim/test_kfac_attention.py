@@ -1,7 +1,9 @@
 """K-FAC on ``nn.MultiheadAttention``: its packed input projection and ``out_proj`` are
-preconditioned as the linear layers they are. The oracle is a twin attention written with
+preconditioned as the linear layers they are, the input projection as three (its query, key
+and value rows, each on its own input). The oracle is a twin attention written with four
 ``nn.Linear`` projections (the same weights), which K-FAC covers through its layer hooks: both
-must take the same steps."""
+must take the same steps, in self-attention and in cross-attention on sequences of other
+lengths."""
 
 import copy
 import math
@@ -11,58 +13,83 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_training import fisher_options, train_steps
+from kfac_training import fisher_options
 from natgrad.optim import EKFAC, KFAC
 
 EMBED, HEADS, TOKENS, CLASSES = 6, 2, 4, 3
+MEMORY = 3  # positions of the cross-attention's key and value sequences
 
 
 class LinearAttention(nn.Module):
-    """Multi-head self-attention from two ``nn.Linear`` layers, batch first."""
+    """Multi-head attention from four ``nn.Linear`` layers, batch first."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.qkv = nn.Linear(EMBED, 3 * EMBED)
+        self.q, self.k, self.v = (nn.Linear(EMBED, EMBED) for _ in range(3))
         self.out = nn.Linear(EMBED, EMBED)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = inputs.shape
-        heads = self.qkv(inputs).reshape(batch, tokens, 3, HEADS, EMBED // HEADS)
-        query, key, value = heads.permute(2, 0, 3, 1, 4)
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        def heads(rows: torch.Tensor) -> torch.Tensor:
+            return rows.unflatten(-1, (HEADS, EMBED // HEADS)).transpose(1, 2)
+
+        query, key, value = heads(self.q(query)), heads(self.k(key)), heads(self.v(value))
         scores = query @ key.transpose(-2, -1) / math.sqrt(EMBED // HEADS)
-        mixed = (scores.softmax(dim=-1) @ value).transpose(1, 2).reshape(batch, tokens, EMBED)
+        mixed = (scores.softmax(dim=-1) @ value).transpose(1, 2).flatten(2)
         return self.out(mixed)
 
 
 class Classifier(nn.Module):
-    def __init__(self, attention: nn.Module, batch_first: bool = True) -> None:
+    """Attention over the tokens (self-attention) or from the tokens to a memory sequence
+    made from them by a linear map (cross-attention; with ``separate_values`` the values are
+    another such sequence), then a linear head."""
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        batch_first: bool = True,
+        cross: bool = False,
+        separate_values: bool = False,
+    ) -> None:
         super().__init__()
-        self.attention, self.batch_first = attention, batch_first
+        self.attention, self.batch_first, self.cross = attention, batch_first, cross
+        self.separate_values = separate_values
+        self.memory = nn.Parameter(torch.randn(MEMORY, TOKENS)) if cross else None
         self.head = nn.Linear(TOKENS * EMBED, CLASSES)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        key = value = inputs
+        if self.cross:
+            key = self.memory @ inputs  # (N, MEMORY, EMBED)
+            value = key.flip(-1) if self.separate_values else key
         if isinstance(self.attention, nn.MultiheadAttention):
-            tokens = inputs if self.batch_first else inputs.transpose(0, 1)
-            mixed, _ = self.attention(tokens, tokens, tokens)
+            rows = (inputs, key, value)
+            if not self.batch_first:
+                rows = tuple(part.transpose(0, 1) for part in rows)
+            mixed, _ = self.attention(*rows)
             mixed = mixed if self.batch_first else mixed.transpose(0, 1)
         else:
-            mixed = self.attention(inputs)
+            mixed = self.attention(inputs, key, value)
         return self.head(torch.tanh(mixed).flatten(1))
 
 
-def twins(batch_first: bool) -> tuple[Classifier, Classifier]:
+def twins(
+    batch_first: bool, cross: bool = False, separate_values: bool = False
+) -> tuple[Classifier, Classifier]:
     torch.manual_seed(0)
     attention = nn.MultiheadAttention(EMBED, HEADS, batch_first=batch_first)
     with torch.no_grad():
         attention.in_proj_bias.normal_()
         attention.out_proj.bias.normal_()
-    model = Classifier(attention, batch_first).double()
-    twin = Classifier(LinearAttention()).double()
+    model = Classifier(attention, batch_first, cross, separate_values).double()
+    twin = Classifier(LinearAttention(), True, cross, separate_values).double()
     with torch.no_grad():
-        twin.attention.qkv.weight.copy_(attention.in_proj_weight)
-        twin.attention.qkv.bias.copy_(attention.in_proj_bias)
+        for index, linear in enumerate((twin.attention.q, twin.attention.k, twin.attention.v)):
+            linear.weight.copy_(attention.in_proj_weight.chunk(3)[index])
+            linear.bias.copy_(attention.in_proj_bias.chunk(3)[index])
         twin.attention.out.load_state_dict(attention.out_proj.state_dict())
         twin.head.load_state_dict(model.head.state_dict())
+        if cross:
+            twin.memory.copy_(model.memory)
     return model, twin
 
 
@@ -72,51 +99,120 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, torch.randint(0, CLASSES, (5,), generator=generator)
 
 
+def train_twins(models, preconditioner, fisher_type: str, **options) -> list:
+    """Three steps of each model on three batches; the preconditioners."""
+    preconds = []
+    for model in models:
+        precond = preconditioner(
+            model,
+            damping=0.1,
+            inv_update_interval=1,
+            **fisher_options(fisher_type, seed=4),
+            **options,
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        for seed in range(3):
+            inputs, targets = batch(seed)
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            if precond.fisher_type != "empirical":
+                precond.sample_backward(outputs)
+            nn.functional.cross_entropy(outputs, targets).backward()
+            precond.step()
+            optimizer.step()
+        preconds.append(precond)
+    return preconds
+
+
+def assert_twin_states(precond: KFAC, twin_precond: KFAC) -> None:
+    """The packed projection's three blocks are the twin's q, k and v layers'; the other
+    layers are the same."""
+    states = {state.name: state for state in precond.layers}
+    twin_states = {state.name: state for state in twin_precond.layers}
+    packed = states.pop("attention.in_proj")
+    for index, name in enumerate(["attention.q", "attention.k", "attention.v"]):
+        twin_state = twin_states.pop(name)
+        torch.testing.assert_close(packed.input_factor[index], twin_state.input_factor)
+        torch.testing.assert_close(packed.output_factor[index], twin_state.output_factor)
+    twin_states["attention.out_proj"] = twin_states.pop("attention.out")
+    assert sorted(states) == sorted(twin_states)
+    for name, state in states.items():
+        torch.testing.assert_close(state.input_factor, twin_states[name].input_factor)
+        torch.testing.assert_close(state.output_factor, twin_states[name].output_factor)
+
+
+def assert_twin_parameters(model: Classifier, twin: Classifier) -> None:
+    attention, linears = model.attention, twin.attention
+    packed = [linears.q, linears.k, linears.v]
+    torch.testing.assert_close(
+        attention.in_proj_weight, torch.cat([linear.weight for linear in packed])
+    )
+    torch.testing.assert_close(
+        attention.in_proj_bias, torch.cat([linear.bias for linear in packed])
+    )
+    torch.testing.assert_close(
+        attention.out_proj.state_dict(), linears.out.state_dict(), check_dtype=True
+    )
+    torch.testing.assert_close(model.head.state_dict(), twin.head.state_dict())
+    if model.cross:
+        torch.testing.assert_close(model.memory, twin.memory)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("fisher_type", ["empirical", "mc", "exact"])
 @pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+@pytest.mark.parametrize("attention", ["self", "cross", "cross, separate values"])
 def test_attention_projections_are_preconditioned_as_their_linear_twins(
-    preconditioner, fisher_type: str, batch_first: bool
+    attention: str, preconditioner, fisher_type: str, batch_first: bool
 ) -> None:
-    results = []
-    for model in twins(batch_first):
-        options = fisher_options(fisher_type, seed=4)
-        precond = preconditioner(model, damping=0.1, inv_update_interval=1, **options)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
-        for seed in range(3):
-            train_steps(model, precond, optimizer, *batch(seed), steps=1)
-        results.append((model, precond))
-    (model, precond), (twin, twin_precond) = results
-    assert [state.name for state in precond.layers] == [
+    models = twins(batch_first, cross=attention != "self", separate_values="separate" in attention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precond, twin_precond = train_twins(models, preconditioner, fisher_type)
+    assert [state.name for state in precond.layers][:2] == [
         "attention.in_proj",
         "attention.out_proj",
-        "head",
     ]
-    for ours, theirs in zip(precond.layers, twin_precond.layers, strict=True):
-        torch.testing.assert_close(ours.input_factor, theirs.input_factor)
-        torch.testing.assert_close(ours.output_factor, theirs.output_factor)
-    for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(ours, theirs)
+    assert_twin_states(precond, twin_precond)
+    assert_twin_parameters(*models)
 
 
-def test_a_cross_attention_call_records_only_the_output_projection() -> None:
-    """The packed input projection's rows act on different inputs when ``query`` is not
-    ``key``: no Kronecker block of one layer describes it, so it records nothing (named in a
-    warning) while ``out_proj`` is preconditioned."""
+@pytest.mark.parametrize("attention", ["self", "cross"])
+def test_reduce_treats_the_packed_rows_as_their_linear_twins(attention: str) -> None:
+    """K-FAC-reduce: each row block's ``A`` from its input's means over its own positions.
+    (The key rows' ``G`` vanishes under reduce, the key gradients summing to zero over the
+    positions, as the softmax ignores a shift of all keys; so EKFAC's eigenbasis of it is
+    round-off, and only K-FAC is compared.)"""
+    models = twins(True, cross=attention == "cross")
+    precond, twin_precond = train_twins(models, KFAC, "mc", kfac_approx="reduce")
+    assert float(precond.layers[0].output_factor[1].abs().max()) < 1e-20
+    assert_twin_states(precond, twin_precond)
+    assert_twin_parameters(*models)
+
+
+def test_a_cross_attention_call_records_with_the_plain_values_and_gradients() -> None:
+    """Unbatched and batched cross-attention, key and value of another length than the query:
+    the recording forward gives the plain forward's outputs and gradients."""
     torch.manual_seed(0)
-    attention = nn.MultiheadAttention(EMBED, HEADS, batch_first=True).double()
+    attention = nn.MultiheadAttention(EMBED, HEADS).double()
+    plain = copy.deepcopy(attention)
     precond = KFAC(attention, damping=0.1)
-    inputs, _ = batch(0)
-    memory = torch.randn(5, 7, EMBED, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="'in_proj' records nothing on cross-attention"):
-        mixed, _ = attention(inputs, memory, memory)
-    mixed.square().sum().backward()
-    plain = attention.in_proj_weight.grad.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not also the generic silent-layer warning
-        precond.step()
-    torch.testing.assert_close(attention.in_proj_weight.grad, plain, rtol=0, atol=0)
-    assert precond.layers[1].input_factor is not None
+    for shape in [(TOKENS, EMBED), (TOKENS, 5, EMBED)]:
+        query = torch.randn(*shape, dtype=torch.float64)
+        memory = torch.randn(7, *shape[1:], dtype=torch.float64)
+        results = []
+        for module in (attention, plain):
+            module.zero_grad()
+            outputs, weights = module(query, memory, memory.tanh())
+            outputs.square().sum().backward()
+            results.append(
+                (outputs, weights, [param.grad.clone() for param in module.parameters()])
+            )
+        torch.testing.assert_close(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1])
+        for ours, theirs in zip(results[0][2], results[1][2], strict=True):
+            torch.testing.assert_close(ours, theirs)
+        precond.discard_statistics()
 
 
 def test_a_transformer_layer_records_with_the_plain_values_and_gradients() -> None:

@@ -76,7 +76,13 @@ from natgrad.distributed.reduce import (
     world_size,
 )
 from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
-from natgrad.optim.kfac_attention import AttentionHooks, AttentionLayers, attention_projections
+from natgrad.optim.kfac_attention import (
+    AttentionHooks,
+    AttentionLayers,
+    PackedInProjection,
+    PackedProjectionState,
+    attention_projections,
+)
 from natgrad.optim.kfac_layers import (
     EmbeddingState,
     GroupedConvState,
@@ -458,9 +464,10 @@ class KFAC:
         with a trainable weight that is not computed (parametrized by ``weight_norm``, or
         pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own), the
         packed input projection (``"{name}.in_proj"``) and ``out_proj`` of every
-        ``nn.MultiheadAttention`` without ``kdim``/``vdim`` (the input projection on
-        self-attention calls only; see :mod:`natgrad.optim.kfac_attention`; choose an
-        attention's projections by passing the attention module), except
+        ``nn.MultiheadAttention`` without ``kdim``/``vdim`` (the input projection with one
+        block for each of its query, key and value rows, in self- and cross-attention; see
+        :mod:`natgrad.optim.kfac_attention`; choose an attention's projections by passing the
+        attention module), except
         embeddings with ``scale_grad_by_freq=True`` (their gradient is divided by the
         tokens' counts, which ``A`` would divide again: left out with a warning; choosing
         one raises) and layers that share their weight with another (tied embeddings: left
@@ -649,8 +656,13 @@ class KFAC:
     def _make_state(self, name: str, module: nn.Module) -> LayerState:
         if isinstance(module, nn.Embedding):
             return EmbeddingState(name, module, keep_pairs=self._keeps_pairs())
-        grouped = isinstance(module, CONV_TYPES) and module.groups > 1
-        return (GroupedConvState if grouped else KroneckerLayerState)(
+        if isinstance(module, PackedInProjection):
+            state_type = PackedProjectionState
+        elif isinstance(module, CONV_TYPES) and module.groups > 1:
+            state_type = GroupedConvState
+        else:
+            state_type = KroneckerLayerState
+        return state_type(
             name, module, keep_pairs=self._keeps_pairs(), reduce=self.kfac_approx == "reduce"
         )
 
@@ -1008,19 +1020,6 @@ class KFAC:
             "preconditioner was built (or frozen since), so their gradients are left as they "
             "are and the weights are preconditioned without them. Build the preconditioner "
             "while they are trainable to precondition them with their weights",
-            RuntimeWarning,
-        )
-
-    def _warn_cross_attention(self, state: LayerState) -> None:
-        """Warn (once per attention) that a cross-attention call leaves the packed input
-        projection ``state`` unrecorded (in place of the generic silent-layer warning)."""
-        if state.name in self._warned_silent:
-            return
-        self._warned_silent.add(state.name)
-        warn_at_caller(
-            f"KFAC: {state.name!r} records nothing on cross-attention calls (query is not key "
-            "and value): its rows act on different inputs, which no Kronecker block of one "
-            "layer describes, so its gradient is left as it is; out_proj is preconditioned",
             RuntimeWarning,
         )
 

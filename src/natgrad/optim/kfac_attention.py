@@ -4,15 +4,17 @@ The attention multiplies by its packed input projection (``in_proj_weight``, ``3
 by its ``out_proj`` inside ``F.multi_head_attention_forward``, without calling any layer, so no
 layer hook sees their inputs. On the steps that record statistics the attention's forward
 runs under :class:`AttentionRecording`, a ``TorchFunctionMode`` that takes over the call of
-``F.multi_head_attention_forward``: it applies the two projections itself, as ordinary linear
-layers on batch-first inputs whose calls the preconditioner records, and runs the attention
-in between with identity projections (exact: a product with the identity and a zero bias
-returns its input unchanged). The values and gradients are those of the plain forward.
+``F.multi_head_attention_forward``: it applies the two projections itself, as linear layers on
+batch-first inputs whose calls the preconditioner records, and runs the attention in between
+with identity projections (exact: a product with the identity and a zero bias returns its
+input unchanged). The values and gradients are those of the plain forward.
 
-The packed input projection is preconditioned as one layer of ``3E`` outputs when the
-attention is a self-attention (``query is key is value``, as in ``nn.Transformer`` layers);
-its rows act on different inputs otherwise, and such calls record only the output
-projection. Attentions with separate ``kdim``/``vdim`` projections are left out.
+The packed input projection is three linear maps, the query, key and value rows, each with
+its own input (the same one in a self-attention, ``query is key is value``; the target and
+the memory sequences in a cross-attention). K-FAC gives each its own block ``G_j ⊗ A_j``
+(:class:`PackedProjectionState`), as it would give three ``nn.Linear`` layers: the layer's
+block is block diagonal over the three, like a grouped convolution's over its groups.
+Attentions with separate ``kdim``/``vdim`` projections are left out.
 """
 
 from __future__ import annotations
@@ -26,23 +28,108 @@ from torch import Tensor, nn
 from torch.nn import functional
 from torch.overrides import TorchFunctionMode
 
+from natgrad.curvature.kfac_capture import add_column_gram
+from natgrad.optim.kfac_layers import GroupedConvState
+
 if TYPE_CHECKING:
     from natgrad.optim.kfac import KFAC
     from natgrad.optim.kfac_layers import LayerState
 
-__all__ = ["AttentionHooks", "AttentionLayers", "attention_projections", "in_projection"]
+__all__ = [
+    "AttentionHooks",
+    "AttentionLayers",
+    "PackedInProjection",
+    "PackedProjectionState",
+    "attention_projections",
+    "in_projection",
+]
+
+PACKED = 3  # the query, key and value rows of the packed input projection
 
 
-def in_projection(attention: nn.MultiheadAttention) -> nn.Linear:
-    """An ``nn.Linear`` holding the attention's ``in_proj_weight`` and ``in_proj_bias`` (the
-    same parameters, not copies), never called: the layer K-FAC preconditions them as."""
-    projection = nn.Linear.__new__(nn.Linear)
+class PackedInProjection(nn.Linear):
+    """The attention's ``in_proj_weight`` ``(3E, E)`` and ``in_proj_bias`` (the same
+    parameters, not copies) as a layer of ``groups = 3`` row blocks, never called."""
+
+    groups = PACKED
+
+
+def in_projection(attention: nn.MultiheadAttention) -> PackedInProjection:
+    """The :class:`PackedInProjection` of ``attention``: the layer K-FAC preconditions its
+    packed input projection as."""
+    projection = PackedInProjection.__new__(PackedInProjection)
     nn.Module.__init__(projection)
     projection.in_features = attention.embed_dim
-    projection.out_features = 3 * attention.embed_dim
+    projection.out_features = PACKED * attention.embed_dim
     projection.weight = attention.in_proj_weight
     projection.bias = attention.in_proj_bias
     return projection
+
+
+def _with_ones(layer_input: Tensor) -> Tensor:
+    """``[x, 1]``: the input with a column of ones appended."""
+    return torch.cat([layer_input, layer_input.new_ones(*layer_input.shape[:-1], 1)], dim=-1)
+
+
+class PackedProjectionState(GroupedConvState):
+    """K-FAC state of a :class:`PackedInProjection`: one block ``G_j ⊗ A_j`` for each of the
+    query, key and value rows ``j``, stacked ``(3, d, d)`` (the products, inverses and
+    eigenbases of a grouped convolution's state). ``A_j`` is the mean over samples and
+    positions of ``[x, 1] [x, 1]ᵀ`` of the rows' own inputs, ``G_j`` the sum over positions of
+    their output gradients' outer products, averaged over samples, as for an ``nn.Linear`` on
+    ``(N, T, E)`` inputs.
+
+    A call is recorded from either of two inputs: ``(N, T, E)``, a self-attention's one input
+    (all three rows' input), with output ``(N, T, 3E)``; or ``(N, 3, P, E + 1)``, the three
+    inputs zero-padded to a common length ``P`` with a last column that is 1 at real positions
+    and 0 at padding, with output ``(N, 3, P, E)``. The padded rows add nothing, and ``A_j`` of
+    an input of ``L_j`` positions is scaled by ``P / L_j``, so that with the layer's count of
+    ``N P`` positions it is the mean over its own ``N L_j``."""
+
+    def record_input(self, layer_input: Tensor) -> Tensor | None:
+        """Add each row block's ``Σ_n Σ_t a aᵀ`` (reduce: ``Σ_n ā āᵀ``, ``ā`` the mean over
+        its positions); returns the features ``(3, N, P, E [+ 1])`` if pairs are kept (EKFAC),
+        else ``None``."""
+        layer_input = layer_input.detach().to(self.dtype)
+        padded = layer_input.ndim == 4
+        rows = (
+            layer_input.movedim(1, 0)
+            if padded
+            else _with_ones(layer_input).expand(PACKED, -1, -1, -1)
+        )
+        samples, positions = rows.shape[1], rows.shape[2]
+        features = rows if self.layer.has_bias else rows[..., :-1]
+        if not padded:
+            columns = features.mean(dim=2) if self.reduce else features.flatten(1, 2)
+        elif self.reduce:
+            columns = features.sum(dim=2) / rows[..., -1].sum(dim=2, keepdim=True)
+        else:
+            lengths = rows[..., -1:].sum(dim=2, keepdim=True)  # (3, N, 1, 1)
+            columns = (features * (positions / lengths).sqrt()).flatten(1, 2)
+        fresh = self.input_count == 0
+        self.input_sum = add_column_gram(self.input_sum, columns.mT, ones=False, fresh=fresh)
+        self.input_count += samples if self.reduce else samples * positions
+        return features if self.keep_pairs else None
+
+    def record_output_grad(
+        self, grad: Tensor, scale: float, features: Tensor, call_pass: int, vector: int = 0
+    ) -> None:
+        """Add each row block's ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``, ``ĝ`` the sum over
+        positions) for output gradients ``scale · grad``, ``(N, T, 3E)`` or ``(N, 3, P, E)``
+        (see the class), of a call of forward pass ``call_pass``, from its ``vector``-th
+        backward vector."""
+        grad = grad.detach().to(self.dtype)
+        if grad.ndim == 3:  # (N, T, 3E): a self-attention's
+            grad = grad.unflatten(-1, (PACKED, self._rows)).permute(2, 0, 1, 3)
+        else:  # (N, 3, P, E)
+            grad = grad.movedim(1, 0)
+        if scale != 1.0:
+            grad = grad * scale
+        columns = grad.sum(dim=2) if self.reduce else grad.flatten(1, 2)
+        fresh = self.output_count == 0
+        self.output_sum = add_column_gram(self.output_sum, columns.mT, ones=False, fresh=fresh)
+        pair = (features, grad) if self.keep_pairs else None
+        self._count_samples(grad.shape[1], call_pass, pair, vector)
 
 
 def attention_projections(
@@ -106,13 +193,17 @@ class AttentionRecording(TorchFunctionMode):
         in_weight, in_bias, out_weight, out_bias = rest[2], rest[3], rest[8], rest[9]
         embed_dim = out_weight.shape[0]
         input_state = self._layers.input_state
-        if input_state is not None and query is key and key is value:
-            projected = self._project(input_state, query, in_weight, in_bias)
-            query, key, value = projected.chunk(3, dim=-1)
-            rest[2] = torch.eye(embed_dim, dtype=query.dtype, device=query.device).repeat(3, 1)
+        if input_state is not None:
+            if query is key and key is value:
+                projected = self._project(input_state, query, in_weight, in_bias)
+                query, key, value = projected.chunk(PACKED, dim=-1)
+            else:
+                query, key, value = self._project_apart(
+                    input_state, (query, key, value), in_weight, in_bias
+                )
+            identity = torch.eye(embed_dim, dtype=query.dtype, device=query.device)
+            rest[2] = identity.repeat(PACKED, 1)
             rest[3] = None if in_bias is None else torch.zeros_like(in_bias)
-        elif input_state is not None:
-            self._precond._warn_cross_attention(input_state)
         if self._layers.output_state is None:
             return func(query, key, value, *rest, **kwargs)
         rest[8] = torch.eye(embed_dim, dtype=out_weight.dtype, device=out_weight.device)
@@ -126,10 +217,52 @@ class AttentionRecording(TorchFunctionMode):
     ) -> Tensor:
         """``rows @ weightᵀ + bias`` for sequence-first rows ``(T, N, d)`` (unbatched:
         ``(T, d)``), computed batch-first and recorded as a call of ``state``'s layer."""
-        batch_first = rows.transpose(0, 1) if rows.ndim == 3 else rows.unsqueeze(0)
+        batch_first = _batch_first(rows)
         output = functional.linear(batch_first, weight, bias)
         self._precond._record_call(state, self._layers.attention, batch_first, output)
-        return output.transpose(0, 1) if rows.ndim == 3 else output.squeeze(0)
+        return _sequence_first(output, rows.ndim)
+
+    def _project_apart(
+        self,
+        state: LayerState,
+        inputs: tuple[Tensor, Tensor, Tensor],
+        weight: Tensor,
+        bias: Tensor | None,
+    ) -> tuple[Tensor, ...]:
+        """The query, key and value rows of the packed projection applied to their own inputs
+        (a cross-attention: sequence first, ``(L_j, N, E)``; unbatched ``(L_j, E)``), as one
+        batched product recorded as one call of ``state``'s layer: the three inputs
+        zero-padded to the longest, with a column that is 1 at their real positions (which
+        multiplies the bias, so padded positions give zero rows), ``(N, 3, P, E + 1)``."""
+        batch_first = [_batch_first(rows) for rows in inputs]
+        positions = max(rows.shape[1] for rows in batch_first)
+        padded = torch.stack(
+            [
+                functional.pad(_with_ones(rows), (0, 0, 0, positions - rows.shape[1]))
+                for rows in batch_first
+            ],
+            dim=1,
+        )
+        blocks = weight.unflatten(0, (PACKED, -1))  # (3, E, E)
+        if bias is None:
+            output = padded[..., :-1] @ blocks.mT
+        else:
+            output = padded @ torch.cat([blocks, bias.view(PACKED, -1, 1)], dim=2).mT
+        self._precond._record_call(state, self._layers.attention, padded, output)
+        return tuple(
+            _sequence_first(output[:, index, : rows.shape[1]], original.ndim)
+            for index, (rows, original) in enumerate(zip(batch_first, inputs, strict=True))
+        )
+
+
+def _batch_first(rows: Tensor) -> Tensor:
+    """Sequence-first rows ``(L, N, d)`` (unbatched: ``(L, d)``) as ``(N, L, d)``."""
+    return rows.transpose(0, 1) if rows.ndim == 3 else rows.unsqueeze(0)
+
+
+def _sequence_first(rows: Tensor, ndim: int) -> Tensor:
+    """The inverse of :func:`_batch_first` for rows that were ``ndim``-dimensional."""
+    return rows.transpose(0, 1) if ndim == 3 else rows.squeeze(0)
 
 
 class AttentionHooks:
