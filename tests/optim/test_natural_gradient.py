@@ -239,7 +239,8 @@ def test_damping_update_records_the_levenberg_marquardt_step() -> None:
 def test_reduction_ratio_and_trust_region_scale_edge_cases() -> None:
     assert reduction_ratio(-0.5, -1.0) == 0.5
     assert reduction_ratio(0.2, -1.0) == -0.2
-    assert reduction_ratio(-1.0, 0.0) == -math.inf  # no predicted decrease: a failed step
+    assert math.isnan(reduction_ratio(-1.0, 0.0))  # no predicted change: undefined
+    assert reduction_ratio(1.0, 0.5) == -math.inf  # a predicted rise that happened: failed
     assert reduction_ratio(float("nan"), -1.0) == -math.inf
     assert trust_region_scale(4.0, 1.0) == 0.5
     assert trust_region_scale(0.5, 1.0) == 1.0

@@ -90,7 +90,7 @@ from natgrad.optim.kfac_layers import (
     LayerState,
     fold_factors,
 )
-from natgrad.optim.trust_region import damping_update
+from natgrad.optim.trust_region import damping_update, loss_resolution
 
 __all__ = ["KFAC"]
 
@@ -154,6 +154,11 @@ class _DampingProbe:
 
     damping: float
     layers: list[tuple[LayerState, Tensor, Tensor]]
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the recorded gradients (float64 if none): that of a loss given as a
+        float, whose round-off bounds the change the assessment can resolve."""
+        return self.layers[0][1].dtype if self.layers else torch.float64
 
 
 def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
@@ -864,8 +869,12 @@ class KFAC:
         -------
         float
             The new damping; :attr:`last_damping_update` holds ``actual``, ``predicted``,
-            ``ratio`` (``-inf`` when the model predicts no decrease or the new loss is not
-            finite: a failed step) and the old and new damping.
+            ``ratio`` and the old and new damping. The ratio is ``-inf`` (a failed step,
+            ``λ`` raised) when the new loss is not finite, or the model predicted a rise and the
+            loss rose; NaN (``λ`` unchanged) when the model predicts no change that the losses'
+            round-off resolves (a zero gradient, a zero learning rate;
+            :func:`~natgrad.optim.trust_region.loss_resolution`) or a rise that did not
+            happen.
 
         Raises
         ------
@@ -891,9 +900,15 @@ class KFAC:
                 state.curvature_quadratic(delta) + probe.damping * delta.square().sum()
             )
         predicted = linear + 0.5 * quadratic
-        actual = float(loss_after) - before
+        after = float(loss_after)
+        dtype = loss_before.dtype if isinstance(loss_before, Tensor) else probe.dtype()
         self.last_damping_update = damping_update(
-            probe.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
+            probe.damping,
+            after - before,
+            predicted,
+            decay=self.damping_decay,
+            bounds=self.damping_bounds,
+            tolerance=loss_resolution(before, after, dtype),
         )
         self.damping = self.last_damping_update["damping_after"]
         return self.damping

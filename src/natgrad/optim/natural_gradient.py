@@ -22,7 +22,11 @@ from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.step_parameters import step_parameters
-from natgrad.optim.trust_region import kl_clip_scale, levenberg_marquardt_damping
+from natgrad.optim.trust_region import (
+    kl_clip_scale,
+    levenberg_marquardt_damping,
+    loss_resolution,
+)
 
 _KINDS = ("exact", "mc", "empirical")
 _STRUCTURES = ("dense", "diag", "block", "kfac", "ekfac", "implicit")
@@ -74,7 +78,9 @@ class NaturalGradient(CountedOptimizer):
     A step whose loss, gradient or direction is non-finite is refused: the parameters are left
     unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it. With
     ``adaptive_damping`` a step that raises the loss of the closure's batch is
-    undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt.
+    undone (``counters["rejected_steps"]``) and the damping raised, as in Levenberg–Marquardt;
+    the damping is left as it is where the quadratic model predicts no change beyond the loss's
+    round-off (a zero gradient, ``lr = 0``), or a rise (``lr > 2``) that did not happen.
 
     The Fisher is that of one deterministic function of independent samples: it is built with
     the model's dropout layers in eval mode (the network that dropout averages; the closure's
@@ -250,6 +256,8 @@ class NaturalGradient(CountedOptimizer):
         (``curved = δᵀFδ``, formed with dropout off: an implicit ``F`` runs the model).
 
         A step that does not decrease the loss is undone by restoring ``previous`` exactly.
+        ``λ`` is left as it is where the model predicts no change beyond the loss's round-off
+        (:func:`~natgrad.optim.trust_region.loss_resolution`), e.g. at a zero gradient.
         """
         with torch.enable_grad():
             new_loss = closure()
@@ -263,7 +271,8 @@ class NaturalGradient(CountedOptimizer):
         elif actual > 0:
             _restore(params, previous)
             self.counters["rejected_steps"] += 1
-        new_damping = levenberg_marquardt_damping(damping, actual, predicted)
+        tolerance = loss_resolution(float(loss), float(new_loss), loss.dtype)
+        new_damping = levenberg_marquardt_damping(damping, actual, predicted, tolerance=tolerance)
         for group in self.param_groups:
             group["damping"] = new_damping
 

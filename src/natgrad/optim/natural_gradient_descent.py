@@ -93,21 +93,25 @@ class NaturalGradientDescent(CountedOptimizer):
     lr : float
         Step size (``1`` is the exact posterior update for conjugate models).
     max_halvings : int
-        How many times a step that leaves the natural parameter space (or is not finite) is
-        halved before the step of that group is refused.
+        How many times a distribution's step that leaves the natural parameter space (or is
+        not finite) is halved before it is refused. Each distribution of a batched group is
+        halved on its own, so that a batch steps as its distributions would in groups of their
+        own.
 
     Attributes
     ----------
     counters : dict of str to int
         ``"steps"`` (calls of :meth:`step`), ``"domain_halvings"`` (halvings made to stay inside
-        the natural parameter space, summed over groups and steps) and ``"refused_steps"``
-        (group steps refused: non-finite gradient or direction, failed solve, or no step
-        inside the domain after ``max_halvings`` halvings). Saved by :meth:`state_dict`.
+        the natural parameter space, summed over distributions, groups and steps) and
+        ``"refused_steps"`` (group steps refused, wholly or for some distributions of the batch:
+        non-finite gradient or direction, failed solve, or no step inside the domain after
+        ``max_halvings`` halvings). Saved by :meth:`state_dict`.
 
     Notes
     -----
     ``F(θ)`` is the Fisher of the distribution ``q`` itself (per distribution of the batch, not
-    a mean over data). A refused step leaves that group's parameters untouched and issues a
+    a mean over data). A refused step leaves that group's parameters untouched (only the
+    distributions without a step inside the domain, where others have one) and issues a
     ``RuntimeWarning`` saying why; no NaN is ever written. Parameters without ``.grad`` are
     treated as having zero gradient; a group where no parameter has ``.grad`` is skipped.
 
@@ -218,35 +222,47 @@ class NaturalGradientDescent(CountedOptimizer):
             return self._refuse_group(index, f"the Fisher solve failed ({error})")
         if not all(bool(d.isfinite().all()) for d in direction):
             return self._refuse_group(index, "the natural-gradient direction is not finite")
-        proposal = self._backtrack(group, theta, direction)
-        if proposal is None:
-            return self._refuse_group(
-                index,
-                f"no step inside the natural parameter space ({group['family'].natural_domain}) "
-                f"after {group['max_halvings']} halvings of lr = {group['lr']}",
-            )
+        proposal, outside = self._backtrack(group, theta, direction)
+        if not bool(outside.any()):
+            return proposal
+        why = (
+            f"no step inside the natural parameter space ({group['family'].natural_domain}) "
+            f"after {group['max_halvings']} halvings of lr = {group['lr']}"
+        )
+        if bool(outside.all()):
+            return self._refuse_group(index, why)
+        count = f"{int(outside.sum())} of its {outside.numel()} distributions"
+        self._refuse_group(index, f"{why}, for {count}", f"those {count} are unchanged")
         return proposal
 
-    def _backtrack(self, group: dict[str, Any], theta: Params, direction: Params) -> Params | None:
-        """``θ − lr 2⁻ᵏ d`` for the smallest ``k ≤ max_halvings`` that is finite and in domain."""
+    def _backtrack(
+        self, group: dict[str, Any], theta: Params, direction: Params
+    ) -> tuple[Params, Tensor]:
+        """Per distribution of the batch, ``θ − lr 2⁻ᵏ d`` for the smallest ``k ≤ max_halvings``
+        that is finite and in the domain (each distribution's Fisher block, and so its step, is
+        its own); ``θ`` and ``True`` in the returned mask (batch shape) where there is none."""
         family: type[ExponentialFamily] = group["family"]
-        size = float(group["lr"])
+        sizes = theta[0].new_full(_batch_shape(family, theta), float(group["lr"]))
         for halvings in range(group["max_halvings"] + 1):
-            if halvings:
-                self.counters["domain_halvings"] += 1
-                size *= 0.5
-            proposal = tuple(t - size * d for t, d in zip(theta, direction, strict=True))
-            finite = all(bool(p.isfinite().all()) for p in proposal)
-            if finite and bool(family._natural_in_domain(*proposal).all()):
-                return proposal
-        return None
+            proposal = _moved(family, theta, direction, sizes)
+            outside = ~_valid(family, theta, proposal)
+            if halvings == group["max_halvings"] or not bool(outside.any()):
+                break
+            self.counters["domain_halvings"] += int(outside.sum())
+            sizes = torch.where(outside, 0.5 * sizes, sizes)
+        kept = tuple(
+            torch.where(_per_event(family, outside, index), t, p)
+            for index, (t, p) in enumerate(zip(theta, proposal, strict=True))
+        )
+        return kept, outside
 
-    def _refuse_group(self, index: int, why: str) -> None:
+    def _refuse_group(
+        self, index: int, why: str, unchanged: str = "its parameters are unchanged"
+    ) -> None:
         """Count and warn about a refused group step (returns ``None``: no proposal)."""
         self.counters["refused_steps"] += 1
         warnings.warn(
-            f"NaturalGradientDescent refused the step of param group {index}: {why}; "
-            "its parameters are unchanged",
+            f"NaturalGradientDescent refused the step of param group {index}: {why}; {unchanged}",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -294,6 +310,38 @@ class NaturalGradientDescent(CountedOptimizer):
         state["param_groups"] = restored
         super().load_state_dict(state)
         self.counters = counters
+
+
+def _batch_shape(family: type[ExponentialFamily], theta: Params) -> torch.Size:
+    return theta[0].shape[: theta[0].ndim - family.natural_event_ndims[0]]
+
+
+def _per_event(family: type[ExponentialFamily], mask: Tensor, index: int) -> Tensor:
+    """``mask`` (batch shape) with trailing singleton dimensions for parameter ``index``'s
+    event dimensions, to broadcast against it."""
+    return mask.reshape(mask.shape + (1,) * family.natural_event_ndims[index])
+
+
+def _moved(
+    family: type[ExponentialFamily], theta: Params, direction: Params, sizes: Tensor
+) -> Params:
+    """``θ − size · d`` with one step size per distribution (``sizes`` of batch shape)."""
+    return tuple(
+        t - _per_event(family, sizes, index) * d
+        for index, (t, d) in enumerate(zip(theta, direction, strict=True))
+    )
+
+
+def _valid(family: type[ExponentialFamily], theta: Params, proposal: Params) -> Tensor:
+    """Mask over the batch: the distribution's proposal is finite and in the domain (checked
+    with ``θ`` in place of a non-finite proposal)."""
+    batch_shape = _batch_shape(family, theta)
+    finite = torch.stack([p.isfinite().reshape(*batch_shape, -1).all(-1) for p in proposal]).all(0)
+    checked = tuple(
+        torch.where(_per_event(family, finite, index), p, t)
+        for index, (t, p) in enumerate(zip(theta, proposal, strict=True))
+    )
+    return finite & family._natural_in_domain(*checked)
 
 
 def _qualified_name(family: type) -> str:

@@ -45,7 +45,7 @@ from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.step_parameters import step_parameters
-from natgrad.optim.trust_region import damping_update, trust_region_scale
+from natgrad.optim.trust_region import damping_update, loss_resolution, trust_region_scale
 
 __all__ = ["QuadraticModelOptimizer", "minimize_quadratic_model"]
 
@@ -137,7 +137,10 @@ class QuadraticModelOptimizer(CountedOptimizer):
     damping_adaptation_interval : int, default 5
     damping_decay : float in (0, 1), optional
         ``λ ← ω λ`` when the reduction ratio exceeds 3/4, ``λ ← λ / ω`` when it is below 1/4;
-        default ``ω = (19/20)^T`` with ``T`` the interval.
+        default ``ω = (19/20)^T`` with ``T`` the interval. ``λ`` is left as it is where the
+        ratio is undefined: the model predicts no change beyond the round-off of the loss (a
+        zero gradient, ``lr = 0``; :func:`~natgrad.optim.trust_region.loss_resolution`), or a
+        rise (``lr > 2``) that did not happen.
     damping_bounds : (float, float), default (1e-3, 1e4)
         The adapted ``λ`` stays within these. The reduction ratio is measured on the batch that
         chose the step, which flatters the step on small batches, so ``λ`` sinks to the floor;
@@ -180,7 +183,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
         with the next step).
     last_damping_update : dict of str to float or None
         Of the last adaptation of ``λ``: ``"actual"`` and ``"predicted"`` change of the loss,
-        ``"ratio"``, ``"damping_before"`` and ``"damping_after"``.
+        ``"ratio"`` (NaN where undefined, ``-inf`` for a failed step), ``"damping_before"`` and
+        ``"damping_after"``.
 
     Notes
     -----
@@ -491,6 +495,11 @@ class QuadraticModelOptimizer(CountedOptimizer):
         losses /= world_size(self.process_group)
         actual = float(losses[1] - losses[0])
         self.last_damping_update = damping_update(
-            self.damping, actual, predicted, decay=self.damping_decay, bounds=self.damping_bounds
+            self.damping,
+            actual,
+            predicted,
+            decay=self.damping_decay,
+            bounds=self.damping_bounds,
+            tolerance=loss_resolution(float(losses[0]), float(losses[1]), loss_before.dtype),
         )
         self.param_groups[0]["damping"] = self.last_damping_update["damping_after"]

@@ -36,12 +36,50 @@ def trust_region_scale(predicted_kl: float, max_kl: float) -> float:
     return math.sqrt(max_kl / predicted_kl)
 
 
-def reduction_ratio(actual_change: float, predicted_change: float) -> float:
-    """``actual / predicted`` loss change; ``-inf`` (a failed step) when the model predicts no
-    decrease or the actual change is not finite."""
-    if not math.isfinite(actual_change) or predicted_change >= 0:
+RESOLUTION_ULPS = 64
+"""Loss changes within this many units of round-off of the losses are not measured (see
+:func:`loss_resolution`)."""
+
+
+def loss_resolution(loss_before: float, loss_after: float, dtype: torch.dtype) -> float:
+    """The smallest change of a loss of ``dtype`` that the difference of two evaluations
+    resolves: ``RESOLUTION_ULPS · eps(dtype) · max(|loss_before|, |loss_after|)`` (non-finite
+    losses left out).
+
+    A predicted change within it cannot be checked against the actual one, whose round-off
+    (and that of the sums inside the loss) is of this order.
+    """
+    finite = [abs(loss) for loss in (loss_before, loss_after) if math.isfinite(loss)]
+    return RESOLUTION_ULPS * torch.finfo(dtype).eps * max(finite, default=0.0)
+
+
+def reduction_ratio(actual_change: float, predicted_change: float, tolerance: float = 0.0) -> float:
+    """``actual / predicted`` loss change, where the quadratic model predicts a decrease.
+
+    Parameters
+    ----------
+    actual_change : float
+        ``L(θ_new) − L(θ)``.
+    predicted_change : float
+        The quadratic model's change.
+    tolerance : float, default 0.0
+        Changes no larger than this in magnitude are not resolved (:func:`loss_resolution`).
+
+    Returns
+    -------
+    float
+        ``actual / predicted`` if ``predicted < −tolerance``; ``-inf`` (a failed step) if the
+        actual change is not finite, or if the model predicts a rise beyond ``tolerance`` and
+        the loss rose beyond it; NaN (undefined) otherwise: the model predicts no measurable
+        change (a zero gradient, ``lr = 0``, round-off) or a rise that did not happen.
+    """
+    if not math.isfinite(actual_change):
         return -math.inf
-    return actual_change / predicted_change
+    if predicted_change < -tolerance:
+        return actual_change / predicted_change
+    if predicted_change > tolerance and actual_change > tolerance:
+        return -math.inf
+    return math.nan
 
 
 def levenberg_marquardt_damping(
@@ -51,6 +89,7 @@ def levenberg_marquardt_damping(
     *,
     decay: float = 2.0 / 3.0,
     bounds: tuple[float, float] = (1e-8, 1e8),
+    tolerance: float = 0.0,
 ) -> float:
     """Levenberg–Marquardt damping update from the reduction ratio (Martens 2010).
 
@@ -66,15 +105,21 @@ def levenberg_marquardt_damping(
         ``λ ← decay·λ`` when the ratio exceeds 3/4, ``λ ← λ/decay`` when it is below 1/4.
     bounds : (float, float)
         The damping is kept within these.
+    tolerance : float, default 0.0
+        Changes no larger than this in magnitude are not resolved (:func:`loss_resolution`).
 
     Returns
     -------
     float
-        The new damping.
+        The new damping. It is unchanged (but for ``bounds``) where :func:`reduction_ratio` is
+        undefined: where the model predicts no change beyond ``tolerance`` (there is nothing to
+        compare, e.g. at a zero gradient or with ``lr = 0``), or a rise that did not happen.
     """
     if not 0 < decay < 1:
         raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
-    ratio = reduction_ratio(actual_change, predicted_change)
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
+    ratio = reduction_ratio(actual_change, predicted_change, tolerance)
     if ratio > 0.75:
         damping *= decay
     elif ratio < 0.25:
@@ -90,21 +135,28 @@ def damping_update(
     *,
     decay: float,
     bounds: tuple[float, float],
+    tolerance: float = 0.0,
 ) -> dict[str, float]:
     """:func:`levenberg_marquardt_damping` with the record of the update.
 
     Returns
     -------
     dict of str to float
-        ``"actual"`` and ``"predicted"`` change, ``"ratio"`` (:func:`reduction_ratio`),
-        ``"damping_before"`` and ``"damping_after"`` (the new damping).
+        ``"actual"`` and ``"predicted"`` change, ``"ratio"`` (:func:`reduction_ratio`; NaN
+        where undefined and the damping unchanged), ``"damping_before"`` and
+        ``"damping_after"`` (the new damping).
     """
     return {
         "actual": actual_change,
         "predicted": predicted_change,
-        "ratio": reduction_ratio(actual_change, predicted_change),
+        "ratio": reduction_ratio(actual_change, predicted_change, tolerance),
         "damping_before": damping,
         "damping_after": levenberg_marquardt_damping(
-            damping, actual_change, predicted_change, decay=decay, bounds=bounds
+            damping,
+            actual_change,
+            predicted_change,
+            decay=decay,
+            bounds=bounds,
+            tolerance=tolerance,
         ),
     }
