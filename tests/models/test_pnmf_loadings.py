@@ -116,10 +116,11 @@ def test_natural_adam_improves_and_reaches_the_multiplicative_elbo():
     X = poisson_data(seed=2)
     kwargs = {"n_components": 2, "training_mode": "natural", "mode": "lower-bound"}
     multiplicative = PNMF(**kwargs, random_state=0).fit(X)
-    adam = PNMF(**kwargs, loadings_update="adam", max_iter=1000, tol=0.0, random_state=0).fit(X)
+    adam = PNMF(**kwargs, loadings_update="adam", max_iter=3000, tol=0.0, random_state=0).fit(X)
     assert adam.elbo_history_[-1] > adam.elbo_history_[0]
-    # Adam's fixed step 0.01 moves W slowly: 1000 iterations end within 0.1 % of the EM run
-    # (measured: 7e-6 below it; the EM run, extrapolated, stopped at its tolerance after 60).
+    # Adam's fixed step 0.01 moves W slowly: 3000 iterations end within 0.1 % of the EM run
+    # (measured: 9e-8 below it, 1.1e-3 below after 1000; the EM run, extrapolated, stopped at
+    # its tolerance after 66).
     assert adam.elbo_ == pytest.approx(multiplicative.elbo_, rel=1e-3)
 
 

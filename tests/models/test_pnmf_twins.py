@@ -47,7 +47,7 @@ def fitted(X, max_iter: int = 30, **params) -> PNMF:
 # -- float32 and float64 -----------------------------------------------------------------------
 def test_initial_draws_do_not_depend_on_the_dtype():
     """One generator draws different numbers in float32 and float64 (torch.rand): the start
-    must be the float64 start rounded, not another random point."""
+    must be the same point in both dtypes, not another random point."""
     column_means = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
     starts = {}
     for dtype in (torch.float32, torch.float64):

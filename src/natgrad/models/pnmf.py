@@ -34,8 +34,9 @@ DEFAULT_NATURAL_STEP = {"lower-bound": 1.0, "expanded": 0.3, "simple": 0.3}
 EVALUATION_DRAWS = 100
 INITIAL_VARIANCE = 0.1
 EVALUATION_CHUNK_ENTRIES = 2_000_000
-INITIAL_DRAW_DTYPE = torch.float64
-"""The dtype of the initialisation's random draws, whatever the dtype of the counts."""
+INITIAL_DRAW_DTYPE = torch.float32
+"""The dtype of the initialisation's random draws, whatever the dtype of the counts (float32,
+the default counts' dtype, so that float32 fits start where they always did)."""
 
 
 def column_sums(counts: CountMatrix) -> torch.Tensor:
@@ -52,7 +53,7 @@ def initial_loadings(
     """``W_jl = (ȳ_j + 10⁻³) e^{−σ₀²/2} / L · u_jl``, ``u ~ U(0.5, 1.5)``, shape ``(D, L)``.
 
     With ``μ ≈ 0`` and ``σ² = σ₀²`` this makes the initial expected rate match the column means.
-    ``u`` is drawn in float64 whatever the counts' dtype (float32 and float64 draws of one
+    ``u`` is drawn in float32 whatever the counts' dtype (float32 and float64 draws of one
     generator differ), so float32 and float64 counts start from the same point.
     """
     jitter = torch.rand(
@@ -74,7 +75,7 @@ def initial_posterior(
 ) -> Gaussian:
     """``q(F) = N(0.1 ε, σ₀²)`` with ``ε ~ N(0, 1)``, batch shape ``(n_samples, n_components)``.
 
-    ``ε`` is drawn in float64 and then cast to ``dtype``, as in :func:`initial_loadings`.
+    ``ε`` is drawn in float32 and then cast to ``dtype``, as in :func:`initial_loadings`.
     """
     shape = (n_samples, n_components)
     noise = torch.randn(
@@ -131,7 +132,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Minibatch size over samples (stochastic VI); ``None`` uses all samples.
     random_state : int, RandomState or None, default=None
         Seed of the initialisation and of the Monte-Carlo draws. The initialisation is drawn
-        in float64 whatever the dtype of ``X``, so float32 and float64 counts start from the
+        in float32 whatever the dtype of ``X``, so float32 and float64 counts start from the
         same point (and in ``"lower-bound"`` mode fit alike up to float32 round-off); the
         Monte-Carlo draws are made in the dtype of ``X``, so in the other modes float32 and
         float64 fits agree in distribution only.
