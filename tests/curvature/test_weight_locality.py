@@ -227,7 +227,7 @@ def locality_verdict(model: nn.Module, inputs: torch.Tensor) -> list[str]:
     layers = kronecker_layers(model)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
-    return foreign_weight_uses(layers, capture.calls, outputs)
+    return foreign_weight_uses(model, layers, capture.calls, outputs)
 
 
 @settings(max_examples=15, deadline=None)
@@ -288,3 +288,30 @@ def test_kronecker_layers_refuses_a_tied_parameter_unless_not_strict() -> None:
     with pytest.raises(ValueError, match=r"\['0.bias', '1.bias'\] are one tied parameter"):
         kronecker_layers(model)
     assert [layer.name for layer in kronecker_layers(model, strict=False)] == ["0", "1"]
+
+
+def test_a_clean_model_is_checked_once_until_its_parameters_change(monkeypatch) -> None:
+    """The check runs at a model's first build; later builds of the same model (an optimizer
+    rebuilding its curvature every step) skip it, until a parameter is replaced. A model that
+    failed is checked again at every build."""
+    from natgrad.curvature import weight_locality
+
+    probes = []
+    original = weight_locality._probe
+    monkeypatch.setattr(
+        weight_locality, "_probe", lambda outputs: probes.append(1) or original(outputs)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    inputs = torch.randn(5, 3)
+    for _ in range(3):
+        assert locality_verdict(model, inputs) == []
+    assert len(probes) == 1
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+    assert locality_verdict(model, inputs) == []
+    assert len(probes) == 2
+    reused, reused_inputs, _ = reuse_cases()["tied_autoencoder"]
+    reused = reused.to(reused_inputs.dtype)
+    for _ in range(2):
+        assert locality_verdict(reused, reused_inputs) != []
+    assert len(probes) == 4

@@ -266,7 +266,7 @@ def statistics_for_vectors(
         outputs = model(inputs)
     capture.check_all_called()
     _check_batch_first(capture, len(inputs))
-    check_local_weights(layers, capture.calls, outputs)
+    check_local_weights(model, layers, capture.calls, outputs)
     vectors = vectors_of(outputs)
     matrix = outputs.reshape(len(outputs), -1)
     check_backward_vectors(vectors, matrix)

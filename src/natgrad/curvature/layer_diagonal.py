@@ -242,7 +242,7 @@ def layer_diagonal_for_vectors(
         outputs = model(inputs)
     if not _batch_first(layers, capture, inputs.shape[0]):
         return None
-    if foreign_weight_uses(layers, capture.calls, outputs):
+    if foreign_weight_uses(model, layers, capture.calls, outputs):
         return None
     vectors = vectors_of(outputs)
     if vectors is None:

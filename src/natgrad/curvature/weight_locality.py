@@ -17,12 +17,16 @@ convolution, which also sums the patches' products), and compares it with autogr
 gradient of the same backward. Both are the same sums of the same products, so they agree to
 round-off unless the parameter has another use.
 
-Cost: one extra backward pass and one weight-gradient product per layer call, once per build.
+Cost: one extra backward pass and one weight-gradient product per layer call. A model found
+clean is remembered (weakly, with the parameters of its layers), so the check runs at the
+first build of each model, not at every build of an optimizer that rebuilds the curvature at
+every step; a model whose layers or parameters change is checked again.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -32,6 +36,9 @@ from torch import Tensor, nn
 from natgrad.curvature.kfac_capture import CONV_TYPES, KroneckerLayer, conv_as_2d, padded_conv_input
 
 __all__ = ["PROBE_SEED", "check_local_weights", "foreign_weight_uses"]
+
+_CLEAN: weakref.WeakKeyDictionary[nn.Module, frozenset[tuple]] = weakref.WeakKeyDictionary()
+"""Models found free of foreign weight uses, with the layers and parameters they had then."""
 
 PROBE_SEED = 0
 """Seed of the probe vector's private generator."""
@@ -49,12 +56,16 @@ class Rebuilt(NamedTuple):
 
 
 def foreign_weight_uses(
-    layers: Sequence[KroneckerLayer], calls: Calls, outputs: Tensor
+    model: nn.Module, layers: Sequence[KroneckerLayer], calls: Calls, outputs: Tensor
 ) -> list[str]:
     """The names of the ``layers`` whose weight or bias has a use outside the layer's calls.
 
+    ``[]`` at once for a model found clean before with the same layers and parameters.
+
     Parameters
     ----------
+    model : nn.Module
+        The model that ran (remembered, weakly, when clean).
     layers : sequence of KroneckerLayer
     calls : mapping of str to list of (Tensor, Tensor)
         Layer name → ``(input, output)`` of each call
@@ -71,6 +82,11 @@ def foreign_weight_uses(
     """
     if not isinstance(outputs, Tensor) or not outputs.requires_grad:
         return []  # the caller names what is wrong with such outputs
+    signature = frozenset(
+        (layer.name, *(id(param) for param in _parameters(layer))) for layer in layers
+    )
+    if _CLEAN.get(model) == signature:
+        return []
     recorded = [(layer, call) for layer in layers for call in calls.get(layer.name, ())]
     params = [param for layer in layers for param in _parameters(layer)]
     grads = torch.autograd.grad(
@@ -90,10 +106,15 @@ def foreign_weight_uses(
         for layer in layers
     ]
     flags = (torch.stack(excess) > 1).tolist()
-    return [layer.name for layer, flag in zip(layers, flags, strict=True) if flag]
+    foreign = [layer.name for layer, flag in zip(layers, flags, strict=True) if flag]
+    if not foreign:
+        _CLEAN[model] = signature
+    return foreign
 
 
-def check_local_weights(layers: Sequence[KroneckerLayer], calls: Calls, outputs: Tensor) -> None:
+def check_local_weights(
+    model: nn.Module, layers: Sequence[KroneckerLayer], calls: Calls, outputs: Tensor
+) -> None:
     """Raise unless every layer's parameters are used only by its calls
     (:func:`foreign_weight_uses`).
 
@@ -102,7 +123,7 @@ def check_local_weights(layers: Sequence[KroneckerLayer], calls: Calls, outputs:
     ValueError
         Naming the first layer whose weight or bias is also used outside its calls.
     """
-    names = foreign_weight_uses(layers, calls, outputs)
+    names = foreign_weight_uses(model, layers, calls, outputs)
     if names:
         raise ValueError(
             f"the weight or bias of layer {names[0]!r} is also used outside the layer's calls "
