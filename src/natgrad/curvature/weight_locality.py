@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from natgrad.curvature.kfac_capture import CONV_TYPES, KroneckerLayer, conv_as_2d, padded_conv_input
 
@@ -43,7 +44,7 @@ _CLEAN: weakref.WeakKeyDictionary[nn.Module, frozenset[tuple]] = weakref.WeakKey
 PROBE_SEED = 0
 """Seed of the probe vector's private generator."""
 
-Calls = Mapping[str, Sequence[tuple[Tensor, Tensor]]]
+Calls = Mapping[str, Sequence[tuple[Tensor, Tensor | GradientEdge]]]
 
 
 class Rebuilt(NamedTuple):
@@ -70,7 +71,8 @@ def foreign_weight_uses(
     calls : mapping of str to list of (Tensor, Tensor)
         Layer name → ``(input, output)`` of each call
         (:attr:`~natgrad.curvature.kfac_capture.ForwardCapture.calls`), outputs attached to the
-        graph of ``outputs``.
+        graph of ``outputs`` (or their gradient edges, ``get_gradient_edge(output)``, taken
+        before any in-place operation rewrote them).
     outputs : Tensor of shape (N, ...)
         The model's outputs (anything else, or outputs without a graph, give ``[]``).
 

@@ -63,10 +63,12 @@ from natgrad.curvature.evaluation_scope import in_curvature_evaluation
 from natgrad.curvature.kfac_capture import (
     CONV_TYPES,
     KFAC_APPROXIMATIONS,
+    KroneckerLayer,
     backward_vectors,
     check_layer_input,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.curvature.weight_locality import foreign_weight_uses
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
     assign_owners,
@@ -159,6 +161,12 @@ class _DampingProbe:
         """The dtype of the recorded gradients (float64 if none): that of a loss given as a
         float, whose round-off bounds the change the assessment can resolve."""
         return self.layers[0][1].dtype if self.layers else torch.float64
+
+
+def _trainable_layer(layer: KroneckerLayer) -> bool:
+    """Whether the layer's weight, and its bias if it has one, are trainable."""
+    module = layer.module
+    return module.weight.requires_grad and (not layer.has_bias or module.bias.requires_grad)
 
 
 def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
@@ -383,6 +391,24 @@ class _LayerHook:
         return _LayerHook, (None, None)
 
 
+class _ModelHook:
+    """The forward hook of the model while its layers' weights are not yet checked for uses
+    outside the layers' calls (:meth:`KFAC._check_local_weights`); weakly held and inert when
+    copied, as :class:`_LayerHook`."""
+
+    def __init__(self, precond: KFAC | None) -> None:
+        self._precond = None if precond is None else weakref.ref(precond)
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        precond = None if self._precond is None else self._precond()
+        if precond is not None:
+            precond._check_local_weights(module, output)
+
+    def __reduce__(self) -> tuple[type[_ModelHook], tuple[None]]:
+        return _ModelHook, (None,)
+
+
 class _CallRecorder:
     """The output-gradient hook of one call of a preconditioned layer: on the first output
     gradient it records the call's input, then each output gradient (one per backward vector
@@ -397,6 +423,8 @@ class _CallRecorder:
 
     def __call__(self, grad: Tensor) -> None:
         precond = self._precond
+        if precond._probing:  # the locality check's backward pass
+            return
         if precond._sampling:
             self._record(grad, 1.0, precond._vector)
         elif precond.fisher_type == "empirical":
@@ -637,7 +665,11 @@ class KFAC:
         self._vector = 0
         self._sampled = False
         self._paused = False
+        self._probing = False
         self._output_edges: list[GradientEdge] = []
+        self._model = model
+        self._weights_checked = False
+        self._probe_calls: dict[str, list[tuple[Tensor, GradientEdge]]] = {}
         selected, self._frozen_layers = _select_modules(model, layers)
         self.layers: list[LayerState] = [
             self._make_state(name, module) for name, module in selected
@@ -698,6 +730,8 @@ class KFAC:
             ]
             for layers in self._attention:
                 self._handles += AttentionHooks(self, layers).register(layers.attention)
+            if not self._weights_checked:
+                self._handles.append(self._model.register_forward_hook(_ModelHook(self)))
         elif not wanted:
             for handle in self._handles:
                 handle.remove()
@@ -727,12 +761,57 @@ class KFAC:
         if not output.requires_grad:
             return
         state.follow_weight()
+        if not self._weights_checked:
+            edge = get_gradient_edge(output)  # the output as produced, before in-place ops
+            self._probe_calls.setdefault(state.name, []).append((layer_input.detach(), edge))
         call_pass = state.begin_call()
         hook = _CallRecorder(self, state, layer_input.detach(), call_pass)
         handle = output.register_hook(hook)
         if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
             self._output_edges.append(get_gradient_edge(output))
             self._output_handles.append(handle)
+
+    def _check_local_weights(self, model: nn.Module, outputs: Any) -> None:
+        """At the end of the first forward pass that recorded, check that the weights of the
+        layers called in it have no use outside the layers' calls
+        (:func:`~natgrad.curvature.weight_locality.foreign_weight_uses`: one probe vector
+        back-propagated from the model's outputs, once per model). Such a use (a tied
+        decoder's ``F.linear(h, encoder.weight.t())``) adds gradient that the hooks never see:
+        the layer's factors would describe another model.
+
+        Raises
+        ------
+        ValueError
+            Naming the first such layer.
+        """
+        calls, self._probe_calls = self._probe_calls, {}
+        if not calls:  # a pass that recorded nothing (eval mode, no gradients): check later
+            return
+        self._weights_checked = True
+        if not isinstance(outputs, Tensor):
+            return
+        layers = [
+            state.layer
+            for state in self.layers
+            if type(state) in (KroneckerLayerState, GroupedConvState)
+            and state.name in calls
+            and _trainable_layer(state.layer)
+        ]
+        self._probing = True
+        try:
+            with self.recording_paused():
+                foreign = foreign_weight_uses(model, layers, calls, outputs)
+        finally:
+            self._probing = False
+        if foreign:
+            raise ValueError(
+                f"KFAC: the weight or bias of layer {foreign[0]!r} is also used outside the "
+                "layer's calls (e.g. F.linear(x, layer.weight), or a decoder applying an "
+                "encoder's weight transposed): the hooks on the layer do not see that use, so "
+                "its Kronecker factors would describe another model. Call the layer itself for "
+                "every use, give the other use its own parameter, or leave the layer out with "
+                "layers=... (its gradient then passes through)"
+            )
 
     def _current_loss_scale(self) -> float:
         """The loss scale of this step's backward passes (read once per step: a scaler changes
@@ -826,7 +905,9 @@ class KFAC:
         references). Copied with its model (``copy.deepcopy((model, precond, optimizer))``),
         the copy hooks the copied layers and continues as the original would."""
         state = dict(self.__dict__)
-        state.update(_handles=[], _output_edges=[], _output_handles=[], _written={})
+        state.update(
+            _handles=[], _output_edges=[], _output_handles=[], _written={}, _probe_calls={}
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
