@@ -2,7 +2,7 @@
 decoder's ``F.linear(h, encoder.weight.t())``): the hooks never see that use, so the layer's
 factors would describe another model. The check back-propagates one probe vector at the end of
 the first forward pass that records (:func:`natgrad.curvature.weight_locality.
-foreign_weight_uses`), records nothing itself, and runs once per model."""
+foreign_weight_uses`), records nothing itself, and runs once per model. Embeddings are checked too (a tied output layer)."""
 
 import pytest
 import torch
@@ -111,3 +111,38 @@ def test_a_pass_that_records_nothing_leaves_the_check_for_a_recording_pass() -> 
     assert not precond._weights_checked
     with pytest.raises(ValueError, match="'encoder'"):
         model(inputs)
+
+
+class TiedLanguageModel(nn.Module):
+    """Token embeddings, a linear layer, and output logits from the embedding's weight
+    (``F.linear(h, embedding.weight)``: a language model's tied output layer)."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4, padding_idx=0)
+        self.mix = nn.Linear(4, 4)
+        self.out = None if tied else nn.Linear(4, 7, bias=False)
+        self.tied = tied
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.mix(self.embedding(tokens))).mean(dim=1)
+        weight = self.embedding.weight if self.tied else self.out.weight
+        return functional.linear(hidden, weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_embedding_weight_used_as_output_layer_is_refused(dtype: torch.dtype) -> None:
+    """A tied output layer applied functionally is refused; the untied twin (its own output
+    weight, also applied functionally, and not preconditioned) passes, padding included."""
+    tokens = torch.randint(0, 7, (16, 5), generator=torch.Generator().manual_seed(0))
+    tokens[:, -1] = 0
+    for tied in (False, True):
+        torch.manual_seed(0)
+        model = TiedLanguageModel(tied).to(dtype)
+        precond = KFAC(model, damping=0.1)
+        if not tied:
+            model(tokens)
+            assert precond._weights_checked
+            continue
+        with pytest.raises(ValueError, match="layer 'embedding' is also used outside"):
+            model(tokens)

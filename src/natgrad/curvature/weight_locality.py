@@ -1,4 +1,5 @@
-"""Whether each Kronecker layer's weight is used only by the layer's own calls.
+"""Whether each Kronecker layer's weight is used only by the layer's own calls (also of an
+``nn.Embedding``, whose weight gradient adds each token's output gradient to its row).
 
 The Kronecker-factored operators (:mod:`natgrad.curvature.kfac`, :mod:`natgrad.curvature.ekfac`)
 and the per-layer diagonal (:mod:`natgrad.curvature.layer_diagonal`) take a layer's weight
@@ -156,6 +157,8 @@ def _call_gradients(
     kernel positions), the bias's ``Σ_n Σ_t g_nt`` with the bound ``‖g‖ √m`` (``m`` the rows
     of ``g``): their round-off is relative to these bounds."""
     module = layer.module
+    if isinstance(module, nn.Embedding):
+        return [_embedding_gradient(module, layer_input, output_grad)]
     if isinstance(module, CONV_TYPES):
         weight_grad, channel_axis = _conv_weight_gradient(layer, layer_input, output_grad), 1
         kernel = math.prod(module.kernel_size)
@@ -172,6 +175,16 @@ def _call_gradients(
     summed = [axis for axis in range(output_grad.ndim) if axis != channel_axis]
     rows_of_g = output_grad.numel() // output_grad.shape[channel_axis]
     return [weight, Rebuilt(output_grad.sum(summed), grad_norm * rows_of_g**0.5, dtypes)]
+
+
+def _embedding_gradient(module: nn.Embedding, tokens: Tensor, output_grad: Tensor) -> Rebuilt:
+    """An embedding call's weight gradient: each token's output gradient added to its row
+    (none to ``padding_idx``'s), with the bound ``‖g‖ √m`` (``m`` tokens)."""
+    rows = output_grad.reshape(-1, output_grad.shape[-1])
+    weight_grad = rows.new_zeros(module.weight.shape).index_add_(0, tokens.reshape(-1), rows)
+    if module.padding_idx is not None:
+        weight_grad[module.padding_idx] = 0
+    return Rebuilt(weight_grad, _norm(output_grad) * rows.shape[0] ** 0.5, (output_grad.dtype,))
 
 
 def _conv_weight_gradient(

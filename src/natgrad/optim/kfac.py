@@ -793,7 +793,7 @@ class KFAC:
         layers = [
             state.layer
             for state in self.layers
-            if type(state) in (KroneckerLayerState, GroupedConvState)
+            if type(state) in (KroneckerLayerState, GroupedConvState, EmbeddingState)
             and state.name in calls
             and _trainable_layer(state.layer)
         ]
