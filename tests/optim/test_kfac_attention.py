@@ -296,3 +296,20 @@ def test_every_attention_option_records_the_plain_values_and_gradients(
         torch.testing.assert_close(ours.grad, theirs.grad)
     precond.step()
     assert all(state.input_factor is not None for state in precond.layers)
+
+
+@pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
+def test_every_projection_of_an_encoder_decoder_transformer_records(preconditioner) -> None:
+    """``nn.Transformer``: the decoder's cross-attention (memory of another length than the
+    target) records its input projection too; no layer is left silent, nothing warns."""
+    torch.manual_seed(0)
+    model = nn.Transformer(EMBED, HEADS, 1, 1, 8, dropout=0.0, batch_first=True).double()
+    source = torch.randn(3, 6, EMBED, dtype=torch.float64)
+    target = torch.randn(3, TOKENS, EMBED, dtype=torch.float64)
+    precond = preconditioner(model, damping=0.1)
+    assert "decoder.layers.0.multihead_attn.in_proj" in [state.name for state in precond.layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (model(source, target) - target).square().mean().backward()
+        precond.step()
+    assert all(state.input_factor is not None for state in precond.layers)
