@@ -5,12 +5,14 @@ from __future__ import annotations
 import abc
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from natgrad._validation import int_at_least, positive_float
+from natgrad._validation import int_at_least, nonnegative_int, positive_float
 from natgrad.es.utilities import default_population_size, shaped_fitness
 
 
@@ -54,7 +56,9 @@ class ESResult:
     Attributes
     ----------
     x : Tensor of shape (d,)
-        Best sample seen.
+        Best sample evaluated (the first one with the lowest value; never a NaN-valued sample,
+        and never ``x0``, which is not evaluated). If every value was ``+inf`` (or NaN), the
+        first ``+inf``-valued sample, with ``fun = inf``.
     fun : float
         Its objective value.
     evaluations, iterations : int
@@ -104,7 +108,13 @@ class NaturalEvolutionStrategy(abc.ABC):
     -----
     Minimisation: :meth:`ask` returns ``λ`` samples, :meth:`tell` takes them with their
     objective values, ranks them (lowest value best), and moves the distribution.
+    :meth:`state_dict` and :meth:`load_state_dict` save and restore a run exactly: a strategy
+    restored from the state after ``k`` generations continues bit for bit as the original.
     """
+
+    #: Float attributes (positive, finite) that :meth:`state_dict` saves, besides the tensors
+    #: of :meth:`_state_tensor_shapes`.
+    _state_floats: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -193,6 +203,141 @@ class NaturalEvolutionStrategy(abc.ABC):
         if self._asked is not None and torch.equal(samples, self._asked[0]):
             return self._asked[1]
         return self._to_noise(samples)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the run, as a plain dict of tensors, numbers, strings and ``None``.
+
+        Loadable with ``torch.load(..., weights_only=True)``. Keys: ``"strategy"`` (the class
+        name), ``"dim"``, ``"population_size"``, ``"dtype"`` (e.g. ``"torch.float64"``),
+        ``"generation"``, ``"generator_state"`` (a uint8 tensor), ``"mean"`` (shape ``(d,)``),
+        the strategy's own parameters (learning rates, ``"sigma"``, xNES's ``"shape"``), and
+        ``"asked_samples"``/``"asked_noise"`` (shape ``(λ, d)``): the samples of an
+        :meth:`ask` not yet told, and their exact noise, or ``None``. Tensors are copies.
+
+        Returns
+        -------
+        dict
+        """
+        samples, noise = self._asked if self._asked is not None else (None, None)
+        return {
+            "strategy": type(self).__name__,
+            "dim": self.dim,
+            "population_size": self.population_size,
+            "dtype": str(self.dtype),
+            "generation": self.generation,
+            "generator_state": self.generator.get_state(),
+            "asked_samples": None if samples is None else samples.clone(),
+            "asked_noise": None if noise is None else noise.clone(),
+            **{name: getattr(self, name).clone() for name in self._state_tensor_shapes()},
+            **{name: getattr(self, name) for name in self._state_floats},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (every key; the generator's state too).
+
+        The strategy must be of the same class, ``dim``, ``population_size`` and ``dtype``;
+        its other initial values (``x0``, ``sigma0``, learning rates, seed) are replaced.
+        Told the pending samples of ``"asked_samples"``, it reuses their exact noise.
+
+        Raises
+        ------
+        ValueError
+            If the class, dimension, population size or dtype differ (the message names
+            which), a key is missing, or a value has the wrong shape or dtype, or is not
+            finite. Nothing is changed then.
+        TypeError
+            If ``state_dict`` is not a mapping, or a number in it is not a number.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        self._check_configuration(state_dict)
+        shapes = self._state_tensor_shapes()
+        tensors = {
+            name: self._checked_tensor(name, state_dict, shape) for name, shape in shapes.items()
+        }
+        floats = {
+            name: positive_float(f"state_dict[{name!r}]", state_dict[name])
+            for name in self._state_floats
+        }
+        generation = nonnegative_int("state_dict['generation']", state_dict["generation"])
+        asked = self._checked_asked(state_dict)
+        generator_state = self._checked_generator_state(state_dict["generator_state"])
+        self.generator.set_state(generator_state)
+        for name, value in {**tensors, **floats}.items():
+            setattr(self, name, value)
+        self.generation = generation
+        self._asked = asked
+
+    def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensor attributes that :meth:`state_dict` saves, by name."""
+        return {"mean": (self.dim,)}
+
+    def _check_configuration(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if keys are missing or the state is of another configuration."""
+        name = type(self).__name__
+        if state_dict.get("strategy") != name:
+            raise ValueError(
+                f"state_dict is of strategy {state_dict.get('strategy')!r}, cannot load it "
+                f"into {name}"
+            )
+        required = {"dim", "population_size", "dtype", "generation"}
+        required |= {"generator_state", "asked_samples", "asked_noise"}
+        required |= set(self._state_tensor_shapes()) | set(self._state_floats)
+        missing = sorted(required - set(state_dict))
+        if missing:
+            raise ValueError(f"state_dict lacks the keys {missing}")
+        mine = {"dim": self.dim, "population_size": self.population_size}
+        mine["dtype"] = str(self.dtype)
+        for key, value in mine.items():
+            if state_dict[key] != value:
+                raise ValueError(
+                    f"state_dict has {key}={state_dict[key]!r}, but this {name} has "
+                    f"{key}={value!r}: build it with the same {key}"
+                )
+
+    def _checked_tensor(
+        self, name: str, state_dict: Mapping[str, Any], shape: tuple[int, ...]
+    ) -> Tensor:
+        """A copy of ``state_dict[name]`` if it is a finite tensor of ``shape`` and ``dtype``."""
+        value = state_dict[name]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state_dict[{name!r}] must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != shape or value.dtype != self.dtype:
+            raise ValueError(
+                f"state_dict[{name!r}] must have shape {shape} and dtype {self.dtype}, got "
+                f"shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"state_dict[{name!r}] must be finite")
+        return value.detach().clone()
+
+    def _checked_asked(self, state_dict: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """The pending ``(samples, noise)`` of ``state_dict``: both ``None`` or both tensors."""
+        pending = [state_dict[key] is not None for key in ("asked_samples", "asked_noise")]
+        if not any(pending):
+            return None
+        if not all(pending):
+            raise ValueError(
+                "state_dict['asked_samples'] and state_dict['asked_noise'] must both be None "
+                "(no pending ask) or both tensors"
+            )
+        shape = (self.population_size, self.dim)
+        return (
+            self._checked_tensor("asked_samples", state_dict, shape),
+            self._checked_tensor("asked_noise", state_dict, shape),
+        )
+
+    def _checked_generator_state(self, state: Any) -> Tensor:
+        """``state`` if the generator accepts it (tried on a scratch generator first)."""
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+            raise ValueError("state_dict['generator_state'] must be a uint8 tensor")
+        try:
+            torch.Generator(device=self.generator.device).set_state(state)
+        except RuntimeError as error:
+            raise ValueError(
+                f"state_dict['generator_state'] is not a valid state: {error}"
+            ) from None
+        return state
 
     @abc.abstractmethod
     def _from_noise(self, noise: Tensor) -> Tensor:

@@ -31,10 +31,12 @@ def _evaluate(f: Callable, samples: Tensor, vectorized: bool) -> Tensor:
 
 
 def _best(samples: Tensor, values: Tensor) -> tuple[Tensor, float]:
-    """The sample with the lowest value, NaN values ignored (``+inf`` if all are NaN)."""
+    """The first sample with the lowest value, NaN values ignored (``values`` has one that is
+    not NaN: an all-NaN generation raises in ``tell``), and that value."""
     ranked = torch.where(torch.isnan(values), torch.inf, values)
-    index = int(torch.argmin(ranked))
-    return samples[index], float(ranked[index])
+    lowest = (ranked == ranked.min()) & ~torch.isnan(values)
+    index = int(torch.nonzero(lowest)[0])
+    return samples[index], float(values[index])
 
 
 def minimize(
@@ -93,7 +95,7 @@ def minimize(
     if target is not None and math.isnan(target):
         raise ValueError("target must not be NaN")
     strategy = METHODS[method](x0, sigma0, random_state=random_state, **options)
-    best_x, best_value = strategy.mean.clone(), math.inf
+    best_x, best_value = None, math.inf
     evaluations, nan_evaluations, history = 0, 0, []
     while evaluations < max_evaluations:
         samples = strategy.ask()
@@ -101,7 +103,7 @@ def minimize(
         evaluations += samples.shape[0]
         nan_evaluations += strategy._tell(samples, values)
         candidate, value = _best(samples, values)
-        if value < best_value:
+        if best_x is None or value < best_value:
             best_x, best_value = candidate.clone(), value
         history.append(best_value)
         if target is not None and best_value <= target:

@@ -55,6 +55,8 @@ class SNES(NaturalEvolutionStrategy):
         μ ← μ + η_μ σ ⊙ ∇_μ,      σ ← σ ⊙ exp(η_σ ∇_σ / 2).
     """
 
+    _state_floats = ("eta_mean", "eta_sigma")
+
     def __init__(
         self,
         x0: Tensor | list[float],
@@ -75,6 +77,9 @@ class SNES(NaturalEvolutionStrategy):
             default_sigma if eta_sigma is None else positive_float("eta_sigma", eta_sigma)
         )
         self.sigma = torch.full((self.dim,), float(sigma0), dtype=dtype)
+
+    def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**super()._state_tensor_shapes(), "sigma": (self.dim,)}
 
     @property
     def covariance(self) -> Tensor:

@@ -67,6 +67,8 @@ class XNES(NaturalEvolutionStrategy):
         μ ← μ + η_μ σ B G_δ,   σ ← σ exp(η_σ G_σ / 2),   B ← B exp(η_B G_B / 2).
     """
 
+    _state_floats = ("sigma", "eta_mean", "eta_sigma", "eta_shape")
+
     def __init__(
         self,
         x0: Tensor | list[float],
@@ -91,6 +93,9 @@ class XNES(NaturalEvolutionStrategy):
         )
         self.sigma = float(sigma0)
         self.shape = torch.eye(self.dim, dtype=dtype)
+
+    def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**super()._state_tensor_shapes(), "shape": (self.dim, self.dim)}
 
     @property
     def covariance(self) -> Tensor:

@@ -162,6 +162,9 @@ class AdaHessian(CountedOptimizer):
     gradient; ``zero_grad()`` after each step breaks it. A step whose
     gradient or Hessian estimate is not finite is refused: parameters and state are left
     unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
+    Every step first checks the options of every param group as the constructor does, so that
+    a value set by hand or by a scheduler (``lr = -1``, ``eps = nan``) raises, naming the
+    group and the option, before anything changes.
     """
 
     def __init__(
@@ -198,6 +201,10 @@ class AdaHessian(CountedOptimizer):
         param_group.update(_checked_options({**self.defaults, **param_group}))
         super().add_param_group(param_group)
 
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Raise as the constructor does if an option of ``group`` is invalid."""
+        _checked_options(group)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Take one AdaHessian step.
@@ -216,8 +223,13 @@ class AdaHessian(CountedOptimizer):
         Raises
         ------
         TypeError
-            If a gradient is sparse (``nn.Embedding(sparse=True)``) or complex.
+            If a gradient is sparse (``nn.Embedding(sparse=True)``) or complex, or a group
+            option (set by hand or by a scheduler in ``param_groups``) is not a number.
+        ValueError
+            If a group option is out of range or NaN; the message names the group and the
+            option, and nothing is changed.
         """
+        self._check_param_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():

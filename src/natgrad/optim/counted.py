@@ -1,7 +1,10 @@
 """A ``torch.optim.Optimizer`` base with step counters and refused steps.
 
 Optimizers that may refuse a step (non-finite loss, gradient or direction) leave the parameters
-as they are, warn, and count it; the counters round-trip through ``state_dict()``. A copy
+as they are, warn, and count it; the counters round-trip through ``state_dict()``. Optimizers
+that validate their group options override :meth:`CountedOptimizer._check_group_options` and
+call :meth:`CountedOptimizer._check_param_groups` at the start of ``step()``, so that an option
+edited in ``param_groups`` by hand (or by a scheduler) is checked too. A copy
 (``copy.deepcopy``, ``pickle``) keeps every attribute of the optimizer, where
 ``torch.optim.Optimizer`` keeps only its defaults, state and parameter groups, and a copied
 optimizer with options of its own would fail at its next step.
@@ -30,6 +33,24 @@ class CountedOptimizer(torch.optim.Optimizer):
             name: value for name, value in vars(self).items() if not _is_hook_registry(name)
         }
         return {**attributes, **super().__getstate__()}
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Raise ``TypeError`` or ``ValueError`` naming an invalid option of ``group``; the base
+        class checks nothing."""
+
+    def _check_param_groups(self) -> None:
+        """Check every param group's options as they are now (edited since they were added?).
+
+        Raises
+        ------
+        TypeError, ValueError
+            The error of :meth:`_check_group_options`, prefixed with ``param_groups[i]``.
+        """
+        for index, group in enumerate(self.param_groups):
+            try:
+                self._check_group_options(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"param_groups[{index}]: {error}") from None
 
     def _check_gradient(self, grad: Tensor) -> None:
         """Raise ``TypeError`` for a sparse or complex gradient, which these optimizers'

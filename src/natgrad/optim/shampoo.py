@@ -235,7 +235,10 @@ class Shampoo(CountedOptimizer):
     unchanged, a ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
     Sparse and complex gradients raise ``TypeError``. ``max_preconditioner_dim`` and
     ``grafting`` shape the state: changed in a param group mid-run, the next step raises
-    ``ValueError`` (other options, ``lr`` and ``update_freq`` say, may be scheduled).
+    ``ValueError`` (other options, ``lr`` and ``update_freq`` say, may be scheduled). Every
+    step first checks the options of every param group as the constructor does, so that a
+    value set by hand or by a scheduler (``lr = -1``, ``epsilon = nan``) raises, naming the
+    group and the option, before anything changes.
     """
 
     def __init__(
@@ -274,6 +277,10 @@ class Shampoo(CountedOptimizer):
         param_group.update(_checked_options({**self.defaults, **param_group}))
         super().add_param_group(param_group)
 
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Raise as the constructor does if an option of ``group`` is invalid."""
+        _checked_options(group)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Take one Shampoo step.
@@ -291,11 +298,15 @@ class Shampoo(CountedOptimizer):
         Raises
         ------
         TypeError
-            If a gradient is sparse or complex.
+            If a gradient is sparse or complex, or a group option (set by hand or by a
+            scheduler in ``param_groups``) is not a number, an integer or a choice where one
+            is needed (nothing is changed).
         ValueError
-            If a parameter's state was built under another ``max_preconditioner_dim`` or
+            If a group option is out of range (the message names the group and the option),
+            or a parameter's state was built under another ``max_preconditioner_dim`` or
             ``grafting`` than its group now has (nothing is changed).
         """
+        self._check_param_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
