@@ -2,7 +2,8 @@
 decoder's ``F.linear(h, encoder.weight.t())``): the hooks never see that use, so the layer's
 factors would describe another model. The check back-propagates one probe vector at the end of
 the first forward pass that records (:func:`natgrad.curvature.weight_locality.
-foreign_weight_uses`), records nothing itself, and runs once per model. Embeddings are checked too (a tied output layer)."""
+foreign_weight_uses`), records nothing itself, and runs once per model. Embeddings are
+checked too (a tied output layer)."""
 
 import pytest
 import torch
