@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_training import fisher_options
+from kfac_training import fisher_options, train_steps
 from natgrad.optim import EKFAC, KFAC
 
 EMBED, HEADS, TOKENS, CLASSES = 6, 2, 4, 3
@@ -112,14 +112,7 @@ def train_twins(models, preconditioner, fisher_type: str, **options) -> list:
         )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
         for seed in range(3):
-            inputs, targets = batch(seed)
-            optimizer.zero_grad()
-            outputs = model(inputs)
-            if precond.fisher_type != "empirical":
-                precond.sample_backward(outputs)
-            nn.functional.cross_entropy(outputs, targets).backward()
-            precond.step()
-            optimizer.step()
+            train_steps(model, precond, optimizer, *batch(seed), steps=1)
         preconds.append(precond)
     return preconds
 

@@ -20,6 +20,18 @@ def fitted_problem(dtype: torch.dtype) -> tuple[nn.Module, torch.Tensor, torch.T
     return model, inputs, targets
 
 
+def assessed_step(model, precond, optimizer, inputs, targets) -> dict:
+    """One step of the squared error, assessed by ``update_damping``; its record."""
+    optimizer.zero_grad()
+    loss = (model(inputs) - targets).square().mean()
+    loss.backward()
+    precond.step()
+    optimizer.step()
+    with torch.no_grad():
+        precond.update_damping(loss, (model(inputs) - targets).square().mean())
+    return precond.last_damping_update
+
+
 @pytest.mark.parametrize("preconditioner", [KFAC, EKFAC])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", ["zero gradient", "zero learning rate"])
@@ -35,16 +47,10 @@ def test_damping_is_unchanged_where_the_model_predicts_no_change(
         model, damping=1e-3, adaptive_damping=True, damping_adaptation_interval=1
     )
     for _ in range(10):
-        optimizer.zero_grad()
-        loss = (model(inputs) - targets).square().mean()
-        loss.backward()
-        precond.step()
-        optimizer.step()
-        with torch.no_grad():
-            precond.update_damping(loss, (model(inputs) - targets).square().mean())
-        assert precond.last_damping_update["predicted"] == 0.0
-        assert precond.last_damping_update["actual"] == 0.0
-        assert precond.last_damping_update["ratio"] != precond.last_damping_update["ratio"]
+        update = assessed_step(model, precond, optimizer, inputs, targets)
+        assert update["predicted"] == 0.0
+        assert update["actual"] == 0.0
+        assert update["ratio"] != update["ratio"]
     assert precond.damping == 1e-3
 
 
@@ -54,14 +60,7 @@ def test_a_measured_decrease_still_adapts_the_damping() -> None:
     targets = targets + torch.randn(targets.shape, dtype=torch.float64)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     precond = KFAC(model, damping=1e-3, adaptive_damping=True, damping_adaptation_interval=1)
-    optimizer.zero_grad()
-    loss = (model(inputs) - targets).square().mean()
-    loss.backward()
-    precond.step()
-    optimizer.step()
-    with torch.no_grad():
-        precond.update_damping(loss, (model(inputs) - targets).square().mean())
-    update = precond.last_damping_update
+    update = assessed_step(model, precond, optimizer, inputs, targets)
     assert update["predicted"] < 0
     assert update["ratio"] == pytest.approx(update["actual"] / update["predicted"])
     assert update["ratio"] > 0.75
