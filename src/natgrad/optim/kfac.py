@@ -447,7 +447,11 @@ class KFAC:
         The model (or its ``DistributedDataParallel`` wrapper).
     fisher_type : {"empirical", "mc", "exact"}, default "empirical"
         ``"empirical"``: output gradients from ``loss.backward()`` (the loss must be the MEAN
-        over the batch, divided by ``accumulation_steps`` when accumulating). ``"mc"``: output
+        over the batch, divided by ``accumulation_steps`` when accumulating; under
+        ``DistributedDataParallel`` each process's loss is the mean over its own batch, and
+        with local batches of unequal sizes the factors are still those of the global batch,
+        although DDP's average of the local means is not the global batch's mean gradient).
+        ``"mc"``: output
         gradients of the NLL at targets sampled from the model, recorded by
         :meth:`sample_backward`, which must be called after the forward pass and before
         ``loss.backward()``; needs ``likelihood``. ``"exact"``: the same, with the ``C``
@@ -1326,7 +1330,9 @@ class KFAC:
         last refresh) and pending sums (cloned tensors), the current damping unless it is a
         schedule (it changes under ``adaptive_damping`` or when set from outside, e.g. by
         :class:`~natgrad.optim.QuadraticModelOptimizer`), and the state of ``generator`` if one
-        was given (so that ``fisher_type="mc"`` resumes with the same samples)."""
+        was given (so that ``fisher_type="mc"`` resumes with the same samples; under
+        ``torch.distributed`` with the saving process's rank, for
+        :meth:`load_state_dict` on another process keeps that process's own generator)."""
         state = {
             "steps": self.steps,
             "layers": {layer.name: layer.state_dict() for layer in self.layers},
@@ -1335,6 +1341,8 @@ class KFAC:
             state["damping"] = self.damping
         if self.generator is not None:
             state["generator_state"] = self.generator.get_state()
+            if is_distributed(self.process_group):
+                state["generator_rank"] = rank(self.process_group)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1357,9 +1365,25 @@ class KFAC:
         if "damping" in state_dict and not callable(self.damping):
             self.damping = float(state_dict["damping"])
         if self.generator is not None and "generator_state" in state_dict:
-            self.generator.set_state(state_dict["generator_state"])
+            self._load_generator_state(state_dict)
         for state in self.layers:
             state.load_state_dict(saved[state.name])
+
+    def _load_generator_state(self, state_dict: dict) -> None:
+        """Take the saved generator state, unless another process saved it: each process draws
+        its own Monte-Carlo targets, and another's state would make them repeat its draws."""
+        saved_by = state_dict.get("generator_rank", 0)
+        me = rank(self.process_group)
+        if saved_by == me or not is_distributed(self.process_group):
+            self.generator.set_state(state_dict["generator_state"])
+            return
+        warn_at_caller(
+            f"KFAC.load_state_dict: the generator state was saved on rank {saved_by}; rank "
+            f"{me} keeps its own generator, so that the processes' Monte-Carlo draws stay "
+            "independent. To resume every process's draws exactly, save and load each "
+            "process's own state_dict",
+            RuntimeWarning,
+        )
 
     def __repr__(self) -> str:
         names = [state.name for state in self.layers]
