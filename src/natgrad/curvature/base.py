@@ -112,13 +112,22 @@ class CurvatureOperator(abc.ABC):
         Returns
         -------
         The solution, in the input form.
+
+        Raises
+        ------
+        ValueError
+            If ``damping`` is negative or not finite, or ``vector`` has the wrong shape, contains
+            infs or NaNs, or overflows the operator's dtype.
         """
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
         flat, was_list = self.flatten(vector)
         if not bool(torch.isfinite(flat).all()):
             raise ValueError("vector must not contain infs or NaNs")
-        return self._as_input_form(self._solve_flat(flat.to(self.dtype), float(damping)), was_list)
+        converted = flat.to(self.dtype)
+        if not bool(torch.isfinite(converted).all()):
+            raise ValueError(f"vector overflows the operator's dtype {self.dtype}")
+        return self._as_input_form(self._solve_flat(converted, float(damping)), was_list)
 
     def diag(self) -> Tensor:
         """Diagonal of ``C``, shape ``(P,)``."""

@@ -25,11 +25,16 @@ class CGInfo:
         updated residual of CG drifts from it in finite precision).
     converged : bool
         Whether ``residual_norm <= max(rtol · ‖b‖₂, atol)``.
+    stagnated : bool
+        Whether CG stopped because a restart from the true residual did not halve it: the
+        residual has reached the round-off floor of the dtype (only with
+        ``stop_on_stagnation=True``).
     """
 
     iterations: int
     residual_norm: float
     converged: bool
+    stagnated: bool = False
 
 
 def _check_tolerances(rtol: float, atol: float, max_iter: int | None) -> None:
@@ -113,6 +118,7 @@ def cg(
     rtol: float = 1e-6,
     atol: float = 0.0,
     max_iter: int | None = None,
+    stop_on_stagnation: bool = False,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``A x = b`` by (preconditioned) conjugate gradients.
 
@@ -135,6 +141,10 @@ def cg(
         steps are left, CG restarts from it.
     max_iter : int, optional
         Maximum number of CG steps; ``10 · P`` by default.
+    stop_on_stagnation : bool, default False
+        Stop, unconverged, once a restart does not halve the true residual norm: a tolerance
+        below the round-off floor of the dtype (about ``ε · ‖A‖ · ‖x‖``) cannot be met, and
+        further steps only spend products. The ``x`` with the smallest true residual is returned.
 
     Returns
     -------
@@ -159,6 +169,7 @@ def cg(
     apply_preconditioner = preconditioner if preconditioner is not None else (lambda r: r)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     residual = b.clone() if x0 is None else b - _apply("mv", mv, x)
+    best_x, best_norm = x, float(torch.linalg.vector_norm(residual))
     iterations = 0
     while True:
         x, residual, steps, broke_down = _iterate(
@@ -168,6 +179,12 @@ def cg(
         if steps:
             residual = b - _apply("mv", mv, x)
         residual_norm = float(torch.linalg.vector_norm(residual))
-        if residual_norm <= threshold or broke_down or steps == 0 or iterations >= limit:
+        done = residual_norm <= threshold or broke_down or steps == 0 or iterations >= limit
+        stagnated = stop_on_stagnation and not done and residual_norm > 0.5 * best_norm
+        if residual_norm < best_norm:
+            best_x, best_norm = x, residual_norm
+        if done or stagnated:
             break
-    return x, CGInfo(iterations, residual_norm, residual_norm <= threshold)
+    if stop_on_stagnation:
+        x, residual_norm = best_x, best_norm
+    return x, CGInfo(iterations, residual_norm, residual_norm <= threshold, stagnated)
