@@ -40,13 +40,19 @@ class PolicyGradient(abc.ABC):
     TypeError
         If ``policy`` or ``value_function`` is of the wrong type.
     ValueError
-        If an option is out of range or every parameter of ``policy`` is frozen.
+        If an option is out of range, every parameter of ``policy`` is frozen, or
+        ``value_function`` differs from ``policy`` in ``obs_dim`` or dtype.
 
     Notes
     -----
     Subclasses implement :meth:`policy_step` on the batch's states, actions and normalised
     advantages. The policy step uses the advantages of the value function *before* the fit.
+    To resume training, save :meth:`state_dict` (the policy and value parameters AND the
+    optimizers' moments); the policy's and value function's own state dicts are not enough.
     """
+
+    #: Attributes whose ``state_dict`` the agent's :meth:`state_dict` holds.
+    stateful: tuple[str, ...] = ("policy", "value_function", "value_optimizer")
 
     def __init__(
         self,
@@ -65,6 +71,7 @@ class PolicyGradient(abc.ABC):
                 f"value_function must be a ValueFunction, got {type(value_function).__name__}"
             )
         trainable_parameters(policy)
+        check_value_function_fits(policy, value_function)
         self.policy = policy
         self.value_function = value_function
         self.gamma = unit_interval("gamma", gamma, closed_right=True)
@@ -73,6 +80,25 @@ class PolicyGradient(abc.ABC):
         self.value_optimizer = torch.optim.Adam(
             value_function.parameters(), lr=positive_float("value_lr", value_lr)
         )
+
+    def state_dict(self) -> dict[str, dict]:
+        """The state the next updates depend on, by attribute name (see :attr:`stateful`)."""
+        return {name: getattr(self, name).state_dict() for name in self.stateful}
+
+    def load_state_dict(self, state_dict: dict[str, dict]) -> None:
+        """Restore what :meth:`state_dict` returned (of an agent of the same class and sizes).
+
+        Raises
+        ------
+        ValueError
+            If ``state_dict`` lacks an entry of :attr:`stateful` or has another one.
+        """
+        if set(state_dict) != set(self.stateful):
+            raise ValueError(
+                f"state_dict must have the keys {sorted(self.stateful)}, got {sorted(state_dict)}"
+            )
+        for name in self.stateful:
+            getattr(self, name).load_state_dict(state_dict[name])
 
     def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """GAE advantages ``Âₜ`` and λ-returns ``Âₜ + V(sₜ)``, both of shape ``(T,)``."""
@@ -112,6 +138,22 @@ class PolicyGradient(abc.ABC):
         self, observations: Tensor, actions: Tensor, advantages: Tensor
     ) -> dict[str, float]:
         """Update the policy parameters in place from ``(T, ·)`` states, actions, advantages."""
+
+
+def check_value_function_fits(policy: Policy, value_function: ValueFunction) -> None:
+    """Raise ``ValueError`` unless ``value_function`` reads the policy's observations."""
+    if value_function.obs_dim != policy.obs_dim:
+        raise ValueError(
+            f"value_function.obs_dim={value_function.obs_dim} differs from the policy's "
+            f"obs_dim={policy.obs_dim}"
+        )
+    policy_dtype = next(policy.parameters()).dtype
+    value_dtype = next(value_function.parameters()).dtype
+    if value_dtype != policy_dtype:
+        raise ValueError(
+            f"value_function has dtype {value_dtype} but the policy has {policy_dtype} "
+            f"(the batches are in the policy's dtype); convert one with .to(dtype)"
+        )
 
 
 def check_finite_batch(batch: RolloutBatch) -> None:
@@ -155,6 +197,8 @@ class VanillaPolicyGradient(PolicyGradient):
     **kwargs
         Passed to :class:`PolicyGradient`.
     """
+
+    stateful = (*PolicyGradient.stateful, "policy_optimizer")
 
     def __init__(
         self, policy: Policy, value_function: ValueFunction, *, lr: float = 1e-2, **kwargs

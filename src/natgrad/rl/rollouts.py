@@ -48,6 +48,11 @@ class RolloutBatch:
 
 
 def _check_observation_space(env: gym.Env) -> int:
+    if isinstance(env, gym.vector.VectorEnv):
+        raise ValueError(
+            f"vector environments are not supported, got {type(env).__name__}; "
+            "pass a single gymnasium.Env"
+        )
     space = env.observation_space
     if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
         raise ValueError(f"expected a 1-d Box observation space, got {space!r}")
@@ -62,8 +67,8 @@ def make_policy(
     Raises
     ------
     ValueError
-        If the observation space is not a 1-d ``Box`` or the action space is neither
-        ``Discrete`` nor a 1-d ``Box``.
+        If ``env`` is a vector environment, the observation space is not a 1-d ``Box``, or
+        the action space is neither ``Discrete`` nor a 1-d ``Box``.
     """
     obs_dim = _check_observation_space(env)
     space = env.action_space
@@ -72,6 +77,43 @@ def make_policy(
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
         return GaussianMLPPolicy(obs_dim, space.shape[0], hidden_sizes, generator=generator)
     raise ValueError(f"unsupported action space {space!r}")
+
+
+def _check_policy_fits(policy: Policy, space: gym.Space) -> None:
+    """Raise ``ValueError`` if a categorical policy's action count differs from ``Discrete(n)``.
+
+    With fewer actions the policy would silently never try the others; other mismatches
+    are caught per action by :func:`_check_action`.
+    """
+    if (
+        isinstance(space, gym.spaces.Discrete)
+        and isinstance(policy, CategoricalMLPPolicy)
+        and policy.n_actions != int(space.n)
+    ):
+        raise ValueError(
+            f"the policy has n_actions={policy.n_actions} but the action space is {space!r}"
+        )
+
+
+def _check_action(action: Tensor, space: gym.Space) -> None:
+    """Raise ``ValueError`` unless ``action`` is an index of ``Discrete(n)`` or a float vector
+    of the ``Box``'s shape.
+
+    Environments do not always check: many cut a too-long ``Box`` action to its first entries
+    and take an integer as a torque, while the batch would keep the action the policy sampled.
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        fits = (
+            action.shape == ()
+            and not action.is_floating_point()
+            and 0 <= int(action) < int(space.n)
+        )
+        expected = f"an integer index in [0, {int(space.n)})"
+    else:
+        fits = tuple(action.shape) == space.shape and action.is_floating_point()
+        expected = f"a float tensor of shape {space.shape}"
+    if not fits:
+        raise ValueError(f"the policy sampled {action!r}; the action space needs {expected}")
 
 
 class RolloutCollector:
@@ -84,6 +126,12 @@ class RolloutCollector:
     random_state : int
         Seeds the first ``env.reset(seed=...)`` and the action-sampling generator, so two
         collectors with the same seed, environment and policy produce the same batches.
+
+    Raises
+    ------
+    ValueError
+        If ``env`` is a ``gymnasium.vector.VectorEnv`` (one environment at a time) or its
+        observation space is not a 1-d ``Box``.
     """
 
     def __init__(self, env: gym.Env, random_state: int) -> None:
@@ -98,6 +146,7 @@ class RolloutCollector:
 
     def _env_action(self, action: Tensor) -> np.ndarray | int:
         space = self.env.action_space
+        _check_action(action, space)
         if isinstance(space, gym.spaces.Discrete):
             return int(space.start) + int(action)
         return np.clip(action.numpy().astype(space.dtype), space.low, space.high)
@@ -110,11 +159,14 @@ class RolloutCollector:
         TypeError
             If ``policy`` is not a :class:`Policy` or ``num_steps`` is not an integer.
         ValueError
-            If ``num_steps`` is not positive.
+            If ``num_steps`` is not positive, or the policy's actions do not fit the
+            environment's action space (a categorical policy with another number of actions
+            than ``Discrete(n)``, a Gaussian action of another length than the ``Box``).
         """
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a natgrad.rl.Policy, got {type(policy).__name__}")
         positive_int("num_steps", num_steps)
+        _check_policy_fits(policy, self.env.action_space)
         dtype = next(policy.parameters()).dtype
         records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
         finished: list[float] = []
