@@ -1,7 +1,8 @@
 """natgrad.curvature: curvature operators over a model's parameters and their builders.
 
 Every operator is a :class:`CurvatureOperator` (``mv``, ``solve``, ``diag``, ``to_dense``,
-``trace``) over the flat vector of the model's trainable parameters. The Fisher is always the
+``trace``, ``to_scipy``; ``+`` and non-negative multiples give a :class:`LinearCombination`)
+over the flat vector of the model's trainable parameters. The Fisher is always the
 MEAN over data points. ``KFAC`` and ``EKFAC`` are imported on first access.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.block import BlockDiagonal
 from natgrad.curvature.builders import fisher, ggn, hessian, output_factors
+from natgrad.curvature.combination import LinearCombination
 from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.implicit import Implicit
@@ -30,6 +32,7 @@ __all__ = [
     "Diagonal",
     "Implicit",
     "Likelihood",
+    "LinearCombination",
     "fisher",
     "get_likelihood",
     "ggn",

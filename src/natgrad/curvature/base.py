@@ -3,7 +3,9 @@
 A curvature operator is a symmetric positive semi-definite matrix ``C`` over the flat parameter
 vector of a model, in the order of ``torch.nn.utils.parameters_to_vector(model.parameters())``.
 Vectors may be given flat, shape ``(P,)``, or as a list of per-parameter tensors with the
-parameters' shapes; every method returns the same form it was given.
+parameters' shapes; every method returns the same form it was given. Operators over the same
+parameters add, and scale by non-negative numbers
+(:class:`~natgrad.curvature.combination.LinearCombination`); ``to_scipy`` exports one to SciPy.
 """
 
 from __future__ import annotations
@@ -11,9 +13,14 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 
 VectorLike = Tensor | Sequence[Tensor]
 
@@ -143,6 +150,49 @@ class CurvatureOperator(abc.ABC):
 
     def __matmul__(self, vector: VectorLike) -> VectorLike:
         return self.mv(vector)
+
+    def __add__(self, other: object) -> CurvatureOperator:
+        """``C + D`` for an operator ``D`` over the same parameters
+        (:class:`~natgrad.curvature.combination.LinearCombination`)."""
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        from natgrad.curvature.combination import LinearCombination  # it subclasses this one
+
+        return LinearCombination([(1.0, self), (1.0, other)])
+
+    def __mul__(self, coefficient: object) -> CurvatureOperator:
+        """``c C`` for a real ``c ≥ 0``
+        (:class:`~natgrad.curvature.combination.LinearCombination`)."""
+        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)):
+            return NotImplemented
+        from natgrad.curvature.combination import LinearCombination  # it subclasses this one
+
+        return LinearCombination([(coefficient, self)])
+
+    __rmul__ = __mul__
+
+    @property
+    def T(self) -> CurvatureOperator:
+        """The transpose: the operator itself (every curvature operator is symmetric)."""
+        return self
+
+    def to_scipy(self) -> LinearOperator:
+        """The operator as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(P, P)`` and the
+        operator's dtype, for SciPy's iterative solvers and eigensolvers (``eigsh``, ``cg``,
+        ``lobpcg``). NumPy vectors ``(P,)`` or blocks ``(P, K)`` are converted to tensors on the
+        operator's device for each product, and back."""
+        from scipy.sparse.linalg import LinearOperator  # SciPy's import is slow: on demand
+
+        dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+
+        def matvec(vector: np.ndarray) -> np.ndarray:
+            flat = torch.as_tensor(np.asarray(vector).reshape(-1), dtype=self.dtype)
+            return self._mv_flat(flat.to(self.device)).cpu().numpy()
+
+        def matmat(block: np.ndarray) -> np.ndarray:
+            return np.stack([matvec(column) for column in np.asarray(block).T], axis=1)
+
+        return LinearOperator(self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, dtype=dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype})"
