@@ -99,17 +99,24 @@ class PackedProjectionState(GroupedConvState):
         )
         samples, positions = rows.shape[1], rows.shape[2]
         features = rows if self.layer.has_bias else rows[..., :-1]
-        if not padded:
-            columns = features.mean(dim=2) if self.reduce else features.flatten(1, 2)
+        if not padded:  # one input for the three blocks: one Gram matrix, added to each
+            shared = features[:1]
+            columns = shared.mean(dim=2) if self.reduce else shared.flatten(1, 2)
         elif self.reduce:
             columns = features.sum(dim=2) / rows[..., -1].sum(dim=2, keepdim=True)
         else:
             lengths = rows[..., -1:].sum(dim=2, keepdim=True)  # (3, N, 1, 1)
             columns = (features * (positions / lengths).sqrt()).flatten(1, 2)
-        fresh = self.input_count == 0
-        self.input_sum = add_column_gram(self.input_sum, columns.mT, ones=False, fresh=fresh)
+        self._add_input_gram(add_column_gram(None, columns.mT, ones=False, fresh=True))
         self.input_count += samples if self.reduce else samples * positions
         return features if self.keep_pairs else None
+
+    def _add_input_gram(self, gram: Tensor) -> None:
+        """Add ``(3, d, d)`` Gram matrices, or one ``(1, d, d)`` to every block, to ``A``'s sums."""
+        if self.input_count == 0 or self.input_sum is None:
+            self.input_sum = gram.expand(PACKED, -1, -1).clone()
+        else:
+            self.input_sum.add_(gram)
 
     def record_output_grad(
         self, grad: Tensor, scale: float, features: Tensor, call_pass: int, vector: int = 0
