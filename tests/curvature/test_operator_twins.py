@@ -1,6 +1,8 @@
 """Twin set-ups that must agree: one Fisher reached through several structures, operator
 identities, and solves against float64 dense oracles."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -86,3 +88,24 @@ def test_solve_refuses_a_vector_overflowing_the_operator_dtype(operator) -> None
     vector = torch.tensor([1e300, 1.0, 1.0], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"overflows the operator's dtype torch\.float32"):
         operator.solve(vector, 0.1)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diag", "block", "implicit"])
+def test_mv_refuses_a_non_finite_or_overflowing_vector(structure: str) -> None:
+    """``mv`` checks its vector as ``solve`` does: NaN, inf, and a float64 value beyond the
+    float32 range of a float32 operator are named instead of coming back as NaN or inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    operator = natgrad.fisher(
+        model, torch.randn(4, 3), likelihood="categorical", structure=structure
+    )
+    size = operator.shape[0]
+    for bad in (math.nan, math.inf):
+        vector = torch.ones(size)
+        vector[0] = bad
+        with pytest.raises(ValueError, match="infs or NaNs"):
+            operator.mv(vector)
+    overflowing = torch.ones(size, dtype=torch.float64)
+    overflowing[0] = 1e300
+    with pytest.raises(ValueError, match="overflows the operator's dtype"):
+        operator.mv(overflowing)

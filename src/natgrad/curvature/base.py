@@ -89,6 +89,16 @@ class CurvatureOperator(abc.ABC):
             chunk.reshape(shape) for chunk, shape in zip(chunks, self.param_shapes, strict=True)
         ]
 
+    def _finite_in_dtype(self, flat: Tensor) -> Tensor:
+        """``flat`` in the operator's dtype, refused (``ValueError``) if it has infs or NaNs,
+        or overflows that dtype."""
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("vector must not contain infs or NaNs")
+        converted = flat.to(self.dtype)
+        if not bool(torch.isfinite(converted).all()):
+            raise ValueError(f"vector overflows the operator's dtype {self.dtype}")
+        return converted
+
     def _as_input_form(self, flat: Tensor, was_list: bool) -> VectorLike:
         return self.unflatten(flat) if was_list else flat
 
@@ -103,9 +113,15 @@ class CurvatureOperator(abc.ABC):
         Returns
         -------
         Tensor of shape (P,) or list of tensors, matching the input form.
+
+        Raises
+        ------
+        ValueError
+            If ``vector`` has the wrong shape, contains infs or NaNs, or overflows the
+            operator's dtype.
         """
         flat, was_list = self.flatten(vector)
-        return self._as_input_form(self._mv_flat(flat.to(self.dtype)), was_list)
+        return self._as_input_form(self._mv_flat(self._finite_in_dtype(flat)), was_list)
 
     def solve(self, vector: VectorLike, damping: float = 0.0) -> VectorLike:
         """Solve ``(C + damping I) x = vector``.
@@ -129,11 +145,7 @@ class CurvatureOperator(abc.ABC):
         if not math.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite non-negative number, got {damping!r}")
         flat, was_list = self.flatten(vector)
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("vector must not contain infs or NaNs")
-        converted = flat.to(self.dtype)
-        if not bool(torch.isfinite(converted).all()):
-            raise ValueError(f"vector overflows the operator's dtype {self.dtype}")
+        converted = self._finite_in_dtype(flat)
         return self._as_input_form(self._solve_flat(converted, float(damping)), was_list)
 
     def diag(self) -> Tensor:

@@ -99,6 +99,8 @@ class NPG(PolicyGradient):
             return fisher.mv(vector) + self.cg_damping * vector
 
         direction, _ = cg(damped_fisher, gradient, rtol=1e-10, max_iter=self.cg_iters)
+        if not bool(torch.isfinite(direction).all()):
+            return None
         curvature = float(torch.dot(direction, fisher.mv(direction)))
         if not (math.isfinite(curvature) and curvature > 0):
             return None
