@@ -13,7 +13,11 @@ from torch import nn
 
 from natgrad.optim import AdaHessian
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+pytestmark = [
+    pytest.mark.usefixtures("float64_default"),
+    # AdaHessian's closure calls backward(create_graph=True), as its contract says
+    pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning"),
+]
 
 BAD_OPTIONS = [
     ("lr", -1.0),
