@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from natgrad._validation import is_real
+
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
@@ -175,7 +177,7 @@ class CurvatureOperator(abc.ABC):
     def __mul__(self, coefficient: object) -> CurvatureOperator:
         """``c C`` for a real ``c ≥ 0``
         (:class:`~natgrad.curvature.combination.LinearCombination`)."""
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)):
+        if not is_real(coefficient):
             return NotImplemented
         from natgrad.curvature.combination import LinearCombination  # it subclasses this one
 

@@ -15,12 +15,12 @@ operators is one too, as every curvature operator is.
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
+from natgrad._validation import nonnegative_float
 from natgrad.curvature.base import CurvatureOperator
 from natgrad.curvature.implicit import Implicit
 
@@ -84,7 +84,9 @@ def _flattened(terms: Terms) -> list[tuple[float, CurvatureOperator]]:
     """The terms with nested combinations expanded (their coefficients multiplied)."""
     flat: list[tuple[float, CurvatureOperator]] = []
     for coefficient, term in terms:
-        coefficient = _coefficient(coefficient)
+        coefficient = nonnegative_float(
+            "coefficient (an operator stays positive semi-definite)", coefficient
+        )
         if not isinstance(term, CurvatureOperator):
             raise TypeError(f"expected a CurvatureOperator, got {type(term).__name__}")
         if isinstance(term, LinearCombination):
@@ -94,17 +96,6 @@ def _flattened(terms: Terms) -> list[tuple[float, CurvatureOperator]]:
     if not flat:
         raise ValueError("a linear combination needs at least one term")
     return flat
-
-
-def _coefficient(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"a coefficient must be a real number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"a coefficient must be finite and non-negative (a curvature operator is positive "
-            f"semi-definite), got {value!r}"
-        )
-    return float(value)
 
 
 def _check_compatible(first: CurvatureOperator, other: CurvatureOperator) -> None:
