@@ -115,6 +115,11 @@ class KroneckerLayer:
         """Whether a bias column is folded into the input factor."""
         return self.bias_index is not None
 
+    def parameters(self) -> list[Tensor]:
+        """The layer's weight, and its bias where one is folded into the input factor."""
+        module = self.module
+        return [module.weight, module.bias] if self.has_bias else [module.weight]
+
     @property
     def output_dim(self) -> int:
         """``d_out``: rows of the weight matrix."""

@@ -86,12 +86,12 @@ def foreign_weight_uses(
     if not isinstance(outputs, Tensor) or not outputs.requires_grad:
         return []  # the caller names what is wrong with such outputs
     signature = frozenset(
-        (layer.name, *(id(param) for param in _parameters(layer))) for layer in layers
+        (layer.name, *(id(param) for param in layer.parameters())) for layer in layers
     )
     if _CLEAN.get(model) == signature:
         return []
     recorded = [(layer, call) for layer in layers for call in calls.get(layer.name, ())]
-    params = [param for layer in layers for param in _parameters(layer)]
+    params = [param for layer in layers for param in layer.parameters()]
     grads = torch.autograd.grad(
         outputs,
         [layer_output for _, (_, layer_output) in recorded] + params,
@@ -105,7 +105,7 @@ def foreign_weight_uses(
             rebuilt[layer.name].append(_call_gradients(layer, layer_input, grad.detach()))
     autograd = iter(grads[len(recorded) :])
     excess = [
-        _relative_excess(layer, rebuilt[layer.name], [next(autograd) for _ in _parameters(layer)])
+        _relative_excess(layer, rebuilt[layer.name], [next(autograd) for _ in layer.parameters()])
         for layer in layers
     ]
     flags = (torch.stack(excess) > 1).tolist()
@@ -136,12 +136,6 @@ def check_local_weights(
             "several times is supported), give the other use its own parameter, or use "
             "another structure"
         )
-
-
-def _parameters(layer: KroneckerLayer) -> list[Tensor]:
-    """The layer's weight, and its bias when trainable."""
-    module = layer.module
-    return [module.weight, module.bias] if layer.has_bias else [module.weight]
 
 
 def _probe(outputs: Tensor) -> Tensor:
@@ -228,7 +222,7 @@ def _relative_excess(
     Σ_calls bound)``: above 1 when the gradients differ by more than round-off (``ε`` of the
     least precise dtype involved); a 0-d float64 tensor."""
     ratios = []
-    for position, (param, exact) in enumerate(zip(_parameters(layer), autograd, strict=True)):
+    for position, (param, exact) in enumerate(zip(layer.parameters(), autograd, strict=True)):
         pieces = [call[position] for call in rebuilt]
         dtypes = [param.dtype, *(dtype for piece in pieces for dtype in piece.dtypes)]
         tolerance = max(torch.finfo(dtype).eps for dtype in dtypes) ** 0.5

@@ -63,7 +63,6 @@ from natgrad.curvature.evaluation_scope import in_curvature_evaluation
 from natgrad.curvature.kfac_capture import (
     CONV_TYPES,
     KFAC_APPROXIMATIONS,
-    KroneckerLayer,
     backward_vectors,
     check_layer_input,
 )
@@ -161,12 +160,6 @@ class _DampingProbe:
         """The dtype of the recorded gradients (float64 if none): that of a loss given as a
         float, whose round-off bounds the change the assessment can resolve."""
         return self.layers[0][1].dtype if self.layers else torch.float64
-
-
-def _trainable_layer(layer: KroneckerLayer) -> bool:
-    """Whether the layer's weight, and its bias if it has one, are trainable."""
-    module = layer.module
-    return module.weight.requires_grad and (not layer.has_bias or module.bias.requires_grad)
 
 
 def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
@@ -799,7 +792,7 @@ class KFAC:
             for state in self.layers
             if type(state) in (KroneckerLayerState, GroupedConvState, EmbeddingState)
             and state.name in calls
-            and _trainable_layer(state.layer)
+            and all(param.requires_grad for param in state.layer.parameters())
         ]
         self._probing = True
         try:
