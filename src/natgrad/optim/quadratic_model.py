@@ -200,9 +200,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
     ``RuntimeWarning`` says why and ``counters["refused_steps"]`` counts it.
     ``λ`` lives in the param group (key ``"damping"``, with ``"lr"`` and ``"max_kl"``), the
     previous step in the per-parameter state; both round-trip through :meth:`state_dict` (save
-    the preconditioner's state as well). Under ``torch.distributed`` the Fisher products and the
-    losses of the damping rule are averaged over the processes, whose gradients the
-    ``DistributedDataParallel`` wrapper already averages.
+    the preconditioner's state as well). Under ``torch.distributed`` the model is that of the
+    objective whose gradient ``DistributedDataParallel`` computes, the mean of the processes'
+    mean losses: each process's Fisher products (the mean over its own samples) and the losses
+    of the damping rule are averaged over the processes with equal weights. With shares of
+    unequal sizes this weights the samples of a smaller share more than one process on the
+    global batch would, as DDP's gradient does.
 
     An assessed step after which the loss of its batch is not finite is undone and counted as
     refused, with a warning; with ``reject_steps`` so is one after which that loss is higher
@@ -414,7 +417,12 @@ class QuadraticModelOptimizer(CountedOptimizer):
 
     def _fisher_gram(self, directions: Tensor) -> Tensor:
         """``d_iᵀ F d_j`` (float64) for flat directions ``(k, P)``, with ``F`` the exact Fisher
-        of the (sub-)batch, from one forward-mode pass per direction."""
+        of the (sub-)batch, from one forward-mode pass per direction.
+
+        Under ``torch.distributed``, ``F`` is the mean over the processes of their batches'
+        Fishers, each the mean over its own samples: the Fisher of the mean of their mean
+        losses, whose gradient DDP averages (not the mean over all samples, which differs when
+        the shares differ in size)."""
         inputs = self._capture.inputs
         if self.curvature_batch_size is not None:
             inputs = inputs[: self.curvature_batch_size]
@@ -427,9 +435,9 @@ class QuadraticModelOptimizer(CountedOptimizer):
         products = self.likelihood.natural_hessian_product(outputs, stacked)
         count = len(directions)
         fisher = stacked.reshape(count, -1) @ products.reshape(count, -1).T
-        sums = [fisher.to(torch.float64), torch.tensor(float(len(inputs)), dtype=torch.float64)]
-        all_reduce_sum_(sums, self.process_group)
-        return sums[0] / sums[1]
+        fisher = fisher.to(torch.float64) / len(inputs)
+        all_reduce_sum_([fisher], self.process_group)
+        return fisher / world_size(self.process_group)
 
     def _adapt_damping(self, closure: Callable[[], Tensor], loss: Tensor, predicted: float) -> None:
         """Levenberg–Marquardt: ``λ`` from the actual change of the batch loss over ``M(δ)``."""
