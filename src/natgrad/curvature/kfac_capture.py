@@ -13,6 +13,15 @@ trainable bias is folded in as an extra input column (input feature constant 1),
 ``d_in + 1`` columns; in flat parameter vectors the weight still comes first and the bias after
 it, as in ``model.parameters()``.
 
+A transposed convolution (``nn.ConvTranspose2d``, ``nn.ConvTranspose1d``; weight
+``(C_in, C_out / g, k_h, k_w)``) is the convolution of its *expanded* input, the input with
+``s − 1`` zeros inserted between neighbours (stride ``s``) and padded by ``d (k − 1) − p`` on
+each side (dilation ``d``, padding ``p``; negative: cropped) plus ``output_padding`` at the end,
+with stride 1, dilation ``d`` and the kernel transposed within each group and flipped
+(:func:`weight_as_matrix`): its features are that convolution's, and its matrix is
+``(C_out, C_in / g · k_h · k_w)``, entry ``(j C_out/g + o, (i, a, b))`` holding
+``weight[j C_in/g + i, o, k_h − 1 − a, k_w − 1 − b]``.
+
 Features carry a "location" axis ``T``: the spatial positions of a convolution (unfolded
 patches, Grosse & Martens 2016) or the extra dimensions of a ``Linear`` input of shape
 ``(N, ..., d_in)``; ``T = 1`` for an ordinary ``(N, d_in)`` input. The per-sample weight gradient
@@ -42,6 +51,7 @@ locations and the calls are pooled as in expand.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,6 +64,7 @@ from natgrad.curvature.evaluation_scope import curvature_evaluation
 from natgrad.curvature.likelihoods import Likelihood, as_matrix
 
 __all__ = [
+    "CONV_TRANSPOSE_TYPES",
     "CONV_TYPES",
     "KFAC_APPROXIMATIONS",
     "KRONECKER_LAYER_TYPES",
@@ -64,6 +75,7 @@ __all__ = [
     "check_backward_vectors",
     "check_fisher_kind",
     "check_layer_input",
+    "check_layer_output",
     "conv_as_2d",
     "conv_patch_means",
     "conv_patches",
@@ -72,6 +84,7 @@ __all__ = [
     "input_features",
     "join_calls",
     "kronecker_layers",
+    "matrix_as_weight",
     "output_factor",
     "output_features",
     "padded_conv_input",
@@ -82,9 +95,13 @@ __all__ = [
     "shared_weights",
     "tied_parameters",
     "trainable_parameters",
+    "transposed_patch_gram",
+    "weight_as_matrix",
 ]
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, *CONV_TRANSPOSE_TYPES)
+_ONE_D_TYPES = (nn.Conv1d, nn.ConvTranspose1d)
 KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 FISHER_KINDS = ("exact", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -98,7 +115,7 @@ class KroneckerLayer:
     ----------
     name : str
         Qualified module name in the model.
-    module : nn.Linear, nn.Conv1d or nn.Conv2d
+    module : nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d or nn.ConvTranspose2d
     weight_index : int
         Index of the weight among the trainable parameters (``model.parameters()`` order).
     bias_index : int or None
@@ -122,14 +139,17 @@ class KroneckerLayer:
 
     @property
     def output_dim(self) -> int:
-        """``d_out``: rows of the weight matrix."""
-        return self.module.weight.shape[0]
+        """``d_out``: rows of the weight matrix (a transposed convolution's ``C_out``)."""
+        module = self.module
+        if isinstance(module, CONV_TRANSPOSE_TYPES):
+            return module.out_channels
+        return module.weight.shape[0]
 
     @property
     def input_dim(self) -> int:
         """Columns of the weight matrix, plus one with a bias (of one group's, for a grouped
         convolution: ``C_in / g · k_h · k_w [+ 1]``)."""
-        return self.module.weight[0].numel() + int(self.has_bias)
+        return self.module.weight.numel() // self.output_dim + int(self.has_bias)
 
     @property
     def groups(self) -> int:
@@ -141,7 +161,7 @@ class KroneckerLayer:
         """Gather this layer's weight (and bias) from per-parameter ``tensors`` as a
         ``(d_out, d_in [+ 1])`` matrix; for a grouped convolution one matrix per group,
         ``(g, d_out / g, d_in [+ 1])`` (group ``j`` holds weight rows ``j · d_out / g …``)."""
-        weight = tensors[self.weight_index].reshape(self.output_dim, -1)
+        weight = weight_as_matrix(self.module, tensors[self.weight_index])
         if self.bias_index is not None:
             weight = torch.cat([weight, tensors[self.bias_index].reshape(-1, 1)], dim=1)
         if self.groups == 1:
@@ -151,11 +171,10 @@ class KroneckerLayer:
     def from_matrix(self, matrix: Tensor) -> dict[int, Tensor]:
         """Split a matrix of :meth:`to_matrix`'s layout into ``{parameter index: tensor}``."""
         matrix = matrix.reshape(self.output_dim, -1)
-        weight_shape = self.module.weight.shape
         if self.bias_index is None:
-            return {self.weight_index: matrix.reshape(weight_shape)}
+            return {self.weight_index: matrix_as_weight(self.module, matrix)}
         return {
-            self.weight_index: matrix[:, :-1].reshape(weight_shape),
+            self.weight_index: matrix_as_weight(self.module, matrix[:, :-1]),
             self.bias_index: matrix[:, -1].reshape(-1),
         }
 
@@ -165,12 +184,35 @@ class KroneckerLayer:
         ``offsets[i]`` is where trainable parameter ``i`` starts in the flat vector.
         """
         rows = torch.arange(self.output_dim).unsqueeze(1)
-        weight_columns = self.module.weight[0].numel()
-        weight_positions = offsets[self.weight_index] + rows * weight_columns
-        positions = weight_positions + torch.arange(weight_columns)
+        weight = self.module.weight
+        entries = torch.arange(weight.numel()).reshape(weight.shape)
+        positions = offsets[self.weight_index] + weight_as_matrix(self.module, entries)
         if self.bias_index is not None:
             positions = torch.cat([positions, offsets[self.bias_index] + rows], dim=1)
         return positions.reshape(-1)
+
+
+def weight_as_matrix(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` (of ``module``'s weight shape) as the layer's ``(d_out, d_in)`` matrix: a
+    reshape, or for a transposed convolution (``(C_in, C_out / g, *kernel)``) a copy,
+    ``(C_out, C_in / g · Π kernel)``, the kernel transposed within each group and flipped
+    (module docstring). Gradients and index tensors map the same way."""
+    if not isinstance(module, CONV_TRANSPOSE_TYPES):
+        return weight.reshape(weight.shape[0], -1)
+    grouped = weight.unflatten(0, (module.groups, -1))  # (g, C_in / g, C_out / g, *kernel)
+    flipped = grouped.flip(tuple(range(3, grouped.ndim)))
+    return flipped.transpose(1, 2).reshape(module.out_channels, -1)
+
+
+def matrix_as_weight(module: nn.Module, matrix: Tensor) -> Tensor:
+    """The inverse of :func:`weight_as_matrix`: a ``(d_out, d_in)`` matrix in the shape of
+    ``module``'s weight."""
+    shape = module.weight.shape
+    if not isinstance(module, CONV_TRANSPOSE_TYPES):
+        return matrix.reshape(shape)
+    grouped = matrix.reshape(module.groups, shape[1], shape[0] // module.groups, *shape[2:])
+    flipped = grouped.flip(tuple(range(3, grouped.ndim)))
+    return flipped.transpose(1, 2).reshape(shape)
 
 
 def trainable_parameters(model: nn.Module) -> list[Tensor]:
@@ -189,7 +231,9 @@ def kronecker_layers(
     Parameters
     ----------
     model : nn.Module
-    layer_types : tuple of module types, default ``(nn.Linear, nn.Conv1d, nn.Conv2d)``
+    layer_types : tuple of module types, default :data:`KRONECKER_LAYER_TYPES`
+        ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d``,
+        ``nn.ConvTranspose2d``
     strict : bool, default True
         Require every trainable parameter to belong to exactly one such layer: none outside
         them, none shared by two layers or tied to another module (:func:`tied_parameters`).
@@ -278,10 +322,10 @@ def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
 
 def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None:
     """Raise a ``ValueError`` naming layer ``name`` if the input of an ``nn.Linear`` has no
-    batch dimension, or that of a convolution is not ``(N, C, H, W)`` (``(N, C, L)``) with the
-    layer's ``C``: K-FAC reads dim 0 as the samples."""
+    batch dimension, or that of a convolution (transposed or not) is not ``(N, C, H, W)``
+    (``(N, C, L)``) with the layer's ``C``: K-FAC reads dim 0 as the samples."""
     if isinstance(module, CONV_TYPES):
-        one_d = isinstance(module, nn.Conv1d)
+        one_d = isinstance(module, _ONE_D_TYPES)
         if layer_input.ndim == (3 if one_d else 4) and layer_input.shape[1] == module.in_channels:
             return
         spatial = "L" if one_d else "H, W"
@@ -296,9 +340,38 @@ def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None
         )
 
 
+def check_layer_output(module: nn.Module, layer_input: Tensor, output: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming layer ``name`` if a transposed convolution's output is not
+    of the size that its ``output_padding`` gives (``forward(x, output_size=...)`` chose
+    another): its features are those of the expanded input of ``output_padding``. Other layers
+    pass."""
+    if not isinstance(module, CONV_TRANSPOSE_TYPES):
+        return
+    expected = tuple(
+        (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + extra + 1
+        for size, stride, padding, dilation, kernel, extra in zip(
+            layer_input.shape[2:],
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.kernel_size,
+            module.output_padding,
+            strict=True,
+        )
+    )
+    if tuple(output.shape[2:]) != expected:
+        raise ValueError(
+            f"layer {name!r}: output of spatial size {tuple(output.shape[2:])}, but "
+            f"output_padding={module.output_padding} gives {expected}; K-FAC supports a "
+            "transposed convolution called without output_size= (set output_padding instead)"
+        )
+
+
 class ConvGeometry(NamedTuple):
     """A convolution as a 2-D one (a ``Conv1d`` has height 1): ``(h, w)`` pairs, and the pads
-    in ``functional.pad`` order ``(w_left, w_right, h_top, h_bottom)``."""
+    in ``functional.pad`` order ``(w_left, w_right, h_top, h_bottom)``, negative for cropping.
+    A transposed convolution's is that of the convolution of its zero-inserted input
+    (:func:`conv_as_2d`)."""
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
@@ -307,17 +380,24 @@ class ConvGeometry(NamedTuple):
     padding_mode: str
 
 
-def conv_as_2d(
-    module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str
-) -> tuple[ConvGeometry, Tensor]:
-    """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input."""
+def conv_as_2d(module: nn.Module, layer_input: Tensor, name: str) -> tuple[ConvGeometry, Tensor]:
+    """The convolution's geometry and its input as ``(N, C, H, W)``; validates the input.
+
+    A transposed convolution's input is returned zero-inserted (``s − 1`` zeros between
+    neighbours along an axis of stride ``s``), with the geometry of the convolution that the
+    layer applies to it (module docstring): stride 1, the layer's dilation, pads
+    ``d (k − 1) − p`` before and that plus ``output_padding`` after.
+    """
     check_layer_input(module, layer_input, name)
-    one_d = isinstance(module, nn.Conv1d)
+    one_d = isinstance(module, _ONE_D_TYPES)
+    planar = layer_input.unsqueeze(2) if one_d else layer_input
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        return _transposed_geometry(module, one_d), _zero_inserted(planar, module.stride)
     pads = tuple(module._reversed_padding_repeated_twice)
     if not one_d:
         return ConvGeometry(
             module.kernel_size, module.stride, module.dilation, pads, module.padding_mode
-        ), layer_input
+        ), planar
     geometry = ConvGeometry(
         (1, *module.kernel_size),
         (1, *module.stride),
@@ -325,7 +405,42 @@ def conv_as_2d(
         (*pads, 0, 0),
         module.padding_mode,
     )
-    return geometry, layer_input.unsqueeze(2)
+    return geometry, planar
+
+
+def _transposed_geometry(module: nn.Module, one_d: bool) -> ConvGeometry:
+    """The geometry of the convolution that a transposed convolution applies to its
+    zero-inserted input, as a 2-D one."""
+    before = [
+        dilation * (kernel - 1) - padding
+        for kernel, dilation, padding in zip(
+            module.kernel_size, module.dilation, module.padding, strict=True
+        )
+    ]
+    after = [pad + extra for pad, extra in zip(before, module.output_padding, strict=True)]
+    if one_d:
+        return ConvGeometry(
+            (1, *module.kernel_size),
+            (1, 1),
+            (1, *module.dilation),
+            (before[0], after[0], 0, 0),
+            "zeros",
+        )
+    pads = (before[1], after[1], before[0], after[0])
+    return ConvGeometry(module.kernel_size, (1, 1), module.dilation, pads, "zeros")
+
+
+def _zero_inserted(planar: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """``(N, C, H, W)`` with ``s_h − 1`` zero rows and ``s_w − 1`` zero columns inserted
+    between neighbours (``stride`` of a 1-D layer: ``(s_w,)``); unchanged for stride 1."""
+    stride_h, stride_w = (1, *stride) if len(stride) == 1 else stride
+    if stride_h == stride_w == 1:
+        return planar
+    samples, channels, height, width = planar.shape
+    size = (samples, channels, (height - 1) * stride_h + 1, (width - 1) * stride_w + 1)
+    inserted = planar.new_zeros(size)
+    inserted[:, :, ::stride_h, ::stride_w] = planar
+    return inserted
 
 
 def padded_conv_input(geometry: ConvGeometry, layer_input: Tensor) -> Tensor:
@@ -338,7 +453,7 @@ def _output_size(padded_size: int, kernel: int, dilation: int, stride: int) -> i
     return (padded_size - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str = "conv") -> Tensor:
+def conv_patches(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The unfolded input patches of an ``nn.Conv2d`` or ``nn.Conv1d``, feature-major: shape
     ``(d_in, N, T)`` with ``d_in = C · k_h · k_w`` (``C · k`` for a ``Conv1d``; channel-major,
     matching ``weight.reshape(d_out, -1)``) and ``T`` the output positions (``H_out · W_out``,
@@ -350,6 +465,10 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str =
     what ``functional.unfold`` gives, permuted, but gathered as ``k_h · k_w`` strided slices of
     the padded input, one per kernel offset, stacked in one copy: on the CPU ``unfold`` is
     2–20× slower at the sizes of ``benchmarks/kfac_digits.py`` and ordinary image layers.
+
+    A transposed convolution's (``nn.ConvTranspose2d``, ``nn.ConvTranspose1d``) are those of
+    the convolution of its expanded input (:func:`conv_as_2d`), ``d_in = C_in · k_h · k_w``
+    rows matching :func:`weight_as_matrix` and ``T`` its output positions.
 
     Raises
     ------
@@ -393,16 +512,15 @@ def _window_indicator(
     return indicator[:, :size], outputs
 
 
-def conv_patch_means(
-    module: nn.Conv1d | nn.Conv2d, layer_input: Tensor, name: str = "conv"
-) -> Tensor:
+def conv_patch_means(module: nn.Module, layer_input: Tensor, name: str = "conv") -> Tensor:
     """The mean over locations of :func:`conv_patches`, shape ``(d_in, N)``: K-FAC-reduce's
     input features, without gathering the patches.
 
     The sum over the locations of kernel offset ``(r, q)`` is ``Σ_{h,w} R[r,h] x[h,w] Q[q,w]``,
     with ``R`` and ``Q`` marking the rows and columns that the offset reads: two matrix
     products that read the input once, in its dtype (also under ``torch.autocast``). Zero
-    padding adds nothing and is left out; the other padding modes pad the input first.
+    padding adds nothing and is left out; the other padding modes pad the input first. A
+    transposed convolution's are read from its zero-inserted input (:func:`conv_as_2d`).
 
     Raises
     ------
@@ -434,13 +552,124 @@ def conv_patch_means(
     return sums.reshape(-1, samples) / (out_h * out_w)  # (C k_h k_w, N)
 
 
+class _Phase(NamedTuple):
+    """Along one axis of a transposed convolution, the ``count`` output positions
+    ``t = r + s m`` of one residue ``r`` modulo the stride ``s``: kernel offset ``a`` of
+    ``reads`` reads input entry ``start_a + m`` there (``(a, start_a)`` pairs; zero outside the
+    input), every other offset a zero of the expanded input."""
+
+    count: int
+    reads: list[tuple[int, int]]
+
+
+def _phases(
+    kernel: int, dilation: int, stride: int, pads: tuple[int, int], size: int
+) -> tuple[list[_Phase], tuple[int, int]]:
+    """The phases of one axis, and the zeros to pad the input with before and after it so
+    that every read is inside."""
+    outputs = (size - 1) * stride + 1 + sum(pads) - dilation * (kernel - 1)
+    phases = []
+    for residue in range(stride):
+        shifts = [(offset, residue + offset * dilation - pads[0]) for offset in range(kernel)]
+        reads = [(offset, shift // stride) for offset, shift in shifts if shift % stride == 0]
+        phases.append(_Phase(max(0, -(-(outputs - residue) // stride)), reads))
+    starts = [(start, phase.count) for phase in phases for _, start in phase.reads]
+    low = min([0] + [start for start, _ in starts])
+    high = max([size] + [start + count for start, count in starts])
+    return phases, (-low, high - size)
+
+
+def transposed_patch_gram(
+    module: nn.Module, layer_input: Tensor, bias: bool, name: str = "conv"
+) -> tuple[Tensor, int]:
+    """``Σ_n Σ_t a aᵀ`` over a transposed convolution's patches (:func:`conv_patches`, with a
+    1 appended for a ``bias``; one matrix per group, ``(g, d [+ 1], d [+ 1])``, for
+    ``groups = g > 1``) and the number ``N T`` of patches, without gathering the zeros of its
+    expanded input.
+
+    Along an axis of stride ``s`` the output positions ``t ≡ r (mod s)`` read input entries
+    at the kernel offsets of one residue class and zeros at the others, so each of the
+    ``s_h s_w`` phases gathers only its offsets' entries and adds their Gram matrix to those
+    offsets' rows and columns: about ``s_h s_w`` times fewer entries gathered and
+    ``(s_h s_w)²`` times fewer products than the Gram matrix of every patch.
+
+    Raises
+    ------
+    ValueError
+        As :func:`conv_patches`.
+    """
+    check_layer_input(module, layer_input, name)
+    one_d = isinstance(module, _ONE_D_TYPES)
+    planar = layer_input.unsqueeze(2) if one_d else layer_input
+    geometry = _transposed_geometry(module, one_d)
+    strides = (1, *module.stride) if one_d else tuple(module.stride)
+    pads = ((geometry.pads[2], geometry.pads[3]), (geometry.pads[0], geometry.pads[1]))
+    (rows, row_pads), (columns, column_pads) = (
+        _phases(*axis)
+        for axis in zip(
+            geometry.kernel, geometry.dilation, strides, pads, planar.shape[2:], strict=True
+        )
+    )
+    padded = functional.pad(planar, (*column_pads, *row_pads)).transpose(0, 1)  # (C, N, H, W)
+    channels, samples = padded.shape[:2]
+    features = channels // module.groups * geometry.kernel[0] * geometry.kernel[1]
+    size = features + int(bias)
+    total = padded.new_zeros((module.groups, size, size))
+    for row, column in itertools.product(rows, columns):
+        shifted = (row_pads[0], column_pads[0])
+        _add_phase_gram(total, padded, row, column, shifted, geometry.kernel, bias)
+    positions = samples * sum(row.count for row in rows) * sum(column.count for column in columns)
+    return (total[0] if module.groups == 1 else total), positions
+
+
+def _add_phase_gram(
+    total: Tensor,
+    padded: Tensor,
+    row: _Phase,
+    column: _Phase,
+    shifted: tuple[int, int],
+    kernel: tuple[int, int],
+    bias: bool,
+) -> None:
+    """Add one phase's patches' Gram matrix (and, with a ``bias``, their sums and count) to
+    ``total`` ``(g, d [+ 1], d [+ 1])`` at its offsets' rows and columns; ``padded`` is the
+    ``(C, N, H, W)`` input with ``shifted`` zeros before its rows and columns."""
+    groups, features = total.shape[0], total.shape[1] - int(bias)
+    samples = padded.shape[1]
+    if bias:
+        total[:, features, features] += samples * row.count * column.count
+    if not (row.count and column.count and row.reads and column.reads):
+        return
+    offsets = [
+        padded[
+            :,
+            :,
+            shifted[0] + start_h : shifted[0] + start_h + row.count,
+            shifted[1] + start_w : shifted[1] + start_w + column.count,
+        ]
+        for _, start_h in row.reads
+        for _, start_w in column.reads
+    ]
+    patches = torch.stack(offsets, dim=1).reshape(groups, -1, samples * row.count * column.count)
+    kept = [a * kernel[1] + b for a, _ in row.reads for b, _ in column.reads]
+    channels = torch.arange(padded.shape[0] // groups, device=padded.device)
+    kept_offsets = torch.tensor(kept, device=padded.device)
+    index = (channels.unsqueeze(1) * (kernel[0] * kernel[1]) + kept_offsets).reshape(-1)
+    total[:, index.unsqueeze(1), index] += add_column_gram(None, patches, ones=False, fresh=True)
+    if bias:
+        sums = patches.sum(dim=-1)
+        total[:, index, features] += sums
+        total[:, features, index] += sums
+
+
 def input_features(layer: KroneckerLayer, layer_input: Tensor) -> Tensor:
     """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (a trailing 1 for a bias).
 
     ``nn.Conv2d`` inputs ``(N, C, H, W)`` become their ``T = H_out · W_out`` patches of
     ``C · k_h · k_w`` features (:func:`patch_features`, a non-contiguous view), ``nn.Conv1d``
-    inputs ``(N, C, L)`` their ``T = L_out`` patches of ``C · k``; a grouped convolution's are
-    per group, ``(g, N, T, d_in / g [+ 1])``.
+    inputs ``(N, C, L)`` their ``T = L_out`` patches of ``C · k`` (a transposed convolution's:
+    those of its expanded input, :func:`conv_patches`); a grouped convolution's are per group,
+    ``(g, N, T, d_in / g [+ 1])``.
     """
     module = layer.module
     if isinstance(module, CONV_TYPES):
@@ -660,6 +889,7 @@ class ForwardCapture:
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            check_layer_output(module, args[0], output, name)
             self.calls.setdefault(name, []).append((args[0].detach(), output))
             # Pass a copy on: an in-place op downstream (ReLU(inplace=True)) would otherwise
             # rewrite the recorded output and its place in the graph.

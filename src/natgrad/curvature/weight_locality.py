@@ -14,9 +14,10 @@ the recorded layer outputs and to the layers' parameters in one backward pass, r
 layer's parameter gradient from its calls' recorded inputs and output gradients with the
 layer's own operation (``Σ_n Σ_t g_nt a_ntᵀ``, the SUM over samples, locations and calls: a
 matrix product for ``nn.Linear``, ``convolution_backward`` of the padded input for a
-convolution, which also sums the patches' products), and compares it with autograd's
-gradient of the same backward. Both are the same sums of the same products, so they agree to
-round-off unless the parameter has another use.
+convolution, which also sums the patches' products, and the transposed convolution's own
+``convolution_backward`` for ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d``), and compares
+it with autograd's gradient of the same backward. Both are the same sums of the same
+products, so they agree to round-off unless the parameter has another use.
 
 Cost: one extra backward pass and one weight-gradient product per layer call. A model found
 clean is remembered (weakly, with the parameters of its layers), so the check runs at the
@@ -35,7 +36,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
-from natgrad.curvature.kfac_capture import CONV_TYPES, KroneckerLayer, conv_as_2d, padded_conv_input
+from natgrad.curvature.kfac_capture import (
+    CONV_TRANSPOSE_TYPES,
+    CONV_TYPES,
+    KroneckerLayer,
+    conv_as_2d,
+    padded_conv_input,
+)
 
 __all__ = ["PROBE_SEED", "check_local_weights", "foreign_weight_uses"]
 
@@ -185,8 +192,11 @@ def _conv_weight_gradient(
     layer: KroneckerLayer, layer_input: Tensor, output_grad: Tensor
 ) -> Tensor:
     """A convolution call's weight gradient, by the convolution's own backward of the input
-    padded as the layer pads it (any padding mode), seen as a 2-D convolution."""
-    module: nn.Conv1d | nn.Conv2d = layer.module
+    padded as the layer pads it (any padding mode), seen as a 2-D convolution; a transposed
+    convolution's by its own backward (:func:`_transposed_weight_gradient`)."""
+    module = layer.module
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        return _transposed_weight_gradient(layer, layer_input, output_grad)
     geometry, planar = conv_as_2d(module, layer_input, layer.name)
     padded = padded_conv_input(geometry, planar).to(output_grad.dtype)
     planar_grad = output_grad.unsqueeze(2) if isinstance(module, nn.Conv1d) else output_grad
@@ -205,6 +215,29 @@ def _conv_weight_gradient(
         [False, True, False],
     )[1]
     return weight_grad.reshape(module.weight.shape)
+
+
+def _transposed_weight_gradient(
+    layer: KroneckerLayer, layer_input: Tensor, output_grad: Tensor
+) -> Tensor:
+    """A transposed convolution call's weight gradient, ``(C_in, C_out / g, *kernel)``, by the
+    backward of ``conv_transpose`` itself (independent of the layer's convolution form in
+    :func:`~natgrad.curvature.kfac_capture.conv_as_2d`)."""
+    module = layer.module
+    weight = module.weight
+    return torch.ops.aten.convolution_backward(
+        output_grad,
+        layer_input.to(output_grad.dtype),
+        output_grad.new_empty(1).expand(weight.shape),
+        None,
+        list(module.stride),
+        list(module.padding),
+        list(module.dilation),
+        True,
+        list(module.output_padding),
+        module.groups,
+        [False, True, False],
+    )[1]
 
 
 def _norm(tensor: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from natgrad.curvature.ekfac import embedding_second_moment, projected_second_moment
 from natgrad.curvature.kfac_capture import (
+    CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
     KroneckerLayer,
     add_column_gram,
@@ -32,10 +33,13 @@ from natgrad.curvature.kfac_capture import (
     conv_patches,
     input_features,
     join_calls,
+    matrix_as_weight,
     output_features,
     patch_features,
     reduced_input_features,
     reduced_output_features,
+    transposed_patch_gram,
+    weight_as_matrix,
 )
 from natgrad.linalg.kron import (
     SymmetricEigen,
@@ -660,8 +664,12 @@ class LayerState:
 
 
 class KroneckerLayerState(LayerState):
-    """``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (groups=1): ``G ⊗ A`` with the bias folded
-    into ``A``; ``reduce`` selects K-FAC-reduce for inputs with several locations per sample."""
+    """``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose1d`` /
+    ``nn.ConvTranspose2d`` (groups=1): ``G ⊗ A`` with the bias folded into ``A``; ``reduce``
+    selects K-FAC-reduce for inputs with several locations per sample. A transposed
+    convolution's weight is in the matrix layout of
+    :func:`~natgrad.curvature.kfac_capture.weight_as_matrix` (a copy; its solution is written
+    back through :func:`~natgrad.curvature.kfac_capture.matrix_as_weight`)."""
 
     def __init__(
         self, name: str, module: nn.Module, keep_pairs: bool, reduce: bool = False
@@ -670,8 +678,8 @@ class KroneckerLayerState(LayerState):
         bias_index = 1 if bias is not None and bias.requires_grad else None
         self.layer = KroneckerLayer(name, module, 0, bias_index)
         self.bias: nn.Parameter | None = None if bias_index is None else bias
-        self._rows = module.weight.shape[0]
-        self._columns = module.weight[0].numel()
+        self._rows = self.layer.output_dim
+        self._columns = module.weight.numel() // self._rows
         self._ones: Tensor | None = None
         super().__init__(name, module, keep_pairs, reduce)
 
@@ -737,7 +745,10 @@ class KroneckerLayerState(LayerState):
         is one product, and a bias adds their sums, with no column of ones copied in. With
         ``reduce`` the Gram matrix is of the patches' means over the locations
         (:func:`~natgrad.curvature.kfac_capture.conv_patch_means`, no patches gathered unless
-        EKFAC keeps them)."""
+        EKFAC keeps them); a transposed convolution's, unless EKFAC keeps them, by phases
+        without its expanded input's zeros (:meth:`_record_transposed_gram`)."""
+        if self._phased():
+            return self._record_transposed_gram(layer_input)
         patches = None
         if self.reduce and not self.keep_pairs:
             columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
@@ -750,6 +761,22 @@ class KroneckerLayerState(LayerState):
         self.input_sum = add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
         self.input_count += columns.shape[1]
         return patch_features(patches, self.layer.has_bias) if self.keep_pairs else None
+
+    def _phased(self) -> bool:
+        """Whether :meth:`record_input` adds K-FAC-expand's input Gram matrix of a transposed
+        convolution without gathering its patches."""
+        return isinstance(self.module, CONV_TRANSPOSE_TYPES) and not (
+            self.reduce or self.keep_pairs
+        )
+
+    def _record_transposed_gram(self, layer_input: Tensor) -> None:
+        """Add a transposed convolution's ``Σ_n Σ_t a aᵀ`` (each group's) by phases of its
+        output positions (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`)."""
+        gram, count = transposed_patch_gram(
+            self.module, layer_input.to(self.dtype), self.layer.has_bias, self.name
+        )
+        self.input_sum = gram if self.input_count == 0 else self.input_sum.add_(gram)
+        self.input_count += count
 
     def _with_ones_column(self, layer_input: Tensor) -> Tensor:
         """``[x, 1]``: :func:`~natgrad.curvature.kfac_capture.input_features` of a ``(N, d_in)``
@@ -784,7 +811,7 @@ class KroneckerLayerState(LayerState):
         weight_grad = self.weight.grad
         if weight_grad is None:
             return None
-        matrix = weight_grad.reshape(self._rows, -1)
+        matrix = weight_as_matrix(self.module, weight_grad)
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
@@ -798,7 +825,9 @@ class KroneckerLayerState(LayerState):
     def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
         weight_grad = self.weight.grad
         bias_grad = None if self.bias is None else self.bias.grad
-        view = _matrix_view(weight_grad, self._rows, left.dtype)
+        view = None
+        if not isinstance(self.module, CONV_TRANSPOSE_TYPES):
+            view = _matrix_view(weight_grad, self._rows, left.dtype)
         direct = view is not None and (bias_grad is None or bias_grad.dtype == left.dtype)
         if right is None:
             weight_part = left if bias_grad is None else left[:, : self._columns]
@@ -814,7 +843,7 @@ class KroneckerLayerState(LayerState):
         if direct:
             view.copy_(weight_part)
         else:
-            weight_grad.copy_(weight_part.reshape(weight_grad.shape))
+            weight_grad.copy_(matrix_as_weight(self.module, weight_part))
         if bias_grad is not None:
             bias_grad.copy_(bias_part)
 
@@ -829,9 +858,10 @@ class KroneckerLayerState(LayerState):
 
 
 class GroupedConvState(KroneckerLayerState):
-    """``nn.Conv1d`` / ``nn.Conv2d`` with ``groups = g > 1`` (depthwise included): ``g``
+    """A convolution (transposed or not) with ``groups = g > 1`` (depthwise included): ``g``
     independent convolutions, group ``j`` mapping input channels ``j·C_in/g …`` to output
-    channels ``j·C_out/g …`` with weight rows ``j·C_out/g …``. Each group gets its own block
+    channels ``j·C_out/g …`` with weight-matrix rows ``j·C_out/g …``
+    (:func:`~natgrad.curvature.kfac_capture.weight_as_matrix`). Each group gets its own block
     ``G_j ⊗ A_j`` (the layer's block is block diagonal over its groups, as the model's is over
     its layers), built exactly as for an ungrouped convolution on the group's channels; the
     factors are stacked, ``(g, d, d)``, and every product is batched over the groups."""
@@ -841,7 +871,7 @@ class GroupedConvState(KroneckerLayerState):
     ) -> None:
         super().__init__(name, module, keep_pairs, reduce)
         self.groups = module.groups
-        self._rows = module.weight.shape[0] // self.groups
+        self._rows = self.layer.output_dim // self.groups
 
     def _input_template(self) -> Tensor:
         size = self._columns + int(self.layer.has_bias)
@@ -856,6 +886,8 @@ class GroupedConvState(KroneckerLayerState):
         rows (:func:`~natgrad.curvature.kfac_capture.conv_patches`); returns the features
         ``(g, N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``."""
         layer_input = layer_input.detach()
+        if self._phased():
+            return self._record_transposed_gram(layer_input)
         patches = None
         if self.reduce and not self.keep_pairs:
             columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
@@ -930,7 +962,8 @@ class GroupedConvState(KroneckerLayerState):
             bias_part = None
             if bias_grad is not None:
                 bias_part = torch.matmul(left, right[1].unsqueeze(-1))
-        self.weight.grad.copy_(weight_part.reshape(self.weight.shape))
+        weight_matrix = weight_part.reshape(self.layer.output_dim, -1)
+        self.weight.grad.copy_(matrix_as_weight(self.module, weight_matrix))
         if bias_grad is not None:
             bias_grad.copy_(bias_part.reshape(bias_grad.shape))
 
