@@ -65,6 +65,7 @@ from natgrad.curvature.kfac_capture import (
     KFAC_APPROXIMATIONS,
     backward_vectors,
     check_layer_input,
+    check_layer_output,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.curvature.weight_locality import foreign_weight_uses
@@ -78,8 +79,8 @@ from natgrad.distributed.reduce import (
 )
 from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
 from natgrad.optim.kfac_attention import (
-    AttentionHooks,
     AttentionLayers,
+    AttentionRecording,
     PackedInProjection,
     PackedProjectionState,
     attention_projections,
@@ -90,6 +91,13 @@ from natgrad.optim.kfac_layers import (
     KroneckerLayerState,
     LayerState,
     fold_factors,
+)
+from natgrad.optim.kfac_mode_hooks import ModeHooks
+from natgrad.optim.kfac_recurrent import (
+    RECURRENT_TYPES,
+    RecurrentLayers,
+    RecurrentRecording,
+    recurrent_projections,
 )
 from natgrad.optim.trust_region import damping_update, loss_resolution
 
@@ -318,12 +326,15 @@ def _candidates(
         unknown = [item.__name__ for item in types if not issubclass(item, DEFAULT_LAYER_TYPES)]
         if unknown:
             raise ValueError(
-                f"unsupported layer types {unknown}; use Linear, Conv1d, Conv2d, Embedding"
+                f"unsupported layer types {unknown}; use Linear, Conv1d, Conv2d, "
+                "ConvTranspose1d, ConvTranspose2d, Embedding"
             )
         layers = []
         for name, module in named:
             if isinstance(module, nn.MultiheadAttention) and nn.Linear in types:
                 layers += attention_projections(name, module)
+            elif isinstance(module, RECURRENT_TYPES) and nn.Linear in types:
+                layers += recurrent_projections(name, module)
             elif isinstance(module, types) and _preconditionable(module):
                 layers.append((name, module))
         return layers
@@ -337,31 +348,36 @@ def _candidates(
             )
         if id(module) not in names:
             raise ValueError(f"layer {module!r} is not a submodule of the model")
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) or isinstance(module, RECURRENT_TYPES):
             selected += _supported_projections(names[id(module)], module)
             continue
         if not _supported(module):
             raise ValueError(
                 f"layer {names[id(module)]!r} ({type(module).__name__}) cannot be preconditioned: "
-                "expected Linear, Conv1d, Conv2d or Embedding (dense gradients) with a "
+                "expected Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d or Embedding "
+                "(dense gradients) with a "
                 "trainable weight parameter (not one computed, by a parametrization or pruning)"
             )
         selected.append((names[id(module)], module))
     return selected
 
 
-def _supported_projections(
-    name: str, attention: nn.MultiheadAttention
-) -> list[tuple[str, nn.Module]]:
-    """The projections of an attention chosen by ``layers=``, refused if none can be
-    preconditioned."""
-    projections = [pair for pair in attention_projections(name, attention) if _supported(pair[1])]
-    if not projections:
-        raise ValueError(
-            f"attention {name!r} cannot be preconditioned: K-FAC covers the packed input "
-            "projection and out_proj of an attention without kdim/vdim, with trainable weights"
+def _supported_projections(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The projections of an attention or the weights of a recurrent layer chosen by
+    ``layers=``, refused if none can be preconditioned."""
+    if isinstance(module, nn.MultiheadAttention):
+        projections = attention_projections(name, module)
+        covered = (
+            "the packed input projection and out_proj of an attention without kdim/vdim, with "
+            "trainable weights"
         )
-    return projections
+    else:
+        projections = recurrent_projections(name, module)
+        covered = "a recurrent layer's trainable weights that are not computed"
+    supported = [pair for pair in projections if _supported(pair[1])]
+    if not supported:
+        raise ValueError(f"{name!r} cannot be preconditioned: K-FAC covers {covered}")
+    return supported
 
 
 class _LayerHook:
@@ -432,7 +448,8 @@ class _CallRecorder:
 
 
 class KFAC:
-    """K-FAC preconditioner: rewrites ``.grad`` of Linear/Conv1d/Conv2d/Embedding layers in place.
+    """K-FAC preconditioner: rewrites ``.grad`` of Linear, (transposed) convolution and
+    Embedding layers in place.
 
     Parameters
     ----------
@@ -489,15 +506,21 @@ class KFAC:
         layer's from the param group holding its weight (its bias, if any, must be in a group
         with the same learning rate).
     layers : sequence of modules or module types, optional
-        Layers to precondition; default every Linear, Conv1d and Conv2d (grouped convolutions,
-        depthwise included, with one Kronecker block per group) and Embedding (not ``sparse``)
+        Layers to precondition; default every Linear, Conv1d, Conv2d, ConvTranspose1d and
+        ConvTranspose2d (grouped convolutions, depthwise included, with one Kronecker block per
+        group; a transposed convolution as the convolution of its zero-inserted, padded input,
+        called without ``output_size=``) and Embedding (not ``sparse``)
         with a trainable weight that is not computed (parametrized by ``weight_norm``, or
         pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own), the
         packed input projection (``"{name}.in_proj"``) and ``out_proj`` of every
         ``nn.MultiheadAttention`` without ``kdim``/``vdim`` (the input projection with one
         block for each of its query, key and value rows, in self- and cross-attention; see
         :mod:`natgrad.optim.kfac_attention`; choose an attention's projections by passing the
-        attention module), except
+        attention module), the weights of every ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their
+        cells (``"{name}.ih_l0"``, ``"{name}.hh_l0"``, ...: each with its bias, applied at
+        every time step; see :mod:`natgrad.optim.kfac_recurrent`; choose them by passing the
+        recurrent module; attentions and recurrent layers are selected with ``nn.Linear`` by
+        type), except
         embeddings with ``scale_grad_by_freq=True`` (their gradient is divided by the
         tokens' counts, which ``A`` would divide again: left out with a warning; choosing
         one raises) and layers that share their weight with another (tied embeddings: left
@@ -673,7 +696,7 @@ class KFAC:
         ]
         if not self.layers:
             frozen = [name for name, _ in self._frozen_layers]
-            kinds = "Linear, Conv1d, Conv2d or Embedding"
+            kinds = "Linear, Conv1d, Conv2d, ConvTranspose1d, ConvTranspose2d or Embedding"
             if layers is not None and all(isinstance(item, type) for item in layers):
                 kinds = " or ".join(item.__name__ for item in layers) or kinds
             raise ValueError(
@@ -681,6 +704,7 @@ class KFAC:
                 + (f": those of {frozen} are frozen" if frozen else "")
             )
         self._attention = self._attention_layers(model)
+        self._recurrent = self._recurrent_layers(model)
         self._attached = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._output_handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -716,6 +740,18 @@ class KFAC:
                     found.append(AttentionLayers(module, input_state, output_state))
         return found
 
+    def _recurrent_layers(self, model: nn.Module) -> list[RecurrentLayers]:
+        """The recurrent layers with a preconditioned weight, and their weights' states."""
+        by_weight = {id(state.weight): state for state in self.layers}
+        found = []
+        for module in model.modules():
+            if isinstance(module, RECURRENT_TYPES):
+                params = module.parameters(recurse=False)
+                states = [by_weight[id(param)] for param in params if id(param) in by_weight]
+                if states:
+                    found.append(RecurrentLayers(module, states))
+        return found
+
     # -- hooks ---------------------------------------------------------------------------------
     def _sync_hooks(self) -> None:
         """Forward hooks are on the layers only for steps that record statistics, so that the
@@ -726,7 +762,11 @@ class KFAC:
                 state.module.register_forward_hook(_LayerHook(self, state)) for state in self.layers
             ]
             for layers in self._attention:
-                self._handles += AttentionHooks(self, layers).register(layers.attention)
+                hooks = ModeHooks(self, AttentionRecording, layers)
+                self._handles += hooks.register(layers.attention)
+            for layers in self._recurrent:
+                hooks = ModeHooks(self, RecurrentRecording, layers)
+                self._handles += hooks.register(layers.module)
             if not self._weights_checked:
                 self._handles.append(self._model.register_forward_hook(_ModelHook(self)))
         elif not wanted:
@@ -755,6 +795,7 @@ class KFAC:
         if not self._recording(module) or not state.weight.requires_grad:  # frozen after build
             return
         check_layer_input(module, layer_input, state.name)
+        check_layer_output(module, layer_input, output, state.name)
         if not output.requires_grad:
             return
         state.follow_weight()

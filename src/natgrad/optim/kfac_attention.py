@@ -19,7 +19,6 @@ Attentions with separate ``kdim``/``vdim`` projections are left out.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +35,8 @@ if TYPE_CHECKING:
     from natgrad.optim.kfac_layers import LayerState
 
 __all__ = [
-    "AttentionHooks",
     "AttentionLayers",
+    "AttentionRecording",
     "PackedInProjection",
     "PackedProjectionState",
     "attention_projections",
@@ -270,36 +269,3 @@ def _batch_first(rows: Tensor) -> Tensor:
 def _sequence_first(rows: Tensor, ndim: int) -> Tensor:
     """The inverse of :func:`_batch_first` for rows that were ``ndim``-dimensional."""
     return rows.transpose(0, 1) if ndim == 3 else rows.squeeze(0)
-
-
-class AttentionHooks:
-    """The forward pre-hook and (always called) forward hook that run an attention's forward
-    under :class:`AttentionRecording`. They hold the preconditioner weakly and pickle and
-    deep-copy to inert hooks, as the layers' hooks do."""
-
-    def __init__(self, precond: KFAC | None, layers: AttentionLayers | None) -> None:
-        self._precond = None if precond is None else weakref.ref(precond)
-        self._layers = layers
-        self._active: list[AttentionRecording] = []
-
-    def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        precond = None if self._precond is None else self._precond()
-        if precond is None:
-            return
-        recording = AttentionRecording(precond, self._layers)
-        recording.__enter__()
-        self._active.append(recording)
-
-    def leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self._active:
-            self._active.pop().__exit__(None, None, None)
-
-    def register(self, attention: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-        """Attach both hooks to ``attention``; returns their handles."""
-        return [
-            attention.register_forward_pre_hook(self.enter),
-            attention.register_forward_hook(self.leave, always_call=True),
-        ]
-
-    def __reduce__(self) -> tuple[type[AttentionHooks], tuple[None, None]]:
-        return AttentionHooks, (None, None)

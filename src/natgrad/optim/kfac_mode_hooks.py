@@ -1,0 +1,61 @@
+"""Forward hooks that run a module's forward under a ``TorchFunctionMode`` of K-FAC's.
+
+Attentions and recurrent layers multiply by their weights inside fused functions
+(``F.multi_head_attention_forward``, ``torch._VF.lstm``) that no layer hook sees. On recording
+steps their forward runs under a mode that takes over that function and records the products
+with the weights (:mod:`natgrad.optim.kfac_attention`, :mod:`natgrad.optim.kfac_recurrent`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from natgrad.optim.kfac import KFAC
+
+__all__ = ["ModeHooks"]
+
+
+class ModeHooks:
+    """The forward pre-hook and (always called) forward hook that run a module's forward under
+    the mode ``mode_type(precond, layers)``. They hold the preconditioner weakly and pickle and
+    deep-copy to inert hooks, as the layers' hooks do."""
+
+    def __init__(
+        self,
+        precond: KFAC | None,
+        mode_type: Callable[[KFAC, Any], TorchFunctionMode] | None,
+        layers: Any,
+    ) -> None:
+        self._precond = None if precond is None else weakref.ref(precond)
+        self._mode_type = mode_type
+        self._layers = layers
+        self._active: list[TorchFunctionMode] = []
+
+    def enter(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        precond = None if self._precond is None else self._precond()
+        if precond is None:
+            return
+        mode = self._mode_type(precond, self._layers)
+        mode.__enter__()
+        self._active.append(mode)
+
+    def leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._active:
+            self._active.pop().__exit__(None, None, None)
+
+    def register(self, module: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Attach both hooks to ``module``; returns their handles."""
+        return [
+            module.register_forward_pre_hook(self.enter),
+            module.register_forward_hook(self.leave, always_call=True),
+        ]
+
+    def __reduce__(self) -> tuple[type[ModeHooks], tuple[None, None, None]]:
+        return ModeHooks, (None, None, None)
