@@ -46,6 +46,7 @@ class BlockDiagonal(CurvatureOperator):
         self.blocks = blocks
 
     def _split(self, vector: Tensor) -> tuple[Tensor, ...]:
+        """``vector`` ``(P,)`` or ``(P, K)`` split into the blocks' rows."""
         return torch.split(vector, self.param_numels)
 
     def _mv_flat(self, vector: Tensor) -> Tensor:
@@ -60,6 +61,11 @@ class BlockDiagonal(CurvatureOperator):
                 for block, part in zip(self.blocks, parts, strict=True)
             ]
         )
+
+    # ``block @ part`` and ``damped_solve`` take a block of columns ``(p_i, K)`` as they take a
+    # vector ``(p_i,)``: the batched products are the same code.
+    _mm_flat = _mv_flat
+    _solve_block = _solve_flat
 
     def _diag_flat(self) -> Tensor:
         return torch.cat([block.diagonal() for block in self.blocks])

@@ -33,7 +33,7 @@ from natgrad.curvature.block import BlockDiagonal
 from natgrad.curvature.dense import Dense
 from natgrad.curvature.diagonal import Diagonal
 from natgrad.curvature.ekfac import ekfac_from_statistics
-from natgrad.curvature.implicit import Implicit
+from natgrad.curvature.implicit import Implicit, check_cg_options
 from natgrad.curvature.jacobians import (
     ModelFunction,
     check_curvature_model,
@@ -91,6 +91,23 @@ def _check_kfac_approx(kfac_approx: str, structure: str) -> None:
             f"kfac_approx={kfac_approx!r} applies to structure='kfac' or 'ekfac', "
             f"got structure={structure!r}"
         )
+
+
+def _cg_options(
+    structure: str, cg_rtol: object, cg_max_iter: object
+) -> dict[str, float | int | None]:
+    """The implicit operator's conjugate-gradient options, checked
+    (:func:`~natgrad.curvature.implicit.check_cg_options`); refused with another structure,
+    which they would not affect."""
+    rtol, max_iter = check_cg_options(cg_rtol, cg_max_iter)
+    options = {"cg_rtol": rtol, "cg_max_iter": max_iter}
+    for name, value in options.items():
+        if value is not None and structure != "implicit":
+            raise ValueError(
+                f"{name}={value!r} applies to structure='implicit' (conjugate-gradient solves), "
+                f"got structure={structure!r}"
+            )
+    return options
 
 
 def _num_samples(inputs: Tensor) -> int:
@@ -224,7 +241,9 @@ def _assembled_sum(
     return total.operator(scale)
 
 
-def _implicit_fisher(function: ModelFunction, factors: Tensor) -> Implicit:
+def _implicit_fisher(
+    function: ModelFunction, factors: Tensor, cg_options: dict[str, float | int | None]
+) -> Implicit:
     outputs, transpose_product = function.vjp_function()
     scale = 1.0 / function.num_samples
 
@@ -234,7 +253,13 @@ def _implicit_fisher(function: ModelFunction, factors: Tensor) -> Implicit:
         weighted = torch.einsum("nck,nk->nc", factors, projected) * scale
         return transpose_product(weighted.reshape(outputs.shape))
 
-    return Implicit(fisher_vector_product, function.param_shapes, function.dtype, function.device)
+    return Implicit(
+        fisher_vector_product,
+        function.param_shapes,
+        function.dtype,
+        function.device,
+        **cg_options,
+    )
 
 
 def _kronecker_operator(
@@ -279,6 +304,9 @@ def fisher(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     kfac_approx: str = "expand",
+    *,
+    cg_rtol: float | None = None,
+    cg_max_iter: int | None = None,
 ) -> CurvatureOperator:
     """Fisher information of ``model`` on ``inputs``: the MEAN over the ``N`` inputs.
 
@@ -312,6 +340,14 @@ def fisher(
     kfac_approx : {"expand", "reduce"}, default "expand"
         For ``structure="kfac"``/``"ekfac"``: the factors of layers with several locations per
         sample (see :func:`natgrad.curvature.kfac.build_kfac`).
+    cg_rtol : float, optional
+        For ``structure="implicit"``: the relative residual tolerance of the solve's conjugate
+        gradients, in ``(0, 1)``; by default
+        :func:`~natgrad.curvature.implicit.default_cg_rtol` of the model's dtype (``1.9e-6``
+        in float32, ``1.5e-8`` in float64). Looser is faster and less accurate.
+    cg_max_iter : int, optional
+        For ``structure="implicit"``: the solve's iteration cap, at least 1;
+        ``min(10 · P, 1000)`` by default.
 
     Returns
     -------
@@ -329,13 +365,17 @@ def fisher(
         function of independent samples (BatchNorm or dropout in training mode, embeddings
         with ``max_norm`` or ``scale_grad_by_freq``; see ``docs/curvature.md``); model
         outputs at which the Fisher is not finite (NaN, or overflowing the dtype), or with a
-        single logit for ``"categorical"``.
+        single logit for ``"categorical"``; ``cg_rtol`` outside ``(0, 1)`` (NaN and
+        infinities included) or ``cg_max_iter < 1``, or either given with another structure
+        than ``"implicit"``.
     TypeError
-        A model that does not return one tensor of outputs.
+        A model that does not return one tensor of outputs; ``cg_rtol`` not a real number or
+        ``cg_max_iter`` not an integer.
     """
     _check_choice("kind", kind, FISHER_KINDS)
     _check_choice("structure", structure, FISHER_STRUCTURES)
     _check_kfac_approx(kfac_approx, structure)
+    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
     resolved = get_likelihood(likelihood)
     check_curvature_model(model)
     check_finite_inputs(inputs)
@@ -365,7 +405,7 @@ def fisher(
     outputs = as_matrix(function.outputs())
     factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
     if structure == "implicit":
-        return _implicit_fisher(function, factors)
+        return _implicit_fisher(function, factors, cg_options)
     return _assembled_sum(function, factors, structure, 1.0 / function.num_samples)
 
 
@@ -401,6 +441,9 @@ def ggn(
     structure: str = "dense",
     separable: bool | str | None = None,
     kfac_approx: str = "expand",
+    *,
+    cg_rtol: float | None = None,
+    cg_max_iter: int | None = None,
 ) -> CurvatureOperator:
     """Generalised Gauss-Newton ``G = Jᵀ (∇²_f L) J`` of ``L = loss_fn(model(inputs), targets)``.
 
@@ -443,6 +486,8 @@ def ggn(
         general path. A declared decomposition is checked on the loss value.
     kfac_approx : {"expand", "reduce"}, default "expand"
         For ``structure="kfac"``/``"ekfac"``, as in :func:`fisher`.
+    cg_rtol, cg_max_iter : optional
+        For ``structure="implicit"``, as in :func:`fisher`.
 
     Returns
     -------
@@ -454,10 +499,15 @@ def ggn(
         Unknown structure or ``separable``, targets not one per input, a non-scalar or
         non-finite loss, non-finite inputs, a model with no trainable parameters, a loss
         declared separable whose value is not ``s Σₙ ℓ(fₙ, yₙ)``; for ``"kfac"``/``"ekfac"``
-        a loss that is not separable or whose per-sample output Hessians are not PSD.
+        a loss that is not separable or whose per-sample output Hessians are not PSD;
+        ``cg_rtol`` or ``cg_max_iter`` out of range or given with another structure than
+        ``"implicit"`` (as in :func:`fisher`).
+    TypeError
+        ``cg_rtol`` not a real number or ``cg_max_iter`` not an integer.
     """
     function = _loss_setup(model, inputs, loss_fn, targets, structure, GGN_STRUCTURES)
     _check_kfac_approx(kfac_approx, structure)
+    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
     scale = _declared_scale(loss_fn, separable, function.num_samples)
     if structure in ("kfac", "ekfac"):
         vectors = _hessian_root_vectors(loss_fn, targets, scale, separable is None)
@@ -474,7 +524,7 @@ def ggn(
         return loss_fn(values, targets)
 
     if structure == "implicit":
-        return _implicit_ggn(function, loss_of_outputs)
+        return _implicit_ggn(function, loss_of_outputs, cg_options)
     if scale is not None:
         blocks = _per_sample_output_hessians(loss_fn, outputs, targets, scale, separable is None)
         if blocks is not None:
@@ -678,14 +728,20 @@ class _HessianProduct:
         return pullback(tangent)[0]
 
 
-def _implicit_ggn(function: ModelFunction, loss_of_outputs: Callable[[Tensor], Tensor]) -> Implicit:
+def _implicit_ggn(
+    function: ModelFunction,
+    loss_of_outputs: Callable[[Tensor], Tensor],
+    cg_options: dict[str, float | int | None],
+) -> Implicit:
     outputs, transpose_product = function.vjp_function()
     curvature = _HessianProduct(loss_of_outputs)
 
     def ggn_vector_product(vector: Tensor) -> Tensor:
         return transpose_product(curvature(outputs, function.jvp(vector)))
 
-    return Implicit(ggn_vector_product, function.param_shapes, function.dtype, function.device)
+    return Implicit(
+        ggn_vector_product, function.param_shapes, function.dtype, function.device, **cg_options
+    )
 
 
 def hessian(
@@ -694,6 +750,9 @@ def hessian(
     loss_fn: LossFn,
     targets: Tensor,
     structure: str = "dense",
+    *,
+    cg_rtol: float | None = None,
+    cg_max_iter: int | None = None,
 ) -> CurvatureOperator:
     """Hessian ``∇²_θ loss_fn(model(inputs; θ), targets)`` over the trainable parameters.
 
@@ -716,6 +775,8 @@ def hessian(
         ``"diag"``: the diagonals of those blocks (each block is formed, one at a time).
         ``"implicit"``: Hessian-vector products by forward-over-reverse differentiation
         (reverse-over-reverse for losses without forward-mode derivatives, e.g. ``HuberLoss``).
+    cg_rtol, cg_max_iter : optional
+        For ``structure="implicit"``, as in :func:`fisher`.
 
     Returns
     -------
@@ -723,10 +784,11 @@ def hessian(
 
     Raises
     ------
-    ValueError
+    ValueError, TypeError
         As :func:`ggn`.
     """
     function = _loss_setup(model, inputs, loss_fn, targets, structure)
+    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
     loss_of_flat = function.loss_function(loss_fn, targets)
     flat = function.flat_params()
     shapes = function.param_shapes
@@ -736,7 +798,9 @@ def hessian(
         def hessian_vector_product(vector: Tensor) -> Tensor:
             return curvature(flat, vector)
 
-        return Implicit(hessian_vector_product, shapes, function.dtype, function.device)
+        return Implicit(
+            hessian_vector_product, shapes, function.dtype, function.device, **cg_options
+        )
     if structure == "dense":
         return Dense(_symmetrised(func_hessian(loss_of_flat)(flat)), shapes)
     blocks = _hessian_blocks(loss_of_flat, flat, function.param_numels)

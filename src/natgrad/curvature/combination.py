@@ -6,7 +6,9 @@ of the same interface (:class:`~natgrad.curvature.base.CurvatureOperator`): thei
 term, with no matrix formed that the terms do not form. A solve of one scaled term keeps its
 structure, ``(c C + λI)⁻¹ v = (C + (λ/c) I)⁻¹ (v / c)``: a scaled K-FAC is still solved through
 its Kronecker eigenbasis. A solve of several terms, which have no common structure, runs
-conjugate gradients on their products (:class:`~natgrad.curvature.implicit.Implicit`).
+conjugate gradients on their products (:class:`~natgrad.curvature.implicit.Implicit`), one
+column of a block ``(P, K)`` at a time. The terms share one dtype, the combination's, and its
+``mv`` and ``solve`` refuse vectors of another (:mod:`natgrad.curvature.base`).
 
 Coefficients are non-negative, so that a combination of symmetric positive semi-definite
 operators is one too, as every curvature operator is.
@@ -55,7 +57,7 @@ class LinearCombination(CurvatureOperator):
         self.terms = flat
 
     def _mv_flat(self, vector: Tensor) -> Tensor:
-        return _combined(coefficient * term._mv_flat(vector) for coefficient, term in self.terms)
+        return _combined(coefficient * term._product(vector) for coefficient, term in self.terms)
 
     def _diag_flat(self) -> Tensor:
         return _combined(coefficient * term._diag_flat() for coefficient, term in self.terms)
@@ -67,13 +69,18 @@ class LinearCombination(CurvatureOperator):
         scaled = [(coefficient, term) for coefficient, term in self.terms if coefficient > 0]
         if len(scaled) == 1:
             coefficient, term = scaled[0]
-            return term._solve_flat(vector / coefficient, damping / coefficient)
+            return term._solution(vector / coefficient, damping / coefficient)
         if not scaled:  # the zero matrix
             if damping == 0:
                 raise ValueError("solve of a zero operator needs damping > 0")
             return vector / damping
         implicit = Implicit(self._mv_flat, self.param_shapes, self.dtype, self.device)
-        return implicit._solve_flat(vector, damping)
+        return implicit._solution(vector, damping)
+
+    # The terms' ``_product`` and ``_solution`` take a vector ``(P,)`` or a block ``(P, K)``,
+    # each to the term's own (batched) method: one code path for both.
+    _mm_flat = _mv_flat
+    _solve_block = _solve_flat
 
     def __repr__(self) -> str:
         parts = " + ".join(f"{coefficient:g} * {term!r}" for coefficient, term in self.terms)

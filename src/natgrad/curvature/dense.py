@@ -24,7 +24,8 @@ class Dense(CurvatureOperator):
     Notes
     -----
     ``solve`` uses :func:`natgrad.linalg.damped_solve` (Cholesky, float64 retry, clamped
-    eigendecomposition), so it returns a finite answer even for a singular matrix.
+    eigendecomposition), so it returns a finite answer even for a singular matrix; a block of
+    ``K`` columns is solved with one factorisation.
     """
 
     def __init__(self, matrix: Tensor, param_shapes: Sequence[torch.Size]) -> None:
@@ -44,6 +45,11 @@ class Dense(CurvatureOperator):
 
     def _solve_flat(self, vector: Tensor, damping: float) -> Tensor:
         return damped_solve(self.matrix, vector, damping)
+
+    # ``@`` and ``damped_solve`` take a block of columns ``(P, K)`` as they take a vector
+    # ``(P,)``: the batched products are the same code.
+    _mm_flat = _mv_flat
+    _solve_block = _solve_flat
 
     def _diag_flat(self) -> Tensor:
         return self.matrix.diagonal().clone()

@@ -42,14 +42,24 @@ class Diagonal(CurvatureOperator):
     def _mv_flat(self, vector: Tensor) -> Tensor:
         return self.diagonal * vector
 
+    def _mm_flat(self, block: Tensor) -> Tensor:
+        return self.diagonal.unsqueeze(1) * block
+
     def _solve_flat(self, vector: Tensor, damping: float) -> Tensor:
+        return vector / self._damped_diagonal(damping)
+
+    def _solve_block(self, block: Tensor, damping: float) -> Tensor:
+        return block / self._damped_diagonal(damping).unsqueeze(1)
+
+    def _damped_diagonal(self, damping: float) -> Tensor:
+        """``d + λ``, its entries raised to ``default_eigen_floor(dtype) × max(d + λ)``."""
         damped = self.diagonal + damping
         largest = damped.max()
         if not bool(largest > 0):
             raise torch.linalg.LinAlgError(
                 "diagonal has no positive entry; add damping > 0 to make the solve well posed"
             )
-        return vector / torch.clamp(damped, min=default_eigen_floor(self.dtype) * largest)
+        return torch.clamp(damped, min=default_eigen_floor(self.dtype) * largest)
 
     def _diag_flat(self) -> Tensor:
         return self.diagonal.clone()

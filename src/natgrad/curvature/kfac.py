@@ -22,6 +22,7 @@ from natgrad._validation import one_of
 from natgrad.curvature.base import CurvatureOperator, VectorLike
 from natgrad.curvature.jacobians import check_curvature_model
 from natgrad.curvature.kfac_capture import (
+    CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
     KFAC_APPROXIMATIONS,
     ForwardCapture,
@@ -44,6 +45,7 @@ from natgrad.curvature.kfac_capture import (
     reduced_output_features,
     tied_parameters,
     trainable_parameters,
+    transposed_patch_gram,
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.curvature.weight_locality import check_local_weights
@@ -118,10 +120,17 @@ class LayerStatistics:
         """``A``, shape ``(d_in [+ 1], d_in [+ 1])`` (a grouped convolution's per group,
         ``(g, d_in [+ 1], d_in [+ 1])``); a convolution's from the feature-major patches, or
         with ``"reduce"`` from their means over the locations, which are summed without
-        gathering the patches."""
+        gathering the patches; a transposed convolution's (expand) from the non-zero entries of
+        its expanded input alone (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`)."""
         reduce = self.kfac_approx == "reduce"
-        if not isinstance(self.layer.module, CONV_TYPES):
+        module = self.layer.module
+        if not isinstance(module, CONV_TYPES):
             return input_factor(reduced_input_features(self.inputs) if reduce else self.inputs)
+        if isinstance(module, CONV_TRANSPOSE_TYPES) and not reduce:
+            gram, count = transposed_patch_gram(
+                module, self.layer_input, self.layer.has_bias, self.layer.name
+            )
+            return gram / count
         if reduce:
             columns = conv_patch_means(self.layer.module, self.layer_input, self.layer.name)
         else:
@@ -299,8 +308,11 @@ def in_eigen_dtype(matrix: Tensor, eigens: tuple[SymmetricEigen, SymmetricEigen]
 class KroneckerBlockOperator(CurvatureOperator):
     """Block-diagonal operator with one Kronecker-structured block per layer.
 
-    Subclasses define the block maths on ``(d_out, d_in [+ 1])`` matrices; this class gathers
-    each layer's weight and bias from the flat vector and scatters the result back.
+    Subclasses define the block maths on stacks of ``K`` matrices ``(K, d_out, d_in [+ 1])``
+    (a grouped convolution's ``(K, g, d_out / g, d_in [+ 1])``), one per column of a block of
+    vectors (``K = 1`` for a vector); this class gathers each layer's weight and bias entries
+    from the flat vectors and scatters the results back, so that a block of ``K`` vectors costs
+    one batched product per layer.
 
     Parameters
     ----------
@@ -309,6 +321,12 @@ class KroneckerBlockOperator(CurvatureOperator):
     param_shapes : sequence of torch.Size
         Shapes of the trainable parameters, in ``model.parameters()`` order.
     dtype, device
+
+    Attributes
+    ----------
+    positions : list of Tensor
+        Per layer, the flat positions of its matrix entries, in row-major matrix order
+        (:meth:`~natgrad.curvature.kfac_capture.KroneckerLayer.flat_indices`).
     """
 
     def __init__(
@@ -321,36 +339,47 @@ class KroneckerBlockOperator(CurvatureOperator):
         super().__init__(param_shapes, dtype, device)
         self.layers = list(layers)
         self.offsets = [0, *torch.tensor(self.param_numels).cumsum(0).tolist()[:-1]]
+        self.positions = [layer.flat_indices(self.offsets).to(self.device) for layer in self.layers]
 
-    def _map_blocks(self, flat: Tensor, block_fn) -> Tensor:
-        parts = self.unflatten(flat)
-        result = [torch.zeros_like(part) for part in parts]
-        for index, layer in enumerate(self.layers):
-            for position, tensor in layer.from_matrix(
-                block_fn(index, layer.to_matrix(parts))
-            ).items():
-                result[position] = tensor
-        return torch.cat([part.reshape(-1) for part in result])
+    def _map_blocks(self, block: Tensor, block_fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """Apply ``block_fn(index, matrices)`` to each layer's entries of the columns of
+        ``block`` ``(P, K)``: ``matrices`` holds ``K`` matrices of the layer's layout,
+        ``(K, d_out, d_in [+ 1])`` (a grouped convolution's ``(K, g, d_out / g, d_in [+ 1])``),
+        and ``block_fn`` returns the same shape."""
+        result = torch.zeros_like(block)
+        columns = block.shape[1]
+        for index, (layer, positions) in enumerate(zip(self.layers, self.positions, strict=True)):
+            rows, width = layer.output_dim, len(positions) // layer.output_dim
+            layout = (
+                (rows, width) if layer.groups == 1 else (layer.groups, rows // layer.groups, width)
+            )
+            matrices = block[positions].T.reshape(columns, *layout)
+            result[positions] = block_fn(index, matrices).reshape(columns, -1).T
+        return result
 
     def _mv_flat(self, vector: Tensor) -> Tensor:
-        return self._map_blocks(vector, self._block_mv)
+        return self._mm_flat(vector.unsqueeze(1)).squeeze(1)
+
+    def _mm_flat(self, block: Tensor) -> Tensor:
+        return self._map_blocks(block, self._block_mv)
 
     def _solve_flat(self, vector: Tensor, damping: float) -> Tensor:
+        return self._solve_block(vector.unsqueeze(1), damping).squeeze(1)
+
+    def _solve_block(self, block: Tensor, damping: float) -> Tensor:
         return self._map_blocks(
-            vector, lambda index, matrix: self._block_solve(index, matrix, damping)
+            block, lambda index, matrices: self._block_solve(index, matrices, damping)
         )
 
     def _diag_flat(self) -> Tensor:
         diagonal = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for index, layer in enumerate(self.layers):
-            block = self._block_diag(index).reshape(-1)
-            diagonal[layer.flat_indices(self.offsets)] = block.to(self.dtype)
+        for index, positions in enumerate(self.positions):
+            diagonal[positions] = self._block_diag(index).reshape(-1).to(self.dtype)
         return diagonal
 
     def _to_dense(self) -> Tensor:
         dense = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        for index, layer in enumerate(self.layers):
-            positions = layer.flat_indices(self.offsets)
+        for index, positions in enumerate(self.positions):
             block = self._block_dense(index).to(self.dtype)
             dense[positions.unsqueeze(1), positions.unsqueeze(0)] = block
         return dense
@@ -413,23 +442,29 @@ class KFAC(KroneckerBlockOperator):
 
         ``λ_G = √λ / π``, ``λ_A = π √λ`` with ``π² = (tr A / d_A) / (tr G / d_G)`` (Martens &
         Grosse 2015, section 6.3). Cheaper to keep up to date than exact damping, but only an
-        approximation of ``(C + λI)⁻¹``.
+        approximation of ``(C + λI)⁻¹``. ``vector`` is taken as by :meth:`solve`: ``(P,)``,
+        a block ``(P, K)`` or a list, in the operator's dtype.
 
         Raises
         ------
+        TypeError
+            If ``vector`` is not in the operator's dtype (both named).
         ValueError
-            If ``damping`` is not a finite positive number.
+            If ``damping`` is not a finite positive number, or ``vector`` has the wrong shape
+            or contains infs or NaNs.
         """
         if not (math.isfinite(damping) and damping > 0):
             raise ValueError(f"factored damping must be finite and positive, got {damping!r}")
-        flat, was_list = self.flatten(vector)
+        flat, was_list = self._checked(vector)
 
-        def block_solve(index: int, matrix: Tensor) -> Tensor:
+        def block_solve(index: int, matrices: Tensor) -> Tensor:
             eigens = self.eigens(index)
-            solution = factored_solve(*eigens, in_eigen_dtype(matrix, eigens), float(damping))
-            return solution.to(matrix.dtype)
+            solution = factored_solve(*eigens, in_eigen_dtype(matrices, eigens), float(damping))
+            return solution.to(matrices.dtype)
 
-        return self._as_input_form(self._map_blocks(flat.to(self.dtype), block_solve), was_list)
+        columns = flat.unsqueeze(1) if flat.ndim == 1 else flat
+        solution = self._map_blocks(columns, block_solve).reshape(flat.shape)
+        return self._as_input_form(solution, was_list)
 
     def _block_mv(self, index: int, matrix: Tensor) -> Tensor:
         return kron_mv(self.output_factors[index], self.input_factors[index], matrix)

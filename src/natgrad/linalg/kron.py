@@ -211,12 +211,12 @@ def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tens
         Symmetric factor ``G``.
     input_factor : Tensor of shape (d_in, d_in)
         Symmetric factor ``A``.
-    matrix : Tensor of shape (d_out, d_in)
-        ``V``, the row-major reshaping of the vector.
+    matrix : Tensor of shape (..., d_out, d_in)
+        ``V``, the row-major reshaping of the vector; leading batch dimensions broadcast.
 
     Returns
     -------
-    Tensor of shape (d_out, d_in)
+    Tensor of shape (..., d_out, d_in)
     """
     return output_factor @ matrix @ input_factor
 
@@ -273,7 +273,8 @@ def eigenbasis_mv(
         Eigenbases of ``G`` (``d_out``) and ``A`` (``d_in``).
     eigenvalues : Tensor of shape (d_out, d_in)
         ``S``; ``outer(g, a)`` gives K-FAC, a re-estimated matrix gives EKFAC.
-    matrix : Tensor of shape (d_out, d_in)
+    matrix : Tensor of shape (..., d_out, d_in)
+        Leading batch dimensions broadcast.
     """
     coordinates = eigenbasis_project(output_eigen, input_eigen, matrix)
     return _eigenbasis_unproject(output_eigen, input_eigen, coordinates * eigenvalues)
