@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import copy
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -12,7 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from natgrad._validation import int_at_least, nonnegative_int, positive_float
+from natgrad._validation import int_at_least, integer, nonnegative_int, positive_float
+from natgrad.es.state_checks import (
+    check_asked_samples,
+    checked_generator_state,
+    checked_tensor,
+)
 from natgrad.es.utilities import default_population_size, shaped_fitness
 
 
@@ -137,11 +143,24 @@ class NaturalEvolutionStrategy(abc.ABC):
         self._asked: tuple[Tensor, Tensor] | None = None
 
     def ask(self) -> Tensor:
-        """``λ`` samples of shape ``(λ, d)`` from the current search distribution."""
+        """``λ`` samples of shape ``(λ, d)`` from the current search distribution.
+
+        Raises
+        ------
+        FloatingPointError
+            If a sample overflows ``dtype`` (a run diverging on an objective unbounded
+            below); nothing changes but the generator's state.
+        """
         noise = torch.randn(
             self.population_size, self.dim, generator=self.generator, dtype=self.dtype
         )
         samples = self._from_noise(noise)
+        if not bool(torch.isfinite(samples).all()):
+            raise FloatingPointError(
+                f"the samples of generation {self.generation + 1} overflow {self.dtype}: the "
+                f"search distribution has grown to mean {self.mean!r} and variances "
+                f"{self.covariance.diagonal()!r} (is the objective bounded below?)"
+            )
         self._asked = (samples.clone(), noise)
         return samples
 
@@ -159,6 +178,9 @@ class NaturalEvolutionStrategy(abc.ABC):
         ValueError
             If the shapes do not match ``(λ, d)`` and ``(λ,)``, a sample is not finite, or
             every fitness value is NaN (the message names the generation).
+        FloatingPointError
+            If the update would make the mean or a step size overflow (a run diverging on
+            an objective unbounded below); the distribution is left unchanged.
         """
         nan_count = self._tell(samples, fitness)
         if nan_count:
@@ -189,10 +211,28 @@ class NaturalEvolutionStrategy(abc.ABC):
                 "no sample can be ranked (is the objective defined near the mean?)"
             )
         noise = self._noise_of(samples)
+        self._checked_update(noise, shaped_fitness(fitness).to(self.dtype))
         self._asked = None
-        self._update(noise, shaped_fitness(fitness).to(self.dtype))
         self.generation += 1
         return nan_count
+
+    def _checked_update(self, noise: Tensor, utilities: Tensor) -> None:
+        """:meth:`_update`, undone with a ``FloatingPointError`` if a parameter of the search
+        distribution (``mean``, ``sigma``, xNES's ``shape``) overflows to a non-finite value."""
+        names = ("sigma", *self._state_tensor_shapes())
+        previous = {name: getattr(self, name) for name in names}
+        self._update(noise, utilities)
+        for name in names:
+            value = getattr(self, name)
+            finite = bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all())
+            if not finite:
+                for key, kept in previous.items():
+                    setattr(self, key, kept)
+                raise FloatingPointError(
+                    f"the update of generation {self.generation + 1} overflowed: {name} would "
+                    f"be {value!r}; it is refused and the distribution unchanged (is the "
+                    "objective bounded below? a float64 dtype overflows later)"
+                )
 
     def _noise_of(self, samples: Tensor) -> Tensor:
         """Noise of ``samples``: kept from an untold :meth:`ask` if they match, else recomputed.
@@ -243,34 +283,43 @@ class NaturalEvolutionStrategy(abc.ABC):
         ------
         ValueError
             If the class, dimension, population size or dtype differ (the message names
-            which), a key is missing, or a value has the wrong shape or dtype, or is not
-            finite. Nothing is changed then.
+            which), a key is missing, or a value is invalid: a tensor of the wrong shape or
+            dtype or not finite, a step size not positive, xNES's ``shape`` not invertible,
+            a negative ``generation``, an invalid ``generator_state``, or pending samples
+            that are not those of ``asked_noise``. The message names the key and the value;
+            nothing is changed then.
         TypeError
-            If ``state_dict`` is not a mapping, or a number in it is not a number.
+            If ``state_dict`` is not a mapping, or a number in it is not a number (or, for
+            ``dim``, ``population_size`` and ``generation``, not an integer).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         self._check_configuration(state_dict)
-        shapes = self._state_tensor_shapes()
-        tensors = {
-            name: self._checked_tensor(name, state_dict, shape) for name, shape in shapes.items()
-        }
-        floats = {
-            name: positive_float(f"state_dict[{name!r}]", state_dict[name])
-            for name in self._state_floats
-        }
+        candidate = copy.copy(self)
+        for name, shape in self._state_tensor_shapes().items():
+            setattr(candidate, name, checked_tensor(state_dict, name, shape, self.dtype))
+        for name in self._state_floats:
+            setattr(candidate, name, positive_float(f"state_dict[{name!r}]", state_dict[name]))
+        candidate._check_distribution()
         generation = nonnegative_int("state_dict['generation']", state_dict["generation"])
-        asked = self._checked_asked(state_dict)
-        generator_state = self._checked_generator_state(state_dict["generator_state"])
+        asked = candidate._checked_asked(state_dict)
+        generator_state = checked_generator_state(
+            state_dict["generator_state"], self.generator.device
+        )
         self.generator.set_state(generator_state)
-        for name, value in {**tensors, **floats}.items():
-            setattr(self, name, value)
+        for name in (*self._state_tensor_shapes(), *self._state_floats):
+            setattr(self, name, getattr(candidate, name))
         self.generation = generation
         self._asked = asked
 
     def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the tensor attributes that :meth:`state_dict` saves, by name."""
         return {"mean": (self.dim,)}
+
+    @abc.abstractmethod
+    def _check_distribution(self) -> None:
+        """Raise ``ValueError`` naming the ``state_dict`` key if a loaded parameter of the
+        search distribution is invalid (checked on a copy before anything is loaded)."""
 
     def _check_configuration(self, state_dict: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if keys are missing or the state is of another configuration."""
@@ -286,33 +335,25 @@ class NaturalEvolutionStrategy(abc.ABC):
         missing = sorted(required - set(state_dict))
         if missing:
             raise ValueError(f"state_dict lacks the keys {missing}")
+        saved = {
+            "dim": integer("state_dict['dim']", state_dict["dim"]),
+            "population_size": integer(
+                "state_dict['population_size']", state_dict["population_size"]
+            ),
+            "dtype": state_dict["dtype"],
+        }
         mine = {"dim": self.dim, "population_size": self.population_size}
         mine["dtype"] = str(self.dtype)
         for key, value in mine.items():
-            if state_dict[key] != value:
+            if saved[key] != value:
                 raise ValueError(
                     f"state_dict has {key}={state_dict[key]!r}, but this {name} has "
                     f"{key}={value!r}: build it with the same {key}"
                 )
 
-    def _checked_tensor(
-        self, name: str, state_dict: Mapping[str, Any], shape: tuple[int, ...]
-    ) -> Tensor:
-        """A copy of ``state_dict[name]`` if it is a finite tensor of ``shape`` and ``dtype``."""
-        value = state_dict[name]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"state_dict[{name!r}] must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != shape or value.dtype != self.dtype:
-            raise ValueError(
-                f"state_dict[{name!r}] must have shape {shape} and dtype {self.dtype}, got "
-                f"shape {tuple(value.shape)} and dtype {value.dtype}"
-            )
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"state_dict[{name!r}] must be finite")
-        return value.detach().clone()
-
     def _checked_asked(self, state_dict: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
-        """The pending ``(samples, noise)`` of ``state_dict``: both ``None`` or both tensors."""
+        """The pending ``(samples, noise)`` of ``state_dict``: both ``None``, or both tensors
+        with ``samples`` those of ``noise`` under this strategy's distribution."""
         pending = [state_dict[key] is not None for key in ("asked_samples", "asked_noise")]
         if not any(pending):
             return None
@@ -322,22 +363,10 @@ class NaturalEvolutionStrategy(abc.ABC):
                 "(no pending ask) or both tensors"
             )
         shape = (self.population_size, self.dim)
-        return (
-            self._checked_tensor("asked_samples", state_dict, shape),
-            self._checked_tensor("asked_noise", state_dict, shape),
-        )
-
-    def _checked_generator_state(self, state: Any) -> Tensor:
-        """``state`` if the generator accepts it (tried on a scratch generator first)."""
-        if not isinstance(state, Tensor) or state.dtype != torch.uint8:
-            raise ValueError("state_dict['generator_state'] must be a uint8 tensor")
-        try:
-            torch.Generator(device=self.generator.device).set_state(state)
-        except RuntimeError as error:
-            raise ValueError(
-                f"state_dict['generator_state'] is not a valid state: {error}"
-            ) from None
-        return state
+        samples = checked_tensor(state_dict, "asked_samples", shape, self.dtype)
+        noise = checked_tensor(state_dict, "asked_noise", shape, self.dtype)
+        check_asked_samples(samples, self._from_noise(noise))
+        return samples, noise
 
     @abc.abstractmethod
     def _from_noise(self, noise: Tensor) -> Tensor:

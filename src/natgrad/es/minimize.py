@@ -88,6 +88,9 @@ def minimize(
         If ``method`` is unknown, ``max_evaluations`` is not positive, ``target`` is NaN,
         ``min_sigma`` is negative or not finite, ``f`` returns the wrong shape, or ``f`` is
         NaN at every sample of a generation (the message names the generation).
+    FloatingPointError
+        If the search distribution overflows ``dtype`` (``f`` unbounded below; the message
+        names the generation).
     """
     one_of("method", method, METHODS)
     positive_int("max_evaluations", max_evaluations)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from natgrad._validation import positive_float, positive_int
 from natgrad.es.base import NaturalEvolutionStrategy
+from natgrad.es.state_checks import check_positive
 
 
 def snes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,6 +81,9 @@ class SNES(NaturalEvolutionStrategy):
 
     def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super()._state_tensor_shapes(), "sigma": (self.dim,)}
+
+    def _check_distribution(self) -> None:
+        check_positive("sigma", self.sigma)
 
     @property
     def covariance(self) -> Tensor:

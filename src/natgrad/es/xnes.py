@@ -9,6 +9,7 @@ from torch import Tensor
 
 from natgrad._validation import positive_float, positive_int
 from natgrad.es.base import NaturalEvolutionStrategy
+from natgrad.es.state_checks import check_invertible
 
 
 def xnes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +97,9 @@ class XNES(NaturalEvolutionStrategy):
 
     def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super()._state_tensor_shapes(), "shape": (self.dim, self.dim)}
+
+    def _check_distribution(self) -> None:
+        check_invertible("shape", self.shape)
 
     @property
     def covariance(self) -> Tensor:

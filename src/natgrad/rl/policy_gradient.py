@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,6 +13,7 @@ from natgrad.rl.advantages import gae_advantages
 from natgrad.rl.policies import Policy
 from natgrad.rl.policy_fisher import trainable_parameters
 from natgrad.rl.rollouts import RolloutBatch
+from natgrad.rl.stream_state import check_stream_state
 from natgrad.rl.value import ValueFunction, fit_value_function
 
 
@@ -43,12 +45,20 @@ class PolicyGradient(abc.ABC):
         If an option is out of range, every parameter of ``policy`` is frozen, or
         ``value_function`` differs from ``policy`` in ``obs_dim`` or dtype.
 
+    Attributes
+    ----------
+    rollout_state : dict or None
+        The state of the rollout stream (:meth:`RolloutCollector.state_dict`) where
+        :func:`~natgrad.rl.train` stopped, ``None`` before it ran: calling ``train`` again
+        with the same ``random_state`` continues it.
+
     Notes
     -----
     Subclasses implement :meth:`policy_step` on the batch's states, actions and normalised
     advantages. The policy step uses the advantages of the value function *before* the fit.
-    To resume training, save :meth:`state_dict` (the policy and value parameters AND the
-    optimizers' moments); the policy's and value function's own state dicts are not enough.
+    To resume training, save :meth:`state_dict` (the policy and value parameters, the
+    optimizers' moments AND the rollout stream); the policy's and value function's own state
+    dicts are not enough.
     """
 
     #: Attributes whose ``state_dict`` the agent's :meth:`state_dict` holds.
@@ -80,25 +90,38 @@ class PolicyGradient(abc.ABC):
         self.value_optimizer = torch.optim.Adam(
             value_function.parameters(), lr=positive_float("value_lr", value_lr)
         )
+        self.rollout_state: dict[str, Any] | None = None
 
-    def state_dict(self) -> dict[str, dict]:
-        """The state the next updates depend on, by attribute name (see :attr:`stateful`)."""
-        return {name: getattr(self, name).state_dict() for name in self.stateful}
+    def state_dict(self) -> dict[str, dict | None]:
+        """The state the next updates depend on: by attribute name (see :attr:`stateful`),
+        and ``"rollouts"``, the :attr:`rollout_state` (``None`` before training)."""
+        state: dict[str, dict | None] = {
+            name: getattr(self, name).state_dict() for name in self.stateful
+        }
+        state["rollouts"] = None if self.rollout_state is None else dict(self.rollout_state)
+        return state
 
-    def load_state_dict(self, state_dict: dict[str, dict]) -> None:
+    def load_state_dict(self, state_dict: dict[str, dict | None]) -> None:
         """Restore what :meth:`state_dict` returned (of an agent of the same class and sizes).
 
         Raises
         ------
         ValueError
-            If ``state_dict`` lacks an entry of :attr:`stateful` or has another one.
+            If ``state_dict`` lacks an entry of :attr:`stateful` or ``"rollouts"``, has
+            another one, or its ``"rollouts"`` is neither ``None`` nor a valid stream state
+            (the message names the key; checked before anything is loaded).
         """
-        if set(state_dict) != set(self.stateful):
+        expected = {*self.stateful, "rollouts"}
+        if set(state_dict) != expected:
             raise ValueError(
-                f"state_dict must have the keys {sorted(self.stateful)}, got {sorted(state_dict)}"
+                f"state_dict must have the keys {sorted(expected)}, got {sorted(state_dict)}"
             )
+        rollouts = state_dict["rollouts"]
+        if rollouts is not None:
+            check_stream_state(rollouts, "state_dict['rollouts']")
         for name in self.stateful:
             getattr(self, name).load_state_dict(state_dict[name])
+        self.rollout_state = None if rollouts is None else dict(rollouts)
 
     def advantages(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """GAE advantages ``Âₜ`` and λ-returns ``Âₜ + V(sₜ)``, both of shape ``(T,)``."""

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import Tensor
 
-from natgrad._validation import integer, positive_int
+from natgrad._validation import nonnegative_int, positive_int
 from natgrad.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
+from natgrad.rl.stream_state import check_stream_state, env_id
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,17 @@ def _check_action(action: Tensor, space: gym.Space) -> None:
         raise ValueError(f"the policy sampled {action!r}; the action space needs {expected}")
 
 
+def episode_seed(random_state: int, episode: int) -> int:
+    """The ``env.reset`` seed of episode ``episode`` (0-based) of a collector's stream.
+
+    ``random_state`` itself for the first episode, then the first 64-bit word of
+    ``numpy.random.SeedSequence((random_state, episode))``.
+    """
+    if episode == 0:
+        return random_state
+    return int(np.random.SeedSequence((random_state, episode)).generate_state(1, np.uint64)[0])
+
+
 class RolloutCollector:
     """Runs a policy in ``env``; episodes continue across successive batches.
 
@@ -124,25 +137,48 @@ class RolloutCollector:
     env : gymnasium.Env
         With a 1-d ``Box`` observation space.
     random_state : int
-        Seeds the first ``env.reset(seed=...)`` and the action-sampling generator, so two
-        collectors with the same seed, environment and policy produce the same batches.
+        Non-negative seed of the action-sampling generator and of the environment: episode
+        ``k`` starts with ``env.reset(seed=episode_seed(random_state, k))``, so the episodes'
+        initial states do not depend on the policy. Two collectors with the same seed,
+        environment and policy produce the same batches.
+
+    Attributes
+    ----------
+    env_steps : int
+        Environment steps taken so far.
+    batches : int
+        Batches collected so far.
 
     Raises
     ------
     ValueError
-        If ``env`` is a ``gymnasium.vector.VectorEnv`` (one environment at a time) or its
-        observation space is not a 1-d ``Box``.
+        If ``env`` is a ``gymnasium.vector.VectorEnv`` (one environment at a time), its
+        observation space is not a 1-d ``Box``, or ``random_state`` is negative.
+
+    Notes
+    -----
+    :meth:`state_dict` and :meth:`from_state_dict` save and resume the stream: the resumed
+    collector continues the run bit for bit, by resetting its environment with the current
+    episode's seed and replaying the episode's actions (which is exact for an environment
+    whose state follows from its reset seed and the actions, as gymnasium's do).
     """
 
     def __init__(self, env: gym.Env, random_state: int) -> None:
-        random_state = integer("random_state", random_state)
+        self.random_state = nonnegative_int("random_state", random_state)
         _check_observation_space(env)
         self.env = env
-        self.generator = torch.Generator().manual_seed(random_state)
-        observation, _ = env.reset(seed=random_state)
-        self._observation = observation
-        self._episode_return = 0.0
+        self.generator = torch.Generator().manual_seed(self.random_state)
         self.env_steps = 0
+        self.batches = 0
+        self._start_episode(0)
+
+    def _start_episode(self, episode: int) -> None:
+        observation, _ = self.env.reset(seed=episode_seed(self.random_state, episode))
+        # a copy: an environment may return one buffer that it mutates in place
+        self._observation = np.array(observation)
+        self._episode = episode
+        self._episode_actions: list[np.ndarray | int] = []
+        self._episode_return = 0.0
 
     def _env_action(self, action: Tensor) -> np.ndarray | int:
         space = self.env.action_space
@@ -171,12 +207,11 @@ class RolloutCollector:
         records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
         finished: list[float] = []
         for _ in range(num_steps):
-            # torch.tensor copies: an environment may return one buffer that it mutates in place
             observation = torch.tensor(self._observation, dtype=dtype).unsqueeze(0)
             action = policy.sample(observation, self.generator)[0]
-            next_observation, reward, terminated, truncated, _ = self.env.step(
-                self._env_action(action)
-            )
+            env_action = self._env_action(action)
+            next_observation, reward, terminated, truncated, _ = self.env.step(env_action)
+            self._episode_actions.append(env_action)
             self._episode_return += float(reward)
             records["obs"].append(observation[0])
             records["next"].append(torch.tensor(next_observation, dtype=dtype))
@@ -186,10 +221,11 @@ class RolloutCollector:
             records["end"].append(bool(terminated or truncated))
             if terminated or truncated:
                 finished.append(self._episode_return)
-                self._episode_return = 0.0
-                next_observation, _ = self.env.reset()
-            self._observation = next_observation
+                self._start_episode(self._episode + 1)
+            else:
+                self._observation = np.array(next_observation)
         self.env_steps += num_steps
+        self.batches += 1
         episode_ends = torch.tensor(records["end"])
         episode_ends[-1] = True
         return RolloutBatch(
@@ -201,3 +237,84 @@ class RolloutCollector:
             episode_ends=episode_ends,
             episode_returns=tuple(finished),
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the stream, a plain dict of numbers, strings and tensors (copies).
+
+        Loadable with ``torch.load(..., weights_only=True)``. Keys: ``"env_id"`` (the
+        environment's ``spec.id``, or ``None``), ``"random_state"``, ``"generator_state"``
+        (uint8 tensor), ``"env_steps"``, ``"batches"``, ``"episode"`` (the index of the current
+        episode), ``"episode_actions"`` (the actions the environment received in
+        it, shape ``(L, *action_space.shape)``), ``"episode_return"`` and ``"observation"``
+        (the current one, shape ``(obs_dim,)``).
+        """
+        space = self.env.action_space
+        actions = np.array(self._episode_actions, dtype=space.dtype).reshape(-1, *space.shape)
+        return {
+            "env_id": env_id(self.env),
+            "random_state": self.random_state,
+            "generator_state": self.generator.get_state(),
+            "env_steps": self.env_steps,
+            "batches": self.batches,
+            "episode": self._episode,
+            "episode_actions": torch.from_numpy(actions),
+            "episode_return": self._episode_return,
+            "observation": torch.from_numpy(self._observation.copy()),
+        }
+
+    @classmethod
+    def from_state_dict(cls, env: gym.Env, state_dict: Mapping[str, Any]) -> RolloutCollector:
+        """A collector that continues the stream of ``state_dict`` (see :meth:`state_dict`).
+
+        Resets ``env`` with the current episode's seed and replays the saved episode's actions.
+
+        Raises
+        ------
+        ValueError
+            If a key is missing or a value is invalid (the message names it), ``env`` is
+            another environment than the saved one, or the replay does not reproduce the
+            saved observation and return (an environment whose state does not follow from
+            its reset seed and the actions).
+        """
+        check_stream_state(state_dict)
+        saved_id, current_id = state_dict["env_id"], env_id(env)
+        if saved_id != current_id:
+            raise ValueError(
+                f"state_dict['env_id'] is {saved_id!r} but the environment is {current_id!r}"
+            )
+        collector = cls(env, state_dict["random_state"])
+        collector._replay(state_dict["episode"], state_dict["episode_actions"])
+        collector._check_replay(state_dict)
+        collector.generator.set_state(state_dict["generator_state"])
+        collector.env_steps = state_dict["env_steps"]
+        collector.batches = state_dict["batches"]
+        return collector
+
+    def _replay(self, episode: int, actions: Tensor) -> None:
+        self._start_episode(episode)
+        discrete = isinstance(self.env.action_space, gym.spaces.Discrete)
+        for step, action in enumerate(actions.numpy()):
+            env_action = int(action) if discrete else action
+            observation, reward, terminated, truncated, _ = self.env.step(env_action)
+            if terminated or truncated:
+                raise ValueError(
+                    f"replaying state_dict['episode_actions'], the episode ended at step {step} "
+                    f"of {len(actions)}: the environment does not reproduce the saved episode"
+                )
+            self._episode_actions.append(env_action)
+            self._episode_return += float(reward)
+            self._observation = np.array(observation)
+
+    def _check_replay(self, state_dict: Mapping[str, Any]) -> None:
+        saved = state_dict["observation"].numpy()
+        if not np.array_equal(self._observation, saved):
+            raise ValueError(
+                f"replaying the saved episode led to the observation {self._observation!r}, not "
+                f"to state_dict['observation'] = {saved!r}: the environment's state does not "
+                "follow from its reset seed and actions"
+            )
+        if self._episode_return != state_dict["episode_return"]:
+            raise ValueError(
+                f"replaying the saved episode gave the return {self._episode_return!r}, not "
+                f"state_dict['episode_return'] = {state_dict['episode_return']!r}"
+            )

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
-from torch import Tensor
-
 from natgrad._validation import positive_int, unit_interval
-from natgrad.rl.npg import NPG, refused
+from natgrad.rl.npg import NPG
 from natgrad.rl.policies import Policy
-from natgrad.rl.policy_fisher import set_flat_parameters
-from natgrad.rl.policy_gradient import surrogate
 from natgrad.rl.value import ValueFunction
 
 
@@ -31,7 +24,15 @@ class TRPO(NPG):
         ``β``.
     max_backtracks : int, default 10
     **kwargs
-        Passed to :class:`~natgrad.rl.NPG` (``max_kl``, ``cg_iters``, ``cg_damping``, ...).
+        Passed to :class:`~natgrad.rl.NPG` (``max_kl``, ``cg_iters``, ``cg_damping``, ...);
+        not ``kl_tolerance``: TRPO's bound ``δ`` is exact.
+
+    Raises
+    ------
+    TypeError
+        If ``kl_tolerance`` is given.
+    ValueError
+        If an option is out of range.
     """
 
     def __init__(
@@ -43,31 +44,12 @@ class TRPO(NPG):
         max_backtracks: int = 10,
         **kwargs,
     ) -> None:
-        super().__init__(policy, value_function, **kwargs)
+        if "kl_tolerance" in kwargs:
+            raise TypeError("TRPO takes no kl_tolerance: its KL bound max_kl is exact")
+        super().__init__(policy, value_function, kl_tolerance=1.0, **kwargs)
         self.backtrack_ratio = unit_interval("backtrack_ratio", backtrack_ratio, closed_left=False)
         self.max_backtracks = positive_int("max_backtracks", max_backtracks)
 
-    def apply_step(
-        self,
-        start: Tensor,
-        step: Tensor,
-        observations: Tensor,
-        actions: Tensor,
-        advantages: Tensor,
-        old_outputs: tuple[Tensor, ...],
-        old_log_probs: Tensor,
-    ) -> dict[str, float]:
-        baseline = float(advantages.mean())
-        for attempt in range(self.max_backtracks):
-            fraction = self.backtrack_ratio**attempt
-            set_flat_parameters(self.policy, start + fraction * step)
-            with torch.no_grad():
-                outputs = self.policy(observations)
-                kl = float(self.policy.kl_divergence(old_outputs, outputs).mean())
-                gain = float(
-                    surrogate(self.policy, observations, actions, advantages, old_log_probs)
-                )
-            if math.isfinite(kl) and math.isfinite(gain) and kl <= self.max_kl and gain > baseline:
-                return {"kl": kl, "accepted": 1.0, "step_fraction": fraction, "surrogate": gain}
-        set_flat_parameters(self.policy, start)
-        return refused(advantages)
+    def accepts(self, kl: float, gain: float, baseline: float) -> bool:
+        """``kl ≤ δ`` and ``gain > baseline``: within the trust region, and an improvement."""
+        return kl <= self.max_kl and gain > baseline
