@@ -763,7 +763,7 @@ class KFAC:
             ]
             for layers in self._attention:
                 hooks = ModeHooks(self, AttentionRecording, layers)
-                self._handles += hooks.register(layers.attention)
+                self._handles += hooks.register(layers.module)
             for layers in self._recurrent:
                 hooks = ModeHooks(self, RecurrentRecording, layers)
                 self._handles += hooks.register(layers.module)

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
-from torch.overrides import TorchFunctionMode
 
 from natgrad.curvature.kfac_capture import add_column_gram
 from natgrad.optim.kfac_layers import GroupedConvState
+from natgrad.optim.kfac_mode_hooks import RecordingMode
 
 if TYPE_CHECKING:
-    from natgrad.optim.kfac import KFAC
     from natgrad.optim.kfac_layers import LayerState
 
 __all__ = [
@@ -163,36 +162,22 @@ class AttentionLayers:
         input_state: LayerState | None,
         output_state: LayerState | None,
     ) -> None:
-        self.attention = attention
+        self.module = attention
         self.input_state = input_state
         self.output_state = output_state
 
 
-class AttentionRecording(TorchFunctionMode):
+class AttentionRecording(RecordingMode):
     """Active during one forward pass of an attention on a recording step: runs its
     ``F.multi_head_attention_forward`` with the projections applied as recorded linear
     layers; every other torch function passes through."""
 
-    def __init__(self, precond: KFAC, layers: AttentionLayers) -> None:
-        super().__init__()
-        self._precond = precond
-        self._layers = layers
+    _layers: AttentionLayers
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if func is not functional.multi_head_attention_forward:
-            return func(*args, **kwargs)
-        if not self._precond._recording(self._layers.attention):
-            return func(*args, **kwargs)
-        return self._attend(func, args, kwargs)
+    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        return func is functional.multi_head_attention_forward
 
-    def _attend(
+    def _run(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, Tensor | None]:
         query, key, value, *rest = args
@@ -225,7 +210,7 @@ class AttentionRecording(TorchFunctionMode):
         ``(T, d)``), computed batch-first and recorded as a call of ``state``'s layer."""
         batch_first = _batch_first(rows)
         output = functional.linear(batch_first, weight, bias)
-        self._precond._record_call(state, self._layers.attention, batch_first, output)
+        self._precond._record_call(state, self._layers.module, batch_first, output)
         return _sequence_first(output, rows.ndim)
 
     def _project_apart(
@@ -254,7 +239,7 @@ class AttentionRecording(TorchFunctionMode):
             output = padded[..., :-1] @ blocks.mT
         else:
             output = padded @ torch.cat([blocks, bias.view(PACKED, -1, 1)], dim=2).mT
-        self._precond._record_call(state, self._layers.attention, padded, output)
+        self._precond._record_call(state, self._layers.module, padded, output)
         return tuple(
             _sequence_first(output[:, index, : rows.shape[1]], original.ndim)
             for index, (rows, original) in enumerate(zip(batch_first, inputs, strict=True))

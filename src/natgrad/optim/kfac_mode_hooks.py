@@ -19,7 +19,37 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from natgrad.optim.kfac import KFAC
 
-__all__ = ["ModeHooks"]
+__all__ = ["ModeHooks", "RecordingMode"]
+
+
+class RecordingMode(TorchFunctionMode):
+    """Active during one forward pass of ``layers.module`` on a recording step: takes over the
+    calls of the fused function that :meth:`_takes_over` names while the preconditioner
+    records that module, running them with the products with the weights recorded
+    (:meth:`_run`); every other torch function passes through."""
+
+    def __init__(self, precond: KFAC, layers: Any) -> None:
+        super().__init__()
+        self._precond = precond
+        self._layers = layers
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: tuple[type, ...],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self._takes_over(func, args) and self._precond._recording(self._layers.module):
+            return self._run(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        raise NotImplementedError
+
+    def _run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
 
 class ModeHooks:
@@ -28,10 +58,7 @@ class ModeHooks:
     deep-copy to inert hooks, as the layers' hooks do."""
 
     def __init__(
-        self,
-        precond: KFAC | None,
-        mode_type: Callable[[KFAC, Any], TorchFunctionMode] | None,
-        layers: Any,
+        self, precond: KFAC | None, mode_type: type[RecordingMode] | None, layers: Any
     ) -> None:
         self._precond = None if precond is None else weakref.ref(precond)
         self._mode_type = mode_type

@@ -31,12 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional
 from torch.nn.utils.parametrize import is_parametrized
-from torch.overrides import TorchFunctionMode
 
 from natgrad._warnings import warn_at_caller
+from natgrad.optim.kfac_mode_hooks import RecordingMode
 
 if TYPE_CHECKING:
-    from natgrad.optim.kfac import KFAC
     from natgrad.optim.kfac_layers import LayerState
 
 __all__ = [
@@ -141,32 +140,22 @@ def _step(
     return activation(from_input + from_hidden), None
 
 
-class RecurrentRecording(TorchFunctionMode):
+class RecurrentRecording(RecordingMode):
     """Active during one forward pass of a recurrent layer on a recording step: runs its fused
     kernel unrolled, with every product with a preconditioned weight recorded as a call of
     that weight's :class:`RecurrentProjection`; every other torch function passes through."""
 
-    def __init__(self, precond: KFAC, layers: RecurrentLayers) -> None:
-        super().__init__()
-        self._precond = precond
-        self._layers = layers
+    _layers: RecurrentLayers
 
-    def __torch_function__(
-        self,
-        func: Callable[..., Any],
-        types: tuple[type, ...],
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        if not self._precond._recording(self._layers.module) or kwargs:
-            return func(*args, **kwargs)
+    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+        return func in _CELL_KINDS or func in _SEQUENCE_KINDS
+
+    def _run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if func in _CELL_KINDS:
-            return self._cell(_CELL_KINDS[func], *args)
-        if func in _SEQUENCE_KINDS:
-            if isinstance(args[3], bool):  # packed sequences have the weights there
-                return self._sequence(_SEQUENCE_KINDS[func], *args)
-            self._layers.warn_packed()
+            return self._cell(_CELL_KINDS[func], *args, **kwargs)
+        if isinstance(args[3], bool):  # packed sequences have the weights there
+            return self._sequence(_SEQUENCE_KINDS[func], *args, **kwargs)
+        self._layers.warn_packed()
         return func(*args, **kwargs)
 
     def _linear(self, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
