@@ -6,12 +6,19 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
-from natgrad.expfam.dirichlet import dirichlet_entropy, dirichlet_kl, initial_concentration
+from natgrad.expfam.concentration import STIRLING_START, ConcentrationFamily, evaluate_where
+from natgrad.expfam.dirichlet import (
+    NEAR_MEAN,
+    dirichlet_entropy,
+    dirichlet_kl,
+    dirichlet_log_prob,
+    initial_concentration,
+)
 from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import trigamma
 
 
-class Beta(NewtonMeanInversion, ExponentialFamily):
+class Beta(NewtonMeanInversion, ConcentrationFamily):
     """A batch of Beta distributions with concentrations ``a > 0`` and ``b > 0``.
 
     Parameters
@@ -37,7 +44,13 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
       :mod:`natgrad.expfam.newton`.
     - ``ψ′`` is :func:`natgrad.expfam.special.trigamma`; ``kl`` and ``entropy`` are those of
       the two-class Dirichlet (:func:`~natgrad.expfam.dirichlet.dirichlet_kl`,
-      :func:`~natgrad.expfam.dirichlet.dirichlet_entropy`), free of cancellation.
+      :func:`~natgrad.expfam.dirichlet.dirichlet_entropy`), free of cancellation; so is
+      ``log_prob`` near the mean for ``a + b ≥ STIRLING_START`` (10)
+      (:func:`~natgrad.expfam.dirichlet.dirichlet_log_prob` at ``(x, 1 − x)``), where the
+      generic form cancels terms of size ``(a + b) log(a + b)``.
+    - Built from ``a`` and ``b``, it keeps them and derives everything from them
+      (:mod:`natgrad.expfam.concentration`): ``θ = (a − 1, b − 1)`` alone loses ``a < 1`` in
+      float32.
     """
 
     natural_event_ndims = (0, 0)
@@ -45,6 +58,7 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
     mean_names = ("eta1", "eta2")
     natural_domain = "theta1 > -1 and theta2 > -1"
     mean_domain = "exp(eta1) + exp(eta2) < 1"
+    concentration_count = 2
 
     def __init__(self, a: Tensor | float, b: Tensor | float, *, validate: bool = True) -> None:
         a, b = self._prepare((a, b), ("a", "b"))
@@ -52,18 +66,15 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
             values = {"a": a, "b": b}
             require_finite("Beta", values)
             require((a.detach() > 0) & (b.detach() > 0), "Beta: a and b must be positive", values)
-        self._init_natural((a - 1.0, b - 1.0))
+        self._init_concentrations((a, b), (a - 1.0, b - 1.0))
 
     @classmethod
     def log_partition_fn(cls, *theta: Tensor) -> Tensor:
-        a, b = theta[0] + 1.0, theta[1] + 1.0
-        return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+        return _log_partition(theta[0] + 1.0, theta[1] + 1.0)
 
     @classmethod
     def _mean_from_natural(cls, *theta: Tensor) -> Params:
-        a, b = theta[0] + 1.0, theta[1] + 1.0
-        digamma_total = torch.digamma(a + b)
-        return torch.digamma(a) - digamma_total, torch.digamma(b) - digamma_total
+        return _mean(theta[0] + 1.0, theta[1] + 1.0)
 
     @classmethod
     def _initial_natural(cls, *eta: Tensor) -> Params:
@@ -72,13 +83,7 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
 
     @classmethod
     def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
-        a, b = theta[0] + 1.0, theta[1] + 1.0
-        trigamma_total = trigamma(a + b)
-        rows = (
-            torch.stack((trigamma(a) - trigamma_total, -trigamma_total), -1),
-            torch.stack((-trigamma_total, trigamma(b) - trigamma_total), -1),
-        )
-        return torch.stack(rows, -2)
+        return _fisher(theta[0] + 1.0, theta[1] + 1.0)
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
@@ -90,13 +95,26 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
 
     @property
     def a(self) -> Tensor:
-        """First concentration ``a = θ₁ + 1``, shape ``batch_shape``."""
-        return self._natural[0] + 1.0
+        """First concentration ``a`` (as given, else ``θ₁ + 1``), shape ``batch_shape``."""
+        return self._concentrations()[0]
 
     @property
     def b(self) -> Tensor:
-        """Second concentration ``b = θ₂ + 1``, shape ``batch_shape``."""
-        return self._natural[1] + 1.0
+        """Second concentration ``b`` (as given, else ``θ₂ + 1``), shape ``batch_shape``."""
+        return self._concentrations()[1]
+
+    @property
+    def mean_params(self) -> Params:
+        """``η = (ψ(a) − ψ(a + b), ψ(b) − ψ(a + b))``, from the concentrations."""
+        return _mean(self.a, self.b)
+
+    def log_partition(self) -> Tensor:
+        """``A = log Γ(a) + log Γ(b) − log Γ(a + b)``, shape ``batch_shape``."""
+        return _log_partition(self.a, self.b)
+
+    def fisher(self) -> Tensor:
+        """``F`` (see the class notes), shape ``batch_shape + (2, 2)``."""
+        return _fisher(self.a, self.b)
 
     def entropy(self) -> Tensor:
         """Entropy, shape ``batch_shape`` (that of ``Dirichlet((a, b))``)."""
@@ -104,9 +122,25 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
 
     def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
         """``KL(Beta(a, b) ‖ Beta(a′, b′)) = KL(Dir((a, b)) ‖ Dir((a′, b′)))``."""
-        theta = torch.stack(self._natural, -1)
-        other_theta = torch.stack(other.natural_params, -1)
-        return dirichlet_kl(theta + 1.0, other_theta + 1.0, other_theta - theta)
+        concentration = torch.stack((self.a, self.b), -1)
+        other_concentration = torch.stack((other.a, other.b), -1)
+        step = torch.stack(self._concentration_steps(other), -1)
+        return dirichlet_kl(concentration, other_concentration, step)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)``, shape ``x``'s leading shape (see the class notes); Stirling's form is
+        evaluated only at the entries that need it."""
+        a, b = self.a, self.b
+        total = (a + b).detach()
+        large = total >= STIRLING_START
+        if not bool(large.any()):
+            return super().log_prob(x)
+        mean, other_mean = a.detach() / total, b.detach() / total
+        distance = (x.detach() - mean).abs()
+        near = (distance <= NEAR_MEAN * mean) & (distance <= NEAR_MEAN * other_mean)
+        return evaluate_where(
+            large & near, _log_prob_near_mean, (a, b, x), lambda: super(Beta, self).log_prob(x)
+        )
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (log x, log(1 − x))``, each of ``x``'s shape."""
@@ -115,3 +149,26 @@ class Beta(NewtonMeanInversion, ExponentialFamily):
     def to_torch(self) -> torch.distributions.Beta:
         """``torch.distributions.Beta(a, b)``."""
         return torch.distributions.Beta(self.a, self.b, validate_args=False)
+
+
+def _log_prob_near_mean(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
+    """:func:`~natgrad.expfam.dirichlet.dirichlet_log_prob` of ``Dir((a, b))`` at ``(x, 1 − x)``."""
+    return dirichlet_log_prob(torch.stack((a, b), -1), torch.stack((x, 1.0 - x), -1))
+
+
+def _log_partition(a: Tensor, b: Tensor) -> Tensor:
+    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+
+
+def _mean(a: Tensor, b: Tensor) -> Params:
+    digamma_total = torch.digamma(a + b)
+    return torch.digamma(a) - digamma_total, torch.digamma(b) - digamma_total
+
+
+def _fisher(a: Tensor, b: Tensor) -> Tensor:
+    trigamma_total = trigamma(a + b)
+    rows = (
+        torch.stack((trigamma(a) - trigamma_total, -trigamma_total), -1),
+        torch.stack((-trigamma_total, trigamma(b) - trigamma_total), -1),
+    )
+    return torch.stack(rows, -2)

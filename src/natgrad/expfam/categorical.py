@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as functional
 from torch import Tensor
@@ -13,6 +15,7 @@ from natgrad.expfam.base import (
     require,
     require_finite,
 )
+from natgrad.expfam.special import weighted_log_ratio_divergence
 
 
 class Categorical(ExponentialFamily):
@@ -39,6 +42,13 @@ class Categorical(ExponentialFamily):
     - mean parameters ``η_k = p_k`` for ``k < K − 1``;
     - ``A(θ) = log(1 + Σ_k e^{θ_k})``, ``F(θ) = diag(η) − ηηᵀ`` (``(K − 1) × (K − 1)``,
       positive definite).
+    - ``kl`` is ``Σ_k p_k φ(q_k/p_k − 1)`` with ``φ(x) = x − log(1 + x) ≥ 0`` and the
+      log-ratios ``log(q_k/p_k)`` formed from differences of logits (:func:`categorical_kl`),
+      accurate to a few ulps relative, plus the rounding of ``log p_k`` (``ε |log p_k|``) in
+      each class's term; the Bregman form through ``A(θ)`` came out negative, or off by factors
+      up to 1e15, for nearby distributions.
+    - ``fisher()``'s diagonal ``p_k (1 − p_k)`` takes ``1 − p_k`` as the sum of the other
+      probabilities for the most probable class: ``p_k − p_k²`` came out 0 at ``θ = 40``.
     """
 
     natural_event_ndims = (1,)
@@ -88,8 +98,18 @@ class Categorical(ExponentialFamily):
 
     @classmethod
     def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
-        (probs,) = cls._mean_from_natural(*theta)
-        return torch.diag_embed(probs) - probs[..., :, None] * probs[..., None, :]
+        """``diag(η) − ηηᵀ``; its diagonal ``p_k (1 − p_k)`` takes ``1 − p_k = Σ_{j≠k} p_j``
+        for the most probable class (``p_k − p_k²`` lost its digits as ``p_k → 1``)."""
+        all_probs = torch.softmax(functional.pad(theta[0], (0, 1)), -1)
+        most_probable = functional.one_hot(
+            all_probs.detach().argmax(-1), all_probs.shape[-1]
+        ).bool()
+        others = torch.where(most_probable, 0.0, all_probs).sum(-1, keepdim=True)
+        complement = torch.where(most_probable, others, 1.0 - all_probs)
+        probs = all_probs[..., :-1]
+        variances = probs * complement[..., :-1]
+        covariances = -(probs[..., :, None] * probs[..., None, :])
+        return covariances.diagonal_scatter(variances, dim1=-2, dim2=-1)
 
     @classmethod
     def _natural_in_domain(cls, *theta: Tensor) -> Tensor:
@@ -125,6 +145,15 @@ class Categorical(ExponentialFamily):
         log_probs = self.logits
         return -(log_probs.exp() * log_probs).sum(-1)
 
+    def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
+        """See :func:`categorical_kl`."""
+        if other.natural_params[0].shape[-1] != self._natural[0].shape[-1]:
+            raise ValueError(
+                "kl needs two Categorical distributions with the same number of classes, got "
+                f"{self.num_categories} and {other.natural_params[0].shape[-1] + 1}"
+            )
+        return categorical_kl(self._natural[0], other.natural_params[0])
+
     def sufficient_statistics(self, x: Tensor) -> Params:
         """One-hot of the class indices ``x`` without the last class, ``x.shape + (K − 1,)``."""
         if x.is_floating_point():
@@ -135,6 +164,42 @@ class Categorical(ExponentialFamily):
     def to_torch(self) -> torch.distributions.Categorical:
         """``torch.distributions.Categorical(logits=log p)``."""
         return torch.distributions.Categorical(logits=self.logits, validate_args=False)
+
+
+def categorical_kl(theta: Tensor, other_theta: Tensor) -> Tensor:
+    """``KL(p ‖ q) = Σ_k p_k φ(q_k/p_k − 1)`` from minimal logits, without cancellation.
+
+    With ``d = θ_q − θ_p`` (``0`` for the last class) taken relative to the most probable
+    class ``r`` of ``p``, ``d′ = d − d_r``, the log-ratios are ``log(q_k/p_k) = d′_k − L`` with
+    ``L = log(p_r/q_r) = log(1 + Σ_j p_j expm1(d′_j))``: every quantity is of the size of the
+    change, so its rounding is relative to it. Where ``p_r/q_r > 2`` (``KL ≥ 0.19 p_r``) ``L`` is
+    the difference of the log-probabilities instead. Each term is
+    :func:`~natgrad.expfam.special.weighted_log_ratio_divergence`.
+
+    Parameters
+    ----------
+    theta, other_theta : Tensor
+        Minimal logits of ``p`` and ``q``, broadcastable, shape ``batch_shape + (K − 1,)``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``batch_shape``.
+    """
+    log_probs = torch.log_softmax(functional.pad(theta, (0, 1)), -1)
+    other_log_probs = torch.log_softmax(functional.pad(other_theta, (0, 1)), -1)
+    log_probs, other_log_probs = torch.broadcast_tensors(log_probs, other_log_probs)
+    step = functional.pad(other_theta - theta, (0, 1))
+    reference = log_probs.detach().argmax(-1, keepdim=True)
+    shift = step - step.gather(-1, reference)
+    probs = log_probs.exp()
+    largest_shift = math.log(torch.finfo(shift.dtype).max) - 1.0
+    growth = (probs * torch.expm1(shift.clamp(max=largest_shift))).sum(-1, keepdim=True)
+    direct = (log_probs - other_log_probs).gather(-1, reference)
+    small = (growth <= 1.0) & (shift <= largest_shift).all(-1, keepdim=True)
+    log_total = torch.where(small, torch.log1p(torch.where(small, growth, 0.0)), direct)
+    terms = weighted_log_ratio_divergence(probs, other_log_probs.exp(), shift - log_total)
+    return terms.sum(-1)
 
 
 def _check_probs(probs: Tensor) -> None:

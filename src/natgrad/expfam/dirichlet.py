@@ -14,16 +14,22 @@ from natgrad.expfam.base import (
     require,
     require_finite,
 )
+from natgrad.expfam.concentration import STIRLING_START, ConcentrationFamily, evaluate_where
 from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import (
-    stirling_remainder,
     stirling_remainder_bregman,
+    stirling_remainder_coarse,
+    stirling_remainder_derivatives,
     trigamma,
     x_minus_log1p,
+    x_minus_log1p_small,
 )
 
 _EULER_GAMMA = 0.5772156649015329
-_HALF_LOG_TWO_PI_E = 0.5 * (1.0 + math.log(2.0 * math.pi))
+_HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+_HALF_LOG_TWO_PI_E = 0.5 + _HALF_LOG_TWO_PI
+#: ``log_prob`` uses Stirling's form where every ``|x_k/m_k − 1| ≤`` this (``m = α/α₀``).
+NEAR_MEAN = 0.5
 _INVERSE_DIGAMMA_STEPS = 5
 
 
@@ -61,26 +67,30 @@ def dirichlet_kl(concentration: Tensor, other_concentration: Tensor, step: Tenso
     Tensor
         Shape ``batch_shape``.
     """
-    total, total_step = concentration.sum(-1), step.sum(-1)
-    other_total = other_concentration.sum(-1)
+    count = concentration.shape[-1]
+    total, total_step = concentration.sum(-1, keepdim=True), step.sum(-1, keepdim=True)
+    other_total = other_concentration.sum(-1, keepdim=True)
     change, total_change = step / concentration, total_step / total
     total_ratio = other_total / total
-    mean_ratio = (concentration / other_concentration) * total_ratio[..., None]
+    mean_ratio = (concentration / other_concentration) * total_ratio
     mean_change = torch.where(
-        change.abs() + total_change.abs()[..., None] <= 1.0,
-        (total_change[..., None] - change) * concentration / other_concentration,
+        change.abs() + total_change.abs() <= 1.0,
+        (total_change - change) * concentration / other_concentration,
         mean_ratio - 1.0,
     )
-    mean_term = (other_concentration * x_minus_log1p(mean_change, mean_ratio)).sum(-1)
-    spread = x_minus_log1p(change, other_concentration / concentration).sum(-1)
-    spread_term = 0.5 * (spread - x_minus_log1p(total_change, total_ratio))
-    remainders = stirling_remainder_bregman(concentration, other_concentration, step).sum(-1)
-    return (
-        mean_term
-        + spread_term
-        + remainders
-        - stirling_remainder_bregman(total, other_total, total_step)
+    ratio = other_concentration / concentration
+    phi = x_minus_log1p(
+        torch.cat((mean_change, change, total_change), -1),
+        torch.cat((mean_ratio, ratio, total_ratio), -1),
     )
+    mean_term = (other_concentration * phi[..., :count]).sum(-1)
+    spread_term = 0.5 * (phi[..., count:-1].sum(-1) - phi[..., -1])
+    remainders = stirling_remainder_bregman(
+        torch.cat((concentration, total), -1),
+        torch.cat((other_concentration, other_total), -1),
+        torch.cat((step, total_step), -1),
+    )
+    return mean_term + spread_term + remainders[..., :-1].sum(-1) - remainders[..., -1]
 
 
 def dirichlet_entropy(concentration: Tensor) -> Tensor:
@@ -97,20 +107,53 @@ def dirichlet_entropy(concentration: Tensor) -> Tensor:
         Shape ``batch_shape``.
     """
     count = concentration.shape[-1]
-    total = concentration.sum(-1)
-    logs = 0.5 * torch.log(concentration / total[..., None]).sum(-1)
-    reciprocals = 0.5 * count / total - 0.5 * concentration.reciprocal().sum(-1)
-    classes = stirling_remainder(concentration) + (1.0 - concentration) * stirling_remainder(
-        concentration, derivative=1
-    )
-    whole = stirling_remainder(total) + (count - total) * stirling_remainder(total, derivative=1)
+    total = concentration.sum(-1, keepdim=True)
+    logs = 0.5 * torch.log(concentration / total).sum(-1)
+    reciprocals = 0.5 * count / total[..., 0] - 0.5 * concentration.reciprocal().sum(-1)
+    table = stirling_remainder_derivatives(torch.cat((concentration, total), -1))
+    weights = torch.cat((1.0 - concentration, count - total), -1)
+    terms = table[0] + weights * table[1]
     return (
         logs
-        - 0.5 * (count - 1) * torch.log(total)
+        - 0.5 * (count - 1) * torch.log(total[..., 0])
         + (count - 1) * _HALF_LOG_TWO_PI_E
         + reciprocals
-        + classes.sum(-1)
-        - whole
+        + terms[..., :-1].sum(-1)
+        - terms[..., -1]
+    )
+
+
+def dirichlet_log_prob(concentration: Tensor, x: Tensor) -> Tensor:
+    """``log p(x)`` of ``Dir(α)`` near its mean, without cancellation; last dimension = classes.
+
+    With ``m = α/α₀`` and ``s = x/m − 1``: ``log p = −Σ α φ(s) − Σ log x + ½ Σ log α
+    − ½ log α₀ − (K − 1) ½ log 2π − Σ μ(α) + μ(α₀)`` (Stirling's formula, ``φ(s) = s −
+    log(1 + s) ≥ 0``, ``μ`` :func:`~natgrad.expfam.special.stirling_remainder_coarse`). The
+    linear terms ``Σ α s = α₀ (Σ x − 1)`` vanish on the simplex and are left out, so a point
+    whose coordinates sum to ``1 ± ε`` is taken as the point of the simplex it rounds.
+
+    Parameters
+    ----------
+    concentration : Tensor
+        ``α``, shape ``batch_shape + (K,)``.
+    x : Tensor
+        Points with ``|x/m − 1| ≤ ½``, broadcastable with ``concentration``.
+
+    Returns
+    -------
+    Tensor
+        The broadcast leading shape.
+    """
+    count = concentration.shape[-1]
+    total = concentration.sum(-1, keepdim=True)
+    mean = concentration / total
+    change = (x - mean) / mean
+    remainders = stirling_remainder_coarse(torch.cat((concentration, total), -1))
+    logs = 0.5 * torch.log(concentration).sum(-1) - 0.5 * torch.log(total[..., 0])
+    return (
+        (logs - torch.log(x).sum(-1))
+        - ((count - 1) * _HALF_LOG_TWO_PI + remainders[..., :-1].sum(-1) - remainders[..., -1])
+        - (concentration * x_minus_log1p_small(change)).sum(-1)
     )
 
 
@@ -126,7 +169,7 @@ def initial_concentration(mean_log: Tensor) -> Tensor:
     return inverse_digamma(torch.digamma(total) + mean_log)
 
 
-class Dirichlet(NewtonMeanInversion, ExponentialFamily):
+class Dirichlet(NewtonMeanInversion, ConcentrationFamily):
     """A batch of Dirichlet distributions over the ``(K − 1)``-simplex.
 
     Parameters
@@ -149,6 +192,13 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     - ``ψ′`` is :func:`natgrad.expfam.special.trigamma`; ``kl`` and ``entropy`` are
       :func:`dirichlet_kl` and :func:`dirichlet_entropy`, which avoid the cancellation of
       terms of size ``α log α`` in the generic forms through ``A(θ)``.
+    - ``log_prob`` where every ``|x_k/m_k − 1| ≤ ½`` (``m = α/α₀``, the mean) and
+      ``α₀ ≥ STIRLING_START`` (10) is :func:`dirichlet_log_prob`: the generic
+      ``Σ (α − 1) log x − A(θ)`` cancels terms of size ``α₀ log α₀``. Farther out
+      ``|log p| ≥ 0.09 min(α)`` and the generic form is kept; below ``α₀ = 10`` it is as
+      accurate (:data:`~natgrad.expfam.concentration.STIRLING_START`).
+    - Built from ``concentration``, it keeps it and derives everything from it
+      (:mod:`natgrad.expfam.concentration`): ``θ = α − 1`` alone loses ``α < 1`` in float32.
     """
 
     natural_event_ndims = (1,)
@@ -156,6 +206,7 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     mean_names = ("eta",)
     natural_domain = "theta > -1 with at least 2 entries"
     mean_domain = "sum(exp(eta)) < 1 with at least 2 entries"
+    concentration_count = 1
 
     def __init__(self, concentration: Tensor, *, validate: bool = True) -> None:
         concentration = as_float_tensor(concentration, "concentration")
@@ -169,18 +220,15 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
             require_finite("Dirichlet", values)
             positive = (concentration.detach() > 0).all(-1)
             require(positive, "Dirichlet: concentration must be positive", values)
-        self._init_natural((concentration - 1.0,))
+        self._init_concentrations((concentration,), (concentration - 1.0,))
 
     @classmethod
     def log_partition_fn(cls, *theta: Tensor) -> Tensor:
-        concentration = theta[0] + 1.0
-        return torch.lgamma(concentration).sum(-1) - torch.lgamma(concentration.sum(-1))
+        return _log_partition(theta[0] + 1.0)
 
     @classmethod
     def _mean_from_natural(cls, *theta: Tensor) -> Params:
-        concentration = theta[0] + 1.0
-        total = concentration.sum(-1, keepdim=True)
-        return (torch.digamma(concentration) - torch.digamma(total),)
+        return (_mean_log(theta[0] + 1.0),)
 
     @classmethod
     def _initial_natural(cls, *eta: Tensor) -> Params:
@@ -188,10 +236,7 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
 
     @classmethod
     def _fisher_from_natural(cls, *theta: Tensor) -> Tensor:
-        concentration = theta[0] + 1.0
-        total = concentration.sum(-1)
-        diagonal = torch.diag_embed(trigamma(concentration))
-        return diagonal - trigamma(total)[..., None, None]
+        return _fisher(theta[0] + 1.0)
 
     @classmethod
     def _fisher_solve(cls, theta: Params, rhs: Tensor) -> Tensor:
@@ -227,8 +272,21 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
 
     @property
     def concentration(self) -> Tensor:
-        """Concentrations ``α = θ + 1``, shape ``batch_shape + (K,)``."""
-        return self._natural[0] + 1.0
+        """Concentrations ``α`` (as given, else ``θ + 1``), shape ``batch_shape + (K,)``."""
+        return self._concentrations()[0]
+
+    @property
+    def mean_params(self) -> Params:
+        """``η = ψ(α) − ψ(α₀)``, from the concentrations."""
+        return (_mean_log(self.concentration),)
+
+    def log_partition(self) -> Tensor:
+        """``A = Σ log Γ(α) − log Γ(α₀)``, shape ``batch_shape``."""
+        return _log_partition(self.concentration)
+
+    def fisher(self) -> Tensor:
+        """``F = diag(ψ′(α)) − ψ′(α₀) 11ᵀ``, shape ``batch_shape + (K, K)``."""
+        return _fisher(self.concentration)
 
     def entropy(self) -> Tensor:
         """Entropy, shape ``batch_shape`` (see :func:`dirichlet_entropy`)."""
@@ -241,8 +299,28 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
                 "kl needs two Dirichlet distributions with the same number of classes, got "
                 f"{self._natural[0].shape[-1]} and {other.natural_params[0].shape[-1]}"
             )
-        step = other.natural_params[0] - self._natural[0]
-        return dirichlet_kl(self.concentration, other.natural_params[0] + 1.0, step)
+        (step,) = self._concentration_steps(other)
+        return dirichlet_kl(self.concentration, other.concentration, step)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log p(x)``, shape ``x``'s leading shape; see the class notes for its two forms.
+
+        :func:`dirichlet_log_prob` is evaluated only at the entries that need it.
+        """
+        concentration = self.concentration
+        total = concentration.detach().sum(-1, keepdim=True)
+        large = total[..., 0] >= STIRLING_START
+        if not bool(large.any()):
+            return super().log_prob(x)
+        mean = concentration.detach() / total
+        near = ((x.detach() - mean).abs() <= NEAR_MEAN * mean).all(-1)
+        return evaluate_where(
+            large & near,
+            dirichlet_log_prob,
+            (concentration, x),
+            lambda: super(Dirichlet, self).log_prob(x),
+            event_ndims=1,
+        )
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = log x``, ``x``'s shape (points of the simplex, last dimension ``K``)."""
@@ -251,3 +329,17 @@ class Dirichlet(NewtonMeanInversion, ExponentialFamily):
     def to_torch(self) -> torch.distributions.Dirichlet:
         """``torch.distributions.Dirichlet(concentration)``."""
         return torch.distributions.Dirichlet(self.concentration, validate_args=False)
+
+
+def _log_partition(concentration: Tensor) -> Tensor:
+    return torch.lgamma(concentration).sum(-1) - torch.lgamma(concentration.sum(-1))
+
+
+def _mean_log(concentration: Tensor) -> Tensor:
+    total = concentration.sum(-1, keepdim=True)
+    return torch.digamma(concentration) - torch.digamma(total)
+
+
+def _fisher(concentration: Tensor) -> Tensor:
+    diagonal = torch.diag_embed(trigamma(concentration))
+    return diagonal - trigamma(concentration.sum(-1))[..., None, None]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
+from natgrad.expfam.special import x_minus_log1p
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -37,7 +38,8 @@ class Gaussian(ExponentialFamily):
     - ``F(θ) = Cov[(x, x²)] = [[σ², 2μσ²], [2μσ², 4μ²σ² + 2σ⁴]]``.
     - ``kl``, ``entropy`` and ``log_prob`` use the closed forms in ``(μ, 1/σ²)``: the generic
       forms through ``A(θ)`` cancel terms of size ``μ²/σ²`` and lose all digits when ``|μ|/σ``
-      is large (about ``10⁴`` in float32, ``10⁸`` in float64).
+      is large (about ``10⁴`` in float32, ``10⁸`` in float64). ``kl`` is accurate to a few ulps
+      relative also for nearby distributions (see :meth:`_kl_same_family`).
     """
 
     natural_event_ndims = (0, 0)
@@ -121,12 +123,24 @@ class Gaussian(ExponentialFamily):
         return 0.5 - 0.5 * torch.log(self.precision) + _HALF_LOG_TWO_PI
 
     def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
-        """``½ (r − 1 − log r) + (μ_p − μ_q)²/(2σ_q²)`` with ``r = σ_p²/σ_q²``."""
+        """``½ φ(r − 1) + (μ_p − μ_q)²/(2σ_q²)`` with ``r = σ_p²/σ_q²``, ``φ(x) = x − log(1 + x)``.
+
+        Both terms are non-negative. ``r − 1 = Δτ/τ_p`` with precisions ``τ = −2θ₂`` and, where
+        ``|r − 1| ≤ ½``, ``μ_p − μ_q = (Δτ μ_q − Δθ₁)/τ_p`` are formed from the differences of
+        the natural parameters (exact for nearby distributions); the difference of the two
+        means, or ``r − 1 − log r``, lost up to all digits there. Farther out the means are
+        subtracted.
+        """
         loc, precision = _loc_and_precision(self._natural)
         other_loc, other_precision = _loc_and_precision(other.natural_params)
-        excess = (other_precision - precision) / precision
-        shift = other_precision * (loc - other_loc).square()
-        return 0.5 * (excess - torch.log1p(excess) + shift)
+        precision_step = -2.0 * (other.natural_params[1] - self._natural[1])
+        change = precision_step / precision
+        near = change.abs() <= 0.5
+        theta_step = other.natural_params[0] - self._natural[0]
+        near_loc_step = (precision_step * other_loc - theta_step) / precision
+        loc_step = torch.where(near, near_loc_step, loc - other_loc)
+        spread = x_minus_log1p(change, other_precision / precision)
+        return 0.5 * (spread + other_precision * loc_step.square())
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (x, x²)``, each of ``x``'s shape."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
+from natgrad.expfam.special import x_minus_log1p
 
 _LOG_TWO_PI = math.log(2.0 * math.pi)
 
@@ -180,14 +181,15 @@ class MultivariateGaussian(ExponentialFamily):
         return 0.5 * self.dim * (1.0 + _LOG_TWO_PI) - _half_log_det(cholesky)
 
     def _kl_same_family(self, other: ExponentialFamily) -> Tensor:
-        """``½ [tr(Σ_q⁻¹Σ_p) − d − log det(Σ_q⁻¹Σ_p) + (μ_p − μ_q)ᵀΣ_q⁻¹(μ_p − μ_q)]``."""
-        loc, cholesky = _loc_and_precision_cholesky(self._natural)
-        other_loc, other_cholesky = _loc_and_precision_cholesky(other.natural_params)
-        ratio = torch.linalg.solve_triangular(cholesky, other_cholesky, upper=False)
-        shift = (other_cholesky.mT @ (loc - other_loc).unsqueeze(-1)).squeeze(-1)
-        log_det = 2.0 * (_half_log_det(other_cholesky) - _half_log_det(cholesky))
-        trace = ratio.square().sum((-2, -1))
-        return 0.5 * (trace - self.dim - log_det + shift.square().sum(-1))
+        """``½ [tr(Σ_q⁻¹Σ_p) − d − log det(Σ_q⁻¹Σ_p) + (μ_p − μ_q)ᵀΣ_q⁻¹(μ_p − μ_q)]``.
+
+        See :func:`gaussian_kl_terms`: both parts are sums of non-negative terms formed from
+        the differences of the natural parameters, accurate to a few ulps relative also for
+        nearby distributions when ``Σ_p`` is well conditioned (errors grow with its condition
+        number: 1e-11 at 1e6). The trace minus the log-determinant, and the difference of the
+        two means, came out negative or off by factors up to 1e15 for nearby distributions.
+        """
+        return 0.5 * gaussian_kl_terms(self._natural, other.natural_params).sum(-1)
 
     def sufficient_statistics(self, x: Tensor) -> Params:
         """``T(x) = (x, xxᵀ)`` for ``x`` of shape ``leading + (d,)``."""
@@ -199,6 +201,46 @@ class MultivariateGaussian(ExponentialFamily):
         return torch.distributions.MultivariateNormal(
             loc, covariance_matrix=covariance, validate_args=False
         )
+
+
+def gaussian_kl_terms(natural: Params, other_natural: Params) -> Tensor:
+    """The spread and shift terms of ``2 KL(p ‖ q)`` for multivariate normals, both ``≥ 0``.
+
+    With ``Λ_p = L Lᵀ`` and ``Δ = Λ_q − Λ_p = −2 (θ₂_q − θ₂_p)`` (symmetric parts), let
+    ``R Rᵀ = I + E``, ``E = L⁻¹ Δ L⁻ᵀ``, and ``δ_j = R_jj − 1``, taken as
+    ``(E_jj − Σ_{k<j} R_jk²)/(1 + R_jj)``. Then
+    ``tr(Λ_q Σ_p) − d − log det(Λ_q Σ_p) = Σ_j (2 φ(δ_j) + δ_j²) + Σ_{j>k} R_jk²`` with
+    ``φ(x) = x − log(1 + x)``; the shift ``(μ_p − μ_q)ᵀ Λ_q (μ_p − μ_q)`` uses
+    ``μ_p − μ_q = Λ_p⁻¹ (Δ μ_q − (θ₁_q − θ₁_p))`` and the factor ``L R`` of ``Λ_q``.
+
+    Parameters
+    ----------
+    natural, other_natural : tuple of Tensor
+        ``(θ₁, θ₂)`` of ``p`` and ``q``, shapes ``batch_shape + (d,)`` and
+        ``batch_shape + (d, d)``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``batch_shape + (2,)``: the spread and the shift.
+    """
+    cholesky = torch.linalg.cholesky(-2.0 * _symmetric_part(natural[1]))
+    change = -2.0 * _symmetric_part(other_natural[1] - natural[1])
+    half = torch.linalg.solve_triangular(cholesky, change, upper=False)
+    relative = torch.linalg.solve_triangular(cholesky, half.mT, upper=False)
+    factor = torch.linalg.cholesky(
+        torch.eye(relative.shape[-1], dtype=relative.dtype, device=relative.device) + relative
+    )
+    diagonal = torch.diagonal(factor, dim1=-2, dim2=-1)
+    lower = torch.tril(factor, diagonal=-1).square()
+    excess = (torch.diagonal(relative, dim1=-2, dim2=-1) - lower.sum(-1)) / (1.0 + diagonal)
+    spread = (2.0 * x_minus_log1p(excess, diagonal) + excess.square()).sum(-1) + lower.sum((-2, -1))
+    other_cholesky = cholesky @ factor
+    other_loc = torch.cholesky_solve(other_natural[0].unsqueeze(-1), other_cholesky)
+    numerator = change @ other_loc - (other_natural[0] - natural[0]).unsqueeze(-1)
+    loc_step = torch.cholesky_solve(numerator, cholesky)
+    shift = (other_cholesky.mT @ loc_step).square().sum((-2, -1))
+    return torch.stack((spread, shift), -1)
 
 
 def _loc_and_precision_cholesky(natural: Params) -> tuple[Tensor, Tensor]:
