@@ -174,7 +174,7 @@ class AttentionRecording(RecordingMode):
 
     _layers: AttentionLayers
 
-    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    def _takes_over(self, func: Callable[..., Any]) -> bool:
         return func is functional.multi_head_attention_forward
 
     def _run(

@@ -41,11 +41,11 @@ class RecordingMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if self._takes_over(func, args) and self._precond._recording(self._layers.module):
+        if self._takes_over(func) and self._precond._recording(self._layers.module):
             return self._run(func, args, kwargs)
         return func(*args, **kwargs)
 
-    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    def _takes_over(self, func: Callable[..., Any]) -> bool:
         raise NotImplementedError
 
     def _run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

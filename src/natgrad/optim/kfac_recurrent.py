@@ -147,7 +147,7 @@ class RecurrentRecording(RecordingMode):
 
     _layers: RecurrentLayers
 
-    def _takes_over(self, func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    def _takes_over(self, func: Callable[..., Any]) -> bool:
         return func in _CELL_KINDS or func in _SEQUENCE_KINDS
 
     def _run(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
