@@ -205,7 +205,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
     mean losses: each process's Fisher products (the mean over its own samples) and the losses
     of the damping rule are averaged over the processes with equal weights. With shares of
     unequal sizes this weights the samples of a smaller share more than one process on the
-    global batch would, as DDP's gradient does.
+    global batch would, as DDP's gradient does. A loss that is not finite on one process
+    refuses the step on every process.
 
     An assessed step after which the loss of its batch is not finite is undone and counted as
     refused, with a warning; with ``reject_steps`` so is one after which that loss is higher
@@ -357,8 +358,8 @@ class QuadraticModelOptimizer(CountedOptimizer):
         loss = self._capture.run(closure)
         if self._pending is not None:  # full_batch: this loss is the last step's loss after
             loss = self._assess_pending(closure, loss, generator_state)
-        if not torch.isfinite(loss).all():
-            return self._refuse(loss, "the loss is not finite")
+        if not self._finite_everywhere(loss):
+            return self._refuse(loss, "the loss is not finite (on this process or another)")
         gradient = _flat([p.grad for p in params], params)
         directions = [self._direction(params, gradient)]
         previous = [self.state[p].get("previous_update") for p in params]
@@ -414,6 +415,19 @@ class QuadraticModelOptimizer(CountedOptimizer):
             self.preconditioner.damping = self.damping
         self.preconditioner.step()
         return -_flat([p.grad for p in params], params)
+
+    def _finite_everywhere(self, loss: Tensor) -> bool:
+        """Whether ``loss`` is finite on every process (one all-reduce under
+        ``torch.distributed``): the processes refuse a step together, since one that refused
+        alone would leave the others waiting in the preconditioner's and the Fisher products'
+        all-reduces."""
+        flag = torch.tensor(
+            [0.0 if bool(torch.isfinite(loss).all()) else 1.0],
+            dtype=torch.float64,
+            device=loss.device,
+        )
+        all_reduce_sum_([flag], self.process_group)
+        return float(flag) == 0.0
 
     def _fisher_gram(self, directions: Tensor) -> Tensor:
         """``d_iᵀ F d_j`` (float64) for flat directions ``(k, P)``, with ``F`` the exact Fisher
