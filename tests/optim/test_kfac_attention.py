@@ -231,14 +231,23 @@ def test_a_transformer_layer_records_with_the_plain_values_and_gradients() -> No
     torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=0)
 
 
-def test_choosing_an_attention_selects_both_projections() -> None:
+def test_choosing_an_attention_selects_its_projections() -> None:
     model, _ = twins(True)
     precond = KFAC(model, layers=[model.attention])
     assert [state.name for state in precond.layers] == ["attention.in_proj", "attention.out_proj"]
     with pytest.raises(ValueError, match=r"pass the nn\.MultiheadAttention module"):
         KFAC(model, layers=[model.attention.out_proj])
     separate = nn.MultiheadAttention(EMBED, HEADS, kdim=3, vdim=3)
-    with pytest.raises(ValueError, match="cannot be preconditioned"):
+    chosen = KFAC(nn.Sequential(separate), layers=[separate])
+    assert [state.name for state in chosen.layers] == [
+        "0.q_proj",
+        "0.k_proj",
+        "0.v_proj",
+        "0.out_proj",
+    ]
+    chosen.remove()
+    separate.requires_grad_(False)
+    with pytest.raises(ValueError, match="'0' cannot be preconditioned"):
         KFAC(nn.Sequential(separate), layers=[separate])
 
 

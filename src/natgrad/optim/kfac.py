@@ -79,6 +79,7 @@ from natgrad.distributed.reduce import (
 )
 from natgrad.linalg.kron import damped_factor_inverses, symmetric_eigh_batch
 from natgrad.optim.kfac_attention import (
+    SEPARATE,
     AttentionLayers,
     AttentionRecording,
     PackedInProjection,
@@ -368,8 +369,8 @@ def _supported_projections(name: str, module: nn.Module) -> list[tuple[str, nn.M
     if isinstance(module, nn.MultiheadAttention):
         projections = attention_projections(name, module)
         covered = (
-            "the packed input projection and out_proj of an attention without kdim/vdim, with "
-            "trainable weights"
+            "an attention's input projection (packed, or separate with kdim/vdim) and out_proj, "
+            "with trainable weights"
         )
     else:
         projections = recurrent_projections(name, module)
@@ -513,8 +514,10 @@ class KFAC:
         with a trainable weight that is not computed (parametrized by ``weight_norm``, or
         pruned by ``torch.nn.utils.prune``: such a weight has no gradient of its own), the
         packed input projection (``"{name}.in_proj"``) and ``out_proj`` of every
-        ``nn.MultiheadAttention`` without ``kdim``/``vdim`` (the input projection with one
-        block for each of its query, key and value rows, in self- and cross-attention; see
+        ``nn.MultiheadAttention`` (the input projection with one block for each of its query,
+        key and value rows, in self- and cross-attention; with ``kdim``/``vdim`` the separate
+        weights ``"{name}.q_proj"``, ``"{name}.k_proj"``, ``"{name}.v_proj"``, their packed bias
+        keeping its gradient; see
         :mod:`natgrad.optim.kfac_attention`; choose an attention's projections by passing the
         attention module), the weights of every ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` and their
         cells (``"{name}.ih_l0"``, ``"{name}.hh_l0"``, ...: each with its bias, applied at
@@ -736,8 +739,9 @@ class KFAC:
                 prefix = f"{name}." if name else ""
                 input_state = by_name.get(f"{prefix}in_proj")
                 output_state = by_name.get(f"{prefix}out_proj")
-                if input_state is not None or output_state is not None:
-                    found.append(AttentionLayers(module, input_state, output_state))
+                separate = tuple(by_name.get(f"{prefix}{kind}_proj") for kind in SEPARATE)
+                if input_state is not None or output_state is not None or any(separate):
+                    found.append(AttentionLayers(module, input_state, output_state, separate))
         return found
 
     def _recurrent_layers(self, model: nn.Module) -> list[RecurrentLayers]:

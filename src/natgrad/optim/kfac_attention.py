@@ -14,7 +14,10 @@ its own input (the same one in a self-attention, ``query is key is value``; the 
 the memory sequences in a cross-attention). K-FAC gives each its own block ``G_j ⊗ A_j``
 (:class:`PackedProjectionState`), as it would give three ``nn.Linear`` layers: the layer's
 block is block diagonal over the three, like a grouped convolution's over its groups.
-Attentions with separate ``kdim``/``vdim`` projections are left out.
+An attention with ``kdim``/``vdim`` has separate query, key and value weights of different
+widths instead (``q_proj_weight``, ...), each preconditioned as a linear layer of its own
+(:class:`SeparateProjection`) without its share of the packed ``in_proj_bias``, which keeps its
+plain gradient (a bias of three layers, which no one layer's block describes).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.nn import functional
 
 from natgrad.curvature.kfac_capture import add_column_gram
 from natgrad.optim.kfac_layers import GroupedConvState
-from natgrad.optim.kfac_mode_hooks import RecordingMode
+from natgrad.optim.kfac_mode_hooks import RecordingMode, linear_view
 
 if TYPE_CHECKING:
     from natgrad.optim.kfac_layers import LayerState
@@ -43,6 +46,7 @@ __all__ = [
 ]
 
 PACKED = 3  # the query, key and value rows of the packed input projection
+SEPARATE = ("q", "k", "v")  # the separate projection weights' prefixes, with kdim / vdim
 
 
 class PackedInProjection(nn.Linear):
@@ -52,16 +56,16 @@ class PackedInProjection(nn.Linear):
     groups = PACKED
 
 
+class SeparateProjection(nn.Linear):
+    """One of the query, key and value weights of an attention with ``kdim`` / ``vdim``
+    (``q_proj_weight``, ...; the same parameter, not a copy), without its share of the packed
+    ``in_proj_bias``, never called."""
+
+
 def in_projection(attention: nn.MultiheadAttention) -> PackedInProjection:
     """The :class:`PackedInProjection` of ``attention``: the layer K-FAC preconditions its
     packed input projection as."""
-    projection = PackedInProjection.__new__(PackedInProjection)
-    nn.Module.__init__(projection)
-    projection.in_features = attention.embed_dim
-    projection.out_features = PACKED * attention.embed_dim
-    projection.weight = attention.in_proj_weight
-    projection.bias = attention.in_proj_bias
-    return projection
+    return linear_view(PackedInProjection, attention.in_proj_weight, attention.in_proj_bias)
 
 
 def _with_ones(layer_input: Tensor) -> Tensor:
@@ -141,30 +145,40 @@ def attention_projections(
     name: str, attention: nn.MultiheadAttention
 ) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of the attention's projections K-FAC can precondition: the packed
-    input projection (``"{name}.in_proj"``) and ``out_proj`` (``"{name}.out_proj"``); none
-    with separate ``kdim`` / ``vdim`` projections."""
-    if not attention._qkv_same_embed_dim:
-        return []
+    input projection (``"{name}.in_proj"``), or with ``kdim`` / ``vdim`` the separate query,
+    key and value weights (``"{name}.q_proj"``, ``"{name}.k_proj"``, ``"{name}.v_proj"``,
+    each without its share of the packed bias, which keeps its gradient), and ``out_proj``
+    (``"{name}.out_proj"``)."""
     prefix = f"{name}." if name else ""
-    return [
-        (f"{prefix}in_proj", in_projection(attention)),
-        (f"{prefix}out_proj", attention.out_proj),
-    ]
+    if attention._qkv_same_embed_dim:
+        inputs = [(f"{prefix}in_proj", in_projection(attention))]
+    else:
+        inputs = [
+            (
+                f"{prefix}{kind}_proj",
+                linear_view(SeparateProjection, getattr(attention, f"{kind}_proj_weight"), None),
+            )
+            for kind in SEPARATE
+        ]
+    return [*inputs, (f"{prefix}out_proj", attention.out_proj)]
 
 
 class AttentionLayers:
     """The preconditioned projections of one attention: the states of the packed input
-    projection and of ``out_proj`` (``None`` where not preconditioned)."""
+    projection, of the separate query, key and value weights (with ``kdim`` / ``vdim``) and of
+    ``out_proj`` (``None`` where not preconditioned)."""
 
     def __init__(
         self,
         attention: nn.MultiheadAttention,
         input_state: LayerState | None,
         output_state: LayerState | None,
+        separate_states: tuple[LayerState | None, ...] = (None, None, None),
     ) -> None:
         self.module = attention
         self.input_state = input_state
         self.output_state = output_state
+        self.separate_states = separate_states
 
 
 class AttentionRecording(RecordingMode):
@@ -195,6 +209,9 @@ class AttentionRecording(RecordingMode):
             identity = torch.eye(embed_dim, dtype=query.dtype, device=query.device)
             rest[2] = identity.repeat(PACKED, 1)
             rest[3] = None if in_bias is None else torch.zeros_like(in_bias)
+        elif any(self._layers.separate_states):
+            query, key, value = self._project_separately((query, key, value), in_bias, kwargs)
+            rest[3] = None if in_bias is None else torch.zeros_like(in_bias)
         if self._layers.output_state is None:
             return func(query, key, value, *rest, **kwargs)
         rest[8] = torch.eye(embed_dim, dtype=out_weight.dtype, device=out_weight.device)
@@ -202,6 +219,27 @@ class AttentionRecording(RecordingMode):
         attended, weights = func(query, key, value, *rest, **kwargs)
         output = self._project(self._layers.output_state, attended, out_weight, out_bias)
         return output, weights
+
+    def _project_separately(
+        self, inputs: tuple[Tensor, Tensor, Tensor], bias: Tensor | None, kwargs: dict[str, Any]
+    ) -> tuple[Tensor, ...]:
+        """The query, key and value inputs (sequence first) through their separate weights
+        (``kwargs``' ``q_proj_weight``, ...) and shares of ``bias``, each product with a
+        preconditioned weight recorded; ``kwargs`` then get identity weights."""
+        biases = (None,) * PACKED if bias is None else bias.chunk(PACKED)
+        projected = []
+        for kind, rows, state, share in zip(
+            SEPARATE, inputs, self._layers.separate_states, biases, strict=True
+        ):
+            weight = kwargs[f"{kind}_proj_weight"]
+            if state is None:
+                projected.append(functional.linear(rows, weight, share))
+            else:
+                projected.append(self._project(state, rows, weight, share))
+            kwargs[f"{kind}_proj_weight"] = torch.eye(
+                weight.shape[0], dtype=weight.dtype, device=weight.device
+            )
+        return tuple(projected)
 
     def _project(
         self, state: LayerState, rows: Tensor, weight: Tensor, bias: Tensor | None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +19,23 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from natgrad.optim.kfac import KFAC
 
-__all__ = ["ModeHooks", "RecordingMode"]
+__all__ = ["ModeHooks", "RecordingMode", "linear_view"]
+
+LinearType = TypeVar("LinearType", bound=nn.Linear)
+
+
+def linear_view(
+    layer_type: type[LinearType], weight: nn.Parameter, bias: nn.Parameter | None
+) -> LinearType:
+    """A ``layer_type`` (an ``nn.Linear`` subclass, never called) holding ``weight`` and
+    ``bias`` themselves, not copies: how K-FAC preconditions a weight that a fused function
+    uses as a linear map."""
+    layer = layer_type.__new__(layer_type)
+    nn.Module.__init__(layer)
+    layer.out_features, layer.in_features = weight.shape
+    layer.weight = weight
+    layer.bias = bias
+    return layer
 
 
 class RecordingMode(TorchFunctionMode):

@@ -33,7 +33,7 @@ from torch.nn import functional
 from torch.nn.utils.parametrize import is_parametrized
 
 from natgrad._warnings import warn_at_caller
-from natgrad.optim.kfac_mode_hooks import RecordingMode
+from natgrad.optim.kfac_mode_hooks import RecordingMode, linear_view
 
 if TYPE_CHECKING:
     from natgrad.optim.kfac_layers import LayerState
@@ -67,15 +67,6 @@ class RecurrentProjection(nn.Linear):
     parameters, not copies) as a linear layer, never called."""
 
 
-def _projection(weight: nn.Parameter, bias: nn.Parameter | None) -> RecurrentProjection:
-    projection = RecurrentProjection.__new__(RecurrentProjection)
-    nn.Module.__init__(projection)
-    projection.out_features, projection.in_features = weight.shape
-    projection.weight = weight
-    projection.bias = bias
-    return projection
-
-
 def _weight_names(module: nn.Module) -> list[str]:
     if isinstance(module, nn.RNNBase):
         return [name for name in module._flat_weights_names if name.startswith("weight_")]
@@ -94,7 +85,7 @@ def recurrent_projections(name: str, module: nn.Module) -> list[tuple[str, nn.Mo
         if is_parametrized(module, weight_name) or not isinstance(weight, nn.Parameter):
             continue
         bias = getattr(module, f"bias_{suffix}", None)
-        projections.append((f"{prefix}{suffix}", _projection(weight, bias)))
+        projections.append((f"{prefix}{suffix}", linear_view(RecurrentProjection, weight, bias)))
     return projections
 
 
