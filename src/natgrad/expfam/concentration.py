@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params
@@ -53,6 +54,24 @@ class ConcentrationFamily(ExponentialFamily):
         else:
             pairs = zip(other._concentrations(), self._concentrations(), strict=True)
         return tuple(q - p for q, p in pairs)
+
+
+def mean_change(
+    scale_change: Tensor,
+    concentration_change: Tensor,
+    concentration: Tensor,
+    other_concentration: Tensor,
+    mean_ratio: Tensor,
+) -> Tensor:
+    """``m_p / m_q − 1`` for means ``m = α / s`` (Gamma: ``s = β``; Dirichlet: ``s = α₀``)
+    without cancellation: from the relative changes of the scale and the concentration,
+    ``(Δs/s − Δα/α) · α_p / α_q``, where they are small (``|Δs/s| + |Δα/α| ≤ 1``), else from
+    ``mean_ratio = m_p / m_q`` itself. All arguments broadcast together."""
+    return torch.where(
+        scale_change.abs() + concentration_change.abs() <= 1.0,
+        (scale_change - concentration_change) * concentration / other_concentration,
+        mean_ratio - 1.0,
+    )
 
 
 def evaluate_where(

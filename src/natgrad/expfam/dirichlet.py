@@ -14,7 +14,12 @@ from natgrad.expfam.base import (
     require,
     require_finite,
 )
-from natgrad.expfam.concentration import STIRLING_START, ConcentrationFamily, evaluate_where
+from natgrad.expfam.concentration import (
+    STIRLING_START,
+    ConcentrationFamily,
+    evaluate_where,
+    mean_change,
+)
 from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import (
     stirling_remainder_bregman,
@@ -73,14 +78,12 @@ def dirichlet_kl(concentration: Tensor, other_concentration: Tensor, step: Tenso
     change, total_change = step / concentration, total_step / total
     total_ratio = other_total / total
     mean_ratio = (concentration / other_concentration) * total_ratio
-    mean_change = torch.where(
-        change.abs() + total_change.abs() <= 1.0,
-        (total_change - change) * concentration / other_concentration,
-        mean_ratio - 1.0,
+    relative_mean_change = mean_change(
+        total_change, change, concentration, other_concentration, mean_ratio
     )
     ratio = other_concentration / concentration
     phi = x_minus_log1p(
-        torch.cat((mean_change, change, total_change), -1),
+        torch.cat((relative_mean_change, change, total_change), -1),
         torch.cat((mean_ratio, ratio, total_ratio), -1),
     )
     mean_term = (other_concentration * phi[..., :count]).sum(-1)

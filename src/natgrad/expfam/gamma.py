@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from natgrad.expfam.base import ExponentialFamily, Params, require, require_finite
-from natgrad.expfam.concentration import STIRLING_START, ConcentrationFamily, evaluate_where
+from natgrad.expfam.concentration import (
+    STIRLING_START,
+    ConcentrationFamily,
+    evaluate_where,
+    mean_change,
+)
 from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import (
     stirling_remainder_bregman,
@@ -163,14 +168,13 @@ class Gamma(NewtonMeanInversion, ConcentrationFamily):
         shape_change = shape_step / concentration
         rate_change = (self._natural[1] - other.natural_params[1]) / rate
         mean_ratio = (concentration / rate) / (other_concentration / other_rate)
-        mean_change = torch.where(
-            rate_change.abs() + shape_change.abs() <= 1.0,
-            (rate_change - shape_change) * concentration / other_concentration,
-            mean_ratio - 1.0,
+        relative_mean_change = mean_change(
+            rate_change, shape_change, concentration, other_concentration, mean_ratio
         )
         shape_ratio = other_concentration / concentration
         changes = x_minus_log1p(
-            torch.stack((mean_change, shape_change)), torch.stack((mean_ratio, shape_ratio))
+            torch.stack((relative_mean_change, shape_change)),
+            torch.stack((mean_ratio, shape_ratio)),
         )
         return (
             other_concentration * changes[0]
