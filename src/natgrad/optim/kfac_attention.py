@@ -41,6 +41,7 @@ __all__ = [
     "AttentionRecording",
     "PackedInProjection",
     "PackedProjectionState",
+    "SeparateProjection",
     "attention_projections",
     "in_projection",
 ]
