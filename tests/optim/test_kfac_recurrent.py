@@ -13,7 +13,6 @@ import warnings
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from natgrad.optim import EKFAC, KFAC
 
@@ -291,19 +290,6 @@ def _tensors(output) -> list[Tensor]:
     if isinstance(output, Tensor):
         return [output]
     return [tensor for item in output for tensor in _tensors(item)]
-
-
-def test_packed_sequences_run_fused_and_are_named():
-    model = nn.LSTM(5, 6).double()
-    precond = KFAC(model)
-    inputs = pack_padded_sequence(torch.randn(4, 2, 5, dtype=torch.float64), [4, 2])
-    with pytest.warns(RuntimeWarning, match=r"LSTM \['ih_l0', 'hh_l0'\] ran on a PackedSequence"):
-        output, _ = model(inputs)
-    output.data.sum().backward()
-    gradient = model.weight_hh_l0.grad.clone()
-    with pytest.warns(RuntimeWarning, match=r"\['ih_l0', 'hh_l0'\] recorded no statistics"):
-        precond.step()
-    torch.testing.assert_close(model.weight_hh_l0.grad, gradient, atol=0, rtol=0)
 
 
 def test_layer_selection():

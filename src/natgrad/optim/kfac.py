@@ -96,6 +96,7 @@ from natgrad.optim.kfac_layers import (
 from natgrad.optim.kfac_mode_hooks import ModeHooks
 from natgrad.optim.kfac_recurrent import (
     RECURRENT_TYPES,
+    PackedRows,
     RecurrentLayers,
     RecurrentRecording,
     recurrent_projections,
@@ -422,14 +423,23 @@ class _ModelHook:
 class _CallRecorder:
     """The output-gradient hook of one call of a preconditioned layer: on the first output
     gradient it records the call's input, then each output gradient (one per backward vector
-    of the exact Fisher)."""
+    of the exact Fisher). A call on packed rows (``packed``) has ``packed.samples`` samples
+    whatever its number of rows."""
 
-    def __init__(self, precond: KFAC, state: LayerState, layer_input: Tensor, call_pass: int):
+    def __init__(
+        self,
+        precond: KFAC,
+        state: LayerState,
+        layer_input: Tensor,
+        call_pass: int,
+        packed: PackedRows | None = None,
+    ):
         self._precond = precond
         self._state = state
         self._layer_input: Tensor | None = layer_input
         self._features: Tensor | None = None
         self._call_pass = call_pass
+        self._packed = () if packed is None else (packed,)  # passed on only when given
 
     def __call__(self, grad: Tensor) -> None:
         precond = self._precond
@@ -438,14 +448,17 @@ class _CallRecorder:
         if precond._sampling:
             self._record(grad, 1.0, precond._vector)
         elif precond.fisher_type == "empirical":
-            scale = grad.shape[0] * precond.accumulation_steps / precond._current_loss_scale()
+            samples = self._packed[0].samples if self._packed else grad.shape[0]
+            scale = samples * precond.accumulation_steps / precond._current_loss_scale()
             self._record(grad, scale, 0)
 
     def _record(self, grad: Tensor, scale: float, vector: int) -> None:
         if self._layer_input is not None:
-            self._features = self._state.record_input(self._layer_input)
+            self._features = self._state.record_input(self._layer_input, *self._packed)
             self._layer_input = None
-        self._state.record_output_grad(grad, scale, self._features, self._call_pass, vector)
+        self._state.record_output_grad(
+            grad, scale, self._features, self._call_pass, vector, *self._packed
+        )
 
 
 class KFAC:
@@ -788,10 +801,17 @@ class KFAC:
         )
 
     def _record_call(
-        self, state: LayerState, module: nn.Module, layer_input: Tensor, output: Tensor
+        self,
+        state: LayerState,
+        module: nn.Module,
+        layer_input: Tensor,
+        output: Tensor,
+        packed: PackedRows | None = None,
     ) -> None:
         """A call of ``state``'s layer (its forward hook): hook its output, so that the call
         is recorded (its input and output gradients) when the output gradient arrives.
+        ``packed`` places the rows of a call on some of the batch's samples (a recurrent layer
+        on a packed sequence): the call then counts all ``packed.samples`` samples.
 
         A call whose output is never back-propagated (a forward pass with gradients enabled
         for a metric, say) records nothing: its inputs would add rows to ``A`` without any
@@ -807,7 +827,7 @@ class KFAC:
             edge = get_gradient_edge(output)  # the output as produced, before in-place ops
             self._probe_calls.setdefault(state.name, []).append((layer_input.detach(), edge))
         call_pass = state.begin_call()
-        hook = _CallRecorder(self, state, layer_input.detach(), call_pass)
+        hook = _CallRecorder(self, state, layer_input.detach(), call_pass, packed)
         handle = output.register_hook(hook)
         if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
             self._output_edges.append(get_gradient_edge(output))

@@ -19,6 +19,7 @@ straight into ``.grad`` by the last product of the eigenbasis solve.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,9 @@ from natgrad.linalg.kron import (
     kron_mv,
     symmetric_eigh_batch,
 )
+
+if TYPE_CHECKING:
+    from natgrad.optim.kfac_recurrent import PackedRows
 
 __all__ = [
     "EmbeddingState",
@@ -360,23 +364,34 @@ class LayerState:
         self.pairs[-1] = (join_calls([features, pair[0]]), join_calls([grads, pair[1]]), count)
 
     def record_output_grad(
-        self, grad: Tensor, scale: float, features: Tensor, call_pass: int, vector: int = 0
+        self,
+        grad: Tensor,
+        scale: float,
+        features: Tensor,
+        call_pass: int,
+        vector: int = 0,
+        packed: PackedRows | None = None,
     ) -> None:
         """Add ``Σ_n Σ_t g gᵀ`` (reduce: ``Σ_n ĝ ĝᵀ``) for output gradients ``scale · grad``
         (per-sample gradients) of a call of forward pass ``call_pass`` (:meth:`begin_call`),
-        back-propagated from the pass's ``vector``-th backward vector."""
+        back-propagated from the pass's ``vector``-th backward vector; a call on packed rows
+        ``(R, d_out)`` (``packed``) counts ``packed.samples`` samples."""
         if grad.requires_grad:
             grad = grad.detach()
         if grad.dtype != self.dtype:
             grad = grad.to(self.dtype)
-        samples = grad.shape[0]
-        rows = self._output_gram_rows(grad)
+        samples = grad.shape[0] if packed is None else packed.samples
+        reduce_packed = packed is not None and self.reduce
+        rows = packed.sums(grad) if reduce_packed else self._output_gram_rows(grad)
         fresh = self.output_count == 0
         self.output_sum = _add_gram(self.output_sum, rows, fresh, scale**2)
         pair = None
         if self.keep_pairs:
             full = self._output_rows(grad) if self.reduce else rows
-            grads = full.reshape(samples, -1, full.shape[-1])
+            if packed is None:
+                grads = full.reshape(samples, -1, full.shape[-1])
+            else:
+                grads = packed.padded(full)
             pair = (features, grads if scale == 1.0 else grads * scale)
         self._count_samples(samples, call_pass, pair, vector)
 
@@ -716,15 +731,20 @@ class KroneckerLayerState(LayerState):
         size = self.layer.output_dim
         return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
-    def record_input(self, layer_input: Tensor) -> Tensor | None:
+    def record_input(self, layer_input: Tensor, packed: PackedRows | None = None) -> Tensor | None:
         """Add ``Σ_n Σ_t a aᵀ`` (reduce: ``Σ_n ā āᵀ``); returns the features
-        ``(N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``."""
+        ``(N, T, d_in [+ 1])`` if pairs are kept (EKFAC), else ``None``. Packed rows
+        ``(R, d_in)`` (``packed``) are placed at their samples: reduce averages each sample's
+        own rows, and the features are zero where a sample has no row."""
         layer_input = layer_input.detach()
         if isinstance(self.module, CONV_TYPES):
             return self._record_patches(layer_input)
         features = None
         if layer_input.ndim == 2:
             flat = self._with_ones_column(layer_input) if self.layer.has_bias else layer_input
+            if packed is not None:
+                features = flat.to(self.dtype)
+                flat = packed.means(features) if self.reduce else features
         else:
             features = input_features(self.layer, layer_input)
             rows = reduced_input_features(features) if self.reduce else features
@@ -735,6 +755,8 @@ class KroneckerLayerState(LayerState):
         self.input_count += flat.shape[0]
         if not self.keep_pairs:
             return None
+        if packed is not None:
+            return packed.padded(features)
         if features is not None and self.reduce:
             return features.to(self.dtype)
         return flat.reshape(layer_input.shape[0], -1, flat.shape[-1])

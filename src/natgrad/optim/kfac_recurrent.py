@@ -18,13 +18,22 @@ steps taken as independent: Martens, Ba & Johnson 2018's simplest approximation)
 for a cell written with ``nn.Linear`` layers and called in a loop. ``W_ih`` is applied to the
 whole input sequence in one call; ``W_hh`` once per step.
 
-Packed sequences (``nn.utils.rnn.PackedSequence``) run fused and record nothing, with a
-warning.
+A packed sequence (``nn.utils.rnn.PackedSequence``: ``torch._VF.lstm(data, batch_sizes, ...)``,
+the sequences sorted by length) is unrolled in packed form: ``W_ih`` is applied once to the
+``R = Σ_t b_t`` rows of ``data``, and at step ``t`` ``W_hh`` to the hidden states of the ``b_t``
+sequences still running, each sequence taking exactly its own steps (the reverse direction
+from its own last step back). These calls cover the batch's ``N`` samples unevenly: each is
+recorded with its :class:`PackedRows`, so that ``G`` counts ``N`` samples, ``A`` the real rows
+only, EKFAC's per-sample gradients sum each sample's own rows, and K-FAC-reduce averages
+``W_ih``'s inputs over each sample's own steps (``W_hh``'s calls, one step each, expand as for
+padded sequences).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property, partial
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +41,6 @@ from torch import Tensor, nn
 from torch.nn import functional
 from torch.nn.utils.parametrize import is_parametrized
 
-from natgrad._warnings import warn_at_caller
 from natgrad.optim.kfac_mode_hooks import RecordingMode, linear_view
 
 if TYPE_CHECKING:
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RECURRENT_TYPES",
+    "PackedRows",
     "RecurrentLayers",
     "RecurrentProjection",
     "RecurrentRecording",
@@ -95,20 +104,55 @@ class RecurrentLayers:
     def __init__(self, module: nn.Module, states: Sequence[LayerState]) -> None:
         self.module = module
         self.states = {id(state.weight): state for state in states}
-        self._warned_packed = False
 
-    def warn_packed(self) -> None:
-        """Say, once, that a packed sequence ran fused and recorded nothing."""
-        if self._warned_packed:
-            return
-        self._warned_packed = True
-        names = [state.name for state in self.states.values()]
-        warn_at_caller(
-            f"KFAC: {type(self.module).__name__} {names} ran on a PackedSequence, which K-FAC "
-            "does not unroll: its weights record no statistics on such steps. Pad the "
-            "sequences (nn.utils.rnn.pad_packed_sequence) to precondition them",
-            RuntimeWarning,
+
+class PackedRows:
+    """Where the rows of a call on a packed sequence sit in the batch: in the order of a
+    ``PackedSequence``'s ``data``, the first ``batch_sizes[t]`` of the ``samples`` sequences
+    (sorted by decreasing length) at location ``t``. A call on the rows of one step is
+    ``PackedRows([b_t], samples)``.
+
+    Parameters
+    ----------
+    batch_sizes : sequence of int
+        ``(L,)``, non-increasing, ``batch_sizes[0] <= samples``; the rows number their sum ``R``.
+    samples : int
+        ``N``, the batch's number of samples (sequences).
+    """
+
+    def __init__(self, batch_sizes: Sequence[int], samples: int) -> None:
+        self.batch_sizes = list(batch_sizes)
+        self.samples = samples
+
+    @cached_property
+    def _positions(self) -> Tensor:
+        """Each row's index in the sample-major ``(N, L)`` grid, ``(R,)``."""
+        locations = len(self.batch_sizes)
+        return torch.cat(
+            [torch.arange(size) * locations + step for step, size in enumerate(self.batch_sizes)]
         )
+
+    @cached_property
+    def _lengths(self) -> Tensor:
+        """The number of rows of each of the first ``batch_sizes[0]`` samples, ``(b_0, 1)``."""
+        sizes = torch.tensor(self.batch_sizes)
+        return (sizes > torch.arange(self.batch_sizes[0]).unsqueeze(1)).sum(dim=1, keepdim=True)
+
+    def padded(self, rows: Tensor) -> Tensor:
+        """``rows`` ``(R, d)`` at their samples and locations, ``(N, L, d)``, zeros elsewhere."""
+        grid = rows.new_zeros(self.samples * len(self.batch_sizes), rows.shape[-1])
+        grid.index_copy_(0, self._positions.to(rows.device), rows)
+        return grid.view(self.samples, len(self.batch_sizes), rows.shape[-1])
+
+    def sums(self, rows: Tensor) -> Tensor:
+        """Each sample's sum of its rows, ``(N, d)`` (zeros for a sample without rows)."""
+        return self.padded(rows).sum(dim=1)
+
+    def means(self, rows: Tensor) -> Tensor:
+        """The mean of each sample's rows, for the ``batch_sizes[0]`` samples with rows,
+        ``(b_0, d)``."""
+        lengths = self._lengths.to(device=rows.device, dtype=rows.dtype)
+        return self.sums(rows)[: self.batch_sizes[0]] / lengths
 
 
 def _step(
@@ -146,16 +190,17 @@ class RecurrentRecording(RecordingMode):
             return self._cell(_CELL_KINDS[func], *args, **kwargs)
         if isinstance(args[3], bool):  # packed sequences have the weights there
             return self._sequence(_SEQUENCE_KINDS[func], *args, **kwargs)
-        self._layers.warn_packed()
-        return func(*args, **kwargs)
+        return self._packed_sequence(_SEQUENCE_KINDS[func], *args, **kwargs)
 
-    def _linear(self, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """``rows @ weightᵀ + bias`` for batch-first ``rows``, recorded as a call of
-        ``weight``'s projection if it is preconditioned."""
+    def _linear(
+        self, rows: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedRows | None = None
+    ) -> Tensor:
+        """``rows @ weightᵀ + bias`` for batch-first ``rows`` (packed rows placed by
+        ``packed``), recorded as a call of ``weight``'s projection if it is preconditioned."""
         output = functional.linear(rows, weight, bias)
         state = self._layers.states.get(id(weight))
         if state is not None:
-            self._precond._record_call(state, self._layers.module, rows, output)
+            self._precond._record_call(state, self._layers.module, rows, output, packed)
         return output
 
     def _cell(
@@ -194,31 +239,29 @@ class RecurrentRecording(RecordingMode):
     ) -> tuple[Tensor, ...]:
         """A multi-layer, possibly bidirectional recurrent layer's forward
         (``torch._VF.lstm``'s arguments), one layer and direction at a time."""
-        hidden0, cell0 = initial if kind == "lstm" else (initial, None)
-        directions = 2 if bidirectional else 1
-        per_direction = len(weights) // (num_layers * directions)
         rows = inputs if batch_first else inputs.transpose(0, 1)  # (N, T, d_in)
-        finals: list[tuple[Tensor, Tensor | None]] = []
-        for layer in range(num_layers):
-            outputs = []
-            for direction in range(directions):
-                index = layer * directions + direction
-                start = index * per_direction
-                layer_weights = weights[start : start + per_direction]
-                cell = None if cell0 is None else cell0[index]
-                output, final = self._run_direction(
-                    kind, rows, hidden0[index], cell, layer_weights, has_biases, direction == 1
-                )
-                outputs.append(output)
-                finals.append(final)
-            rows = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
-            if dropout > 0 and train and layer < num_layers - 1:
-                rows = functional.dropout(rows, dropout, training=True)
-        output = rows if batch_first else rows.transpose(0, 1)
-        hidden_n = torch.stack([final[0] for final in finals])
-        if kind != "lstm":
-            return output, hidden_n
-        return output, hidden_n, torch.stack([final[1] for final in finals])
+        layers = _Stack(kind, weights, has_biases, num_layers, dropout, train, bidirectional)
+        output, *finals = layers.run(rows, initial, self._run_direction)
+        return (output if batch_first else output.transpose(0, 1), *finals)
+
+    def _packed_sequence(
+        self,
+        kind: str,
+        data: Tensor,
+        batch_sizes: Tensor,
+        initial: Tensor | tuple[Tensor, Tensor],
+        weights: Sequence[Tensor],
+        has_biases: bool,
+        num_layers: int,
+        dropout: float,
+        train: bool,
+        bidirectional: bool,
+    ) -> tuple[Tensor, ...]:
+        """:meth:`_sequence` on a packed sequence (``torch._VF.lstm``'s packed arguments):
+        from ``data`` ``(R, d_in)``, the output's data ``(R, H_out · directions)`` and the
+        final states, in the sequences' sorted order."""
+        layers = _Stack(kind, weights, has_biases, num_layers, dropout, train, bidirectional)
+        return layers.run(data, initial, partial(self._packed_direction, batch_sizes.tolist()))
 
     def _run_direction(
         self,
@@ -232,9 +275,9 @@ class RecurrentRecording(RecordingMode):
     ) -> tuple[Tensor, tuple[Tensor, Tensor | None]]:
         """One layer and direction over batch-first ``rows`` ``(N, T, d_in)``: the outputs
         ``(N, T, H_out)`` and the final hidden (and cell) state."""
-        input_weight, hidden_weight = weights[0], weights[1]
-        input_bias, hidden_bias = (weights[2], weights[3]) if has_biases else (None, None)
-        projection = weights[4 if has_biases else 2] if len(weights) % 2 else None
+        input_weight, hidden_weight, input_bias, hidden_bias, projection = _unpack(
+            weights, has_biases
+        )
         from_input = self._linear(rows, input_weight, input_bias)  # (N, T, gates · H)
         steps = range(rows.shape[1] - 1, -1, -1) if reverse else range(rows.shape[1])
         outputs: list[Tensor] = [rows] * rows.shape[1]
@@ -245,3 +288,116 @@ class RecurrentRecording(RecordingMode):
                 hidden = self._linear(hidden, projection, None)
             outputs[step] = hidden
         return torch.stack(outputs, dim=1), (hidden, cell)
+
+    def _packed_direction(
+        self,
+        sizes: list[int],
+        kind: str,
+        rows: Tensor,
+        hidden: Tensor,
+        cell: Tensor | None,
+        weights: Sequence[Tensor],
+        has_biases: bool,
+        reverse: bool,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor | None]]:
+        """One layer and direction over packed ``rows`` ``(R, d_in)``, ``sizes[t]`` sequences
+        at step ``t``: the outputs ``(R, H_out)`` and the final hidden (and cell) state
+        ``(N, ·)``, each sequence's after the last of its own steps (reverse: after step 0)."""
+        input_weight, hidden_weight, input_bias, hidden_bias, projection = _unpack(
+            weights, has_biases
+        )
+        samples = hidden.shape[0]
+        from_input = self._linear(rows, input_weight, input_bias, PackedRows(sizes, samples))
+        starts = [0, *accumulate(sizes)]
+        steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+        outputs: list[Tensor] = [rows] * len(sizes)
+        for step in steps:
+            active, start = sizes[step], starts[step]
+            packed = PackedRows([active], samples)
+            from_hidden = self._linear(hidden[:active], hidden_weight, hidden_bias, packed)
+            new_hidden, new_cell = _step(
+                kind,
+                from_input[start : start + active],
+                from_hidden,
+                hidden[:active],
+                None if cell is None else cell[:active],
+            )
+            if projection is not None:
+                new_hidden = self._linear(new_hidden, projection, None, packed)
+            outputs[step] = new_hidden
+            hidden = _with_first_rows(new_hidden, hidden)
+            cell = None if cell is None else _with_first_rows(new_cell, cell)
+        return torch.cat(outputs), (hidden, cell)
+
+
+_DirectionRun = Callable[..., tuple[Tensor, tuple[Tensor, Tensor | None]]]
+
+
+class _Stack:
+    """The layers and directions of one fused call (``torch._VF.lstm``'s arguments), run one
+    layer and direction at a time."""
+
+    def __init__(
+        self,
+        kind: str,
+        weights: Sequence[Tensor],
+        has_biases: bool,
+        num_layers: int,
+        dropout: float,
+        train: bool,
+        bidirectional: bool,
+    ) -> None:
+        self.kind, self.weights, self.has_biases = kind, weights, has_biases
+        self.num_layers, self.dropout, self.train = num_layers, dropout, train
+        self.directions = 2 if bidirectional else 1
+
+    def run(
+        self, rows: Tensor, initial: Tensor | tuple[Tensor, Tensor], direction_run: _DirectionRun
+    ) -> tuple[Tensor, ...]:
+        """The last layer's output (the directions' outputs concatenated along the features) and
+        the stacked final hidden (and cell) states, from the first layer's input ``rows`` and
+        ``direction_run(kind, rows, hidden, cell, weights, has_biases, reverse)``."""
+        hidden0, cell0 = initial if self.kind == "lstm" else (initial, None)
+        per_direction = len(self.weights) // (self.num_layers * self.directions)
+        finals: list[tuple[Tensor, Tensor | None]] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                index = layer * self.directions + direction
+                start = index * per_direction
+                layer_weights = self.weights[start : start + per_direction]
+                cell = None if cell0 is None else cell0[index]
+                output, final = direction_run(
+                    self.kind,
+                    rows,
+                    hidden0[index],
+                    cell,
+                    layer_weights,
+                    self.has_biases,
+                    direction == 1,
+                )
+                outputs.append(output)
+                finals.append(final)
+            rows = torch.cat(outputs, dim=-1) if self.directions == 2 else outputs[0]
+            if self.dropout > 0 and self.train and layer < self.num_layers - 1:
+                rows = functional.dropout(rows, self.dropout, training=True)
+        hidden_n = torch.stack([final[0] for final in finals])
+        if self.kind != "lstm":
+            return rows, hidden_n
+        return rows, hidden_n, torch.stack([final[1] for final in finals])
+
+
+def _unpack(
+    weights: Sequence[Tensor], has_biases: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One layer and direction's ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` (``None`` where absent)."""
+    input_bias, hidden_bias = (weights[2], weights[3]) if has_biases else (None, None)
+    projection = weights[4 if has_biases else 2] if len(weights) % 2 else None
+    return weights[0], weights[1], input_bias, hidden_bias, projection
+
+
+def _with_first_rows(first: Tensor, rows: Tensor) -> Tensor:
+    """``rows`` with its first ``len(first)`` rows replaced by ``first`` (out of place)."""
+    if first.shape[0] == rows.shape[0]:
+        return first
+    return torch.cat([first, rows[first.shape[0] :]])
