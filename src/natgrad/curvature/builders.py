@@ -48,6 +48,7 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
 from natgrad.curvature.layer_diagonal import layer_diagonal_for_vectors, layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+from natgrad.distributed.shards import GlobalBatch, Shard
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -93,7 +94,7 @@ def _check_kfac_approx(kfac_approx: str, structure: str) -> None:
         )
 
 
-def _cg_options(
+def checked_cg_options(
     structure: str, cg_rtol: object, cg_max_iter: object
 ) -> dict[str, float | int | None]:
     """The implicit operator's conjugate-gradient options, checked
@@ -115,6 +116,19 @@ def _num_samples(inputs: Tensor) -> int:
     return inputs.shape[0]
 
 
+def _shard(global_batch: GlobalBatch | None, num_samples: int) -> Shard:
+    """This process's :class:`~natgrad.distributed.shards.Shard` of ``global_batch``, or the
+    whole batch where there is none."""
+    if global_batch is None:
+        return Shard.whole(num_samples)
+    if not isinstance(global_batch, GlobalBatch):
+        raise TypeError(
+            f"global_batch must be a natgrad.distributed.GlobalBatch or None, got "
+            f"{type(global_batch).__name__}"
+        )
+    return global_batch.shard(num_samples)
+
+
 # -- assembly from per-sample rows --------------------------------------------------------------
 class _SandwichSum:
     """Accumulates ``Σ leftᵀ right`` over row chunks in one structure, then scales it."""
@@ -130,6 +144,11 @@ class _SandwichSum:
             self.total = torch.zeros(size, **options)
         else:
             self.total = [torch.zeros(n, n, **options) for n in function.param_numels]
+
+    @property
+    def parts(self) -> list[Tensor]:
+        """The tensors holding the sum."""
+        return self.total if isinstance(self.total, list) else [self.total]
 
     def add(self, left: Tensor, right: Tensor) -> None:
         """Add ``leftᵀ right`` for row blocks ``left``, ``right`` of shape ``(m, P)``."""
@@ -226,10 +245,12 @@ def _assembled_sum(
     structure: str,
     scale: float,
     weights: Tensor | None = None,
+    shard: Shard | None = None,
 ) -> CurvatureOperator:
     """``scale · Σₙ Jₙᵀ Rₙ diag(wₙ) Rₙᵀ Jₙ`` from per-sample rows ``Rₙᵀ Jₙ``, in chunks.
 
-    ``factors`` has shape ``(N, D, K)`` and ``weights`` (ones by default) ``(N, K)``.
+    ``factors`` has shape ``(N, D, K)`` and ``weights`` (ones by default) ``(N, K)``. With a
+    ``shard``, the sum runs over the samples of every process's shard (one all-reduce).
     """
     total = _SandwichSum(structure, function)
     chunk_size = max(1, ROW_BUDGET // (factors.shape[-1] * sum(function.param_numels)))
@@ -238,14 +259,21 @@ def _assembled_sum(
         rows = function.per_sample_rows(function.inputs[chunk], factors[chunk]).flatten(0, 1)
         left = rows if weights is None else rows * weights[chunk].reshape(-1, 1)
         total.add(left, rows)
+    if shard is not None:
+        shard.sum_(total.parts)
     return total.operator(scale)
 
 
 def _implicit_fisher(
-    function: ModelFunction, factors: Tensor, cg_options: dict[str, float | int | None]
+    function: ModelFunction,
+    factors: Tensor,
+    cg_options: dict[str, float | int | None],
+    shard: Shard,
 ) -> Implicit:
+    """Products with the Fisher of the global batch of ``shard``: each process's terms, scaled
+    by the global count and summed over the processes (one all-reduce per product)."""
     outputs, transpose_product = function.vjp_function()
-    scale = 1.0 / function.num_samples
+    scale = 1.0 / shard.total
 
     def fisher_vector_product(vector: Tensor) -> Tensor:
         tangent = as_matrix(function.jvp(vector))
@@ -258,16 +286,17 @@ def _implicit_fisher(
         function.param_shapes,
         function.dtype,
         function.device,
+        reduce_products=shard.sum_ if shard.sharded else None,
         **cg_options,
     )
 
 
 def _kronecker_operator(
-    structure: str, model: nn.Module, statistics: list[LayerCalls]
+    structure: str, model: nn.Module, statistics: list[LayerCalls], shard: Shard | None = None
 ) -> CurvatureOperator:
     if structure == "kfac":
-        return kfac_from_statistics(model, statistics)
-    return ekfac_from_statistics(model, statistics)
+        return kfac_from_statistics(model, statistics, shard)
+    return ekfac_from_statistics(model, statistics, shard)
 
 
 def _kronecker_fisher(
@@ -280,6 +309,7 @@ def _kronecker_fisher(
     mc_samples: int,
     generator: torch.Generator | None,
     kfac_approx: str,
+    shard: Shard,
 ) -> CurvatureOperator:
     statistics = collect_statistics(
         model,
@@ -291,7 +321,7 @@ def _kronecker_fisher(
         generator=generator,
         kfac_approx=kfac_approx,
     )
-    return _kronecker_operator(structure, model, statistics)
+    return _kronecker_operator(structure, model, statistics, shard)
 
 
 def fisher(
@@ -307,6 +337,7 @@ def fisher(
     *,
     cg_rtol: float | None = None,
     cg_max_iter: int | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> CurvatureOperator:
     """Fisher information of ``model`` on ``inputs``: the MEAN over the ``N`` inputs.
 
@@ -348,6 +379,19 @@ def fisher(
     cg_max_iter : int, optional
         For ``structure="implicit"``: the solve's iteration cap, at least 1;
         ``min(10 · P, 1000)`` by default.
+    global_batch : natgrad.distributed.GlobalBatch, optional
+        Declares ``inputs`` (and ``targets``) this process's shard of one global batch split
+        over the processes of its group (data parallelism, every process calling
+        :func:`fisher` with the same model and options): the Fisher is then that of the
+        global batch, the mean over all its samples, the same on every process. The processes'
+        sums of the statistics (the Fisher or its diagonal, blocks, Kronecker factors and EKFAC
+        eigenvalues) are all-reduced with their sample counts, so shards of unequal sizes give
+        the global batch's Fisher too; an ``"implicit"`` operator all-reduces each product
+        (conjugate gradients then run alike on every process). ``"mc"`` draws the targets of
+        the whole global batch on every process (its outputs gathered) and keeps each
+        process's rows: with generators in the same state on every process (one seed) they
+        are the draws of one process on the global batch. A no-op without
+        ``torch.distributed`` or with one process.
 
     Returns
     -------
@@ -370,12 +414,12 @@ def fisher(
         than ``"implicit"``.
     TypeError
         A model that does not return one tensor of outputs; ``cg_rtol`` not a real number or
-        ``cg_max_iter`` not an integer.
+        ``cg_max_iter`` not an integer; ``global_batch`` not a ``GlobalBatch``.
     """
     _check_choice("kind", kind, FISHER_KINDS)
     _check_choice("structure", structure, FISHER_STRUCTURES)
     _check_kfac_approx(kfac_approx, structure)
-    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
+    cg_options = checked_cg_options(structure, cg_rtol, cg_max_iter)
     resolved = get_likelihood(likelihood)
     check_curvature_model(model)
     check_finite_inputs(inputs)
@@ -384,9 +428,21 @@ def fisher(
         raise ValueError('kind="empirical" needs the observed targets: pass targets=...')
     if targets is not None:
         _check_targets(targets, _num_samples(inputs))
+    shard = _shard(global_batch, _num_samples(inputs))
+    if kind == "mc":
+        resolved = shard.sampling(resolved)
     if structure in ("kfac", "ekfac"):
         return _kronecker_fisher(
-            structure, model, inputs, likelihood, kind, targets, mc_samples, generator, kfac_approx
+            structure,
+            model,
+            inputs,
+            resolved,
+            kind,
+            targets,
+            mc_samples,
+            generator,
+            kfac_approx,
+            shard,
         )
     if structure == "diag":
         diagonal = layer_fisher_diagonal(
@@ -397,6 +453,7 @@ def fisher(
             targets=targets,
             mc_samples=mc_samples,
             generator=generator,
+            shard=shard,
         )
         if diagonal is not None:
             shapes = [param.shape for param in trainable_parameters(model)]
@@ -405,8 +462,8 @@ def fisher(
     outputs = as_matrix(function.outputs())
     factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
     if structure == "implicit":
-        return _implicit_fisher(function, factors, cg_options)
-    return _assembled_sum(function, factors, structure, 1.0 / function.num_samples)
+        return _implicit_fisher(function, factors, cg_options, shard)
+    return _assembled_sum(function, factors, structure, 1.0 / shard.total, shard=shard)
 
 
 # -- GGN and Hessian ------------------------------------------------------------------------------
@@ -507,7 +564,7 @@ def ggn(
     """
     function = _loss_setup(model, inputs, loss_fn, targets, structure, GGN_STRUCTURES)
     _check_kfac_approx(kfac_approx, structure)
-    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
+    cg_options = checked_cg_options(structure, cg_rtol, cg_max_iter)
     scale = _declared_scale(loss_fn, separable, function.num_samples)
     if structure in ("kfac", "ekfac"):
         vectors = _hessian_root_vectors(loss_fn, targets, scale, separable is None)
@@ -788,7 +845,7 @@ def hessian(
         As :func:`ggn`.
     """
     function = _loss_setup(model, inputs, loss_fn, targets, structure)
-    cg_options = _cg_options(structure, cg_rtol, cg_max_iter)
+    cg_options = checked_cg_options(structure, cg_rtol, cg_max_iter)
     loss_of_flat = function.loss_function(loss_fn, targets)
     flat = function.flat_params()
     shapes = function.param_shapes

@@ -14,6 +14,7 @@ Frobenius-closest matrix to the exact block ``F_l`` that is diagonal in K-FAC's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.kfac_capture import KroneckerLayer, trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood
 from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, symmetric_eigh
+
+if TYPE_CHECKING:
+    from natgrad.distributed.shards import Shard
 
 __all__ = [
     "EKFAC",
@@ -267,10 +271,18 @@ def _refit_eigenvalues(stats: LayerCalls, eigens: tuple[SymmetricEigen, Symmetri
     return sum(moments) / inputs.shape[-3]
 
 
-def ekfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> EKFAC:
+def ekfac_from_statistics(
+    model: nn.Module, statistics: Sequence[LayerCalls], shard: Shard | None = None
+) -> EKFAC:
     """The EKFAC operator of ``model`` from its layers' statistics
     (:func:`~natgrad.curvature.kfac.collect_statistics`,
     :func:`~natgrad.curvature.kfac.statistics_for_vectors`).
+
+    With a ``shard`` (:class:`~natgrad.distributed.shards.Shard`) it is that of its global
+    batch: the eigenbases are those of the global batch's factors
+    (:func:`~natgrad.curvature.kfac.finite_factors`), in which each process projects its own
+    samples' gradients; the eigenvalues are then averaged as the factors are (two all-reduces
+    in all).
 
     Raises
     ------
@@ -279,12 +291,14 @@ def ekfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) ->
     """
     eigenbases = [
         (symmetric_eigh(output_factor), symmetric_eigh(input_factor))
-        for output_factor, input_factor in finite_factors(statistics)
+        for output_factor, input_factor in finite_factors(statistics, shard)
     ]
     eigenvalues = [
         _refit_eigenvalues(stats, eigens)
         for stats, eigens in zip(statistics, eigenbases, strict=True)
     ]
+    if shard is not None:
+        shard.mean_(eigenvalues)
     params = trainable_parameters(model)
     return EKFAC(
         [stats.layer for stats in statistics],

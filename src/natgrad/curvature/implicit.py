@@ -14,6 +14,7 @@ from natgrad.curvature.base import CurvatureOperator
 from natgrad.linalg import CGInfo, cg
 
 MatVec = Callable[[Tensor], Tensor]
+ProductReduction = Callable[[Sequence[Tensor]], None]
 MAX_CG_ITERATIONS = 1000
 """Default cap on conjugate-gradient iterations per solve."""
 COLUMN_CHUNK = 64
@@ -87,6 +88,14 @@ class Implicit(CurvatureOperator):
         float64).
     cg_max_iter : int, optional
         Iteration cap of the solve, at least 1; ``min(10 · P, 1000)`` by default.
+    reduce_products : callable, optional
+        Applied, in place, to every product ``matvec`` gives (a list holding one flat vector
+        or one vmapped chunk of columns) before it is used: e.g.
+        :meth:`natgrad.distributed.shards.Shard.sum_`, where ``matvec`` gives one process's
+        terms of a Fisher of a batch split over processes. Every product and every
+        conjugate-gradient iteration then runs one reduction, so all processes must make the
+        same calls (they do when they solve the same right-hand side: the scalars of CG are
+        then equal on all of them).
 
     Attributes
     ----------
@@ -124,9 +133,11 @@ class Implicit(CurvatureOperator):
         *,
         cg_rtol: float | None = None,
         cg_max_iter: int | None = None,
+        reduce_products: ProductReduction | None = None,
     ) -> None:
         super().__init__(param_shapes, dtype, device)
         self.matvec = matvec
+        self.reduce_products = reduce_products
         self.cg_rtol = cg_rtol
         self.cg_max_iter = cg_max_iter
         self.last_cg_info: CGInfo | None = None
@@ -152,12 +163,20 @@ class Implicit(CurvatureOperator):
         default = min(10 * self.shape[0], MAX_CG_ITERATIONS)
         self._cg_max_iter = default if max_iter is None else max_iter
 
+    def _reduced(self, product: Tensor) -> Tensor:
+        """``product`` after :attr:`reduce_products` (unchanged without one)."""
+        if self.reduce_products is not None:
+            self.reduce_products([product])
+        return product
+
     def _mv_flat(self, vector: Tensor) -> Tensor:
-        return self.matvec(vector)
+        return self._reduced(self.matvec(vector))
 
     def _mm_flat(self, block: Tensor) -> Tensor:
         batched = vmap(self.matvec, in_dims=1, out_dims=1)
-        return torch.cat([batched(chunk) for chunk in block.split(COLUMN_CHUNK, dim=1)], dim=1)
+        return torch.cat(
+            [self._reduced(batched(chunk)) for chunk in block.split(COLUMN_CHUNK, dim=1)], dim=1
+        )
 
     def _solve_flat(self, vector: Tensor, damping: float) -> Tensor:
         return self._solve_block(vector.unsqueeze(1), damping).squeeze(1)
@@ -173,7 +192,7 @@ class Implicit(CurvatureOperator):
 
     def _cg(self, vector: Tensor, damping: float) -> tuple[Tensor, CGInfo]:
         def damped_matvec(direction: Tensor) -> Tensor:
-            return self.matvec(direction) + damping * direction
+            return self._mv_flat(direction) + damping * direction
 
         return cg(
             damped_matvec,

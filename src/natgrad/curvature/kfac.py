@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,9 @@ from natgrad.linalg.kron import (
     kron_mv,
     symmetric_eigh,
 )
+
+if TYPE_CHECKING:
+    from natgrad.distributed.shards import Shard
 
 __all__ = [
     "KFAC",
@@ -569,8 +573,14 @@ def _check_batch_first(capture: ForwardCapture, samples: int) -> None:
                 )
 
 
-def finite_factors(statistics: Sequence[LayerCalls]) -> list[tuple[Tensor, Tensor]]:
+def finite_factors(
+    statistics: Sequence[LayerCalls], shard: Shard | None = None
+) -> list[tuple[Tensor, Tensor]]:
     """``(G_l, A_l)`` of each layer's statistics, checked finite (one read-back for all).
+
+    With a ``shard`` (:class:`~natgrad.distributed.shards.Shard`), the factors are those of
+    its global batch: the processes' means weighted by their shares and summed (one
+    all-reduce), before the check, so that every process raises alike.
 
     Raises
     ------
@@ -579,6 +589,8 @@ def finite_factors(statistics: Sequence[LayerCalls]) -> list[tuple[Tensor, Tenso
         layer inputs, or an overflow in the model's dtype).
     """
     factors = [(stats.output_factor, stats.input_factor) for stats in statistics]
+    if shard is not None:
+        shard.mean_([factor for pair in factors for factor in pair])
     finite = torch.stack([torch.isfinite(factor).all() for pair in factors for factor in pair])
     if not bool(finite.all()):
         stats = statistics[int((~finite).nonzero()[0]) // 2]
@@ -590,9 +602,12 @@ def finite_factors(statistics: Sequence[LayerCalls]) -> list[tuple[Tensor, Tenso
     return factors
 
 
-def kfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> KFAC:
+def kfac_from_statistics(
+    model: nn.Module, statistics: Sequence[LayerCalls], shard: Shard | None = None
+) -> KFAC:
     """The K-FAC operator of ``model`` from its layers' statistics
-    (:func:`collect_statistics`, :func:`statistics_for_vectors`).
+    (:func:`collect_statistics`, :func:`statistics_for_vectors`); with a ``shard``, of its
+    global batch (:func:`finite_factors`).
 
     Raises
     ------
@@ -600,7 +615,7 @@ def kfac_from_statistics(model: nn.Module, statistics: Sequence[LayerCalls]) -> 
         If a layer's factors are not finite (:func:`finite_factors`).
     """
     params = trainable_parameters(model)
-    factors = finite_factors(statistics)
+    factors = finite_factors(statistics, shard)
     return KFAC(
         [stats.layer for stats in statistics],
         [output_factor for output_factor, _ in factors],

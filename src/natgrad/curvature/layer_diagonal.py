@@ -24,6 +24,7 @@ the calls' features and output gradients are joined along the locations ``t``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,9 @@ from natgrad.curvature.kfac_capture import (
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.curvature.weight_locality import foreign_weight_uses
+
+if TYPE_CHECKING:
+    from natgrad.distributed.shards import Shard
 
 __all__ = [
     "OUTPUT_GRADIENT_BUDGET",
@@ -144,6 +148,7 @@ def layer_fisher_diagonal(
     targets: Tensor | None = None,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    shard: Shard | None = None,
 ) -> Tensor | None:
     """Diagonal of the Fisher of ``model`` on ``inputs`` (MEAN over the N inputs), or ``None``.
 
@@ -167,6 +172,10 @@ def layer_fisher_diagonal(
     mc_samples : int, default 1
     generator : torch.Generator, optional
         Randomness for ``kind="mc"``.
+    shard : Shard, optional
+        ``inputs`` as a process's :class:`~natgrad.distributed.shards.Shard` of a global batch
+        (as in :func:`layer_diagonal_for_vectors`); for ``"mc"``, give a ``likelihood`` that
+        draws the global batch's targets (:meth:`~natgrad.distributed.shards.Shard.sampling`).
 
     Returns
     -------
@@ -197,11 +206,14 @@ def layer_fisher_diagonal(
     def vectors(outputs: Tensor) -> Tensor:
         return backward_vectors(outputs, resolved, kind, targets, mc_samples, generator)
 
-    return layer_diagonal_for_vectors(model, inputs, vectors)
+    return layer_diagonal_for_vectors(model, inputs, vectors, shard)
 
 
 def layer_diagonal_for_vectors(
-    model: nn.Module, inputs: Tensor, vectors_of: Callable[[Tensor], Tensor | None]
+    model: nn.Module,
+    inputs: Tensor,
+    vectors_of: Callable[[Tensor], Tensor | None],
+    shard: Shard | None = None,
 ) -> Tensor | None:
     """Diagonal of ``1/N Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n`` from one forward pass, or ``None``.
 
@@ -216,6 +228,11 @@ def layer_diagonal_for_vectors(
         Maps the model's outputs ``(N, ...)`` to the vectors ``(K, N, D)``, ``D`` the size of
         one sample's outputs, or to ``None`` (the caller then uses a general method). Called
         only once the model is known to be supported.
+    shard : Shard, optional
+        ``inputs`` as this process's :class:`~natgrad.distributed.shards.Shard` of a global
+        batch: the diagonal is then the global batch's (the processes' sums all-reduced and
+        divided by the global count), and whether the layers serve is agreed by all processes
+        (one all-reduce), so that they all return ``None`` or none does.
 
     Returns
     -------
@@ -240,9 +257,10 @@ def layer_diagonal_for_vectors(
         inputs = inputs.to(params[0].dtype)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
-    if not _batch_first(layers, capture, inputs.shape[0]):
-        return None
-    if foreign_weight_uses(model, layers, capture.calls, outputs):
+    serves = _batch_first(layers, capture, inputs.shape[0]) and not foreign_weight_uses(
+        model, layers, capture.calls, outputs
+    )
+    if not (serves if shard is None else shard.all(serves)):
         return None
     vectors = vectors_of(outputs)
     if vectors is None:
@@ -250,9 +268,12 @@ def layer_diagonal_for_vectors(
     matrix = outputs.reshape(len(outputs), -1)
     check_backward_vectors(vectors, matrix)
     squared_sums = _squared_gradient_sums(layers, capture, matrix, vectors)
+    if shard is not None:
+        shard.sum_(squared_sums)
+    count = inputs.shape[0] if shard is None else shard.total
     pieces: dict[int, Tensor] = {}
     for layer, squared_sum in zip(layers, squared_sums, strict=True):
-        pieces.update(layer.from_matrix(squared_sum / inputs.shape[0]))
+        pieces.update(layer.from_matrix(squared_sum / count))
     return torch.cat([pieces[index].reshape(-1) for index in range(len(params))])
 
 

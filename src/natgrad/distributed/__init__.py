@@ -5,15 +5,22 @@ from natgrad.distributed.reduce import (
     assign_owners,
     broadcast_from_,
     is_distributed,
+    mean_over_processes,
     rank,
+    true_everywhere,
     world_size,
 )
+from natgrad.distributed.shards import GlobalBatch, Shard
 
 __all__ = [
+    "GlobalBatch",
+    "Shard",
     "all_reduce_sum_",
     "assign_owners",
     "broadcast_from_",
     "is_distributed",
+    "mean_over_processes",
     "rank",
+    "true_everywhere",
     "world_size",
 ]

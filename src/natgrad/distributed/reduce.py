@@ -31,7 +31,9 @@ __all__ = [
     "assign_owners",
     "broadcast_from_",
     "is_distributed",
+    "mean_over_processes",
     "rank",
+    "true_everywhere",
     "world_size",
 ]
 
@@ -66,6 +68,33 @@ def all_reduce_sum_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None =
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     for tensor, chunk in zip(tensors, buffer.split([t.numel() for t in tensors]), strict=True):
         tensor.copy_(chunk.view_as(tensor))
+
+
+def true_everywhere(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether ``flag`` holds on every process of ``group`` (one all-reduce; ``flag`` itself in
+    a single process). Processes that must take the same branch around a collective (refuse a
+    step together) decide with it."""
+    if not is_distributed(group):
+        return flag
+    failures = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
+    dist.all_reduce(failures, op=dist.ReduceOp.SUM, group=group)
+    return float(failures) == 0.0
+
+
+def mean_over_processes(
+    values: Sequence[Tensor], group: dist.ProcessGroup | None = None
+) -> list[Tensor]:
+    """Scalars ``values`` (e.g. losses) averaged over the processes of ``group``, in float64,
+    with equal weights (one all-reduce); ``values`` themselves in a single process.
+
+    Under ``DistributedDataParallel`` the objective whose gradient is averaged is the mean of
+    the processes' losses, so this is the loss that gradient belongs to.
+    """
+    if not is_distributed(group):
+        return list(values)
+    stacked = torch.stack([value.detach().reshape(()).to(torch.float64) for value in values])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    return list((stacked / world_size(group)).unbind())
 
 
 def assign_owners(costs: Sequence[float], size: int) -> list[int]:

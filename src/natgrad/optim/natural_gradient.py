@@ -11,14 +11,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from natgrad._validation import nonnegative_float, one_of, positive_float, positive_int
 from natgrad.curvature import fisher
 from natgrad.curvature.base import CurvatureOperator
+from natgrad.curvature.builders import checked_cg_options
 from natgrad.curvature.evaluation_scope import dropout_off
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.distributed import GlobalBatch, mean_over_processes, true_everywhere
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
 from natgrad.optim.step_parameters import step_parameters
@@ -42,8 +46,9 @@ class NaturalGradient(CountedOptimizer):
     Parameters
     ----------
     model : torch.nn.Module
-        The model whose trainable parameters are optimized. Its first positional forward
-        argument is taken as the inputs ``(N, ...)`` of the Fisher.
+        The model (or its ``DistributedDataParallel`` wrapper) whose trainable parameters are
+        optimized. Its first positional forward argument is taken as the inputs ``(N, ...)``
+        of the Fisher.
     likelihood : str or Likelihood
         ``"categorical"``, ``"gaussian"``, ``"bernoulli"`` or ``"poisson"``: the model outputs are
         the natural parameters of ``p(y | f)``.
@@ -64,6 +69,14 @@ class NaturalGradient(CountedOptimizer):
         Sampled targets per input for ``kind="mc"``.
     generator : torch.Generator, optional
         Random source for ``kind="mc"``; its state round-trips through ``state_dict()``.
+    process_group : ProcessGroup, optional
+        Under ``torch.distributed``, the processes whose batches form one global batch
+        (default: the world); see the notes.
+    cg_rtol : float, optional
+        For ``structure="implicit"``: the relative residual tolerance of the conjugate
+        gradients, in ``(0, 1)`` (default and meaning as in :func:`fisher`).
+    cg_max_iter : int, optional
+        For ``structure="implicit"``: the conjugate gradients' iteration cap, at least 1.
 
     Notes
     -----
@@ -86,6 +99,23 @@ class NaturalGradient(CountedOptimizer):
     the model's dropout layers in eval mode (the network that dropout averages; the closure's
     gradient keeps its dropout), and :func:`fisher` refuses BatchNorm layers in training mode
     (train such a model in eval mode) and embeddings with ``scale_grad_by_freq=True``.
+
+    Under ``torch.distributed`` (data parallelism: every process steps its replica, usually
+    wrapped in ``DistributedDataParallel``, on its shard of each global batch, with the same
+    options) the steps are those of one process on the global batch, and the replicas stay
+    equal. The gradient must be the processes' average, as DDP's is; the Fisher is that of the
+    global batch, the mean over all its samples (:func:`fisher` with a
+    :class:`~natgrad.distributed.GlobalBatch`: the processes' statistics and sample counts
+    are all-reduced; ``"implicit"`` all-reduces every Fisher-vector product of its conjugate
+    gradients). ``kind="mc"`` draws the targets of the whole global batch on every process and
+    keeps each process's own: with a ``generator`` seeded alike on every process they are
+    the draws of one process on the global batch (with differently seeded ones, draws from the
+    same distribution). The losses of the damping rule are averaged over the processes (DDP's
+    objective), a step refused on one process (a loss or gradient not finite) is refused on
+    all, and a step undone on one is undone on all. With shares of unequal sizes, the global
+    batch's mean loss is the processes' average when each closure returns the sum of its
+    samples' losses times ``world_size / global_batch_size``; a closure returning its own mean
+    loss weights the samples of a smaller share more in the gradient, not in the Fisher.
     """
 
     def __init__(
@@ -101,16 +131,21 @@ class NaturalGradient(CountedOptimizer):
         max_kl: float | None = None,
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        cg_rtol: float | None = None,
+        cg_max_iter: int | None = None,
     ) -> None:
         defaults = _checked_options({"lr": lr, "damping": damping, "max_kl": max_kl})
         kind = one_of("kind", kind, _KINDS)
         structure = one_of("structure", structure, _STRUCTURES)
         mc_samples = positive_int("mc_samples", mc_samples)
-        _check_types(model, adaptive_damping, generator)
+        solver_options = checked_cg_options(structure, cg_rtol, cg_max_iter)
+        _check_types(model, adaptive_damping, generator, process_group)
         params = trainable_parameters(model)
         if not params:
             raise ValueError("model has no trainable parameters")
         self.model = model  # before the base class adds the first group (add_param_group)
+        self.module = model.module if isinstance(model, DistributedDataParallel) else model
         super().__init__(params, defaults)
         self.likelihood = get_likelihood(likelihood)
         self.kind = kind
@@ -118,8 +153,10 @@ class NaturalGradient(CountedOptimizer):
         self.adaptive_damping = adaptive_damping
         self.mc_samples = mc_samples
         self.generator = generator
+        self.process_group = process_group
+        self.cg_options = solver_options
         self.counters = {"steps": 0, "refused_steps": 0, "rejected_steps": 0}
-        self._capture = InputCapture(model)
+        self._capture = InputCapture(self.module)
 
     @torch.no_grad()
     def step(
@@ -151,9 +188,10 @@ class NaturalGradient(CountedOptimizer):
         gradient = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         )
-        if not (torch.isfinite(loss).all() and torch.isfinite(gradient).all()):
+        finite = bool(torch.isfinite(loss).all() and torch.isfinite(gradient).all())
+        if not true_everywhere(finite, self.process_group):  # refused together, or not at all
             return self._refuse(loss, "the loss or its gradient is not finite")
-        with dropout_off(self.model):  # the Fisher of the network that dropout averages
+        with dropout_off(self.module):  # the Fisher of the network that dropout averages
             curvature = self._curvature(targets)
             group_damping = self.param_groups[0]["damping"]
             direction = curvature.solve(gradient.to(curvature.dtype), damping=group_damping)
@@ -198,7 +236,7 @@ class NaturalGradient(CountedOptimizer):
         """The model's trainable parameters, in the Fisher's order
         (:func:`~natgrad.optim.step_parameters.step_parameters`), and each one's group ``lr``."""
         params = step_parameters(
-            self.model,
+            self.module,
             self.param_groups,
             "add them with add_param_group or set requires_grad=False",
         )
@@ -208,7 +246,7 @@ class NaturalGradient(CountedOptimizer):
     def _curvature(self, targets: Tensor | None) -> CurvatureOperator:
         with torch.enable_grad():
             return fisher(
-                self.model,
+                self.module,
                 self._capture.inputs,
                 likelihood=self.likelihood,
                 kind=self.kind,
@@ -216,6 +254,8 @@ class NaturalGradient(CountedOptimizer):
                 targets=targets,
                 mc_samples=self.mc_samples,
                 generator=self.generator,
+                global_batch=GlobalBatch(self.process_group),
+                **self.cg_options,
             )
 
     def _scaled_update(
@@ -257,10 +297,14 @@ class NaturalGradient(CountedOptimizer):
 
         A step that does not decrease the loss is undone by restoring ``previous`` exactly.
         ``λ`` is left as it is where the model predicts no change beyond the loss's round-off
-        (:func:`~natgrad.optim.trust_region.loss_resolution`), e.g. at a zero gradient.
+        (:func:`~natgrad.optim.trust_region.loss_resolution`), e.g. at a zero gradient. Under
+        ``torch.distributed`` both losses are averaged over the processes first
+        (:func:`~natgrad.distributed.mean_over_processes`), so that all judge the step alike.
         """
         with torch.enable_grad():
             new_loss = closure()
+        dtype = loss.dtype
+        loss, new_loss = mean_over_processes([loss, new_loss], self.process_group)
         damping = self.param_groups[0]["damping"]
         quadratic = curved + damping * float(update @ update)
         predicted = float(-(gradient.to(update.dtype) @ update) + 0.5 * quadratic)
@@ -271,7 +315,7 @@ class NaturalGradient(CountedOptimizer):
         elif actual > 0:
             _restore(params, previous)
             self.counters["rejected_steps"] += 1
-        tolerance = loss_resolution(float(loss), float(new_loss), loss.dtype)
+        tolerance = loss_resolution(float(loss), float(new_loss), dtype)
         new_damping = levenberg_marquardt_damping(damping, actual, predicted, tolerance=tolerance)
         for group in self.param_groups:
             group["damping"] = new_damping
@@ -294,9 +338,12 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_types(model: object, adaptive_damping: object, generator: object) -> None:
+def _check_types(
+    model: object, adaptive_damping: object, generator: object, process_group: object
+) -> None:
     """Raise ``TypeError`` for a ``model`` that is not a module, an ``adaptive_damping`` that is
-    not a bool, or a ``generator`` that is neither ``None`` nor a ``torch.Generator``."""
+    not a bool, a ``generator`` that is neither ``None`` nor a ``torch.Generator``, or a
+    ``process_group`` that is neither ``None`` nor a ``ProcessGroup``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(adaptive_damping, bool):
@@ -304,6 +351,11 @@ def _check_types(model: object, adaptive_damping: object, generator: object) -> 
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or None, got "
+            f"{type(process_group).__name__}"
         )
 
 
