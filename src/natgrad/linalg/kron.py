@@ -22,6 +22,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from natgrad.linalg.finite import all_finite
+
 __all__ = [
     "SymmetricEigen",
     "block_diagonal_kron",
@@ -62,26 +64,12 @@ class SymmetricEigen:
         return f"SymmetricEigen(dim={self.values.shape[-1]}, dtype={self.values.dtype})"
 
 
-def _all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry is finite. Finite norms prove it (a NaN or an infinity would
-    propagate) with one fused reduction over tensors on one device; only an overflowing norm,
-    or tensors on several devices, take the exact elementwise check. Integer tensors are
-    finite (and have no norm)."""
-    tensors = tuple(tensor for tensor in tensors if tensor.is_floating_point())
-    if not tensors:
-        return True
-    one_device = len({tensor.device for tensor in tensors}) == 1
-    if one_device and bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
-        return True
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
-
-
 def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     try:
         values, vectors = torch.linalg.eigh(matrix)
     except RuntimeError:
         return None
-    if not _all_finite(values, vectors):
+    if not all_finite(values, vectors):
         return None
     return values, vectors
 
@@ -110,7 +98,7 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
         If the decomposition fails even in float64.
     """
     _check_square_or_stack(matrix)
-    if not _all_finite(matrix):
+    if not all_finite(matrix):
         raise ValueError("cannot eigendecompose a matrix with non-finite entries")
     return SymmetricEigen(*_decompose(matrix))
 
@@ -140,7 +128,7 @@ def symmetric_eigh_batch(matrices: Sequence[Tensor]) -> list[SymmetricEigen]:
     results: list[SymmetricEigen | None] = [None] * len(matrices)
     for indices in _groups_of_equal_kind(matrices, range(len(matrices))):
         stacked = torch.stack([matrices[index] for index in indices])
-        if not _all_finite(stacked):
+        if not all_finite(stacked):
             raise ValueError("cannot eigendecompose a matrix with non-finite entries")
         values, vectors = _decompose(stacked)
         for index, value, vector in zip(indices, values.unbind(), vectors.unbind(), strict=True):
@@ -474,7 +462,7 @@ def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]
         else:
             square.append(index)
     groups = _groups_of_equal_kind(matrices, square)
-    if square and not _all_finite(*(matrices[index] for index in square)):
+    if square and not all_finite(*(matrices[index] for index in square)):
         raise ValueError("cannot invert a factor with non-finite entries")
     for indices in groups:
         inverses = _cholesky_inverses(
@@ -490,7 +478,7 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _diagonal_inverse(diagonal: Tensor, damping: float) -> Tensor:
-    if not _all_finite(diagonal):
+    if not all_finite(diagonal):
         raise ValueError("cannot invert a factor with non-finite entries")
     return (diagonal.to(_working_dtype(diagonal.dtype)).clamp_min(0) + damping).reciprocal()
 

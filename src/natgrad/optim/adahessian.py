@@ -5,6 +5,10 @@ Rademacher ``z`` (entries ±1), with one Hessian-vector product per sample throu
 the gradient; so the loss must be back-propagated with ``loss.backward(create_graph=True)``.
 The maths lives in the pure functions :func:`rademacher_like`, :func:`hutchinson_diagonal`,
 :func:`spatial_average` and :func:`adahessian_direction`; :class:`AdaHessian` wires them.
+
+Under ``torch.distributed`` (data parallelism) the gradients and the Hessian-diagonal estimates
+are averaged over the processes, with the same Rademacher signs everywhere, so that the
+replicas stay equal and take the steps of one process on the mean of their losses.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from natgrad._validation import (
@@ -22,6 +27,8 @@ from natgrad._validation import (
     unit_interval,
     unit_interval_pair,
 )
+from natgrad.distributed.reduce import all_reduce_sum_, broadcast_from_, is_distributed, world_size
+from natgrad.linalg.finite import all_finite
 from natgrad.optim.counted import CountedOptimizer
 
 
@@ -31,8 +38,8 @@ def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) ->
     The signs are drawn on the generator's device (CPU by default) and moved to ``tensor``'s.
     """
     device = generator.device if generator is not None else tensor.device
-    bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device)
-    return (2 * bits - 1).to(dtype=tensor.dtype, device=tensor.device)
+    bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device, dtype=tensor.dtype)
+    return bits.mul_(2).sub_(1).to(device=tensor.device)
 
 
 def hutchinson_diagonal(
@@ -79,7 +86,7 @@ def hutchinson_diagonal(
             "no gradient carries a graph: call loss.backward(create_graph=True) so that "
             "Hessian-vector products can be taken"
         )
-    estimates = [torch.zeros_like(param) for param in params]
+    totals: list[Tensor | None] = [None] * len(params)
     with torch.enable_grad():
         for sample in range(n_samples):
             signs = [rademacher_like(param, generator) for param in params]
@@ -90,10 +97,15 @@ def hutchinson_diagonal(
                 retain_graph=sample < n_samples - 1,
                 allow_unused=True,
             )
-            for estimate, sign, product in zip(estimates, signs, products, strict=True):
-                if product is not None:
-                    estimate.add_(sign * product.detach())
-    return [estimate / n_samples for estimate in estimates]
+            for index, (sign, product) in enumerate(zip(signs, products, strict=True)):
+                if product is None:
+                    continue
+                term = sign * product.detach()
+                totals[index] = term if totals[index] is None else totals[index].add_(term)
+    return [
+        torch.zeros_like(param) if total is None else total / n_samples
+        for param, total in zip(params, totals, strict=True)
+    ]
 
 
 def spatial_average(hessian_diag: Tensor) -> Tensor:
@@ -153,10 +165,29 @@ class AdaHessian(CountedOptimizer):
     update_each : int, default 1
         Steps between Hessian estimates; in between, the latest estimate is reused.
     generator : torch.Generator, optional
-        Source of the Rademacher signs; its state is saved in :meth:`state_dict`.
+        Source of the Rademacher signs; its state is saved in :meth:`state_dict`. Needed under
+        ``torch.distributed``, where rank 0's generator state is broadcast before each
+        estimate so that every process draws the same signs.
+    process_group : ProcessGroup, optional
+        Group over which gradients and Hessian-diagonal estimates are averaged (default: the
+        world); nothing is communicated in a single process.
 
     Notes
     -----
+    **Data parallelism.** ``DistributedDataParallel`` cannot back-propagate with
+    ``create_graph=True`` (its gradient hooks write into leaves that require grad, and torch
+    raises "a leaf Variable that requires grad is being used in an in-place operation"), nor
+    would it all-reduce the Hessian-vector products. So compute the loss with the wrapped
+    module, ``ddp.module(inputs)`` (or inside ``with ddp.no_sync():``), and call
+    ``loss.backward(create_graph=True)``: each process then holds its local gradient, and
+    :meth:`step` averages the gradients and the Hessian-diagonal estimates ``z ⊙ (H_w z)``
+    over the processes, with the same ``z`` everywhere (rank 0's generator state is
+    broadcast first). The processes are weighted equally, as ``DistributedDataParallel``
+    weights its gradients: the objective is the mean of the processes' mean losses, which is
+    the mean loss of the global batch when the local batches have equal sizes, and then the
+    steps are those of one process on the global batch. Every process must hold gradients
+    for the same parameters. ``.grad`` keeps the local gradient.
+
     The Hessian diagonal is estimated for all parameters (of all groups) jointly. PyTorch warns
     that ``backward(create_graph=True)`` makes a reference cycle between a parameter and its
     gradient; ``zero_grad()`` after each step breaks it. A step whose
@@ -178,11 +209,17 @@ class AdaHessian(CountedOptimizer):
         n_samples: int = 1,
         update_each: int = 1,
         generator: torch.Generator | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         n_samples = positive_int("n_samples", n_samples)
         update_each = positive_int("update_each", update_each)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                f"{type(process_group).__name__}"
+            )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -194,6 +231,7 @@ class AdaHessian(CountedOptimizer):
         self.n_samples = n_samples
         self.update_each = update_each
         self.generator = generator
+        self.process_group = process_group
         self.counters = {"refused_steps": 0}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -226,8 +264,9 @@ class AdaHessian(CountedOptimizer):
             If a gradient is sparse (``nn.Embedding(sparse=True)``) or complex, or a group
             option (set by hand or by a scheduler in ``param_groups``) is not a number.
         ValueError
-            If a group option is out of range or NaN; the message names the group and the
-            option, and nothing is changed.
+            If a group option is out of range or NaN (the message names the group and the
+            option), or under ``torch.distributed`` without a ``generator``; nothing is
+            changed.
         """
         self._check_param_groups()
         loss = None
@@ -237,38 +276,84 @@ class AdaHessian(CountedOptimizer):
         pending = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for _, param in pending:
             self._check_gradient(param.grad)
-        if not all(bool(torch.isfinite(p.grad).all()) for _, p in pending):
+        grads = [param.grad.detach() for _, param in pending]
+        if is_distributed(self.process_group):
+            grads = _mean_over_processes(grads, self.process_group)
+        if not all_finite(*grads):
             return self._refuse(loss, "a gradient is not finite")
-        estimates = self._hessian_estimates([p for _, p in pending])
-        if not all(bool(torch.isfinite(d).all()) for d in estimates.values()):
+        estimates = self._hessian_estimates([param for _, param in pending])
+        if not all_finite(*estimates.values()):
             return self._refuse(loss, "a Hessian-diagonal estimate is not finite")
-        for group, param in pending:
+        for (group, param), grad in zip(pending, grads, strict=True):
             state = self.state[param]
             if param in estimates:
                 state["hessian_diag"] = estimates[param]
-            _apply_update(param, state, group)
+            _apply_update(param, grad, state, group)
         return loss
 
     def _hessian_estimates(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
-        """Fresh (spatially averaged) estimates for the parameters due for one."""
+        """Fresh (spatially averaged) estimates for the parameters due for one, averaged over
+        the processes under ``torch.distributed``."""
         due = [p for p in params if self.state[p].get("step", 0) % self.update_each == 0]
         if not due:
             return {}
+        distributed = is_distributed(self.process_group)
+        if distributed:
+            self._synchronise_generator(due[0].device)
         diagonals = hutchinson_diagonal([p.grad for p in due], due, self.n_samples, self.generator)
+        if distributed:
+            diagonals = _mean_over_processes(diagonals, self.process_group)
         return {p: spatial_average(d) for p, d in zip(due, diagonals, strict=True)}
 
+    def _synchronise_generator(self, device: torch.device) -> None:
+        """Give every process rank 0's generator state, so that all draw the same signs.
 
-def _apply_update(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """Moments, decoupled weight decay and the step for one parameter, in place."""
+        Raises
+        ------
+        ValueError
+            If there is no generator: each process's global generator would draw its own.
+        """
+        if self.generator is None:
+            raise ValueError(
+                f"AdaHessian under torch.distributed ({world_size(self.process_group)} "
+                "processes) needs generator=torch.Generator() (seeded alike on every process, "
+                "or not: rank 0's state is broadcast), got generator=None: each process would "
+                "draw its own Rademacher signs from its global generator"
+            )
+        state = self.generator.get_state().to(device)
+        broadcast_from_([state], 0, self.process_group)
+        self.generator.set_state(state.cpu())
+
+
+def _mean_over_processes(
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None
+) -> list[Tensor]:
+    """Copies of ``tensors`` averaged over the processes of ``group``, with equal weights (one
+    all-reduce per dtype and device, in the order of their first appearance)."""
+    sums = [tensor.detach().clone() for tensor in tensors]
+    kinds = list(dict.fromkeys((total.dtype, total.device) for total in sums))
+    for kind in kinds:
+        all_reduce_sum_([total for total in sums if (total.dtype, total.device) == kind], group)
+    size = world_size(group)
+    return [total.div_(size) for total in sums]
+
+
+def _apply_update(
+    param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> None:
+    """Moments, decoupled weight decay and the step for one parameter, in place (the moments
+    are new tensors, the ones held before are not modified)."""
     beta1, beta2 = group["betas"]
-    grad = param.grad.detach()
     hessian_diag = state["hessian_diag"]
     state["step"] = state.get("step", 0) + 1
-    state["exp_avg"] = beta1 * state.get("exp_avg", torch.zeros_like(grad)) + (1 - beta1) * grad
-    state["exp_hessian_diag_sq"] = (
-        beta2 * state.get("exp_hessian_diag_sq", torch.zeros_like(grad))
-        + (1 - beta2) * hessian_diag.square()
-    )
+    if "exp_avg" in state:
+        state["exp_avg"] = torch.add(beta1 * state["exp_avg"], grad, alpha=1 - beta1)
+        state["exp_hessian_diag_sq"] = torch.addcmul(
+            beta2 * state["exp_hessian_diag_sq"], hessian_diag, hessian_diag, value=1 - beta2
+        )
+    else:
+        state["exp_avg"] = (1 - beta1) * grad
+        state["exp_hessian_diag_sq"] = (1 - beta2) * hessian_diag.square()
     direction = adahessian_direction(
         state["exp_avg"],
         state["exp_hessian_diag_sq"],

@@ -30,6 +30,7 @@ from natgrad._validation import (
     unit_interval,
     unit_interval_pair,
 )
+from natgrad.linalg.finite import all_finite
 from natgrad.linalg.matrix_power import inverse_pth_root
 from natgrad.optim.counted import CountedOptimizer
 
@@ -73,6 +74,22 @@ def statistics_shapes(shape: Sequence[int], max_preconditioner_dim: int) -> list
     ]
 
 
+def unfold(tensor: Tensor, mode: int) -> Tensor:
+    """Mode-``mode`` unfolding ``T_(mode)``, of shape ``(d_mode, Π_{j≠mode} dⱼ)``.
+
+    Parameters
+    ----------
+    tensor : Tensor of shape (d₁, ..., d_k), k >= 1
+    mode : int
+        Index of the mode in ``[0, k)``.
+
+    Returns
+    -------
+    Tensor of shape (d_mode, Π_{j≠mode} dⱼ)
+    """
+    return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
+
+
 def mode_statistics(grad: Tensor, mode: int, diagonal: bool = False) -> Tensor:
     """Mode-``mode`` statistics ``G_(mode) G_(mode)ᵀ`` of one gradient (or their diagonal).
 
@@ -88,10 +105,10 @@ def mode_statistics(grad: Tensor, mode: int, diagonal: bool = False) -> Tensor:
     -------
     Tensor of shape (d_mode, d_mode), or (d_mode,) if ``diagonal``.
     """
-    others = [dim for dim in range(grad.ndim) if dim != mode]
+    unfolded = unfold(grad, mode)
     if diagonal:
-        return grad.square().sum(dim=others) if others else grad.square()
-    return torch.tensordot(grad, grad, dims=(others, others))
+        return unfolded.square().sum(dim=1)
+    return unfolded @ unfolded.T
 
 
 def accumulate(statistics: Tensor, update: Tensor, beta2: float) -> Tensor:
@@ -99,6 +116,39 @@ def accumulate(statistics: Tensor, update: Tensor, beta2: float) -> Tensor:
     if beta2 == 1.0:
         return statistics + update
     return beta2 * statistics + (1.0 - beta2) * update
+
+
+def accumulate_mode_statistics(
+    statistics: Tensor | None, grad: Tensor, mode: int, beta2: float, diagonal: bool = False
+) -> Tensor:
+    """:func:`accumulate` of :func:`mode_statistics`; a full one as one fused ``addmm``.
+
+    Parameters
+    ----------
+    statistics : Tensor of shape (d_mode, d_mode) or (d_mode,), or None
+        The statistics so far (a new tensor is returned, ``statistics`` is not modified);
+        ``None`` before the first step, when they are zero.
+    grad : Tensor of shape (d₁, ..., d_k), k >= 1
+    mode : int
+    beta2 : float
+        As in :func:`accumulate`.
+    diagonal : bool, default False
+        Accumulate only the diagonal.
+
+    Returns
+    -------
+    Tensor of shape (d_mode, d_mode), or (d_mode,) if ``diagonal``.
+    """
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    if statistics is None:
+        update = mode_statistics(grad, mode, diagonal)
+        return update if weight == 1.0 else weight * update
+    if diagonal:
+        return accumulate(statistics, mode_statistics(grad, mode, diagonal=True), beta2)
+    unfolded = unfold(grad, mode)
+    return torch.addmm(
+        statistics, unfolded, unfolded.T, beta=1.0 if beta2 == 1.0 else beta2, alpha=weight
+    )
 
 
 def mode_preconditioner(statistics: Tensor, order: int, epsilon: float) -> Tensor:
@@ -136,8 +186,11 @@ def precondition_mode(tensor: Tensor, preconditioner: Tensor, mode: int) -> Tens
         shape = [1] * tensor.ndim
         shape[mode] = -1
         return tensor * preconditioner.view(shape)
-    product = torch.tensordot(preconditioner, tensor, dims=([1], [mode]))
-    return torch.movedim(product, 0, mode)
+    if mode == tensor.ndim - 1:
+        return tensor @ preconditioner  # T Pᵀ along the last mode, and Pᵀ = P
+    moved = tensor.movedim(mode, 0)
+    product = preconditioner @ moved.reshape(moved.shape[0], -1)
+    return product.reshape(moved.shape).movedim(0, mode)
 
 
 def precondition(tensor: Tensor, preconditioners: Sequence[Tensor]) -> Tensor:
@@ -150,14 +203,13 @@ def precondition(tensor: Tensor, preconditioners: Sequence[Tensor]) -> Tensor:
 def graft(direction: Tensor, grafting_direction: Tensor) -> Tensor:
     """``direction`` rescaled to the Frobenius norm of ``grafting_direction`` (zero stays zero)."""
     norm = torch.linalg.vector_norm(direction)
-    if norm == 0:
-        return torch.zeros_like(direction)
-    return direction * (torch.linalg.vector_norm(grafting_direction) / norm)
+    scale = torch.where(norm > 0, torch.linalg.vector_norm(grafting_direction) / norm, 0.0)
+    return direction * scale
 
 
 def adagrad_direction(grad: Tensor, sum_squares: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """AdaGrad: ``s ← s + g²`` and the direction ``g / (√s + eps)`` (as ``torch.optim.Adagrad``)."""
-    sum_squares = sum_squares + grad.square()
+    sum_squares = torch.addcmul(sum_squares, grad, grad)
     return grad / (sum_squares.sqrt() + eps), sum_squares
 
 
@@ -311,25 +363,33 @@ class Shampoo(CountedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = []
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                self._check_gradient(param.grad)
-                _check_structure(param, self.state[param], group)
-                if not bool(torch.isfinite(param.grad).all()):
-                    return self._refuse(loss, "a gradient is not finite")
-                pending.append((group, param))
-        updates = []
+        pending = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for group, param in pending:
+            self._check_gradient(param.grad)
+            _check_structure(param, self.state[param], group)
+        grads = [_regularised_gradient(param, group) for group, param in pending]
+        statistics = [
+            _accumulated_statistics(grad, self.state[param], group)
+            for (group, param), grad in zip(pending, grads, strict=True)
+        ]
+        raw_grads = [param.grad for _, param in pending]
+        if not all_finite(*raw_grads, *(s for per_mode in statistics for s in per_mode)):
+            if not all_finite(*raw_grads):
+                return self._refuse(loss, "a gradient is not finite")
+            return self._refuse(
+                loss, "a preconditioner could not be computed (the accumulated statistics overflow)"
+            )
+        updates = []
+        for (group, param), grad, new_statistics in zip(pending, grads, statistics, strict=True):
             try:
-                new_state, direction = _parameter_update(param, self.state[param], group)
+                new_state, direction = _parameter_update(
+                    grad, new_statistics, self.state[param], group
+                )
             except (ValueError, torch.linalg.LinAlgError) as error:
                 return self._refuse(loss, f"a preconditioner could not be computed ({error})")
-            if not bool(torch.isfinite(direction).all()):
-                return self._refuse(loss, "the preconditioned direction is not finite")
             updates.append((group, param, new_state, direction))
+        if not all_finite(*(direction for *_, direction in updates)):
+            return self._refuse(loss, "the preconditioned direction is not finite")
         for group, param, new_state, direction in updates:
             self.state[param].update(new_state)
             param.add_(direction, alpha=-group["lr"])
@@ -366,26 +426,39 @@ def _check_structure(param: Tensor, state: dict[str, Any], group: dict[str, Any]
         )
 
 
-def _parameter_update(
-    param: Tensor, state: dict[str, Any], group: dict[str, Any]
-) -> tuple[dict[str, Any], Tensor]:
-    """New state and direction for one parameter; ``state`` is read, never modified."""
-    step = state.get("step", 0) + 1
-    grad = param.grad
-    if group["weight_decay"] != 0.0:
-        grad = grad + group["weight_decay"] * param
+def _regularised_gradient(param: Tensor, group: dict[str, Any]) -> Tensor:
+    """``∇θ + weight_decay · θ`` (``param.grad`` itself without weight decay)."""
+    if group["weight_decay"] == 0.0:
+        return param.grad
+    return param.grad + group["weight_decay"] * param
+
+
+def _accumulated_statistics(
+    grad: Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> list[Tensor]:
+    """The mode statistics after this step's gradient; ``state`` is read, never modified."""
     tensor_shape = preconditioned_shape(grad.shape)
     shaped = grad.reshape(tensor_shape)
-    statistics = [
-        accumulate(
-            state["statistics"][mode] if "statistics" in state else 0.0,
-            mode_statistics(shaped, mode, diagonal=size > group["max_preconditioner_dim"]),
+    previous = state.get("statistics", [None] * len(tensor_shape))
+    return [
+        accumulate_mode_statistics(
+            statistics,
+            shaped,
+            mode,
             group["beta2"],
+            diagonal=size > group["max_preconditioner_dim"],
         )
-        for mode, size in enumerate(tensor_shape)
+        for mode, (statistics, size) in enumerate(zip(previous, tensor_shape, strict=True))
     ]
-    if not all(bool(torch.isfinite(s).all()) for s in statistics):
-        raise ValueError("the accumulated statistics overflow")
+
+
+def _parameter_update(
+    grad: Tensor, statistics: list[Tensor], state: dict[str, Any], group: dict[str, Any]
+) -> tuple[dict[str, Any], Tensor]:
+    """New state and direction for one parameter from its (regularised) gradient and new
+    statistics; ``state`` is read, never modified."""
+    step = state.get("step", 0) + 1
+    tensor_shape = preconditioned_shape(grad.shape)
     new_state: dict[str, Any] = {"step": step, "statistics": statistics}
     grafted, source = _grafting_direction(grad, state, group, step, new_state)
     start = group["start_preconditioning_step"]
@@ -404,7 +477,7 @@ def _parameter_update(
         direction = grafted
     if group["momentum"] != 0.0:
         if "momentum_buffer" in state:
-            direction = group["momentum"] * state["momentum_buffer"] + direction
+            direction = torch.add(direction, state["momentum_buffer"], alpha=group["momentum"])
         else:
             direction = direction.clone()  # may be ``param.grad`` itself, which callers modify
         new_state["momentum_buffer"] = direction
@@ -418,21 +491,26 @@ def _grafting_direction(
     grafting = group["grafting"]
     if grafting == "adagrad":
         direction, new_state["grafting_sum"] = adagrad_direction(
-            grad, state.get("grafting_sum", torch.zeros_like(grad)), group["grafting_eps"]
+            grad, _state_or_zeros(state, "grafting_sum", grad), group["grafting_eps"]
         )
         return direction, grad
     if grafting == "adam":
         betas = group["grafting_betas"]
         exp_avg, exp_avg_sq = adam_moments(
             grad,
-            state.get("exp_avg", torch.zeros_like(grad)),
-            state.get("exp_avg_sq", torch.zeros_like(grad)),
+            _state_or_zeros(state, "exp_avg", grad),
+            _state_or_zeros(state, "exp_avg_sq", grad),
             betas,
         )
         new_state["exp_avg"], new_state["exp_avg_sq"] = exp_avg, exp_avg_sq
         direction = adam_direction(exp_avg, exp_avg_sq, betas, step, group["grafting_eps"])
         return direction, exp_avg / (1.0 - betas[0] ** step)
     return grad, grad
+
+
+def _state_or_zeros(state: dict[str, Any], key: str, like: Tensor) -> Tensor:
+    """``state[key]``, or zeros like ``like`` before the first step (allocated only then)."""
+    return state[key] if key in state else torch.zeros_like(like)
 
 
 def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
