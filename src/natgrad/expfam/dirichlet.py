@@ -24,7 +24,7 @@ from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import (
     stirling_remainder_bregman,
     stirling_remainder_coarse,
-    stirling_remainder_derivatives,
+    stirling_remainder_coarse_derivatives,
     trigamma,
     x_minus_log1p,
     x_minus_log1p_small,
@@ -102,7 +102,8 @@ def dirichlet_entropy(concentration: Tensor) -> Tensor:
     ``H = ½ Σ log(α/α₀) − ½(K − 1) log α₀ + (K − 1)·½(1 + log 2π) + K/(2α₀) − ½ Σ 1/α
     + Σ (μ(α) + (1 − α) μ′(α)) − μ(α₀) − (K − α₀) μ′(α₀)``, which is
     ``Σ log Γ(α) − log Γ(α₀) + (α₀ − K) ψ(α₀) − Σ (α − 1) ψ(α)`` without its cancellation
-    of terms of size ``α log α``.
+    of terms of size ``α log α``. ``μ`` and ``μ′`` need only an absolute accuracy here and come
+    from :func:`~natgrad.expfam.special.stirling_remainder_coarse_derivatives`.
 
     Returns
     -------
@@ -113,7 +114,7 @@ def dirichlet_entropy(concentration: Tensor) -> Tensor:
     total = concentration.sum(-1, keepdim=True)
     logs = 0.5 * torch.log(concentration / total).sum(-1)
     reciprocals = 0.5 * count / total[..., 0] - 0.5 * concentration.reciprocal().sum(-1)
-    table = stirling_remainder_derivatives(torch.cat((concentration, total), -1))
+    table = stirling_remainder_coarse_derivatives(torch.cat((concentration, total), -1))
     weights = torch.cat((1.0 - concentration, count - total), -1)
     terms = table[0] + weights * table[1]
     return (

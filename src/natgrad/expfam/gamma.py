@@ -18,7 +18,7 @@ from natgrad.expfam.newton import NewtonMeanInversion
 from natgrad.expfam.special import (
     stirling_remainder_bregman,
     stirling_remainder_coarse,
-    stirling_remainder_derivatives,
+    stirling_remainder_coarse_derivatives,
     trigamma,
     x_minus_log1p,
     x_minus_log1p_small,
@@ -140,10 +140,13 @@ class Gamma(NewtonMeanInversion, ConcentrationFamily):
         """``H = ½ log α − log β + ½(1 + log 2π) − 1/(2α) + μ(α) + (1 − α) μ′(α)``.
 
         This is ``α − log β + log Γ(α) + (1 − α) ψ(α)`` with Stirling's formula, where ``μ`` is
-        :func:`~natgrad.expfam.special.stirling_remainder`; shape ``batch_shape``.
+        Stirling's remainder (:mod:`natgrad.expfam.special`), free of the cancellation of terms
+        of size ``α log α``; ``μ`` and ``μ′`` need only an absolute accuracy here and come from
+        :func:`~natgrad.expfam.special.stirling_remainder_coarse_derivatives`. Shape
+        ``batch_shape``.
         """
         concentration = self.concentration
-        table = stirling_remainder_derivatives(concentration)
+        table = stirling_remainder_coarse_derivatives(concentration)
         return (
             0.5 * torch.log(concentration)
             - torch.log(self.rate)

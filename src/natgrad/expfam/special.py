@@ -16,14 +16,21 @@ compositions of differentiable torch operations and work in any floating dtype.
 Cost: for small batches the time goes into the number of tensor operations, not their size.
 The series are summed by Horner's rule with one ``torch.addcmul`` per term on coefficient
 tensors cached per dtype and device, and ``μ``, ``μ′`` and ``μ″`` come out of one pass
-(:func:`stirling_remainder_derivatives`), so that a KL divergence or an entropy costs a few
-dozen operations.
+(:func:`stirling_remainder_derivatives`). Each function evaluates a branch only on the entries
+that take it (in batches of ``SPLIT_SIZE`` or more), and none when no entry does
+(:func:`_evaluate_split`): the shifted sums below ``ASYMPTOTIC_START`` (up to nine terms of an
+18-term series each) only where the argument is below it and only over as many shifts as the
+smallest argument needs, the quadrature of :func:`stirling_remainder_bregman` only for nearby
+arguments. The entropies
+need ``μ`` and ``μ′`` only to an absolute accuracy: :func:`stirling_remainder_coarse_derivatives`
+takes them from ``torch.lgamma`` and ``torch.digamma`` below ``ASYMPTOTIC_START``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +60,9 @@ _BRACKET_TERMS = 18
 _NEARBY = 0.25
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(8)
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
+#: Batches of at least this size with entries on both sides of a branch evaluate each branch
+#: on its own entries only (see :func:`_evaluate_split`).
+SPLIT_SIZE = 512
 #: KL terms ``p φ(q/p − 1)`` sum the series of ``φ`` where ``log(q/p)`` lies in this range.
 NEAR_LOG_RATIO = (math.log(0.5), math.log(1.5))
 
@@ -123,7 +133,7 @@ def trigamma(x: Tensor) -> Tensor:
     flat = x.reshape(-1)
     positive = flat > 0
     safe = torch.where(positive, flat, 1.0)
-    shifted = safe + constants.shifts
+    shifted = safe + _shifts_below(safe, constants)
     below = shifted < ASYMPTOTIC_START
     terms = torch.where(below, (shifted * shifted).reciprocal(), 0.0).sum(0)
     start = safe + below.sum(0)
@@ -279,10 +289,124 @@ def stirling_remainder_coarse(x: Tensor) -> Tensor:
     constants = _coefficients(x.dtype, x.device)
     flat = x.reshape(-1)
     large = flat >= ASYMPTOTIC_START
-    series = _single_series(torch.where(large, flat, ASYMPTOTIC_START), constants.value, 1)
-    small = torch.where(large, 1.0, flat)
-    direct = (torch.lgamma(small) - (small - 0.5) * torch.log(small)) + (small - _HALF_LOG_TWO_PI)
-    return torch.where(large, series, direct).reshape(x.shape)
+
+    def both(values: Tensor) -> Tensor:
+        series = _single_series(torch.where(large, values, ASYMPTOTIC_START), constants.value, 1)
+        return torch.where(large, series, _remainder_value(torch.where(large, 1.0, values)))
+
+    remainder = _evaluate_split(
+        large,
+        lambda big: _single_series(big, constants.value, 1),
+        _remainder_value,
+        (flat,),
+        both,
+        split=False,
+    )
+    return remainder.reshape(x.shape)
+
+
+def _remainder_value(x: Tensor) -> Tensor:
+    """``μ = log Γ(x) − (x − ½) log x + x − ½ log 2π`` from ``torch.lgamma``."""
+    return (torch.lgamma(x) - (x - 0.5) * torch.log(x)) + (x - _HALF_LOG_TWO_PI)
+
+
+def stirling_remainder_coarse_derivatives(x: Tensor) -> Tensor:
+    """``μ(x)`` and ``μ′(x)`` (see :func:`stirling_remainder`) to an absolute accuracy, stacked.
+
+    At or above ``ASYMPTOTIC_START`` the asymptotic series (a few ulps relative); below,
+    :func:`stirling_remainder_coarse` and ``ψ(x) − log x + 1/(2x)`` from ``torch.digamma``,
+    each with the error of a few ulps of its largest term (in float64 about ``1e-14`` for
+    ``1 ≤ x < 10``; of ``ψ(x) ≈ −1/x`` below). For sums where they are added to terms of that
+    size (entropies). Their derivatives are those of the exact ``μ``, ``μ′``: the derivative of
+    ``ψ`` (and the second of ``log Γ``) is :func:`trigamma` (``torch.digamma``'s own,
+    ``torch.polygamma(1, ·)``, is off by 5e-10).
+
+    Parameters
+    ----------
+    x : Tensor
+        Any shape, entries ``> 0``.
+
+    Returns
+    -------
+    Tensor
+        Shape ``(2,) + x.shape``.
+    """
+    constants = _coefficients(x.dtype, x.device)
+    flat = x.reshape(-1)
+    small = flat < ASYMPTOTIC_START
+
+    def both(values: Tensor) -> Tensor:
+        large = _remainder_series(torch.where(small, ASYMPTOTIC_START, values), constants)
+        return torch.where(small, _remainder_direct(values), large[:2])
+
+    table = _evaluate_split(
+        small,
+        _remainder_direct,
+        lambda large: _remainder_series(large, constants)[:2],
+        (flat,),
+        both,
+        split=False,
+    )
+    return table.reshape((2, *x.shape))
+
+
+def _remainder_direct(x: Tensor) -> Tensor:
+    """``μ = log Γ(x) − (x − ½) log x + x − ½ log 2π`` and ``μ′ = ψ(x) − log x + 1/(2x)``
+    from ``torch.lgamma`` and ``torch.digamma``, stacked to ``(2, n)``."""
+    log_x = torch.log(x)
+    value = (_LogGamma.apply(x) - (x - 0.5) * log_x) + (x - _HALF_LOG_TWO_PI)
+    slope = (_Digamma.apply(x) - log_x) + 0.5 / x
+    return torch.stack((value, slope))
+
+
+class _LogGamma(torch.autograd.Function):
+    """``torch.lgamma`` whose derivative is :class:`_Digamma`, its second :func:`trigamma`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.lgamma(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * _Digamma.apply(x)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return tangent * _Digamma.apply(x)
+
+
+class _Digamma(torch.autograd.Function):
+    """``torch.digamma`` whose derivative is :func:`trigamma` (differentiable again)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.digamma(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * trigamma(x)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return tangent * trigamma(x)
 
 
 def stirling_remainder_bregman(x: Tensor, y: Tensor, difference: Tensor) -> Tensor:
@@ -308,18 +432,119 @@ def stirling_remainder_bregman(x: Tensor, y: Tensor, difference: Tensor) -> Tens
     x, y, difference = (t.expand(shape).reshape(-1) for t in (x, y, difference))
     constants = _coefficients(x.dtype, x.device)
     nearby = difference.abs() <= _NEARBY * x
-    step = torch.where(nearby, difference, 0.0)
-    far = torch.where(nearby, 2.0 * x, y)
+
+    def both(x: Tensor, y: Tensor, difference: Tensor) -> Tensor:
+        step = torch.where(nearby, difference, 0.0)
+        far = torch.where(nearby, 2.0 * x, y)
+        integral = _bregman_integral(x, step, constants)
+        return torch.where(nearby, integral, _bregman_difference(x, far, constants))
+
+    result = _evaluate_split(
+        nearby,
+        lambda x, y, difference: _bregman_integral(x, difference, constants),
+        lambda x, y, difference: _bregman_difference(x, y, constants),
+        (x, y, difference),
+        both,
+    )
+    return result.reshape(shape)
+
+
+def _bregman_integral(x: Tensor, step: Tensor, constants: _Coefficients) -> Tensor:
+    """``(y − x)² ∫₀¹ (1 − u) μ″(x + u(y − x)) du`` (``step = y − x``) by Gauss–Legendre,
+    shape ``(n,)``."""
     nodes = torch.addcmul(x, constants.nodes, step)
-    integral = (step * step) * (constants.weights @ _remainder_curvature(nodes, constants))
-    table = _remainder_table(torch.cat((far, x)), constants).reshape(3, 2, x.shape[0])
+    return (step * step) * (constants.weights @ _remainder_curvature(nodes, constants))
+
+
+def _bregman_difference(x: Tensor, y: Tensor, constants: _Coefficients) -> Tensor:
+    """``μ(y) − μ(x) − (y − x) μ′(x)`` as the difference, shape ``(n,)``."""
+    table = _remainder_table(torch.cat((y, x)), constants).reshape(3, 2, x.shape[0])
     remainder_far, remainder, slope = table[0, 0], table[0, 1], table[1, 1]
-    direct = (remainder_far - remainder) - (far - x) * slope
-    return torch.where(nearby, integral, direct).reshape(shape)
+    return (remainder_far - remainder) - (y - x) * slope
+
+
+def under_function_transform() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running:
+    the shortcuts that read tensor values into Python (:func:`_evaluate_split`,
+    :func:`_shifts_below`) are then off, and every branch is evaluated on every entry, so that
+    the functions stay vmappable."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _evaluate_split(
+    mask: Tensor,
+    inside: Callable[..., Tensor],
+    outside: Callable[..., Tensor],
+    operands: tuple[Tensor, ...],
+    both: Callable[..., Tensor],
+    split: bool = True,
+) -> Tensor:
+    """``inside`` on the entries of ``mask``, ``outside`` on the others.
+
+    When every entry (or none) is in ``mask`` only one of them is called (outside ``torch.func``
+    transforms, :func:`under_function_transform`). With ``split``, a
+    batch of ``SPLIT_SIZE`` entries or more on both sides is split: each function called on its
+    own entries alone. Other batches are passed whole to ``both``, which gives both results at
+    once (selecting the entries costs more than evaluating both everywhere there, and always
+    when both are a few elementwise operations: pass ``split=False``).
+
+    Parameters
+    ----------
+    mask : Tensor
+        Boolean, shape ``(n,)``; not differentiated.
+    inside, outside, both : callable
+        Map operands of shape ``(k,)`` to a result of shape ``lead + (k,)`` (the same ``lead``).
+    operands : tuple of Tensor
+        Shape ``(n,)`` each.
+    split : bool
+        Whether large batches are split.
+
+    Returns
+    -------
+    Tensor
+        Shape ``lead + (n,)``; differentiable in the operands.
+    """
+    if under_function_transform():
+        return both(*operands)
+    if not bool(mask.any()):
+        return outside(*operands)
+    if bool(mask.all()):
+        return inside(*operands)
+    if not split or mask.shape[0] < SPLIT_SIZE:
+        return both(*operands)
+    chosen = inside(*(operand[mask] for operand in operands))
+    others = outside(*(operand[~mask] for operand in operands))
+    full = chosen.new_zeros((*chosen.shape[:-1], mask.shape[0]))
+    expanded = mask.expand(full.shape)
+    return full.masked_scatter(expanded, chosen).masked_scatter(~expanded, others)
+
+
+def _shifts_below(x: Tensor, constants: _Coefficients) -> Tensor:
+    """The shifts ``j = 0, 1, …`` (a column ``(m, 1)``) up to the last that leaves an entry of
+    ``x > 0`` (shape ``(n,)``) below ``ASYMPTOTIC_START``; none if every entry is above it."""
+    if under_function_transform():
+        return constants.shifts
+    if x.numel() == 0:
+        return constants.shifts[:0]
+    count = math.ceil(ASYMPTOTIC_START - float(x.detach().min()))
+    return constants.shifts[: max(count, 0)]
 
 
 def _remainder_table(x: Tensor, constants: _Coefficients) -> Tensor:
-    """``μ``, ``μ′``, ``μ″`` at ``x > 0`` of shape ``(n,)``, stacked to ``(3, n)``.
+    """``μ``, ``μ′``, ``μ″`` at ``x > 0`` of shape ``(n,)``, stacked to ``(3, n)``: the
+    asymptotic series at or above ``ASYMPTOTIC_START``, :func:`_remainder_table_shifted` below.
+    """
+    return _evaluate_split(
+        x < ASYMPTOTIC_START,
+        lambda small: _remainder_table_shifted(small, constants),
+        lambda large: _remainder_series(large, constants),
+        (x,),
+        lambda every: _remainder_table_shifted(every, constants),
+    )
+
+
+def _remainder_table_shifted(x: Tensor, constants: _Coefficients) -> Tensor:
+    """``μ``, ``μ′``, ``μ″`` at ``x > 0`` of shape ``(n,)``, stacked.
 
     ``μ(x) = b(x) + μ(x + 1)`` for ``x < 1`` (closed form), then the bracket series at the
     shifts below ``ASYMPTOTIC_START`` and the asymptotic series at the first one above.
@@ -327,7 +552,7 @@ def _remainder_table(x: Tensor, constants: _Coefficients) -> Tensor:
     below_one = x < 1
     direct = torch.where(below_one, _bracket_direct(torch.where(below_one, x, 1.0)), 0.0)
     base = torch.where(below_one, x + 1.0, x)
-    shifted = base + constants.shifts[:-1]
+    shifted = base + _shifts_below(base, constants)
     below = shifted < ASYMPTOTIC_START
     brackets = _bracket_series(torch.where(below, shifted, ASYMPTOTIC_START), constants)
     brackets = torch.where(below, brackets, 0.0).sum(1)
@@ -335,10 +560,23 @@ def _remainder_table(x: Tensor, constants: _Coefficients) -> Tensor:
 
 
 def _remainder_curvature(x: Tensor, constants: _Coefficients) -> Tensor:
-    """``μ″(x)`` alone for ``x > 0`` (any shape): ``Σⱼ b″(x + j)`` in closed form plus the
-    asymptotic series.
-    """
-    shifted = x + constants.shifts[(...,) + (None,) * (x.ndim - 1)]
+    """``μ″(x)`` alone for ``x > 0`` (any shape): the asymptotic series at or above
+    ``ASYMPTOTIC_START``, :func:`_remainder_curvature_shifted` below."""
+    flat = x.reshape(-1)
+    curvature = _evaluate_split(
+        flat < ASYMPTOTIC_START,
+        lambda small: _remainder_curvature_shifted(small, constants),
+        lambda large: _single_series(large, constants.curvature, 3),
+        (flat,),
+        lambda every: _remainder_curvature_shifted(every, constants),
+    )
+    return curvature.reshape(x.shape)
+
+
+def _remainder_curvature_shifted(x: Tensor, constants: _Coefficients) -> Tensor:
+    """``μ″(x) = Σⱼ b″(x + j) + μ″(x + n)`` for ``x > 0`` of shape ``(n,)``, with
+    ``b″(x) = 1/(2x²(x + 1)²)`` over the shifts below ``ASYMPTOTIC_START``."""
+    shifted = x + _shifts_below(x, constants)
     below = shifted < ASYMPTOTIC_START
     product = shifted * (shifted + 1.0)
     brackets = torch.where(below, (product * product).reciprocal(), 0.0).sum(0)
