@@ -9,7 +9,10 @@ recurrent weights included: ``ih_l0``, ``hh_l0``) or on the head alone, which is
 treated recurrent layers before it covered them. Each method tries 3 learning rates on training
 seeds 0–2; the rate with the fewest median steps wins. Training seconds exclude evaluations.
 The step cost is a K-FAC step ÷ an SGD step (both with the recurrent layer), median ratio of 9
-interleaved rounds of 50 steps: a recording step runs the recurrent layer unrolled.
+interleaved rounds of 50 steps: a recording step runs the recurrent layer unrolled. The
+sequence-length costs time the same models on random sequences of 8 and 50 steps (batch 64):
+K-FAC recording at every step (factors every step, inverses every 10) and the 10/10 K-FAC
+above, each ÷ an SGD step, median ratio of 5 interleaved rounds of 20 steps.
 
 Run ``python benchmarks/kfac_recurrent.py`` (about 4 minutes with 1 torch thread). Writes
 ``benchmarks/results/kfac_recurrent.json``.
@@ -60,8 +63,11 @@ def load_data() -> dict[str, Tensor]:
     return {"x": images[train], "y": labels[train], "x_test": images[test], "y_test": labels[test]}
 
 
-def make_step(method: str, model: nn.Module, lr: float) -> Callable[[Tensor, Tensor], None]:
-    """One training step of ``method`` on ``model`` for a batch."""
+def make_step(
+    method: str, model: nn.Module, lr: float, factor_interval: int = EVERY
+) -> Callable[[Tensor, Tensor], None]:
+    """One training step of ``method`` on ``model`` for a batch (K-FAC's factors every
+    ``factor_interval`` steps)."""
     if method == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         precond = None
@@ -75,8 +81,8 @@ def make_step(method: str, model: nn.Module, lr: float) -> Callable[[Tensor, Ten
                 damping=0.03,
                 damping_mode="factored",
                 factor_decay=0.8,
-                factor_update_interval=10,
-                inv_update_interval=10,
+                factor_update_interval=factor_interval,
+                inv_update_interval=EVERY,
                 kl_clip=0.01,
                 lr=optimizer,
                 layers=[model.head] if method == "kfac_head_only" else None,
@@ -160,6 +166,28 @@ def step_costs(kind: str, data: dict) -> dict:
     }
 
 
+def length_costs(kind: str, length: int) -> dict:
+    """Seconds per step of K-FAC recording at every step and of the 10/10 K-FAC ÷ an SGD step,
+    on random sequences of ``length`` steps, interleaved."""
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randn(BATCH, length, 8, generator=generator), torch.arange(BATCH) % 10
+
+    def stepper(method: str, factor_interval: int = EVERY) -> Callable[[], None]:
+        torch.manual_seed(0)
+        step = make_step(method, SequenceClassifier(kind), 0.01, factor_interval)
+        return lambda: step(*batches)
+
+    steppers = {"record": stepper("kfac", factor_interval=1), "kfac": stepper("kfac")}
+    base, costs = interleaved_costs(stepper("sgd"), steppers, steps=20, rounds=5)
+    return {
+        "layer": kind,
+        "steps": length,
+        "sgd_ms": 1e3 * base,
+        "record_over_sgd": costs["record"][1],
+        "kfac_over_sgd": costs["kfac"][1],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
@@ -181,6 +209,7 @@ def main() -> None:
                     else row["median_seconds"] / adam["median_seconds"]
                 )
     costs = [step_costs(kind, data) for kind in ("lstm", "gru")]
+    lengths = [length_costs(kind, length) for kind in ("lstm", "gru") for length in (8, 50)]
     columns = ["layer", "method", "lr", "steps_per_seed", "median_steps", "median_seconds"]
     print_table(
         f"Digits rows as sequences: steps to test accuracy {TARGET}",
@@ -190,12 +219,18 @@ def main() -> None:
     print_table(
         "Step cost ÷ an SGD step", costs, ["layer", "sgd_ms", "kfac_over_sgd", "adam_over_sgd"]
     )
+    print_table(
+        "Step cost ÷ an SGD step by sequence length (random sequences)",
+        lengths,
+        ["layer", "steps", "sgd_ms", "record_over_sgd", "kfac_over_sgd"],
+    )
     save_json(
         "kfac_recurrent",
         {
             "environment": environment(seeds=args.seeds, target=TARGET, batch=BATCH),
             "rows": rows,
             "step_costs": costs,
+            "length_costs": lengths,
         },
     )
 

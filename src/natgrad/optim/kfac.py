@@ -99,6 +99,7 @@ from natgrad.optim.kfac_recurrent import (
     PackedRows,
     RecurrentLayers,
     RecurrentRecording,
+    StepCalls,
     recurrent_projections,
 )
 from natgrad.optim.trust_region import damping_update, loss_resolution
@@ -424,7 +425,8 @@ class _CallRecorder:
     """The output-gradient hook of one call of a preconditioned layer: on the first output
     gradient it records the call's input, then each output gradient (one per backward vector
     of the exact Fisher). A call on packed rows (``packed``) has ``packed.samples`` samples
-    whatever its number of rows."""
+    whatever its number of rows. A call at step ``steps[1]`` of a recurrent layer's unrolled
+    loop hands its output gradients to ``steps[0]``, which records the loop's calls together."""
 
     def __init__(
         self,
@@ -433,6 +435,7 @@ class _CallRecorder:
         layer_input: Tensor,
         call_pass: int,
         packed: PackedRows | None = None,
+        steps: tuple[StepCalls | None, int] = (None, 0),
     ):
         self._precond = precond
         self._state = state
@@ -440,6 +443,7 @@ class _CallRecorder:
         self._features: Tensor | None = None
         self._call_pass = call_pass
         self._packed = () if packed is None else (packed,)  # passed on only when given
+        self._steps = steps
 
     def __call__(self, grad: Tensor) -> None:
         precond = self._precond
@@ -453,6 +457,11 @@ class _CallRecorder:
             self._record(grad, scale, 0)
 
     def _record(self, grad: Tensor, scale: float, vector: int) -> None:
+        calls, step = self._steps
+        if calls is not None:  # held until the step reads the statistics
+            self._precond._step_calls.setdefault(id(calls), calls)
+            calls.receive(step, grad, scale, vector)
+            return
         if self._layer_input is not None:
             self._features = self._state.record_input(self._layer_input, *self._packed)
             self._layer_input = None
@@ -724,6 +733,7 @@ class KFAC:
         self._attached = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._output_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._step_calls: dict[int, StepCalls] = {}  # the loops with output gradients, by id
         self._sync_hooks()
 
     # -- construction ----------------------------------------------------------------------
@@ -807,11 +817,14 @@ class KFAC:
         layer_input: Tensor,
         output: Tensor,
         packed: PackedRows | None = None,
+        steps: tuple[StepCalls | None, int] = (None, 0),
     ) -> None:
         """A call of ``state``'s layer (its forward hook): hook its output, so that the call
         is recorded (its input and output gradients) when the output gradient arrives.
         ``packed`` places the rows of a call on some of the batch's samples (a recurrent layer
-        on a packed sequence): the call then counts all ``packed.samples`` samples.
+        on a packed sequence): the call then counts all ``packed.samples`` samples. A call at
+        step ``steps[1]`` of an unrolled loop is recorded with the loop's other steps by
+        ``steps[0]`` (:class:`~natgrad.optim.kfac_recurrent.StepCalls`).
 
         A call whose output is never back-propagated (a forward pass with gradients enabled
         for a metric, say) records nothing: its inputs would add rows to ``A`` without any
@@ -827,7 +840,11 @@ class KFAC:
             edge = get_gradient_edge(output)  # the output as produced, before in-place ops
             self._probe_calls.setdefault(state.name, []).append((layer_input.detach(), edge))
         call_pass = state.begin_call()
-        hook = _CallRecorder(self, state, layer_input.detach(), call_pass, packed)
+        layer_input = layer_input.detach()
+        calls, step = steps
+        if calls is not None:
+            calls.add(step, layer_input, call_pass)
+        hook = _CallRecorder(self, state, layer_input, call_pass, packed, steps)
         handle = output.register_hook(hook)
         if self.fisher_type != "empirical":  # the edge: an in-place op may rewrite `output`
             self._output_edges.append(get_gradient_edge(output))
@@ -951,6 +968,7 @@ class KFAC:
         for state in self.layers:
             state.reset_sums()
             state.pairs.clear()
+        self._step_calls.clear()
         for handle in self._output_handles:
             handle.remove()
         self._output_edges, self._output_handles = [], []
@@ -968,7 +986,12 @@ class KFAC:
         the copy hooks the copied layers and continues as the original would."""
         state = dict(self.__dict__)
         state.update(
-            _handles=[], _output_edges=[], _output_handles=[], _written={}, _probe_calls={}
+            _handles=[],
+            _output_edges=[],
+            _output_handles=[],
+            _written={},
+            _probe_calls={},
+            _step_calls={},
         )
         return state
 
@@ -1071,6 +1094,7 @@ class KFAC:
         """
         self._check_new_gradients()
         self._check_sampled()
+        self._record_pending_steps()
         for state in self.layers:
             state.follow_weight()
             state.drop_frozen_bias()
@@ -1128,6 +1152,15 @@ class KFAC:
             "are already preconditioned. Call it once per backward pass (a "
             "QuadraticModelOptimizer calls it itself)"
         )
+
+    def _record_pending_steps(self) -> None:
+        """Record the unrolled loops' steps whose output gradients have not all arrived (see
+        :class:`~natgrad.optim.kfac_recurrent.StepCalls`), each backward vector's together."""
+        calls, self._step_calls = list(self._step_calls.values()), {}
+        vectors = sorted({vector for steps in calls for vector in steps.pending_vectors()})
+        for vector in vectors:
+            for steps in calls:
+                steps.record_pending(vector)
 
     def _check_sampled(self) -> None:
         """Clear the layer outputs no :meth:`sample_backward` took (those of a recomputation

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from natgrad.optim.kfac_recurrent import PackedRows
 
 __all__ = [
+    "CallPairs",
     "EmbeddingState",
     "GroupedConvState",
     "KroneckerLayerState",
@@ -129,6 +130,28 @@ def _split_columns(right: Tensor, weight_columns: int) -> tuple[Tensor, Tensor |
     that give the weight and the column that gives the bias (``None`` without a bias)."""
     bias = right[..., weight_columns] if weight_columns < right.shape[-1] else None
     return right[..., :weight_columns], bias
+
+
+class CallPairs:
+    """EKFAC's features and output gradients of the calls of one layer in one forward pass from
+    one backward vector, ``(..., N, T_i, d)`` each, joined along the locations when read (one
+    concatenation however many calls: joining at every call would copy the earlier calls' again,
+    quadratic in the number of calls), and the samples they count."""
+
+    def __init__(self, features: Tensor, grads: Tensor, samples: int) -> None:
+        self.features = [features]
+        self.grads = [grads]
+        self.samples = samples
+
+    def add(self, features: Tensor, grads: Tensor) -> None:
+        """Another call's features and gradients, on the same samples."""
+        self.features.append(features)
+        self.grads.append(grads)
+
+    def joined(self) -> tuple[Tensor, Tensor]:
+        """The calls' features and gradients joined, ``(..., N, Σ T_i, d)`` each
+        (:func:`~natgrad.curvature.kfac_capture.join_calls`)."""
+        return join_calls(self.features), join_calls(self.grads)
 
 
 class _FactoredSolve:
@@ -237,7 +260,7 @@ class LayerState:
         self.device = module.weight.device
         self.keep_pairs = keep_pairs
         self.reduce = reduce
-        self.pairs: list[tuple[Tensor, Tensor, int]] = []  # features, gradients, samples
+        self.pairs: list[CallPairs] = []
         self.input_sum: Tensor | None = None
         self.output_sum: Tensor | None = None
         self.input_factor: Tensor | None = None
@@ -345,9 +368,10 @@ class LayerState:
         another call of that pass, on as many samples, counted them (the same samples at more
         locations), or they back-propagate a pass's ``vector``-th vector after its first (the
         exact Fisher's columns: the same samples again). An EKFAC pair ``(features,
-        gradients)`` of such a call of the same vector joins that call's along the locations,
-        so that a sample's gradient sums over all its calls; each vector's pairs stay apart
-        (their squares add), counting the samples with the first vector's."""
+        gradients)`` of such a call of the same vector joins that call's along the locations
+        (:class:`CallPairs`, concatenated when read), so that a sample's gradient sums over all
+        its calls; each vector's pairs stay apart (their squares add), counting the samples with
+        the first vector's."""
         self._recorded_since_call = True
         counted = (call_pass, samples)
         if vector == 0 and counted != self._counted_pass:
@@ -358,10 +382,9 @@ class LayerState:
         key = (call_pass, samples, vector)
         if key != self._paired_key:
             self._paired_key = key
-            self.pairs.append((*pair, samples if vector == 0 else 0))
+            self.pairs.append(CallPairs(*pair, samples if vector == 0 else 0))
             return
-        features, grads, count = self.pairs[-1]
-        self.pairs[-1] = (join_calls([features, pair[0]]), join_calls([grads, pair[1]]), count)
+        self.pairs[-1].add(*pair)
 
     def record_output_grad(
         self,
@@ -716,7 +739,8 @@ class KroneckerLayerState(LayerState):
             self.input_factor = self.input_factor[..., :-1, :-1].clone()
         pending = self.input_count > 0
         self.input_sum = self.input_sum[..., :-1, :-1].clone() if pending else None
-        self.pairs = [(features[..., :-1], grads, count) for features, grads, count in self.pairs]
+        for pair in self.pairs:
+            pair.features = [features[..., :-1] for features in pair.features]
         self.output_eigen = self.input_eigen = self.inverted_factors = self.eigenvalues = None
 
     def bias_passed_through(self) -> bool:
@@ -872,9 +896,10 @@ class KroneckerLayerState(LayerState):
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
         count = torch.zeros((), dtype=self.dtype, device=total.device)
-        for features, grads, samples in self.pairs:
+        for pair in self.pairs:
+            features, grads = pair.joined()
             total += projected_second_moment(features, grads, self.output_eigen, self.input_eigen)
-            count += samples
+            count += pair.samples
         self.pairs.clear()
         return total, count
 
@@ -1056,9 +1081,10 @@ class EmbeddingState(LayerState):
         padding_idx = self.module.padding_idx
         total = torch.zeros_like(self.kfac_eigenvalues())
         count = torch.zeros((), dtype=self.dtype, device=total.device)
-        for tokens, grads, samples in self.pairs:
+        for pair in self.pairs:
+            tokens, grads = pair.joined()
             vectors = self.output_eigen.vectors
             total += embedding_second_moment(tokens, grads, vectors, vocabulary, padding_idx)
-            count += samples
+            count += pair.samples
         self.pairs.clear()
         return total, count

@@ -16,7 +16,10 @@ Each weight is preconditioned as an ``nn.Linear`` (:class:`RecurrentProjection`,
 block ``G ⊗ A`` pools the steps as the locations of one call (K-FAC-expand over time, the
 steps taken as independent: Martens, Ba & Johnson 2018's simplest approximation), exactly as
 for a cell written with ``nn.Linear`` layers and called in a loop. ``W_ih`` is applied to the
-whole input sequence in one call; ``W_hh`` once per step.
+whole input sequence in one call; ``W_hh`` once per step. The steps' calls of ``W_hh`` (and
+``W_hr``) in one loop are recorded together (:class:`StepCalls`): once a backward vector's
+output gradients of all the steps have arrived, one Gram product per factor (and for EKFAC one
+pair of features and gradients) on the stacked rows, instead of one per step.
 
 A packed sequence (``nn.utils.rnn.PackedSequence``: ``torch._VF.lstm(data, batch_sizes, ...)``,
 the sequences sorted by length) is unrolled in packed form: ``W_ih`` is applied once to the
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property, partial
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,6 +54,8 @@ __all__ = [
     "RecurrentLayers",
     "RecurrentProjection",
     "RecurrentRecording",
+    "StepCalls",
+    "StepRows",
     "recurrent_projections",
 ]
 
@@ -126,11 +130,12 @@ class PackedRows:
 
     @cached_property
     def _positions(self) -> Tensor:
-        """Each row's index in the sample-major ``(N, L)`` grid, ``(R,)``."""
+        """Each row's index in the sample-major ``(N, L)`` grid, ``(R,)``: the rows of location
+        ``t`` are those of its first ``batch_sizes[t]`` samples."""
         locations = len(self.batch_sizes)
-        return torch.cat(
-            [torch.arange(size) * locations + step for step, size in enumerate(self.batch_sizes)]
-        )
+        sizes = torch.tensor(self.batch_sizes).unsqueeze(1)  # (L, 1)
+        step, sample = (sizes > torch.arange(self.samples)).nonzero(as_tuple=True)
+        return sample * locations + step
 
     @cached_property
     def _lengths(self) -> Tensor:
@@ -153,6 +158,102 @@ class PackedRows:
         ``(b_0, d)``."""
         lengths = self._lengths.to(device=rows.device, dtype=rows.dtype)
         return self.sums(rows)[: self.batch_sizes[0]] / lengths
+
+
+class StepRows(PackedRows):
+    """The rows of a weight's calls at the ``L`` steps of one unrolled loop, stacked in step order
+    and recorded as one call (:class:`StepCalls`): ``batch_sizes[t]`` rows of step ``t``, those of
+    the first ``batch_sizes[t]`` of the ``samples`` samples. Each step's call has one location per
+    sample, which K-FAC-reduce (a call's inputs averaged, its output gradients summed over the
+    call's own locations) leaves as it is: :meth:`means` and :meth:`sums` return the rows ``(R,
+    d)``, and the stacked call's factors are those of the steps' calls in expand and reduce."""
+
+    def sums(self, rows: Tensor) -> Tensor:
+        """``rows`` ``(R, d)``, each step's call reduced over its one location per sample."""
+        return rows
+
+    def means(self, rows: Tensor) -> Tensor:
+        """``rows`` ``(R, d)``, each step's call reduced over its one location per sample."""
+        return rows
+
+
+class StepCalls:
+    """The calls of one preconditioned weight at the steps of one unrolled loop (a layer and
+    direction), recorded as one call of the weight on all the steps' rows (:class:`StepRows`):
+    when the output gradients of all the steps from one backward vector have arrived, one Gram
+    product per factor, and for EKFAC one pair, instead of one per step. The statistics are the
+    steps' separate calls' (to rounding): their rows pooled in ``A`` and ``G``, the samples
+    counted once per pass, each sample's EKFAC gradient summed over its steps. Each step's
+    output feeds every later step and the stacked output, so a backward pass that reaches one
+    step reaches them all; one that did not (gradients asked for intermediate tensors) is
+    recorded by :meth:`record_pending` when the statistics are read, the missing steps with zero
+    output gradients, as the locations of one call that the loss does not depend on.
+
+    Parameters
+    ----------
+    state : LayerState
+        The weight's state.
+    samples : int
+        ``N``, the batch's number of samples (sequences).
+    """
+
+    def __init__(self, state: LayerState, samples: int) -> None:
+        self._state = state
+        self._samples = samples
+        self._call_pass = 0
+        self._rows: dict[int, Tensor] = {}  # step -> the step's input rows (b_t, d_in)
+        self._grads: dict[int, dict[int, Tensor]] = {}  # vector -> step -> (b_t, d_out)
+        self._scales: dict[int, float] = {}
+        self._features: Tensor | None = None
+        self._inputs_recorded = False
+
+    def add(self, step: int, rows: Tensor, call_pass: int) -> None:
+        """The (detached) input rows ``(b_t, d_in)`` of the call at ``step``, of forward pass
+        ``call_pass``."""
+        self._rows[step] = rows
+        self._call_pass = call_pass
+
+    def receive(self, step: int, grad: Tensor, scale: float, vector: int) -> None:
+        """The output gradient ``(b_t, d_out)`` of the call at ``step`` from the ``vector``-th
+        backward vector, to be recorded scaled by ``scale``; records the vector's statistics
+        once every step's has arrived."""
+        grads = self._grads.setdefault(vector, {})
+        grads[step] = grad.detach()
+        self._scales[vector] = scale
+        if len(grads) == len(self._rows):
+            self._record(vector)
+
+    def pending_vectors(self) -> list[int]:
+        """The backward vectors some of whose steps' output gradients have not arrived."""
+        return sorted(self._grads)
+
+    def record_pending(self, vector: int) -> None:
+        """Record the ``vector``-th backward vector's output gradients if some of its steps'
+        have not arrived (those count as zeros)."""
+        if vector in self._grads:
+            self._record(vector)
+
+    def _record(self, vector: int) -> None:
+        grads = self._grads.pop(vector)
+        steps = sorted(self._rows)
+        packed = StepRows([len(self._rows[step]) for step in steps], self._samples)
+        if not self._inputs_recorded:
+            inputs = torch.cat([self._rows[step] for step in steps])
+            self._features = self._state.record_input(inputs, packed)
+            self._inputs_recorded = True
+        template = next(iter(grads.values()))
+        stacked = torch.cat(
+            [
+                grads[step]
+                if step in grads
+                else template.new_zeros(len(self._rows[step]), template.shape[-1])
+                for step in steps
+            ]
+        )
+        scale = self._scales.pop(vector)
+        self._state.record_output_grad(
+            stacked, scale, self._features, self._call_pass, vector, packed
+        )
 
 
 def _step(
@@ -193,15 +294,27 @@ class RecurrentRecording(RecordingMode):
         return self._packed_sequence(_SEQUENCE_KINDS[func], *args, **kwargs)
 
     def _linear(
-        self, rows: Tensor, weight: Tensor, bias: Tensor | None, packed: PackedRows | None = None
+        self,
+        rows: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        packed: PackedRows | None = None,
+        steps: tuple[StepCalls | None, int] = (None, 0),
     ) -> Tensor:
         """``rows @ weightᵀ + bias`` for batch-first ``rows`` (packed rows placed by
-        ``packed``), recorded as a call of ``weight``'s projection if it is preconditioned."""
+        ``packed``), recorded as a call of ``weight``'s projection if it is preconditioned: on
+        its own, or as step ``steps[1]`` of the loop whose calls ``steps[0]`` records."""
         output = functional.linear(rows, weight, bias)
         state = self._layers.states.get(id(weight))
         if state is not None:
-            self._precond._record_call(state, self._layers.module, rows, output, packed)
+            self._precond._record_call(state, self._layers.module, rows, output, packed, steps)
         return output
+
+    def _step_calls(self, weight: Tensor | None, samples: int) -> StepCalls | None:
+        """The recorder of ``weight``'s calls at the steps of one loop, if it is
+        preconditioned."""
+        state = None if weight is None else self._layers.states.get(id(weight))
+        return None if state is None else StepCalls(state, samples)
 
     def _cell(
         self,
@@ -278,14 +391,21 @@ class RecurrentRecording(RecordingMode):
         input_weight, hidden_weight, input_bias, hidden_bias, projection = _unpack(
             weights, has_biases
         )
-        from_input = self._linear(rows, input_weight, input_bias)  # (N, T, gates · H)
+        # each step's (N, gates · H) as a view of one unbind: its backward stacks the steps'
+        # gradients once, where indexing every step would add a zero-padded (N, T, gates · H)
+        # gradient per step (quadratic in T)
+        from_input = self._linear(rows, input_weight, input_bias).unbind(1)
+        hidden_calls = self._step_calls(hidden_weight, rows.shape[0])
+        projection_calls = self._step_calls(projection, rows.shape[0])
         steps = range(rows.shape[1] - 1, -1, -1) if reverse else range(rows.shape[1])
         outputs: list[Tensor] = [rows] * rows.shape[1]
         for step in steps:
-            from_hidden = self._linear(hidden, hidden_weight, hidden_bias)
-            hidden, cell = _step(kind, from_input[:, step], from_hidden, hidden, cell)
+            from_hidden = self._linear(
+                hidden, hidden_weight, hidden_bias, steps=(hidden_calls, step)
+            )
+            hidden, cell = _step(kind, from_input[step], from_hidden, hidden, cell)
             if projection is not None:
-                hidden = self._linear(hidden, projection, None)
+                hidden = self._linear(hidden, projection, None, steps=(projection_calls, step))
             outputs[step] = hidden
         return torch.stack(outputs, dim=1), (hidden, cell)
 
@@ -308,22 +428,28 @@ class RecurrentRecording(RecordingMode):
         )
         samples = hidden.shape[0]
         from_input = self._linear(rows, input_weight, input_bias, PackedRows(sizes, samples))
-        starts = [0, *accumulate(sizes)]
+        by_step = from_input.split(sizes)  # one split: a linear backward, as in _run_direction
+        hidden_calls = self._step_calls(hidden_weight, samples)
+        projection_calls = self._step_calls(projection, samples)
         steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
         outputs: list[Tensor] = [rows] * len(sizes)
         for step in steps:
-            active, start = sizes[step], starts[step]
+            active = sizes[step]
             packed = PackedRows([active], samples)
-            from_hidden = self._linear(hidden[:active], hidden_weight, hidden_bias, packed)
+            from_hidden = self._linear(
+                hidden[:active], hidden_weight, hidden_bias, packed, (hidden_calls, step)
+            )
             new_hidden, new_cell = _step(
                 kind,
-                from_input[start : start + active],
+                by_step[step],
                 from_hidden,
                 hidden[:active],
                 None if cell is None else cell[:active],
             )
             if projection is not None:
-                new_hidden = self._linear(new_hidden, projection, None, packed)
+                new_hidden = self._linear(
+                    new_hidden, projection, None, packed, (projection_calls, step)
+                )
             outputs[step] = new_hidden
             hidden = _with_first_rows(new_hidden, hidden)
             cell = None if cell is None else _with_first_rows(new_cell, cell)
