@@ -34,15 +34,6 @@ BODIES = {
     "conv_transpose": "up",
 }
 CONFIGS = [(KFAC, "empirical"), (EKFAC, "mc")]  # alternating over the kinds
-PAUSED_RECOMPUTATION_BUG = (
-    "the weight-locality probe of the first recording forward back-propagates under "
-    "recording_paused(), and RecordingMode takes over the fused function only while "
-    "KFAC._recording() (not paused) holds: the checkpoint's recomputation in the probe's "
-    "backward runs the fused kernel / plain attention instead of the recorded forward it "
-    "recomputes, so torch.utils.checkpoint raises CheckpointError (attentions, LSTMCell) or the "
-    "recomputed gradient differs and KFAC raises 'is also used outside the layer's calls' "
-    "(LSTM, GRU)"
-)
 
 
 class Checkpointed(nn.Module):
@@ -85,18 +76,12 @@ def assert_same_training(kind: str, cls, fisher_type: str, checkpointing: str) -
 
 @pytest.mark.parametrize(
     ("kind", "cls", "fisher_type"),
-    [
-        (kind, *config)
-        if kind == "conv_transpose"
-        else pytest.param(
-            kind,
-            *config,
-            marks=pytest.mark.xfail(strict=True, reason=PAUSED_RECOMPUTATION_BUG),
-        )
-        for kind, config in zip(KINDS, CONFIGS * len(KINDS), strict=False)
-    ],
+    [(kind, *config) for kind, config in zip(KINDS, CONFIGS * len(KINDS), strict=False)],
 )
 def test_non_reentrant_checkpointing_trains_as_without(kind: str, cls, fisher_type: str) -> None:
+    """The weight-locality probe back-propagates with recording paused: the checkpoint's
+    recomputation inside it must still run the unrolled (recurrent) or explicit (attention)
+    forward that it recomputes, or checkpointing raises or the probe sees other gradients."""
     assert_same_training(kind, cls, fisher_type, "non-reentrant")
 
 

@@ -33,7 +33,6 @@ from natgrad.optim import EKFAC, KFAC
 
 SAVED_AFTER, STEPS = 3, 8
 CONFIGS = [(KFAC, "mc"), (EKFAC, "empirical")]
-RECURRENT = ["lstm_proj", "gru_bidirectional", "lstm_cell"]
 
 
 def build(kind: str, model: torch.nn.Module, cls, fisher_type: str):
@@ -83,26 +82,11 @@ def test_a_run_resumed_from_its_state_dict_continues_bit_for_bit(kind, cls, fish
 
 
 COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda run: pickle.loads(pickle.dumps(run))}
-RECURRENT_COPY_BUG = (
-    "RecurrentLayers.states maps id(weight) to the weight's state: a copy of the model and "
-    "preconditioner keeps the original ids as keys, so the copied recurrent layer's unrolled "
-    "products find no state and record nothing (a RuntimeWarning names them as silent) and "
-    "their gradients pass through unpreconditioned"
-)
 
 
 @pytest.mark.parametrize(
     ("kind", "copier"),
-    [
-        pytest.param(
-            kind,
-            copier,
-            marks=[pytest.mark.xfail(strict=True, reason=RECURRENT_COPY_BUG)]
-            if kind in RECURRENT
-            else [],
-        )
-        for kind, copier in zip(KINDS, [*COPIES] * len(KINDS), strict=False)  # alternating
-    ],
+    list(zip(KINDS, [*COPIES] * len(KINDS), strict=False)),  # alternating
 )
 def test_a_copy_of_model_preconditioner_and_optimizer_continues_as_the_original(
     kind, copier

@@ -802,9 +802,15 @@ class KFAC:
             self._handles.clear()
 
     def _recording(self, module: nn.Module) -> bool:
+        return not self._paused and self._unrolling(module)
+
+    def _unrolling(self, module: nn.Module) -> bool:
+        """Whether a recording mode takes over ``module``'s fused function (unrolled recurrent
+        steps, explicit attention projections): on recording steps, also while recording is
+        paused, so that a recomputation under activation checkpointing in a paused backward
+        pass (the weight-locality probe's) runs the operations of the forward it recomputes."""
         return (
-            not self._paused
-            and module.training
+            module.training
             and torch.is_grad_enabled()
             and self.steps % self.factor_update_interval == 0
             and not in_curvature_evaluation()  # natgrad.fisher & co. running the model

@@ -57,8 +57,11 @@ class RecordingMode(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if self._takes_over(func) and self._precond._recording(self._layers.module):
-            return self._run(func, args, kwargs)
+        if self._takes_over(func) and self._precond._unrolling(self._layers.module):
+            # eager: a compiled recording forward would back-propagate (the weight-locality
+            # probe, sample_backward) with retain_graph=True through AOTAutograd's donated
+            # buffers, which raises
+            return torch._dynamo.disable(self._run)(func, args, kwargs)
         return func(*args, **kwargs)
 
     def _takes_over(self, func: Callable[..., Any]) -> bool:

@@ -103,11 +103,17 @@ def recurrent_projections(name: str, module: nn.Module) -> list[tuple[str, nn.Mo
 
 
 class RecurrentLayers:
-    """The preconditioned weights of one recurrent layer: their states by the weights' ids."""
+    """The preconditioned weights of one recurrent layer and their states."""
 
     def __init__(self, module: nn.Module, states: Sequence[LayerState]) -> None:
         self.module = module
-        self.states = {id(state.weight): state for state in states}
+        self.states = list(states)
+
+    def state_of(self, weight: Tensor) -> LayerState | None:
+        """The state of ``weight``'s projection, found by identity (not by ``id``, which a copy
+        of the model and preconditioner, ``copy.deepcopy`` or ``pickle``, changes), or ``None``
+        if ``weight`` is not preconditioned."""
+        return next((state for state in self.states if state.weight is weight), None)
 
 
 class PackedRows:
@@ -305,7 +311,7 @@ class RecurrentRecording(RecordingMode):
         ``packed``), recorded as a call of ``weight``'s projection if it is preconditioned: on
         its own, or as step ``steps[1]`` of the loop whose calls ``steps[0]`` records."""
         output = functional.linear(rows, weight, bias)
-        state = self._layers.states.get(id(weight))
+        state = self._layers.state_of(weight)
         if state is not None:
             self._precond._record_call(state, self._layers.module, rows, output, packed, steps)
         return output
@@ -313,7 +319,7 @@ class RecurrentRecording(RecordingMode):
     def _step_calls(self, weight: Tensor | None, samples: int) -> StepCalls | None:
         """The recorder of ``weight``'s calls at the steps of one loop, if it is
         preconditioned."""
-        state = None if weight is None else self._layers.states.get(id(weight))
+        state = None if weight is None else self._layers.state_of(weight)
         return None if state is None else StepCalls(state, samples)
 
     def _cell(
