@@ -54,16 +54,24 @@ def rank(group: dist.ProcessGroup | None = None) -> int:
 
 
 def all_reduce_sum_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None = None) -> None:
-    """Sum ``tensors`` over all processes, in place, with one coalesced all-reduce.
+    """Sum ``tensors`` over all processes, in place, with one coalesced all-reduce per dtype
+    and device (in the order of their first appearance).
 
     Parameters
     ----------
     tensors : sequence of Tensor
-        Same shapes and order on every process; all of one dtype and device.
+        Same shapes, dtypes, devices and order on every process.
     group : ProcessGroup, optional
     """
     if not tensors or not is_distributed(group):
         return
+    kinds = list(dict.fromkeys((tensor.dtype, tensor.device) for tensor in tensors))
+    for kind in kinds:
+        _coalesced_sum_([t for t in tensors if (t.dtype, t.device) == kind], group)
+
+
+def _coalesced_sum_(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> None:
+    """:func:`all_reduce_sum_` of tensors of one dtype and device, in one all-reduce."""
     buffer = torch.cat([tensor.reshape(-1) for tensor in tensors])
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     for tensor, chunk in zip(tensors, buffer.split([t.numel() for t in tensors]), strict=True):

@@ -118,11 +118,9 @@ class Shard:
         return slice(start, start + self.count)
 
     def sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Sum ``tensors`` over the processes, in place (one all-reduce per dtype)."""
-        if not self.sharded:
-            return
-        for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):
-            all_reduce_sum_([tensor for tensor in tensors if tensor.dtype == dtype], self.group)
+        """Sum ``tensors`` over the processes, in place (one all-reduce per dtype and device)."""
+        if self.sharded:
+            all_reduce_sum_(tensors, self.group)
 
     def mean_(self, tensors: Sequence[Tensor]) -> None:
         """Turn ``tensors``, each a mean over this process's samples, into the means over the

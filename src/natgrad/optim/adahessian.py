@@ -331,9 +331,7 @@ def _mean_over_processes(
     """Copies of ``tensors`` averaged over the processes of ``group``, with equal weights (one
     all-reduce per dtype and device, in the order of their first appearance)."""
     sums = [tensor.detach().clone() for tensor in tensors]
-    kinds = list(dict.fromkeys((total.dtype, total.device) for total in sums))
-    for kind in kinds:
-        all_reduce_sum_([total for total in sums if (total.dtype, total.device) == kind], group)
+    all_reduce_sum_(sums, group)
     size = world_size(group)
     return [total.div_(size) for total in sums]
 
