@@ -115,3 +115,24 @@ def _process_main(
     torch.save(worker(rank, world_size, *args), _result_path(workdir, rank))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def small_conv_classifier() -> torch.nn.Module:
+    """A float64 Conv2d–Linear classifier of 3 × 3 images into 3 classes (seed 0)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)
+    ).to(torch.float64)
+
+
+def classifier_batches(size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` global batches of ``size`` float64 3 × 3 images and class labels (seed 1)."""
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(size, 1, 3, 3, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (size,), generator=generator),
+        )
+        for _ in range(steps)
+    ]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_helpers import run_on_processes
+from distributed_helpers import classifier_batches, run_on_processes, small_conv_classifier
 from natgrad.optim import AdaHessian
 
 STEPS = 20
@@ -31,21 +31,11 @@ OPTIONS = {
 
 
 def make_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3)
-    ).to(torch.float64)
+    return small_conv_classifier()
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(GLOBAL_BATCH, 1, 3, 3, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
-        )
-        for _ in range(STEPS)
-    ]
+    return classifier_batches(GLOBAL_BATCH, STEPS)
 
 
 def equal_share(rank: int, world_size: int) -> slice:
