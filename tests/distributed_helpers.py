@@ -53,6 +53,7 @@ def run_on_processes(
     workdir: Path,
     world_size: int = 2,
     start_method: str | None = None,
+    timeout: timedelta = TIMEOUT,
 ) -> list[Any]:
     """Call ``worker(rank, world_size, *args)`` on ``world_size`` gloo processes.
 
@@ -69,6 +70,9 @@ def run_on_processes(
     world_size : int
     start_method : {"fork", "spawn", "forkserver"}, optional
         Defaults to :func:`default_start_method`.
+    timeout : timedelta
+        Bound on the rendezvous and every collective (:data:`TIMEOUT` by default); tests of
+        failures give a short one, so that a process left waiting fails within seconds.
 
     Returns
     -------
@@ -84,7 +88,7 @@ def run_on_processes(
         importlib.import_module("torch._dynamo")
     mp.start_processes(
         _process_main,
-        args=(worker, tuple(args), world_size, str(workdir)),
+        args=(worker, tuple(args), world_size, str(workdir), timeout),
         nprocs=world_size,
         join=True,
         start_method=method,
@@ -99,7 +103,12 @@ def _result_path(workdir: Path | str, rank: int) -> Path:
 
 
 def _process_main(
-    rank: int, worker: Callable[..., Any], args: tuple, world_size: int, workdir: str
+    rank: int,
+    worker: Callable[..., Any],
+    args: tuple,
+    world_size: int,
+    workdir: str,
+    timeout: timedelta,
 ) -> None:
     if not faulthandler.is_enabled():  # a native crash then prints every thread's Python stack
         faulthandler.enable(all_threads=True)
@@ -110,7 +119,7 @@ def _process_main(
         init_method=Path(workdir, "rendezvous").as_uri(),
         rank=rank,
         world_size=world_size,
-        timeout=TIMEOUT,
+        timeout=timeout,
     )
     torch.save(worker(rank, world_size, *args), _result_path(workdir, rank))
     dist.barrier()

@@ -48,6 +48,7 @@ from natgrad.curvature.kfac import (
 from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
 from natgrad.curvature.layer_diagonal import layer_diagonal_for_vectors, layer_fisher_diagonal
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.shards import GlobalBatch, Shard
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -116,17 +117,12 @@ def _num_samples(inputs: Tensor) -> int:
     return inputs.shape[0]
 
 
-def _shard(global_batch: GlobalBatch | None, num_samples: int) -> Shard:
+def _shard(global_batch: GlobalBatch | None, num_samples: int, agreement: Agreement) -> Shard:
     """This process's :class:`~natgrad.distributed.shards.Shard` of ``global_batch``, or the
-    whole batch where there is none."""
+    whole batch where there is none; ``agreement`` rides on the all-reduce of the counts."""
     if global_batch is None:
         return Shard.whole(num_samples)
-    if not isinstance(global_batch, GlobalBatch):
-        raise TypeError(
-            f"global_batch must be a natgrad.distributed.GlobalBatch or None, got "
-            f"{type(global_batch).__name__}"
-        )
-    return global_batch.shard(num_samples)
+    return global_batch.shard(num_samples, agreement)
 
 
 # -- assembly from per-sample rows --------------------------------------------------------------
@@ -299,31 +295,6 @@ def _kronecker_operator(
     return ekfac_from_statistics(model, statistics, shard)
 
 
-def _kronecker_fisher(
-    structure: str,
-    model: nn.Module,
-    inputs: Tensor,
-    likelihood: str | Likelihood,
-    kind: str,
-    targets: Tensor | None,
-    mc_samples: int,
-    generator: torch.Generator | None,
-    kfac_approx: str,
-    shard: Shard,
-) -> CurvatureOperator:
-    statistics = collect_statistics(
-        model,
-        inputs,
-        likelihood=likelihood,
-        kind=kind,
-        targets=targets,
-        mc_samples=mc_samples,
-        generator=generator,
-        kfac_approx=kfac_approx,
-    )
-    return _kronecker_operator(structure, model, statistics, shard)
-
-
 def fisher(
     model: nn.Module,
     inputs: Tensor,
@@ -390,8 +361,10 @@ def fisher(
         (conjugate gradients then run alike on every process). ``"mc"`` draws the targets of
         the whole global batch on every process (its outputs gathered) and keeps each
         process's rows: with generators in the same state on every process (one seed) they
-        are the draws of one process on the global batch. A no-op without
-        ``torch.distributed`` or with one process.
+        are the draws of one process on the global batch. An exception of one process's
+        checks or output factors before the first all-reduce is raised on every process (the
+        others raise :class:`~natgrad.distributed.ProcessFailure` naming it; see
+        ``docs/kfac.md``). A no-op without ``torch.distributed`` or with one process.
 
     Returns
     -------
@@ -422,28 +395,28 @@ def fisher(
     cg_options = checked_cg_options(structure, cg_rtol, cg_max_iter)
     resolved = get_likelihood(likelihood)
     check_curvature_model(model)
-    check_finite_inputs(inputs)
     _check_mc_samples(mc_samples)
     if kind == "empirical" and targets is None:
         raise ValueError('kind="empirical" needs the observed targets: pass targets=...')
-    if targets is not None:
-        _check_targets(targets, _num_samples(inputs))
-    shard = _shard(global_batch, _num_samples(inputs))
+    agreement = _agreement(global_batch)
+    count, statistics, terms = 0, None, None
+    with agreement.local():  # the work of the exact and empirical kinds needs no other process
+        count = _num_samples(inputs)
+        if targets is not None:
+            _check_targets(targets, count)
+        if kind != "mc" and structure in ("kfac", "ekfac"):
+            statistics = _fisher_statistics(model, inputs, resolved, kind, targets, kfac_approx)
+        elif kind != "mc" and structure != "diag":
+            terms = _output_terms(model, inputs, resolved, kind, targets)
+    shard = _shard(global_batch, count, agreement)
     if kind == "mc":
         resolved = shard.sampling(resolved)
     if structure in ("kfac", "ekfac"):
-        return _kronecker_fisher(
-            structure,
-            model,
-            inputs,
-            resolved,
-            kind,
-            targets,
-            mc_samples,
-            generator,
-            kfac_approx,
-            shard,
-        )
+        if statistics is None:
+            statistics = _fisher_statistics(
+                model, inputs, resolved, kind, targets, kfac_approx, mc_samples, generator
+            )
+        return _kronecker_operator(structure, model, statistics, shard)
     if structure == "diag":
         diagonal = layer_fisher_diagonal(
             model,
@@ -458,12 +431,66 @@ def fisher(
         if diagonal is not None:
             shapes = [param.shape for param in trainable_parameters(model)]
             return Diagonal(diagonal, shapes)
-    function = ModelFunction(model, inputs)
-    outputs = as_matrix(function.outputs())
-    factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
+    if terms is None:
+        terms = _output_terms(model, inputs, resolved, kind, targets, mc_samples, generator)
+    function, factors = terms
     if structure == "implicit":
         return _implicit_fisher(function, factors, cg_options, shard)
     return _assembled_sum(function, factors, structure, 1.0 / shard.total, shard=shard)
+
+
+def _agreement(global_batch: GlobalBatch | None) -> Agreement:
+    """The :class:`~natgrad.distributed.agreement.Agreement` of the processes sharing
+    ``global_batch``: their local failures before the all-reduce of the shards' counts are
+    raised on all of them (one that agrees with no other process without a global batch)."""
+    if global_batch is None:
+        return Agreement.alone()
+    if not isinstance(global_batch, GlobalBatch):
+        raise TypeError(
+            f"global_batch must be a natgrad.distributed.GlobalBatch or None, got "
+            f"{type(global_batch).__name__}"
+        )
+    return Agreement(global_batch.group)
+
+
+def _fisher_statistics(
+    model: nn.Module,
+    inputs: Tensor,
+    likelihood: Likelihood,
+    kind: str,
+    targets: Tensor | None,
+    kfac_approx: str,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[LayerCalls]:
+    """The layers' K-FAC statistics of this process's samples
+    (:func:`~natgrad.curvature.kfac.collect_statistics`)."""
+    return collect_statistics(
+        model,
+        inputs,
+        likelihood=likelihood,
+        kind=kind,
+        targets=targets,
+        mc_samples=mc_samples,
+        generator=generator,
+        kfac_approx=kfac_approx,
+    )
+
+
+def _output_terms(
+    model: nn.Module,
+    inputs: Tensor,
+    likelihood: Likelihood,
+    kind: str,
+    targets: Tensor | None,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[ModelFunction, Tensor]:
+    """The model function on this process's samples and its per-sample output factors
+    (:func:`output_factors`)."""
+    function = ModelFunction(model, inputs)
+    outputs = as_matrix(function.outputs())
+    return function, output_factors(likelihood, outputs, kind, targets, mc_samples, generator)
 
 
 # -- GGN and Hessian ------------------------------------------------------------------------------

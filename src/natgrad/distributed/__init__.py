@@ -1,5 +1,6 @@
 """natgrad.distributed: torch.distributed reductions of curvature statistics."""
 
+from natgrad.distributed.agreement import Agreement, ProcessFailure, agree_on_errors
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
     assign_owners,
@@ -13,8 +14,11 @@ from natgrad.distributed.reduce import (
 from natgrad.distributed.shards import GlobalBatch, Shard
 
 __all__ = [
+    "Agreement",
     "GlobalBatch",
+    "ProcessFailure",
     "Shard",
+    "agree_on_errors",
     "all_reduce_sum_",
     "assign_owners",
     "broadcast_from_",

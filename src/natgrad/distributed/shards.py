@@ -33,6 +33,7 @@ from natgrad.distributed.reduce import (
 
 if TYPE_CHECKING:
     from natgrad.curvature.likelihoods import Likelihood
+    from natgrad.distributed.agreement import Agreement
 
 __all__ = ["GlobalBatch", "Shard"]
 
@@ -49,9 +50,17 @@ class GlobalBatch:
 
     group: dist.ProcessGroup | None = None
 
-    def shard(self, count: int) -> Shard:
+    def shard(self, count: int, agreement: Agreement | None = None) -> Shard:
         """This process's :class:`Shard` of ``count`` samples (one all-reduce of the
         processes' counts under ``torch.distributed``).
+
+        Parameters
+        ----------
+        count : int
+        agreement : Agreement, optional
+            Carries the failures of the processes' local work before this point (the
+            all-reduce of the counts holds its flag): if one failed, every process raises
+            (:class:`~natgrad.distributed.agreement.Agreement`).
 
         Raises
         ------
@@ -60,16 +69,19 @@ class GlobalBatch:
         """
         if count < 0:
             raise ValueError(f"a shard cannot hold a negative number of samples, got {count}")
-        shares = self._shares(count) if is_distributed(self.group) else (count,)
+        shares = self._shares(count, agreement) if is_distributed(self.group) else (count,)
         if sum(shares) == 0:
             raise ValueError("the global batch has no samples (every process's shard is empty)")
         return Shard(self.group, shares, rank(self.group))
 
-    def _shares(self, count: int) -> tuple[int, ...]:
+    def _shares(self, count: int, agreement: Agreement | None) -> tuple[int, ...]:
         """Every process's number of samples, by rank (one all-reduce)."""
         counts = torch.zeros(world_size(self.group), dtype=torch.int64)
         counts[rank(self.group)] = count
-        all_reduce_sum_([counts], self.group)
+        if agreement is None:
+            all_reduce_sum_([counts], self.group)
+        else:
+            agreement.all_reduce_sum_([counts])
         return tuple(counts.tolist())
 
 

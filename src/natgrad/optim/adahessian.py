@@ -27,6 +27,7 @@ from natgrad._validation import (
     unit_interval,
     unit_interval_pair,
 )
+from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.reduce import all_reduce_sum_, broadcast_from_, is_distributed, world_size
 from natgrad.linalg.finite import all_finite
 from natgrad.optim.counted import CountedOptimizer
@@ -300,9 +301,16 @@ class AdaHessian(CountedOptimizer):
         distributed = is_distributed(self.process_group)
         if distributed:
             self._synchronise_generator(due[0].device)
-        diagonals = hutchinson_diagonal([p.grad for p in due], due, self.n_samples, self.generator)
+        agreement = Agreement(self.process_group)
+        diagonals = None
+        with agreement.local():  # a failure on one process is raised on all, in the mean
+            diagonals = hutchinson_diagonal(
+                [p.grad for p in due], due, self.n_samples, self.generator
+            )
+        if diagonals is None:
+            diagonals = [torch.zeros_like(p) for p in due]
         if distributed:
-            diagonals = _mean_over_processes(diagonals, self.process_group)
+            diagonals = _mean_over_processes(diagonals, self.process_group, agreement)
         return {p: spatial_average(d) for p, d in zip(due, diagonals, strict=True)}
 
     def _synchronise_generator(self, device: torch.device) -> None:
@@ -326,12 +334,16 @@ class AdaHessian(CountedOptimizer):
 
 
 def _mean_over_processes(
-    tensors: Sequence[Tensor], group: dist.ProcessGroup | None
+    tensors: Sequence[Tensor], group: dist.ProcessGroup | None, agreement: Agreement | None = None
 ) -> list[Tensor]:
     """Copies of ``tensors`` averaged over the processes of ``group``, with equal weights (one
-    all-reduce per dtype and device, in the order of their first appearance)."""
+    all-reduce per dtype and device, in the order of their first appearance), carrying
+    ``agreement``'s failure flag if given."""
     sums = [tensor.detach().clone() for tensor in tensors]
-    all_reduce_sum_(sums, group)
+    if agreement is None:
+        all_reduce_sum_(sums, group)
+    else:
+        agreement.all_reduce_sum_(sums)
     size = world_size(group)
     return [total.div_(size) for total in sums]
 

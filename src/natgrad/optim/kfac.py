@@ -69,10 +69,9 @@ from natgrad.curvature.kfac_capture import (
 )
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
 from natgrad.curvature.weight_locality import foreign_weight_uses
+from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.reduce import (
-    all_reduce_sum_,
     assign_owners,
-    broadcast_from_,
     is_distributed,
     rank,
     world_size,
@@ -171,6 +170,19 @@ class _DampingProbe:
         """The dtype of the recorded gradients (float64 if none): that of a loss given as a
         float, whose round-off bounds the change the assessment can resolve."""
         return self.layers[0][1].dtype if self.layers else torch.float64
+
+
+def _take_factored_inverses(states: list[LayerState], damping: float) -> None:
+    """Give each of ``states`` its damped factor inverses, formed in one batched Cholesky."""
+    requests = [state.factored_inverse_inputs(damping) for state in states]
+    inverses = iter(
+        damped_factor_inverses(
+            [matrix for matrices, _ in requests for matrix in matrices],
+            [value for _, dampings in requests for value in dampings],
+        )
+    )
+    for state, (matrices, _) in zip(states, requests, strict=True):
+        state.take_factored_inverses(damping, [next(inverses) for _ in matrices])
 
 
 def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
@@ -1098,8 +1110,13 @@ class KFAC:
             forward pass was not followed by :meth:`sample_backward` (its statistics are
             discarded).
         """
-        self._check_new_gradients()
-        self._check_sampled()
+        agreement = Agreement(self.process_group)
+        with agreement.local():  # agreed at the factor all-reduce, if this step has one
+            self._check_new_gradients()
+            self._check_sampled()
+        updates_factors = self.steps % self.factor_update_interval == 0
+        if not updates_factors:
+            agreement.settle()
         self._record_pending_steps()
         for state in self.layers:
             state.follow_weight()
@@ -1108,20 +1125,20 @@ class KFAC:
         self._warn_unfrozen_biases()
         self._damping_probe = None
         self._loss_scale = None
-        if self.steps % self.factor_update_interval == 0:
-            self._update_factors()
+        if updates_factors:
+            self._update_factors(agreement)
         factored = self._inverts_factors()
         stale = self._stale_layers(factored)
         if factored:
             for state in stale:
                 state.refresh_inverted_factors()
         else:
-            self._update_eigens(stale)
+            self._update_eigens(stale, agreement)
         self._update_eigenvalues(stale)
         if self.steps >= self.start_step:
             damping = self.current_damping()
             if factored:
-                self._update_factored_inverses(damping)
+                self._update_factored_inverses(damping, agreement)
             self._precondition(damping)
         self.steps += 1
         self._sync_hooks()
@@ -1266,12 +1283,13 @@ class KFAC:
             RuntimeWarning,
         )
 
-    def _update_factors(self) -> None:
+    def _update_factors(self, agreement: Agreement) -> None:
+        """Fold this step's statistics into the factors; under ``torch.distributed`` after
+        all-reducing them, with ``agreement``'s failure flag (every process raises if one
+        failed before)."""
         if is_distributed(self.process_group):
             statistics = [state.statistics() for state in self.layers]
-            all_reduce_sum_(
-                [tensor for group in statistics for tensor in group], self.process_group
-            )
+            agreement.all_reduce_sum_([tensor for group in statistics for tensor in group])
             for state, group in zip(self.layers, statistics, strict=True):
                 state.set_statistics(group)
         pending = [state for state in self.layers if state.has_pending()]
@@ -1293,7 +1311,9 @@ class KFAC:
             return
         fold_factors(pending, self.factor_decay)
 
-    def _update_eigens(self, stale: list[LayerState]) -> None:
+    def _update_eigens(self, stale: list[LayerState], agreement: Agreement) -> None:
+        """Eigendecompose the factors of ``stale``; under ``inverse_placement="assigned"``
+        each on its owner, then broadcast with the owner's failure flag (``agreement``)."""
         size = world_size(self.process_group)
         if self.inverse_placement == "replicated" or size == 1:
             factors = [state.eigen_inputs() for state in stale]
@@ -1305,20 +1325,22 @@ class KFAC:
         me = rank(self.process_group)
         for state, owner in zip(stale, owners, strict=True):
             if owner == me:
-                state.update_eigens()
-            else:
+                with agreement.local():
+                    state.update_eigens()
+            if owner != me or agreement.failed:
                 state.allocate_eigens()
-            broadcast_from_(state.eigen_tensors(), owner, self.process_group)
+            agreement.broadcast_from_(state.eigen_tensors(), owner)
 
     def _inverts_factors(self) -> bool:
         """Whether the damped factors are inverted directly (factored damping: nothing needs
         the eigenbasis)."""
         return self.damping_mode == "factored"
 
-    def _update_factored_inverses(self, damping: float) -> None:
+    def _update_factored_inverses(self, damping: float, agreement: Agreement) -> None:
         """Form ``(G + λ_G I)⁻¹`` and ``(A + λ_A I)⁻¹`` of every layer whose refreshed factors
         or damping changed since they were last formed, by batched Cholesky; under
-        ``inverse_placement="assigned"`` each on its owner, then broadcast."""
+        ``inverse_placement="assigned"`` each on its owner, then broadcast with the owner's
+        failure flag (``agreement``)."""
         if not damping > 0:
             raise ValueError(f"factored damping needs damping > 0, got {damping!r}")
         due = [
@@ -1333,21 +1355,14 @@ class KFAC:
         owners = assign_owners([state.eigen_cost() for state in due], size) if assigned else []
         me = rank(self.process_group) if assigned else 0
         mine = [state for index, state in enumerate(due) if not assigned or owners[index] == me]
-        requests = [state.factored_inverse_inputs(damping) for state in mine]
-        inverses = iter(
-            damped_factor_inverses(
-                [matrix for matrices, _ in requests for matrix in matrices],
-                [value for _, dampings in requests for value in dampings],
-            )
-        )
-        for state, (matrices, _) in zip(mine, requests, strict=True):
-            state.take_factored_inverses(damping, [next(inverses) for _ in matrices])
+        with agreement.local() if assigned else contextlib.nullcontext():
+            _take_factored_inverses(mine, damping)
         if not assigned:
             return
         for state, owner in zip(due, owners, strict=True):
-            if owner != me:
+            if owner != me or agreement.failed:
                 state.allocate_factored_inverses(damping)
-            broadcast_from_(state.factored_inverse_tensors(), owner, self.process_group)
+            agreement.broadcast_from_(state.factored_inverse_tensors(), owner)
 
     def _update_eigenvalues(self, refreshed: list[LayerState]) -> None:
         """Hook for EKFAC's eigenvalue re-estimation; K-FAC uses ``outer(g, a)``."""

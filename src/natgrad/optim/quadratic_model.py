@@ -40,6 +40,7 @@ from natgrad.curvature.evaluation_scope import dropout_off
 from natgrad.curvature.jacobians import ModelFunction, check_no_frequency_scaling
 from natgrad.curvature.kfac_capture import trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood, get_likelihood
+from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.reduce import all_reduce_sum_, world_size
 from natgrad.optim.counted import CountedOptimizer
 from natgrad.optim.input_capture import InputCapture
@@ -436,7 +437,19 @@ class QuadraticModelOptimizer(CountedOptimizer):
         Under ``torch.distributed``, ``F`` is the mean over the processes of their batches'
         Fishers, each the mean over its own samples: the Fisher of the mean of their mean
         losses, whose gradient DDP averages (not the mean over all samples, which differs when
-        the shares differ in size)."""
+        the shares differ in size). A process whose own products fail (non-finite inputs,
+        say) makes every process raise (:class:`~natgrad.distributed.agreement.Agreement`)."""
+        agreement = Agreement(self.process_group)
+        fisher = None
+        with agreement.local():
+            fisher = self._local_fisher_gram(directions)
+        if fisher is None:  # this process failed: the all-reduce raises everywhere
+            fisher = directions.new_zeros(len(directions), len(directions), dtype=torch.float64)
+        agreement.all_reduce_sum_([fisher])
+        return fisher / world_size(self.process_group)
+
+    def _local_fisher_gram(self, directions: Tensor) -> Tensor:
+        """``d_iᵀ F d_j`` (float64) with ``F`` the Fisher of this process's (sub-)batch."""
         inputs = self._capture.inputs
         if self.curvature_batch_size is not None:
             inputs = inputs[: self.curvature_batch_size]
@@ -449,9 +462,7 @@ class QuadraticModelOptimizer(CountedOptimizer):
         products = self.likelihood.natural_hessian_product(outputs, stacked)
         count = len(directions)
         fisher = stacked.reshape(count, -1) @ products.reshape(count, -1).T
-        fisher = fisher.to(torch.float64) / len(inputs)
-        all_reduce_sum_([fisher], self.process_group)
-        return fisher / world_size(self.process_group)
+        return fisher.to(torch.float64) / len(inputs)
 
     def _adapt_damping(self, closure: Callable[[], Tensor], loss: Tensor, predicted: float) -> None:
         """Levenberg–Marquardt: ``λ`` from the actual change of the batch loss over ``M(δ)``."""
