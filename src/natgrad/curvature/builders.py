@@ -19,9 +19,11 @@ backward vectors or the square roots of the loss's per-sample output Hessians.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +47,12 @@ from natgrad.curvature.kfac import (
     kfac_from_statistics,
     statistics_for_vectors,
 )
-from natgrad.curvature.kfac_capture import KFAC_APPROXIMATIONS, trainable_parameters
-from natgrad.curvature.layer_diagonal import layer_diagonal_for_vectors, layer_fisher_diagonal
+from natgrad.curvature.kfac_capture import (
+    KFAC_APPROXIMATIONS,
+    backward_vectors,
+    trainable_parameters,
+)
+from natgrad.curvature.layer_diagonal import LayerPass, layer_diagonal_for_vectors
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
 from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.shards import GlobalBatch, Shard
@@ -359,10 +365,11 @@ def fisher(
         eigenvalues) are all-reduced with their sample counts, so shards of unequal sizes give
         the global batch's Fisher too; an ``"implicit"`` operator all-reduces each product
         (conjugate gradients then run alike on every process). ``"mc"`` draws the targets of
-        the whole global batch on every process (its outputs gathered) and keeps each
-        process's rows: with generators in the same state on every process (one seed) they
-        are the draws of one process on the global batch. An exception of one process's
-        checks or output factors before the first all-reduce is raised on every process (the
+        the whole global batch on every process (its outputs gathered once for the
+        ``mc_samples`` draws) and keeps each process's rows: with generators in the same state
+        on every process (one seed) they are the draws of one process on the global batch. An
+        exception of one process's checks, forward pass or (but for ``"mc"``) output factors
+        or per-layer diagonal before the first all-reduce is raised on every process (the
         others raise :class:`~natgrad.distributed.ProcessFailure` naming it; see
         ``docs/kfac.md``). A no-op without ``torch.distributed`` or with one process.
 
@@ -399,15 +406,17 @@ def fisher(
     if kind == "empirical" and targets is None:
         raise ValueError('kind="empirical" needs the observed targets: pass targets=...')
     agreement = _agreement(global_batch)
-    count, statistics, terms = 0, None, None
-    with agreement.local():  # the work of the exact and empirical kinds needs no other process
+    count, statistics, terms, layered = 0, None, None, None
+    with agreement.local():  # the work that needs no other process: failures ride on the count
         count = _num_samples(inputs)
         if targets is not None:
             _check_targets(targets, count)
         if kind != "mc" and structure in ("kfac", "ekfac"):
             statistics = _fisher_statistics(model, inputs, resolved, kind, targets, kfac_approx)
-        elif kind != "mc" and structure != "diag":
-            terms = _output_terms(model, inputs, resolved, kind, targets)
+        elif structure == "diag":
+            layered = _local_layer_diagonal(model, inputs, resolved, kind, targets)
+        if structure not in ("kfac", "ekfac") and (layered is None or not layered.pass_.serves):
+            terms = _model_terms(model, inputs, resolved, kind, targets)
     shard = _shard(global_batch, count, agreement)
     if kind == "mc":
         resolved = shard.sampling(resolved)
@@ -417,23 +426,15 @@ def fisher(
                 model, inputs, resolved, kind, targets, kfac_approx, mc_samples, generator
             )
         return _kronecker_operator(structure, model, statistics, shard)
-    if structure == "diag":
-        diagonal = layer_fisher_diagonal(
-            model,
-            inputs,
-            likelihood=resolved,
-            kind=kind,
-            targets=targets,
-            mc_samples=mc_samples,
-            generator=generator,
-            shard=shard,
+    if layered is not None and layered.pass_.serves_everywhere(shard):
+        return _layer_diagonal(
+            model, layered, resolved, kind, targets, mc_samples, generator, shard
         )
-        if diagonal is not None:
-            shapes = [param.shape for param in trainable_parameters(model)]
-            return Diagonal(diagonal, shapes)
     if terms is None:
-        terms = _output_terms(model, inputs, resolved, kind, targets, mc_samples, generator)
-    function, factors = terms
+        terms = _model_terms(model, inputs, resolved, kind, targets)
+    function, outputs, factors = terms
+    if factors is None:
+        factors = output_factors(resolved, outputs, kind, targets, mc_samples, generator)
     if structure == "implicit":
         return _implicit_fisher(function, factors, cg_options, shard)
     return _assembled_sum(function, factors, structure, 1.0 / shard.total, shard=shard)
@@ -477,20 +478,72 @@ def _fisher_statistics(
     )
 
 
-def _output_terms(
+class _LocalLayerDiagonal(NamedTuple):
+    """The per-layer diagonal's pass and, for the kinds that draw nothing, its squared
+    sums (:class:`~natgrad.curvature.layer_diagonal.LayerPass`)."""
+
+    pass_: LayerPass
+    squared_sums: list[Tensor] | None
+
+
+def _local_layer_diagonal(
+    model: nn.Module, inputs: Tensor, likelihood: Likelihood, kind: str, targets: Tensor | None
+) -> _LocalLayerDiagonal | None:
+    """This process's part of the per-layer Fisher diagonal: the forward pass and, except for
+    ``"mc"`` (whose draws need the global batch's outputs) or a pass that does not serve,
+    the squared sums; ``None`` (no forward pass) when the model's trainable parameters are
+    not all in supported layers (:func:`~natgrad.curvature.layer_diagonal.supported_layers`)."""
+    recorded = LayerPass.record(model, inputs)
+    if recorded is None:
+        return None
+    if kind == "mc" or not recorded.serves:
+        return _LocalLayerDiagonal(recorded, None)
+    vectors = backward_vectors(recorded.outputs, likelihood, kind, targets)
+    return _LocalLayerDiagonal(recorded, recorded.squared_sums(lambda outputs: vectors))
+
+
+def _layer_diagonal(
+    model: nn.Module,
+    layered: _LocalLayerDiagonal,
+    likelihood: Likelihood,
+    kind: str,
+    targets: Tensor | None,
+    mc_samples: int,
+    generator: torch.Generator | None,
+    shard: Shard,
+) -> Diagonal:
+    """The per-layer Fisher diagonal of the global batch of ``shard`` from this process's
+    part (its ``"mc"`` draws made now, from the global batch's outputs)."""
+    squared_sums = layered.squared_sums
+    if squared_sums is None:
+        vectors = functools.partial(
+            backward_vectors,
+            likelihood=likelihood,
+            kind=kind,
+            targets=targets,
+            mc_samples=mc_samples,
+            generator=generator,
+        )
+        squared_sums = layered.pass_.squared_sums(vectors)
+    shapes = [param.shape for param in trainable_parameters(model)]
+    return Diagonal(layered.pass_.diagonal(squared_sums, shard), shapes)
+
+
+def _model_terms(
     model: nn.Module,
     inputs: Tensor,
     likelihood: Likelihood,
     kind: str,
     targets: Tensor | None,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> tuple[ModelFunction, Tensor]:
-    """The model function on this process's samples and its per-sample output factors
+) -> tuple[ModelFunction, Tensor, Tensor | None]:
+    """The model function on this process's samples, its outputs ``(N, C)`` and, except for
+    ``"mc"`` (whose draws need the global batch's outputs), its per-sample output factors
     (:func:`output_factors`)."""
     function = ModelFunction(model, inputs)
     outputs = as_matrix(function.outputs())
-    return function, output_factors(likelihood, outputs, kind, targets, mc_samples, generator)
+    if kind == "mc":
+        return function, outputs, None
+    return function, outputs, output_factors(likelihood, outputs, kind, targets)
 
 
 # -- GGN and Hessian ------------------------------------------------------------------------------

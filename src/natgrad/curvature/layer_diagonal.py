@@ -24,6 +24,7 @@ the calls' features and output gradients are joined along the locations ``t``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTPUT_GRADIENT_BUDGET",
     "PER_SAMPLE_GRADIENT_BUDGET",
+    "LayerPass",
     "layer_diagonal_for_vectors",
     "layer_fisher_diagonal",
     "squared_gradient_sum",
@@ -247,34 +249,96 @@ def layer_diagonal_for_vectors(
         Non-finite or empty inputs, vectors of the wrong shape (both shapes named), a model
         refused by :func:`~natgrad.curvature.jacobians.check_curvature_model`.
     """
-    check_curvature_model(model)
-    check_finite_inputs(inputs)
-    layers = supported_layers(model)
-    if layers is None:
+    recorded = LayerPass.record(model, inputs)
+    if recorded is None or not recorded.serves_everywhere(shard):
         return None
-    params = trainable_parameters(model)
-    if inputs.is_floating_point():
-        inputs = inputs.to(params[0].dtype)
-    with torch.enable_grad(), ForwardCapture(layers) as capture:
-        outputs = model(inputs)
-    serves = _batch_first(layers, capture, inputs.shape[0]) and not foreign_weight_uses(
-        model, layers, capture.calls, outputs
-    )
-    if not (serves if shard is None else shard.all(serves)):
+    squared_sums = recorded.squared_sums(vectors_of)
+    if squared_sums is None:
         return None
-    vectors = vectors_of(outputs)
-    if vectors is None:
-        return None
-    matrix = outputs.reshape(len(outputs), -1)
-    check_backward_vectors(vectors, matrix)
-    squared_sums = _squared_gradient_sums(layers, capture, matrix, vectors)
-    if shard is not None:
-        shard.sum_(squared_sums)
-    count = inputs.shape[0] if shard is None else shard.total
-    pieces: dict[int, Tensor] = {}
-    for layer, squared_sum in zip(layers, squared_sums, strict=True):
-        pieces.update(layer.from_matrix(squared_sum / count))
-    return torch.cat([pieces[index].reshape(-1) for index in range(len(params))])
+    return recorded.diagonal(squared_sums, shard)
+
+
+@dataclass(frozen=True)
+class LayerPass:
+    """One forward pass through a model whose trainable parameters all sit in supported
+    layers, with every layer call recorded: the process-local first half of
+    :func:`layer_diagonal_for_vectors`, which a caller under ``torch.distributed`` can run
+    before its first collective (so that its failures ride on that collective).
+
+    Attributes
+    ----------
+    layers : list of KroneckerLayer
+    capture : ForwardCapture
+        The layers' calls in the pass.
+    outputs : Tensor of shape (N, ...)
+        The model's outputs, attached to the graph.
+    serves : bool
+        Whether the per-layer diagonal applies to this pass (every layer called on batch-first
+        inputs, no weight used outside its calls).
+    num_samples : int
+        The ``N`` of ``inputs``.
+    num_params : int
+        Number of trainable parameter tensors.
+    """
+
+    layers: list[KroneckerLayer]
+    capture: ForwardCapture
+    outputs: Tensor
+    serves: bool
+    num_samples: int
+    num_params: int
+
+    @classmethod
+    def record(cls, model: nn.Module, inputs: Tensor) -> LayerPass | None:
+        """The pass of ``model`` on ``inputs``, or ``None`` (no forward pass) when
+        :func:`supported_layers` gives ``None``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :func:`layer_diagonal_for_vectors`.
+        """
+        check_curvature_model(model)
+        check_finite_inputs(inputs)
+        layers = supported_layers(model)
+        if layers is None:
+            return None
+        params = trainable_parameters(model)
+        if inputs.is_floating_point():
+            inputs = inputs.to(params[0].dtype)
+        with torch.enable_grad(), ForwardCapture(layers) as capture:
+            outputs = model(inputs)
+        serves = _batch_first(layers, capture, inputs.shape[0]) and not foreign_weight_uses(
+            model, layers, capture.calls, outputs
+        )
+        return cls(layers, capture, outputs, serves, inputs.shape[0], len(params))
+
+    def serves_everywhere(self, shard: Shard | None = None) -> bool:
+        """:attr:`serves` on every process of ``shard`` (one all-reduce when sharded)."""
+        return self.serves if shard is None else shard.all(self.serves)
+
+    def squared_sums(self, vectors_of: Callable[[Tensor], Tensor | None]) -> list[Tensor] | None:
+        """Per layer, the sum over this pass's samples and the backward vectors
+        ``vectors_of(outputs)`` (``(K, N, D)``) of the squared per-sample weight gradients,
+        shape ``(d_out, d_in [+ 1])``; ``None`` where ``vectors_of`` gives ``None``."""
+        vectors = vectors_of(self.outputs)
+        if vectors is None:
+            return None
+        matrix = self.outputs.reshape(len(self.outputs), -1)
+        check_backward_vectors(vectors, matrix)
+        return _squared_gradient_sums(self.layers, self.capture, matrix, vectors)
+
+    def diagonal(self, squared_sums: list[Tensor], shard: Shard | None = None) -> Tensor:
+        """The diagonal ``(P,)`` from :meth:`squared_sums`: divided by the number of samples,
+        or, with a ``shard``, summed over its processes (one all-reduce) and divided by the
+        global batch's number."""
+        if shard is not None:
+            shard.sum_(squared_sums)
+        count = self.num_samples if shard is None else shard.total
+        pieces: dict[int, Tensor] = {}
+        for layer, squared_sum in zip(self.layers, squared_sums, strict=True):
+            pieces.update(layer.from_matrix(squared_sum / count))
+        return torch.cat([pieces[index].reshape(-1) for index in range(self.num_params)])
 
 
 def _squared_gradient_sums(

@@ -20,6 +20,12 @@ class GlobalBatchSampling(Likelihood):
     different states each row is still a draw from ``p(y | f)``. Everything else is the
     wrapped likelihood's.
 
+    The Monte-Carlo Fisher draws ``mc_samples`` times from the same outputs (one tensor):
+    they are gathered at the first draw only (one all-reduce for all the draws, made alike on
+    every process since each passes its own outputs tensor the same number of times), and
+    the draws are those of as many gathers, in the same order. Outputs are not to be changed
+    in place between draws.
+
     Parameters
     ----------
     likelihood : Likelihood
@@ -30,10 +36,18 @@ class GlobalBatchSampling(Likelihood):
         self.likelihood = likelihood
         self.shard = shard
         self.name = likelihood.name
+        self._gathered: tuple[Tensor, Tensor] | None = None
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """This process's rows of targets drawn for the global batch's outputs."""
-        return self.likelihood.sample(self.shard.gather(outputs), generator)[self.shard.rows]
+        return self.likelihood.sample(self.gathered(outputs), generator)[self.shard.rows]
+
+    def gathered(self, outputs: Tensor) -> Tensor:
+        """The global batch's outputs (:meth:`Shard.gather`), gathered once per ``outputs``
+        tensor: again for the same tensor, the rows gathered before (no collective)."""
+        if self._gathered is None or self._gathered[0] is not outputs:
+            self._gathered = (outputs, self.shard.gather(outputs))
+        return self._gathered[1]
 
     def nll(self, outputs: Tensor, targets: Tensor) -> Tensor:
         return self.likelihood.nll(outputs, targets)
