@@ -1,4 +1,4 @@
-"""Cost of a K-FAC step on a decoder of transposed convolutions, against an SGD step.
+"""Cost of a K-FAC/EKFAC step on a decoder of transposed convolutions, against an SGD step.
 
 The decoder maps 16 × 8 × 8 codes to 1 × 32 × 32 images: ``ConvTranspose2d(16, 16, 4, stride
 2, padding 1)``, ReLU, ``ConvTranspose2d(16, 8, 4, stride 2, padding 1)``, ReLU,
@@ -6,11 +6,15 @@ The decoder maps 16 × 8 × 8 codes to 1 × 32 × 32 images: ``ConvTranspose2d(1
 Fisher, factors every step, inverses every 10) builds a transposed convolution's ``A`` from the
 non-zero entries of its zero-inserted input, phase by phase (``transposed_patch_gram``); the
 "every patch gathered" row switches that off (an ablation: the patches of the zero-inserted
-input gathered whole, as EKFAC does), K-FAC-reduce builds ``A`` from the patches' means, and
-"kfac_10_10" records factors only every 10 steps (the step cost of issue 5's target).
-Median ratio to the SGD step timed just before, 9 interleaved rounds of 10 steps.
+input gathered whole), K-FAC-reduce builds ``A`` from the patches' means, and "kfac_10_10"
+records factors only every 10 steps (the step cost of issue 5's target). EKFAC (factors every
+step) builds ``A`` as K-FAC does and forms each sample's gradient from the layer's input and
+output gradients in one grouped convolution (``transposed_per_sample_gradients``) for its
+eigenvalues; its "every patch gathered" row is the ablation that keeps every sample's patches
+and projects them instead (EKFAC before 2026-11-25). Median ratio to the SGD step timed just
+before, 9 interleaved rounds of 10 steps.
 
-Run ``python benchmarks/kfac_conv_transpose.py`` (about 1 minute with 1 torch thread). Writes
+Run ``python benchmarks/kfac_conv_transpose.py`` (about 4 minutes with 1 torch thread). Writes
 ``benchmarks/results/kfac_conv_transpose.json``.
 """
 
@@ -28,7 +32,15 @@ from _timing import interleaved_costs
 from natgrad.optim import EKFAC, KFAC
 from natgrad.optim.kfac_layers import KroneckerLayerState
 
-METHODS = ("kfac", "kfac_every_patch_gathered", "kfac_reduce", "kfac_10_10", "ekfac", "adam")
+METHODS = (
+    "kfac",
+    "kfac_every_patch_gathered",
+    "kfac_reduce",
+    "kfac_10_10",
+    "ekfac",
+    "ekfac_every_patch_gathered",
+    "adam",
+)
 
 
 def decoder() -> nn.Module:
@@ -44,14 +56,16 @@ def decoder() -> nn.Module:
 
 @contextlib.contextmanager
 def patches_gathered(whole: bool) -> Iterator[None]:
-    """Within it, K-FAC-expand gathers a transposed convolution's patches whole if ``whole``."""
-    phased = KroneckerLayerState._phased
+    """Within it, if ``whole``, K-FAC-expand gathers a transposed convolution's patches whole
+    and EKFAC keeps them as the features of its eigenvalue estimate."""
+    phased, keeps_patches = KroneckerLayerState._phased, KroneckerLayerState._keeps_patches
     if whole:
         KroneckerLayerState._phased = lambda self: False
+        KroneckerLayerState._keeps_patches = lambda self: self.keep_pairs
     try:
         yield
     finally:
-        KroneckerLayerState._phased = phased
+        KroneckerLayerState._phased, KroneckerLayerState._keeps_patches = phased, keeps_patches
 
 
 def stepper(method: str) -> Callable[[], None]:
@@ -66,7 +80,7 @@ def stepper(method: str) -> Callable[[], None]:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     precond = None
     if method.startswith(("kfac", "ekfac")):
-        preconditioner = EKFAC if method == "ekfac" else KFAC
+        preconditioner = EKFAC if method.startswith("ekfac") else KFAC
         approx = "reduce" if method == "kfac_reduce" else "expand"
         precond = preconditioner(
             model,
@@ -75,7 +89,7 @@ def stepper(method: str) -> Callable[[], None]:
             inv_update_interval=10,
             damping=1e-2,
         )
-    whole = method == "kfac_every_patch_gathered"
+    whole = method.endswith("every_patch_gathered")
 
     def step() -> None:
         with patches_gathered(whole):

@@ -95,7 +95,10 @@ __all__ = [
     "shared_weights",
     "tied_parameters",
     "trainable_parameters",
+    "transposed_output_grad",
+    "transposed_output_size",
     "transposed_patch_gram",
+    "transposed_per_sample_gradients",
     "weight_as_matrix",
 ]
 
@@ -340,17 +343,14 @@ def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None
         )
 
 
-def check_layer_output(module: nn.Module, layer_input: Tensor, output: Tensor, name: str) -> None:
-    """Raise a ``ValueError`` naming layer ``name`` if a transposed convolution's output is not
-    of the size that its ``output_padding`` gives (``forward(x, output_size=...)`` chose
-    another): its features are those of the expanded input of ``output_padding``. Other layers
-    pass."""
-    if not isinstance(module, CONV_TRANSPOSE_TYPES):
-        return
-    expected = tuple(
+def transposed_output_size(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """The spatial size of a transposed convolution's output for an input of shape
+    ``input_shape`` ``(N, C_in, *L_in)`` called without ``output_size=``: ``L_out = (L_in − 1) s
+    − 2 p + d (k − 1) + output_padding + 1`` along each axis."""
+    return tuple(
         (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + extra + 1
         for size, stride, padding, dilation, kernel, extra in zip(
-            layer_input.shape[2:],
+            input_shape[2:],
             module.stride,
             module.padding,
             module.dilation,
@@ -359,6 +359,16 @@ def check_layer_output(module: nn.Module, layer_input: Tensor, output: Tensor, n
             strict=True,
         )
     )
+
+
+def check_layer_output(module: nn.Module, layer_input: Tensor, output: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming layer ``name`` if a transposed convolution's output is not
+    of the size that its ``output_padding`` gives (``forward(x, output_size=...)`` chose
+    another): its features are those of the expanded input of ``output_padding``. Other layers
+    pass."""
+    if not isinstance(module, CONV_TRANSPOSE_TYPES):
+        return
+    expected = transposed_output_size(module, layer_input.shape)
     if tuple(output.shape[2:]) != expected:
         raise ValueError(
             f"layer {name!r}: output of spatial size {tuple(output.shape[2:])}, but "
@@ -620,6 +630,122 @@ def transposed_patch_gram(
         _add_phase_gram(total, padded, row, column, shifted, geometry.kernel, bias)
     positions = samples * sum(row.count for row in rows) * sum(column.count for column in columns)
     return (total[0] if module.groups == 1 else total), positions
+
+
+def transposed_output_grad(module: nn.Module, rows: Tensor, input_shape: Sequence[int]) -> Tensor:
+    """A transposed convolution's output gradients ``(N, C_out, *L_out)`` from their rows
+    ``(N, T, C_out)`` (:func:`output_features`), or from each group's ``(g, N, T, C_out / g)``
+    (:class:`~natgrad.optim.kfac_layers.GroupedConvState`'s), for an input of shape
+    ``input_shape`` ``(N, C_in, *L_in)`` (:func:`transposed_output_size`)."""
+    sizes = transposed_output_size(module, input_shape)
+    if rows.ndim == 4:  # (g, N, T, C_out / g)
+        rows = rows.permute(1, 2, 0, 3).flatten(2)
+    return rows.transpose(1, 2).reshape(rows.shape[0], rows.shape[2], *sizes)
+
+
+def transposed_per_sample_gradients(
+    module: nn.Module, layer_input: Tensor, output_grad: Tensor, bias: bool, name: str = "conv"
+) -> Tensor:
+    """Per-sample gradients of a transposed convolution's weight matrix
+    (:func:`weight_as_matrix`, with a bias column for a ``bias``), ``Σ_t g_t a_tᵀ`` over its
+    patches (:func:`per_sample_gradients` of :func:`input_features`), without gathering them.
+
+    ``<g, conv_transpose(x, W)> = <conv(g, W), x>``, so the weight gradient is that of a
+    convolution of ``g`` (stride ``s``, padding ``p``, dilation ``d``) whose output gradient is
+    ``x``; the samples are made the groups of one such convolution (``N g`` groups), which gives
+    each sample's gradient in one call. Where ``output_padding ≥ s`` (allowed when ``d >
+    output_padding``) that convolution would have more positions than ``x``: ``g`` is then
+    padded and cropped to the positions the input reaches (:func:`_output_grad_and_padding`).
+
+    Parameters
+    ----------
+    module : nn.ConvTranspose1d or nn.ConvTranspose2d
+    layer_input : Tensor of shape (N, C_in, *L_in)
+    output_grad : Tensor of shape (N, C_out, *L_out)
+        Gradients with respect to the layer's output, of its input's dtype.
+    bias : bool
+        Append the bias gradients ``Σ_t g_t`` as a last column.
+    name : str
+        The layer's name, for error messages.
+
+    Returns
+    -------
+    Tensor of shape (N, C_out, d_in [+ 1]), or (g, N, C_out / g, d_in / g [+ 1]) for
+    ``groups = g > 1``, with ``d_in = C_in · Π kernel``.
+
+    Raises
+    ------
+    TypeError
+        If ``module`` is not a transposed convolution.
+    ValueError
+        If ``layer_input`` is not a batched input of the layer (:func:`check_layer_input`) or
+        ``output_grad`` not of the shape of its output.
+    """
+    _check_transposed_gradients(module, layer_input, output_grad, name)
+    samples, groups = layer_input.shape[0], module.groups
+    shape = (samples * module.weight.shape[0], *module.weight.shape[1:])
+    trimmed, padding = _output_grad_and_padding(module, output_grad)
+    _, weight_grads, _ = torch.ops.aten.convolution_backward(
+        layer_input.reshape(1, -1, *layer_input.shape[2:]),
+        trimmed.reshape(1, -1, *trimmed.shape[2:]),
+        layer_input.new_empty(()).expand(shape),
+        None,
+        module.stride,
+        padding,
+        module.dilation,
+        False,
+        [0] * len(module.stride),
+        samples * groups,
+        (False, True, False),
+    )  # (N C_in, C_out / g, *kernel)
+    grouped = weight_grads.unflatten(0, (samples, groups, -1))  # (N, g, C_in / g, C_out / g, ...)
+    flipped = grouped.flip(tuple(range(4, grouped.ndim))).transpose(2, 3)
+    matrices = flipped.reshape(samples, groups, flipped.shape[2], -1)
+    if bias:
+        sums = output_grad.flatten(2).sum(dim=2).reshape(samples, groups, -1, 1)
+        matrices = torch.cat([matrices, sums], dim=3)
+    if groups == 1:
+        return matrices[:, 0]
+    return matrices.transpose(0, 1)
+
+
+def _check_transposed_gradients(
+    module: nn.Module, layer_input: Tensor, output_grad: Tensor, name: str
+) -> None:
+    """The errors of :func:`transposed_per_sample_gradients`."""
+    if not isinstance(module, CONV_TRANSPOSE_TYPES):
+        raise TypeError(
+            f"layer {name!r}: expected an nn.ConvTranspose1d or nn.ConvTranspose2d, got "
+            f"{type(module).__name__}"
+        )
+    check_layer_input(module, layer_input, name)
+    expected = (layer_input.shape[0], module.out_channels)
+    if output_grad.ndim != layer_input.ndim or tuple(output_grad.shape[:2]) != expected:
+        raise ValueError(
+            f"layer {name!r}: expected output gradients of shape ({expected[0]}, {expected[1]}, "
+            f"...) like the input's, got shape {tuple(output_grad.shape)}"
+        )
+    check_layer_output(module, layer_input, output_grad, name)
+
+
+def _output_grad_and_padding(module: nn.Module, output_grad: Tensor) -> tuple[Tensor, list[int]]:
+    """A transposed convolution's output gradients ``(N, C_out, *L_out)`` and the padding with
+    which a convolution of them (stride ``s``, dilation ``d``) has exactly the input's
+    ``L_in`` positions along each axis: ``p``, unless ``output_padding ≥ s`` (with ``d >
+    output_padding``), where the output's last ``output_padding`` positions would give it
+    more: there the gradients are padded by ``p`` before and ``p − output_padding`` after
+    (cropped where negative, positions no input entry reaches) and the padding is 0."""
+    padding = list(module.padding)
+    pads = []
+    for axis in reversed(range(len(padding))):
+        extra = module.output_padding[axis]
+        before, after = 0, 0
+        if extra >= module.stride[axis]:
+            before, after, padding[axis] = padding[axis], padding[axis] - extra, 0
+        pads += [before, after]
+    if not any(pads):
+        return output_grad, padding
+    return functional.pad(output_grad, pads), padding
 
 
 def _add_phase_gram(

@@ -39,7 +39,9 @@ from natgrad.curvature.kfac_capture import (
     patch_features,
     reduced_input_features,
     reduced_output_features,
+    transposed_output_grad,
     transposed_patch_gram,
+    transposed_per_sample_gradients,
     weight_as_matrix,
 )
 from natgrad.linalg.kron import (
@@ -125,6 +127,17 @@ def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
     return eigenbasis_solve(identity_out, identity_in, eigenvalues, ones, damping)
 
 
+def _projected_gradient_moment(
+    gradients: Tensor, output_eigen: SymmetricEigen, input_eigen: SymmetricEigen
+) -> Tensor:
+    """``Σ_n (Q_Gᵀ G_n Q_A)²`` of per-sample gradients ``(..., N, d_out, d_in)`` (leading: the
+    groups of a grouped convolution, whose bases are ``(g, d, d)``), shape ``(..., d_out,
+    d_in)``."""
+    coordinates = output_eigen.vectors.mT.unsqueeze(-3) @ gradients
+    coordinates = coordinates @ input_eigen.vectors.unsqueeze(-3)
+    return coordinates.square().sum(dim=-3)
+
+
 def _split_columns(right: Tensor, weight_columns: int) -> tuple[Tensor, Tensor | None]:
     """The right-hand matrix of a solve ``(..., d_in [+ 1], d_in [+ 1])`` split into the columns
     that give the weight and the column that gives the bias (``None`` without a bias)."""
@@ -136,7 +149,9 @@ class CallPairs:
     """EKFAC's features and output gradients of the calls of one layer in one forward pass from
     one backward vector, ``(..., N, T_i, d)`` each, joined along the locations when read (one
     concatenation however many calls: joining at every call would copy the earlier calls' again,
-    quadratic in the number of calls), and the samples they count."""
+    quadratic in the number of calls), and the samples they count. A transposed convolution's
+    features are its inputs ``(N, C_in, *L_in)``, read call by call
+    (:meth:`KroneckerLayerState.projected_moment`)."""
 
     def __init__(self, features: Tensor, grads: Tensor, samples: int) -> None:
         self.features = [features]
@@ -739,8 +754,9 @@ class KroneckerLayerState(LayerState):
             self.input_factor = self.input_factor[..., :-1, :-1].clone()
         pending = self.input_count > 0
         self.input_sum = self.input_sum[..., :-1, :-1].clone() if pending else None
-        for pair in self.pairs:
-            pair.features = [features[..., :-1] for features in pair.features]
+        if self._keeps_patches():
+            for pair in self.pairs:
+                pair.features = [features[..., :-1] for features in pair.features]
         self.output_eigen = self.input_eigen = self.inverted_factors = self.eigenvalues = None
 
     def bias_passed_through(self) -> bool:
@@ -791,12 +807,13 @@ class KroneckerLayerState(LayerState):
         is one product, and a bias adds their sums, with no column of ones copied in. With
         ``reduce`` the Gram matrix is of the patches' means over the locations
         (:func:`~natgrad.curvature.kfac_capture.conv_patch_means`, no patches gathered unless
-        EKFAC keeps them); a transposed convolution's, unless EKFAC keeps them, by phases
-        without its expanded input's zeros (:meth:`_record_transposed_gram`)."""
+        EKFAC keeps them); a transposed convolution's expand Gram matrix by phases without its
+        expanded input's zeros (:meth:`_record_transposed_gram`). EKFAC keeps the patches as
+        features, but of a transposed convolution its input (:meth:`_kept_input`)."""
         if self._phased():
             return self._record_transposed_gram(layer_input)
         patches = None
-        if self.reduce and not self.keep_pairs:
+        if self.reduce and not self._keeps_patches():
             columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
         else:
             patches = conv_patches(self.module, layer_input, self.name)
@@ -806,23 +823,37 @@ class KroneckerLayerState(LayerState):
         fresh = self.input_count == 0
         self.input_sum = add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
         self.input_count += columns.shape[1]
-        return patch_features(patches, self.layer.has_bias) if self.keep_pairs else None
+        if self._keeps_patches():
+            return patch_features(patches, self.layer.has_bias)
+        return self._kept_input(layer_input)
 
     def _phased(self) -> bool:
         """Whether :meth:`record_input` adds K-FAC-expand's input Gram matrix of a transposed
         convolution without gathering its patches."""
-        return isinstance(self.module, CONV_TRANSPOSE_TYPES) and not (
-            self.reduce or self.keep_pairs
-        )
+        return isinstance(self.module, CONV_TRANSPOSE_TYPES) and not self.reduce
 
-    def _record_transposed_gram(self, layer_input: Tensor) -> None:
+    def _keeps_patches(self) -> bool:
+        """Whether EKFAC's pairs keep the layer's patches as features (not a transposed
+        convolution's, whose per-sample gradients are formed without them)."""
+        return self.keep_pairs and not isinstance(self.module, CONV_TRANSPOSE_TYPES)
+
+    def _kept_input(self, layer_input: Tensor) -> Tensor | None:
+        """A transposed convolution's input ``(N, C_in, *L_in)`` in the factor dtype as EKFAC's
+        features (:meth:`projected_moment`), else ``None``."""
+        if not self.keep_pairs or self._keeps_patches():
+            return None
+        return layer_input.to(self.dtype)
+
+    def _record_transposed_gram(self, layer_input: Tensor) -> Tensor | None:
         """Add a transposed convolution's ``Σ_n Σ_t a aᵀ`` (each group's) by phases of its
-        output positions (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`)."""
+        output positions (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`);
+        returns :meth:`_kept_input`."""
         gram, count = transposed_patch_gram(
             self.module, layer_input.to(self.dtype), self.layer.has_bias, self.name
         )
         self.input_sum = gram if self.input_count == 0 else self.input_sum.add_(gram)
         self.input_count += count
+        return self._kept_input(layer_input)
 
     def _with_ones_column(self, layer_input: Tensor) -> Tensor:
         """``[x, 1]``: :func:`~natgrad.curvature.kfac_capture.input_features` of a ``(N, d_in)``
@@ -897,11 +928,33 @@ class KroneckerLayerState(LayerState):
         total = torch.zeros_like(self.kfac_eigenvalues())
         count = torch.zeros((), dtype=self.dtype, device=total.device)
         for pair in self.pairs:
-            features, grads = pair.joined()
-            total += projected_second_moment(features, grads, self.output_eigen, self.input_eigen)
+            total += self._pair_moment(pair)
             count += pair.samples
         self.pairs.clear()
         return total, count
+
+    def _pair_moment(self, pair: CallPairs) -> Tensor:
+        """``Σ_n (Q_Gᵀ G_n Q_A)²`` over one pair's samples: from its patches and output
+        gradients (:func:`~natgrad.curvature.ekfac.projected_second_moment`), or a transposed
+        convolution's from its per-sample gradients (:meth:`_transposed_gradients`)."""
+        if self._keeps_patches():
+            features, grads = pair.joined()
+            return projected_second_moment(features, grads, self.output_eigen, self.input_eigen)
+        gradients = self._transposed_gradients(pair)
+        return _projected_gradient_moment(gradients, self.output_eigen, self.input_eigen)
+
+    def _transposed_gradients(self, pair: CallPairs) -> Tensor:
+        """A transposed convolution's per-sample weight-matrix gradients from a pair of its
+        inputs and output-gradient rows, summed over the pass's calls
+        (:func:`~natgrad.curvature.kfac_capture.transposed_per_sample_gradients`)."""
+        total = None
+        for layer_input, rows in zip(pair.features, pair.grads, strict=True):
+            output_grad = transposed_output_grad(self.module, rows, layer_input.shape)
+            gradients = transposed_per_sample_gradients(
+                self.module, layer_input, output_grad, self.layer.has_bias, self.name
+            )
+            total = gradients if total is None else total.add_(gradients)
+        return total
 
 
 class GroupedConvState(KroneckerLayerState):
@@ -936,7 +989,7 @@ class GroupedConvState(KroneckerLayerState):
         if self._phased():
             return self._record_transposed_gram(layer_input)
         patches = None
-        if self.reduce and not self.keep_pairs:
+        if self.reduce and not self._keeps_patches():
             columns = conv_patch_means(self.module, layer_input.to(self.dtype), self.name)
         else:
             patches = conv_patches(self.module, layer_input, self.name).to(self.dtype)
@@ -945,8 +998,8 @@ class GroupedConvState(KroneckerLayerState):
         fresh = self.input_count == 0
         self.input_sum = add_column_gram(self.input_sum, columns, self.layer.has_bias, fresh)
         self.input_count += columns.shape[-1]
-        if not self.keep_pairs:
-            return None
+        if not self._keeps_patches():
+            return self._kept_input(layer_input)
         return patch_features(patches, self.layer.has_bias, self.groups)
 
     def record_output_grad(
