@@ -16,10 +16,14 @@ Each weight is preconditioned as an ``nn.Linear`` (:class:`RecurrentProjection`,
 block ``G ⊗ A`` pools the steps as the locations of one call (K-FAC-expand over time, the
 steps taken as independent: Martens, Ba & Johnson 2018's simplest approximation), exactly as
 for a cell written with ``nn.Linear`` layers and called in a loop. ``W_ih`` is applied to the
-whole input sequence in one call; ``W_hh`` once per step. The steps' calls of ``W_hh`` (and
-``W_hr``) in one loop are recorded together (:class:`StepCalls`): once a backward vector's
-output gradients of all the steps have arrived, one Gram product per factor (and for EKFAC one
-pair of features and gradients) on the stacked rows, instead of one per step.
+whole input sequence in one call; ``W_hh`` once per step. The steps' calls of ``W_hh`` in one
+loop are recorded as one call on their stacked rows (:class:`StepRows`): one Gram product per
+factor (and for EKFAC one pair of features and gradients) instead of one per step. In an LSTM
+or RNN a step's gates are ``W_ih``'s output plus ``W_hh``'s, so ``W_hh``'s output gradients
+are those of ``W_ih``'s output, taken by one hook on it, with no hook per step; a GRU's gates
+are not (its reset gate scales ``W_hh``'s candidate part), and its ``W_hh``'s calls, like an
+LSTM projection ``W_hr``'s, are hooked at each step and recorded together
+(:class:`StepCalls`) once a backward vector's output gradients of all the steps have arrived.
 
 A packed sequence (``nn.utils.rnn.PackedSequence``: ``torch._VF.lstm(data, batch_sizes, ...)``,
 the sequences sorted by length) is unrolled in packed form: ``W_ih`` is applied once to the
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -267,10 +271,6 @@ def _step(
 ) -> tuple[Tensor, Tensor | None]:
     """One step of a ``kind`` cell from its two linear maps' outputs: the new hidden state
     (before an LSTM's projection) and LSTM cell state, as PyTorch's kernels compute them."""
-    if kind == "lstm":
-        in_gate, forget_gate, candidate, out_gate = (from_input + from_hidden).chunk(4, dim=-1)
-        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(in_gate) * torch.tanh(candidate)
-        return torch.sigmoid(out_gate) * torch.tanh(cell), cell
     if kind == "gru":
         input_reset, input_update, input_new = from_input.chunk(3, dim=-1)
         hidden_reset, hidden_update, hidden_new = from_hidden.chunk(3, dim=-1)
@@ -278,8 +278,20 @@ def _step(
         update = torch.sigmoid(input_update + hidden_update)
         new = torch.tanh(input_new + reset * hidden_new)
         return new + update * (hidden - new), None
+    return _summed_step(kind, from_input + from_hidden, cell)
+
+
+def _summed_step(kind: str, gates: Tensor, cell: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One step of a ``kind`` cell other than a GRU from the sum of its two linear maps'
+    outputs, ``gates`` ``(N, gates · H)``: the new hidden state and LSTM cell state."""
+    if kind == "lstm":
+        in_gate, forget_gate, candidate, out_gate = gates.chunk(4, dim=-1)
+        cell = torch.addcmul(
+            torch.sigmoid(forget_gate) * cell, torch.sigmoid(in_gate), torch.tanh(candidate)
+        )
+        return torch.sigmoid(out_gate) * torch.tanh(cell), cell
     activation = torch.tanh if kind == "rnn_tanh" else torch.relu
-    return activation(from_input + from_hidden), None
+    return activation(gates), None
 
 
 class RecurrentRecording(RecordingMode):
@@ -394,26 +406,13 @@ class RecurrentRecording(RecordingMode):
     ) -> tuple[Tensor, tuple[Tensor, Tensor | None]]:
         """One layer and direction over batch-first ``rows`` ``(N, T, d_in)``: the outputs
         ``(N, T, H_out)`` and the final hidden (and cell) state."""
-        input_weight, hidden_weight, input_bias, hidden_bias, projection = _unpack(
-            weights, has_biases
-        )
-        # each step's (N, gates · H) as a view of one unbind: its backward stacks the steps'
-        # gradients once, where indexing every step would add a zero-padded (N, T, gates · H)
-        # gradient per step (quadratic in T)
-        from_input = self._linear(rows, input_weight, input_bias).unbind(1)
-        hidden_calls = self._step_calls(hidden_weight, rows.shape[0])
-        projection_calls = self._step_calls(projection, rows.shape[0])
-        steps = range(rows.shape[1] - 1, -1, -1) if reverse else range(rows.shape[1])
-        outputs: list[Tensor] = [rows] * rows.shape[1]
-        for step in steps:
-            from_hidden = self._linear(
-                hidden, hidden_weight, hidden_bias, steps=(hidden_calls, step)
-            )
-            hidden, cell = _step(kind, from_input[step], from_hidden, hidden, cell)
-            if projection is not None:
-                hidden = self._linear(hidden, projection, None, steps=(projection_calls, step))
-            outputs[step] = hidden
-        return torch.stack(outputs, dim=1), (hidden, cell)
+        layer = _unpack(weights, has_biases)
+        samples, steps = rows.shape[:2]
+        from_input = self._linear(rows, layer.input, layer.input_bias)
+        by_step = from_input.transpose(0, 1).reshape(samples * steps, -1)  # step-major rows
+        sizes = [samples] * steps
+        outputs, final = self._loop(kind, by_step, sizes, hidden, cell, layer, reverse)
+        return torch.stack(outputs, dim=1), final
 
     def _packed_direction(
         self,
@@ -429,37 +428,82 @@ class RecurrentRecording(RecordingMode):
         """One layer and direction over packed ``rows`` ``(R, d_in)``, ``sizes[t]`` sequences
         at step ``t``: the outputs ``(R, H_out)`` and the final hidden (and cell) state
         ``(N, ·)``, each sequence's after the last of its own steps (reverse: after step 0)."""
-        input_weight, hidden_weight, input_bias, hidden_bias, projection = _unpack(
-            weights, has_biases
-        )
+        layer = _unpack(weights, has_biases)
+        packed = PackedRows(sizes, hidden.shape[0])
+        from_input = self._linear(rows, layer.input, layer.input_bias, packed)
+        outputs, final = self._loop(kind, from_input, sizes, hidden, cell, layer, reverse)
+        return torch.cat(outputs), final
+
+    def _loop(
+        self,
+        kind: str,
+        from_input: Tensor,
+        sizes: list[int],
+        hidden: Tensor,
+        cell: Tensor | None,
+        layer: _LayerWeights,
+        reverse: bool,
+    ) -> tuple[list[Tensor], tuple[Tensor, Tensor | None]]:
+        """The loop of one layer and direction over step-major rows ``from_input`` ``(R, gates
+        · H)`` (``W_ih``'s output, ``sizes[t]`` rows at step ``t``, those of the first
+        ``sizes[t]`` of the ``N`` sequences): each step's output ``(sizes[t], H_out)`` in step
+        order and the final hidden (and cell) state ``(N, ·)``.
+
+        Except in a GRU, a step's gates are ``W_ih``'s output plus ``W_hh``'s: ``W_hh``'s output
+        gradients are those of ``from_input``, and its calls at all the steps are recorded as
+        one call on the stacked hidden states (:class:`StepRows`), with no hook per step. A
+        GRU's ``W_hh`` and any ``W_hr`` are recorded by :class:`StepCalls`, as is an LSTM's or
+        RNN's ``W_hh`` if no gradient flows to its gates but through ``W_hh`` (``W_ih`` and the
+        biases frozen or absent, inputs without gradient)."""
         samples = hidden.shape[0]
-        from_input = self._linear(rows, input_weight, input_bias, PackedRows(sizes, samples))
-        by_step = from_input.split(sizes)  # one split: a linear backward, as in _run_direction
-        hidden_calls = self._step_calls(hidden_weight, samples)
-        projection_calls = self._step_calls(projection, samples)
-        steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
-        outputs: list[Tensor] = [rows] * len(sizes)
-        for step in steps:
+        summed = kind != "gru" and any(
+            tensor is not None and tensor.requires_grad
+            for tensor in (from_input, layer.hidden_bias)
+        )
+        if summed and layer.hidden_bias is not None:  # in W_ih's output dtype (autocast's)
+            from_input = from_input + layer.hidden_bias.to(from_input.dtype)
+        by_step = from_input.split(sizes)  # one split: its backward is one concatenation
+        hidden_calls = None if summed else self._step_calls(layer.hidden, samples)
+        projection_calls = self._step_calls(layer.projection, samples)
+        outputs: list[Tensor] = [from_input] * len(sizes)
+        previous: list[Tensor] = [from_input] * len(sizes)
+        for step in range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes)):
             active = sizes[step]
             packed = PackedRows([active], samples)
-            from_hidden = self._linear(
-                hidden[:active], hidden_weight, hidden_bias, packed, (hidden_calls, step)
-            )
-            new_hidden, new_cell = _step(
-                kind,
-                by_step[step],
-                from_hidden,
-                hidden[:active],
-                None if cell is None else cell[:active],
-            )
-            if projection is not None:
+            running = hidden if active == samples else hidden[:active]
+            running_cell = cell if cell is None or active == samples else cell[:active]
+            if summed:
+                previous[step] = running.detach()
+                gates = torch.addmm(by_step[step], running, layer.hidden.mT)
+                new_hidden, new_cell = _summed_step(kind, gates, running_cell)
+            else:
+                from_hidden = self._linear(
+                    running, layer.hidden, layer.hidden_bias, packed, (hidden_calls, step)
+                )
+                new_hidden, new_cell = _step(
+                    kind, by_step[step], from_hidden, running, running_cell
+                )
+            if layer.projection is not None:
                 new_hidden = self._linear(
-                    new_hidden, projection, None, packed, (projection_calls, step)
+                    new_hidden, layer.projection, None, packed, (projection_calls, step)
                 )
             outputs[step] = new_hidden
             hidden = _with_first_rows(new_hidden, hidden)
             cell = None if cell is None else _with_first_rows(new_cell, cell)
-        return torch.cat(outputs), (hidden, cell)
+        if summed:
+            self._record_steps(layer.hidden, torch.cat(previous), from_input, sizes, samples)
+        return outputs, (hidden, cell)
+
+    def _record_steps(
+        self, weight: Tensor, rows: Tensor, output: Tensor, sizes: list[int], samples: int
+    ) -> None:
+        """Record ``weight``'s calls at the steps of one loop, if it is preconditioned, as one
+        call on their stacked input ``rows`` ``(R, d_in)`` whose output gradients are those of
+        ``output`` ``(R, d_out)``."""
+        state = self._layers.state_of(weight)
+        if state is not None:
+            module = self._layers.module
+            self._precond._record_call(state, module, rows, output, StepRows(sizes, samples))
 
 
 _DirectionRun = Callable[..., tuple[Tensor, tuple[Tensor, Tensor | None]]]
@@ -519,13 +563,22 @@ class _Stack:
         return rows, hidden_n, torch.stack([final[1] for final in finals])
 
 
-def _unpack(
-    weights: Sequence[Tensor], has_biases: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One layer and direction's ``(W_ih, W_hh, b_ih, b_hh, W_hr)`` (``None`` where absent)."""
+class _LayerWeights(NamedTuple):
+    """One layer and direction's weights: ``W_ih``, ``W_hh``, ``b_ih``, ``b_hh`` and an LSTM's
+    projection ``W_hr`` (``None`` where absent)."""
+
+    input: Tensor
+    hidden: Tensor
+    input_bias: Tensor | None
+    hidden_bias: Tensor | None
+    projection: Tensor | None
+
+
+def _unpack(weights: Sequence[Tensor], has_biases: bool) -> _LayerWeights:
+    """One layer and direction's weights from its slice of the fused call's ``weights``."""
     input_bias, hidden_bias = (weights[2], weights[3]) if has_biases else (None, None)
     projection = weights[4 if has_biases else 2] if len(weights) % 2 else None
-    return weights[0], weights[1], input_bias, hidden_bias, projection
+    return _LayerWeights(weights[0], weights[1], input_bias, hidden_bias, projection)
 
 
 def _with_first_rows(first: Tensor, rows: Tensor) -> Tensor:
