@@ -412,7 +412,14 @@ def fisher(
         if targets is not None:
             _check_targets(targets, count)
         if kind != "mc" and structure in ("kfac", "ekfac"):
-            statistics = _fisher_statistics(model, inputs, resolved, kind, targets, kfac_approx)
+            statistics = collect_statistics(
+                model,
+                inputs,
+                likelihood=resolved,
+                kind=kind,
+                targets=targets,
+                kfac_approx=kfac_approx,
+            )
         elif structure == "diag":
             layered = _local_layer_diagonal(model, inputs, resolved, kind, targets)
         if structure not in ("kfac", "ekfac") and (layered is None or not layered.pass_.serves):
@@ -422,8 +429,15 @@ def fisher(
         resolved = shard.sampling(resolved)
     if structure in ("kfac", "ekfac"):
         if statistics is None:
-            statistics = _fisher_statistics(
-                model, inputs, resolved, kind, targets, kfac_approx, mc_samples, generator
+            statistics = collect_statistics(
+                model,
+                inputs,
+                likelihood=resolved,
+                kind=kind,
+                targets=targets,
+                mc_samples=mc_samples,
+                generator=generator,
+                kfac_approx=kfac_approx,
             )
         return _kronecker_operator(structure, model, statistics, shard)
     if layered is not None and layered.pass_.serves_everywhere(shard):
@@ -452,30 +466,6 @@ def _agreement(global_batch: GlobalBatch | None) -> Agreement:
             f"{type(global_batch).__name__}"
         )
     return Agreement(global_batch.group)
-
-
-def _fisher_statistics(
-    model: nn.Module,
-    inputs: Tensor,
-    likelihood: Likelihood,
-    kind: str,
-    targets: Tensor | None,
-    kfac_approx: str,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> list[LayerCalls]:
-    """The layers' K-FAC statistics of this process's samples
-    (:func:`~natgrad.curvature.kfac.collect_statistics`)."""
-    return collect_statistics(
-        model,
-        inputs,
-        likelihood=likelihood,
-        kind=kind,
-        targets=targets,
-        mc_samples=mc_samples,
-        generator=generator,
-        kfac_approx=kfac_approx,
-    )
 
 
 class _LocalLayerDiagonal(NamedTuple):
