@@ -1,8 +1,9 @@
 """K-FAC: Kronecker-factored Fisher blocks ``G_l ⊗ A_l`` per layer (Martens & Grosse, 2015).
 
 The operator is block diagonal over the layers of a model, one block per ``nn.Linear``,
-``nn.Conv1d`` or ``nn.Conv2d`` (KFC, Grosse & Martens 2016; a grouped convolution has one block
-per group, stacked as ``(g, d, d)`` factors), with the Fisher as the **mean**
+``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d`` or ``nn.ConvTranspose2d`` (KFC, Grosse &
+Martens 2016; a grouped convolution has one block per group, stacked as ``(g, d, d)`` factors;
+a transposed one is the convolution of its zero-inserted input), with the Fisher as the **mean**
 over the N data points. Factor conventions (row-major vectorisation, bias folded into ``A``,
 convolution patches with ``A`` averaged and ``G`` summed over spatial locations) are documented in
 :mod:`natgrad.curvature.kfac_capture` and :mod:`natgrad.linalg.kron`.
@@ -505,11 +506,11 @@ def build_kfac(
     Parameters
     ----------
     model : nn.Module
-        Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
-        called in the forward pass. A grouped convolution (``groups = g``) gets one
-        Kronecker block per group, the blocks of ``g`` separate convolutions on the groups'
-        channels. A layer called several times pools the locations of
-        its calls as one call's (:mod:`natgrad.curvature.kfac_capture`).
+        Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
+        ``nn.ConvTranspose1d`` or ``nn.ConvTranspose2d`` called in the forward pass. A grouped
+        convolution (``groups = g``) gets one Kronecker block per group, the blocks of ``g``
+        separate convolutions on the groups' channels. A layer called several times pools the
+        locations of its calls as one call's (:mod:`natgrad.curvature.kfac_capture`).
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
         ``"categorical"``, ``"gaussian"``, ``"bernoulli"``, ``"poisson"`` or an instance.
@@ -537,7 +538,8 @@ def build_kfac(
     Raises
     ------
     ValueError
-        For a trainable parameter outside Linear/Conv1d/Conv2d layers (named in the message), a
+        For a trainable parameter outside Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d
+        layers (named in the message), a
         layer's parameter tied to another module's (an embedding's, another layer's bias), a
         model refused by :func:`~natgrad.curvature.jacobians.check_curvature_model` (BatchNorm
         or dropout in training mode, ...), an unknown ``kind``, likelihood or ``kfac_approx``,

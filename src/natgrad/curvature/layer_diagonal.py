@@ -1,12 +1,13 @@
 """Diagonal Fisher from per-layer inputs and output gradients (BackPACK-style).
 
 For a model whose trainable parameters all sit in ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d``
-layers, the Fisher diagonal needs no per-sample Jacobian: one forward pass records every layer's
-input features ``a`` and the Fisher's backward vectors (:func:`~natgrad.curvature.kfac_capture.
-backward_vectors`) are back-propagated to every layer output, giving gradients ``g``. The
-per-sample gradient of the layer's weight matrix (bias folded in as a constant-1 input column,
-as in :mod:`natgrad.curvature.kfac_capture`) for backward vector ``k`` is ``Σ_t g_nkt a_ntᵀ``,
-so
+(or transposed ``nn.ConvTranspose1d`` / ``nn.ConvTranspose2d``) layers, the Fisher diagonal
+needs no per-sample Jacobian: one forward pass records every layer's input features ``a`` and
+the Fisher's backward vectors
+(:func:`~natgrad.curvature.kfac_capture.backward_vectors`) are back-propagated to every layer
+output, giving gradients ``g``. The per-sample gradient of the layer's weight matrix (bias
+folded in as a constant-1 input column, as in :mod:`natgrad.curvature.kfac_capture`) for
+backward vector ``k`` is ``Σ_t g_nkt a_ntᵀ``, so
 
     diag F_W = 1/N Σ_n Σ_k (Σ_t g_nkt a_ntᵀ)²          (entrywise square)
 
@@ -80,7 +81,8 @@ def supported_layers(model: nn.Module) -> list[KroneckerLayer] | None:
     """The layers carrying all trainable parameters of ``model``, or ``None`` if they cannot.
 
     ``None`` when the model has no trainable parameter, a trainable parameter outside an
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` or also held by another module (tied
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose1d`` /
+    ``nn.ConvTranspose2d`` or also held by another module (tied
     weights, :func:`~natgrad.curvature.kfac_capture.tied_parameters`), a trainable bias with a
     frozen weight, a BatchNorm layer in training mode (which couples the samples) or dropout in
     training mode (which makes the model random).
