@@ -4,7 +4,8 @@ the Monte-Carlo kind under torch.distributed, on 2 gloo processes with a 10-seco
 Failures: process 1 alone fails in its local work (targets outside the likelihood's support,
 a model whose forward pass raises on one of its inputs). Before, the per-layer diagonal did
 that work after the all-reduce of the shards' counts, and the Monte-Carlo kind ran its
-forward pass after it too, so process 0 waited in the next collective (the diagonal's
+forward pass after it too (the Kronecker structures' until they make the shard between their
+forward pass and their draws), so process 0 waited in the next collective (the diagonal's
 all-reduce, the gather of the outputs) until the timeout. Now the failure rides on the count
 all-reduce: process 1 raises its own exception, process 0 a ``ProcessFailure`` quoting it,
 and a good call afterwards still gives the global batch's Fisher. NaN outputs are gathered, so
@@ -97,6 +98,8 @@ FAILURES = [  # (structure, kind, model's guard, poison on process 1, layer_norm
     ("diag", "mc", "raise", "forward", True),
     ("dense", "mc", "raise", "forward", False),
     ("implicit", "mc", "raise", "forward", False),
+    ("kfac", "mc", "raise", "forward", False),
+    ("ekfac", "mc", "raise", "forward", False),
     ("block", "mc", "raise", "targets count", False),
     ("diag", "mc", "raise", "nan input", False),
     ("diag", "mc", "nan", "forward", False),

@@ -407,11 +407,15 @@ def fisher(
         raise ValueError('kind="empirical" needs the observed targets: pass targets=...')
     agreement = _agreement(global_batch)
     count, statistics, terms, layered = 0, None, None, None
+    deferred = _DeferredShard(global_batch, agreement)
     with agreement.local():  # the work that needs no other process: failures ride on the count
         count = _num_samples(inputs)
         if targets is not None:
             _check_targets(targets, count)
-        if kind != "mc" and structure in ("kfac", "ekfac"):
+        if kind == "mc" and structure in ("kfac", "ekfac"):
+            vectors = deferred.monte_carlo_vectors(count, resolved, mc_samples, generator)
+            statistics = statistics_for_vectors(model, inputs, vectors, kfac_approx)
+        elif structure in ("kfac", "ekfac"):
             statistics = collect_statistics(
                 model,
                 inputs,
@@ -424,21 +428,11 @@ def fisher(
             layered = _local_layer_diagonal(model, inputs, resolved, kind, targets)
         if structure not in ("kfac", "ekfac") and (layered is None or not layered.pass_.serves):
             terms = _model_terms(model, inputs, resolved, kind, targets)
-    shard = _shard(global_batch, count, agreement)
+    shard = deferred.shard if deferred.shard is not None else _shard(global_batch, count, agreement)
+    agreement.settle()  # a failure after the counts' all-reduce: this process's alone
     if kind == "mc":
         resolved = shard.sampling(resolved)
     if structure in ("kfac", "ekfac"):
-        if statistics is None:
-            statistics = collect_statistics(
-                model,
-                inputs,
-                likelihood=resolved,
-                kind=kind,
-                targets=targets,
-                mc_samples=mc_samples,
-                generator=generator,
-                kfac_approx=kfac_approx,
-            )
         return _kronecker_operator(structure, model, statistics, shard)
     if layered is not None and layered.pass_.serves_everywhere(shard):
         return _layer_diagonal(
@@ -452,6 +446,35 @@ def fisher(
     if structure == "implicit":
         return _implicit_fisher(function, factors, cg_options, shard)
     return _assembled_sum(function, factors, structure, 1.0 / shard.total, shard=shard)
+
+
+class _DeferredShard:
+    """The shard of a Monte-Carlo K-FAC/EKFAC Fisher, made between its forward pass and its
+    draws (which need the global batch's outputs), so that the counts' all-reduce carries a
+    failure of the forward pass (:class:`~natgrad.distributed.agreement.Agreement`)."""
+
+    def __init__(self, global_batch: GlobalBatch | None, agreement: Agreement) -> None:
+        self.global_batch = global_batch
+        self.agreement = agreement
+        self.shard: Shard | None = None
+
+    def monte_carlo_vectors(
+        self,
+        count: int,
+        likelihood: Likelihood,
+        mc_samples: int,
+        generator: torch.Generator | None,
+    ) -> Callable[[Tensor], Tensor]:
+        """The backward vectors of the model's outputs ``(N, C)``: ``mc_samples`` draws for
+        this process's rows of the global batch, made once the shard is (the counts'
+        all-reduce)."""
+
+        def vectors(outputs: Tensor) -> Tensor:
+            self.shard = _shard(self.global_batch, count, self.agreement)
+            sampling = self.shard.sampling(likelihood)
+            return backward_vectors(outputs, sampling, "mc", None, mc_samples, generator)
+
+        return vectors
 
 
 def _agreement(global_batch: GlobalBatch | None) -> Agreement:

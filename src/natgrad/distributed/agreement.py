@@ -67,6 +67,7 @@ class Agreement:
         self.group = group
         self.distributed = is_distributed(group)
         self.failure: Exception | None = None
+        self.agreed = False
 
     @classmethod
     def alone(cls) -> Agreement:
@@ -74,6 +75,7 @@ class Agreement:
         :meth:`local` lets exceptions propagate."""
         agreement = cls.__new__(cls)
         agreement.group, agreement.distributed, agreement.failure = None, False, None
+        agreement.agreed = False
         return agreement
 
     @property
@@ -84,6 +86,8 @@ class Agreement:
     def local(self) -> contextlib.AbstractContextManager:
         """Context for process-local work: under ``torch.distributed`` an ``Exception``
         raised inside is kept (the first one) and the block is left; otherwise it propagates.
+        The agreed exceptions of a collective of this agreement run inside the block (the
+        processes' failures exchanged) propagate too.
         """
         if not self.distributed:
             return contextlib.nullcontext()
@@ -94,6 +98,8 @@ class Agreement:
         try:
             yield
         except Exception as error:  # kept, agreed at the next collective, then re-raised
+            if self.agreed:
+                raise
             if self.failure is None:
                 self.failure = error
 
@@ -132,6 +138,7 @@ class Agreement:
     def _raise_agreed(self) -> None:
         """Exchange the failures (one all-gather) and raise this process's own, or a
         :class:`ProcessFailure` naming the lowest failed rank."""
+        self.agreed = True
         own = None if self.failure is None else f"{type(self.failure).__name__}: {self.failure}"
         messages: list[str | None] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(messages, own, group=self.group)
