@@ -38,6 +38,7 @@ import torch.multiprocessing as mp
 # Bounds the rendezvous and every collective: a process stuck waiting on a dead peer fails
 # instead of hanging until pytest's own timeout.
 TIMEOUT = timedelta(minutes=5)
+FAILURE_TIMEOUT = timedelta(seconds=10)  # tests of one process failing: the others fail fast
 
 
 def default_start_method() -> str:
@@ -145,3 +146,13 @@ def classifier_batches(size: int, steps: int) -> list[tuple[torch.Tensor, torch.
         )
         for _ in range(steps)
     ]
+
+
+def outcome(action: Callable[[], Any]) -> tuple[str, str]:
+    """``("ok", "")``, or the name and message of the exception ``action`` raised (tests
+    compare the processes' exceptions)."""
+    try:
+        action()
+    except Exception as error:  # the tests compare the processes' exceptions
+        return type(error).__name__, str(error)
+    return "ok", ""

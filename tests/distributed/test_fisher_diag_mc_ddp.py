@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from distributed_helpers import run_on_processes
+from distributed_helpers import FAILURE_TIMEOUT, outcome, run_on_processes
 from natgrad.curvature import fisher
 from natgrad.curvature.likelihoods import CategoricalLikelihood, PoissonLikelihood
 from natgrad.distributed import GlobalBatch
 
-SHORT = timedelta(seconds=10)
 SHARES = (5, 7)
 GLOBAL = sum(SHARES)
 IN, HIDDEN, OUT = 4, 5, 3
@@ -80,14 +78,6 @@ def share(rank: int | None) -> slice:
         return slice(None)
     start = sum(SHARES[:rank])
     return slice(start, start + SHARES[rank])
-
-
-def outcome(action) -> tuple[str, str]:
-    try:
-        action()
-    except Exception as error:  # the test compares the processes' exceptions
-        return type(error).__name__, str(error)
-    return "ok", ""
 
 
 # -- a failure on one process --------------------------------------------------------------------
@@ -153,7 +143,7 @@ def failure_worker(rank: int, world_size: int) -> dict:
 
 
 def test_a_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(failure_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(failure_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     for index, (structure, kind, mode, poison, _) in enumerate(FAILURES):
         (type0, message0), (type1, message1) = [result["outcomes"][index] for result in results]
         case = (structure, kind, mode, poison)
@@ -267,7 +257,7 @@ def mc_worker(rank: int, world_size: int) -> dict:
 @pytest.fixture(scope="module")
 def mc_runs(tmp_path_factory) -> tuple[list[dict], dict]:
     processes = run_on_processes(
-        mc_worker, workdir=tmp_path_factory.mktemp("mc_gathers"), timeout=SHORT
+        mc_worker, workdir=tmp_path_factory.mktemp("mc_gathers"), timeout=FAILURE_TIMEOUT
     )
     return processes, mc_fishers(None)
 

@@ -15,21 +15,17 @@ global batch, bitwise equal to each other.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import natgrad.optim.kfac as kfac_module
-from distributed_helpers import run_on_processes
+from distributed_helpers import FAILURE_TIMEOUT, outcome, run_on_processes
 from natgrad.curvature import fisher
 from natgrad.distributed import GlobalBatch
 from natgrad.optim import KFAC, AdaHessian, NaturalGradient, QuadraticModelOptimizer
 from natgrad.optim.kfac_layers import KroneckerLayerState
 
-SHORT = timedelta(seconds=10)
 SHARES = (5, 7)
 GLOBAL = sum(SHARES)
 IN, HIDDEN, OUT = 4, 5, 3
@@ -49,15 +45,6 @@ def global_batch(seed: int = 1) -> tuple[Tensor, Tensor]:
 def share(rank: int) -> slice:
     start = sum(SHARES[:rank])
     return slice(start, start + SHARES[rank])
-
-
-def outcome(action: Callable[[], Any]) -> tuple[str, str]:
-    """``("ok", "")``, or the name and message of the exception ``action`` raised."""
-    try:
-        action()
-    except Exception as error:  # the test compares the processes' exceptions
-        return type(error).__name__, str(error)
-    return "ok", ""
 
 
 def assert_agreed(outcomes: list[tuple[str, str]], kind: str) -> None:
@@ -112,7 +99,7 @@ def fisher_worker(rank: int, world_size: int) -> dict:
 
 
 def test_fisher_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(fisher_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(fisher_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     for index, (structure, kind, poison) in enumerate(FISHER_CASES):
         outcomes = [result["outcomes"][index] for result in results]
         assert_agreed(outcomes, "ValueError")
@@ -177,7 +164,7 @@ def natural_gradient_reference() -> torch.Tensor:
 
 
 def test_natural_gradient_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(natural_gradient_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(natural_gradient_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     assert [result["outcomes"][0] for result in results] == [("ok", "")] * 2
     assert [result["outcomes"][2] for result in results] == [("ok", "")] * 2
     failed = [result["outcomes"][1] for result in results]
@@ -261,7 +248,7 @@ def kfac_worker(rank: int, world_size: int) -> list:
 
 
 def test_kfac_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(kfac_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(kfac_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     for case, (_, failure) in enumerate(KFAC_CASES):
         (outcomes0, params0), (outcomes1, params1) = results[0][case], results[1][case]
         assert outcomes0[:2] == outcomes1[:2] == [("ok", "")] * 2, failure
@@ -331,7 +318,7 @@ def quadratic_worker(rank: int, world_size: int) -> dict:
 
 
 def test_quadratic_model_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(quadratic_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(quadratic_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     failed = [result["outcomes"][1] for result in results]
     assert_agreed(failed, "ValueError")
     assert "NaN" in failed[1][1] or "finite" in failed[1][1]
@@ -362,7 +349,7 @@ def adahessian_worker(rank: int, world_size: int) -> dict:
 
 
 def test_adahessian_failure_on_one_process_is_raised_on_every_process(tmp_path) -> None:
-    results = run_on_processes(adahessian_worker, workdir=tmp_path, timeout=SHORT)
+    results = run_on_processes(adahessian_worker, workdir=tmp_path, timeout=FAILURE_TIMEOUT)
     failed = [result["outcomes"][1] for result in results]
     assert_agreed(failed, "RuntimeError")
     assert "create_graph=True" in failed[1][1]
