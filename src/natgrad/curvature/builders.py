@@ -430,10 +430,10 @@ def fisher(
             terms = _model_terms(model, inputs, resolved, kind, targets)
     shard = deferred.shard if deferred.shard is not None else _shard(global_batch, count, agreement)
     agreement.settle()  # a failure after the counts' all-reduce: this process's alone
+    if structure in ("kfac", "ekfac"):  # their Monte-Carlo draws were made with the shard
+        return _kronecker_operator(structure, model, statistics, shard)
     if kind == "mc":
         resolved = shard.sampling(resolved)
-    if structure in ("kfac", "ekfac"):
-        return _kronecker_operator(structure, model, statistics, shard)
     if layered is not None and layered.pass_.serves_everywhere(shard):
         return _layer_diagonal(
             model, layered, resolved, kind, targets, mc_samples, generator, shard
