@@ -1,17 +1,17 @@
 """Do the tuning grids of ``kfac_digits.py`` hold a method back? Two checks.
 
 1. **K-FAC's KL clip.** K-FAC's grid varies the learning rate, momentum, damping and damping
-   mode with the KL clip fixed at ``κ = 0.01``. Where the clip binds, the step is
-   ``sqrt(κ / |g · Δ|) Δ`` whatever the learning rate, so κ, not the learning rate, sets the
-   step size. K-FAC's whole 9-configuration grid is trained with each clip of ``KL_CLIPS``
-   (``None``: no clipping).
+   mode with the KL clip fixed at ``κ = 0.01`` (0.1 in one setting). Where the clip binds, the
+   step is ``sqrt(κ / |g · Δ|) Δ`` whatever the learning rate, so κ, not the learning rate,
+   sets the step size. K-FAC's whole grid is trained with each clip of ``KL_CLIPS`` (``None``: no
+   clipping), which replaces the clip of its ``SHORT_FACTOR_MEMORY`` setting too.
 2. **Adam's learning rate.** Adam's classifier winners sit at the top of its grid (lr 0.03).
-   Adam's 3 settings of ``(β1, β2)`` are trained with the learning rates ``ADAM_LRS`` above it.
+   Adam's settings of ``(β1, β2)`` are trained with the learning rates ``ADAM_LRS`` above it.
 
 Every run uses the benchmark's protocol (MC Fisher, factors and inverses every 10 steps, factor
-EMA 0.8, SGD-momentum under K-FAC), training seeds 0 … ``--seeds`` − 1 and stops at the target;
-a row gives the configuration with the fewest median steps (a miss counts as infinitely slow)
-and its steps per seed.
+EMA 0.8 but in the short-memory setting, SGD-momentum under K-FAC), training seeds 0 …
+``--seeds`` − 1 and stops at the target; a row gives the configuration with the fewest median
+steps (a miss counts as infinitely slow) and its steps per seed.
 
 Run ``python benchmarks/kfac_grid_check.py`` (about 10 minutes with 1 torch thread). Writes
 ``benchmarks/results/kfac_grid_check.json``.
