@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 import natgrad
 
-STRUCTURES = ("dense", "block", "implicit")
+STRUCTURES = ("dense", "block", "implicit", "diag")
 
 
 class LogOfLinear(nn.Module):

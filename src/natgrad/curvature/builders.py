@@ -505,13 +505,15 @@ def _local_layer_diagonal(
     """This process's part of the per-layer Fisher diagonal: the forward pass and, except for
     ``"mc"`` (whose draws need the global batch's outputs) or a pass that does not serve,
     the squared sums; ``None`` (no forward pass) when the model's trainable parameters are
-    not all in supported layers (:func:`~natgrad.curvature.layer_diagonal.supported_layers`)."""
+    not all in supported layers (:func:`~natgrad.curvature.layer_diagonal.supported_layers`).
+    Non-finite backward vectors raise as in :func:`output_factors`, naming the sample."""
     recorded = LayerPass.record(model, inputs)
     if recorded is None:
         return None
     if kind == "mc" or not recorded.serves:
         return _LocalLayerDiagonal(recorded, None)
     vectors = backward_vectors(recorded.outputs, likelihood, kind, targets)
+    _check_finite_factors(vectors.permute(1, 2, 0), recorded.outputs, likelihood, kind)
     return _LocalLayerDiagonal(recorded, recorded.squared_sums(lambda outputs: vectors))
 
 
