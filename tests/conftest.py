@@ -33,3 +33,18 @@ def float64_default() -> Iterator[None]:
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def cholesky_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the matrices ``torch.linalg.cholesky_ex`` factorises during one test, in
+    call order (the calls themselves go through)."""
+    original = torch.linalg.cholesky_ex
+    shapes: list[tuple[int, ...]] = []
+
+    def recording(matrix, **kwargs):
+        shapes.append(tuple(matrix.shape))
+        return original(matrix, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
+    return shapes

@@ -33,18 +33,10 @@ def one_by_one(matrices, dampings):
     return [damped_factor_inverses([m], [d])[0] for m, d in zip(matrices, dampings, strict=True)]
 
 
-def test_size_128_is_factorised_bordered(monkeypatch) -> None:
+def test_size_128_is_factorised_bordered(cholesky_shapes) -> None:
     """The digits MLP's factors (sizes 128, 65, 10, 129): the 128 is factorised at 129, its
     stack holding it in the leading block and zeros in the border; every inverse is the float64
     dense one."""
-    original = torch.linalg.cholesky_ex
-    shapes = []
-
-    def recording(matrix, **kwargs):
-        shapes.append(tuple(matrix.shape))
-        return original(matrix, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", recording)
     matrices = [random_psd(size, seed) for seed, size in enumerate([128, 65, 10, 129])]
     stacked = kron._stacked_for_cholesky(matrices[:1], DTYPE)
     assert stacked.shape == (1, 129, 129)
@@ -52,7 +44,7 @@ def test_size_128_is_factorised_bordered(monkeypatch) -> None:
     assert not stacked[0, 128].any() and not stacked[0, :, 128].any()
     dampings = [0.03, 0.1, 0.2, 0.05]
     inverses = damped_factor_inverses(matrices, dampings)
-    assert sorted(shapes) == [(1, 10, 10), (1, 65, 65), (1, 129, 129), (1, 129, 129)]
+    assert sorted(cholesky_shapes) == [(1, 10, 10), (1, 65, 65), (1, 129, 129), (1, 129, 129)]
     for matrix, damping, inverse in zip(matrices, dampings, inverses, strict=True):
         assert inverse.shape == matrix.shape and inverse.is_contiguous()
         assert relative_error(inverse, dense_inverse(matrix, damping)) < 1e-13
