@@ -76,6 +76,7 @@ class EKFAC(KFAC):
             [tensor for _, total, count in estimates for tensor in (total, count)],
             self.process_group,
         )
+        decay = self.current_factor_decay()
         for state, total, count in estimates:
             fresh = total / count
             restart = state in refreshed or state.eigenvalues is None
@@ -83,4 +84,4 @@ class EKFAC(KFAC):
                 state.eigenvalues = fresh
                 continue
             previous = state.kfac_eigenvalues() if restart else state.eigenvalues
-            state.eigenvalues = self.factor_decay * previous + (1.0 - self.factor_decay) * fresh
+            state.eigenvalues = decay * previous + (1.0 - decay) * fresh

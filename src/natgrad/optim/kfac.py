@@ -508,8 +508,12 @@ class KFAC:
     mc_samples : int, default 1
         ``fisher_type="mc"``: targets drawn per sample on a recording step, one backward pass
         each, their outer products averaged (less noise in ``G`` for more backward passes).
-    factor_decay : float in [0, 1), default 0.95
-        Exponential-moving-average weight of the old factors (0 keeps only the last batch).
+    factor_decay : float in [0, 1) or callable(step) -> float, default 0.95
+        Exponential-moving-average weight of the old factors (0 keeps only the last batch),
+        applied once per factor update: the factors remember about
+        ``factor_update_interval / (1 − factor_decay)`` steps. A schedule is read at each
+        factor update with the step count, e.g. a short memory while the curvature changes
+        fast early in training and a long one later.
     factor_update_interval, inv_update_interval : int, default 1 and 10
         Statistics are recorded, and factors updated, on steps divisible by the first;
         eigendecompositions (factored damping: the factors to invert) are refreshed on steps
@@ -640,7 +644,7 @@ class KFAC:
         fisher_type: str = "empirical",
         likelihood: str | Likelihood | None = None,
         mc_samples: int = 1,
-        factor_decay: float = 0.95,
+        factor_decay: Schedule = 0.95,
         factor_update_interval: int = 1,
         inv_update_interval: int = 10,
         damping: Schedule = 1e-3,
@@ -671,7 +675,9 @@ class KFAC:
             raise ValueError("kl_clip needs the base optimizer's learning rate (lr=...)")
         self.fisher_type = fisher_type
         self.likelihood = None if likelihood is None else get_likelihood(likelihood)
-        self.factor_decay = unit_interval("factor_decay", factor_decay)
+        self.factor_decay = (
+            factor_decay if callable(factor_decay) else unit_interval("factor_decay", factor_decay)
+        )
         self.factor_update_interval = positive_int("factor_update_interval", factor_update_interval)
         self.inv_update_interval = positive_int("inv_update_interval", inv_update_interval)
         self.damping = damping if callable(damping) else nonnegative_float("damping", damping)
@@ -1022,6 +1028,14 @@ class KFAC:
         """``λ`` at the current step."""
         return _schedule_value("damping", self.damping, self.steps)
 
+    def current_factor_decay(self) -> float:
+        """``factor_decay`` at the current step (a schedule's value, checked to lie in
+        ``[0, 1)``)."""
+        if not callable(self.factor_decay):
+            return self.factor_decay
+        value = self.factor_decay(self.steps)
+        return unit_interval(f"factor_decay at step {self.steps}", value)
+
     @property
     def inverse_update_due(self) -> bool:
         """Whether the next :meth:`step` refreshes the eigenbases (factored damping: the factors
@@ -1309,7 +1323,7 @@ class KFAC:
             for state in pending:
                 state.reset_sums()
             return
-        fold_factors(pending, self.factor_decay)
+        fold_factors(pending, self.current_factor_decay())
 
     def _update_eigens(self, stale: list[LayerState], agreement: Agreement) -> None:
         """Eigendecompose the factors of ``stale``; under ``inverse_placement="assigned"``
