@@ -109,3 +109,10 @@ def test_scipy_cg_solves_a_float32_operator_in_float32() -> None:
     np.testing.assert_allclose(
         solution, np.linalg.solve(dense, rhs.astype(np.float64)), rtol=1e-3, atol=1e-4
     )
+
+
+def test_the_scipy_export_of_a_bfloat16_operator_names_its_dtype() -> None:
+    """NumPy has no bfloat16: the export refuses it by name instead of failing inside torch."""
+    operator = Diagonal(torch.ones(SIZE, dtype=torch.bfloat16), NARROW["diag"].param_shapes)
+    with pytest.raises(TypeError, match=r"torch\.bfloat16.*build the operator in float32"):
+        operator.to_scipy()

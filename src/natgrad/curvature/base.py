@@ -241,9 +241,21 @@ class CurvatureOperator(abc.ABC):
         operator) are converted; a wider one (a float64 array for a float32 operator) raises
         ``TypeError`` naming both dtypes, as its precision would be lost, and an array with
         infs or NaNs raises ``ValueError``. The products come back in the operator's dtype.
+
+        Raises
+        ------
+        TypeError
+            For a ``torch.bfloat16`` operator: NumPy has no such dtype, and no NumPy array
+            casts to it without loss. Build the operator in float32 instead.
         """
         from scipy.sparse.linalg import LinearOperator  # SciPy's import is slow: on demand
 
+        if self.dtype == torch.bfloat16:
+            raise TypeError(
+                "to_scipy: the operator computes in torch.bfloat16, which NumPy has no dtype "
+                "for (no array converts to it without loss); build the operator in float32 "
+                "(e.g. from model.float() and float32 inputs)"
+            )
         dtype = torch.empty((), dtype=self.dtype).numpy().dtype
 
         def as_tensor(array: np.ndarray) -> Tensor:
