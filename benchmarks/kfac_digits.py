@@ -121,7 +121,7 @@ evaluations after as many samples as at the task's own batch size. Within one ba
 fewest steps win as above; across batch sizes, where steps differ in cost, the least tuning time.
 The step costs are then measured at every listed batch size.
 
-Run ``python benchmarks/kfac_digits.py`` (about 30 minutes with 1 torch thread); ``--quick``
+Run ``python benchmarks/kfac_digits.py`` (30–45 minutes with 1 torch thread); ``--quick``
 for a smoke run (2 epochs, one configuration per method and batch size, one tuning seed, under
 a minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train the winners
 once more on N held-out training seeds (e.g. ``--tasks autoencoder_long --check-seeds 4``).
@@ -447,6 +447,20 @@ def training_step(task: Task, model, optimizer, precond, inputs: Tensor, targets
             precond.update_damping(loss, task.loss(model(inputs), targets))
 
 
+def finite_step(task: Task, model, optimizer, precond, inputs: Tensor, targets: Tensor) -> bool:
+    """:func:`training_step`; ``False`` where it raised because the model's outputs on the
+    batch are no longer finite (a diverged run, evaluated as a NaN: K-FAC's Monte-Carlo draws
+    refuse non-finite outputs). Any other error propagates."""
+    try:
+        training_step(task, model, optimizer, precond, inputs, targets)
+    except ValueError:
+        with torch.no_grad():
+            if bool(torch.isfinite(model(inputs)).all()):
+                raise
+        return False
+    return True
+
+
 def train_run(
     task: Task,
     config: TrainConfig,
@@ -478,7 +492,10 @@ def train_run(
             inputs = inputs_of(task, train_x[index])
             targets = train_x[index] if task.reconstruct else train_y[index]
             start = time.perf_counter()
-            training_step(task, model, optimizer, precond, inputs, targets)
+            if not finite_step(task, model, optimizer, precond, inputs, targets):
+                curve.append((wall, steps, math.nan))
+                diverged = True
+                break
             wall += time.perf_counter() - start
             steps += 1
             if steps % eval_every:
