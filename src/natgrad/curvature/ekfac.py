@@ -9,6 +9,8 @@ basis,
 the Fisher being the **mean** over the N data points (``k`` runs over the backward vectors of
 the Fisher kind). ``S`` is the diagonal of ``(Q_G ⊗ Q_A)ᵀ F_l (Q_G ⊗ Q_A)``, so EKFAC is the
 Frobenius-closest matrix to the exact block ``F_l`` that is diagonal in K-FAC's eigenbasis.
+An ``nn.Embedding``'s ``A`` is diagonal: its basis is ``Q_G`` and the standard one, and ``S``
+comes from its tokens and output gradients (:func:`embedding_second_moment`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from natgrad.curvature.kfac import (
 )
 from natgrad.curvature.kfac_capture import KroneckerLayer, trainable_parameters
 from natgrad.curvature.likelihoods import Likelihood
-from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, symmetric_eigh
+from natgrad.linalg.kron import SymmetricEigen, eigenbasis_mv, eigenbasis_solve, factor_eigh
 
 if TYPE_CHECKING:
     from natgrad.distributed.shards import Shard
@@ -169,7 +171,8 @@ class EKFAC(KroneckerBlockOperator):
     ----------
     layers : list of KroneckerLayer
     eigenbases : list of (SymmetricEigen, SymmetricEigen)
-        Eigendecompositions of ``(G_l, A_l)``.
+        Eigendecompositions of ``(G_l, A_l)`` (an embedding's ``A_l`` diagonal: the standard
+        basis, ``vectors=None``).
     eigenvalues : list of Tensor
         ``S_l``, shape ``(d_out, d_in [+ 1])``, in the eigenbases' dtype (float32 for a
         float16/bfloat16 model, whose products and solves run in float32 and are cast back).
@@ -201,11 +204,10 @@ class EKFAC(KroneckerBlockOperator):
 
     def _block_diag(self, index: int) -> Tensor:
         output_eigen, input_eigen = self.eigenbases[index]
-        return (
-            output_eigen.vectors.square()
-            @ self.eigenvalues[index]
-            @ input_eigen.vectors.square().mT
-        )
+        diagonal = output_eigen.vectors.square() @ self.eigenvalues[index]
+        if input_eigen.vectors is None:  # the standard basis
+            return diagonal
+        return diagonal @ input_eigen.vectors.square().mT
 
     def _block_dense(self, index: int) -> Tensor:
         output_eigen, input_eigen = self.eigenbases[index]
@@ -216,8 +218,14 @@ class EKFAC(KroneckerBlockOperator):
         return torch.block_diag(*(_eigenbasis_dense(*group) for group in groups))
 
 
-def _eigenbasis_dense(output_vectors: Tensor, input_vectors: Tensor, eigenvalues: Tensor) -> Tensor:
-    """``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ`` as a dense matrix."""
+def _eigenbasis_dense(
+    output_vectors: Tensor, input_vectors: Tensor | None, eigenvalues: Tensor
+) -> Tensor:
+    """``(Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ`` as a dense matrix (``Q_A = I`` for ``None``)."""
+    if input_vectors is None:
+        input_vectors = torch.eye(
+            eigenvalues.shape[-1], dtype=output_vectors.dtype, device=output_vectors.device
+        )
     basis = torch.kron(output_vectors, input_vectors)
     return basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.mT
 
@@ -261,14 +269,31 @@ def build_ekfac(
 
 def _refit_eigenvalues(stats: LayerCalls, eigens: tuple[SymmetricEigen, SymmetricEigen]) -> Tensor:
     """``S`` of one layer, ``(d_out, d_in [+ 1])`` (per group ``(g, ...)``): the mean over the
-    samples of :func:`projected_second_moment`, in the eigenbases' dtype (float32 for a
-    float16/bfloat16 model)."""
+    samples of :func:`projected_second_moment` (an embedding's: of
+    :func:`embedding_second_moment`), in the eigenbases' dtype (float32 for a float16/bfloat16
+    model)."""
+    if stats.layer.is_embedding:
+        return _refit_embedding_eigenvalues(stats, eigens[0])
     inputs = in_eigen_dtype(stats.inputs, eigens)
     moments = (
         projected_second_moment(inputs, in_eigen_dtype(grads, eigens), *eigens)
         for grads in stats.grouped_output_grads
     )
     return sum(moments) / inputs.shape[-3]
+
+
+def _refit_embedding_eigenvalues(stats: LayerCalls, output_eigen: SymmetricEigen) -> Tensor:
+    """``S`` of an embedding, ``(d, V)``: the mean over the samples of
+    :func:`embedding_second_moment` (zero in the column of ``padding_idx``)."""
+    module, tokens = stats.layer.module, stats.inputs
+    vectors = output_eigen.vectors
+    moments = (
+        embedding_second_moment(
+            tokens, grads.to(vectors.dtype), vectors, module.num_embeddings, module.padding_idx
+        )
+        for grads in stats.grouped_output_grads
+    )
+    return sum(moments) / tokens.shape[0]
 
 
 def ekfac_from_statistics(
@@ -290,7 +315,7 @@ def ekfac_from_statistics(
         If a layer's factors are not finite (:func:`~natgrad.curvature.kfac.finite_factors`).
     """
     eigenbases = [
-        (symmetric_eigh(output_factor), symmetric_eigh(input_factor))
+        (factor_eigh(output_factor), factor_eigh(input_factor))
         for output_factor, input_factor in finite_factors(statistics, shard)
     ]
     eigenvalues = [

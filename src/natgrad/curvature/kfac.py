@@ -1,12 +1,14 @@
 """K-FAC: Kronecker-factored Fisher blocks ``G_l ⊗ A_l`` per layer (Martens & Grosse, 2015).
 
 The operator is block diagonal over the layers of a model, one block per ``nn.Linear``,
-``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d`` or ``nn.ConvTranspose2d`` (KFC, Grosse &
+``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose1d``, ``nn.ConvTranspose2d`` (KFC, Grosse &
 Martens 2016; a grouped convolution has one block per group, stacked as ``(g, d, d)`` factors;
-a transposed one is the convolution of its zero-inserted input), with the Fisher as the **mean**
-over the N data points. Factor conventions (row-major vectorisation, bias folded into ``A``,
-convolution patches with ``A`` averaged and ``G`` summed over spatial locations) are documented in
-:mod:`natgrad.curvature.kfac_capture` and :mod:`natgrad.linalg.kron`.
+a transposed one is the convolution of its zero-inserted input) or ``nn.Embedding`` (the block
+``G ⊗ diag(a)`` of its transposed weight, ``a`` the token frequencies, kept as a vector ``(V,)``),
+with the Fisher as the **mean** over the N data points. Factor conventions (row-major
+vectorisation, bias folded into ``A``, convolution patches with ``A`` averaged and ``G`` summed
+over spatial locations) are documented in :mod:`natgrad.curvature.kfac_capture` and
+:mod:`natgrad.linalg.kron`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from natgrad.curvature.kfac_capture import (
     CONV_TRANSPOSE_TYPES,
     CONV_TYPES,
     KFAC_APPROXIMATIONS,
+    KFAC_LAYER_TYPES,
     ForwardCapture,
     KroneckerLayer,
     add_column_gram,
@@ -46,6 +49,8 @@ from natgrad.curvature.kfac_capture import (
     reduced_input_features,
     reduced_output_features,
     tied_parameters,
+    token_frequencies,
+    tokens_as_features,
     trainable_parameters,
     transposed_patch_gram,
 )
@@ -55,9 +60,10 @@ from natgrad.linalg.kron import (
     SymmetricEigen,
     block_diagonal_kron,
     eigenbasis_solve,
+    factor_eigh,
     factored_solve,
+    kron_diagonal,
     kron_mv,
-    symmetric_eigh,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +96,8 @@ class LayerStatistics:
     output_grads : list of Tensor of shape (N, T, d_out)
         Output gradients ``g``, one tensor per backward vector ``k``.
     kfac_approx : {"expand", "reduce"}
-        How the factors treat the locations ``T`` (:mod:`natgrad.curvature.kfac_capture`).
+        How the factors treat the locations ``T`` (:mod:`natgrad.curvature.kfac_capture`); an
+        embedding always expands.
     """
 
     layer: KroneckerLayer
@@ -103,10 +110,18 @@ class LayerStatistics:
         """A convolution's feature-major patches ``(d_in, N, T)`` (gathered once)."""
         return conv_patches(self.layer.module, self.layer_input, self.layer.name)
 
+    @property
+    def reduces(self) -> bool:
+        """Whether the factors are K-FAC-reduce's (``"reduce"``, but for an embedding)."""
+        return self.kfac_approx == "reduce" and not self.layer.is_embedding
+
     @cached_property
     def inputs(self) -> Tensor:
         """Input features ``a``, shape ``(N, T, d_in [+ 1])`` (formed on first use); a grouped
-        convolution's per group, ``(g, N, T, d_in [+ 1])``."""
+        convolution's per group, ``(g, N, T, d_in [+ 1])``; an embedding's tokens, the indices
+        of its one-hot features, ``(N, T, 1)``."""
+        if self.layer.is_embedding:
+            return tokens_as_features(self.layer_input)
         if isinstance(self.layer.module, CONV_TYPES):
             return patch_features(self._patches, self.layer.has_bias, self.layer.groups)
         return input_features(self.layer, self.layer_input)
@@ -126,9 +141,13 @@ class LayerStatistics:
         ``(g, d_in [+ 1], d_in [+ 1])``); a convolution's from the feature-major patches, or
         with ``"reduce"`` from their means over the locations, which are summed without
         gathering the patches; a transposed convolution's (expand) from the non-zero entries of
-        its expanded input alone (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`)."""
-        reduce = self.kfac_approx == "reduce"
+        its expanded input alone (:func:`~natgrad.curvature.kfac_capture.transposed_patch_gram`);
+        an embedding's diagonal, the token frequencies ``(V,)``
+        (:func:`~natgrad.curvature.kfac_capture.token_frequencies`)."""
+        reduce = self.reduces
         module = self.layer.module
+        if self.layer.is_embedding:
+            return token_frequencies(module, self.layer_input)
         if not isinstance(module, CONV_TYPES):
             return input_factor(reduced_input_features(self.inputs) if reduce else self.inputs)
         if isinstance(module, CONV_TRANSPOSE_TYPES) and not reduce:
@@ -150,7 +169,7 @@ class LayerStatistics:
         """``G = Σ_k 1/N Σ_n Σ_t g gᵀ`` (reduce: ``Σ_k 1/N Σ_n ĝ ĝᵀ``), shape
         ``(d_out, d_out)`` (a grouped convolution's per group, ``(g, d_out / g, d_out / g)``)."""
         grads = self.output_grads
-        if self.kfac_approx == "reduce":
+        if self.reduces:
             grads = [reduced_output_features(features) for features in grads]
         groups = self.layer.groups
         if groups > 1:
@@ -162,7 +181,7 @@ class LayerStatistics:
         """The number of rows that :attr:`input_factor` averages: samples × locations (reduce:
         samples)."""
         samples = self.layer_input.shape[0]
-        return samples if self.kfac_approx == "reduce" else samples * self.output_grads[0].shape[1]
+        return samples if self.reduces else samples * self.output_grads[0].shape[1]
 
 
 @dataclass
@@ -186,7 +205,7 @@ class LayerCalls:
     @property
     def inputs(self) -> Tensor:
         """Input features of all calls joined along the locations, ``(N, T, d_in [+ 1])``
-        (``(g, N, T, d_in [+ 1])`` per group)."""
+        (``(g, N, T, d_in [+ 1])`` per group; an embedding's tokens ``(N, T, 1)``)."""
         return join_calls([call.inputs for call in self.calls])
 
     @property
@@ -267,15 +286,18 @@ def statistics_for_vectors(
         parameter tied to another module's (both named), a layer not called, or called on an
         input whose dim 0 is not the batch (named), a layer whose weight or bias is also used
         outside its calls (named; :func:`~natgrad.curvature.weight_locality.
-        check_local_weights`), vectors of the wrong shape (both shapes named).
+        check_local_weights`), an embedding with ``sparse=True`` (named), tokens of an
+        embedding that are not integers in ``[0, V)`` (layer and value named), vectors of the
+        wrong shape (both shapes named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     check_curvature_model(model)
     if not isinstance(inputs, Tensor) or inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError("inputs must be a tensor with a non-empty leading batch dimension")
-    layers = kronecker_layers(model)
+    layers = kronecker_layers(model, KFAC_LAYER_TYPES)
     if not layers:
         raise ValueError("model has no trainable parameters")
+    _check_dense_embeddings(layers)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
@@ -416,7 +438,8 @@ class KFAC(KroneckerBlockOperator):
     output_factors : list of Tensor
         ``G_l``, shape ``(d_out, d_out)``.
     input_factors : list of Tensor
-        ``A_l``, shape ``(d_in [+ 1], d_in [+ 1])``.
+        ``A_l``, shape ``(d_in [+ 1], d_in [+ 1])``; an embedding's is diagonal, held as its
+        diagonal ``a`` of shape ``(V,)`` (the token frequencies).
     """
 
     def __init__(
@@ -434,11 +457,12 @@ class KFAC(KroneckerBlockOperator):
         self._eigens: dict[int, tuple[SymmetricEigen, SymmetricEigen]] = {}
 
     def eigens(self, index: int) -> tuple[SymmetricEigen, SymmetricEigen]:
-        """Eigendecompositions ``(G_l, A_l)`` of layer ``index`` (computed once, cached)."""
+        """Eigendecompositions ``(G_l, A_l)`` of layer ``index`` (computed once, cached); a
+        diagonal ``A_l``'s is the standard basis (:func:`~natgrad.linalg.kron.factor_eigh`)."""
         if index not in self._eigens:
             self._eigens[index] = (
-                symmetric_eigh(self.output_factors[index]),
-                symmetric_eigh(self.input_factors[index]),
+                factor_eigh(self.output_factors[index]),
+                factor_eigh(self.input_factors[index]),
             )
         return self._eigens[index]
 
@@ -482,9 +506,7 @@ class KFAC(KroneckerBlockOperator):
         return solution.to(matrix.dtype)
 
     def _block_diag(self, index: int) -> Tensor:
-        output_diagonal = self.output_factors[index].diagonal(dim1=-2, dim2=-1)
-        input_diagonal = self.input_factors[index].diagonal(dim1=-2, dim2=-1)
-        return output_diagonal.unsqueeze(-1) * input_diagonal.unsqueeze(-2)
+        return kron_diagonal(self.output_factors[index], self.input_factors[index])
 
     def _block_dense(self, index: int) -> Tensor:
         return block_diagonal_kron(self.output_factors[index], self.input_factors[index])
@@ -507,9 +529,11 @@ def build_kfac(
     ----------
     model : nn.Module
         Every trainable parameter must belong to an ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
-        ``nn.ConvTranspose1d`` or ``nn.ConvTranspose2d`` called in the forward pass. A grouped
-        convolution (``groups = g``) gets one Kronecker block per group, the blocks of ``g``
-        separate convolutions on the groups' channels. A layer called several times pools the
+        ``nn.ConvTranspose1d``, ``nn.ConvTranspose2d`` or ``nn.Embedding`` called in the forward
+        pass. A grouped convolution (``groups = g``) gets one Kronecker block per group, the
+        blocks of ``g`` separate convolutions on the groups' channels. An embedding's block is
+        ``G ⊗ diag(a)`` over its transposed weight ``(d, V)``, ``a`` the token frequencies
+        (``0`` at ``padding_idx``), kept as a vector. A layer called several times pools the
         locations of its calls as one call's (:mod:`natgrad.curvature.kfac_capture`).
     inputs : Tensor of shape (N, ...)
     likelihood : str or Likelihood
@@ -528,7 +552,8 @@ def build_kfac(
         ``(N, ..., d_in)`` inputs): ``"expand"`` treats every location as a sample (KFC);
         ``"reduce"`` averages each sample's inputs and sums its output gradients over the
         locations first (Eschenhagen et al. 2023), ``T`` times cheaper and exact when the inputs
-        do not vary over the locations. See :mod:`natgrad.curvature.kfac_capture`.
+        do not vary over the locations. Embeddings always expand (a reduced ``A`` would be
+        dense). See :mod:`natgrad.curvature.kfac_capture`.
 
     Returns
     -------
@@ -538,9 +563,10 @@ def build_kfac(
     Raises
     ------
     ValueError
-        For a trainable parameter outside Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d
-        layers (named in the message), a
-        layer's parameter tied to another module's (an embedding's, another layer's bias), a
+        For a trainable parameter outside Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/
+        Embedding layers (named in the message, with its module's type: an ``nn.EmbeddingBag``,
+        ...), an embedding's tokens that are not integers in ``[0, V)`` (layer and value named),
+        a layer's parameter tied to another module's (an output layer's, another layer's bias), a
         model refused by :func:`~natgrad.curvature.jacobians.check_curvature_model` (BatchNorm
         or dropout in training mode, ...), an unknown ``kind``, likelihood or ``kfac_approx``,
         missing targets, a layer not called, or called on an input whose dim 0 is not the
@@ -559,6 +585,19 @@ def build_kfac(
         kfac_approx=kfac_approx,
     )
     return kfac_from_statistics(model, statistics)
+
+
+def _check_dense_embeddings(layers: Sequence[KroneckerLayer]) -> None:
+    """Refuse embeddings with ``sparse=True``: the check that a weight has no use outside its
+    layer (:func:`~natgrad.curvature.weight_locality.check_local_weights`) compares dense
+    weight gradients."""
+    sparse = [layer.name for layer in layers if layer.is_embedding and layer.module.sparse]
+    if sparse:
+        raise ValueError(
+            f"embeddings {sparse} have sparse=True, which Kronecker-factored curvature does not "
+            "support; set sparse=False on them while building the curvature (it is the same "
+            "curvature) or use another structure"
+        )
 
 
 def _check_batch_first(capture: ForwardCapture, samples: int) -> None:

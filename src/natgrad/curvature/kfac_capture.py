@@ -46,6 +46,20 @@ branch, an unrolled cell) applies its weight at the locations of all its calls, 
 pooled as one call's: ``A`` averages the rows of every call, ``G`` sums every call's terms
 (the per-sample gradient sums over the calls). With reduce, each call is reduced over its own
 locations and the calls are pooled as in expand.
+
+An ``nn.Embedding`` (weight ``(V, d)``) is the linear layer ``W = weightᵀ`` of shape ``(d, V)``
+applied to the one-hot vectors ``a = e_x`` of its tokens ``x``, at the ``T`` token positions of a
+sample (its input ``(N, ...)`` of integer tokens). Its input factor is diagonal,
+
+    A = diag(a),   a_v = 1/(N T) #{(n, t): x_nt = v}      (the token frequencies)
+
+kept as the vector ``a`` of shape ``(V,)`` (:func:`token_frequencies`), never as a ``(V, V)``
+matrix; ``G`` is the mean over samples of ``Σ_t g gᵀ`` as for any layer. The row of
+``padding_idx`` gets no gradient (``nn.Embedding`` zeroes it), so its frequency is 0: its
+positions still count in ``N T``, as they would as zero input rows of the one-hot layer.
+Embeddings always expand: with ``"reduce"``, ``ā_n`` (the token histogram of sample ``n`` over
+``T``) would give a dense ``A``, so both factors stay K-FAC-expand's, as in
+:class:`natgrad.optim.KFAC`.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ __all__ = [
     "CONV_TRANSPOSE_TYPES",
     "CONV_TYPES",
     "KFAC_APPROXIMATIONS",
+    "KFAC_LAYER_TYPES",
     "KRONECKER_LAYER_TYPES",
     "ForwardCapture",
     "KroneckerLayer",
@@ -76,6 +91,7 @@ __all__ = [
     "check_fisher_kind",
     "check_layer_input",
     "check_layer_output",
+    "check_tokens",
     "conv_as_2d",
     "conv_patch_means",
     "conv_patches",
@@ -94,6 +110,8 @@ __all__ = [
     "reduced_output_features",
     "shared_weights",
     "tied_parameters",
+    "token_frequencies",
+    "tokens_as_features",
     "trainable_parameters",
     "transposed_output_grad",
     "transposed_output_size",
@@ -106,6 +124,9 @@ CONV_TRANSPOSE_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.Conv
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, *CONV_TRANSPOSE_TYPES)
 _ONE_D_TYPES = (nn.Conv1d, nn.ConvTranspose1d)
 KRONECKER_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
+KFAC_LAYER_TYPES: tuple[type[nn.Module], ...] = (*KRONECKER_LAYER_TYPES, nn.Embedding)
+"""The layers with a block in the K-FAC and EKFAC operators: also ``nn.Embedding``, whose input
+factor is diagonal (module docstring)."""
 FISHER_KINDS = ("exact", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
@@ -118,7 +139,7 @@ class KroneckerLayer:
     ----------
     name : str
         Qualified module name in the model.
-    module : nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d or nn.ConvTranspose2d
+    module : nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d or nn.Embedding
     weight_index : int
         Index of the weight among the trainable parameters (``model.parameters()`` order).
     bias_index : int or None
@@ -135,6 +156,11 @@ class KroneckerLayer:
         """Whether a bias column is folded into the input factor."""
         return self.bias_index is not None
 
+    @property
+    def is_embedding(self) -> bool:
+        """Whether the layer is an ``nn.Embedding`` (matrix ``weightᵀ``, diagonal ``A``)."""
+        return isinstance(self.module, nn.Embedding)
+
     def parameters(self) -> list[Tensor]:
         """The layer's weight, and its bias where one is folded into the input factor."""
         module = self.module
@@ -142,10 +168,13 @@ class KroneckerLayer:
 
     @property
     def output_dim(self) -> int:
-        """``d_out``: rows of the weight matrix (a transposed convolution's ``C_out``)."""
+        """``d_out``: rows of the weight matrix (a transposed convolution's ``C_out``, an
+        embedding's ``d``)."""
         module = self.module
         if isinstance(module, CONV_TRANSPOSE_TYPES):
             return module.out_channels
+        if isinstance(module, nn.Embedding):
+            return module.embedding_dim
         return module.weight.shape[0]
 
     @property
@@ -197,9 +226,12 @@ class KroneckerLayer:
 
 def weight_as_matrix(module: nn.Module, weight: Tensor) -> Tensor:
     """``weight`` (of ``module``'s weight shape) as the layer's ``(d_out, d_in)`` matrix: a
-    reshape, or for a transposed convolution (``(C_in, C_out / g, *kernel)``) a copy,
-    ``(C_out, C_in / g · Π kernel)``, the kernel transposed within each group and flipped
-    (module docstring). Gradients and index tensors map the same way."""
+    reshape, for an embedding (``(V, d)``) its transpose ``(d, V)`` (a view), or for a
+    transposed convolution (``(C_in, C_out / g, *kernel)``) a copy, ``(C_out, C_in / g · Π
+    kernel)``, the kernel transposed within each group and flipped (module docstring).
+    Gradients and index tensors map the same way."""
+    if isinstance(module, nn.Embedding):
+        return weight.mT
     if not isinstance(module, CONV_TRANSPOSE_TYPES):
         return weight.reshape(weight.shape[0], -1)
     grouped = weight.unflatten(0, (module.groups, -1))  # (g, C_in / g, C_out / g, *kernel)
@@ -211,6 +243,8 @@ def matrix_as_weight(module: nn.Module, matrix: Tensor) -> Tensor:
     """The inverse of :func:`weight_as_matrix`: a ``(d_out, d_in)`` matrix in the shape of
     ``module``'s weight."""
     shape = module.weight.shape
+    if isinstance(module, nn.Embedding):
+        return matrix.mT.reshape(shape)
     if not isinstance(module, CONV_TRANSPOSE_TYPES):
         return matrix.reshape(shape)
     grouped = matrix.reshape(module.groups, shape[1], shape[0] // module.groups, *shape[2:])
@@ -244,9 +278,9 @@ def kronecker_layers(
     Raises
     ------
     ValueError
-        With ``strict``, naming a trainable parameter outside the supported layers, or the
-        layers or modules that share a parameter; for a layer whose bias is trainable but
-        weight frozen.
+        With ``strict``, naming a trainable parameter outside the supported layers (and the
+        type of its module: an ``nn.EmbeddingBag``, ...), or the layers or modules that share
+        a parameter; for a layer whose bias is trainable but weight frozen.
     """
     params = trainable_parameters(model)
     position = {id(param): index for index, param in enumerate(params)}
@@ -265,19 +299,34 @@ def kronecker_layers(
         layers.append(KroneckerLayer(name, module, position[id(weight)], bias_index))
     if strict:
         _check_unshared(layers)
-        covered = {layer.weight_index for layer in layers}
-        covered |= {layer.bias_index for layer in layers if layer.bias_index is not None}
-        names = [name for name, param in model.named_parameters() if param.requires_grad]
-        missing = [names[index] for index in range(len(params)) if index not in covered]
-        if missing:
-            supported = ", ".join(cls.__name__ for cls in layer_types)
-            raise ValueError(
-                f"Kronecker-factored curvature covers only {supported} layers; trainable "
-                f"parameter(s) {missing} belong to other modules (freeze them or use another "
-                "structure)"
-            )
+        _check_covered(model, layers, layer_types)
         _check_untied(model, layers)
     return layers
+
+
+def _check_covered(
+    model: nn.Module, layers: Sequence[KroneckerLayer], layer_types: tuple[type[nn.Module], ...]
+) -> None:
+    """Every trainable parameter belongs to one of ``layers``; else a ``ValueError`` naming
+    the others and the types of their modules."""
+    params = trainable_parameters(model)
+    covered = {layer.weight_index for layer in layers}
+    covered |= {layer.bias_index for layer in layers if layer.bias_index is not None}
+    missing = {id(param) for index, param in enumerate(params) if index not in covered}
+    if not missing:
+        return
+    names, owners = [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(prefix=module_name, recurse=False):
+            if id(param) in missing and name not in names:
+                names.append(name)
+                owners.add(type(module).__name__)
+    supported = ", ".join(cls.__name__ for cls in layer_types)
+    raise ValueError(
+        f"Kronecker-factored curvature covers only {supported} layers; trainable "
+        f"parameter(s) {names} belong to other modules ({', '.join(sorted(owners))}; freeze "
+        "them or use another structure)"
+    )
 
 
 def shared_weights(layers: Sequence[KroneckerLayer]) -> list[list[str]]:
@@ -291,10 +340,11 @@ def shared_weights(layers: Sequence[KroneckerLayer]) -> list[list[str]]:
 def _check_unshared(layers: Sequence[KroneckerLayer]) -> None:
     tied = shared_weights(layers)
     if tied:
+        weights = [f"{name}.weight" if name else "weight" for name in tied[0]]
         raise ValueError(
-            f"layers {tied[0]} share one weight, whose curvature sums both layers' uses: no "
-            "Kronecker block of one layer describes it; use another structure, or call one "
-            "layer several times (its calls are pooled)"
+            f"layers {tied[0]} share one weight ({weights} are one tied parameter), whose "
+            "curvature sums both layers' uses: no Kronecker block of one layer describes it; "
+            "use another structure, or call one layer several times (its calls are pooled)"
         )
 
 
@@ -326,7 +376,11 @@ def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
 def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None:
     """Raise a ``ValueError`` naming layer ``name`` if the input of an ``nn.Linear`` has no
     batch dimension, or that of a convolution (transposed or not) is not ``(N, C, H, W)``
-    (``(N, C, L)``) with the layer's ``C``: K-FAC reads dim 0 as the samples."""
+    (``(N, C, L)``) with the layer's ``C``: K-FAC reads dim 0 as the samples; an
+    ``nn.Embedding``'s as :func:`check_tokens`."""
+    if isinstance(module, nn.Embedding):
+        check_tokens(module, layer_input, name)
+        return
     if isinstance(module, CONV_TYPES):
         one_d = isinstance(module, _ONE_D_TYPES)
         if layer_input.ndim == (3 if one_d else 4) and layer_input.shape[1] == module.in_channels:
@@ -341,6 +395,54 @@ def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None
             f"layer {name!r}: expected a batched (N, ..., {module.in_features}) input, "
             f"got shape {tuple(layer_input.shape)}"
         )
+
+
+def check_tokens(module: nn.Embedding, tokens: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming embedding ``name`` and the offending value unless
+    ``tokens`` is a batched ``(N, ...)`` tensor of integer indices in ``[0, V)``, ``V`` the
+    vocabulary (one read-back of the extremes; ``nn.Embedding`` itself reports an index out of
+    range without the value, or on an accelerator as a device-side assertion)."""
+    if not isinstance(tokens, Tensor) or tokens.ndim == 0:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"layer {name!r}: expected batched (N, ...) token indices, got {shape}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(
+            f"layer {name!r}: tokens must be integer indices, got dtype {tokens.dtype}"
+        )
+    if not tokens.numel():
+        return
+    low, high = torch.stack([tokens.min(), tokens.max()]).tolist()
+    vocabulary = module.num_embeddings
+    if low < 0 or high >= vocabulary:
+        raise ValueError(
+            f"layer {name!r}: tokens must lie in [0, {vocabulary}), got {low if low < 0 else high}"
+        )
+
+
+def tokens_as_features(tokens: Tensor) -> Tensor:
+    """An embedding's tokens ``(N, ...)`` as ``(N, T, 1)``: the indices of its one-hot input
+    features at the ``T`` positions of each sample (a view where the tokens are contiguous)."""
+    return tokens.reshape(tokens.shape[0], -1, 1)
+
+
+def token_frequencies(module: nn.Embedding, tokens: Tensor) -> Tensor:
+    """An embedding's diagonal input factor ``a``, shape ``(V,)``: the mean over samples and
+    positions of the one-hot inputs' squares, ``a_v = 1/(N T) #{(n, t): x_nt = v}``, with
+    ``a = 0`` at ``padding_idx``, whose row gets no gradient (module docstring). Counted as
+    integers, divided in float32 (float64 for a float64 weight), returned in the weight's dtype.
+
+    Parameters
+    ----------
+    module : nn.Embedding
+    tokens : Tensor of shape (N, ...)
+        Integer tokens in ``[0, V)`` (:func:`check_tokens`).
+    """
+    vocabulary, dtype = module.num_embeddings, module.weight.dtype
+    counts = torch.bincount(tokens.reshape(-1), minlength=vocabulary)
+    if module.padding_idx is not None:
+        counts[module.padding_idx] = 0
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    return (counts.to(working) / tokens.numel()).to(dtype)
 
 
 def transposed_output_size(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -1023,11 +1125,22 @@ class ForwardCapture:
 
         return record
 
+    @staticmethod
+    def _token_check(name: str):
+        def check(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            check_tokens(module, args[0], name)
+
+        return check
+
     def __enter__(self) -> ForwardCapture:
-        """Attach the hooks; the model runs inside count as a curvature evaluation
+        """Attach the hooks (an embedding's tokens are checked before it runs:
+        :func:`check_tokens`); the model runs inside count as a curvature evaluation
         (:mod:`~natgrad.curvature.evaluation_scope`): preconditioners record none of them."""
         self._exit_stack.enter_context(curvature_evaluation())
         for layer in self.layers:
+            if layer.is_embedding:
+                handle = layer.module.register_forward_pre_hook(self._token_check(layer.name))
+                self._exit_stack.callback(handle.remove)
             handle = layer.module.register_forward_hook(self._hook(layer.name))
             self._exit_stack.callback(handle.remove)
         return self

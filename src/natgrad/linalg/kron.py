@@ -12,6 +12,11 @@ With eigendecompositions ``G = Q_G diag(g) Q_Gᵀ`` and ``A = Q_A diag(a) Q_Aᵀ
 diagonal in the Kronecker eigenbasis, with eigenvalue matrix ``outer(g, a)`` of shape
 ``(d_out, d_in)``. EKFAC (George et al., 2018) replaces that matrix by a re-estimated one; all
 eigenbasis products and damped solves here take an arbitrary eigenvalue matrix.
+
+An input factor may be **diagonal**, held as the vector ``a`` of its diagonal, shape ``(d_in,)``
+(an embedding's token frequencies): ``(G ⊗ diag(a)) vec(V) = vec(G V diag(a))``, its eigenbasis
+is ``Q_G`` and the standard basis (:func:`factor_eigh`; ``vectors=None``), and no
+``(d_in, d_in)`` matrix is formed but by :func:`block_diagonal_kron`.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ __all__ = [
     "eigenbasis_mv",
     "eigenbasis_project",
     "eigenbasis_solve",
+    "factor_eigh",
     "factored_damping",
     "factored_damping_from_factors",
     "factored_solve",
     "grouped_factored_damping",
+    "kron_diagonal",
     "kron_mv",
     "symmetric_eigh",
     "symmetric_eigh_batch",
@@ -101,6 +108,34 @@ def symmetric_eigh(matrix: Tensor) -> SymmetricEigen:
     if not all_finite(matrix):
         raise ValueError("cannot eigendecompose a matrix with non-finite entries")
     return SymmetricEigen(*_decompose(matrix))
+
+
+def factor_eigh(factor: Tensor) -> SymmetricEigen:
+    """Eigendecomposition of a Kronecker factor: :func:`symmetric_eigh` of a matrix or stack;
+    a vector is a diagonal factor, whose eigenbasis is the standard one (``vectors=None``) and
+    eigenvalues its entries, clamped at zero, in the working dtype (float32 for low-precision
+    and integer inputs).
+
+    Parameters
+    ----------
+    factor : Tensor of shape (d, d) or (g, d, d), or (d,) for a diagonal factor
+
+    Returns
+    -------
+    SymmetricEigen
+
+    Raises
+    ------
+    ValueError
+        If ``factor`` is not of those shapes or contains non-finite entries.
+    torch.linalg.LinAlgError
+        If the decomposition of a matrix fails even in float64.
+    """
+    if factor.ndim != 1:
+        return symmetric_eigh(factor)
+    if not all_finite(factor):
+        raise ValueError("cannot eigendecompose a factor with non-finite entries")
+    return SymmetricEigen(factor.to(_working_dtype(factor.dtype)).clamp_min(0), None)
 
 
 def symmetric_eigh_batch(matrices: Sequence[Tensor]) -> list[SymmetricEigen]:
@@ -197,8 +232,9 @@ def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tens
     ----------
     output_factor : Tensor of shape (d_out, d_out)
         Symmetric factor ``G``.
-    input_factor : Tensor of shape (d_in, d_in)
-        Symmetric factor ``A``.
+    input_factor : Tensor of shape (d_in, d_in), or (d_in,) for a diagonal factor
+        Symmetric factor ``A``; a vector ``a`` stands for ``diag(a)`` (``G V diag(a)``, the
+        columns of ``G V`` scaled).
     matrix : Tensor of shape (..., d_out, d_in)
         ``V``, the row-major reshaping of the vector; leading batch dimensions broadcast.
 
@@ -206,19 +242,41 @@ def kron_mv(output_factor: Tensor, input_factor: Tensor, matrix: Tensor) -> Tens
     -------
     Tensor of shape (..., d_out, d_in)
     """
+    if input_factor.ndim == 1:
+        return (output_factor @ matrix) * input_factor
     return output_factor @ matrix @ input_factor
+
+
+def kron_diagonal(output_factor: Tensor, input_factor: Tensor) -> Tensor:
+    """The diagonal of ``G ⊗ A`` as the ``(d_out, d_in)`` matrix ``outer(diag G, diag A)``
+    (row-major order); for stacks ``(g, d_out, d_out)`` and ``(g, d_in, d_in)`` one per group,
+    ``(g, d_out, d_in)``.
+
+    Parameters
+    ----------
+    output_factor : Tensor of shape (d_out, d_out) or (g, d_out, d_out)
+    input_factor : Tensor of shape (d_in, d_in) or (g, d_in, d_in), or (d_in,) for a diagonal
+        factor (with a matrix ``G``)
+    """
+    input_diagonal = input_factor if input_factor.ndim == 1 else input_factor.diagonal(0, -2, -1)
+    return output_factor.diagonal(0, -2, -1).unsqueeze(-1) * input_diagonal.unsqueeze(-2)
 
 
 def block_diagonal_kron(output_factor: Tensor, input_factor: Tensor) -> Tensor:
     """The dense block ``G ⊗ A``, shape ``(d_out d_in, d_out d_in)``; for stacks ``(g, d_out,
     d_out)`` and ``(g, d_in, d_in)`` the block-diagonal matrix of the ``g`` blocks
-    ``G_j ⊗ A_j`` (in the row-major order of a ``(g, d_out, d_in)`` matrix stack).
+    ``G_j ⊗ A_j`` (in the row-major order of a ``(g, d_out, d_in)`` matrix stack). A vector
+    ``input_factor`` ``(d_in,)`` with a matrix ``G`` is the diagonal factor ``diag(a)``.
 
     Raises
     ------
     ValueError
-        If the factors are not both matrices or both stacks of as many matrices.
+        If the factors are not both matrices or both stacks of as many matrices (or a matrix
+        and a vector).
     """
+    if input_factor.ndim == 1:
+        _check_square(output_factor)
+        return torch.kron(output_factor, torch.diag(input_factor))
     _check_stacks(output_factor, input_factor)
     if output_factor.ndim == 2:
         return torch.kron(output_factor, input_factor)

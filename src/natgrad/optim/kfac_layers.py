@@ -1093,10 +1093,13 @@ class EmbeddingState(LayerState):
         return torch.empty(size, size, dtype=self.dtype, device=self.weight.device)
 
     def record_input(self, layer_input: Tensor) -> Tensor | None:
-        """Add the token counts; returns the tokens ``(N, T, 1)`` if pairs are kept (EKFAC),
-        else ``None``."""
+        """Add the token counts (``padding_idx``'s as 0: its row gets no gradient, so no
+        curvature, as in the builders' K-FAC); returns the tokens ``(N, T, 1)`` if pairs are
+        kept (EKFAC), else ``None``."""
         tokens = layer_input.detach()
         counts = torch.bincount(tokens.reshape(-1), minlength=self.weight.shape[0])
+        if self.module.padding_idx is not None:
+            counts[self.module.padding_idx] = 0  # its row gets no gradient: no curvature
         counts = counts.to(self.dtype)
         self.input_sum = counts if self.input_count == 0 else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
