@@ -470,10 +470,6 @@ class BagModel(nn.Module):
     [
         (BagModel, r"\['bag.weight'\] belong to other modules \(EmbeddingBag"),
         (
-            lambda: nn.Sequential(nn.Embedding(VOCABULARY, WIDTH, sparse=True), nn.Flatten()),
-            r"embeddings \['0'\] have sparse=True",
-        ),
-        (
             lambda: nn.Sequential(nn.Embedding(VOCABULARY, WIDTH, max_norm=1.0), nn.Flatten()),
             r"embeddings \['0'\] have a max_norm",
         ),
@@ -484,7 +480,7 @@ class BagModel(nn.Module):
             r"embeddings \['0'\] have scale_grad_by_freq=True",
         ),
     ],
-    ids=["embedding_bag", "sparse", "max_norm", "scale_grad_by_freq"],
+    ids=["embedding_bag", "max_norm", "scale_grad_by_freq"],
 )
 def test_unsupported_embeddings_raise_naming_them(structure, make, message):
     model = make().to(DTYPE)
@@ -493,16 +489,18 @@ def test_unsupported_embeddings_raise_naming_them(structure, make, message):
         fisher(model, tokens, likelihood="gaussian", structure=structure)
 
 
-def test_sparse_embedding_is_refused_before_it_runs_and_dense_one_gives_the_curvature():
-    """``sparse=True`` changes only the layout of the weight's gradient: with it turned off the
-    operator is built (the refusal says so)."""
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_sparse_embedding_gives_the_curvature_of_the_dense_one(structure):
+    """``sparse=True`` changes only the layout of the weight's gradient (the weight-locality
+    check used to fail on it, ``add(sparse, dense)``): the operator equals the exact Fisher of
+    the same model with a dense embedding."""
+    torch.manual_seed(3)
     model = nn.Sequential(nn.Embedding(VOCABULARY, WIDTH, sparse=True), nn.Flatten()).to(DTYPE)
-    tokens = torch.tensor([[0, 1], [2, 2]])
-    with pytest.raises(ValueError, match="set sparse=False"):
-        build_kfac(model, tokens, likelihood="gaussian")
-    model[0].sparse = False
-    operator = build_kfac(model, tokens, likelihood="gaussian")
-    torch.testing.assert_close(operator.to_dense(), exact_fisher(model, tokens, "gaussian"))
+    tokens = torch.tensor([[0, 1], [2, 2], [5, 1]])
+    operator = fisher(model, tokens, likelihood="gaussian", structure=structure)
+    dense_model = copy.deepcopy(model)
+    dense_model[0].sparse = False
+    torch.testing.assert_close(operator.to_dense(), exact_fisher(dense_model, tokens, "gaussian"))
 
 
 OPTIMIZER_CASES = [

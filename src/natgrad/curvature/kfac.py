@@ -286,9 +286,8 @@ def statistics_for_vectors(
         parameter tied to another module's (both named), a layer not called, or called on an
         input whose dim 0 is not the batch (named), a layer whose weight or bias is also used
         outside its calls (named; :func:`~natgrad.curvature.weight_locality.
-        check_local_weights`), an embedding with ``sparse=True`` (named), tokens of an
-        embedding that are not integers in ``[0, V)`` (layer and value named), vectors of the
-        wrong shape (both shapes named).
+        check_local_weights`), tokens of an embedding that are not integers in ``[0, V)``
+        (layer and value named), vectors of the wrong shape (both shapes named).
     """
     kfac_approx = one_of("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
     check_curvature_model(model)
@@ -297,7 +296,6 @@ def statistics_for_vectors(
     layers = kronecker_layers(model, KFAC_LAYER_TYPES)
     if not layers:
         raise ValueError("model has no trainable parameters")
-    _check_dense_embeddings(layers)
     with torch.enable_grad(), ForwardCapture(layers) as capture:
         outputs = model(inputs)
     capture.check_all_called()
@@ -585,19 +583,6 @@ def build_kfac(
         kfac_approx=kfac_approx,
     )
     return kfac_from_statistics(model, statistics)
-
-
-def _check_dense_embeddings(layers: Sequence[KroneckerLayer]) -> None:
-    """Refuse embeddings with ``sparse=True``: the check that a weight has no use outside its
-    layer (:func:`~natgrad.curvature.weight_locality.check_local_weights`) compares dense
-    weight gradients."""
-    sparse = [layer.name for layer in layers if layer.is_embedding and layer.module.sparse]
-    if sparse:
-        raise ValueError(
-            f"embeddings {sparse} have sparse=True, which Kronecker-factored curvature does not "
-            "support; set sparse=False on them while building the curvature (it is the same "
-            "curvature) or use another structure"
-        )
 
 
 def _check_batch_first(capture: ForwardCapture, samples: int) -> None:

@@ -259,7 +259,11 @@ def _relative_excess(
         pieces = [call[position] for call in rebuilt]
         dtypes = [param.dtype, *(dtype for piece in pieces for dtype in piece.dtypes)]
         tolerance = max(torch.finfo(dtype).eps for dtype in dtypes) ** 0.5
-        difference = (torch.zeros_like(param) if exact is None else exact).to(_wide(param.dtype))
+        if exact is None:
+            exact = torch.zeros_like(param)
+        elif exact.is_sparse:  # an nn.Embedding(sparse=True)'s gradient
+            exact = exact.to_dense()
+        difference = exact.to(_wide(param.dtype))
         bound = torch.zeros((), dtype=torch.float64, device=param.device)
         for piece in pieces:
             difference = difference - piece.gradient.to(difference.dtype)
