@@ -1,9 +1,9 @@
 """Which Fisher should K-FAC's preconditioner use on the digits classifiers?
 
 K-FAC's whole tuning grid of ``kfac_digits.py`` (12 configurations: learning rate, momentum,
-damping, damping mode and the short-factor-memory setting) is trained with each ``fisher_type``
-of ``FISHER_TYPES``, with the benchmark's protocol otherwise (factors and inverses every 10
-steps, factor EMA 0.8 and KL clip 0.01 but in the short-memory setting, SGD-momentum under
+damping, KL clip and the short-factor-memory setting) is trained with each ``fisher_type`` of
+``FISHER_TYPES``, with the benchmark's protocol otherwise (factors and inverses every 10 steps,
+factor EMA 0.8 and KL clip 0.01 but in the settings that change them, SGD-momentum under
 K-FAC), on training seeds 0 … ``--seeds`` − 1, each run stopped at the
 target. A row gives the configuration with the fewest median steps (a miss counts as infinitely
 slow), its steps per seed, and the mean seconds per training step of its runs (the exact

@@ -1,7 +1,7 @@
 """Do the tuning grids of ``kfac_digits.py`` hold a method back? Two checks.
 
 1. **K-FAC's KL clip.** K-FAC's grid varies the learning rate, momentum, damping and damping
-   mode with the KL clip fixed at ``κ = 0.01`` (0.1 in one setting). Where the clip binds, the
+   mode with the KL clip fixed at ``κ = 0.01`` (0.1 in two settings). Where the clip binds, the
    step is ``sqrt(κ / |g · Δ|) Δ`` whatever the learning rate, so κ, not the learning rate,
    sets the step size. K-FAC's whole grid is trained with each clip of ``KL_CLIPS`` (``None``: no
    clipping), which replaces the clip of its ``SHORT_FACTOR_MEMORY`` setting too.
