@@ -110,6 +110,7 @@ __all__ = [
     "reduced_output_features",
     "shared_weights",
     "tied_parameters",
+    "token_counts",
     "token_frequencies",
     "tokens_as_features",
     "trainable_parameters",
@@ -437,12 +438,18 @@ def token_frequencies(module: nn.Embedding, tokens: Tensor) -> Tensor:
     tokens : Tensor of shape (N, ...)
         Integer tokens in ``[0, V)`` (:func:`check_tokens`).
     """
-    vocabulary, dtype = module.num_embeddings, module.weight.dtype
-    counts = torch.bincount(tokens.reshape(-1), minlength=vocabulary)
+    dtype = module.weight.dtype
+    working = torch.float64 if dtype == torch.float64 else torch.float32
+    return (token_counts(module, tokens).to(working) / tokens.numel()).to(dtype)
+
+
+def token_counts(module: nn.Embedding, tokens: Tensor) -> Tensor:
+    """How often each token of ``module``'s vocabulary occurs in ``tokens``, an integer tensor
+    of shape ``(V,)``, with 0 at ``padding_idx`` (its row gets no gradient, so no curvature)."""
+    counts = torch.bincount(tokens.reshape(-1), minlength=module.num_embeddings)
     if module.padding_idx is not None:
         counts[module.padding_idx] = 0
-    working = torch.float64 if dtype == torch.float64 else torch.float32
-    return (counts.to(working) / tokens.numel()).to(dtype)
+    return counts
 
 
 def transposed_output_size(module: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -39,6 +39,7 @@ from natgrad.curvature.kfac_capture import (
     patch_features,
     reduced_input_features,
     reduced_output_features,
+    token_counts,
     transposed_output_grad,
     transposed_patch_gram,
     transposed_per_sample_gradients,
@@ -1097,10 +1098,7 @@ class EmbeddingState(LayerState):
         curvature, as in the builders' K-FAC); returns the tokens ``(N, T, 1)`` if pairs are
         kept (EKFAC), else ``None``."""
         tokens = layer_input.detach()
-        counts = torch.bincount(tokens.reshape(-1), minlength=self.weight.shape[0])
-        if self.module.padding_idx is not None:
-            counts[self.module.padding_idx] = 0  # its row gets no gradient: no curvature
-        counts = counts.to(self.dtype)
+        counts = token_counts(self.module, tokens).to(self.dtype)
         self.input_sum = counts if self.input_count == 0 else self.input_sum.add_(counts)
         self.input_count += tokens.numel()
         return tokens.reshape(tokens.shape[0], -1, 1) if self.keep_pairs else None
