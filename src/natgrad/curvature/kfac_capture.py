@@ -377,11 +377,8 @@ def _check_untied(model: nn.Module, layers: Sequence[KroneckerLayer]) -> None:
 def check_layer_input(module: nn.Module, layer_input: Tensor, name: str) -> None:
     """Raise a ``ValueError`` naming layer ``name`` if the input of an ``nn.Linear`` has no
     batch dimension, or that of a convolution (transposed or not) is not ``(N, C, H, W)``
-    (``(N, C, L)``) with the layer's ``C``: K-FAC reads dim 0 as the samples; an
-    ``nn.Embedding``'s as :func:`check_tokens`."""
-    if isinstance(module, nn.Embedding):
-        check_tokens(module, layer_input, name)
-        return
+    (``(N, C, L)``) with the layer's ``C``: K-FAC reads dim 0 as the samples. (An
+    ``nn.Embedding``'s tokens are checked before it runs, :func:`check_tokens`.)"""
     if isinstance(module, CONV_TYPES):
         one_d = isinstance(module, _ONE_D_TYPES)
         if layer_input.ndim == (3 if one_d else 4) and layer_input.shape[1] == module.in_channels:
