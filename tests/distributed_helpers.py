@@ -43,8 +43,13 @@ FAILURE_TIMEOUT = timedelta(seconds=10)  # tests of one process failing: the oth
 
 def default_start_method() -> str:
     """``"fork"`` where the platform has it (the workers share the parent's imports), else
-    ``"spawn"``."""
-    return "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ``"spawn"``; also ``"spawn"`` where CUDA is available: a backward pass there starts the
+    autograd engine's device threads, after which a forked child refuses to run autograd
+    ("Unable to handle autograd's threading in combination with fork-based
+    multiprocessing"), and a pytest-xdist worker has usually run a backward pass before."""
+    if torch.cuda.is_available() or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "fork"
 
 
 def run_on_processes(

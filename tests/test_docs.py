@@ -35,6 +35,11 @@ def test_python_blocks_run(page: Path) -> None:
     run_page(page)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the page's function reaches the workers only by fork, which torch refuses after a "
+    "backward pass where CUDA is available (autograd's device threads)",
+)
 def test_kfac_guide_data_parallel_example_equals_one_process(tmp_path: Path) -> None:
     namespace = run_page(DOCS / "kfac.md")
     generator = torch.Generator().manual_seed(0)

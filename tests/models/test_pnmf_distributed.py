@@ -53,8 +53,10 @@ def test_two_processes_equal_one_process(two_process_fits, settings):
 
 
 def test_one_process_equals_the_estimator(settings):
+    """On the CPU, where the data-parallel fit runs (the estimator's "auto" picks CUDA)."""
     single = fit_pnmf_data_parallel(counts(), 2, **settings)
-    estimator = PNMF(n_components=2, training_mode="natural", **settings).fit(counts())
+    estimator = PNMF(n_components=2, training_mode="natural", device="cpu", **settings)
+    estimator.fit(counts())
     np.testing.assert_allclose(single.components, estimator.components_, rtol=1e-12)
     np.testing.assert_allclose(single.elbo_history, estimator.elbo_history_, rtol=1e-12)
 
