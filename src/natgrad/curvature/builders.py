@@ -864,7 +864,8 @@ class _ColumnSum:
 class _HessianProduct:
     """``(x, t) ↦ ∇²φ(x) t`` for a scalar function ``φ``, by forward-over-reverse
     differentiation; reverse-over-reverse (a vjp of ``∇φ``, equal since ``∇²φ`` is symmetric)
-    once an operation turns out to have no forward-mode derivative in torch (``HuberLoss``)."""
+    once an operation turns out to have no forward-mode derivative in torch (``HuberLoss``), or
+    one that fails (``MSELoss``: "ZeroTensors are immutable", torch 2.13)."""
 
     def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
         self.gradient = grad(function)
@@ -874,7 +875,7 @@ class _HessianProduct:
         if self.forward_mode:
             try:
                 return jvp(self.gradient, (point,), (tangent,))[1]
-            except NotImplementedError:
+            except (NotImplementedError, RuntimeError):  # no or a failing forward-mode rule
                 self.forward_mode = False
         _, pullback = vjp(self.gradient, point)
         return pullback(tangent)[0]

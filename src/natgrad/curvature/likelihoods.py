@@ -51,7 +51,10 @@ class Likelihood(abc.ABC):
 
     @abc.abstractmethod
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Targets ``y_n ~ p(y | f_n)``, in the form :meth:`nll` accepts."""
+        """Targets ``y_n ~ p(y | f_n)``, in the form :meth:`nll` accepts, on the outputs'
+        device. The draws happen on the ``generator``'s device (the outputs' without one) and
+        are moved: a CPU generator serves outputs on a GPU, with the same draws as on the
+        CPU."""
 
     @abc.abstractmethod
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
@@ -187,9 +190,13 @@ class CategoricalLikelihood(Likelihood):
         """
         probs = torch.softmax(_class_logits(outputs).detach(), dim=-1)
         self._sampling_parameters(probs, "class probabilities")
-        uniform = 1.0 - torch.rand(
-            (probs.shape[0], 1), generator=generator, dtype=probs.dtype, device=probs.device
+        draws = torch.rand(
+            (probs.shape[0], 1),
+            generator=generator,
+            dtype=probs.dtype,
+            device=_drawing_device(generator, probs),
         )
+        uniform = 1.0 - draws.to(probs.device)
         below = (probs.cumsum(dim=-1) < uniform).sum(dim=-1)
         classes = probs.shape[-1]
         # u beyond a total that rounding left below 1: the last class with probability > 0
@@ -213,6 +220,11 @@ class CategoricalLikelihood(Likelihood):
         return (probs * (complements * columns - _sums_of_the_others(probs, columns))).reshape(
             tangents.shape
         )
+
+
+def _drawing_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    """Where torch lets ``generator`` draw: its own device (``like``'s without one)."""
+    return like.device if generator is None else generator.device
 
 
 def _class_logits(outputs: Tensor) -> Tensor:
@@ -279,8 +291,9 @@ class GaussianLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         mean = self._sampling_parameters(outputs.detach(), "means")
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-        return mean + noise
+        device = _drawing_device(generator, mean)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+        return mean + noise.to(mean.device)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
         mean = as_matrix(outputs)
@@ -318,7 +331,8 @@ class BernoulliLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = self._sampling_parameters(torch.sigmoid(outputs.detach()), "probabilities")
-        return torch.bernoulli(probs, generator=generator)
+        device = _drawing_device(generator, probs)
+        return torch.bernoulli(probs.to(device), generator=generator).to(probs.device)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
         return torch.diag_embed(_bernoulli_variance(as_matrix(outputs)).sqrt())
@@ -357,7 +371,8 @@ class PoissonLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         rates = self._sampling_parameters(outputs.detach().exp(), "rates")
-        return torch.poisson(rates, generator=generator)
+        device = _drawing_device(generator, rates)
+        return torch.poisson(rates.to(device), generator=generator).to(rates.device)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
         return torch.diag_embed((0.5 * as_matrix(outputs)).exp())

@@ -43,6 +43,14 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device of the tensors that ``group``'s collectives take: the current CUDA device
+    where its only backend is NCCL, the CPU otherwise (gloo, ``"cpu:gloo,cuda:nccl"``)."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Number of processes in ``group`` (1 without torch.distributed)."""
     return dist.get_world_size(group) if is_distributed(group) else 1
@@ -84,7 +92,9 @@ def true_everywhere(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     step together) decide with it."""
     if not is_distributed(group):
         return flag
-    failures = torch.tensor([0.0 if flag else 1.0], dtype=torch.float64)
+    failures = torch.tensor(
+        [0.0 if flag else 1.0], dtype=torch.float64, device=collective_device(group)
+    )
     dist.all_reduce(failures, op=dist.ReduceOp.SUM, group=group)
     return float(failures) == 0.0
 

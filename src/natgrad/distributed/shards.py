@@ -25,6 +25,7 @@ from torch import Tensor
 
 from natgrad.distributed.reduce import (
     all_reduce_sum_,
+    collective_device,
     is_distributed,
     rank,
     true_everywhere,
@@ -76,7 +77,8 @@ class GlobalBatch:
 
     def _shares(self, count: int, agreement: Agreement | None) -> tuple[int, ...]:
         """Every process's number of samples, by rank (one all-reduce)."""
-        counts = torch.zeros(world_size(self.group), dtype=torch.int64)
+        device = collective_device(self.group)
+        counts = torch.zeros(world_size(self.group), dtype=torch.int64, device=device)
         counts[rank(self.group)] = count
         if agreement is None:
             all_reduce_sum_([counts], self.group)

@@ -25,6 +25,11 @@ from natgrad.es.utilities import default_population_size, shaped_fitness
 def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
     """A ``torch.Generator`` from a seed, an existing generator (used as is) or ``None``."""
     if isinstance(random_state, torch.Generator):
+        if random_state.device.type != "cpu":
+            raise ValueError(
+                "random_state must be a CPU generator (natural evolution strategies sample on "
+                f"the CPU), got a generator on {random_state.device}"
+            )
         return random_state
     if random_state is None:
         return torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
@@ -47,6 +52,11 @@ def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
     """``x0`` as a finite 1-d tensor of ``dtype`` (a floating-point type), detached, copied."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if isinstance(x0, Tensor) and x0.device.type != "cpu":
+        raise ValueError(
+            f"x0 must be on the CPU (natural evolution strategies sample and update their "
+            f"search distribution there), got a tensor on {x0.device}; pass x0.cpu()"
+        )
     point = torch.as_tensor(x0, dtype=dtype).detach().clone()
     if point.ndim != 1 or point.numel() < 1:
         raise ValueError(f"x0 must be a non-empty 1-d vector, got shape {tuple(point.shape)}")

@@ -25,7 +25,7 @@ def ellipsoid(x: Tensor, condition: float = 1e6) -> Tensor:
     """``Σᵢ condition^((i−1)/(d−1)) xᵢ²`` (axis-parallel, condition number ``condition``)."""
     x = _check(x)
     dim = x.shape[-1]
-    exponents = torch.arange(dim, dtype=x.dtype) / max(dim - 1, 1)
+    exponents = torch.arange(dim, dtype=x.dtype, device=x.device) / max(dim - 1, 1)
     return (condition**exponents * x.square()).sum(-1)
 
 

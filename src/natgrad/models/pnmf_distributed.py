@@ -25,7 +25,13 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_non_negative
 from torch import Tensor
 
-from natgrad.distributed.reduce import all_reduce_sum_, rank, world_size
+from natgrad.distributed.reduce import (
+    all_reduce_sum_,
+    collective_device,
+    is_distributed,
+    rank,
+    world_size,
+)
 from natgrad.models.pnmf import (
     DEFAULT_NATURAL_STEP,
     column_sums,
@@ -133,6 +139,11 @@ def fit_pnmf_data_parallel(
         X_local, accept_sparse=("csr", "csc", "coo"), dtype=(np.float64, np.float32)
     )
     check_non_negative(X_local, "fit_pnmf_data_parallel (counts)")
+    if is_distributed(group) and collective_device(group).type != "cpu":
+        raise ValueError(
+            "fit_pnmf_data_parallel fits on the CPU: give it a process group with a CPU "
+            f"backend (gloo), got backend {dist.get_backend(group)!r}"
+        )
     dtype = torch.float32 if X_local.dtype == np.float32 else torch.float64
     counts = count_matrix(X_local, dtype, torch.device("cpu"))
     all_reduce = _summing(group)
