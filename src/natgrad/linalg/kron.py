@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from natgrad.linalg.eigh import eigh
 from natgrad.linalg.finite import all_finite
 
 __all__ = [
@@ -73,7 +74,7 @@ class SymmetricEigen:
 
 def _eigh_or_none(matrix: Tensor) -> tuple[Tensor, Tensor] | None:
     try:
-        values, vectors = torch.linalg.eigh(matrix)
+        values, vectors = eigh(matrix)
     except RuntimeError:
         return None
     if not all_finite(values, vectors):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from natgrad._validation import finite_float, nonnegative_float, positive_int
+from natgrad.linalg.eigh import eigh
 from natgrad.linalg.solve import add_damping, psd_eigh
 
 
@@ -78,7 +79,7 @@ def _clamped_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of the symmetric part of a finite ``matrix``, eigenvalues ``>= 0``."""
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError("matrix must not contain infs or NaNs")
-    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.mT))
+    eigenvalues, eigenvectors = eigh(0.5 * (matrix + matrix.mT))
     return eigenvalues.clamp(min=0.0), eigenvectors
 
 

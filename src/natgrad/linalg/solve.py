@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from natgrad.linalg.eigh import eigh
+
 
 def default_eigen_floor(dtype: torch.dtype) -> float:
     """Default relative eigenvalue floor for ``dtype``: the square root of its machine epsilon."""
@@ -96,7 +98,7 @@ def psd_eigh(matrix: Tensor, eigen_floor: float | None = None) -> tuple[Tensor, 
     if not 0.0 < eigen_floor <= 1.0:
         raise ValueError(f"eigen_floor must lie in (0, 1], got {eigen_floor!r}")
     wide = matrix.to(torch.float64)
-    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (wide + wide.transpose(-1, -2)))
+    eigenvalues, eigenvectors = eigh(0.5 * (wide + wide.transpose(-1, -2)))
     largest = eigenvalues[..., -1:]
     if bool((largest <= 0).any()):
         raise torch.linalg.LinAlgError(
