@@ -127,11 +127,14 @@ The step costs are then measured at every listed batch size.
 
 Run ``python benchmarks/kfac_digits.py`` (30–45 minutes with 1 torch thread); ``--quick``
 for a smoke run (2 epochs, one configuration per method and batch size, one tuning seed, under
-a minute), ``--cost-only`` for the cost tables alone, ``--check-seeds N`` to train the winners
-once more on N held-out training seeds (e.g. ``--tasks autoencoder_long --check-seeds 4``).
-Writes ``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``;
-with a subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``; with ``--batch-sizes 64
-256``, ``..._batch64-256.{json,png}``).
+a minute), ``--cost-only`` for the cost tables alone (``--cost-only --device cuda`` on a GPU:
+models and batches there, the device synchronised around each timing; the training runs stay
+on the CPU), ``--check-seeds N`` to train the winners once more on N held-out training seeds
+(e.g. ``--tasks autoencoder_long --check-seeds 4``). Writes
+``benchmarks/results/kfac_digits.{json,png}`` (not with ``--quick`` or ``--cost-only``; with a
+subset of ``--tasks``, ``kfac_digits_<tasks>.{json,png}``; with ``--batch-sizes 64 256``,
+``..._batch64-256.{json,png}``; ``--cost-only --device cuda`` writes
+``kfac_digits_cost_cuda.json``).
 """
 
 from __future__ import annotations
@@ -143,6 +146,7 @@ import importlib
 import itertools
 import math
 import os
+import platform
 import statistics
 import time
 import types
@@ -154,6 +158,7 @@ from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from _report import environment, print_table, save_figure, save_json
 from natgrad.optim import EKFAC, KFAC, QuadraticModelOptimizer
@@ -421,7 +426,7 @@ def make_preconditioner(task: Task, config: TrainConfig, model: nn.Module, **ove
         model,
         lr=config.lr,
         likelihood=likelihood_of(task),
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=next(model.parameters()).device).manual_seed(0),
         **(options | overrides),
     )
 
@@ -882,26 +887,38 @@ def asdl_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, targe
     return step, lambda: None
 
 
-def step_seconds(task: Task, config: CostConfig, data: dict[str, Tensor], steps: int) -> float:
-    """Mean wall seconds per training step over ``steps`` steps (a multiple of the update
-    intervals, so that factor and inverse updates are counted at their share), after a warm-up
-    of 10 steps."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously to the host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_seconds(
+    task: Task, config: CostConfig, data: dict[str, Tensor], steps: int, device: torch.device
+) -> float:
+    """Mean wall seconds per training step on ``device`` over ``steps`` steps (a multiple of the
+    update intervals, so that factor and inverse updates are counted at their share), after a
+    warm-up of 10 steps."""
     torch.manual_seed(0)
-    model = task.build()
-    inputs, targets = batch_of(task, data)
+    model = task.build().to(device)
+    inputs, targets = (tensor.to(device) for tensor in batch_of(task, data))
     make = asdl_stepper if config.library == "asdl" else natgrad_stepper
     step, cleanup = make(task, config, model, inputs, targets)
     for _ in range(10):
         step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     cleanup()
     return seconds
 
 
-def step_costs(task: Task, data: dict[str, Tensor], steps: int, rounds: int) -> list[dict]:
+def step_costs(
+    task: Task, data: dict[str, Tensor], steps: int, rounds: int, device: torch.device
+) -> list[dict]:
     """Per-step cost of every ``COST_CONFIGS`` entry, relative to SGD-momentum.
 
     The configurations are timed in turn, ``rounds`` times over; each reports the median over
@@ -909,9 +926,10 @@ def step_costs(task: Task, data: dict[str, Tensor], steps: int, rounds: int) -> 
     same round, so that a load burst on a shared machine hits all configurations alike.
     """
     timings: dict[CostConfig, list[float]] = {config: [] for config in COST_CONFIGS}
-    for _ in range(rounds):
+    description = f"step costs, {task.name} batch {task.batch_size}"
+    for _ in tqdm(range(rounds), desc=description, unit="round", leave=False):
         for config in COST_CONFIGS:
-            timings[config].append(step_seconds(task, config, data, steps))
+            timings[config].append(step_seconds(task, config, data, steps, device))
     sgd = timings[SGD_COST]
     return [
         {
@@ -991,11 +1009,14 @@ def asdl_agreement(damping: float = 0.1) -> list[dict]:
     return rows
 
 
-def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]:
-    """Seconds to build K-FAC factors (empirical Fisher) on one batch, per library."""
+def factor_cost(
+    task: Task, data: dict[str, Tensor], repeats: int, device: torch.device
+) -> list[dict]:
+    """Seconds to build K-FAC factors (empirical Fisher) on one batch on ``device``, per
+    library."""
     torch.manual_seed(0)
-    model = task.build()
-    inputs, targets = batch_of(task, data)
+    model = task.build().to(device)
+    inputs, targets = (tensor.to(device) for tensor in batch_of(task, data))
     builders: dict[str, Callable[[], None]] = {}
     from natgrad.curvature.kfac import build_kfac
 
@@ -1033,9 +1054,11 @@ def factor_cost(task: Task, data: dict[str, Tensor], repeats: int) -> list[dict]
     for library, build in builders.items():
         try:
             build()
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(repeats):
                 build()
+            synchronize(device)
             rows.append(
                 {
                     "task": task.name,
@@ -1172,7 +1195,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="train the winners once more with seeds 1..N (default 0: no check)",
     )
+    parser.add_argument(
+        "--device",
+        type=torch.device,
+        default=torch.device("cpu"),
+        help="device of the step-cost and factor-cost timings (default cpu); the training runs "
+        "stay on the CPU, so another device needs --cost-only",
+    )
     args = parser.parse_args(argv)
+    if args.device.type != "cpu" and not args.cost_only:
+        parser.error(f"--device {args.device} times the step costs only: add --cost-only")
     if args.batch_sizes and min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     if args.tune_seeds < 1:
@@ -1281,8 +1313,9 @@ def main(argv: list[str] | None = None) -> dict:
             steps, rounds = (
                 (20, min(3, args.cost_rounds)) if large else (args.cost_steps, args.cost_rounds)
             )
-            results["step_cost"].extend(step_costs(variant, data, steps, rounds))
-        results["factor_cost"].extend(factor_cost(task, data, 3 if args.quick or large else 20))
+            results["step_cost"].extend(step_costs(variant, data, steps, rounds, args.device))
+        repeats = 3 if args.quick or large else 20
+        results["factor_cost"].extend(factor_cost(task, data, repeats, args.device))
     print_tables(tasks, results)
     payload = {
         "environment": environment(
@@ -1296,6 +1329,10 @@ def main(argv: list[str] | None = None) -> dict:
             lr_grids=LR_GRIDS,
             second_grids=SECOND_GRIDS,
             load_average=os.getloadavg(),
+            device=str(args.device),
+            device_name=torch.cuda.get_device_name(args.device)
+            if args.device.type == "cuda"
+            else platform.processor(),
         ),
         "targets": {task.name: {"metric": task.metric, "target": task.target} for task in tasks},
         **results,
@@ -1310,6 +1347,8 @@ def main(argv: list[str] | None = None) -> dict:
             name += "_" + args.fisher_type
         save_json(name, payload)
         save_figure(plot(results["best"], tasks), name)
+    elif args.cost_only and args.device.type != "cpu":
+        save_json(f"{NAME}_cost_{args.device.type}", payload)
     return payload
 
 
