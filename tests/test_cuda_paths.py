@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import natgrad.distributed as ngdist
+from devices import CUDA_ONLY, DEVICES
 from natgrad import PNMF, fisher, ggn, hessian
 from natgrad.curvature import CurvatureOperator, get_likelihood
 from natgrad.es import SNES, XNES, ellipsoid, rosenbrock, sphere
@@ -63,13 +64,6 @@ from natgrad.optim import (
     Shampoo,
 )
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ),
-]
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 WIDE = torch.float64
 NARROW = torch.float32
 FISHER_STRUCTURES = ["dense", "diag", "block", "kfac", "ekfac", "implicit"]

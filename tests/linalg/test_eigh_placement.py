@@ -4,14 +4,8 @@ the CPU, checked against the float64 decomposition on the CPU."""
 import pytest
 import torch
 
+from devices import DEVICES
 from natgrad.linalg.eigh import CPU_EIGH_MAX_SIZE, eigh
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ),
-]
 
 
 def spd_stack(count: int, size: int, device: str) -> torch.Tensor:

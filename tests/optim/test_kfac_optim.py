@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from devices import DEVICES
 from kfac_training import fisher_options
 from natgrad.curvature import fisher
 from natgrad.curvature.ekfac import build_ekfac
@@ -311,14 +312,6 @@ def test_huge_damping_with_scaled_lr_reduces_to_the_base_optimizer() -> None:
     train(model, precond, torch.optim.SGD(model.parameters(), lr=0.1 * damping), batches(5))
     for expected, actual in zip(reference.parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
