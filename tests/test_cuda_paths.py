@@ -9,7 +9,8 @@ device"). Random components (Monte-Carlo Fisher, AdaHessian's Rademacher signs) 
 for reproducibility from a seed on the device. TF32 is switched off for the module, so that
 CUDA float32 matrix products and convolutions round as IEEE float32 does.
 
-Not covered: ``natgrad.rl`` (gymnasium environments are CPU-only) and the GLM estimators
+Not covered here: ``natgrad.rl`` (``tests/rl/test_rl_device.py`` runs it on the device; its
+gymnasium environments step on the CPU) and the GLM estimators
 (``LogisticRegression``, ``PoissonRegression``: NumPy/SciPy design matrices, no device).
 """
 

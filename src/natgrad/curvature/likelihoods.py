@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor
 
+from natgrad._random import drawing_device
+
 
 def as_matrix(outputs: Tensor) -> Tensor:
     """View model outputs as ``(N, C)``; a 1-d ``(N,)`` tensor becomes ``(N, 1)``."""
@@ -194,7 +196,7 @@ class CategoricalLikelihood(Likelihood):
             (probs.shape[0], 1),
             generator=generator,
             dtype=probs.dtype,
-            device=_drawing_device(generator, probs),
+            device=drawing_device(generator, probs),
         )
         uniform = 1.0 - draws.to(probs.device)
         below = (probs.cumsum(dim=-1) < uniform).sum(dim=-1)
@@ -220,11 +222,6 @@ class CategoricalLikelihood(Likelihood):
         return (probs * (complements * columns - _sums_of_the_others(probs, columns))).reshape(
             tangents.shape
         )
-
-
-def _drawing_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
-    """Where torch lets ``generator`` draw: its own device (``like``'s without one)."""
-    return like.device if generator is None else generator.device
 
 
 def _class_logits(outputs: Tensor) -> Tensor:
@@ -291,7 +288,7 @@ class GaussianLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         mean = self._sampling_parameters(outputs.detach(), "means")
-        device = _drawing_device(generator, mean)
+        device = drawing_device(generator, mean)
         noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
         return mean + noise.to(mean.device)
 
@@ -331,7 +328,7 @@ class BernoulliLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         probs = self._sampling_parameters(torch.sigmoid(outputs.detach()), "probabilities")
-        device = _drawing_device(generator, probs)
+        device = drawing_device(generator, probs)
         return torch.bernoulli(probs.to(device), generator=generator).to(probs.device)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:
@@ -371,7 +368,7 @@ class PoissonLikelihood(Likelihood):
 
     def sample(self, outputs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         rates = self._sampling_parameters(outputs.detach().exp(), "rates")
-        device = _drawing_device(generator, rates)
+        device = drawing_device(generator, rates)
         return torch.poisson(rates.to(device), generator=generator).to(rates.device)
 
     def natural_hessian_sqrt(self, outputs: Tensor) -> Tensor:

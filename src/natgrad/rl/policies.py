@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, Normal
 
+from natgrad._random import drawing_device
 from natgrad._validation import finite_float, positive_int
 
 
@@ -85,7 +86,12 @@ class Policy(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def sample(self, observations: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Draw one action per state with ``generator`` (no gradient)."""
+        """Draw one action per state with ``generator`` (no gradient).
+
+        The random draws happen on the generator's device (the observations' device when it
+        is ``None``) and the actions are returned on the observations' device: a CPU generator
+        gives the same actions for a policy on the CPU or on a GPU.
+        """
 
     def distribution(self, observations: Tensor) -> Distribution:
         """``π(· | sₙ)`` for observations of shape ``(N, obs_dim)``, batch shape ``(N,)``."""
@@ -161,7 +167,9 @@ class CategoricalMLPPolicy(Policy):
         """Actions of shape ``(N,)`` (int64)."""
         with torch.no_grad():
             probs = self(observations)[0].exp()
-            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            drawing_probs = probs.to(drawing_device(generator, probs))
+            actions = torch.multinomial(drawing_probs, 1, generator=generator).squeeze(-1)
+            return actions.to(probs.device)
 
 
 class GaussianMLPPolicy(Policy):
@@ -222,5 +230,6 @@ class GaussianMLPPolicy(Policy):
         """Actions of shape ``(N, action_dim)``."""
         with torch.no_grad():
             mean, log_std = self(observations)
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-            return mean + log_std.exp() * noise
+            device = drawing_device(generator, mean)
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device)
+            return mean + log_std.exp() * noise.to(mean.device)

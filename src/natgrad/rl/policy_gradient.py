@@ -43,7 +43,7 @@ class PolicyGradient(abc.ABC):
         If ``policy`` or ``value_function`` is of the wrong type.
     ValueError
         If an option is out of range, every parameter of ``policy`` is frozen, or
-        ``value_function`` differs from ``policy`` in ``obs_dim`` or dtype.
+        ``value_function`` differs from ``policy`` in ``obs_dim``, dtype or device.
 
     Attributes
     ----------
@@ -56,9 +56,13 @@ class PolicyGradient(abc.ABC):
     -----
     Subclasses implement :meth:`policy_step` on the batch's states, actions and normalised
     advantages. The policy step uses the advantages of the value function *before* the fit.
+    The updates run where the policy's parameters are (move the policy and the value function
+    with ``.to(device)`` before building the agent): the batches of
+    :class:`~natgrad.rl.RolloutCollector` are collected there.
     To resume training, save :meth:`state_dict` (the policy and value parameters, the
     optimizers' moments AND the rollout stream); the policy's and value function's own state
-    dicts are not enough.
+    dicts are not enough. The rollout stream's tensors may be loaded onto any device
+    (``torch.load(..., map_location=device)``).
     """
 
     #: Attributes whose ``state_dict`` the agent's :meth:`state_dict` holds.
@@ -170,12 +174,19 @@ def check_value_function_fits(policy: Policy, value_function: ValueFunction) -> 
             f"value_function.obs_dim={value_function.obs_dim} differs from the policy's "
             f"obs_dim={policy.obs_dim}"
         )
-    policy_dtype = next(policy.parameters()).dtype
-    value_dtype = next(value_function.parameters()).dtype
-    if value_dtype != policy_dtype:
+    policy_parameter = next(policy.parameters())
+    value_parameter = next(value_function.parameters())
+    if value_parameter.dtype != policy_parameter.dtype:
         raise ValueError(
-            f"value_function has dtype {value_dtype} but the policy has {policy_dtype} "
-            f"(the batches are in the policy's dtype); convert one with .to(dtype)"
+            f"value_function has dtype {value_parameter.dtype} but the policy has "
+            f"{policy_parameter.dtype} (the batches are in the policy's dtype); convert one "
+            "with .to(dtype)"
+        )
+    if value_parameter.device != policy_parameter.device:
+        raise ValueError(
+            f"value_function is on {value_parameter.device} but the policy is on "
+            f"{policy_parameter.device} (the batches are on the policy's device); move one "
+            "with .to(device)"
         )
 
 

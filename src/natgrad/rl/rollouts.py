@@ -20,6 +20,9 @@ from natgrad.rl.stream_state import check_stream_state, env_id
 class RolloutBatch:
     """``T`` consecutive environment steps (episodes may start and end inside the batch).
 
+    The tensors are on the device of the policy that collected them, the observations and
+    rewards in its dtype.
+
     Attributes
     ----------
     observations, next_observations : Tensor of shape (T, obs_dim)
@@ -118,6 +121,26 @@ def _check_action(action: Tensor, space: gym.Space) -> None:
         raise ValueError(f"the policy sampled {action!r}; the action space needs {expected}")
 
 
+def _batch(
+    records: Mapping[str, list],
+    episode_returns: tuple[float, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> RolloutBatch:
+    """The batch of the steps in ``records`` (CPU tensors and Python scalars) on ``device``."""
+    episode_ends = torch.tensor(records["end"])
+    episode_ends[-1] = True
+    return RolloutBatch(
+        observations=torch.stack(records["obs"]).to(device),
+        next_observations=torch.stack(records["next"]).to(device),
+        actions=torch.stack(records["act"]).to(device),
+        rewards=torch.tensor(records["rew"], dtype=dtype).to(device),
+        terminated=torch.tensor(records["term"]).to(device),
+        episode_ends=episode_ends.to(device),
+        episode_returns=episode_returns,
+    )
+
+
 def episode_seed(random_state: int, episode: int) -> int:
     """The ``env.reset`` seed of episode ``episode`` (0-based) of a collector's stream.
 
@@ -144,6 +167,9 @@ class RolloutCollector:
 
     Attributes
     ----------
+    generator : torch.Generator
+        The CPU generator of the actions, seeded with ``random_state``: a policy on a GPU
+        draws the same actions as on the CPU (see :meth:`Policy.sample`).
     env_steps : int
         Environment steps taken so far.
     batches : int
@@ -190,6 +216,10 @@ class RolloutCollector:
     def collect(self, policy: Policy, num_steps: int) -> RolloutBatch:
         """Take ``num_steps`` steps with actions sampled from ``policy``.
 
+        The environment steps on the CPU; each observation goes to the device of the
+        policy's parameters for the sampling, each action back to the CPU for ``env.step``,
+        and the batch is returned on the policy's device (see :class:`RolloutBatch`).
+
         Raises
         ------
         TypeError
@@ -203,17 +233,18 @@ class RolloutCollector:
             raise TypeError(f"policy must be a natgrad.rl.Policy, got {type(policy).__name__}")
         positive_int("num_steps", num_steps)
         _check_policy_fits(policy, self.env.action_space)
-        dtype = next(policy.parameters()).dtype
+        parameter = next(policy.parameters())
+        dtype, device = parameter.dtype, parameter.device
         records: dict[str, list] = {k: [] for k in ("obs", "next", "act", "rew", "term", "end")}
         finished: list[float] = []
         for _ in range(num_steps):
-            observation = torch.tensor(self._observation, dtype=dtype).unsqueeze(0)
-            action = policy.sample(observation, self.generator)[0]
+            observation = torch.tensor(self._observation, dtype=dtype)
+            action = policy.sample(observation.to(device).unsqueeze(0), self.generator)[0].cpu()
             env_action = self._env_action(action)
             next_observation, reward, terminated, truncated, _ = self.env.step(env_action)
             self._episode_actions.append(env_action)
             self._episode_return += float(reward)
-            records["obs"].append(observation[0])
+            records["obs"].append(observation)
             records["next"].append(torch.tensor(next_observation, dtype=dtype))
             records["act"].append(action)
             records["rew"].append(float(reward))
@@ -226,20 +257,10 @@ class RolloutCollector:
                 self._observation = np.array(next_observation)
         self.env_steps += num_steps
         self.batches += 1
-        episode_ends = torch.tensor(records["end"])
-        episode_ends[-1] = True
-        return RolloutBatch(
-            observations=torch.stack(records["obs"]),
-            next_observations=torch.stack(records["next"]),
-            actions=torch.stack(records["act"]),
-            rewards=torch.tensor(records["rew"], dtype=dtype),
-            terminated=torch.tensor(records["term"]),
-            episode_ends=episode_ends,
-            episode_returns=tuple(finished),
-        )
+        return _batch(records, tuple(finished), dtype, device)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state of the stream, a plain dict of numbers, strings and tensors (copies).
+        """The state of the stream, a plain dict of numbers, strings and CPU tensors (copies).
 
         Loadable with ``torch.load(..., weights_only=True)``. Keys: ``"env_id"`` (the
         environment's ``spec.id``, or ``None``), ``"random_state"``, ``"generator_state"``
@@ -285,7 +306,7 @@ class RolloutCollector:
         collector = cls(env, state_dict["random_state"])
         collector._replay(state_dict["episode"], state_dict["episode_actions"])
         collector._check_replay(state_dict)
-        collector.generator.set_state(state_dict["generator_state"])
+        collector.generator.set_state(state_dict["generator_state"].cpu())
         collector.env_steps = state_dict["env_steps"]
         collector.batches = state_dict["batches"]
         return collector
@@ -293,7 +314,7 @@ class RolloutCollector:
     def _replay(self, episode: int, actions: Tensor) -> None:
         self._start_episode(episode)
         discrete = isinstance(self.env.action_space, gym.spaces.Discrete)
-        for step, action in enumerate(actions.numpy()):
+        for step, action in enumerate(actions.cpu().numpy()):
             env_action = int(action) if discrete else action
             observation, reward, terminated, truncated, _ = self.env.step(env_action)
             if terminated or truncated:
@@ -306,7 +327,7 @@ class RolloutCollector:
             self._observation = np.array(observation)
 
     def _check_replay(self, state_dict: Mapping[str, Any]) -> None:
-        saved = state_dict["observation"].numpy()
+        saved = state_dict["observation"].cpu().numpy()
         if not np.array_equal(self._observation, saved):
             raise ValueError(
                 f"replaying the saved episode led to the observation {self._observation!r}, not "

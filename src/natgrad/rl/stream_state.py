@@ -75,6 +75,6 @@ def _check_generator_state(value: Any, name: str) -> None:
     if not isinstance(value, Tensor) or value.dtype != torch.uint8:
         raise ValueError(f"{name} must be a uint8 tensor, got {value!r}")
     try:
-        torch.Generator().set_state(value)
+        torch.Generator().set_state(value.cpu())
     except RuntimeError as error:
         raise ValueError(f"{name} is not a valid generator state: {error}") from None

@@ -57,7 +57,8 @@ def train(
     agent : PolicyGradient
         :class:`~natgrad.rl.NPG`, :class:`~natgrad.rl.TRPO` or
         :class:`~natgrad.rl.VanillaPolicyGradient`; updated in place, its ``rollout_state``
-        after every iteration.
+        after every iteration. Its policy may be on a GPU: the environment steps on the CPU,
+        the policy's forward passes and the update run on the policy's device.
     env : gymnasium.Env
         Continuing a stream, ``env`` is reset with the current episode's seed and the
         episode's actions are replayed (see :meth:`~natgrad.rl.RolloutCollector.from_state_dict`),
