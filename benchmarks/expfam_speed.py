@@ -15,8 +15,9 @@ that about half of the KL terms are nearby, and the points of ``log_prob`` are s
 ``PYTHONPATH``) adds its times and the speed-up, taken as the ratio of the two runs' ratios to
 torch (which cancels the drift of a shared machine between the runs).
 
-Usage: ``python benchmarks/expfam_speed.py [--sizes 1 1000 100000] [--rounds 5]
-[--name expfam_speed] [--baseline before.json] [--results-dir DIR]``. Writes
+Usage: ``python benchmarks/expfam_speed.py [--sizes 1 1000 100000] [--dtypes float32 float64]
+[--functions kl ...] [--rounds 5] [--name expfam_speed] [--baseline before.json]
+[--results-dir DIR]``. Writes
 ``<results-dir>/<name>.{md,json}`` (default ``benchmarks/results``).
 """
 
@@ -155,14 +156,18 @@ def time_pair(natgrad: Call, reference: Call | None, rounds: int) -> dict[str, f
     }
 
 
-def measure(sizes: list[int], dtypes: list[torch.dtype], rounds: int) -> list[dict]:
-    """One row per family, function, size and dtype."""
+def measure(
+    sizes: list[int], dtypes: list[torch.dtype], rounds: int, functions: list[str] | None = None
+) -> list[dict]:
+    """One row per family, function (all, or those in ``functions``), size and dtype."""
     rows = []
     for dtype in dtypes:
         for size in sizes:
             generator = torch.Generator().manual_seed(size)
             for family, (p, q) in _pairs(size, dtype, generator).items():
                 for function, (ours, theirs) in _calls(p, q, generator).items():
+                    if functions is not None and function not in functions:
+                        continue
                     timing = time_pair(ours, theirs, rounds)
                     row = {"family": family, "function": function, "size": size}
                     rows.append(row | {"dtype": str(dtype).removeprefix("torch.")} | timing)
@@ -194,20 +199,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 1000, 100000])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--functions", nargs="+", choices=FUNCTIONS, default=None)
     parser.add_argument("--name", default="expfam_speed")
     parser.add_argument("--baseline", type=Path, default=None)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dtypes = [getattr(torch, name) for name in args.dtypes]
-    rows = measure(args.sizes, dtypes, args.rounds)
+    rows = measure(args.sizes, dtypes, args.rounds, args.functions)
     columns = ["family", "function", "size", "dtype", "natgrad_us", "torch_us", "x_torch"]
     if args.baseline is not None:
         add_baseline(rows, args.baseline)
         columns += ["before_us", "speedup"]
     title = "Exponential families: microseconds per call (median), natgrad / torch.distributions"
     print_table(title, rows, columns)
-    settings = {"sizes": args.sizes, "dtypes": args.dtypes, "rounds": args.rounds}
+    settings = {
+        "sizes": args.sizes,
+        "dtypes": args.dtypes,
+        "rounds": args.rounds,
+        "functions": args.functions or list(FUNCTIONS),
+    }
     payload = {"environment": environment(**settings), "rows": rows}
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / f"{args.name}.json").write_text(json.dumps(payload, indent=2))

@@ -7,23 +7,27 @@ Stirling's formula ``log Γ(x) = (x − ½) log x − x + ½ log 2π + μ(x)``, 
 ``μ(x) ≈ 1/(12x)`` (:func:`stirling_remainder`) is small, and with
 ``φ(x) = x − log(1 + x) ≥ 0`` (:func:`x_minus_log1p`).
 
-Method: below ``ASYMPTOTIC_START`` the argument is shifted up by the recurrences
-``ψ′(x) = ψ′(x + 1) + 1/x²`` and ``μ(x) = μ(x + 1) + b(x)`` with
-``b(x) = (x + ½) log(1 + 1/x) − 1``; at or above it the asymptotic series in the Bernoulli
-numbers ``B₂ … B₂₂`` is summed (truncation error below 1e-17 relative). All functions are
-compositions of differentiable torch operations and work in any floating dtype.
+Method: below the asymptotic start ``x₀`` (``ASYMPTOTIC_START`` = 10 in float64, 5 in
+float32) the argument is shifted up by the recurrences ``ψ′(x) = ψ′(x + 1) + 1/x²`` and
+``μ(x) = μ(x + 1) + b(x)`` with ``b(x) = (x + ½) log(1 + 1/x) − 1``; at or above it the
+asymptotic series in the Bernoulli numbers ``B₂ … B₂₂`` is summed (truncation error below
+1e-17 relative). In float32 every series is cut where its truncation error falls below
+``ε/16`` (:class:`SeriesTerms`, which derives each bound): 7 terms instead of 18 for ``φ``, 9
+instead of 18 for ``b``, 7 instead of 11 asymptotic terms, 5 quadrature nodes instead of 8.
+All functions are compositions of differentiable torch operations and work in any floating
+dtype.
 
 Cost: for small batches the time goes into the number of tensor operations, not their size.
 The series are summed by Horner's rule with one ``torch.addcmul`` per term on coefficient
 tensors cached per dtype and device, and ``μ``, ``μ′`` and ``μ″`` come out of one pass
 (:func:`stirling_remainder_derivatives`). Each function evaluates a branch only on the entries
 that take it (in batches of ``SPLIT_SIZE`` or more), and none when no entry does
-(:func:`_evaluate_split`): the shifted sums below ``ASYMPTOTIC_START`` (up to nine terms of an
-18-term series each) only where the argument is below it and only over as many shifts as the
+(:func:`_evaluate_split`): the shifted sums below ``x₀`` (up to nine terms of a series each
+in float64) only where the argument is below it and only over as many shifts as the
 smallest argument needs, the quadrature of :func:`stirling_remainder_bregman` only for nearby
 arguments. The entropies
 need ``μ`` and ``μ′`` only to an absolute accuracy: :func:`stirling_remainder_coarse_derivatives`
-takes them from ``torch.lgamma`` and ``torch.digamma`` below ``ASYMPTOTIC_START``.
+takes them from ``torch.lgamma`` and ``torch.digamma`` below ``x₀``.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Arguments at or above this use the asymptotic series.
+#: Arguments at or above this use the asymptotic series in float64 (float32 starts at 5:
+#: :class:`SeriesTerms`).
 ASYMPTOTIC_START = 10.0
-_SHIFTS = math.ceil(ASYMPTOTIC_START)
 #: Bernoulli numbers B₂, B₄, …, B₂₂.
 _BERNOULLI = (
     1 / 6,
@@ -54,11 +58,72 @@ _BERNOULLI = (
     -174611 / 330,
     854513 / 138,
 )
-#: Terms of the series in ``v = 1/(2x + 1) ≤ 1/3`` for ``b(x)`` (``v³⁶ < 1e-17``).
-_BRACKET_TERMS = 18
 #: ``μ(y) − μ(x) − (y − x) μ′(x)`` is integrated numerically when ``|y − x| ≤ 0.25 x``.
 _NEARBY = 0.25
-_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(8)
+
+
+@dataclass(frozen=True)
+class SeriesTerms:
+    """Where the asymptotic series starts and how many terms each series sums (and how many
+    quadrature nodes it takes) in one precision.
+
+    In float32 each count is the smallest whose truncation error is below ``ε/16`` relative to
+    the result (``ε = 2⁻²³``) over the whole range where the series is used (one term fewer
+    breaks it; ``tests/expfam/test_expfam_series_terms.py`` measures both against mpmath).
+    The float64 counts are those this module always used: truncation below 1e-17 relative
+    (5e-17, ``0.23 ε``, for ``μ″`` at ``x = 10``).
+
+    - ``asymptotic_start``: ``x₀``, the asymptotic series is summed at ``x ≥ x₀``, the shifted
+      sums below it (at most ``⌈x₀⌉`` shifts). 10 in float64 (:data:`ASYMPTOTIC_START`), 5 in
+      float32: half the shifts, for three more terms of the asymptotic series.
+    - ``log_ratio``: terms ``k = 0 … K − 1`` of ``Σₖ u²ᵏ/(2k + 3)`` in
+      :func:`x_minus_log1p_small`, ``|u| ≤ ⅓``. All terms are positive, so the tail is at
+      most ``2|u|^{2K+3} / ((2K + 3)(1 − u²))``, largest at ``u = −⅓`` (``x = −½``) where
+      ``φ(−½) = log 2 − ½``: relative ``2·3^{−(2K+3)} / ((2K + 3)·(8/9)·0.193)``, ``0.045 ε``
+      in float32 at ``K = 7`` (``0.45 ε`` at ``K = 6``). In float64 ``K = 18`` (``3e-4 ε``).
+    - ``bracket``: terms of ``b = v² Σₖ v²ᵏ/(2k + 3)`` and ``b′ = −4v³ Σₖ (k + 1) v²ᵏ/(2k + 3)``,
+      ``v = 1/(2x + 1) ≤ ⅓``. Against the leading terms ``v²/3`` and ``4v³/3`` the tails are at
+      most ``3·9^{−K} / ((2K + 3)·(8/9))`` and (``(k + 1)/(2k + 3) < ½``) ``1.5·9^{−K}/(8/9)``:
+      ``0.0035 ε`` and ``0.037 ε`` in float32 at ``K = 9`` (``0.33 ε`` at ``K = 8``); in float64
+      ``K = 18`` (``0.05 ε``). ``μ = Σⱼ b(x + j) + μ(x + n)`` sums terms of one sign, so the
+      relative error of each bounds that of the sum.
+    - ``remainder``: Bernoulli terms of the asymptotic series of ``μ``, ``μ′``, ``μ″`` at
+      ``x ≥ x₀``; each series envelops its function (the error is below the first omitted
+      term), whose size relative to the leading one is ``12|B₂ₖ|/(2k(2k − 1)) x^{2−2k}``,
+      ``12|B₂ₖ|/(2k) x^{2−2k}`` and ``6|B₂ₖ| x^{2−2k}``. At ``x₀ = 5`` with ``K = 7`` terms
+      (first omitted ``k = 8``): ``0.0005 ε``, ``0.0073 ε`` and ``0.059 ε`` in float32 (with
+      ``K = 6``: ``0.24 ε`` for ``μ″``). In float64 ``K = 11`` at ``x₀ = 10``.
+    - ``nodes``: Gauss–Legendre nodes of :func:`stirling_remainder_bregman`'s quadrature. The
+      integrand is analytic on ``[0, 1]`` (the branch point of ``μ″`` is at
+      ``u = −x/(y − x) ≤ −4``), so the error falls geometrically with the number of nodes;
+      measured in float64 against 8 nodes over ``x ∈ [1e-8, 1e8]``, ``|y − x| ≤ x/4``, the
+      worst relative error is 2.5e-7 with 4 nodes, 2.0e-9 (``0.017 ε`` of float32) with 5 and
+      1.5e-11 with 6. In float64 8 nodes (below 1e-17 relative).
+    """
+
+    asymptotic_start: float
+    log_ratio: int
+    bracket: int
+    remainder: int
+    nodes: int
+
+
+#: The counts for float64 (and any dtype finer than float32).
+DOUBLE_TERMS = SeriesTerms(
+    asymptotic_start=ASYMPTOTIC_START, log_ratio=18, bracket=18, remainder=len(_BERNOULLI), nodes=8
+)
+#: The counts for float32 (and coarser dtypes: float16, bfloat16).
+SINGLE_TERMS = SeriesTerms(asymptotic_start=5.0, log_ratio=7, bracket=9, remainder=7, nodes=5)
+
+
+def series_terms(dtype: torch.dtype) -> SeriesTerms:
+    """The :class:`SeriesTerms` used for ``dtype``: :data:`SINGLE_TERMS` where its machine
+    epsilon is at least float32's, else :data:`DOUBLE_TERMS`."""
+    if torch.finfo(dtype).eps >= torch.finfo(torch.float32).eps:
+        return SINGLE_TERMS
+    return DOUBLE_TERMS
+
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 #: Batches of at least this size with entries on both sides of a branch evaluate each branch
 #: on its own entries only (see :func:`_evaluate_split`).
@@ -75,8 +140,9 @@ class _Coefficients:
     the last dimension ``(n,)`` and everything else (derivative, shift, quadrature node) in
     front of it, as columns ``(m, 1)``: reductions over a short trailing dimension and
     broadcasts into one are several times slower than over a leading one. ``log_ratio`` is
-    the row ``(1, 17)`` of the coefficients ``1/(2k + 3)``, ``k = 1 … 17``, of
-    :func:`x_minus_log1p_small`.
+    the row ``(1, K − 1)`` of the coefficients ``1/(2k + 3)``, ``k = 1 … K − 1``, of
+    :func:`x_minus_log1p_small`. The series lengths ``K`` depend on the dtype
+    (:func:`series_terms`).
     """
 
     remainder: tuple[Tensor, ...]
@@ -85,6 +151,7 @@ class _Coefficients:
     bracket: tuple[Tensor, ...]
     log_ratio: Tensor
     shifts: Tensor
+    start: float
     nodes: Tensor
     weights: Tensor
 
@@ -96,10 +163,13 @@ def _coefficients(dtype: torch.dtype, device: torch.device) -> _Coefficients:
     def column(values) -> Tensor:
         return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
-    bracket_rows = [(1 / (2 * k + 3), (k + 1) / (2 * k + 3)) for k in range(_BRACKET_TERMS)]
+    terms = series_terms(dtype)
+    bracket_rows = [(1 / (2 * k + 3), (k + 1) / (2 * k + 3)) for k in range(terms.bracket)]
+    log_ratio_row = [1 / (2 * k + 3) for k in range(1, terms.log_ratio)]
     remainder_rows = [
-        tuple(_series_coefficient(k, d) for d in range(3)) for k in range(1, len(_BERNOULLI) + 1)
+        tuple(_series_coefficient(k, d) for d in range(3)) for k in range(1, terms.remainder + 1)
     ]
+    nodes, weights = np.polynomial.legendre.leggauss(terms.nodes)
     # Plain tensors even when first called under inference mode: autograd may save them.
     with torch.inference_mode(False):
         return _Coefficients(
@@ -107,10 +177,11 @@ def _coefficients(dtype: torch.dtype, device: torch.device) -> _Coefficients:
             value=tuple(column(row[:1]) for row in remainder_rows),
             curvature=tuple(column(row[2:]) for row in remainder_rows),
             bracket=tuple(column(row) for row in bracket_rows),
-            log_ratio=column([row[0] for row in bracket_rows[1:]]).T,
-            shifts=column(range(_SHIFTS)),
-            nodes=column((_NODES + 1.0) / 2.0),
-            weights=column(_WEIGHTS * (1.0 - _NODES) / 4.0)[:, 0],
+            log_ratio=column(log_ratio_row).T,
+            shifts=column(range(math.ceil(terms.asymptotic_start))),
+            start=terms.asymptotic_start,
+            nodes=column((nodes + 1.0) / 2.0),
+            weights=column(weights * (1.0 - nodes) / 4.0)[:, 0],
         )
 
 
@@ -134,7 +205,7 @@ def trigamma(x: Tensor) -> Tensor:
     positive = flat > 0
     safe = torch.where(positive, flat, 1.0)
     shifted = safe + _shifts_below(safe, constants)
-    below = shifted < ASYMPTOTIC_START
+    below = shifted < constants.start
     terms = torch.where(below, (shifted * shifted).reciprocal(), 0.0).sum(0)
     start = safe + below.sum(0)
     inverse = start.reciprocal()
@@ -175,9 +246,10 @@ def x_minus_log1p_small(x: Tensor) -> Tensor:
     """``φ(x) = x − log(1 + x)`` for ``|x| ≤ ½`` only, to a few ulps relative.
 
     With ``u = x/(2 + x)`` (so ``log(1 + x) = 2 atanh u``, ``|u| ≤ ⅓``):
-    ``φ(x) = x u − 2u³ Σₖ u²ᵏ/(2k + 3)``, 18 terms (``u³⁶ < 1e-17``), all positive: the
-    powers ``u²ᵏ``, ``k ≥ 1``, are one ``cumprod`` and their sum one product with the
-    coefficient row (a few tensor operations instead of one per term).
+    ``φ(x) = x u − 2u³ Σₖ u²ᵏ/(2k + 3)``, all terms positive, 18 of them in float64 and 7 in
+    float32 (:class:`SeriesTerms` derives both): the powers ``u²ᵏ``, ``k ≥ 1``, are one
+    ``cumprod`` and their sum one product with the coefficient row (a few tensor operations
+    instead of one per term).
 
     Parameters
     ----------
@@ -269,7 +341,7 @@ def stirling_remainder_derivatives(x: Tensor) -> Tensor:
 def stirling_remainder_coarse(x: Tensor) -> Tensor:
     """``μ(x)`` (see :func:`stirling_remainder`) to an absolute, not relative, accuracy.
 
-    At or above ``ASYMPTOTIC_START`` it is the asymptotic series (a few ulps relative);
+    At or above ``x₀`` it is the asymptotic series (a few ulps relative);
     below, ``log Γ(x) − (x − ½) log x + x − ½ log 2π`` from ``torch.lgamma``, whose error is a
     few ulps of the largest of these terms (in float64 at most ``4e-15`` on ``[1e-8, 10)``,
     ``1.5e-14`` down to ``x = 1e-300``: ``6ε (1 + |log x|)``).
@@ -288,10 +360,10 @@ def stirling_remainder_coarse(x: Tensor) -> Tensor:
     """
     constants = _coefficients(x.dtype, x.device)
     flat = x.reshape(-1)
-    large = flat >= ASYMPTOTIC_START
+    large = flat >= constants.start
 
     def both(values: Tensor) -> Tensor:
-        series = _single_series(torch.where(large, values, ASYMPTOTIC_START), constants.value, 1)
+        series = _single_series(torch.where(large, values, constants.start), constants.value, 1)
         return torch.where(large, series, _remainder_value(torch.where(large, 1.0, values)))
 
     remainder = _evaluate_split(
@@ -313,7 +385,7 @@ def _remainder_value(x: Tensor) -> Tensor:
 def stirling_remainder_coarse_derivatives(x: Tensor) -> Tensor:
     """``μ(x)`` and ``μ′(x)`` (see :func:`stirling_remainder`) to an absolute accuracy, stacked.
 
-    At or above ``ASYMPTOTIC_START`` the asymptotic series (a few ulps relative); below,
+    At or above ``x₀`` the asymptotic series (a few ulps relative); below,
     :func:`stirling_remainder_coarse` and ``ψ(x) − log x + 1/(2x)`` from ``torch.digamma``,
     each with the error of a few ulps of its largest term (in float64 about ``1e-14`` for
     ``1 ≤ x < 10``; of ``ψ(x) ≈ −1/x`` below). For sums where they are added to terms of that
@@ -333,10 +405,10 @@ def stirling_remainder_coarse_derivatives(x: Tensor) -> Tensor:
     """
     constants = _coefficients(x.dtype, x.device)
     flat = x.reshape(-1)
-    small = flat < ASYMPTOTIC_START
+    small = flat < constants.start
 
     def both(values: Tensor) -> Tensor:
-        large = _remainder_series(torch.where(small, ASYMPTOTIC_START, values), constants)
+        large = _remainder_series(torch.where(small, constants.start, values), constants)
         return torch.where(small, _remainder_direct(values), large[:2])
 
     table = _evaluate_split(
@@ -413,7 +485,8 @@ def stirling_remainder_bregman(x: Tensor, y: Tensor, difference: Tensor) -> Tens
     """``μ(y) − μ(x) − (y − x) μ′(x) ≥ 0``, without cancellation.
 
     For ``|y − x| ≤ ¼ x`` it is the integral ``(y − x)² ∫₀¹ (1 − u) μ″(x + u(y − x)) du`` by
-    8-point Gauss–Legendre (error below 1e-17 relative there); otherwise the difference.
+    8-point Gauss–Legendre in float64 (error below 1e-17 relative there), 5-point in float32
+    (:class:`SeriesTerms`); otherwise the difference.
 
     Parameters
     ----------
@@ -521,21 +594,21 @@ def _evaluate_split(
 
 def _shifts_below(x: Tensor, constants: _Coefficients) -> Tensor:
     """The shifts ``j = 0, 1, …`` (a column ``(m, 1)``) up to the last that leaves an entry of
-    ``x > 0`` (shape ``(n,)``) below ``ASYMPTOTIC_START``; none if every entry is above it."""
+    ``x > 0`` (shape ``(n,)``) below ``x₀``; none if every entry is above it."""
     if under_function_transform():
         return constants.shifts
     if x.numel() == 0:
         return constants.shifts[:0]
-    count = math.ceil(ASYMPTOTIC_START - float(x.detach().min()))
+    count = math.ceil(constants.start - float(x.detach().min()))
     return constants.shifts[: max(count, 0)]
 
 
 def _remainder_table(x: Tensor, constants: _Coefficients) -> Tensor:
     """``μ``, ``μ′``, ``μ″`` at ``x > 0`` of shape ``(n,)``, stacked to ``(3, n)``: the
-    asymptotic series at or above ``ASYMPTOTIC_START``, :func:`_remainder_table_shifted` below.
+    asymptotic series at or above ``x₀``, :func:`_remainder_table_shifted` below.
     """
     return _evaluate_split(
-        x < ASYMPTOTIC_START,
+        x < constants.start,
         lambda small: _remainder_table_shifted(small, constants),
         lambda large: _remainder_series(large, constants),
         (x,),
@@ -547,24 +620,24 @@ def _remainder_table_shifted(x: Tensor, constants: _Coefficients) -> Tensor:
     """``μ``, ``μ′``, ``μ″`` at ``x > 0`` of shape ``(n,)``, stacked.
 
     ``μ(x) = b(x) + μ(x + 1)`` for ``x < 1`` (closed form), then the bracket series at the
-    shifts below ``ASYMPTOTIC_START`` and the asymptotic series at the first one above.
+    shifts below ``x₀`` and the asymptotic series at the first one above.
     """
     below_one = x < 1
     direct = torch.where(below_one, _bracket_direct(torch.where(below_one, x, 1.0)), 0.0)
     base = torch.where(below_one, x + 1.0, x)
     shifted = base + _shifts_below(base, constants)
-    below = shifted < ASYMPTOTIC_START
-    brackets = _bracket_series(torch.where(below, shifted, ASYMPTOTIC_START), constants)
+    below = shifted < constants.start
+    brackets = _bracket_series(torch.where(below, shifted, constants.start), constants)
     brackets = torch.where(below, brackets, 0.0).sum(1)
     return (direct + brackets) + _remainder_series(base + below.sum(0), constants)
 
 
 def _remainder_curvature(x: Tensor, constants: _Coefficients) -> Tensor:
     """``μ″(x)`` alone for ``x > 0`` (any shape): the asymptotic series at or above
-    ``ASYMPTOTIC_START``, :func:`_remainder_curvature_shifted` below."""
+    ``x₀``, :func:`_remainder_curvature_shifted` below."""
     flat = x.reshape(-1)
     curvature = _evaluate_split(
-        flat < ASYMPTOTIC_START,
+        flat < constants.start,
         lambda small: _remainder_curvature_shifted(small, constants),
         lambda large: _single_series(large, constants.curvature, 3),
         (flat,),
@@ -575,9 +648,9 @@ def _remainder_curvature(x: Tensor, constants: _Coefficients) -> Tensor:
 
 def _remainder_curvature_shifted(x: Tensor, constants: _Coefficients) -> Tensor:
     """``μ″(x) = Σⱼ b″(x + j) + μ″(x + n)`` for ``x > 0`` of shape ``(n,)``, with
-    ``b″(x) = 1/(2x²(x + 1)²)`` over the shifts below ``ASYMPTOTIC_START``."""
+    ``b″(x) = 1/(2x²(x + 1)²)`` over the shifts below ``x₀``."""
     shifted = x + _shifts_below(x, constants)
-    below = shifted < ASYMPTOTIC_START
+    below = shifted < constants.start
     product = shifted * (shifted + 1.0)
     brackets = torch.where(below, (product * product).reciprocal(), 0.0).sum(0)
     series = _single_series(x + below.sum(0), constants.curvature, 3)
@@ -597,7 +670,7 @@ def _horner(z: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
 
 
 def _remainder_series(x: Tensor, constants: _Coefficients) -> Tensor:
-    """The asymptotic series of ``μ``, ``μ′``, ``μ″`` (``x ≥ ASYMPTOTIC_START``), stacked."""
+    """The asymptotic series of ``μ``, ``μ′``, ``μ″`` (``x ≥ x₀``), stacked."""
     inverse = x.reciprocal()
     inverse_squared = inverse * inverse
     leading = torch.stack((inverse, inverse_squared, inverse * inverse_squared))
@@ -606,7 +679,7 @@ def _remainder_series(x: Tensor, constants: _Coefficients) -> Tensor:
 
 def _single_series(x: Tensor, rows: tuple[Tensor, ...], power: int) -> Tensor:
     """One asymptotic series (``μ``: ``power = 1``, ``μ″``: ``power = 3``), ``x ≥
-    ASYMPTOTIC_START``: ``x^{−power} Σₖ rows[k] x^{−2k}``."""
+    x₀``: ``x^{−power} Σₖ rows[k] x^{−2k}``."""
     inverse = x.reciprocal()
     inverse_squared = inverse * inverse
     leading = inverse if power == 1 else inverse * inverse_squared
