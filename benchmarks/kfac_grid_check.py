@@ -20,6 +20,7 @@ Run ``python benchmarks/kfac_grid_check.py`` (about 10 minutes with 1 torch thre
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -67,10 +68,12 @@ def _rank(row: dict) -> float:
 
 
 def kl_clip_rows(seeds: int, data: dict) -> list[dict]:
-    """K-FAC's grid with each KL clip."""
+    """K-FAC's grid with each KL clip (the grid's own clips dropped from its points, so that a
+    row's ``best_config`` names the point without the clip it did not train with)."""
+    unclipped = [replace(config, kl_clip=None) for config in kfac_digits.grid("kfac")]
     return [
         {"kl_clip": "off" if kl_clip is None else kl_clip}
-        | fewest_steps(task, kfac_digits.grid("kfac"), seeds, data, kl_clip=kl_clip)
+        | fewest_steps(task, unclipped, seeds, data, kl_clip=kl_clip)
         for task in KL_CLIP_TASKS
         for kl_clip in KL_CLIPS
     ]
