@@ -7,7 +7,15 @@ import statistics
 import time
 from collections.abc import Callable, Hashable
 
+import torch
+
 Step = Callable[[], None]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously to the host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def seconds_per_step(step: Step, steps: int) -> float:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from _report import environment, print_table, save_json
+from _timing import synchronize
 
 SIZES = (9, 33, 65, 129, 257, 385, 449, 513, 1025)
 STACKS = (1, 4)
@@ -64,11 +65,6 @@ def median_seconds(
         synchronize(matrices.device)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def residual(matrices: Tensor, values: Tensor, vectors: Tensor) -> float:

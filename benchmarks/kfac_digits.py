@@ -161,6 +161,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from _report import environment, print_table, save_figure, save_json
+from _timing import synchronize
 from natgrad.optim import EKFAC, KFAC, QuadraticModelOptimizer
 
 NAME = "kfac_digits"
@@ -885,12 +886,6 @@ def asdl_stepper(task: Task, config: CostConfig, model: nn.Module, inputs, targe
         optimizer.step()
 
     return step, lambda: None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (CUDA runs asynchronously to the host clock)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_seconds(

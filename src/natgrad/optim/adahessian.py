@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from natgrad._random import drawing_device
 from natgrad._validation import (
     nonnegative_float,
     positive_float,
@@ -38,7 +39,7 @@ def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) ->
 
     The signs are drawn on the generator's device (CPU by default) and moved to ``tensor``'s.
     """
-    device = generator.device if generator is not None else tensor.device
+    device = drawing_device(generator, tensor)
     bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device, dtype=tensor.dtype)
     return bits.mul_(2).sub_(1).to(device=tensor.device)
 
