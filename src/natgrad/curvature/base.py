@@ -256,7 +256,7 @@ class CurvatureOperator(abc.ABC):
                 "for (no array converts to it without loss); build the operator in float32 "
                 "(e.g. from model.float() and float32 inputs)"
             )
-        dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        dtype = torch.empty((), dtype=self.dtype, device="cpu").numpy().dtype
 
         def as_tensor(array: np.ndarray) -> Tensor:
             array = np.asarray(array)

@@ -147,7 +147,7 @@ def check_local_weights(
 
 def _probe(outputs: Tensor) -> Tensor:
     generator = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randn(outputs.shape, generator=generator).to(outputs)
+    return torch.randn(outputs.shape, generator=generator, device=generator.device).to(outputs)
 
 
 def _call_gradients(

@@ -32,7 +32,7 @@ def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
             )
         return random_state
     if random_state is None:
-        return torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+        return torch.Generator().manual_seed(int(torch.randint(2**62, (), device="cpu").item()))
     if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
         raise TypeError(
             f"random_state must be an int, a torch.Generator or None, got {random_state!r}"
@@ -41,11 +41,12 @@ def as_generator(random_state: int | torch.Generator | None) -> torch.Generator:
 
 
 def as_fitness(fitness: Tensor | list[float]) -> Tensor:
-    """``fitness`` as a detached tensor: a floating-point tensor keeps its dtype, anything else
-    (lists, NumPy arrays, integer tensors) becomes float64, so that no rounding merges ranks."""
+    """``fitness`` as a detached CPU tensor: a floating-point tensor keeps its dtype (a vectorized
+    objective may return it on a GPU), anything else (lists, NumPy arrays, integer tensors)
+    becomes float64, so that no rounding merges ranks."""
     if not isinstance(fitness, Tensor) or not fitness.dtype.is_floating_point:
-        fitness = torch.as_tensor(fitness, dtype=torch.float64)
-    return fitness.detach()
+        fitness = torch.as_tensor(fitness, dtype=torch.float64, device="cpu")
+    return fitness.detach().cpu()
 
 
 def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
@@ -57,7 +58,7 @@ def as_start_point(x0: Tensor | list[float], dtype: torch.dtype) -> Tensor:
             f"x0 must be on the CPU (natural evolution strategies sample and update their "
             f"search distribution there), got a tensor on {x0.device}; pass x0.cpu()"
         )
-    point = torch.as_tensor(x0, dtype=dtype).detach().clone()
+    point = torch.as_tensor(x0, dtype=dtype, device="cpu").detach().clone()
     if point.ndim != 1 or point.numel() < 1:
         raise ValueError(f"x0 must be a non-empty 1-d vector, got shape {tuple(point.shape)}")
     if not bool(torch.isfinite(point).all()):
@@ -162,7 +163,7 @@ class NaturalEvolutionStrategy(abc.ABC):
             below); nothing changes but the generator's state.
         """
         noise = torch.randn(
-            self.population_size, self.dim, generator=self.generator, dtype=self.dtype
+            self.population_size, self.dim, generator=self.generator, dtype=self.dtype, device="cpu"
         )
         samples = self._from_noise(noise)
         if not bool(torch.isfinite(samples).all()):
@@ -203,7 +204,7 @@ class NaturalEvolutionStrategy(abc.ABC):
 
     def _tell(self, samples: Tensor, fitness: Tensor) -> int:
         """:meth:`tell` without its warning; returns the number of NaN fitness values."""
-        samples = torch.as_tensor(samples, dtype=self.dtype).detach()
+        samples = torch.as_tensor(samples, dtype=self.dtype, device="cpu").detach()
         fitness = as_fitness(fitness)
         expected = (self.population_size, self.dim)
         if samples.shape != expected:
@@ -234,7 +235,9 @@ class NaturalEvolutionStrategy(abc.ABC):
         self._update(noise, utilities)
         for name in names:
             value = getattr(self, name)
-            finite = bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all())
+            finite = bool(
+                torch.isfinite(torch.as_tensor(value, dtype=torch.float64, device="cpu")).all()
+            )
             if not finite:
                 for key, kept in previous.items():
                     setattr(self, key, kept)

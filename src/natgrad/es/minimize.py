@@ -22,7 +22,9 @@ def _evaluate(f: Callable, samples: Tensor, vectorized: bool) -> Tensor:
     if vectorized:
         values = as_fitness(f(samples))
     else:
-        values = torch.tensor([float(f(sample)) for sample in samples], dtype=torch.float64)
+        values = torch.tensor(
+            [float(f(sample)) for sample in samples], dtype=torch.float64, device="cpu"
+        )
     if values.shape != (samples.shape[0],):
         raise ValueError(
             f"f must return one value per sample ({samples.shape[0]}), got {tuple(values.shape)}"

@@ -10,7 +10,8 @@ from torch import Tensor
 
 
 def _check(x: Tensor, min_dim: int = 1) -> Tensor:
-    x = torch.as_tensor(x)
+    if not isinstance(x, Tensor):  # a tensor stays on its device, whatever the default one
+        x = torch.as_tensor(x)
     if x.ndim < 1 or x.shape[-1] < min_dim:
         raise ValueError(f"x must have a last dimension of at least {min_dim}, got {x.shape}")
     return x

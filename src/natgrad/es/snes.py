@@ -77,7 +77,7 @@ class SNES(NaturalEvolutionStrategy):
         self.eta_sigma = (
             default_sigma if eta_sigma is None else positive_float("eta_sigma", eta_sigma)
         )
-        self.sigma = torch.full((self.dim,), float(sigma0), dtype=dtype)
+        self.sigma = torch.full((self.dim,), float(sigma0), dtype=dtype, device="cpu")
 
     def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super()._state_tensor_shapes(), "sigma": (self.dim,)}

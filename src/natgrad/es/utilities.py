@@ -31,7 +31,7 @@ def rank_utilities(population_size: int, dtype: torch.dtype = torch.float64) -> 
     Tensor of shape (λ,)
     """
     population_size = int_at_least("population_size", population_size, 2)
-    ranks = torch.arange(1, population_size + 1, dtype=dtype)
+    ranks = torch.arange(1, population_size + 1, dtype=dtype, device="cpu")
     raw = (math.log(population_size / 2 + 1) - torch.log(ranks)).clamp(min=0)
     return raw / raw.sum() - 1.0 / population_size
 

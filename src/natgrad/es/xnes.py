@@ -36,7 +36,7 @@ def xnes_natural_gradient(noise: Tensor, weights: Tensor) -> tuple[Tensor, Tenso
     grad_delta : Tensor of shape (d,)
     grad_m : Tensor of shape (d, d), symmetric
     """
-    identity = torch.eye(noise.shape[1], dtype=noise.dtype)
+    identity = torch.eye(noise.shape[1], dtype=noise.dtype, device="cpu")
     grad_delta = weights @ noise
     grad_m = torch.einsum("k,ki,kj->ij", weights, noise, noise) - weights.sum() * identity
     return grad_delta, grad_m
@@ -93,7 +93,7 @@ class XNES(NaturalEvolutionStrategy):
             for value, default, name in zip(given, defaults, names, strict=True)
         )
         self.sigma = float(sigma0)
-        self.shape = torch.eye(self.dim, dtype=dtype)
+        self.shape = torch.eye(self.dim, dtype=dtype, device="cpu")
 
     def _state_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super()._state_tensor_shapes(), "shape": (self.dim, self.dim)}
@@ -116,7 +116,7 @@ class XNES(NaturalEvolutionStrategy):
     def _update(self, noise: Tensor, utilities: Tensor) -> None:
         grad_delta, grad_m = xnes_natural_gradient(noise, utilities)
         grad_sigma = float(torch.trace(grad_m)) / self.dim
-        grad_shape = grad_m - grad_sigma * torch.eye(self.dim, dtype=self.dtype)
+        grad_shape = grad_m - grad_sigma * torch.eye(self.dim, dtype=self.dtype, device="cpu")
         self.mean = self.mean + self.eta_mean * self.sigma * self.shape @ grad_delta
         self.sigma *= math.exp(0.5 * self.eta_sigma * grad_sigma)
         self.shape = self.shape @ torch.linalg.matrix_exp(0.5 * self.eta_shape * grad_shape)

@@ -179,7 +179,7 @@ class GLMEstimator(BaseEstimator):
         """
         inverse_C, first_step = self._check_hyperparameters()
         # a copy: the user's array may be read-only (a pandas Series), which torch warns about
-        weights = None if sample_weight is None else torch.tensor(sample_weight)
+        weights = None if sample_weight is None else torch.tensor(sample_weight, device="cpu")
         objective = PenalisedGLMObjective(
             self._design(X),
             targets,
@@ -190,7 +190,7 @@ class GLMEstimator(BaseEstimator):
             sample_weight=weights,
         )
         if initial_params is None:
-            initial_params = torch.zeros(objective.n_params, dtype=DTYPE)
+            initial_params = torch.zeros(objective.n_params, dtype=DTYPE, device="cpu")
         result = minimise(
             objective, initial_params, self.solver, first_step, self.tol, self.max_iter, stop_early
         )
@@ -279,7 +279,7 @@ def weight_covariance(
     factor, info = torch.linalg.cholesky_ex(summed_fisher)
     param_covariance = torch.cholesky_inverse(factor) if int(info) == 0 else None
     if param_covariance is None or not bool(torch.isfinite(param_covariance).all()):
-        eye = torch.eye(objective.n_params, dtype=summed_fisher.dtype)
+        eye = torch.eye(objective.n_params, dtype=summed_fisher.dtype, device="cpu")
         param_covariance = damped_solve(summed_fisher, eye, damping=0.0)
     param_covariance = 0.5 * (param_covariance + param_covariance.T)
     n_rows, n_columns = objective.n_rows, objective.n_columns

@@ -79,7 +79,7 @@ def sum_to_zero_basis(n_classes: int, dtype: torch.dtype = torch.float64) -> Ten
     """
     if n_classes < 2:
         raise ValueError(f"n_classes must be at least 2, got {n_classes}")
-    centred = torch.eye(n_classes, dtype=dtype) - 1.0 / n_classes
+    centred = torch.eye(n_classes, dtype=dtype, device="cpu") - 1.0 / n_classes
     basis, _ = torch.linalg.qr(centred[:, : n_classes - 1])
     return basis.contiguous()
 
@@ -275,7 +275,7 @@ class PenalisedGLMObjective:
         self.n_columns = output_basis.shape[1]
         self.inverse_C = inverse_C
         self.total_weight, self._mean_weights = self._check_sample_weight(sample_weight)
-        penalised_rows = torch.ones(self.n_rows, dtype=design.dtype)
+        penalised_rows = torch.ones(self.n_rows, dtype=design.dtype, device="cpu")
         if fit_intercept:
             penalised_rows[-1] = 0.0
         self.penalty_diagonal = (inverse_C / self.total_weight) * penalised_rows.repeat_interleave(
@@ -385,7 +385,9 @@ class PenalisedGLMObjective:
         """
         values = params.detach().numpy()
         if not values.any():  # the usual starting point
-            return torch.zeros(self.n_samples, len(self._basis_array), dtype=params.dtype)
+            return torch.zeros(
+                self.n_samples, len(self._basis_array), dtype=params.dtype, device="cpu"
+            )
         weights = values.reshape(self.n_rows, self.n_columns) @ self._basis_array.T
         with np.errstate(invalid="ignore", over="ignore"):  # inf loss: the result is not used
             return torch.from_numpy(self._design_times(weights))
@@ -421,7 +423,7 @@ class PenalisedGLMObjective:
         with torch.no_grad():
             common = None if outputs is not None else self._common_output(values)
             if common is not None:  # only the intercept is non-zero: the usual start
-                outputs = torch.full((self.n_samples, 1), common, dtype=params.dtype)
+                outputs = torch.full((self.n_samples, 1), common, dtype=params.dtype, device="cpu")
                 loss, means, roots = self._common_scalar_terms(common)
             else:
                 if outputs is None:
@@ -683,7 +685,7 @@ class PenalisedGLMObjective:
         formed.
         """
         size, rows = self.n_columns, self.n_rows
-        fisher = torch.empty(rows, size, rows, size, dtype=self.design.dtype)
+        fisher = torch.empty(rows, size, rows, size, dtype=self.design.dtype, device="cpu")
         for p in range(size):
             for q in range(p, size):
                 block = self._scalar_data_fisher(column_fisher[:, p, q])

@@ -159,11 +159,11 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
             )
         if n_classes == 2:
             likelihood = get_likelihood("bernoulli")
-            targets = torch.as_tensor(labels, dtype=DTYPE)
-            basis = torch.ones(1, 1, dtype=DTYPE)
+            targets = torch.as_tensor(labels, dtype=DTYPE, device="cpu")
+            basis = torch.ones(1, 1, dtype=DTYPE, device="cpu")
         else:
             likelihood = get_likelihood("categorical")
-            targets = torch.as_tensor(labels, dtype=torch.long)
+            targets = torch.as_tensor(labels, dtype=torch.long, device="cpu")
             basis = sum_to_zero_basis(n_classes, DTYPE)
         fitted = self._fit_glm(
             X,
@@ -206,7 +206,7 @@ class LogisticRegression(ClassifierMixin, GLMEstimator):
         """Early stop for an unpenalised fit once every training point is strictly separated."""
         if self.penalty is not None and np.isfinite(self.C):
             return None
-        label_tensor = torch.as_tensor(labels, dtype=torch.long)
+        label_tensor = torch.as_tensor(labels, dtype=torch.long, device="cpu")
         signs = 2.0 * labels.astype(np.float64) - 1.0  # binary: margins are signs · logits
 
         def separated(logits: Tensor) -> bool:

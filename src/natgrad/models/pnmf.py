@@ -462,8 +462,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def fit_transform(self, X, y=None) -> np.ndarray:
         """Fit to ``X``; return ``E_q[exp F]`` of its samples, shape (n_samples, n_components)."""
         self.fit(X)
-        mean = torch.as_tensor(self.variational_mean_)
-        variance = torch.as_tensor(self.variational_variance_)
+        mean = torch.as_tensor(self.variational_mean_, device="cpu")
+        variance = torch.as_tensor(self.variational_variance_, device="cpu")
         return expected_exp_factors(mean, variance).numpy()
 
     def inverse_transform(self, X) -> np.ndarray:

@@ -130,12 +130,12 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
             )
         weights = check_sample_weight(sample_weight, len(y))
         X, y, weights = drop_zero_weights(X, y, weights)
-        targets = torch.tensor(y, dtype=DTYPE)
+        targets = torch.tensor(y, dtype=DTYPE, device="cpu")
         fitted = self._fit_glm(
             X,
             targets,
             get_likelihood("poisson"),
-            torch.ones(1, 1, dtype=DTYPE),
+            torch.ones(1, 1, dtype=DTYPE, device="cpu"),
             sample_weight=weights,
             initial_params=self._initial_params(X.shape[1], y, weights),
         )[0]
@@ -167,7 +167,7 @@ class PoissonRegression(RegressorMixin, GLMEstimator):
     ) -> torch.Tensor:
         """Zero coefficients; the intercept at ``log(mean y)`` (weighted by ``sample_weight``)
         when it is fitted and finite."""
-        params = torch.zeros(n_features + int(self.fit_intercept), dtype=DTYPE)
+        params = torch.zeros(n_features + int(self.fit_intercept), dtype=DTYPE, device="cpu")
         mean_count = float(np.average(y, weights=sample_weight))
         if self.fit_intercept and mean_count > 0:
             params[-1] = math.log(mean_count)

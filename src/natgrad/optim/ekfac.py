@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from natgrad._validation import one_of
-from natgrad.distributed.reduce import all_reduce_sum_
+from natgrad.distributed.agreement import Agreement, agree_on_errors
+from natgrad.distributed.reduce import is_distributed
 from natgrad.optim.kfac import KFAC
 from natgrad.optim.kfac_layers import LayerState
 
@@ -62,26 +63,67 @@ class EKFAC(KFAC):
         return True
 
     def _update_eigenvalues(self, refreshed: list[LayerState]) -> None:
-        estimates: list[tuple[LayerState, Tensor, Tensor]] = []
+        """Fold this step's eigenvalue estimates of :meth:`_estimated_layers` into their
+        averages; a layer without an estimate (no pairs, on every process) keeps its average,
+        or drops it if its basis was refreshed. Under ``torch.distributed`` the sums and counts
+        are all-reduced with a failure flag: every process raises if one failed."""
+        estimated = self._estimated_layers()
+        with agree_on_errors(self.process_group) as agreement:
+            moments = self._local_moments(estimated, agreement)
+            if moments:
+                agreement.all_reduce_sum_([tensor for moment in moments for tensor in moment])
+        decay = self.current_factor_decay()
+        estimates = {id(state): moment for state, moment in zip(estimated, moments, strict=True)}
         for state in self.layers:
-            if state.output_eigen is None or not state.pairs:
-                state.pairs.clear()
+            total, count = estimates.get(id(state), (None, None))
+            if count is None or not bool(count > 0):
                 if state in refreshed:
                     state.eigenvalues = None
                 continue
-            moment = state.projected_moment()
-            if moment is not None:
-                estimates.append((state, *moment))
-        all_reduce_sum_(
-            [tensor for _, total, count in estimates for tensor in (total, count)],
-            self.process_group,
-        )
-        decay = self.current_factor_decay()
-        for state, total, count in estimates:
-            fresh = total / count
-            restart = state in refreshed or state.eigenvalues is None
-            if restart and self.eigenvalue_restart == "batch":
-                state.eigenvalues = fresh
-                continue
-            previous = state.kfac_eigenvalues() if restart else state.eigenvalues
-            state.eigenvalues = decay * previous + (1.0 - decay) * fresh
+            self._fold_eigenvalues(state, total / count, state in refreshed, decay)
+
+    def _estimated_layers(self) -> list[LayerState]:
+        """The layers whose eigenvalues this step estimates: those with an eigenbasis and kept
+        pairs; under ``torch.distributed``, on a recording step, every layer with an eigenbasis,
+        so that every process passes the same list whichever layers its own batch called."""
+        with_basis = [state for state in self.layers if state.output_eigen is not None]
+        if not is_distributed(self.process_group):
+            return [state for state in with_basis if state.pairs]
+        recorded = self.steps % self.factor_update_interval == 0
+        return with_basis if recorded else []
+
+    def _local_moments(
+        self, estimated: list[LayerState], agreement: Agreement
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's sum of squared eigenbasis coordinates (the shape of its K-FAC
+        eigenvalues, ``(d_out, d_in)``) and sample count ``()`` on this process's batch: zeros
+        without pairs, or once this process's local work has failed (the failure is kept by
+        ``agreement``). Every layer's pairs are consumed, whatever happens."""
+        try:
+            return [self._local_moment(state, agreement) for state in estimated]
+        finally:
+            for state in self.layers:
+                state.pairs.clear()
+
+    @staticmethod
+    def _local_moment(state: LayerState, agreement: Agreement) -> tuple[Tensor, Tensor]:
+        moment = None
+        if not agreement.failed:
+            with agreement.local():
+                moment = state.projected_moment()
+        if moment is None:
+            total = torch.zeros_like(state.kfac_eigenvalues())
+            moment = (total, total.new_zeros(()))
+        return moment
+
+    def _fold_eigenvalues(
+        self, state: LayerState, fresh: Tensor, refreshed: bool, decay: float
+    ) -> None:
+        """Fold the estimate ``fresh`` ``(d_out, d_in)`` into ``state``'s average, restarting
+        it (``eigenvalue_restart``) if the basis was refreshed or there is no average yet."""
+        restart = refreshed or state.eigenvalues is None
+        if restart and self.eigenvalue_restart == "batch":
+            state.eigenvalues = fresh
+            return
+        previous = state.kfac_eigenvalues() if restart else state.eigenvalues
+        state.eigenvalues = decay * previous + (1.0 - decay) * fresh

@@ -52,12 +52,20 @@ def mlp(
         is_last = index == len(widths) - 2
         gain = output_gain if is_last else math.sqrt(2.0)
         with torch.no_grad():
-            nn.init.orthogonal_(linear.weight, gain=gain, generator=generator)
+            linear.weight.copy_(_orthogonal_like(linear.weight, gain, generator))
             linear.bias.zero_()
         layers.append(linear)
         if not is_last:
             layers.append(nn.Tanh())
     return nn.Sequential(*layers)
+
+
+def _orthogonal_like(weight: Tensor, gain: float, generator: torch.Generator | None) -> Tensor:
+    """An orthogonal initialisation of ``weight``'s shape drawn on the generator's device
+    (:func:`~natgrad._random.drawing_device`): a CPU generator gives the same weights for a
+    layer built on any device, e.g. under ``torch.set_default_device("cuda")``."""
+    drawn = torch.empty(weight.shape, dtype=weight.dtype, device=drawing_device(generator, weight))
+    return nn.init.orthogonal_(drawn, gain=gain, generator=generator)
 
 
 class Policy(nn.Module, abc.ABC):
