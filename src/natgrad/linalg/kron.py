@@ -522,13 +522,14 @@ def damped_factor_inverses(matrices: Sequence[Tensor], dampings: Sequence[float]
         else:
             square.append(index)
     groups = _groups_of_equal_kind(matrices, square)
-    if square and not all_finite(*(matrices[index] for index in square)):
+    stacks = [_stacked_for_cholesky([matrices[index] for index in group]) for group in groups]
+    if stacks and not all_finite(*stacks):  # the matrices, stacked (with zero borders)
         raise ValueError("cannot invert a factor with non-finite entries")
-    for indices in groups:
+    for group, stacked in zip(groups, stacks, strict=True):
         inverses = _cholesky_inverses(
-            [matrices[index] for index in indices], [dampings[index] for index in indices]
+            stacked, [matrices[index] for index in group], [dampings[index] for index in group]
         )
-        for index, inverse in zip(indices, inverses.unbind(), strict=True):
+        for index, inverse in zip(group, inverses.unbind(), strict=True):
             results[index] = inverse
     return results
 
@@ -571,12 +572,12 @@ order ``eps ‖M‖₂``, for a PSD ``M``) for a Cholesky inverse to be trusted:
 float32 inverses of singular factors within about 0.3% of the float64 ones."""
 
 
-def _below_round_off(matrices: Tensor, dampings: list[float]) -> list[bool]:
-    """Whether each damping of the undamped ``(B, d, d)`` ``matrices`` lies below
+def _below_round_off(diagonals: Tensor, dampings: list[float]) -> list[bool]:
+    """Whether each damping of undamped matrices with ``(B, d)`` ``diagonals`` lies below
     ``_ROUND_OFF_MARGIN · eps · tr(M_b)`` in their dtype (a diagonal sum, read back with the
     factorisation's status: the check costs little beside the factorisation)."""
-    scale = _ROUND_OFF_MARGIN * torch.finfo(matrices.dtype).eps
-    traces = matrices.diagonal(dim1=-2, dim2=-1).sum(dim=-1).tolist()
+    scale = _ROUND_OFF_MARGIN * torch.finfo(diagonals.dtype).eps
+    traces = diagonals.sum(dim=-1).tolist()
     return [damping < scale * trace for damping, trace in zip(dampings, traces, strict=True)]
 
 
@@ -589,11 +590,13 @@ is ``M + λI``'s factor, inverted alone). MKL's ``potrf`` (torch 2.13, CPU, one 
 and 256 1.03–1.24 (not bordered)."""
 
 
-def _stacked_for_cholesky(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """``matrices`` (of one size ``d``) stacked in ``dtype``, a copy to damp in place, bordered
+def _stacked_for_cholesky(matrices: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """``matrices`` (of one size ``d``) stacked in ``dtype`` (default: their working dtype,
+    float32 for low-precision and integer ones), a copy to damp in place, bordered
     by a zero row and column (``(B, d + 1, d + 1)``) on the CPU where ``d`` is in
     :data:`_BORDERED_SIZES` (measured with MKL's LAPACK, not on accelerators)."""
     stacked = torch.stack(matrices)
+    dtype = _working_dtype(stacked.dtype) if dtype is None else dtype
     if stacked.dtype != dtype:
         stacked = stacked.to(dtype)
     if stacked.shape[-1] in _BORDERED_SIZES and stacked.device.type == "cpu":
@@ -601,15 +604,15 @@ def _stacked_for_cholesky(matrices: list[Tensor], dtype: torch.dtype) -> Tensor:
     return stacked
 
 
-def _cholesky_inverses(matrices: list[Tensor], dampings: list[float]) -> Tensor:
+def _cholesky_inverses(stacked: Tensor, matrices: list[Tensor], dampings: list[float]) -> Tensor:
     """``(M_b + λ_b I)⁻¹`` for finite symmetric ``(d, d)`` matrices of one size, dtype and
-    device, stacked (factorised bordered where :data:`_BORDERED_SIZES` says so); failures (and
-    dampings too small for the working dtype's round-off) retried in float64, damped anew
-    there, then by clamped eigendecomposition."""
-    working_dtype = _working_dtype(matrices[0].dtype)
+    device, from their ``stacked`` copy in the working dtype (:func:`_stacked_for_cholesky`,
+    damped in place: bordered where :data:`_BORDERED_SIZES` says so); failures (and dampings
+    too small for the working dtype's round-off) retried in float64, damped anew there, then by
+    clamped eigendecomposition."""
+    working_dtype = stacked.dtype
     size = matrices[0].shape[-1]
-    damped = _stacked_for_cholesky(matrices, working_dtype)
-    inverses, failed = _cholesky_or_failures(*_damped_in_place(damped, dampings), size)
+    inverses, failed = _cholesky_or_failures(*_damped_in_place(stacked, dampings), size)
     if not failed:
         return inverses
     retry_dampings = [dampings[index] for index in failed]
@@ -628,10 +631,14 @@ def _cholesky_inverses(matrices: list[Tensor], dampings: list[float]) -> Tensor:
 def _damped_in_place(matrices: Tensor, dampings: list[float]) -> tuple[Tensor, list[bool]]:
     """``M_b + λ_b I`` of ``(B, d, d)`` matrices, in place (a zero border becomes ``λ_b I``),
     and which dampings lie below their round-off (:func:`_below_round_off`, judged before
-    damping)."""
-    too_little_damped = _below_round_off(matrices, dampings)
-    for position, damping in enumerate(dampings):
-        matrices[position].diagonal().add_(damping)
+    damping). The dampings are added to all diagonals in one operation, in the matrices'
+    dtype (as a Python number is)."""
+    diagonals = matrices.diagonal(dim1=-2, dim2=-1)
+    too_little_damped = _below_round_off(diagonals, dampings)
+    if len(dampings) == 1:
+        diagonals.add_(dampings[0])
+    else:
+        diagonals.add_(diagonals.new_tensor([[damping] for damping in dampings]))
     return matrices, too_little_damped
 
 

@@ -28,9 +28,9 @@ hooks on the layer outputs record output gradients; :meth:`KFAC.step` folds them
 factors ``A_l``, ``G_l`` (exponential moving average), refreshes the eigendecompositions every
 ``inv_update_interval`` steps and replaces each layer's gradient ``∇W_l`` by
 ``(G_l ⊗ A_l + λI)⁻¹ ∇W_l``. With factored damping no eigendecomposition is needed: at a
-refresh the factors are copied, and their damped inverses ``(G_l + λ_G I)⁻¹`` and
+refresh the factors are kept, and their damped inverses ``(G_l + λ_G I)⁻¹`` and
 ``(A_l + λ_A I)⁻¹`` are formed by Cholesky (batched over layers of equal size) from those
-copies, again whenever the damping changes. Parameters outside the chosen layers keep their
+factors, again whenever the damping changes. Parameters outside the chosen layers keep their
 gradients.
 """
 
@@ -183,6 +183,19 @@ def _take_factored_inverses(states: list[LayerState], damping: float) -> None:
     )
     for state, (matrices, _) in zip(states, requests, strict=True):
         state.take_factored_inverses(damping, [next(inverses) for _ in matrices])
+
+
+def _scale_partials(
+    partials: list[tuple[LayerState, Tensor]], scale: float | Tensor | None
+) -> None:
+    """Multiply by ``scale`` the partial solutions of the layers that do not apply it as they
+    write (:meth:`~natgrad.optim.kfac_layers.LayerState.writes_scaled`), in one
+    ``torch._foreach_mul_``."""
+    if scale is None:
+        return
+    unscaled = [partial for state, partial in partials if not state.writes_scaled()]
+    if unscaled:
+        torch._foreach_mul_(unscaled, scale)
 
 
 def _stamp(grad: Tensor) -> tuple[weakref.ref, int]:
@@ -1396,13 +1409,13 @@ class KFAC:
                 (state, grad.clone(), state.param_matrix().clone()) for state, grad, _, _ in updates
             ]
             self._damping_probe = _DampingProbe(damping, probes)
+        scale = None
         if with_product and updates:
             scale = self._kl_scale([(state, product) for state, _, _, product in updates])
             self.last_kl_scale = 1.0 if scale is None else scale
-            if scale is not None:
-                torch._foreach_mul_([partial for _, _, partial, _ in updates], scale)
+            _scale_partials([(state, partial) for state, _, partial, _ in updates], scale)
         for state, _, partial, _ in updates:
-            state.write_solution(partial)
+            state.write_solution(partial, scale if state.writes_scaled() else None)
             self._written[state.name] = _stamp(state.weight.grad)
 
     def _kl_scale(self, products: list[tuple[LayerState, Tensor]]) -> float | Tensor | None:
@@ -1413,11 +1426,12 @@ class KFAC:
         values = [product for _, product in products]
         if values[0].device.type != "cpu":
             return _device_kl_scale(values, [rate**2 for rate in rates], self.kl_clip)
+        products = torch.stack(values).tolist()  # one read-back
         if len(set(rates)) == 1:  # the sum first, as with one learning rate
-            curvature = abs(sum(map(float, values))) * rates[0] ** 2
+            curvature = abs(sum(products)) * rates[0] ** 2
         else:
-            pairs = zip(values, rates, strict=True)
-            curvature = abs(sum(float(value) * rate**2 for value, rate in pairs))
+            pairs = zip(products, rates, strict=True)
+            curvature = abs(sum(value * rate**2 for value, rate in pairs))
         if not curvature > self.kl_clip:  # ν = 1 (also for a zero or NaN product)
             return None
         return math.sqrt(self.kl_clip / curvature)

@@ -12,13 +12,14 @@ for float64 parameters), so ``torch.autocast`` never lowers their precision.
 The per-step work is kept to few tensor operations, since on small layers each operation's
 dispatch costs as much as its arithmetic: sums live in buffers reused between steps (one
 ``addmm_`` per record), counts are Python numbers, the moving averages of all layers are updated
-in place by three ``torch._foreach`` operations, and a preconditioned gradient is written
-straight into ``.grad`` by the last product of the eigenbasis solve.
+by two ``torch._foreach`` operations, and a preconditioned gradient is written straight into
+``.grad`` by the last product of the solve. A fold replaces the factors by new tensors and never
+changes a factor in place, so that a refresh keeps the factors it inverts without copying them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,22 +88,29 @@ def _add_gram(total: Tensor | None, rows: Tensor, fresh: bool, scale: float = 1.
 
 def fold_factors(states: Sequence[LayerState], decay: float) -> None:
     """Fold the (already all-reduced) sums of ``states`` into their moving averages,
-    ``decay · F + (1 − decay) · sum / count`` in place (two ``torch._foreach`` operations for
-    all layers; ``sum / count`` for a layer without factors yet), and reset the sums."""
-    running: list[tuple[Tensor, Tensor, float]] = []
+    ``decay · F + (1 − decay) · sum / count`` (two ``torch._foreach`` operations for all layers;
+    ``sum / count`` for a layer without factors yet), and reset the sums. The averages are new
+    tensors: a factor is never changed in place (:meth:`LayerState.refresh_inverted_factors`
+    keeps the factors themselves)."""
+    running: list[LayerState] = []
     for state in states:
         if state.input_factor is None:
             state.input_factor = state.input_sum / state.input_count
             state.output_factor = state.output_sum / state.output_count
         else:
-            running.append((state.input_factor, state.input_sum, state.input_count))
-            running.append((state.output_factor, state.output_sum, state.output_count))
+            running.append(state)
+    if running:
+        sums = [total for state in running for total in (state.input_sum, state.output_sum)]
+        counts = [count for state in running for count in (state.input_count, state.output_count)]
+        averages = [
+            factor for state in running for factor in (state.input_factor, state.output_factor)
+        ]
+        torch._foreach_div_(sums, counts)
+        folded = iter(torch._foreach_lerp(averages, sums, 1.0 - decay))
+        for state in running:
+            state.input_factor, state.output_factor = next(folded), next(folded)
+    for state in states:
         state.reset_sums()
-    if not running:
-        return
-    averages, sums, counts = (list(column) for column in zip(*running, strict=True))
-    torch._foreach_div_(sums, counts)
-    torch._foreach_lerp_(averages, sums, 1.0 - decay)
 
 
 def _cube_cost(factor: Tensor) -> float:
@@ -116,7 +124,19 @@ def _matrix_view(tensor: Tensor, rows: int, dtype: torch.dtype) -> Tensor | None
     take one (another dtype, or a layout that does not flatten to a view)."""
     if tensor.dtype != dtype or not tensor.is_contiguous():
         return None
-    return tensor.view(rows, -1)
+    return tensor if tensor.ndim == 2 and tensor.shape[0] == rows else tensor.view(rows, -1)
+
+
+def _copy_scaled(target: Tensor, source: Tensor, scale: float | Tensor | None) -> None:
+    """``target ← scale · source`` (``source`` if ``scale`` is None), the product written
+    straight into ``target`` where the dtypes agree (the values of scaling ``source`` in place
+    and copying it)."""
+    if scale is None:
+        target.copy_(source)
+    elif target.dtype == source.dtype:
+        torch.mul(source, scale, out=target)
+    else:
+        target.copy_(source * scale)
 
 
 def _damped_reciprocal(eigenvalues: Tensor, damping: float) -> Tensor:
@@ -137,6 +157,12 @@ def _projected_gradient_moment(
     coordinates = output_eigen.vectors.mT.unsqueeze(-3) @ gradients
     coordinates = coordinates @ input_eigen.vectors.unsqueeze(-3)
     return coordinates.square().sum(dim=-3)
+
+
+def _product_of(left: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """``torch.mm`` where ``left`` is a matrix (what ``torch.matmul`` calls for two matrices,
+    without its dispatch), else ``torch.matmul`` (stacks of a grouped convolution)."""
+    return torch.mm if left.ndim == 2 else torch.matmul
 
 
 def _split_columns(right: Tensor, weight_columns: int) -> tuple[Tensor, Tensor | None]:
@@ -184,19 +210,25 @@ class _FactoredSolve:
         if input_inverse.ndim >= 2:  # a matrix, or one per group (a grouped convolution)
             self.right = _split_columns(input_inverse, weight_columns)
         self.deferred = False
+        self._product = _product_of(output_inverse)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the partial of the last :meth:`start` is the solution itself."""
+        return not self.deferred
 
     def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
         """``(partial, V)``: ``partial`` is ``(G + λ_G I)⁻¹ V``, whose product with the right
         inverse :meth:`finish` leaves to the write, or with ``with_product`` (or a diagonal
         input factor) the solution, whose inner product with ``V`` is
         ``vec(V)ᵀ (block + λI)⁻¹ vec(V)``."""
-        left = torch.matmul(self.output_inverse, matrix)
+        left = self._product(self.output_inverse, matrix)
         self.deferred = self.right is not None and not with_product
         if self.deferred:
             return left, matrix
         if self.right is None:
             return left * self.input_inverse, matrix
-        return torch.matmul(left, self.input_inverse), matrix
+        return self._product(left, self.input_inverse), matrix
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """``(partial, split (A + λ_A I)⁻¹)`` if the last product was deferred, else
@@ -209,6 +241,9 @@ class _EigenSolve:
     (:func:`~natgrad.linalg.kron.eigenbasis_solve`), with the transposes and the split of
     ``Q_Aᵀ`` into weight columns and bias column kept between steps (the transposes as
     row-major copies, which the BLAS multiplies faster than transposed views)."""
+
+    complete = False
+    """The partial of :meth:`start` is never the solution (its last products remain)."""
 
     def __init__(
         self,
@@ -226,22 +261,23 @@ class _EigenSolve:
         self.right: tuple[Tensor, Tensor | None] | None = None
         if input_eigen.vectors is not None:
             self.right = _split_columns(input_eigen.vectors.mT.contiguous(), weight_columns)
+        self._product = _product_of(reciprocal)
 
     def start(self, matrix: Tensor, with_product: bool) -> tuple[Tensor, Tensor]:
         """``(partial, coordinates)``: the scaled eigenbasis coordinates and the coordinates
         ``Q_Gᵀ V Q_A``, whose inner product is ``vec(V)ᵀ (C + λI)⁻¹ vec(V)``."""
         coordinates = matrix
         if self.output_vectors_t is not None:
-            coordinates = torch.matmul(self.output_vectors_t, coordinates)
+            coordinates = self._product(self.output_vectors_t, coordinates)
         if self.input_vectors is not None:
-            coordinates = torch.matmul(coordinates, self.input_vectors)
+            coordinates = self._product(coordinates, self.input_vectors)
         return coordinates * self.reciprocal, coordinates
 
     def finish(self, partial: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """``(Q_G partial, split Q_Aᵀ)``: the solution is their product."""
         if self.output_vectors is None:
             return partial, self.right
-        return torch.matmul(self.output_vectors, partial), self.right
+        return self._product(self.output_vectors, partial), self.right
 
 
 class LayerState:
@@ -322,8 +358,8 @@ class LayerState:
 
     @property
     def inverted_factors(self) -> tuple[Tensor, Tensor] | None:
-        """Factored damping: copies of ``(G, A)`` as of the last inverse refresh (``A`` a vector
-        for embeddings), from which the damped inverses are formed without eigendecompositions."""
+        """Factored damping: ``(G, A)`` as of the last inverse refresh (``A`` a vector for
+        embeddings), from which the damped inverses are formed without eigendecompositions."""
         return self._inverted_factors
 
     @inverted_factors.setter
@@ -475,10 +511,11 @@ class LayerState:
         return self.output_eigen.values.unsqueeze(-1) * self.input_eigen.values.unsqueeze(-2)
 
     def refresh_inverted_factors(self) -> None:
-        """Factored damping: take copies of the current factors as the ones to invert (and drop
-        eigenbases, e.g. of a state saved with exact damping)."""
+        """Factored damping: keep the current factors as the ones to invert (and drop eigenbases,
+        e.g. of a state saved with exact damping). No copy is needed: a fold replaces the factors
+        by new tensors (:func:`fold_factors`)."""
         self.output_eigen = self.input_eigen = None
-        self.inverted_factors = (self.output_factor.clone(), self.input_factor.clone())
+        self.inverted_factors = (self.output_factor, self.input_factor)  # never changed in place
 
     def factored_inverse_inputs(self, damping: float) -> tuple[list[Tensor], list[float]]:
         """``([G, A], [λ_G, λ_A])`` of the refreshed factors for
@@ -551,12 +588,19 @@ class LayerState:
         if self._inverse is None or self._inverse[0] != key:
             self._inverse = (key, self._damped_solve(damping, factored))
         partial, against = self._inverse[1].start(matrix, with_product)
-        product = torch.vdot(against.reshape(-1), partial.reshape(-1)) if with_product else None
+        product = torch.dot(against.reshape(-1), partial.reshape(-1)) if with_product else None
         return partial, product
 
-    def write_solution(self, partial: Tensor) -> None:
-        """Finish the solve begun by :meth:`partial_solve` (same damping) into ``.grad``."""
-        self._write_product(*self._inverse[1].finish(partial))
+    def writes_scaled(self) -> bool:
+        """Whether :meth:`write_solution` takes a scale of the solution begun by the last
+        :meth:`partial_solve`, applied as it copies the solution into ``.grad`` (the partial
+        is then the solution itself); otherwise the partial is to be scaled before."""
+        return False
+
+    def write_solution(self, partial: Tensor, scale: float | Tensor | None = None) -> None:
+        """Finish the solve begun by :meth:`partial_solve` (same damping) into ``.grad``,
+        multiplied by ``scale`` (a number or a 0-dim tensor) where :meth:`writes_scaled`."""
+        self._write_product(*self._inverse[1].finish(partial), scale)
 
     def _damped_solve(self, damping: float, factored: bool) -> _EigenSolve | _FactoredSolve:
         if not factored:
@@ -687,9 +731,15 @@ class LayerState:
     def grad_matrix(self) -> Tensor | None:
         raise NotImplementedError
 
-    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+    def _write_product(
+        self,
+        left: Tensor,
+        right: tuple[Tensor, Tensor | None] | None,
+        scale: float | Tensor | None = None,
+    ) -> None:
         """Write ``left @ [right_weight, right_bias]`` (``left`` if ``right`` is None), a matrix
-        in the layout of :meth:`grad_matrix`, into ``.grad``."""
+        in the layout of :meth:`grad_matrix`, into ``.grad``; ``scale`` (where
+        :meth:`writes_scaled`) multiplies ``left`` on the way."""
         raise NotImplementedError
 
     def param_matrix(self) -> Tensor:
@@ -889,18 +939,28 @@ class KroneckerLayerState(LayerState):
         weight_grad = self.weight.grad
         if weight_grad is None:
             return None
-        matrix = weight_as_matrix(self.module, weight_grad)
+        matrix = weight_grad  # a linear layer's: its own matrix
+        if weight_grad.ndim != 2:
+            matrix = weight_as_matrix(self.module, weight_grad)
         if self.bias is not None:
             bias_grad = self.bias.grad
             if bias_grad is None:
                 return None
-            matrix = torch.cat([matrix, bias_grad.unsqueeze(1)], dim=1)
+            matrix = torch.column_stack((matrix, bias_grad))
         return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
 
     def param_matrix(self) -> Tensor:
         return self.layer.to_matrix([param.detach() for param in self._params()]).to(self.dtype)
 
-    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+    def writes_scaled(self) -> bool:
+        return self._inverse[1].complete
+
+    def _write_product(
+        self,
+        left: Tensor,
+        right: tuple[Tensor, Tensor | None] | None,
+        scale: float | Tensor | None = None,
+    ) -> None:
         weight_grad = self.weight.grad
         bias_grad = None if self.bias is None else self.bias.grad
         view = None
@@ -919,11 +979,11 @@ class KroneckerLayerState(LayerState):
             weight_part = torch.mm(left, right[0])
             bias_part = None if bias_grad is None else torch.mv(left, right[1])
         if direct:
-            view.copy_(weight_part)
+            _copy_scaled(view, weight_part, scale)
         else:
-            weight_grad.copy_(matrix_as_weight(self.module, weight_part))
+            _copy_scaled(weight_grad, matrix_as_weight(self.module, weight_part), scale)
         if bias_grad is not None:
-            bias_grad.copy_(bias_part)
+            _copy_scaled(bias_grad, bias_part, scale)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
         total = torch.zeros_like(self.kfac_eigenvalues())
@@ -1053,7 +1113,15 @@ class GroupedConvState(KroneckerLayerState):
         matrix = self.layer.to_matrix([weight_grad, bias_grad])  # (g, C_out / g, d_in [+ 1])
         return matrix if matrix.dtype == self.dtype else matrix.to(self.dtype)
 
-    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+    def writes_scaled(self) -> bool:
+        return False
+
+    def _write_product(
+        self,
+        left: Tensor,
+        right: tuple[Tensor, Tensor | None] | None,
+        scale: float | Tensor | None = None,
+    ) -> None:
         bias_grad = None if self.bias is None else self.bias.grad
         if right is None:
             weight_part = left[..., : self._columns]
@@ -1127,7 +1195,12 @@ class EmbeddingState(LayerState):
     def param_matrix(self) -> Tensor:
         return self.weight.detach().mT.to(self.dtype)
 
-    def _write_product(self, left: Tensor, right: tuple[Tensor, Tensor | None] | None) -> None:
+    def _write_product(
+        self,
+        left: Tensor,
+        right: tuple[Tensor, Tensor | None] | None,
+        scale: float | Tensor | None = None,
+    ) -> None:
         self.weight.grad.copy_(left.mT)
 
     def projected_moment(self) -> tuple[Tensor, Tensor] | None:
