@@ -10,7 +10,7 @@ test. CUDA cases run where CUDA is available.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import gymnasium as gym
 import numpy as np
@@ -30,22 +30,10 @@ OTHER_DEFAULTS = ["meta", pytest.param("cuda", marks=CUDA_ONLY)]
 
 
 def under_default(device: str, compute: Callable[[], object]) -> object:
-    """``compute()`` with ``device`` as torch's default device (restored afterwards)."""
-    saved = torch.get_default_device()
-    torch.set_default_device(device)
-    try:
+    """``compute()`` with ``device`` as torch's default device: the same factory-function
+    default as ``torch.set_default_device(device)``, for this block only."""
+    with torch.device(device):
         return compute()
-    finally:
-        torch.set_default_device(saved)
-
-
-@pytest.fixture(autouse=True)
-def cpu_default() -> Iterator[None]:
-    """Every test starts and ends with the CPU as the default device."""
-    saved = torch.get_default_device()
-    torch.set_default_device("cpu")
-    yield
-    torch.set_default_device(saved)
 
 
 def glm_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
