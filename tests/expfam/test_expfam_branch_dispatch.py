@@ -11,11 +11,13 @@ derivative is off by 5e-10).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import scipy.special
+import scipy.stats
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -192,6 +194,32 @@ def test_entropy_second_derivatives_in_forward_and_reverse_mode() -> None:
         lambda values: Gamma(values, torch.ones(3, dtype=DTYPE)).entropy().sum()
     )(concentration)
     np.testing.assert_allclose(np.diag(gamma_hessian.numpy()), gamma_only, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_series_coefficients_first_made_inside_a_transform_stay_usable(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached series coefficients, first made inside ``torch.func.hessian`` (a fresh
+    cache), are plain tensors: the transform's Hessian is autograd's, and later calls, inside
+    a transform or not, still work (a coefficient wrapped at the transform's level escaped it,
+    and every later call failed)."""
+    fresh = functools.lru_cache(maxsize=32)(special._coefficients.__wrapped__)
+    monkeypatch.setattr(special, "_coefficients", fresh)
+    concentration = torch.tensor([0.5, 3.0, 30.0], dtype=dtype)
+
+    def entropy(values: torch.Tensor) -> torch.Tensor:
+        return Gamma(values, torch.ones(3, dtype=dtype)).entropy().sum()
+
+    inside = torch.func.hessian(entropy)(concentration)
+    assert fresh.cache_info().currsize == 1
+    again = torch.func.hessian(entropy)(concentration)
+    reverse = torch.autograd.functional.hessian(entropy, concentration)
+    torch.testing.assert_close(inside, reverse)
+    torch.testing.assert_close(again, reverse)
+    plain = entropy(concentration.to(torch.float64)).item()
+    expected = scipy.stats.gamma(concentration.double().numpy()).entropy().sum()
+    assert math.isclose(plain, expected, rel_tol=1e-12)
 
 
 def _kl_and_entropy(family, first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]):

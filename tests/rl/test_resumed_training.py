@@ -184,7 +184,8 @@ def test_a_stream_that_does_not_replay_or_another_environment_is_refused():
     policy = CategoricalMLPPolicy(2, 3, (4,), torch.Generator().manual_seed(0))
     collector = RolloutCollector(UnseededEnv(), 0)
     collector.collect(policy, 3)
-    with pytest.raises(ValueError, match="observation"):
+    # the replay diverges: at the observation, or (an unseeded start near ±3) by ending early
+    with pytest.raises(ValueError, match=r"observation|does not reproduce the saved episode"):
         RolloutCollector.from_state_dict(UnseededEnv(), collector.state_dict())
 
     agent = fresh_agent(NPG, "CartPole-v1")

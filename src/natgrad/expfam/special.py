@@ -170,8 +170,10 @@ def _coefficients(dtype: torch.dtype, device: torch.device) -> _Coefficients:
         tuple(_series_coefficient(k, d) for d in range(3)) for k in range(1, terms.remainder + 1)
     ]
     nodes, weights = np.polynomial.legendre.leggauss(terms.nodes)
-    # Plain tensors even when first called under inference mode: autograd may save them.
-    with torch.inference_mode(False):
+    # Plain tensors even when first called under inference mode (autograd may save them) or
+    # inside a torch.func transform (which would wrap them at its level, and the cached
+    # tensors would escape it: every later call then fails).
+    with torch.inference_mode(False), torch._C._DisableFuncTorch():
         return _Coefficients(
             remainder=tuple(column(row) for row in remainder_rows),
             value=tuple(column(row[:1]) for row in remainder_rows),
