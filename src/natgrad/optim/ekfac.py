@@ -73,13 +73,18 @@ class EKFAC(KFAC):
             if moments:
                 agreement.all_reduce_sum_([tensor for moment in moments for tensor in moment])
         decay = self.current_factor_decay()
-        estimates = {id(state): moment for state, moment in zip(estimated, moments, strict=True)}
+        counted = torch.stack([count for _, count in moments]).tolist() if moments else []
+        estimates = {
+            id(state): (total, count)
+            for state, (total, count), samples in zip(estimated, moments, counted, strict=True)
+            if samples > 0  # one read-back of all counts
+        }
         for state in self.layers:
-            total, count = estimates.get(id(state), (None, None))
-            if count is None or not bool(count > 0):
+            if id(state) not in estimates:
                 if state in refreshed:
                     state.eigenvalues = None
                 continue
+            total, count = estimates[id(state)]
             self._fold_eigenvalues(state, total / count, state in refreshed, decay)
 
     def _estimated_layers(self) -> list[LayerState]:
