@@ -54,6 +54,7 @@ from natgrad.curvature.kfac_capture import (
 )
 from natgrad.curvature.layer_diagonal import LayerPass, layer_diagonal_for_vectors
 from natgrad.curvature.likelihoods import Likelihood, as_matrix, get_likelihood
+from natgrad.curvature.loss_hessians import output_hessian_roots
 from natgrad.distributed.agreement import Agreement
 from natgrad.distributed.shards import GlobalBatch, Shard
 
@@ -608,7 +609,12 @@ def ggn(
     ``ℓ(fₙ, yₙ) = loss_fn(fₙ[None], yₙ[None])`` and ``s = 1/N`` (mean) or ``1`` (sum), the output
     Hessian is block-diagonal and ``G = s Σₙ Jₙᵀ ∇²ℓ(fₙ) Jₙ`` is assembled from the ``N``
     per-sample ``D × D`` Hessians (``torch.func.vmap`` over ``torch.func.hessian`` of ``ℓ``)
-    in chunks; the ``N·D × N·D`` output Hessian is never formed. Any other loss (coupling the
+    in chunks; the ``N·D × N·D`` output Hessian is never formed. ``nn.CrossEntropyLoss``
+    (without ``weight``; no target equal to ``ignore_index``), ``nn.BCEWithLogitsLoss``
+    (without ``weight`` or ``pos_weight``), ``nn.MSELoss`` and
+    ``nn.PoissonNLLLoss(log_input=True)`` (those exact classes, with the ``s`` of their own
+    reduction) take their per-sample Hessians in closed form instead, as roots ``Rₙ Rₙᵀ``
+    (:mod:`natgrad.curvature.loss_hessians`). Any other loss (coupling the
     samples, e.g. through the batch mean) takes the general path: the full Jacobian
     (``N·D × P``) times output-space Hessian-vector products, a chunk of columns at a time.
 
@@ -624,7 +630,8 @@ def ggn(
     structure : {"dense", "diag", "block", "kfac", "ekfac", "implicit"}, default "dense"
         ``"implicit"`` uses one jvp, one output-space Hessian-vector product and one vjp per
         product and never forms a matrix. ``"kfac"``/``"ekfac"``: Kronecker factors as for
-        :func:`fisher`, from the per-sample output Hessians' square roots ``Qₙ Λₙ^{1/2}``
+        :func:`fisher`, from square roots ``Rₙ`` of the per-sample output Hessians
+        (``Rₙ Rₙᵀ = ∇²ℓ(fₙ)``: the closed forms above, or ``Qₙ Λₙ^{1/2}`` from ``eigh``)
         back-propagated to every layer (the models and options of ``structure="kfac"`` there);
         they need a separable loss convex in the outputs. ``"diag"`` of such a loss, for a
         model whose trainable parameters all sit in Linear/Conv layers, is built per layer from
@@ -678,6 +685,9 @@ def ggn(
     if structure == "implicit":
         return _implicit_ggn(function, loss_of_outputs, cg_options)
     if scale is not None:
+        roots = _closed_form_roots(loss_fn, outputs, targets, scale)
+        if roots is not None:
+            return _assembled_sum(function, roots, structure, scale)
         blocks = _per_sample_output_hessians(loss_fn, outputs, targets, scale, separable is None)
         if blocks is not None:
             eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
@@ -733,7 +743,8 @@ def _hessian_root_vectors(
     loss_fn: LossFn, targets: Tensor, scale: float | None, detected: bool, strict: bool = True
 ) -> Callable[[Tensor], Tensor | None]:
     """The backward vectors of ``s Σₙ Jₙᵀ ∇²ℓ(fₙ) Jₙ`` as a mean over the ``N`` samples: the
-    columns of ``(s N ∇²ℓ(fₙ))^{1/2} = Qₙ (s N Λₙ)^{1/2}``, shape ``(D, N, D)``, from the
+    columns of roots ``Rₙ Rₙᵀ = s N ∇²ℓ(fₙ)``, shape ``(D, N, D)``: the closed form's scaled
+    by ``√(s N)`` (:func:`_closed_form_roots`), else ``Qₙ (s N Λₙ)^{1/2}``, from the
     model's outputs. A loss that is not separable, or not convex in the outputs, raises
     (``strict``) or gives ``None``."""
 
@@ -743,6 +754,9 @@ def _hessian_root_vectors(
 
     def vectors(outputs: Tensor) -> Tensor | None:
         outputs = outputs.detach()
+        roots = _closed_form_roots(loss_fn, outputs, targets, scale)
+        if roots is not None:
+            return (roots * math.sqrt(scale * len(outputs))).permute(2, 0, 1)
         hessians = None
         if scale is not None:
             hessians = _per_sample_output_hessians(loss_fn, outputs, targets, scale, detected)
@@ -759,6 +773,18 @@ def _hessian_root_vectors(
         return (bases * roots.unsqueeze(-2)).permute(2, 0, 1)
 
     return vectors
+
+
+def _closed_form_roots(
+    loss_fn: LossFn, outputs: Tensor, targets: Tensor, scale: float | None
+) -> Tensor | None:
+    """Roots ``Rₙ`` of the per-sample output Hessians, ``Rₙ Rₙᵀ = ∇²ℓ(fₙ)``, ``(N, D, D)``, for
+    the torch losses with a closed form (:mod:`~natgrad.curvature.loss_hessians`) whose own
+    reduction gives ``scale``; ``None`` otherwise (a declared ``scale`` that the reduction
+    contradicts is left to the check of :func:`_per_sample_output_hessians`)."""
+    if scale is None or scale != _declared_scale(loss_fn, None, len(outputs)):
+        return None
+    return output_hessian_roots(loss_fn, outputs, targets)
 
 
 def _per_sample_output_hessians(
